@@ -1,0 +1,49 @@
+"""Output helpers: sizes, times, tables and JSON."""
+
+from __future__ import annotations
+
+import json
+import stat
+import sys
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+from rekkordfs.format import EntryKind
+from rekkordfs.fsmeta import FILE_TYPE_BITS
+
+
+def human_size(value: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def iso_time(time_ns: int) -> str:
+    """ISO 8601 in UTC with a Z suffix."""
+    moment = datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(time_ns // 1000) % 1_000_000:06d}Z"
+
+
+def local_time(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+
+
+def mode_string(kind: EntryKind, mode: int) -> str:
+    return stat.filemode(FILE_TYPE_BITS[kind] | mode)
+
+
+def print_json(document: Any) -> None:
+    json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
+    sys.stdout.write("\n")
+
+
+def print_table(rows: Iterable[Iterable[str]], right_align: set[int] = frozenset()) -> None:
+    rows = [list(r) for r in rows]
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [c.rjust(widths[i]) if i in right_align else c.ljust(widths[i]) for i, c in enumerate(row)]
+        print("  ".join(cells).rstrip())

@@ -1,0 +1,100 @@
+"""Local caches of one repository, kept in the user's cache folder.
+
+- known blobs: IDs this machine has written or seen stored, so a save skips
+  uploading them (the repository never deletes blobs, so a known blob stays);
+- stat cache: for each saved path, the (size, mtime, ctime, inode) it had and
+  its chunk list, so an unchanged file is not read again.
+
+Both live in one SQLite database per repository, named by the repository ID.
+Entries are only recorded after the blobs they name are durable.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import platformdirs
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stats (
+    path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
+    ino INTEGER, chunks BLOB
+) WITHOUT ROWID;
+"""
+
+
+def default_cache_root() -> Path:
+    override = os.environ.get("REKKORD_CACHE_DIR")
+    return Path(override) if override else Path(platformdirs.user_cache_dir("rekkord"))
+
+
+def repository_cache_dir(repo_id: str, root: Path | None = None) -> Path:
+    folder = (root or default_cache_root()) / repo_id
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder
+
+
+@dataclass(frozen=True)
+class StatKey:
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    ino: int
+
+
+class LocalCache:
+    """Thread-safe: one connection guarded by a lock (lookups are microseconds)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    # known blobs
+
+    def has_blob(self, blob_id: bytes) -> bool:
+        with self._lock:
+            return self._db.execute("SELECT 1 FROM blobs WHERE id = ?", (blob_id,)).fetchone() is not None
+
+    def add_blobs(self, ids: Iterable[bytes]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO blobs (id) VALUES (?)", ((i,) for i in ids))
+            self._db.execute("COMMIT")
+
+    def forget_blobs(self) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM blobs")
+
+    # stat cache
+
+    def lookup_stat(self, path: bytes, key: StatKey) -> bytes | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT size, mtime_ns, ctime_ns, ino, chunks FROM stats WHERE path = ?", (path,)
+            ).fetchone()
+        if row is None or StatKey(*row[:4]) != key:
+            return None
+        return row[4]
+
+    def store_stats(self, rows: Iterable[tuple[bytes, StatKey, bytes]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany(
+                "INSERT OR REPLACE INTO stats (path, size, mtime_ns, ctime_ns, ino, chunks) VALUES (?, ?, ?, ?, ?, ?)",
+                ((p, k.size, k.mtime_ns, k.ctime_ns, k.ino, c) for p, k, c in rows),
+            )
+            self._db.execute("COMMIT")

@@ -1,0 +1,59 @@
+"""One error hierarchy. Every error a user can cause carries a one-line message
+and an exit code; the CLI prints the message and exits, never a traceback."""
+
+from __future__ import annotations
+
+
+class RekkordError(Exception):
+    """Base of every error meant for the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(RekkordError):
+    """Bad command line or arguments."""
+
+    exit_code = 2
+
+
+class ConfigError(RekkordError):
+    """Missing, unreadable or invalid configuration."""
+
+
+class KeyFileError(RekkordError):
+    """A keyfile that cannot be read, is corrupted, or belongs elsewhere."""
+
+
+class CapabilityError(RekkordError):
+    """The key type lacks what the operation needs."""
+
+
+class RepositoryError(RekkordError):
+    """The repository is missing, not initialized, or malformed."""
+
+
+class StorageError(RekkordError):
+    """A backend failed: unreachable server, permission denied, I/O error."""
+
+
+class ObjectMissing(StorageError):
+    """An object the repository refers to does not exist."""
+
+
+class CorruptedData(RekkordError):
+    """Stored data failed authentication or does not match its ID."""
+
+
+class RestoreError(RekkordError):
+    """Restore refused or failed (non-empty destination, path escape...)."""
+
+
+class NotFound(RekkordError):
+    """No snapshot, channel or path matches what the user asked for."""

@@ -1,0 +1,273 @@
+"""A repository: its identity, blobs, snapshots and tags over one Storage.
+
+Object names (docs/format.md):
+
+    rekkord                      repository identity, signed by the master key
+    blobs/<2 hex>/<64 hex>       chunks, directory records, snapshot records
+    tags/<base64url>             one empty-bodied object per snapshot; the name
+                                 is the snapshot summary sealed to the log key,
+                                 so a single LIST enumerates every snapshot
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import trio
+
+from . import crypto
+from .cache import LocalCache, repository_cache_dir
+from .codec import BlobCodec, blob_id_from_key, object_key
+from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RepositoryError
+from .format import BlobKind, Entry, EntryKind, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
+from .keys import Capability, Keyset
+from .storage.base import Storage
+
+T = TypeVar("T")
+
+CONFIG_KEY = "rekkord"
+CONFIG_MAGIC = b"RKREPO"
+CONFIG_VERSION = 1
+TAGS_PREFIX = "tags/"
+BLOBS_PREFIX = "blobs/"
+_CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    min_size: int = 256 << 10
+    avg_size: int = 1 << 20
+    max_size: int = 4 << 20
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    repo_id: bytes
+    master_public: bytes
+    chunking: ChunkParams
+
+    def signed_part(self) -> bytes:
+        c = self.chunking
+        return _CONFIG_FIXED.pack(
+            CONFIG_MAGIC, CONFIG_VERSION, self.repo_id, self.master_public, c.min_size, c.avg_size, c.max_size
+        )
+
+
+def _decode_config(raw: bytes, where: str) -> tuple[RepoConfig, bytes]:
+    if len(raw) != _CONFIG_FIXED.size + crypto.SIGNATURE_SIZE or not raw.startswith(CONFIG_MAGIC):
+        raise RepositoryError(f"'{where}' is not a rekkord repository (bad identity object)")
+    magic, version, repo_id, master_public, cmin, cavg, cmax = _CONFIG_FIXED.unpack_from(raw)
+    if version != CONFIG_VERSION:
+        raise RepositoryError(f"repository '{where}' has unsupported format version {version}")
+    return RepoConfig(repo_id, master_public, ChunkParams(cmin, cavg, cmax)), raw[_CONFIG_FIXED.size:]
+
+
+def tag_key(sealed: bytes) -> str:
+    return TAGS_PREFIX + base64.urlsafe_b64encode(sealed).decode().rstrip("=")
+
+
+def _tag_from_key(key: str) -> bytes:
+    name = key[len(TAGS_PREFIX):]
+    return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4))
+
+
+class Repository:
+    def __init__(self, storage: Storage, keys: Keyset, config: RepoConfig, threads: int = 2) -> None:
+        self.storage = storage
+        self.keys = keys
+        self.config = config
+        self.threads = threads
+        self.codec = BlobCodec(keys)
+        # CPU-bound work (hash, compress, seal, open) runs under this limiter.
+        self.cpu = trio.CapacityLimiter(threads)
+        self._known: set[bytes] = set()
+        self._cache: LocalCache | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+
+    @classmethod
+    async def create(cls, storage: Storage, keys: Keyset, threads: int = 2) -> "Repository":
+        keys.require(Capability.DERIVE)
+        config = RepoConfig(crypto.random_bytes(16), keys.master_public, ChunkParams())
+        body = config.signed_part()
+        await storage.create()
+        if not await storage.put(CONFIG_KEY, body + keys.sign(body)):
+            raise RepositoryError(f"a repository already exists at '{storage.description}'")
+        await storage.flush()
+        return cls(storage, keys, config, threads)
+
+    @classmethod
+    async def open(cls, storage: Storage, keys: Keyset, threads: int = 2) -> "Repository":
+        await storage.connect()
+        try:
+            raw = await storage.get(CONFIG_KEY)
+        except ObjectMissing:
+            raise RepositoryError(f"no repository at '{storage.description}' (run 'rekkord init' first)") from None
+        config, signature = _decode_config(raw, storage.description)
+        if config.master_public != keys.master_public:
+            raise KeyFileError(f"this key does not belong to the repository at '{storage.description}'")
+        if not crypto.verify_signature(keys.master_public, config.signed_part(), signature):
+            raise RepositoryError(f"the identity of repository '{storage.description}' has an invalid signature")
+        return cls(storage, keys, config, threads)
+
+    async def aclose(self) -> None:
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
+        await self.storage.aclose()
+
+    @property
+    def id_hex(self) -> str:
+        return self.config.repo_id.hex()
+
+    @property
+    def cache(self) -> LocalCache:
+        if self._cache is None:
+            self._cache = LocalCache(repository_cache_dir(self.id_hex))
+        return self._cache
+
+    async def run_cpu(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu)
+
+    # --- blobs ---------------------------------------------------------------
+
+    def is_known(self, blob_id: bytes) -> bool:
+        """True when the blob is certainly stored (thread-safe)."""
+        return blob_id in self._known or self.cache.has_blob(blob_id)
+
+    def mark_known(self, blob_id: bytes) -> None:
+        self._known.add(blob_id)
+
+    def session_blobs(self) -> set[bytes]:
+        return self._known
+
+    async def prepare_write(self) -> None:
+        """Before writing: on hosts that may overwrite, learn which blobs exist."""
+        self.keys.require(Capability.WRITE)
+        if not self.storage.conditional_writes:
+            keys = await self.storage.list(BLOBS_PREFIX)
+            ids = [i for i in (blob_id_from_key(k) for k in keys) if i is not None]
+            await trio.to_thread.run_sync(self.cache.add_blobs, ids)
+
+    async def put_packed(self, blob_id: bytes, packed: bytes) -> bool:
+        """Store an already packed blob; True when it was new."""
+        written = await self.storage.put(object_key(blob_id), packed)
+        self._known.add(blob_id)
+        return written
+
+    async def write_blob(self, kind: BlobKind, data: bytes) -> tuple[bytes, int]:
+        """Hash, pack and store a blob unless known; returns (id, bytes stored)."""
+
+        def prepare() -> tuple[bytes, bytes | None]:
+            blob_id = self.codec.blob_id(kind, data)
+            if self.is_known(blob_id):
+                return blob_id, None
+            return blob_id, self.codec.pack(kind, data)
+
+        blob_id, packed = await self.run_cpu(prepare)
+        if packed is None:
+            return blob_id, 0
+        written = await self.put_packed(blob_id, packed)
+        return blob_id, len(packed) if written else 0
+
+    async def read_raw(self, blob_id: bytes) -> bytes:
+        return await self.storage.get(object_key(blob_id))
+
+    async def read_blob(self, kind: BlobKind, blob_id: bytes) -> bytes:
+        self.keys.require(Capability.READ)
+        try:
+            raw = await self.read_raw(blob_id)
+        except ObjectMissing:
+            raise ObjectMissing(f"blob {blob_id.hex()} is missing from the repository") from None
+        return await self.run_cpu(self.codec.unpack, kind, blob_id, raw)
+
+    async def read_directory(self, dir_id: bytes) -> list[Entry]:
+        raw = await self.read_blob(BlobKind.DIRECTORY, dir_id)
+        try:
+            return await self.run_cpu(decode_directory, raw)
+        except CorruptedData as exc:
+            raise CorruptedData(f"directory {dir_id.hex()}: {exc.message}") from None
+
+    # --- snapshots -------------------------------------------------------------
+
+    async def publish_snapshot(self, snapshot: Snapshot) -> Tag:
+        """Sign and store a snapshot record, then its tag (the commit point)."""
+        self.keys.require(Capability.WRITE)
+        snapshot.signer = self.keys.signer
+        snapshot.signature = self.keys.sign(snapshot.signed_part())
+        await self.storage.flush()  # everything the snapshot refers to is durable first
+        snapshot_id, _ = await self.write_blob(BlobKind.SNAPSHOT, snapshot.encode())
+        tag = Tag(snapshot_id, snapshot.channel, snapshot.time_ns, snapshot.size, snapshot.stored)
+        sealed = crypto.seal_to(self.keys.log_public, tag.encode())
+        await self.storage.flush()
+        await self.storage.put(tag_key(sealed), b"")
+        await self.storage.flush()
+        return tag
+
+    async def list_tags(self, warn: Callable[[str], None] | None = None) -> list[Tag]:
+        """Every snapshot tag, oldest first. Unreadable tags are reported, not fatal."""
+        self.keys.require(Capability.LIST)
+        assert self.keys.log_secret is not None
+        keys = await self.storage.list(TAGS_PREFIX)
+        tags: list[Tag] = []
+        for key in keys:
+            try:
+                sealed = _tag_from_key(key)
+                tags.append(decode_tag(crypto.open_sealed(self.keys.log_public, self.keys.log_secret, sealed)))
+            except (CorruptedData, binascii.Error, ValueError):
+                if warn:
+                    warn(f"ignoring unreadable snapshot tag '{key}'")
+        tags.sort(key=lambda t: (t.time_ns, t.snapshot_id))
+        return tags
+
+    async def load_snapshot(self, snapshot_id: bytes, verify: bool = True) -> Snapshot:
+        raw = await self.read_blob(BlobKind.SNAPSHOT, snapshot_id)
+        snapshot = decode_snapshot(raw)
+        if verify:
+            problem = self.signature_problem(snapshot)
+            if problem:
+                raise CorruptedData(f"snapshot {snapshot_id.hex()} {problem}; refusing to use it (run 'rekkord check')")
+        return snapshot
+
+    def signature_problem(self, snapshot: Snapshot) -> str | None:
+        signer = snapshot.signer
+        assert signer is not None
+        if not signer.is_certified(self.keys.master_public, self.keys.data_public, self.keys.log_public):
+            return "is signed by a key the master key did not certify"
+        if not crypto.verify_signature(signer.sign_public, snapshot.signed_part(), snapshot.signature):
+            return "has an invalid signature"
+        return None
+
+    async def resolve(self, spec: str) -> Tag:
+        """A snapshot by full ID, unique ID prefix (8+ hex digits) or channel name (its newest)."""
+        tags = await self.list_tags()
+        lowered = spec.lower()
+        if len(lowered) >= 8 and all(c in "0123456789abcdef" for c in lowered):
+            matches = [t for t in tags if t.id_hex.startswith(lowered)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise NotFound(f"snapshot ID prefix '{spec}' is ambiguous")
+        in_channel = [t for t in tags if t.channel == spec]
+        if in_channel:
+            return in_channel[-1]
+        raise NotFound(f"no snapshot or channel named '{spec}'")
+
+
+async def walk_path(repo: Repository, root_id: bytes, path: str) -> Entry:
+    """The entry at path inside a snapshot's root directory ('' or '/' is the root)."""
+    current = Entry(kind=EntryKind.DIRECTORY, name=b"", dir_id=root_id, mode=0o755)
+    for part in [p for p in os.fsencode(path).split(b"/") if p]:
+        if current.dir_id is None:
+            raise NotFound(f"'{path}' does not exist in this snapshot")
+        entries = await repo.read_directory(current.dir_id)
+        found = next((e for e in entries if e.name == part), None)
+        if found is None:
+            raise NotFound(f"'{path}' does not exist in this snapshot")
+        current = found
+    return current

@@ -1,0 +1,394 @@
+"""`restore`: write a snapshot tree (or part of it) to a local folder.
+
+Repository contents are treated as hostile: names are validated when records
+are decoded (no '/', '.', '..' or NUL), every path below DEST is opened
+component by component with O_NOFOLLOW relative to its parent's descriptor, and
+an existing non-directory in the way is unlinked and recreated, never written
+through (it could be a symlink or a hardlink to a file outside DEST).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from .errors import CorruptedData, RestoreError
+from .format import BlobKind, ChunkRef, Entry, EntryKind
+from .fsmeta import FILE_TYPE_BITS
+from .repository import Repository
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+IS_ROOT = os.geteuid() == 0
+
+
+@dataclass
+class RestoreOptions:
+    force: bool = False
+    delete: bool = False
+    dry_run: bool = False
+
+
+@dataclass
+class RestoreStats:
+    files: int = 0
+    dirs: int = 0
+    links: int = 0
+    other: int = 0
+    bytes_written: int = 0
+    deleted: int = 0
+    total_bytes: int = 0
+
+
+@dataclass
+class _FileJob:
+    parts: tuple[bytes, ...]  # path below DEST, last part is the name
+    entry: Entry
+
+
+@dataclass
+class _Plan:
+    dirs: list[tuple[tuple[bytes, ...], Entry]] = field(default_factory=list)
+    links: list[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = field(default_factory=list)
+
+
+def _open_parent(dest_fd: int, parts: tuple[bytes, ...]) -> int:
+    """A descriptor of the directory holding parts[-1], never following symlinks."""
+    fd = os.dup(dest_fd)
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _clear(dir_fd: int, name: bytes, keep_dir: bool) -> None:
+    """Remove what stands at name unless it is a directory we may keep."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+def _apply_metadata(fd: int, entry: Entry) -> None:
+    """Owner, mode, xattrs and times on an open file or directory."""
+    if IS_ROOT:
+        os.chown(fd, entry.uid, entry.gid)
+    os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
+    for name, value in entry.xattrs:
+        try:
+            os.setxattr(fd, name, value)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                raise
+    os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
+
+
+class RestoreSession:
+    def __init__(self, repo: Repository, target: Entry, dest: str, options: RestoreOptions,
+                 warn: Callable[[str], None], report: Callable[[str], None] | None = None) -> None:
+        self.repo = repo
+        self.target = target
+        self.dest = os.path.abspath(dest)
+        self.options = options
+        self.warn = warn
+        self.report = report or (lambda _line: None)
+        self.stats = RestoreStats()
+        self.plan = _Plan()
+        self._links: dict[int, tuple[bytes, ...]] = {}
+        self._zero_ids: dict[int, bytes] = {}
+        self._walk_slots = trio.Semaphore(max(8, repo.threads * 4))
+        self._chunk_slots = trio.Semaphore(max(4, repo.threads * 3))
+        self.workers = max(8, repo.threads * 4)
+        self.dest_fd = -1
+
+    # --- entry point -----------------------------------------------------------
+
+    async def run(self) -> RestoreStats:
+        started = time.monotonic()
+        if self.target.kind == EntryKind.DIRECTORY:
+            await self._check_dest_dir()
+            if self.options.dry_run:
+                await self._dry_run((), self.target)
+                return self.stats
+            os.makedirs(self.dest, exist_ok=True)
+            self.dest_fd = os.open(self.dest, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parts: tuple[bytes, ...] = ()
+        else:
+            parent, name = os.path.split(self.dest)
+            if os.path.lexists(self.dest) and not (self.options.force or self.options.delete):
+                raise RestoreError(f"'{self.dest}' already exists (use -f to replace it)")
+            if self.options.dry_run:
+                self.report(f"restore {self.dest}")
+                return self.stats
+            self.dest_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            parts = (os.fsencode(name),)
+        try:
+            send, recv = trio.open_memory_channel[_FileJob](self.workers * 2)
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.workers):
+                    nursery.start_soon(self._worker, recv.clone())
+                recv.close()
+                async with send:
+                    if self.target.kind == EntryKind.DIRECTORY:
+                        await self._restore_dir_contents(parts, self.target, send)
+                    else:
+                        await self._restore_entry(parts, self.target, send)
+            await trio.to_thread.run_sync(self._finish)
+        finally:
+            os.close(self.dest_fd)
+        self.duration = time.monotonic() - started
+        return self.stats
+
+    async def _check_dest_dir(self) -> None:
+        if not os.path.lexists(self.dest):
+            return
+        if not os.path.isdir(self.dest):
+            raise RestoreError(f"destination '{self.dest}' exists and is not a folder")
+        if os.listdir(self.dest) and not (self.options.force or self.options.delete):
+            raise RestoreError(f"destination '{self.dest}' is not empty (use -f to restore into it)")
+
+    # --- tree walk -------------------------------------------------------------
+
+    async def _restore_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
+                                    jobs: trio.MemorySendChannel[_FileJob]) -> None:
+        assert entry.dir_id is not None
+        async with self._walk_slots:
+            children = await self.repo.read_directory(entry.dir_id)
+        if self.options.delete:
+            await trio.to_thread.run_sync(self._delete_extra, parts, {c.name for c in children})
+        async with trio.open_nursery() as nursery:
+            for child in children:
+                child_parts = parts + (child.name,)
+                if child.kind == EntryKind.DIRECTORY:
+                    await trio.to_thread.run_sync(self._make_dir, child_parts)
+                    self.plan.dirs.append((child_parts, child))
+                    self.stats.dirs += 1
+                    nursery.start_soon(self._restore_dir_contents, child_parts, child, jobs)
+                else:
+                    await self._restore_entry(child_parts, child, jobs)
+
+    async def _restore_entry(self, parts: tuple[bytes, ...], entry: Entry,
+                             jobs: trio.MemorySendChannel[_FileJob]) -> None:
+        if entry.kind == EntryKind.FILE:
+            if entry.link_id:
+                first = self._links.get(entry.link_id)
+                if first is not None:
+                    self.plan.links.append((first, parts))
+                    return
+                self._links[entry.link_id] = parts
+            self.stats.total_bytes += entry.size
+            await jobs.send(_FileJob(parts, entry))
+        else:
+            await trio.to_thread.run_sync(self._make_special, parts, entry)
+
+    def _delete_extra(self, parts: tuple[bytes, ...], keep: set[bytes]) -> None:
+        fd = _open_parent(self.dest_fd, parts + (b"",))
+        try:
+            for name in os.listdir(fd):
+                if name not in keep:
+                    _clear(fd, name, keep_dir=False)
+                    self.stats.deleted += 1
+        finally:
+            os.close(fd)
+
+    def _make_dir(self, parts: tuple[bytes, ...]) -> None:
+        fd = _open_parent(self.dest_fd, parts)
+        try:
+            _clear(fd, parts[-1], keep_dir=True)
+            try:
+                os.mkdir(parts[-1], 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+        finally:
+            os.close(fd)
+
+    def _make_special(self, parts: tuple[bytes, ...], entry: Entry) -> None:
+        fd = _open_parent(self.dest_fd, parts)
+        name = parts[-1]
+        try:
+            _clear(fd, name, keep_dir=False)
+            if entry.kind == EntryKind.SYMLINK:
+                assert entry.target is not None
+                os.symlink(entry.target, name, dir_fd=fd)
+                self.stats.links += 1
+            elif entry.kind == EntryKind.FIFO:
+                os.mkfifo(name, entry.mode, dir_fd=fd)
+                self.stats.other += 1
+            elif entry.kind in (EntryKind.CHAR_DEVICE, EntryKind.BLOCK_DEVICE):
+                if not IS_ROOT:
+                    self.warn(f"skipped device '{self._show(parts)}' (needs root)")
+                    return
+                os.mknod(name, entry.mode | FILE_TYPE_BITS[entry.kind], entry.rdev, dir_fd=fd)
+                self.stats.other += 1
+            else:
+                self.warn(f"skipped socket '{self._show(parts)}'")
+                return
+            self._apply_path_metadata(fd, name, entry)
+        finally:
+            os.close(fd)
+
+    def _apply_path_metadata(self, dir_fd: int, name: bytes, entry: Entry) -> None:
+        """Metadata of a symlink or special file, never following links."""
+        if IS_ROOT:
+            os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
+        if entry.kind != EntryKind.SYMLINK:
+            os.chmod(name, entry.mode, dir_fd=dir_fd)
+        proc_path = f"/proc/self/fd/{dir_fd}/".encode() + name
+        for xname, value in entry.xattrs:
+            try:
+                os.setxattr(proc_path, xname, value, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+                    raise
+        os.utime(name, ns=(entry.atime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+    # --- files -----------------------------------------------------------------
+
+    async def _worker(self, jobs: trio.MemoryReceiveChannel[_FileJob]) -> None:
+        async with jobs:
+            async for job in jobs:
+                await self._restore_file(job)
+
+    async def _restore_file(self, job: _FileJob) -> None:
+        entry = job.entry
+        chunks = entry.chunks
+        total = sum(c.size for c in chunks)
+        if total != entry.size:
+            raise CorruptedData(f"'{self._show(job.parts)}': chunk sizes do not add up to the file size")
+        fd = await trio.to_thread.run_sync(self._create_file, job.parts)
+        try:
+            offsets = []
+            offset = 0
+            for chunk in chunks:
+                offsets.append(offset)
+                offset += chunk.size
+            if len(chunks) <= 1:
+                for chunk, off in zip(chunks, offsets):
+                    await self._write_chunk(fd, chunk, off, job.parts)
+            else:
+                async with trio.open_nursery() as nursery:
+                    for chunk, off in zip(chunks, offsets):
+                        await self._chunk_slots.acquire()
+                        nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
+            await trio.to_thread.run_sync(self._finish_file, fd, entry)
+        finally:
+            os.close(fd)
+        self.stats.files += 1
+
+    def _create_file(self, parts: tuple[bytes, ...]) -> int:
+        dir_fd = _open_parent(self.dest_fd, parts)
+        try:
+            _clear(dir_fd, parts[-1], keep_dir=False)
+            return os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                           0o600, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def _zero_id(self, size: int) -> bytes:
+        zero = self._zero_ids.get(size)
+        if zero is None:
+            zero = self._zero_ids[size] = self.repo.codec.blob_id(BlobKind.CHUNK, bytes(size))
+        return zero
+
+    async def _write_chunk_slot(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
+        try:
+            await self._write_chunk(fd, chunk, offset, parts)
+        finally:
+            self._chunk_slots.release()
+
+    async def _write_chunk(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
+        if chunk.id == self._zero_id(chunk.size):
+            return  # leave a hole; _finish_file sets the final size
+        try:
+            data = await self.repo.read_blob(BlobKind.CHUNK, chunk.id)
+        except CorruptedData as exc:
+            raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
+        if len(data) != chunk.size:
+            raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
+        await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+        self.stats.bytes_written += len(data)
+
+    def _finish_file(self, fd: int, entry: Entry) -> None:
+        os.ftruncate(fd, entry.size)
+        _apply_metadata(fd, entry)
+
+    # --- after all files -------------------------------------------------------
+
+    def _finish(self) -> None:
+        for first, alias in self.plan.links:
+            src_fd = _open_parent(self.dest_fd, first)
+            dst_fd = _open_parent(self.dest_fd, alias)
+            try:
+                _clear(dst_fd, alias[-1], keep_dir=False)
+                os.link(first[-1], alias[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            finally:
+                os.close(src_fd)
+                os.close(dst_fd)
+            self.stats.files += 1
+        # deepest directories first, so setting a parent's times is the last touch
+        for parts, entry in sorted(self.plan.dirs, key=lambda item: len(item[0]), reverse=True):
+            parent = _open_parent(self.dest_fd, parts)
+            try:
+                fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
+            finally:
+                os.close(parent)
+            try:
+                _apply_metadata(fd, entry)
+            finally:
+                os.close(fd)
+        # A subdirectory target carries its own metadata; the snapshot root has none.
+        if self.target.kind == EntryKind.DIRECTORY and self.target.name:
+            _apply_metadata(self.dest_fd, self.target)
+
+    # --- dry run ---------------------------------------------------------------
+
+    async def _dry_run(self, parts: tuple[bytes, ...], entry: Entry) -> None:
+        assert entry.dir_id is not None
+        children = await self.repo.read_directory(entry.dir_id)
+        if self.options.delete:
+            here = os.path.join(self.dest.encode(), *parts) if parts else self.dest.encode()
+            if os.path.isdir(here) and not os.path.islink(here):
+                names = {c.name for c in children}
+                for name in sorted(os.listdir(here)):
+                    if name not in names:
+                        self.report(f"delete {self._show(parts + (name,))}")
+                        self.stats.deleted += 1
+        for child in children:
+            child_parts = parts + (child.name,)
+            self.report(f"restore {self._show(child_parts)}")
+            if child.kind == EntryKind.DIRECTORY:
+                self.stats.dirs += 1
+                await self._dry_run(child_parts, child)
+            elif child.kind == EntryKind.FILE:
+                self.stats.files += 1
+                self.stats.total_bytes += child.size
+
+    def _show(self, parts: tuple[bytes, ...]) -> str:
+        if self.target.kind != EntryKind.DIRECTORY:
+            return self.dest
+        return os.path.join(self.dest, *(os.fsdecode(p) for p in parts))
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written

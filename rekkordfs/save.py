@@ -1,0 +1,446 @@
+"""`save`: turn local paths into a new snapshot.
+
+Pipeline (docs/format.md, "Saving"): a walker thread lists directories and
+reads metadata; worker tasks read files, chunk, hash, compress and seal them in
+threads (bounded by the CPU limiter) and upload what the repository lacks;
+a directory record is written as soon as all its children are done, bottom-up,
+and the snapshot is published last. Memory is bounded by the number of chunks
+in flight, whatever the size of the data.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO, Callable, Iterator
+
+import trio
+
+from .cache import StatKey
+from .chunker import Chunker
+from .errors import UsageError
+from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, encode_chunks, encode_directory, validate_channel
+from .keys import Capability
+from .repository import Repository
+from .fsmeta import entry_from_stat, read_xattrs
+
+SMALL_FILE = 2 << 20  # read in one go, in one thread hop
+READ_BATCH = 8 << 20  # bytes of chunks handed over per thread hop for large files
+
+
+@dataclass
+class SaveStats:
+    files: int = 0
+    dirs: int = 0
+    size: int = 0  # logical bytes of all files in the snapshot
+    bytes_read: int = 0
+    bytes_new: int = 0  # plaintext bytes of chunks the repository lacked
+    bytes_stored: int = 0  # bytes written to the repository (packed)
+    scanned_files: int = 0
+    scanned_bytes: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class SaveResult:
+    snapshot_id: str
+    channel: str
+    time_ns: int
+    stats: SaveStats
+    duration: float
+
+
+class DirNode:
+    __slots__ = ("path", "entry", "parent", "children", "pending", "skipped")
+
+    def __init__(self, path: bytes, entry: Entry | None, parent: "DirNode | None") -> None:
+        self.path = path
+        self.entry = entry  # None for the snapshot root
+        self.parent = parent
+        self.children: list[Entry] = []
+        self.pending = 0  # file jobs and subdirectories not finished yet
+        self.skipped: set[bytes] = set()
+
+
+@dataclass
+class FileJob:
+    node: DirNode
+    entry: Entry
+    path: bytes
+    key: StatKey
+    first: Entry | None = None  # set for a later hardlink of an inode another job reads
+
+    @property
+    def primary(self) -> bool:
+        return self.first is None
+
+
+@dataclass
+class Listing:
+    node: DirNode
+    jobs: list[FileJob] = field(default_factory=list)
+
+
+def normalize_paths(paths: list[str]) -> list[bytes]:
+    """Absolute, normalized, existing paths with those inside another one dropped."""
+    result: list[bytes] = []
+    for raw in paths:
+        path = os.path.normpath(os.path.abspath(os.fsencode(raw)))
+        try:
+            os.lstat(path)
+        except OSError as exc:
+            raise UsageError(f"cannot save '{raw}': {exc.strerror}") from None
+        result.append(path)
+    result = sorted(set(result))
+    kept: list[bytes] = []
+    for path in result:
+        if not any(path == k or path.startswith(k.rstrip(b"/") + b"/") for k in kept):
+            kept.append(path)
+    return kept
+
+
+class Walker:
+    """Runs in a thread: lists directories and emits Listings in depth-first order."""
+
+    def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
+                 warn: Callable[[str], None], stats: SaveStats) -> None:
+        self.paths = paths
+        self.repo = repo
+        self.emit = emit
+        self.warn = warn
+        self.stats = stats
+        self._next_link_id = 1
+        # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
+        self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
+
+    def run(self, root: DirNode) -> None:
+        if b"/" in self.paths:
+            self._scan_tree(root)
+            return
+        trie: dict = {}
+        for path in self.paths:
+            node = trie
+            parts = path.split(b"/")[1:]
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+                if node is None:
+                    break
+            else:
+                node[parts[-1]] = None  # None marks a path saved in full
+        self._scan_virtual(root, trie)
+
+    def _scan_virtual(self, node: DirNode, trie: dict) -> None:
+        listing = Listing(node)
+        full: list[DirNode] = []
+        partial: list[tuple[DirNode, dict]] = []
+        for name in sorted(trie):
+            path = (node.path or b"") + b"/" + name
+            try:
+                st = os.lstat(path)
+            except OSError as exc:
+                self.warn(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+                continue
+            entry = self._add_child(listing, path, name, st)
+            if entry is None or entry.kind != EntryKind.DIRECTORY:
+                continue
+            child = DirNode(path, entry, node)
+            node.pending += 1
+            if trie[name] is None:
+                full.append(child)
+            else:
+                partial.append((child, trie[name]))
+        self.emit(listing)
+        for child, sub in partial:
+            self._scan_virtual(child, sub)
+        for child in full:
+            self._scan_tree(child)
+
+    def _scan_tree(self, top: DirNode) -> None:
+        stack = [top]
+        while stack:
+            node = stack.pop()
+            listing = Listing(node)
+            subdirs: list[DirNode] = []
+            try:
+                with os.scandir(node.path or b"/") as it:
+                    items = sorted((item.name, item.path) for item in it)
+            except OSError as exc:
+                self.warn(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}")
+                items = []
+            for name, path in items:
+                try:
+                    st = os.lstat(path)
+                except FileNotFoundError:
+                    continue  # vanished since listing
+                except OSError as exc:
+                    self.warn(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+                    continue
+                entry = self._add_child(listing, path, name, st)
+                if entry is not None and entry.kind == EntryKind.DIRECTORY:
+                    subdirs.append(DirNode(path, entry, node))
+            node.pending += len(subdirs)
+            self.emit(listing)
+            stack.extend(reversed(subdirs))
+
+    def _add_child(self, listing: Listing, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
+        try:
+            entry = entry_from_stat(name, st, path)
+        except OSError as exc:
+            self.warn(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+            return None
+        if entry is None:
+            return None
+        entry.xattrs = read_xattrs(path)
+        listing.node.children.append(entry)
+        if entry.kind == EntryKind.DIRECTORY:
+            self.stats.dirs += 1
+        elif entry.kind == EntryKind.FILE:
+            self.stats.scanned_files += 1
+            self.stats.scanned_bytes += entry.size
+            self._file_job(listing, path, entry, st)
+        return entry
+
+    def _file_job(self, listing: Listing, path: bytes, entry: Entry, st: os.stat_result) -> None:
+        key = StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        if st.st_nlink > 1:
+            known = self._links.get((st.st_dev, st.st_ino))
+            if known is not None:
+                link_id, first, first_job = known
+                entry.link_id = link_id
+                if first_job is None:
+                    entry.chunks_raw, entry.size = first.chunks_raw, first.size
+                else:
+                    listing.jobs.append(FileJob(listing.node, entry, path, key, first=first))
+                    listing.node.pending += 1
+                return
+            entry.link_id = self._next_link_id
+            self._next_link_id += 1
+        cached = self.repo.cache.lookup_stat(path, key)
+        job = None
+        if cached is not None:
+            entry.chunks_raw = cached
+        else:
+            job = FileJob(listing.node, entry, path, key)
+            listing.jobs.append(job)
+            listing.node.pending += 1
+        if entry.link_id:
+            self._links[(st.st_dev, st.st_ino)] = (entry.link_id, entry, job)
+
+
+def _open_regular(path: bytes) -> BinaryIO:
+    """Open a file for reading without following symlinks or blocking on FIFOs."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))  # O_NOATIME needs ownership
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "no longer a regular file")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _take(chunks: Iterator[bytes], limit: int) -> list[bytes]:
+    batch: list[bytes] = []
+    total = 0
+    for data in chunks:
+        batch.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return batch
+
+
+class SaveSession:
+    def __init__(self, repo: Repository, channel: str, paths: list[str],
+                 warn: Callable[[str], None], workers: int | None = None) -> None:
+        repo.keys.require(Capability.WRITE)
+        self.repo = repo
+        self.channel = validate_channel(channel)
+        self.paths = normalize_paths(paths)
+        self.warn_cb = warn
+        self.stats = SaveStats()
+        assert repo.keys.chunk_seed is not None
+        self.chunker = Chunker(repo.keys.chunk_seed, repo.config.chunking)
+        self.workers = workers or max(8, repo.threads * 4)
+        self.inflight = trio.Semaphore(max(4, repo.threads * 3))
+        self.root = DirNode(b"", None, None)
+        self.root_id: bytes | None = None
+        self._link_done: dict[int, trio.Event] = {}
+        self._link_failed: set[int] = set()
+        self._stat_rows: list[tuple[bytes, StatKey, bytes]] = []
+
+    def warn(self, message: str) -> None:
+        self.warn_cb(message)
+
+    async def run(self) -> SaveResult:
+        started = time.monotonic()
+        time_ns = time.time_ns()
+        await self.repo.prepare_write()
+        listings_send, listings_recv = trio.open_memory_channel[Listing | None](256)
+        jobs_send, jobs_recv = trio.open_memory_channel[FileJob](self.workers * 2)
+        walker = Walker(self.paths, self.repo, lambda l: trio.from_thread.run(listings_send.send, l),
+                        lambda m: trio.from_thread.run_sync(self.warn, m), self.stats)
+
+        async def walk() -> None:
+            async with listings_send:
+                await trio.to_thread.run_sync(walker.run, self.root)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(walk)
+            nursery.start_soon(self._dispatch, listings_recv, jobs_send)
+            for _ in range(self.workers):
+                nursery.start_soon(self._worker, jobs_recv.clone())
+            jobs_recv.close()
+
+        assert self.root_id is not None, "save pipeline ended before the root directory was written"
+        snapshot = Snapshot(self.channel, time_ns, self.root_id, self.stats.size, 0, self.stats.files)
+        snapshot.stored = self.stats.bytes_stored
+        tag = await self.repo.publish_snapshot(snapshot)
+        await trio.to_thread.run_sync(self._remember)
+        return SaveResult(tag.id_hex, self.channel, time_ns, self.stats, time.monotonic() - started)
+
+    def _remember(self) -> None:
+        cache = self.repo.cache
+        cache.add_blobs(self.repo.session_blobs())
+        cache.store_stats(self._stat_rows)
+
+    async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
+                        jobs: trio.MemorySendChannel[FileJob]) -> None:
+        async with listings, jobs:
+            async for listing in listings:
+                assert listing is not None
+                if listing.node.pending == 0:
+                    await self._finalize(listing.node)
+                for job in listing.jobs:
+                    if job.entry.link_id and job.primary:
+                        self._link_done[job.entry.link_id] = trio.Event()
+                    await jobs.send(job)
+
+    async def _worker(self, jobs: trio.MemoryReceiveChannel[FileJob]) -> None:
+        async with jobs:
+            async for job in jobs:
+                try:
+                    await self._process(job)
+                except OSError as exc:
+                    self.stats.skipped += 1
+                    job.node.skipped.add(job.entry.name)
+                    self._link_failed.add(job.entry.link_id)
+                    self.warn(f"cannot read '{os.fsdecode(job.path)}': {exc.strerror or exc}; skipped")
+                finally:
+                    if job.entry.link_id and job.primary:
+                        self._link_done[job.entry.link_id].set()
+                await self._child_done(job.node)
+
+    async def _process(self, job: FileJob) -> None:
+        if job.first is not None:
+            await self._link_done[job.entry.link_id].wait()
+            if job.entry.link_id in self._link_failed:
+                raise OSError(errno.EIO, "its first hardlink could not be read")
+            job.entry.chunks_raw, job.entry.size = job.first.chunks_raw, job.first.size
+            return
+        if job.key.size <= SMALL_FILE:
+            size, chunks, new = await self.repo.run_cpu(self._prepare_small, job.path, job.key)
+            for blob_id, packed, plain_size in new:
+                await self._put(blob_id, packed, plain_size)
+        else:
+            size, chunks = await self._process_large(job)
+        job.entry.chunks_raw = encode_chunks(chunks)
+        job.entry.size = size
+
+    def _prepare_small(self, path: bytes, key: StatKey) -> tuple[int, list[ChunkRef], list[tuple[bytes, bytes, int]]]:
+        with _open_regular(path) as handle:
+            data = handle.read()
+            unchanged = self._unchanged(handle, key)
+        codec, repo = self.repo.codec, self.repo
+        chunks: list[ChunkRef] = []
+        new: list[tuple[bytes, bytes, int]] = []
+        seen: set[bytes] = set()
+        for view in self.chunker.split(data):
+            blob_id = codec.blob_id(BlobKind.CHUNK, view)
+            chunks.append(ChunkRef(blob_id, len(view)))
+            if blob_id not in seen and not repo.is_known(blob_id):
+                seen.add(blob_id)
+                new.append((blob_id, codec.pack(BlobKind.CHUNK, view), len(view)))
+        self._account_read(path, key, len(data), chunks, unchanged)
+        return len(data), chunks, new
+
+    def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
+        st = os.fstat(handle.fileno())
+        return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == key
+
+    def _account_read(self, path: bytes, key: StatKey, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
+        # Called from worker threads; list.append and int += on distinct
+        # attributes are safe enough for statistics under the GIL, and the
+        # stat rows are only read after every worker has finished.
+        self.stats.bytes_read += size
+        if unchanged:
+            self._stat_rows.append((path, key, encode_chunks(chunks)))
+
+    async def _process_large(self, job: FileJob) -> tuple[int, list[ChunkRef]]:
+        handle = await trio.to_thread.run_sync(_open_regular, job.path)
+        slots: list[ChunkRef | None] = []
+        try:
+            stream = self.chunker.stream(handle)
+            async with trio.open_nursery() as nursery:
+                while True:
+                    batch = await trio.to_thread.run_sync(_take, stream, READ_BATCH)
+                    if not batch:
+                        break
+                    for data in batch:
+                        await self.inflight.acquire()
+                        slots.append(None)
+                        nursery.start_soon(self._store_chunk, slots, len(slots) - 1, data)
+            unchanged = await trio.to_thread.run_sync(self._unchanged, handle, job.key)
+        finally:
+            handle.close()
+        chunks = [c for c in slots if c is not None]
+        assert len(chunks) == len(slots)
+        size = sum(c.size for c in chunks)
+        self._account_read(job.path, job.key, size, chunks, unchanged)
+        return size, chunks
+
+    async def _store_chunk(self, slots: list[ChunkRef | None], index: int, data: bytes) -> None:
+        try:
+            blob_id, packed = await self.repo.run_cpu(self._hash_and_pack, data)
+            if packed is not None:
+                await self._put(blob_id, packed, len(data))
+            slots[index] = ChunkRef(blob_id, len(data))
+        finally:
+            self.inflight.release()
+
+    def _hash_and_pack(self, data: bytes) -> tuple[bytes, bytes | None]:
+        blob_id = self.repo.codec.blob_id(BlobKind.CHUNK, data)
+        if self.repo.is_known(blob_id):
+            return blob_id, None
+        return blob_id, self.repo.codec.pack(BlobKind.CHUNK, data)
+
+    async def _put(self, blob_id: bytes, packed: bytes, plain_size: int) -> None:
+        if await self.repo.put_packed(blob_id, packed):
+            self.stats.bytes_new += plain_size
+            self.stats.bytes_stored += len(packed)
+
+    async def _child_done(self, node: DirNode) -> None:
+        node.pending -= 1
+        if node.pending == 0:
+            await self._finalize(node)
+
+    async def _finalize(self, node: DirNode) -> None:
+        children = [e for e in node.children if e.name not in node.skipped]
+        for entry in children:
+            if entry.kind == EntryKind.FILE:
+                self.stats.files += 1
+                self.stats.size += entry.size
+        record = await self.repo.run_cpu(encode_directory, children)
+        dir_id, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        self.stats.bytes_stored += stored
+        if node.entry is None:
+            self.root_id = dir_id
+            return
+        node.entry.dir_id = dir_id
+        assert node.parent is not None
+        await self._child_done(node.parent)

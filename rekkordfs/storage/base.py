@@ -1,0 +1,60 @@
+"""The async storage interface every backend implements.
+
+Keys are '/'-separated relative names such as 'blobs/ab/ab12...'. The
+contract, checked by tests/test_storage_conformance.py for every backend:
+
+- put() never overwrites: it returns False when the key already exists;
+- get() raises ObjectMissing for an absent key;
+- list(prefix) returns every key under prefix (all pages, any count);
+- flush() returns once everything put so far is durable;
+- every failure is a StorageError with a one-line message naming the cause.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class Storage(ABC):
+    #: True when put() itself refuses to overwrite on the server (local link(),
+    #: S3 If-None-Match, SFTP rename without replace). When False, the
+    #: repository lists existing blobs and skips them instead.
+    conditional_writes: bool = True
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Where the repository lives, for messages (never contains secrets)."""
+
+    async def connect(self) -> None:
+        """Open connections and check the location is reachable."""
+
+    async def create(self) -> None:
+        """Prepare an empty location for a new repository (folders, bucket check)."""
+        await self.connect()
+
+    @abstractmethod
+    async def put(self, key: str, data: bytes) -> bool:
+        """Store data under key unless it exists; True if written."""
+
+    @abstractmethod
+    async def get(self, key: str) -> bytes:
+        """Return the object's bytes or raise ObjectMissing."""
+
+    @abstractmethod
+    async def exists(self, key: str) -> bool:
+        ...
+
+    @abstractmethod
+    async def list(self, prefix: str) -> list[str]:
+        """Every key starting with prefix (a folder-like prefix ending in '/')."""
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Remove key; absent keys are not an error."""
+
+    async def flush(self) -> None:
+        """Make everything put so far durable before a snapshot refers to it."""
+
+    async def aclose(self) -> None:
+        """Release connections; the object is unusable afterwards."""

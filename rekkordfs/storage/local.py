@@ -1,0 +1,164 @@
+"""Repository in a local folder.
+
+Objects are written to tmp/ first and hard-linked to their final name: link()
+fails with EEXIST instead of replacing, so nothing stored is ever overwritten
+and a crash never leaves a half-written object under a real name.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import secrets
+from typing import Callable, TypeVar
+
+import trio
+
+from ..errors import ObjectMissing, StorageError
+from .base import Storage
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if _libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
+
+
+class LocalStorage(Storage):
+    conditional_writes = True
+
+    def __init__(self, root: str, threads: int = 4) -> None:
+        self.root = os.path.abspath(root)
+        self._tmp = os.path.join(self.root, "tmp")
+        self._limiter = trio.CapacityLimiter(max(4, threads * 2))
+
+    @property
+    def description(self) -> str:
+        return self.root
+
+    def _error(self, exc: OSError, action: str, key: str) -> StorageError:
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.ENOSPC:
+            reason = "no space left on device"
+        return StorageError(f"cannot {action} '{os.path.join(self.root, key)}': {reason}")
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+
+    async def connect(self) -> None:
+        if not os.path.isdir(self.root):
+            raise ObjectMissing(f"no repository at '{self.root}': folder does not exist")
+
+    async def create(self) -> None:
+        await self._run(self._create_sync)
+
+    def _create_sync(self) -> None:
+        try:
+            if os.path.exists(self.root):
+                if not os.path.isdir(self.root):
+                    raise StorageError(f"'{self.root}' exists and is not a folder")
+                existing = set(os.listdir(self.root))
+                if existing and "rekkord" not in existing:
+                    raise StorageError(f"folder '{self.root}' is not empty")
+            os.makedirs(self._tmp, exist_ok=True)
+            for prefix in range(256):
+                os.makedirs(os.path.join(self.root, "blobs", f"{prefix:02x}"), exist_ok=True)
+            os.makedirs(os.path.join(self.root, "tags"), exist_ok=True)
+        except OSError as exc:
+            raise self._error(exc, "create", "") from None
+
+    async def put(self, key: str, data: bytes) -> bool:
+        return await self._run(self.put_sync, key, data)
+
+    def put_sync(self, key: str, data: bytes | memoryview) -> bool:
+        final = os.path.join(self.root, key)
+        tmp = os.path.join(self._tmp, secrets.token_hex(12))
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, final)
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(final), exist_ok=True)
+                os.link(tmp, final)
+            return True
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self._error(exc, "write", key) from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    async def get(self, key: str) -> bytes:
+        return await self._run(self.get_sync, key)
+
+    def get_sync(self, key: str) -> bytes:
+        try:
+            with open(os.path.join(self.root, key), "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            raise ObjectMissing(f"object '{key}' is missing from '{self.root}'") from None
+        except OSError as exc:
+            raise self._error(exc, "read", key) from None
+
+    async def exists(self, key: str) -> bool:
+        return await self._run(os.path.exists, os.path.join(self.root, key))
+
+    async def list(self, prefix: str) -> list[str]:
+        return await self._run(self._list_sync, prefix)
+
+    def _list_sync(self, prefix: str) -> list[str]:
+        base = prefix.rstrip("/")
+        start = os.path.join(self.root, base)
+        keys: list[str] = []
+        try:
+            stack = [(start, base)]
+            while stack:
+                folder, rel = stack.pop()
+                with os.scandir(folder) as it:
+                    for item in it:
+                        name = f"{rel}/{item.name}" if rel else item.name
+                        if item.is_dir(follow_symlinks=False):
+                            stack.append((item.path, name))
+                        else:
+                            keys.append(name)
+        except FileNotFoundError:
+            return keys
+        except OSError as exc:
+            raise self._error(exc, "list", prefix) from None
+        return keys
+
+    async def delete(self, key: str) -> None:
+        await self._run(self._delete_sync, key)
+
+    def _delete_sync(self, key: str) -> None:
+        try:
+            os.unlink(os.path.join(self.root, key))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise self._error(exc, "delete", key) from None
+
+    async def flush(self) -> None:
+        try:
+            await self._run(_syncfs, self.root)
+        except OSError as exc:
+            raise self._error(exc, "sync", "") from None

@@ -29,7 +29,37 @@ class Chunker:
             return [memoryview(data)]
         return [chunk.data for chunk in self._cdc().cut_buf(data)]
 
-    def stream(self, source: BinaryIO) -> Iterator[bytes]:
-        """Cut a file object; each chunk is an independent bytes copy."""
-        for chunk in self._cdc().cut_stream(source):
-            yield bytes(chunk.data)
+    def stream(self, source: BinaryIO) -> Iterator[memoryview]:
+        """Cut a file object, reading it in large blocks.
+
+        Chunks are views into the block they were cut from; the tail of a block
+        is carried into the next one, since its end is not a real boundary.
+        """
+        cdc = self._cdc()
+        carry = b""
+        while True:
+            block = bytearray(len(carry) + READ_BLOCK)
+            block[:len(carry)] = carry
+            filled = len(carry) + _read_into(source, memoryview(block)[len(carry):])
+            data = memoryview(block)[:filled]
+            if filled < len(block):  # end of file
+                if filled:
+                    yield from (chunk.data for chunk in cdc.cut_buf(data))
+                return
+            chunks = list(cdc.cut_buf(data))
+            carry = bytes(chunks[-1].data)
+            for chunk in chunks[:-1]:
+                yield chunk.data
+
+
+READ_BLOCK = 16 << 20
+
+
+def _read_into(source: BinaryIO, view: memoryview) -> int:
+    total = 0
+    while total < len(view):
+        got = source.readinto(view[total:])
+        if not got:
+            break
+        total += got
+    return total

@@ -28,6 +28,7 @@ COMPRESS_ZSTD = 1
 ZSTD_LEVEL = 1
 # Keep the compressed form only when it saves at least this fraction.
 MIN_SAVING = 1 / 32
+SAMPLE_SIZE = 64 << 10
 # Refuse to inflate a blob beyond this: a hostile writer could claim any size.
 MAX_BLOB_SIZE = 256 << 20
 
@@ -71,16 +72,25 @@ class BlobCodec:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot compute blob IDs")
         return crypto.keyed_hash(self.keys.id_key, kind, data)
 
-    def pack(self, kind: BlobKind, data: bytes | memoryview) -> bytes:
+    def pack(self, kind: BlobKind, data: bytes | memoryview) -> bytearray:
         if self._sealer is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot write blobs")
         compression = COMPRESS_NONE
         payload: bytes | memoryview = data
-        if len(data) >= 64:
+        if len(data) >= 64 and self._worth_compressing(data):
             compressed = self._compressor().compress(data)
             if len(compressed) <= len(data) * (1 - MIN_SAVING):
                 compression, payload = COMPRESS_ZSTD, compressed
         return self._sealer.seal(bytes((BLOB_VERSION, kind, compression)), payload)
+
+    def _worth_compressing(self, data: bytes | memoryview) -> bool:
+        # Compressing incompressible data (media, archives, encrypted files)
+        # costs as much as encrypting it; a sample tells which kind this is.
+        if len(data) <= 4 * SAMPLE_SIZE:
+            return True
+        middle = len(data) // 2
+        sample = memoryview(data)[middle:middle + SAMPLE_SIZE]
+        return len(self._compressor().compress(sample)) <= SAMPLE_SIZE * (1 - MIN_SAVING)
 
     def unpack(self, kind: BlobKind, blob_id: bytes, stored: bytes) -> bytes:
         """Open a stored blob, check its kind and that its content hashes to blob_id."""

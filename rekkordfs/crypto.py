@@ -20,6 +20,12 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.signing
 
+# pynacl's high-level AEAD wrappers copy the message twice and return fresh
+# bytes; blob sealing is on the hot path of every save and read, so it calls
+# libsodium through pynacl's own cffi module to encrypt straight from the
+# caller's buffer into the final object (cffi releases the GIL meanwhile).
+from nacl._sodium import ffi as _ffi, lib as _lib
+
 from .errors import CorruptedData
 
 KEY_SIZE: Final = 32
@@ -99,12 +105,21 @@ class BlobSealer:
         shared = sodium.crypto_scalarmult(ephemeral_secret, data_public)
         self._key = _session_key(shared, self.ephemeral_public, data_public)
 
-    def seal(self, header: bytes, payload: bytes | memoryview) -> bytes:
+    def seal(self, header: bytes, payload: bytes | memoryview) -> bytearray:
         """Return header + ephemeral public + nonce + ciphertext; header is authenticated."""
         nonce = os.urandom(NONCE_SIZE)
         prefix = header + self.ephemeral_public + nonce
-        ciphertext = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(bytes(payload), prefix, nonce, self._key)
-        return prefix + ciphertext
+        size = len(payload)
+        out = bytearray(len(prefix) + size + TAG_SIZE)
+        out[:len(prefix)] = prefix
+        out_ptr = _ffi.from_buffer(out)
+        rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
+            out_ptr + len(prefix), _ffi.NULL, _ffi.from_buffer(payload), size,
+            prefix, len(prefix), _ffi.NULL, nonce, self._key,
+        )
+        if rc != 0:
+            raise RuntimeError("libsodium encryption failed")
+        return out
 
 
 class BlobOpener:
@@ -130,7 +145,7 @@ class BlobOpener:
                 self._keys[ephemeral_public] = key
         return key
 
-    def open(self, header_size: int, sealed: bytes | memoryview) -> bytes:
+    def open(self, header_size: int, sealed: bytes | memoryview) -> bytearray:
         """Authenticate and decrypt; the first header_size bytes are the header."""
         sealed = memoryview(sealed)
         prefix_end = header_size + PUBLIC_SIZE + NONCE_SIZE
@@ -139,9 +154,12 @@ class BlobOpener:
         ephemeral_public = bytes(sealed[header_size:header_size + PUBLIC_SIZE])
         nonce = bytes(sealed[header_size + PUBLIC_SIZE:prefix_end])
         key = self._key_for(ephemeral_public)
-        try:
-            return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(
-                bytes(sealed[prefix_end:]), bytes(sealed[:prefix_end]), nonce, key
-            )
-        except (nacl.exceptions.CryptoError, ValueError, TypeError):
-            raise CorruptedData("blob failed authentication") from None
+        size = len(sealed) - prefix_end - TAG_SIZE
+        out = bytearray(size)
+        rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
+            _ffi.from_buffer(out), _ffi.NULL, _ffi.NULL, _ffi.from_buffer(sealed[prefix_end:]), size + TAG_SIZE,
+            _ffi.from_buffer(sealed[:prefix_end]), prefix_end, nonce, key,
+        )
+        if rc != 0:
+            raise CorruptedData("blob failed authentication")
+        return out

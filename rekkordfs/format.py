@@ -113,9 +113,9 @@ def encode_directory(entries: Iterable[Entry]) -> bytes:
     return bytes(out)
 
 
-def decode_directory(raw: bytes) -> list[Entry]:
+def decode_directory(raw: bytes | bytearray) -> list[Entry]:
     try:
-        return list(_iter_directory(raw))
+        return list(_iter_directory(bytes(raw)))
     except (struct.error, ValueError, AssertionError) as exc:
         raise CorruptedData(f"directory record is malformed ({exc})") from None
 
@@ -215,7 +215,8 @@ class Snapshot:
         return self.signed_part() + self.signature
 
 
-def decode_snapshot(raw: bytes) -> Snapshot:
+def decode_snapshot(raw: bytes | bytearray) -> Snapshot:
+    raw = bytes(raw)
     try:
         version, time_ns, root_id, size, stored, files = _SNAPSHOT_FIXED.unpack_from(raw, 0)
         if version != RECORD_VERSION:

@@ -244,8 +244,8 @@ def _open_regular(path: bytes) -> BinaryIO:
     return os.fdopen(fd, "rb", buffering=0)
 
 
-def _take(chunks: Iterator[bytes], limit: int) -> list[bytes]:
-    batch: list[bytes] = []
+def _take(chunks: Iterator[memoryview], limit: int) -> list[memoryview]:
+    batch: list[memoryview] = []
     total = 0
     for data in chunks:
         batch.append(data)
@@ -404,7 +404,7 @@ class SaveSession:
         self._account_read(job.path, job.key, size, chunks, unchanged)
         return size, chunks
 
-    async def _store_chunk(self, slots: list[ChunkRef | None], index: int, data: bytes) -> None:
+    async def _store_chunk(self, slots: list[ChunkRef | None], index: int, data: memoryview) -> None:
         try:
             blob_id, packed = await self.repo.run_cpu(self._hash_and_pack, data)
             if packed is not None:
@@ -413,13 +413,13 @@ class SaveSession:
         finally:
             self.inflight.release()
 
-    def _hash_and_pack(self, data: bytes) -> tuple[bytes, bytes | None]:
+    def _hash_and_pack(self, data: memoryview) -> tuple[bytes, bytearray | None]:
         blob_id = self.repo.codec.blob_id(BlobKind.CHUNK, data)
         if self.repo.is_known(blob_id):
             return blob_id, None
         return blob_id, self.repo.codec.pack(BlobKind.CHUNK, data)
 
-    async def _put(self, blob_id: bytes, packed: bytes, plain_size: int) -> None:
+    async def _put(self, blob_id: bytes, packed: bytearray, plain_size: int) -> None:
         if await self.repo.put_packed(blob_id, packed):
             self.stats.bytes_new += plain_size
             self.stats.bytes_stored += len(packed)

@@ -21,6 +21,8 @@ from .base import Storage
 T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD = -100
+AT_EMPTY_PATH = 0x1000
 
 
 def _syncfs(path: str) -> None:
@@ -33,6 +35,35 @@ def _syncfs(path: str) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _LinkUnsupported(Exception):
+    pass
+
+
+def _link_fd(fd: int, final: str) -> None:
+    """linkat(fd, "", AT_EMPTY_PATH): name an O_TMPFILE file; EEXIST if taken."""
+    if _libc.linkat(fd, b"", AT_FDCWD, os.fsencode(final), AT_EMPTY_PATH) == 0:
+        return
+    err = ctypes.get_errno()
+    if err in (errno.EPERM, errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+        raise _LinkUnsupported()
+    raise OSError(err, os.strerror(err), final)
+
+
+def _retry_in_new_folder(final: str, link: Callable[[], None]) -> None:
+    """Run link(), creating the parent folder on demand; FileExistsError if taken."""
+    try:
+        link()
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        link()
+
+
 class LocalStorage(Storage):
     conditional_writes = True
 
@@ -40,6 +71,9 @@ class LocalStorage(Storage):
         self.root = os.path.abspath(root)
         self._tmp = os.path.join(self.root, "tmp")
         self._limiter = trio.CapacityLimiter(max(4, threads * 2))
+        # O_TMPFILE + linkat(AT_EMPTY_PATH): no temporary name to create and unlink (and
+        # nothing to clean up after a crash); plain temp files where unsupported.
+        self._use_tmpfile = hasattr(os, "O_TMPFILE")
 
     @property
     def description(self) -> str:
@@ -76,36 +110,47 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._error(exc, "create", "") from None
 
-    async def put(self, key: str, data: bytes) -> bool:
+    async def put(self, key: str, data: bytes | bytearray) -> bool:
         return await self._run(self.put_sync, key, data)
 
-    def put_sync(self, key: str, data: bytes | memoryview) -> bool:
+    def put_sync(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         final = os.path.join(self.root, key)
-        tmp = os.path.join(self._tmp, secrets.token_hex(12))
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-            finally:
-                os.close(fd)
-            try:
-                os.link(tmp, final)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(final), exist_ok=True)
-                os.link(tmp, final)
-            return True
+            return self._link_new(final, data)
         except FileExistsError:
             return False
         except OSError as exc:
             raise self._error(exc, "write", key) from None
-        finally:
+
+    def _link_new(self, final: str, data: bytes | bytearray | memoryview) -> bool:
+        """Write data to an unnamed file, then give it its name unless taken."""
+        if self._use_tmpfile:
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
+                fd = os.open(self._tmp, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                    raise
+                self._use_tmpfile = False
+            else:
+                try:
+                    _write_all(fd, data)
+                    _retry_in_new_folder(final, lambda: _link_fd(fd, final))
+                    return True
+                except _LinkUnsupported:
+                    self._use_tmpfile = False  # e.g. no CAP_DAC_READ_SEARCH on old kernels
+                finally:
+                    os.close(fd)
+        tmp = os.path.join(self._tmp, secrets.token_hex(12))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            _retry_in_new_folder(final, lambda: os.link(tmp, final, follow_symlinks=False))
+        finally:
+            os.unlink(tmp)
+        return True
 
     async def get(self, key: str) -> bytes:
         return await self._run(self.get_sync, key)

@@ -312,7 +312,23 @@ def check(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
 
 def mount(args: argparse.Namespace, make_config: ConfigMaker) -> int:
-    raise NotFound("mount is not available yet")
+    from rekkordfs.mount import MountOptions, check_mountpoint, daemonize, parse_size, run_foreground
+
+    if len(args.args) > 2:
+        raise UsageError("mount takes [ID|CHANNEL[:path]] MNT")
+    spec = args.args[0] if len(args.args) == 2 else None
+    config = make_config(args)
+    keys = _load_keys(config)
+    config.require_location()
+    options = MountOptions(mountpoint=check_mountpoint(args.args[-1]), spec=spec, foreground=args.foreground,
+                           channels=args.channel or [], debug=args.debug)
+    if args.cache_size:
+        options.cache_size = parse_size(args.cache_size)
+    if spec is not None:
+        keys.require(Capability.READ)
+    if args.foreground:
+        return run_foreground(config, keys, options)
+    return daemonize(config, keys, options)
 
 
 def commit(args: argparse.Namespace, make_config: ConfigMaker) -> int:

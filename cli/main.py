@@ -10,7 +10,7 @@ from typing import Callable, NoReturn, Sequence
 import trio
 
 from rekkordfs.config import Config, load_config
-from rekkordfs.errors import RekkordError, UsageError
+from rekkordfs.errors import UsageError, find_user_error
 
 from . import commands
 
@@ -106,17 +106,6 @@ def make_config(args: argparse.Namespace) -> Config:
     )
 
 
-def _first_user_error(exc: BaseException) -> RekkordError | None:
-    if isinstance(exc, RekkordError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_user_error(inner)
-            if found is not None:
-                return found
-    return None
-
-
 def _first_of(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
     if isinstance(exc, kind):
         return exc
@@ -143,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _report(exc: BaseException) -> int:
     if isinstance(exc, SystemExit):
         return int(exc.code or 0)
-    user = _first_user_error(exc)
+    user = find_user_error(exc)
     if user is not None:
         print(f"rekkord: error: {user.message}", file=sys.stderr)
         return user.exit_code

@@ -57,3 +57,15 @@ class RestoreError(RekkordError):
 
 class NotFound(RekkordError):
     """No snapshot, channel or path matches what the user asked for."""
+
+
+def find_user_error(exc: BaseException) -> RekkordError | None:
+    """The first RekkordError in exc or, for exception groups, inside it."""
+    if isinstance(exc, RekkordError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = find_user_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -20,6 +20,9 @@ class Storage(ABC):
     #: S3 If-None-Match, SFTP rename without replace). When False, the
     #: repository lists existing blobs and skips them instead.
     conditional_writes: bool = True
+    #: False for backends where reading is as cheap as a local disk cache
+    #: (the mount then keeps no on-disk copy of fetched blobs).
+    remote: bool = True
 
     @property
     @abstractmethod

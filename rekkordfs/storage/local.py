@@ -66,6 +66,7 @@ def _retry_in_new_folder(final: str, link: Callable[[], None]) -> None:
 
 class LocalStorage(Storage):
     conditional_writes = True
+    remote = False
 
     def __init__(self, root: str, threads: int = 4) -> None:
         self.root = os.path.abspath(root)

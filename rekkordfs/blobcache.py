@@ -1,0 +1,240 @@
+"""Caching reads of blobs for the mount: memory, then disk, then the backend.
+
+- decrypted chunks in an in-memory LRU bounded in bytes;
+- decoded directory records in an LRU bounded in entries;
+- for remote backends, the raw (still encrypted) blobs on local disk: chunks
+  in a folder bounded in bytes (oldest evicted first), directory and snapshot
+  records in another folder kept whole, so a second mount of the same
+  repository lists trees without network round trips.
+
+Whatever comes from disk is verified exactly like what comes from the backend
+(authenticated decryption and a check of the content against its ID).
+Concurrent requests for one blob share a single fetch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Awaitable, Callable, TypeVar
+
+import lru
+import trio
+
+from .errors import ObjectMissing
+from .format import BlobKind, Entry, decode_directory
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_MEMORY_BYTES = 64 << 20
+DEFAULT_DIRECTORY_ENTRIES = 500_000
+DEFAULT_DISK_BYTES = 2 << 30
+
+
+class _ByteLRU:
+    """An LRU of bytes-like values bounded by their total size."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._items: lru.LRU = lru.LRU(1 << 30)
+
+    def get(self, key: bytes):
+        return self._items.get(key)
+
+    def put(self, key: bytes, value: bytes | bytearray) -> None:
+        if len(value) > self.limit:
+            return
+        old = self._items.get(key)
+        if old is not None:
+            self.used -= len(old)
+        self._items[key] = value
+        self.used += len(value)
+        while self.used > self.limit:
+            _, evicted = self._items.popitem()  # least recently used
+            self.used -= len(evicted)
+
+
+class _DirectoryLRU:
+    """Decoded directories bounded by their total number of entries."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._items: lru.LRU = lru.LRU(1 << 30)
+
+    def get(self, key: bytes) -> "DirectoryListing | None":
+        return self._items.get(key)
+
+    def put(self, key: bytes, value: "DirectoryListing") -> None:
+        self._items[key] = value
+        self.used += len(value.entries) + 1
+        while self.used > self.limit and len(self._items) > 1:
+            _, evicted = self._items.popitem()
+            self.used -= len(evicted.entries) + 1
+
+
+class DirectoryListing:
+    """A decoded directory with a name index (built once, shared by readers)."""
+
+    __slots__ = ("entries", "by_name")
+
+    def __init__(self, entries: list[Entry]) -> None:
+        self.entries = entries
+        self.by_name = {e.name: e for e in entries}
+
+
+class DiskCache:
+    """Raw blobs on local disk; chunks bounded in bytes, metadata kept."""
+
+    def __init__(self, folder: Path, limit: int) -> None:
+        self.folder = folder
+        self.limit = limit
+        self._chunks = folder / "chunks"
+        self._meta = folder / "meta"
+        self._tmp = folder / "tmp"
+        for path in (self._chunks, self._meta, self._tmp):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # size and last use of each cached chunk, oldest first (dict keeps order)
+        self._sizes: dict[str, int] = {}
+        items = []
+        for item in os.scandir(self._chunks):
+            st = item.stat()
+            items.append((st.st_mtime_ns, item.name, st.st_size))
+        for _, name, size in sorted(items):
+            self._sizes[name] = size
+        self.used = sum(self._sizes.values())
+
+    def _path(self, kind: BlobKind, blob_id: bytes) -> Path:
+        return (self._chunks if kind == BlobKind.CHUNK else self._meta) / blob_id.hex()
+
+    def load(self, kind: BlobKind, blob_id: bytes) -> bytes | None:
+        path = self._path(kind, blob_id)
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read()
+        except FileNotFoundError:
+            return None
+        if kind == BlobKind.CHUNK:
+            name = blob_id.hex()
+            if name in self._sizes:  # move to the young end
+                self._sizes[name] = self._sizes.pop(name)
+        return data
+
+    def store(self, kind: BlobKind, blob_id: bytes, raw: bytes) -> None:
+        path = self._path(kind, blob_id)
+        tmp = self._tmp / secrets.token_hex(8)
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(raw)
+            os.replace(tmp, path)
+        except OSError as exc:  # a full cache disk must not break reads
+            log.warning("cannot write blob cache %s: %s", path, exc.strerror)
+            tmp.unlink(missing_ok=True)
+            return
+        if kind != BlobKind.CHUNK:
+            return
+        name = blob_id.hex()
+        self.used += len(raw) - self._sizes.pop(name, 0)
+        self._sizes[name] = len(raw)
+        while self.used > self.limit and self._sizes:
+            oldest = next(iter(self._sizes))
+            self.used -= self._sizes.pop(oldest)
+            (self._chunks / oldest).unlink(missing_ok=True)
+
+    def drop(self, kind: BlobKind, blob_id: bytes) -> None:
+        self._path(kind, blob_id).unlink(missing_ok=True)
+        size = self._sizes.pop(blob_id.hex(), None) if kind == BlobKind.CHUNK else None
+        if size:
+            self.used -= size
+
+
+class BlobCache:
+    def __init__(self, repo: Repository, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 directory_entries: int = DEFAULT_DIRECTORY_ENTRIES, disk: DiskCache | None = None) -> None:
+        self.repo = repo
+        self.disk = disk
+        self._chunks = _ByteLRU(memory_bytes)
+        self._dirs = _DirectoryLRU(directory_entries)
+        self._inflight: dict[tuple[BlobKind, bytes], trio.Event] = {}
+        self._zero_ids: dict[int, bytes] = {}
+
+    async def _shared(self, key: tuple[BlobKind, bytes], cached: Callable[[], T | None],
+                      fetch: Callable[[], Awaitable[T]]) -> T:
+        """Return cached(); else one fetch() per blob however many ask at once.
+
+        A waiter whose shared fetch failed (or whose result was already evicted)
+        fetches again itself, so it gets the value or its own error.
+        """
+        while True:
+            value = cached()
+            if value is not None:
+                return value
+            pending = self._inflight.get(key)
+            if pending is None:
+                break
+            await pending.wait()
+            value = cached()
+            if value is not None:
+                return value
+            if key not in self._inflight:
+                break
+        event = self._inflight[key] = trio.Event()
+        try:
+            return await fetch()
+        finally:
+            del self._inflight[key]
+            event.set()
+
+    async def _raw(self, kind: BlobKind, blob_id: bytes) -> bytes:
+        if self.disk is not None:
+            raw = await trio.to_thread.run_sync(self.disk.load, kind, blob_id)
+            if raw is not None:
+                return raw
+        raw = await self.repo.read_raw(blob_id)
+        if self.disk is not None:
+            await trio.to_thread.run_sync(self.disk.store, kind, blob_id, raw)
+        return raw
+
+    async def _open(self, kind: BlobKind, blob_id: bytes) -> bytes | bytearray:
+        try:
+            raw = await self._raw(kind, blob_id)
+        except ObjectMissing:
+            raise ObjectMissing(f"blob {blob_id.hex()} is missing from the repository") from None
+        try:
+            return await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, raw)
+        except Exception:
+            if self.disk is not None:
+                self.disk.drop(kind, blob_id)  # never keep serving a bad copy
+            raise
+
+    def zero_id(self, size: int) -> bytes:
+        zero = self._zero_ids.get(size)
+        if zero is None:
+            zero = self._zero_ids[size] = self.repo.codec.blob_id(BlobKind.CHUNK, bytes(size))
+        return zero
+
+    async def chunk(self, blob_id: bytes, size: int) -> bytes | bytearray:
+        """A decrypted, verified chunk; all-zero chunks never touch the backend."""
+        if blob_id == self.zero_id(size):
+            return bytes(size)
+
+        async def fetch() -> bytes | bytearray:
+            data = await self._open(BlobKind.CHUNK, blob_id)
+            self._chunks.put(blob_id, data)
+            return data
+
+        return await self._shared((BlobKind.CHUNK, blob_id), lambda: self._chunks.get(blob_id), fetch)
+
+    async def directory(self, dir_id: bytes) -> DirectoryListing:
+        async def fetch() -> DirectoryListing:
+            raw = await self._open(BlobKind.DIRECTORY, dir_id)
+            listing = DirectoryListing(await self.repo.run_cpu(decode_directory, raw))
+            self._dirs.put(dir_id, listing)
+            return listing
+
+        return await self._shared((BlobKind.DIRECTORY, dir_id), lambda: self._dirs.get(dir_id), fetch)

@@ -1,0 +1,486 @@
+"""A pure view of a repository's snapshots as a directory tree (no FUSE here).
+
+Layout (the mount contract, docs/mount.md):
+
+    /channels/<channel>/<YYYY-MM-DD_HH-MM-SS>/...   one directory per snapshot (UTC)
+    /channels/<channel>/latest -> <YYYY-MM-DD_HH-MM-SS>
+    /ids/<snapshot id>/...
+
+Inode numbers are derived from what a node is (snapshot ID and path, or
+hardlink group), so they are stable for the life of the mount (and across
+mounts) without keeping a table of everything ever visited: the table holds only
+nodes the kernel currently knows (lookup count > 0). Hardlinks of one snapshot
+share an inode. Errors are raised as OSError with an errno; the FUSE adapter
+turns them into replies.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+import errno
+import hashlib
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import trio
+
+from .blobcache import BlobCache, DirectoryListing
+from .errors import RekkordError
+from .format import ChunkRef, Entry, EntryKind, Tag
+from .fsmeta import FILE_TYPE_BITS
+from .keys import Capability
+from .repository import Repository
+
+log = logging.getLogger(__name__)
+
+ROOT_INO = 1
+CHANNELS_INO = 2
+IDS_INO = 3
+STAGING_INO = 4
+FIRST_DYNAMIC_INO = 1 << 20
+IO_BLOCK_SIZE = 1 << 20
+PREFETCH_CHUNKS = 8
+LATEST = b"latest"
+
+
+class NodeKind(enum.Enum):
+    VIRTUAL_DIR = 1  # root, channels/, ids/, channels/<channel>/
+    LATEST = 2  # channels/<channel>/latest
+    SNAPSHOT_ROOT = 3
+    TREE = 4  # anything inside a snapshot
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int  # with file type bits
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    rdev: int = 0
+    immutable: bool = True  # kernel may cache it for long
+
+    @property
+    def blocks(self) -> int:
+        return (self.size + 511) // 512 if stat.S_ISREG(self.mode) else 0
+
+
+class Node:
+    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent")
+
+    def __init__(self, ino: int, kind: NodeKind, attr: Attr, snapshot: bytes | None = None, path: bytes = b"",
+                 entry: Entry | None = None, channel: str | None = None, permanent: bool = False) -> None:
+        self.ino = ino
+        self.kind = kind
+        self.attr = attr
+        self.snapshot = snapshot
+        self.path = path
+        self.entry = entry
+        self.channel = channel
+        self.lookups = 0
+        self.permanent = permanent
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.attr.mode)
+
+    @property
+    def dir_id(self) -> bytes | None:
+        return self.entry.dir_id if self.entry is not None else None
+
+
+def derive_ino(*parts: bytes) -> int:
+    digest = hashlib.blake2b(b"\0".join(parts), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 2) | FIRST_DYNAMIC_INO
+
+
+def snapshot_dir_name(time_ns: int) -> str:
+    return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
+
+
+def _fuse_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class FileReader:
+    """An open snapshot file: chunk offsets for bisecting, and read-ahead state."""
+
+    __slots__ = ("node", "chunks", "offsets", "size", "next_offset", "prefetched")
+
+    def __init__(self, node: Node) -> None:
+        assert node.entry is not None
+        self.node = node
+        self.chunks: list[ChunkRef] = node.entry.chunks
+        self.offsets: list[int] = []
+        total = 0
+        for chunk in self.chunks:
+            self.offsets.append(total)
+            total += chunk.size
+        self.size = total
+        self.next_offset = 0
+        self.prefetched = 0  # chunks below this index were already scheduled
+
+
+class SnapshotView:
+    """Every snapshot of a repository, or one snapshot subtree, as nodes."""
+
+    def __init__(self, repo: Repository, blobs: BlobCache, refresh_interval: float = 10.0,
+                 channels: set[str] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.repo = repo
+        self.blobs = blobs
+        self.refresh_interval = refresh_interval
+        self.channel_filter = channels
+        self.clock = clock
+        self.can_read = repo.keys.can(Capability.READ)
+        self.nodes: dict[int, Node] = {}
+        self.extra_root: dict[bytes, Callable[[], Node]] = {}  # e.g. staging/
+        self._tags: list[Tag] = []
+        self._channels: dict[str, list[tuple[str, Tag]]] = {}
+        self._ids: dict[str, Tag] = {}
+        self._refreshed_at: float | None = None
+        self._root_ids: dict[bytes, bytes] = {}  # snapshot ID -> root directory ID
+        self._refresh_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self.started_ns = time.time_ns()
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self._add_permanent(ROOT_INO)
+        self._add_permanent(CHANNELS_INO)
+        self._add_permanent(IDS_INO)
+
+    def _virtual_attr(self, ino: int, mode: int = stat.S_IFDIR | 0o755, time_ns: int | None = None) -> Attr:
+        moment = self.started_ns if time_ns is None else time_ns
+        return Attr(ino, mode, 2 if stat.S_ISDIR(mode) else 1, self.uid, self.gid, 0, moment, moment, moment,
+                    immutable=False)
+
+    def _add_permanent(self, ino: int) -> Node:
+        node = Node(ino, NodeKind.VIRTUAL_DIR, self._virtual_attr(ino), permanent=True)
+        self.nodes[ino] = node
+        return node
+
+    def use_subtree(self, tag: Tag, entry: Entry) -> None:
+        """Make the root a snapshot directory (`rekkord mount ID[:path] MNT`)."""
+        attr = self._tree_attr(ROOT_INO, entry)
+        self.nodes = {ROOT_INO: Node(ROOT_INO, NodeKind.TREE, attr, tag.snapshot_id, b"", entry, permanent=True)}
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Background work (read-ahead) runs in this nursery."""
+        self._nursery = nursery
+
+    # --- snapshot list -----------------------------------------------------------
+
+    async def refresh(self, force: bool = False) -> None:
+        """Re-list snapshots if the last listing is older than the interval."""
+        async with self._refresh_lock:
+            now = self.clock()
+            if not force and self._refreshed_at is not None and now - self._refreshed_at < self.refresh_interval:
+                return
+            tags: list[Tag] = []
+            if self.repo.keys.can(Capability.LIST):
+                tags = await self.repo.list_tags(warn=log.warning)
+            if self.channel_filter:
+                tags = [t for t in tags if t.channel in self.channel_filter]
+            channels: dict[str, list[tuple[str, Tag]]] = {}
+            for tag in tags:  # oldest first: same-second names get _2, _3...
+                names = channels.setdefault(tag.channel, [])
+                base = snapshot_dir_name(tag.time_ns)
+                name, counter = base, 1
+                while any(n == name for n, _ in names):
+                    counter += 1
+                    name = f"{base}_{counter}"
+                names.append((name, tag))
+            self._tags = tags
+            self._channels = channels
+            self._ids = {t.id_hex: t for t in tags}
+            self._refreshed_at = now
+
+    def channel_names(self) -> list[str]:
+        return sorted(self._channels)
+
+    def latest(self, channel: str) -> str | None:
+        names = self._channels.get(channel)
+        return names[-1][0] if names else None
+
+    # --- node construction -----------------------------------------------------
+
+    def _channel_node(self, channel: str) -> Node:
+        ino = derive_ino(b"channel", channel.encode())
+        latest = self._channels[channel][-1][1].time_ns
+        return self.nodes.get(ino) or Node(ino, NodeKind.VIRTUAL_DIR, self._virtual_attr(ino, time_ns=latest),
+                                            channel=channel)
+
+    def _latest_node(self, channel: str) -> Node:
+        ino = derive_ino(b"latest", channel.encode())
+        target = (self.latest(channel) or "").encode()
+        node = self.nodes.get(ino)
+        if node is None:
+            node = Node(ino, NodeKind.LATEST, self._virtual_attr(ino, stat.S_IFLNK | 0o777), channel=channel)
+        node.attr.size = len(target)
+        return node
+
+    def _snapshot_node(self, tag: Tag) -> Node:
+        ino = derive_ino(tag.snapshot_id, b"/")
+        node = self.nodes.get(ino)
+        if node is None:
+            mode = stat.S_IFDIR | (0o755 if self.can_read else 0o000)
+            attr = Attr(ino, mode, 2, self.uid, self.gid, 0, tag.time_ns, tag.time_ns, tag.time_ns)
+            node = Node(ino, NodeKind.SNAPSHOT_ROOT, attr, tag.snapshot_id, b"")
+        return node
+
+    def _tree_attr(self, ino: int, entry: Entry) -> Attr:
+        nlink = entry.nlink if entry.link_id else (2 if entry.kind == EntryKind.DIRECTORY else 1)
+        size = entry.size if entry.kind in (EntryKind.FILE, EntryKind.SYMLINK) else 0
+        return Attr(ino, FILE_TYPE_BITS[entry.kind] | entry.mode, max(nlink, 1), entry.uid, entry.gid, size,
+                    entry.atime_ns, entry.mtime_ns, entry.ctime_ns, entry.rdev)
+
+    def _tree_node(self, parent: Node, entry: Entry) -> Node:
+        assert parent.snapshot is not None
+        path = parent.path + b"/" + entry.name
+        if entry.link_id:
+            ino = derive_ino(parent.snapshot, b"link", str(entry.link_id).encode())
+        else:
+            ino = derive_ino(parent.snapshot, path)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = Node(ino, NodeKind.TREE, self._tree_attr(ino, entry), parent.snapshot, path, entry)
+        return node
+
+    # --- lookup counting ---------------------------------------------------------
+
+    def remember(self, node: Node) -> Node:
+        """The kernel now holds one more reference to node."""
+        known = self.nodes.setdefault(node.ino, node)
+        known.lookups += 1
+        return known
+
+    def forget(self, ino: int, count: int) -> None:
+        node = self.nodes.get(ino)
+        if node is None:
+            return
+        node.lookups -= count
+        if node.lookups <= 0 and not node.permanent:
+            del self.nodes[ino]
+
+    def node(self, ino: int) -> Node:
+        node = self.nodes.get(ino)
+        if node is None:
+            raise _fuse_error(errno.ENOENT)
+        return node
+
+    # --- directory operations ----------------------------------------------------
+
+    async def _listing(self, node: Node) -> DirectoryListing:
+        if not self.can_read:
+            raise _fuse_error(errno.EACCES)
+        dir_id = node.dir_id
+        if node.kind == NodeKind.SNAPSHOT_ROOT:
+            assert node.snapshot is not None
+            dir_id = await self._snapshot_root_dir(node.snapshot)
+        assert dir_id is not None
+        try:
+            return await self.blobs.directory(dir_id)
+        except RekkordError as exc:
+            log.error("cannot list '%s' in snapshot %s: %s", os.fsdecode(node.path or b"/"),
+                      (node.snapshot or b"").hex(), exc.message)
+            raise _fuse_error(errno.EIO) from None
+
+    async def _snapshot_root_dir(self, snapshot_id: bytes) -> bytes:
+        root = self._root_ids.get(snapshot_id)
+        if root is None:
+            try:
+                snapshot = await self.repo.load_snapshot(snapshot_id)
+            except RekkordError as exc:
+                log.error("cannot open snapshot %s: %s", snapshot_id.hex(), exc.message)
+                raise _fuse_error(errno.EIO) from None
+            root = self._root_ids[snapshot_id] = snapshot.root_id
+        return root
+
+    async def children(self, parent_ino: int) -> list[tuple[bytes, Node]]:
+        """Every entry of a directory, in a stable order, as (name, node)."""
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise _fuse_error(errno.ENOTDIR)
+        if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
+            listing = await self._listing(parent)
+            return [(e.name, self._tree_node(parent, e)) for e in listing.entries]
+        await self.refresh()
+        if parent.ino == ROOT_INO:
+            items = [(b"channels", self.nodes[CHANNELS_INO]), (b"ids", self.nodes[IDS_INO])]
+            items += [(name, make()) for name, make in sorted(self.extra_root.items())]
+            return items
+        if parent.ino == CHANNELS_INO:
+            return [(c.encode(), self._channel_node(c)) for c in self.channel_names()]
+        if parent.ino == IDS_INO:
+            return [(t.id_hex.encode(), self._snapshot_node(t)) for t in self._tags]
+        channel = parent.channel
+        assert channel is not None
+        names = self._channels.get(channel, [])
+        items = [(n.encode(), self._snapshot_node(t)) for n, t in names]
+        if names:
+            items.append((LATEST, self._latest_node(channel)))
+        return items
+
+    async def lookup(self, parent_ino: int, name: bytes) -> Node:
+        """The child called name, remembered (its lookup count incremented)."""
+        parent = self.node(parent_ino)
+        if not parent.is_dir:
+            raise _fuse_error(errno.ENOTDIR)
+        if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
+            entry = (await self._listing(parent)).by_name.get(name)
+            if entry is None:
+                raise _fuse_error(errno.ENOENT)
+            return self.remember(self._tree_node(parent, entry))
+        found = await self._virtual_child(parent, name)
+        if found is None:
+            # a snapshot written since the last listing (another machine, a commit)
+            await self.refresh(force=self._refresh_due())
+            found = await self._virtual_child(parent, name)
+        if found is None:
+            raise _fuse_error(errno.ENOENT)
+        return self.remember(found)
+
+    def _refresh_due(self) -> bool:
+        # Unknown names must not turn every failed lookup into a LIST request.
+        return self._refreshed_at is None or self.clock() - self._refreshed_at >= 1.0
+
+    async def _virtual_child(self, parent: Node, name: bytes) -> Node | None:
+        await self.refresh()
+        if parent.ino == ROOT_INO:
+            if name == b"channels":
+                return self.nodes[CHANNELS_INO]
+            if name == b"ids":
+                return self.nodes[IDS_INO]
+            make = self.extra_root.get(name)
+            return make() if make else None
+        text = os.fsdecode(name)
+        if parent.ino == CHANNELS_INO:
+            return self._channel_node(text) if text in self._channels else None
+        if parent.ino == IDS_INO:
+            tag = self._ids.get(text)
+            return self._snapshot_node(tag) if tag else None
+        channel = parent.channel
+        if channel is None or channel not in self._channels:
+            return None
+        if name == LATEST:
+            return self._latest_node(channel)
+        for snap_name, tag in self._channels[channel]:
+            if snap_name == text:
+                return self._snapshot_node(tag)
+        return None
+
+    async def getattr(self, ino: int) -> Attr:
+        node = self.node(ino)
+        if node.kind == NodeKind.LATEST:
+            self._latest_node(node.channel or "")  # refresh its size
+        return node.attr
+
+    async def readlink(self, ino: int) -> bytes:
+        node = self.node(ino)
+        if node.kind == NodeKind.LATEST:
+            await self.refresh()
+            return (self.latest(node.channel or "") or "").encode()
+        if node.entry is None or node.entry.kind != EntryKind.SYMLINK:
+            raise _fuse_error(errno.EINVAL)
+        if not self.can_read:
+            raise _fuse_error(errno.EACCES)
+        return node.entry.target or b""
+
+    def check_readable(self, ino: int) -> Node:
+        """For opendir: a LogOnly key sees snapshot names but nothing inside."""
+        node = self.node(ino)
+        if node.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE) and not self.can_read:
+            raise _fuse_error(errno.EACCES)
+        return node
+
+    # --- extended attributes -------------------------------------------------------
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self.node(ino)
+        return [name for name, _ in node.entry.xattrs] if node.entry is not None else []
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self.node(ino)
+        if node.entry is not None:
+            for xname, value in node.entry.xattrs:
+                if xname == name:
+                    return value
+        raise _fuse_error(errno.ENODATA)
+
+    # --- files ---------------------------------------------------------------------
+
+    def open(self, ino: int) -> FileReader:
+        node = self.node(ino)
+        if node.entry is None or node.entry.kind != EntryKind.FILE:
+            raise _fuse_error(errno.EISDIR if node.is_dir else errno.EINVAL)
+        if not self.can_read:
+            raise _fuse_error(errno.EACCES)
+        try:
+            return FileReader(node)
+        except RekkordError as exc:
+            log.error("cannot open '%s': %s", os.fsdecode(node.path), exc.message)
+            raise _fuse_error(errno.EIO) from None
+
+    async def read(self, reader: FileReader, offset: int, size: int) -> bytes:
+        if offset >= reader.size or size <= 0:
+            return b""
+        end = min(offset + size, reader.size)
+        index = bisect.bisect_right(reader.offsets, offset) - 1
+        if offset == reader.next_offset:
+            self._read_ahead(reader, index)
+        parts = []
+        position = offset
+        while position < end:
+            chunk = reader.chunks[index]
+            data = await self._chunk(reader, chunk)
+            start = position - reader.offsets[index]
+            stop = min(chunk.size, end - reader.offsets[index])
+            parts.append(memoryview(data)[start:stop])
+            position = reader.offsets[index] + stop
+            index += 1
+        reader.next_offset = end
+        return b"".join(parts)
+
+    async def _chunk(self, reader: FileReader, chunk: ChunkRef) -> bytes | bytearray:
+        try:
+            data = await self.blobs.chunk(chunk.id, chunk.size)
+        except RekkordError as exc:
+            log.error("cannot read '%s' in snapshot %s: %s", os.fsdecode(reader.node.path),
+                      (reader.node.snapshot or b"").hex(), exc.message)
+            raise _fuse_error(errno.EIO) from None
+        if len(data) != chunk.size:
+            log.error("cannot read '%s': chunk %s has the wrong size", os.fsdecode(reader.node.path), chunk.id.hex())
+            raise _fuse_error(errno.EIO)
+        return data
+
+    def _read_ahead(self, reader: FileReader, index: int) -> None:
+        """Sequential reader: fetch the next chunks in the background."""
+        if self._nursery is None:
+            return
+        first = max(index + 1, reader.prefetched)
+        last = min(len(reader.chunks), index + 1 + PREFETCH_CHUNKS)
+        for i in range(first, last):
+            self._nursery.start_soon(self._prefetch, reader.chunks[i])
+        reader.prefetched = max(reader.prefetched, last)
+
+    async def _prefetch(self, chunk: ChunkRef) -> None:
+        try:
+            await self.blobs.chunk(chunk.id, chunk.size)
+        except RekkordError:
+            pass  # the real read reports it
+
+    # --- filesystem ----------------------------------------------------------------
+
+    def statfs(self) -> dict[str, int]:
+        total = sum(t.size for t in self._tags)
+        blocks = (total + IO_BLOCK_SIZE - 1) // IO_BLOCK_SIZE
+        return {"f_bsize": IO_BLOCK_SIZE, "f_frsize": IO_BLOCK_SIZE, "f_blocks": blocks, "f_bfree": 0,
+                "f_bavail": 0, "f_files": len(self.nodes), "f_ffree": 0, "f_favail": 0, "f_namemax": 255}

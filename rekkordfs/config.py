@@ -136,6 +136,20 @@ _PATH_STYLE_REGION: list[tuple[re.Pattern[str], str | None]] = [
 ]
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,254}$", re.IGNORECASE)
+# user:password@ right after the scheme (or after "s3:"): redacted in messages.
+_USERINFO_RE = re.compile(r"(://|^s3:)([^/@]*?):([^/@]*)@", re.IGNORECASE)
+
+
+def _redact(url: str) -> str:
+    """The URL as shown in messages: a password in it is replaced by ***."""
+    return _USERINFO_RE.sub(lambda m: f"{m.group(1)}{m.group(2)}:***@", url, count=1)
+
+
+def _check_port(port: int | None, shown: str) -> None:
+    if port is not None and not 0 < port < 65536:
+        raise ConfigError(f"malformed repository URL '{shown}': bad port")
+
+
 _SCP_RE = re.compile(r"^(?:(?P<user>[^@/:]+)@)?(?P<host>[^@/:\[\]]+|\[[0-9a-fA-F:]+\]):(?P<path>.*)$")
 
 
@@ -144,32 +158,44 @@ def parse_url(url: str) -> Location:
     url = url.strip()
     if not url:
         raise ConfigError("repository URL is empty")
+    shown = _redact(url)
     lowered = url.lower()
     if lowered.startswith("s3:"):
         rest = url[3:]
         if rest.startswith("//"):
             rest = rest[2:]
+        if "://" in rest and not re.match(r"^https?://", rest, re.IGNORECASE):
+            scheme = rest.split("://", 1)[0]
+            raise ConfigError(f"malformed repository URL '{shown}': unsupported scheme '{scheme}' after 's3:'")
         if not re.match(r"^https?://", rest, re.IGNORECASE):
             rest = "https://" + rest
-        return _parse_s3(rest, url)
+        return _parse_s3(rest, shown)
     if lowered.startswith(("http://", "https://")):
-        return _parse_s3(url, url)
+        return _parse_s3(url, shown)
     if lowered.startswith(("ssh://", "sftp://")):
-        return _parse_ssh_url(url)
+        return _parse_ssh_url(url, shown)
     if lowered.startswith("file://"):
-        path = unquote(urlsplit(url).path)
+        parts = urlsplit(url)
+        if parts.netloc and parts.netloc.lower() != "localhost":
+            raise ConfigError(
+                f"malformed repository URL '{shown}': file:// URLs name a local path "
+                f"(file:///path), not host '{parts.netloc}'"
+            )
+        if parts.query or parts.fragment:
+            raise ConfigError(f"malformed repository URL '{shown}': unexpected query or fragment")
+        path = unquote(parts.path)
         if not path:
-            raise ConfigError(f"malformed repository URL '{url}': file:// URL without a path")
+            raise ConfigError(f"malformed repository URL '{shown}': file:// URL without a path")
         return LocalLocation(path)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise ConfigError(f"malformed repository URL '{url}': unsupported scheme '{scheme}'")
+        raise ConfigError(f"malformed repository URL '{shown}': unsupported scheme '{scheme}'")
     # scp-like user@host:/path; a local path never has ':' before its first '/'
     head = url.split("/", 1)[0]
     if ":" in head and not re.match(r"^[A-Za-z]:$", head):
         match = _SCP_RE.match(url)
         if not match or not match.group("path"):
-            raise ConfigError(f"malformed repository URL '{url}': expected user@host:/path")
+            raise ConfigError(f"malformed repository URL '{shown}': expected user@host:/path")
         host = match.group("host").strip("[]")
         return SFTPLocation(match.group("user"), host, None, match.group("path"))
     return LocalLocation(url)
@@ -185,12 +211,15 @@ def _parse_s3(url: str, original: str) -> S3Location:
         port = parts.port
     except ValueError:
         raise ConfigError(f"malformed repository URL '{original}': bad port") from None
+    _check_port(port, original)
     if parts.query or parts.fragment:
         raise ConfigError(f"malformed repository URL '{original}': unexpected query or fragment")
-    if parts.username or parts.password:
+    if parts.username is not None or parts.password is not None:
         raise ConfigError(
             f"malformed repository URL '{original}': put S3 credentials in the [S3] section, not the URL"
         )
+    if ":" in host:  # IPv6 literal: keep its brackets in the endpoint
+        host = f"[{host}]"
     netloc = f"{host}:{port}" if port else host
     segments = [unquote(s) for s in parts.path.split("/") if s]
 
@@ -217,17 +246,22 @@ def _parse_s3(url: str, original: str) -> S3Location:
     return S3Location(f"{scheme}://{netloc}", bucket, "/".join(segments[1:]), region, path_style=True)
 
 
-def _parse_ssh_url(url: str) -> SFTPLocation:
+def _parse_ssh_url(url: str, shown: str) -> SFTPLocation:
     parts = urlsplit(url)
     host = parts.hostname
     if not host:
-        raise ConfigError(f"malformed repository URL '{url}': no host")
+        raise ConfigError(f"malformed repository URL '{shown}': no host")
     try:
         port = parts.port
     except ValueError:
-        raise ConfigError(f"malformed repository URL '{url}': bad port") from None
-    if parts.password:
-        raise ConfigError(f"malformed repository URL '{url}': put the password in the [SFTP] section, not the URL")
+        raise ConfigError(f"malformed repository URL '{shown}': bad port") from None
+    _check_port(port, shown)
+    if parts.password is not None:
+        raise ConfigError(f"malformed repository URL '{shown}': put the password in the [SFTP] section, not the URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(
+            f"malformed repository URL '{shown}': unexpected query or fragment (write '?' and '#' in paths as %3F and %23)"
+        )
     path = unquote(parts.path) or "/"
     if path.startswith("/~/"):
         path = path[3:] or "."  # ssh://host/~/dir means relative to the home directory
@@ -256,9 +290,13 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
         if known is None:
             raise ConfigError(f"config file '{path}': unknown section [{section}]")
         lowered = {k.lower(): k for k in known}
+        seen: set[str] = set()
         for key in parser[section]:
             if key.lower() not in lowered:
                 raise ConfigError(f"config file '{path}': unknown setting '{key}' in [{section}]")
+            if key.lower() in seen:
+                raise ConfigError(f"config file '{path}': setting '{lowered[key.lower()]}' appears twice in [{section}]")
+            seen.add(key.lower())
     return parser
 
 

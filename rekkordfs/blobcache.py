@@ -24,15 +24,26 @@ import lru
 import trio
 
 from .errors import ObjectMissing
-from .format import BlobKind, Entry, decode_directory
+from .format import BlobKind, ChunkRef, Entry, decode_directory
 from .repository import Repository
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-DEFAULT_MEMORY_BYTES = 64 << 20
+DEFAULT_MEMORY_BYTES = 32 << 20
 DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
+
+
+def _evict_oldest(items: lru.LRU):
+    """Remove and return the least recently used value.
+
+    lru-dict 1.4's popitem() keeps a reference to what it returns (a leak of
+    every evicted chunk), so peek at the oldest key and delete it instead.
+    """
+    key, value = items.peek_last_item()
+    del items[key]
+    return value
 
 
 class _ByteLRU:
@@ -55,8 +66,7 @@ class _ByteLRU:
         self._items[key] = value
         self.used += len(value)
         while self.used > self.limit:
-            _, evicted = self._items.popitem()  # least recently used
-            self.used -= len(evicted)
+            self.used -= len(_evict_oldest(self._items))
 
 
 class _DirectoryLRU:
@@ -74,8 +84,7 @@ class _DirectoryLRU:
         self._items[key] = value
         self.used += len(value.entries) + 1
         while self.used > self.limit and len(self._items) > 1:
-            _, evicted = self._items.popitem()
-            self.used -= len(evicted.entries) + 1
+            self.used -= len(_evict_oldest(self._items).entries) + 1
 
 
 class DirectoryListing:
@@ -161,7 +170,6 @@ class BlobCache:
         self._chunks = _ByteLRU(memory_bytes)
         self._dirs = _DirectoryLRU(directory_entries)
         self._inflight: dict[tuple[BlobKind, bytes], trio.Event] = {}
-        self._zero_ids: dict[int, bytes] = {}
 
     async def _shared(self, key: tuple[BlobKind, bytes], cached: Callable[[], T | None],
                       fetch: Callable[[], Awaitable[T]]) -> T:
@@ -212,16 +220,11 @@ class BlobCache:
                 self.disk.drop(kind, blob_id)  # never keep serving a bad copy
             raise
 
-    def zero_id(self, size: int) -> bytes:
-        zero = self._zero_ids.get(size)
-        if zero is None:
-            zero = self._zero_ids[size] = self.repo.codec.blob_id(BlobKind.CHUNK, bytes(size))
-        return zero
-
-    async def chunk(self, blob_id: bytes, size: int) -> bytes | bytearray:
+    async def chunk(self, chunk: ChunkRef) -> bytes | bytearray:
         """A decrypted, verified chunk; all-zero chunks never touch the backend."""
-        if blob_id == self.zero_id(size):
-            return bytes(size)
+        if self.repo.is_zero_chunk(chunk):
+            return bytes(chunk.size)
+        blob_id = chunk.id
 
         async def fetch() -> bytes | bytearray:
             data = await self._open(BlobKind.CHUNK, blob_id)

@@ -24,7 +24,7 @@ from . import crypto
 from .cache import LocalCache, repository_cache_dir
 from .codec import BlobCodec, blob_id_from_key, object_key
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RepositoryError
-from .format import BlobKind, Entry, EntryKind, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
+from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
 from .keys import Capability, Keyset
 from .storage.base import Storage
 
@@ -87,6 +87,7 @@ class Repository:
         self.cpu = trio.CapacityLimiter(threads)
         self._known: set[bytes] = set()
         self._cache: LocalCache | None = None
+        self._zero_chunk_id: bytes | None = None
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -174,6 +175,19 @@ class Repository:
             return blob_id, 0
         written = await self.put_packed(blob_id, packed)
         return blob_id, len(packed) if written else 0
+
+    def is_zero_chunk(self, chunk: ChunkRef) -> bool:
+        """A maximum-size chunk of zeros (long zero runs, sparse files): no I/O needed.
+
+        Content-defined chunking cuts long zero runs into maximum-size chunks,
+        so one precomputed ID recognizes nearly all of them.
+        """
+        size = self.config.chunking.max_size
+        if chunk.size != size:
+            return False
+        if self._zero_chunk_id is None:
+            self._zero_chunk_id = self.codec.blob_id(BlobKind.CHUNK, bytes(size))
+        return chunk.id == self._zero_chunk_id
 
     async def read_raw(self, blob_id: bytes) -> bytes:
         return await self.storage.get(object_key(blob_id))

@@ -112,7 +112,6 @@ class RestoreSession:
         self.stats = RestoreStats()
         self.plan = _Plan()
         self._links: dict[int, tuple[bytes, ...]] = {}
-        self._zero_ids: dict[int, bytes] = {}
         self._walk_slots = trio.Semaphore(max(8, repo.threads * 4))
         self._chunk_slots = trio.Semaphore(max(4, repo.threads * 3))
         self.workers = max(8, repo.threads * 4)
@@ -301,12 +300,6 @@ class RestoreSession:
         finally:
             os.close(dir_fd)
 
-    def _zero_id(self, size: int) -> bytes:
-        zero = self._zero_ids.get(size)
-        if zero is None:
-            zero = self._zero_ids[size] = self.repo.codec.blob_id(BlobKind.CHUNK, bytes(size))
-        return zero
-
     async def _write_chunk_slot(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
         try:
             await self._write_chunk(fd, chunk, offset, parts)
@@ -314,7 +307,7 @@ class RestoreSession:
             self._chunk_slots.release()
 
     async def _write_chunk(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
-        if chunk.id == self._zero_id(chunk.size):
+        if self.repo.is_zero_chunk(chunk):
             return  # leave a hole; _finish_file sets the final size
         try:
             data = await self.repo.read_blob(BlobKind.CHUNK, chunk.id)

@@ -451,7 +451,7 @@ class SnapshotView:
 
     async def _chunk(self, reader: FileReader, chunk: ChunkRef) -> bytes | bytearray:
         try:
-            data = await self.blobs.chunk(chunk.id, chunk.size)
+            data = await self.blobs.chunk(chunk)
         except RekkordError as exc:
             log.error("cannot read '%s' in snapshot %s: %s", os.fsdecode(reader.node.path),
                       (reader.node.snapshot or b"").hex(), exc.message)
@@ -473,7 +473,7 @@ class SnapshotView:
 
     async def _prefetch(self, chunk: ChunkRef) -> None:
         try:
-            await self.blobs.chunk(chunk.id, chunk.size)
+            await self.blobs.chunk(chunk)
         except RekkordError:
             pass  # the real read reports it
 

@@ -321,7 +321,7 @@ def mount(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     keys = _load_keys(config)
     config.require_location()
     options = MountOptions(mountpoint=check_mountpoint(args.args[-1]), spec=spec, foreground=args.foreground,
-                           channels=args.channel or [], debug=args.debug)
+                           channels=args.channel or [], refresh_interval=args.refresh, debug=args.debug)
     if args.cache_size:
         options.cache_size = parse_size(args.cache_size)
     if spec is not None:

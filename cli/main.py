@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", action="append", metavar="C", help="only show these channels")
     p.add_argument("--cache-size", metavar="SIZE", default=None, help="on-disk blob cache size (e.g. 2G)")
     p.add_argument("--state-dir", metavar="DIR", default=None, help="where staged data is kept")
+    p.add_argument("--refresh", metavar="SECONDS", type=float, default=10.0,
+                   help="re-list snapshots at most this often (default 10)")
     p.add_argument("--debug", action="store_true", help="log FUSE requests")
 
     p = command("commit", "turn a staging tree of a running mount into a snapshot", commands.commit)
@@ -117,7 +119,17 @@ def _first_of(exc: BaseException, kind: type[BaseException]) -> BaseException | 
     return None
 
 
+def _byte_safe_output() -> None:
+    """File names are bytes: print those that are not valid UTF-8 as their raw
+    bytes (as ls does) instead of failing with UnicodeEncodeError under a
+    strict UTF-8 locale."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:  # stderr already uses backslashreplace
+        reconfigure(errors="surrogateescape")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _byte_safe_output()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

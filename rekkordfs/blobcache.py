@@ -170,6 +170,7 @@ class BlobCache:
         self._chunks = _ByteLRU(memory_bytes)
         self._dirs = _DirectoryLRU(directory_entries)
         self._inflight: dict[tuple[BlobKind, bytes], trio.Event] = {}
+        self._zeros = b""
 
     async def _shared(self, key: tuple[BlobKind, bytes], cached: Callable[[], T | None],
                       fetch: Callable[[], Awaitable[T]]) -> T:
@@ -223,7 +224,9 @@ class BlobCache:
     async def chunk(self, chunk: ChunkRef) -> bytes | bytearray:
         """A decrypted, verified chunk; all-zero chunks never touch the backend."""
         if self.repo.is_zero_chunk(chunk):
-            return bytes(chunk.size)
+            if len(self._zeros) != chunk.size:
+                self._zeros = bytes(chunk.size)  # shared: readers only slice it
+            return self._zeros
         blob_id = chunk.id
 
         async def fetch() -> bytes | bytearray:

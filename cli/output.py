@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import stat
 import sys
 from datetime import datetime, timezone
@@ -34,9 +35,20 @@ def mode_string(kind: EntryKind, mode: int) -> str:
     return stat.filemode(FILE_TYPE_BITS[kind] | mode)
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def print_json(document: Any) -> None:
-    json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
-    sys.stdout.write("\n")
+    """One JSON document, always valid UTF-8.
+
+    File names are bytes; os.fsdecode turns the bytes of a non-UTF-8 name into
+    lone surrogates (U+DC80..U+DCFF), which no UTF-8 encoder accepts. They are
+    written as \\udcXX escapes: valid JSON, and json.loads + os.fsencode give
+    back the original bytes.
+    """
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+    text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    sys.stdout.write(text + "\n")
 
 
 def print_table(rows: Iterable[Iterable[str]], right_align: set[int] = frozenset()) -> None:

@@ -63,3 +63,6 @@ def local_repo(tmp_path: Path, rekkord: Rekkord) -> Rekkord:
     rekkord("init", "-K", str(master))
     rekkord.key_file = str(master)
     return rekkord
+
+
+from tests.servers import backend_repo, seaweedfs_server, sshd_server  # noqa: E402,F401  (S3/SFTP servers, see tests/servers.py)

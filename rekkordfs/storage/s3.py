@@ -1,0 +1,365 @@
+"""Repository in an S3 bucket (any S3-compatible server), over boto3.
+
+boto3 is synchronous: every call runs in a worker thread under this backend's
+own CapacityLimiter, on one shared client (boto3 clients are thread-safe) whose
+connection pool is as large as the limiter. Retries are ours, not botocore's,
+so the backoff sleeps on the trio loop instead of holding a thread.
+
+Writes never overwrite: put() sends `If-None-Match: *`. Whether the host
+honours it is probed at connect/create (see _probe_conditional_writes); where
+it does not, conditional_writes is False and the repository lists existing
+blobs instead, as DESIGN.md describes.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from typing import Any, Callable, TypeVar
+
+import trio
+
+from ..config import S3Location, S3Settings, prompt_secret
+from ..errors import ConfigError, ObjectMissing, StorageError
+from .base import Storage
+
+T = TypeVar("T")
+
+# Object used to learn whether the host refuses overwrites; never deleted, so
+# after the first probe a single refused PUT answers the question.
+PROBE_KEY = "rekkord.probe"
+
+RETRY_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+    "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
+    # A concurrent conditional write is in progress: AWS asks to retry, and the
+    # retry gets 412 if the other writer succeeded (returning False now could
+    # lose the blob if that other writer then failed).
+    "ConditionalRequestConflict",
+}
+# Status codes whose response may lack a body (HEAD): the code is the number.
+BAD_SECRET_CODES = {"SignatureDoesNotMatch", "InvalidSignature"}
+UNKNOWN_KEY_CODES = {"InvalidAccessKeyId", "InvalidClientTokenId", "UnrecognizedClientException"}
+DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
+
+
+class _Retryable(Exception):
+    """A transient failure: sleep and try again (carries the final error)."""
+
+    def __init__(self, error: StorageError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class S3Storage(Storage):
+    def __init__(self, location: S3Location, settings: S3Settings, threads: int = 4, *,
+                 attempts: int = 6, backoff: float = 0.2) -> None:
+        self.location = location
+        self.settings = settings
+        self.region = location.region or settings.region or "us-east-1"
+        self._prefix = f"{location.prefix}/" if location.prefix else ""
+        self._limiter = trio.CapacityLimiter(max(8, threads * 4))
+        self._client: Any = None
+        self._attempts = max(1, attempts)
+        self._backoff = backoff
+        # Some hosts reject the If-None-Match header itself (501): stop sending it.
+        self._send_if_none_match = True
+        self.conditional_writes = True
+
+    @property
+    def description(self) -> str:
+        return self.location.describe()
+
+    # --- setup ---------------------------------------------------------------
+
+    async def connect(self) -> None:
+        if self._client is None:
+            await self._make_client()
+            # The first request tells apart a bad secret, a missing bucket and a
+            # dead endpoint; retry it less, so a typo fails fast.
+            await self._call("list", "", self._list_page_sync, self._prefix, None, 1, attempts=3)
+            await self._probe_conditional_writes()
+
+    async def create(self) -> None:
+        await self._make_client()
+        keys, _ = await self._call("list", "", self._list_page_sync, self._prefix, None, 10, attempts=3)
+        others = [k for k in keys if k not in (self._prefix + "rekkord", self._prefix + PROBE_KEY)]
+        if others:
+            raise StorageError(f"{self.description} is not empty")
+        await self._probe_conditional_writes()
+
+    async def _make_client(self) -> None:
+        if self._client is not None:
+            return
+        key_id = self.settings.key_id
+        if not key_id:
+            raise ConfigError(
+                "S3 key ID is not set: set KeyID in the [S3] section or AWS_ACCESS_KEY_ID"
+            )
+        secret = self.settings.secret_key
+        if not secret:
+            secret = await trio.to_thread.run_sync(prompt_secret, f"S3 secret key for key ID '{key_id}'")
+        self._client = await trio.to_thread.run_sync(self._build_client, key_id, secret)
+
+    def _build_client(self, key_id: str, secret: str) -> Any:
+        import boto3
+        from botocore.config import Config as BotoConfig
+
+        config = BotoConfig(
+            region_name=self.region,
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if self.location.path_style else "virtual"},
+            max_pool_connections=self._limiter.total_tokens,
+            retries={"total_max_attempts": 1},  # ours, see _call
+            connect_timeout=5,
+            read_timeout=60,
+            tcp_keepalive=True,
+            # Blobs authenticate themselves; extra checksums cost CPU and trip
+            # up S3-compatible servers that do not know them.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        return session.client(
+            "s3", endpoint_url=self.location.endpoint, aws_access_key_id=key_id,
+            aws_secret_access_key=secret, config=config,
+        )
+
+    async def _probe_conditional_writes(self) -> None:
+        """Put the probe object twice with If-None-Match: a host that honours it
+        refuses one of the two (the first, when an earlier probe left it)."""
+        try:
+            for _ in range(2):
+                if not await self._put_once(PROBE_KEY, b""):
+                    self.conditional_writes = True
+                    return
+        except StorageError as exc:
+            if "denied" in exc.message:
+                return  # read-only credentials: nothing will be written anyway
+            raise
+        self.conditional_writes = False
+
+    async def aclose(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await trio.to_thread.run_sync(client.close)
+
+    # --- operations ------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | bytearray) -> bool:
+        if not self.conditional_writes and not key.startswith("blobs/"):
+            # Without server-side refusal, at least never replace the identity
+            # or a tag we can see (blobs are skipped by the repository's listing).
+            if await self.exists(key):
+                return False
+        return await self._put_once(key, data)
+
+    async def _put_once(self, key: str, data: bytes | bytearray) -> bool:
+        return await self._call("write", key, self._put_sync, self._prefix + key, data)
+
+    def _put_sync(self, full_key: str, data: bytes | bytearray) -> bool:
+        from botocore.exceptions import ClientError
+
+        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": full_key, "Body": bytes(data)}
+        if self._send_if_none_match:
+            kwargs["IfNoneMatch"] = "*"
+        try:
+            self._client.put_object(**kwargs)
+        except ClientError as exc:
+            code, status = _code_status(exc)
+            if code == "PreconditionFailed" or status == 412:
+                return False
+            if status == 501 and self._send_if_none_match:
+                self._send_if_none_match = False
+                self.conditional_writes = False
+                kwargs.pop("IfNoneMatch")
+                self._client.put_object(**kwargs)
+                return True
+            raise
+        return True
+
+    async def get(self, key: str) -> bytes:
+        return await self._call("read", key, self._get_sync, self._prefix + key)
+
+    def _get_sync(self, full_key: str) -> bytes:
+        response = self._client.get_object(Bucket=self.location.bucket, Key=full_key)
+        with response["Body"] as body:
+            return body.read()
+
+    async def exists(self, key: str) -> bool:
+        return await self._call("check", key, self._exists_sync, self._prefix + key)
+
+    def _exists_sync(self, full_key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.head_object(Bucket=self.location.bucket, Key=full_key)
+        except ClientError as exc:
+            if _code_status(exc)[1] == 404:
+                return False
+            raise
+        return True
+
+    async def list(self, prefix: str) -> list[str]:
+        keys: list[str] = []
+        token: str | None = None
+        skip = len(self._prefix)
+        while True:
+            page, token = await self._call("list", prefix, self._list_page_sync, self._prefix + prefix, token, 1000)
+            keys.extend(k[skip:] for k in page)
+            if token is None:
+                return keys
+
+    def _list_page_sync(self, full_prefix: str, token: str | None, limit: int) -> tuple[list[str], str | None]:
+        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": full_prefix, "MaxKeys": limit}
+        if token:
+            kwargs["ContinuationToken"] = token
+        response = self._client.list_objects_v2(**kwargs)
+        keys = [item["Key"] for item in response.get("Contents", ())]
+        more = response.get("IsTruncated") and response.get("NextContinuationToken")
+        return keys, more or None
+
+    async def delete(self, key: str) -> None:
+        await self._call("delete", key, self._delete_sync, self._prefix + key)
+
+    def _delete_sync(self, full_key: str) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self._client.delete_object(Bucket=self.location.bucket, Key=full_key)
+        except ClientError as exc:
+            if _code_status(exc)[0] != "NoSuchKey":
+                raise
+
+    # flush(): an acknowledged PUT is durable on S3; nothing to do.
+
+    # --- plumbing --------------------------------------------------------------
+
+    async def _call(self, action: str, key: str, fn: Callable[..., T], *args: Any,
+                    attempts: int | None = None) -> T:
+        """Run fn in a thread; retry transient failures with exponential backoff."""
+        if self._client is None:
+            await self._make_client()
+        attempts = attempts or self._attempts
+        delay = self._backoff
+        for attempt in range(1, attempts + 1):
+            try:
+                return await trio.to_thread.run_sync(self._translated, action, key, fn, *args,
+                                                     limiter=self._limiter)
+            except _Retryable as transient:
+                if attempt == attempts:
+                    error = transient.error
+                    raise StorageError(f"{error.message} (gave up after {attempts} attempts)") from None
+            await trio.sleep(delay * (0.75 + random.random() / 2))
+            delay = min(delay * 2, 10.0)
+        raise AssertionError("unreachable")
+
+    def _translated(self, action: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+        """Call fn; turn every failure into a StorageError or _Retryable."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return fn(*args)
+        except ClientError as exc:
+            error, transient = self._client_error(exc, action, key)
+        except (BotoCoreError, OSError) as exc:
+            error, transient = self._transport_error(exc)
+        except Exception as exc:  # urllib3 errors while streaming a body
+            if type(exc).__module__.startswith("urllib3"):
+                error, transient = self._transport_error(exc)
+            else:
+                raise
+        if transient:
+            raise _Retryable(error)
+        raise error
+
+    def _where(self, key: str) -> str:
+        return f"'{self._prefix}{key}' in bucket '{self.location.bucket}'" if key else f"bucket '{self.location.bucket}'"
+
+    def _client_error(self, exc: Any, action: str, key: str) -> tuple[StorageError, bool]:
+        code, status = _code_status(exc)
+        endpoint = self.location.endpoint
+        key_id = self.settings.key_id
+        if code in ("NoSuchKey", "404") and action in ("read", "check"):
+            return ObjectMissing(f"object '{self._prefix}{key}' is missing from {self.description}"), False
+        if code == "NoSuchBucket" or (code == "404" and action == "list"):
+            return StorageError(f"bucket '{self.location.bucket}' does not exist at {endpoint}"), False
+        if code in BAD_SECRET_CODES:
+            return StorageError(
+                f"S3 refused the secret key for key ID '{key_id}' at {endpoint} (signature does not match)"
+            ), False
+        if code in UNKNOWN_KEY_CODES:
+            return StorageError(f"S3 at {endpoint} does not know the access key ID '{key_id}'"), False
+        if code in DENIED_CODES:
+            return StorageError(
+                f"S3 access denied: cannot {action} {self._where(key)} with key ID '{key_id}'"
+            ), False
+        if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
+            return StorageError(
+                f"bucket '{self.location.bucket}' is in another region than '{self.region}' "
+                f"(set Region in the [S3] section)"
+            ), False
+        message = _one_line(exc.response.get("Error", {}).get("Message") or "")
+        detail = f"{code}: {message}" if message and message != code else (code or f"HTTP {status}")
+        transient = code in RETRY_CODES or status == 429 or status >= 500
+        return StorageError(f"S3 could not {action} {self._where(key)}: {detail}"), transient
+
+    def _transport_error(self, exc: BaseException) -> tuple[StorageError, bool]:
+        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
+
+        endpoint = self.location.endpoint
+        if isinstance(exc, SSLError):
+            return StorageError(f"TLS error with S3 endpoint {endpoint}: {_root_cause(exc)}"), False
+        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, TimeoutError, socket.timeout)):
+            return StorageError(f"S3 endpoint {endpoint} timed out"), True
+        cause = _root_cause(exc)
+        if _is_dns_failure(exc):
+            return StorageError(f"cannot resolve the host name of S3 endpoint {endpoint}"), False
+        if "refused" in cause.lower():
+            return StorageError(f"cannot connect to S3 endpoint {endpoint}: connection refused"), True
+        return StorageError(f"lost connection to S3 endpoint {endpoint}: {cause}"), True
+
+
+def _code_status(exc: Any) -> tuple[str, int]:
+    response = getattr(exc, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code") or "")
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return code, status
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception, its causes and botocore's wrapped 'error' keyword."""
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or any(item is s for s in seen):
+            continue
+        seen.append(item)
+        todo += [item.__cause__, item.__context__]
+        wrapped = getattr(item, "kwargs", {}).get("error") if isinstance(getattr(item, "kwargs", None), dict) else None
+        if isinstance(wrapped, BaseException):
+            todo.append(wrapped)
+        reason = getattr(item, "reason", None)
+        if isinstance(reason, BaseException):
+            todo.append(reason)
+    return seen
+
+
+def _is_dns_failure(exc: BaseException) -> bool:
+    for item in _chain(exc):
+        if isinstance(item, socket.gaierror) or type(item).__name__ == "NameResolutionError":
+            return True
+    return False
+
+
+def _root_cause(exc: BaseException) -> str:
+    for item in reversed(_chain(exc)):
+        if isinstance(item, OSError) and item.strerror:
+            return _one_line(item.strerror)
+    text = _one_line(str(exc))
+    return text or type(exc).__name__

@@ -1,0 +1,556 @@
+"""Repository on an SFTP server, over asyncssh.
+
+asyncssh runs on its own asyncio loop in one dedicated thread. Each operation
+is a coroutine submitted to that loop; the trio side waits on an Event set from
+the future's done-callback, so no thread is held per request and many requests
+are in flight at once over one SSH connection.
+
+Writes never overwrite: data goes to tmp/<random> first, then gets its final
+name with hardlink@openssh.com (or a plain SFTP rename, which the protocol
+defines as failing when the target exists), so a crash never leaves a partial
+object under a real name.
+
+Host keys are verified like ssh does: `Fingerprint = SHA256:...` pins the key;
+otherwise ~/.ssh/known_hosts (and /etc/ssh/ssh_known_hosts) decide, and an
+unknown host is refused with its fingerprint (or accepted at a prompt on a
+terminal, then remembered in ~/.ssh/known_hosts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import os
+import posixpath
+import secrets
+import socket
+import sys
+import threading
+from concurrent.futures import Future
+from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+
+import trio
+
+from ..config import SFTPLocation, SFTPSettings
+from ..errors import ConfigError, ObjectMissing, RekkordError, StorageError
+from .base import Storage
+
+T = TypeVar("T")
+
+DEFAULT_PORT = 22
+# Ciphers with hardware (AES-NI) support first: the transport is the bottleneck.
+CIPHERS = [
+    "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
+    "aes128-ctr", "aes192-ctr", "aes256-ctr",
+]
+SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
+
+
+def user_known_hosts() -> str:
+    return os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")
+
+
+class AsyncioThread:
+    """One asyncio event loop running in a daemon thread, callable from trio."""
+
+    def __init__(self, name: str) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run coro on the asyncio loop; wait for it without blocking trio."""
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+
+        def wake(_: object) -> None:
+            try:
+                token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                pass
+
+        future.add_done_callback(wake)
+        try:
+            await done.wait()
+        except BaseException:
+            future.cancel()  # cancels the asyncio task too
+            raise
+        return future.result()
+
+    def stop(self) -> None:
+        def shutdown() -> None:
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.stop()
+
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(shutdown)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self.loop.close()
+
+
+class _HostKeyNotTrusted(Exception):
+    pass
+
+
+class _Client:
+    """asyncssh client callbacks: host key policy and the password prompt."""
+
+    def __init__(self, storage: "SFTPStorage") -> None:
+        self.storage = storage
+        self.offered: str | None = None  # SHA256 fingerprint the server showed
+        self.known_keys = 0  # keys known_hosts lists for this host
+        self.prompted = False
+
+    def factory(self) -> Any:
+        import asyncssh
+
+        policy = self
+
+        class Client(asyncssh.SSHClient):
+            def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
+                return policy.validate(host, port, key)
+
+            def password_auth_requested(self) -> str | None:
+                return policy.ask_password()
+
+        return Client()
+
+    def known_hosts(self, host: str, addr: str, port: int | None) -> tuple[list, list, list]:
+        """Keys trusted for this host; empty when a fingerprint is pinned."""
+        import asyncssh
+
+        if self.storage.settings.fingerprint:
+            return [], [], []
+        files = [f for f in (user_known_hosts(), SYSTEM_KNOWN_HOSTS) if os.path.isfile(f)]
+        if not files:
+            return [], [], []
+        try:
+            matched = asyncssh.read_known_hosts(files).match(host, addr, port)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read known_hosts: {exc}") from None
+        self.known_keys = len(matched[0])
+        return list(matched[0]), list(matched[1]), list(matched[2])
+
+    def validate(self, host: str, port: int, key: Any) -> bool:
+        """Called when the key is not among the known_hosts keys."""
+        self.offered = key.get_fingerprint("sha256")
+        pinned = self.storage.settings.fingerprint
+        if pinned:
+            return _same_fingerprint(pinned, self.offered)
+        if self.known_keys or not sys.stdin.isatty():
+            return False
+        where = self.storage.host_port
+        print(f"The authenticity of SFTP host {where} can't be established.\n"
+              f"Its {key.get_algorithm()} key fingerprint is {self.offered}.", file=sys.stderr)
+        print("Trust it and remember it in ~/.ssh/known_hosts (yes/no)? ", end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            return False
+        _remember_host(host, port, key)
+        return True
+
+    def ask_password(self) -> str | None:
+        settings = self.storage.settings
+        if settings.password or settings.key_file or self.prompted or not sys.stdin.isatty():
+            return None  # a configured password was already tried: do not prompt
+        self.prompted = True
+        return getpass.getpass(f"SFTP password for {self.storage.login}: ")
+
+
+def _same_fingerprint(pinned: str, offered: str) -> bool:
+    return pinned.rstrip("=") == offered.rstrip("=")
+
+
+def _remember_host(host: str, port: int, key: Any) -> None:
+    path = user_known_hosts()
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    name = host if port == DEFAULT_PORT else f"[{host}]:{port}"
+    line = f"{name} {key.export_public_key('openssh').decode().strip()}\n"
+    with open(path, "a", encoding="ascii") as handle:
+        handle.write(line)
+
+
+class SFTPStorage(Storage):
+    conditional_writes = True
+
+    def __init__(self, location: SFTPLocation, settings: SFTPSettings, threads: int = 4) -> None:
+        self.location = location
+        self.settings = settings
+        self.port = location.port or settings.port or DEFAULT_PORT
+        self.user = location.user or getpass.getuser()
+        root = location.path.rstrip("/") or "/"
+        self.root = root
+        self._requests = trio.Semaphore(max(16, threads * 8))
+        self._thread: AsyncioThread | None = None
+        self._conn: Any = None
+        self._sftp: Any = None
+        self._connecting: asyncio.Lock | None = None
+        self._use_link = True
+
+    @property
+    def description(self) -> str:
+        return self.location.describe()
+
+    @property
+    def host_port(self) -> str:
+        return f"{self.location.host}:{self.port}"
+
+    @property
+    def login(self) -> str:
+        return f"{self.user}@{self.host_port}"
+
+    def _path(self, key: str) -> str:
+        return posixpath.join(self.root, key) if key else self.root
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._run("connect to", "", self._noop)
+        if not await self._run("open", "", self._isdir, self.root):
+            raise ObjectMissing(f"no repository at {self.description}: folder does not exist")
+
+    async def create(self) -> None:
+        await self._run("create", "", self._create)
+
+    async def aclose(self) -> None:
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        try:
+            with trio.move_on_after(5):
+                await thread.run(self._close())
+        finally:
+            await trio.to_thread.run_sync(thread.stop)
+
+    async def _close(self) -> None:
+        conn, self._conn, self._sftp = self._conn, None, None
+        if conn is not None:
+            conn.close()
+            await conn.wait_closed()
+
+    # --- operations --------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | bytearray) -> bool:
+        return await self._run("write", key, self._put, key, bytes(data))
+
+    async def get(self, key: str) -> bytes:
+        return await self._run("read", key, self._get, key)
+
+    async def exists(self, key: str) -> bool:
+        return await self._run("check", key, self._exists, key)
+
+    async def list(self, prefix: str) -> list[str]:
+        return await self._run("list", prefix, self._list, prefix)
+
+    async def delete(self, key: str) -> None:
+        await self._run("delete", key, self._delete, key)
+
+    # flush(): each put() fsyncs its file before naming it (fsync@openssh.com),
+    # so everything put so far is already durable.
+
+    # --- the trio side -----------------------------------------------------------
+
+    async def _run(self, action: str, key: str, op: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
+        """Run op(*args) on the asyncio thread; one reconnect on a lost link."""
+        if self._thread is None:
+            self._thread = AsyncioThread(f"sftp {self.location.host}")
+        async with self._requests:
+            try:
+                return await self._thread.run(self._with_reconnect(op, args))
+            except RekkordError:
+                raise
+            except Exception as exc:
+                raise self._error(exc, action, key) from None
+
+    async def _with_reconnect(self, op: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
+        import asyncssh
+
+        await self._ensure_connected()
+        try:
+            return await op(*args)
+        except (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.ConnectionLost,
+                ConnectionError) as exc:
+            # The server restarted or the network blinked: try once more on a
+            # new connection (an op that had completed is harmless to repeat).
+            await self._drop(exc)
+            await asyncio.sleep(0.5)
+            await self._ensure_connected()
+            return await op(*args)
+
+    # --- the asyncio side (runs on the SFTP thread) ---------------------------------
+
+    async def _ensure_connected(self) -> None:
+        if self._sftp is not None:
+            return
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._sftp is None:
+                await self._open_connection()
+
+    async def _open_connection(self) -> None:
+        import asyncssh
+
+        settings = self.settings
+        client = _Client(self)
+        options: dict[str, Any] = {
+            "port": self.port,
+            "username": self.user,
+            "known_hosts": client.known_hosts,
+            "client_factory": client.factory,
+            "encryption_algs": CIPHERS,
+            "compression_algs": None,  # blobs are compressed and encrypted already
+            "connect_timeout": 15,
+            "keepalive_interval": 30,
+        }
+        if settings.key_file:
+            options["client_keys"] = [self._load_key(settings.key_file)]
+            options["agent_path"] = None
+        elif settings.password:
+            options["client_keys"] = None
+            options["agent_path"] = None
+        if settings.password:
+            options["password"] = settings.password
+        try:
+            conn = await asyncssh.connect(self.location.host, **options)
+        except asyncssh.HostKeyNotVerifiable:
+            raise self._host_key_error(client) from None
+        except asyncssh.PermissionDenied:
+            raise StorageError(self._login_refused()) from None
+        try:
+            sftp = await conn.start_sftp_client()
+        except BaseException:
+            conn.close()
+            raise
+        self._conn, self._sftp = conn, sftp
+
+    def _load_key(self, path: str) -> Any:
+        import asyncssh
+
+        try:
+            return asyncssh.read_private_key(path)
+        except FileNotFoundError:
+            raise ConfigError(f"SSH key file '{path}' does not exist") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read SSH key file '{path}': {exc.strerror}") from None
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(
+                f"cannot use SSH key file '{path}': {first} (passphrase-protected keys are not supported)"
+            ) from None
+
+    def _host_key_error(self, client: _Client) -> StorageError:
+        offered = client.offered or "unknown"
+        pinned = self.settings.fingerprint
+        if pinned:
+            return StorageError(
+                f"host key of SFTP server {self.host_port} does not match the pinned fingerprint: "
+                f"expected {pinned}, got {offered}"
+            )
+        if client.known_keys:
+            return StorageError(
+                f"host key of SFTP server {self.host_port} has CHANGED (known_hosts lists another key; "
+                f"offered {offered}): refusing to connect"
+            )
+        return StorageError(
+            f"SFTP host {self.host_port} is unknown (not in known_hosts); its key fingerprint is {offered}: "
+            f"after checking it, set Fingerprint = {offered} in the [SFTP] section (or SSH_FINGERPRINT)"
+        )
+
+    def _login_refused(self) -> str:
+        settings = self.settings
+        if settings.password and settings.key_file:
+            how = "wrong password or key file"
+        elif settings.password:
+            how = "wrong password"
+        elif settings.key_file:
+            how = f"key '{settings.key_file}' not accepted"
+        else:
+            how = "no password or key file set ([SFTP] Password or KeyFile, SSH_PASSWORD or SSH_KEYFILE)"
+        return f"SFTP server {self.host_port} refused login as '{self.user}': {how}"
+
+    async def _drop(self, _exc: BaseException) -> None:
+        conn, self._conn, self._sftp = self._conn, None, None
+        if conn is not None:
+            conn.abort()
+
+    async def _create(self) -> None:
+        import asyncssh
+
+        sftp = self._sftp
+        if await sftp.exists(self.root):
+            if not await sftp.isdir(self.root):
+                raise StorageError(f"{self.description} exists and is not a folder")
+            existing = set(await sftp.listdir(self.root)) - {".", ".."}
+            if existing and "rekkord" not in existing:
+                raise StorageError(f"folder {self.description} is not empty")
+        await sftp.makedirs(self._path("tmp"), exist_ok=True)
+        await sftp.makedirs(self._path("tags"), exist_ok=True)
+        await sftp.makedirs(self._path("blobs"), exist_ok=True)
+
+        async def mkdir(name: str) -> None:
+            try:
+                await sftp.mkdir(self._path(f"blobs/{name}"))
+            except asyncssh.SFTPFailure:
+                if not await sftp.isdir(self._path(f"blobs/{name}")):
+                    raise
+
+        await _gather_limited([mkdir(f"{i:02x}") for i in range(256)], 64)
+
+    async def _noop(self) -> None:
+        pass
+
+    async def _isdir(self, path: str) -> bool:
+        return bool(await self._sftp.isdir(path))
+
+    async def _put(self, key: str, data: bytes) -> bool:
+        import asyncssh
+
+        sftp = self._sftp
+        final = self._path(key)
+        tmp = self._path(f"tmp/{secrets.token_hex(12)}")
+        await self._retry_missing_folder(tmp, lambda: self._write_file(tmp, data))
+        try:
+            try:
+                await self._retry_missing_folder(final, lambda: self._name(tmp, final))
+            except asyncssh.SFTPFailure:
+                # A generic failure is what OpenSSH answers for EEXIST.
+                if await sftp.exists(final):
+                    return False
+                raise
+            return True
+        finally:
+            try:
+                await sftp.remove(tmp)
+            except asyncssh.SFTPNoSuchFile:
+                pass  # renamed away
+
+    async def _write_file(self, path: str, data: bytes) -> None:
+        async with self._sftp.open(path, "wb") as handle:
+            await handle.write(data)
+            if self._sftp._handler._supports_fsync:  # noqa: SLF001 - asyncssh exposes no public flag
+                await handle.fsync()
+
+    async def _name(self, tmp: str, final: str) -> None:
+        import asyncssh
+
+        if self._use_link:
+            try:
+                await self._sftp.link(tmp, final)
+                return
+            except asyncssh.SFTPOpUnsupported:
+                self._use_link = False
+        await self._sftp.rename(tmp, final)  # SFTP v3 rename refuses to replace
+
+    async def _retry_missing_folder(self, path: str, action: Callable[[], Awaitable[None]]) -> None:
+        import asyncssh
+
+        try:
+            await action()
+        except asyncssh.SFTPNoSuchFile:
+            await self._sftp.makedirs(posixpath.dirname(path), exist_ok=True)
+            await action()
+
+    async def _get(self, key: str) -> bytes:
+        async with self._sftp.open(self._path(key), "rb") as handle:
+            return await handle.read()
+
+    async def _exists(self, key: str) -> bool:
+        return bool(await self._sftp.exists(self._path(key)))
+
+    async def _delete(self, key: str) -> None:
+        import asyncssh
+
+        try:
+            await self._sftp.remove(self._path(key))
+        except asyncssh.SFTPNoSuchFile:
+            pass
+
+    async def _list(self, prefix: str) -> list[str]:
+        import asyncssh
+
+        sftp = self._sftp
+        keys: list[str] = []
+        start = prefix.rstrip("/")
+
+        async def walk(rel: str) -> None:
+            try:
+                names = await sftp.readdir(self._path(rel))
+            except asyncssh.SFTPNoSuchFile:
+                return
+            subdirs: list[str] = []
+            for item in names:
+                name = item.filename
+                if name in (".", ".."):
+                    continue
+                child = f"{rel}/{name}" if rel else name
+                if item.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
+                    subdirs.append(child)
+                else:
+                    keys.append(child)
+            await _gather_limited([walk(d) for d in subdirs], 32)
+
+        await walk(start)
+        return keys
+
+    # --- errors ------------------------------------------------------------------
+
+    def _error(self, exc: BaseException, action: str, key: str) -> StorageError:
+        import asyncssh
+
+        where = f"'{self._path(key)}' on {self.login}"
+        if isinstance(exc, asyncssh.SFTPNoSuchFile):
+            if action in ("read", "check"):
+                return ObjectMissing(f"object '{key}' is missing from {self.description}")
+            return StorageError(f"cannot {action} {where}: no such file or folder")
+        if isinstance(exc, asyncssh.SFTPPermissionDenied):
+            return StorageError(f"cannot {action} {where}: permission denied")
+        if isinstance(exc, asyncssh.SFTPNoSpaceOnFilesystem):
+            return StorageError(f"cannot {action} {where}: no space left on the server")
+        if isinstance(exc, asyncssh.SFTPError):
+            return StorageError(f"cannot {action} {where}: {_one_line(exc.reason) or 'failure'}")
+        if isinstance(exc, socket.gaierror):
+            return StorageError(f"cannot resolve SFTP host name '{self.location.host}'")
+        if isinstance(exc, ConnectionRefusedError):
+            return StorageError(f"cannot connect to SFTP server {self.host_port}: connection refused")
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return StorageError(f"SFTP server {self.host_port} timed out")
+        if isinstance(exc, (asyncssh.ConnectionLost, asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection,
+                            ConnectionError)):
+            return StorageError(f"lost connection to SFTP server {self.host_port}")
+        if isinstance(exc, asyncssh.DisconnectError):
+            return StorageError(f"SFTP server {self.host_port} closed the connection: {_one_line(exc.reason)}")
+        if isinstance(exc, OSError):
+            return StorageError(f"cannot connect to SFTP server {self.host_port}: {exc.strerror or exc}")
+        if isinstance(exc, asyncssh.Error):
+            return StorageError(f"SSH error with {self.host_port}: {_one_line(exc.reason)}")
+        raise exc
+
+
+def _one_line(text: str | None) -> str:
+    return " ".join((text or "").split())
+
+
+async def _gather_limited(coros: list[Coroutine[Any, Any, Any]], limit: int) -> None:
+    """Run coroutines concurrently, at most limit at a time; first error wins."""
+    sem = asyncio.Semaphore(limit)
+
+    async def one(coro: Coroutine[Any, Any, Any]) -> None:
+        async with sem:
+            await coro
+
+    tasks = [asyncio.ensure_future(one(c)) for c in coros]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -1,0 +1,327 @@
+"""scripts/bench: rekkordfs beside restic and borg on the same generated data.
+
+    scripts/bench [--data DIR] [--only ROW,...] [--tools rekkordfs,restic,borg]
+                  [--repeat N] [--json FILE] [--backends local,s3,sftp] [--verify] [--list]
+
+Prints one table: for each row and tool the wall time, MB/s (logical bytes /
+wall time), peak RSS and repository size after the row, and the ratio of
+rekkordfs's time to the best peer's (below 1: rekkordfs is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .backends import Backend, make_backend
+from .data import Params, generate
+from .measure import NotAvailable, ToolFailure, loadavg, unmount
+from .rows import ROWS, Context, Result, Row, rows_by_name
+from .tools import PEERS, TOOLS, remove_tree
+
+DEFAULT_ROOT = Path("/var/tmp/rekkordfs-bench")
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- planning and running ----------------------------------------------------------------
+
+def plan(selected: list[str], tool: str) -> list[Row]:
+    """The rows TOOL runs, in registry order: the selected ones, what they require, and
+    for peers the rows that selected rekkordfs-only rows compare against."""
+    by_name = rows_by_name()
+    need: set[str] = set()
+
+    def add(name: str) -> None:
+        if name not in need:
+            need.add(name)
+            for req in by_name[name].requires:
+                add(req)
+
+    for name in selected:
+        row = by_name[name]
+        if row.tools is None or tool in row.tools:
+            add(name)
+        elif row.compare_to and tool in PEERS:
+            add(row.compare_to)
+    return [r for r in ROWS if r.name in need and (r.tools is None or tool in r.tools)]
+
+
+def run_pass(tool_name: str, selected: list[str], ds, work: Path, backends: dict[str, Backend],
+             verify: bool, keep: bool) -> dict[str, Result]:
+    home = work / "home" / tool_name
+    remove_tree(home)
+    remove_tree(work / "repos" / tool_name)
+    tool = TOOLS[tool_name](home)
+    ctx = Context(tool, ds, work, backends, verify)
+    results: dict[str, Result] = {}
+    order = plan(selected, tool_name)
+    try:
+        for i, row in enumerate(order):
+            missing = [r for r in row.requires if r in results and not results[r].ok]
+            if missing:
+                first = results[missing[0]]
+                status = "n/a" if first.status == "n/a" else "skipped"
+                results[row.name] = Result(status=status, note=f"needs {missing[0]} ({first.status})")
+            else:
+                load = loadavg()
+                try:
+                    results[row.name] = row.func(ctx)
+                    results[row.name].load = load
+                except NotAvailable as exc:
+                    results[row.name] = Result(status="n/a", note=str(exc))
+                except ToolFailure as exc:
+                    results[row.name] = Result(status="FAIL", note=str(exc))
+            res = results[row.name]
+            shown = f"{res.seconds:.2f} s" if res.ok else f"{res.status}: {res.note}"
+            extra = f"  {res.mbps:.0f} MB/s" if res.mbps else ""
+            if res.cpu is not None:
+                extra += f"  cpu {res.cpu:.2f} s"
+            if res.load is not None:
+                extra += f"  (load {res.load:.1f})"
+            log(f"  [{tool_name}] {row.name:<18} {shown}{extra}")
+            keep_mounts = {u for later in order[i + 1:] for u in later.uses}
+            ctx.release(keep_mounts)
+    finally:
+        ctx.close()
+        if not keep:
+            remove_tree(work / "restore")
+            remove_tree(work / "repos" / tool_name)
+            remove_tree(home)
+    return results
+
+
+def best(results: list[Result]) -> Result:
+    ok = [r for r in results if r.ok and r.seconds is not None]
+    if ok:
+        return min(ok, key=lambda r: r.seconds)
+    return results[-1]
+
+
+# --- the table ---------------------------------------------------------------------------
+
+def fmt_time(s: float) -> str:
+    return f"{s:.2f} s" if s < 100 else f"{s:.0f} s"
+
+
+def fmt_mb(n: int | None) -> str:
+    if n is None:
+        return ""
+    return f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e6:.1f} MB"
+
+
+def fmt_rate(r: float | None) -> str:
+    if r is None:
+        return ""
+    return f"{r:.0f}" if r >= 10 else f"{r:.1f}"
+
+
+def ratio_of(row: Row, table: dict[str, dict[str, Result]], tools: list[str]) -> tuple[float | None, str]:
+    """rekkordfs time / best peer time, and that peer's name."""
+    mine = table[row.name].get("rekkordfs")
+    if "rekkordfs" not in tools or mine is None or not mine.ok:
+        return None, ""
+    source = row.compare_to or row.name
+    peers = [(table.get(source, {}).get(p), p) for p in PEERS if p in tools]
+    peers = [(r.seconds, p) for r, p in peers if r is not None and r.ok and r.seconds]
+    if not peers:
+        return None, ""
+    seconds, peer = min(peers)
+    return mine.seconds / seconds, peer
+
+
+def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[str]) -> tuple[str, list[str]]:
+    header = ["row"]
+    for t in tools:
+        header += [f"{t} time", "MB/s", "RSS", "repo"]
+    header += ["ratio"]
+    lines = [header]
+    notes: list[str] = []
+    for row in shown:
+        cells = [row.label]
+        for t in tools:
+            res = table[row.name].get(t)
+            if res is None:
+                cells += ["·", "", "", ""]
+            elif res.ok:
+                cells += [fmt_time(res.seconds), fmt_rate(res.mbps), fmt_mb(res.rss), fmt_mb(res.repo_disk)]
+            else:
+                notes.append(f"{row.name} / {t}: {res.status}: {res.note}")
+                cells += [res.status, "", "", ""]
+        ratio, peer = ratio_of(row, table, tools)
+        if ratio is None:
+            cells.append("")
+        else:
+            versus = f" vs {peer}" + (f" {row.compare_to}" if row.compare_to else "")
+            cells.append(f"{ratio:.2f}{versus}")
+        lines.append(cells)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = []
+    for n, line in enumerate(lines):
+        padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        out.append("| " + " | ".join(padded) + " |")
+        if n == 0:
+            out.append("|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|")
+    return "\n".join(out), notes
+
+
+# --- main --------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="scripts/bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", metavar="DIR", type=Path, default=DEFAULT_ROOT,
+                   help=f"folder for the generated data set and the work files (default {DEFAULT_ROOT})")
+    p.add_argument("--seed", type=int, default=Params.seed, help="data set seed (default %(default)s)")
+    p.add_argument("--only", metavar="ROW,...", help="run only these rows (and what they need); see --list")
+    p.add_argument("--tools", metavar="T,...", default="rekkordfs,restic,borg", help="default %(default)s")
+    p.add_argument("--backends", metavar="B,...", default="local",
+                   help="local, s3, sftp: which backends' rows run by default (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N", help="run N times, report the best time of each row")
+    p.add_argument("--json", metavar="FILE", type=Path, help="also write every figure to FILE")
+    p.add_argument("--verify", action="store_true",
+                   help="also compare every restored tree and the mounted tree byte for byte (untimed)")
+    p.add_argument("--keep", action="store_true", help="keep repositories and caches under DIR/work")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for r in ROWS:
+            req = f" (needs {', '.join(r.requires)})" if r.requires else ""
+            only = f" [{', '.join(r.tools)} only]" if r.tools else ""
+            print(f"{r.name:<22} {r.group:<8} {r.label}{only}{req}")
+        return 0
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    for t in tools:
+        if t not in TOOLS:
+            sys.exit(f"scripts/bench: unknown tool {t!r} (choose from {', '.join(TOOLS)})")
+    by_name = rows_by_name()
+    backends_wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if args.only:
+        selected = [r.strip() for r in args.only.split(",") if r.strip()]
+        unknown = [r for r in selected if r not in by_name]
+        if unknown:
+            sys.exit(f"scripts/bench: unknown row(s) {', '.join(unknown)} (see --list)")
+    else:
+        selected = [r.name for r in ROWS if r.backend in backends_wanted]
+
+    root: Path = args.data.resolve()
+    work = root / "work"
+    ds = generate(root / "data", Params(seed=args.seed), log=log)
+    work.mkdir(parents=True, exist_ok=True)
+    _clear_stale_mounts(work)
+
+    needed_backends = {by_name[r].backend for t in tools for r in map(lambda x: x.name, plan(selected, t))}
+    backends: dict[str, Backend] = {}
+    for name in sorted(needed_backends):
+        backend = make_backend(name, work)
+        try:
+            backend.start()
+        except NotAvailable as exc:
+            backend.failed = str(exc)  # type: ignore[attr-defined]
+            log(f"backend {name}: {exc}")
+        backends[name] = backend
+
+    meta = environment(tools, ds, args)
+    log("versions: " + "; ".join(meta["versions"].values()))
+    runs: dict[str, dict[str, list[Result]]] = {r: {} for r in by_name}
+    started = time.monotonic()
+    try:
+        for n in range(args.repeat):
+            for tool in tools:
+                log(f"pass {n + 1}/{args.repeat}: {tool}")
+                results = run_pass(tool, selected, ds, work, backends, args.verify, args.keep)
+                for name, res in results.items():
+                    runs[name].setdefault(tool, []).append(res)
+    finally:
+        for backend in backends.values():
+            backend.stop()
+
+    shown = [r for r in ROWS if r.name in selected]
+    table = {name: {t: best(rs) for t, rs in per_tool.items()} for name, per_tool in runs.items()}
+    text, notes = render(shown, table, tools)
+    print()
+    print(f"rekkordfs bench: {ds.tree_files} files / {ds.tree_bytes / 1e6:.0f} MB tree, "
+          f"{ds.big_bytes / 2**30:.0f} GiB random file; best of {args.repeat}; "
+          f"{os.cpu_count()} CPUs; {time.monotonic() - started:.0f} s")
+    print(text)
+    print("time: wall seconds; MB/s: logical MB / wall; RSS: peak resident set (mount rows: the mount daemon); "
+          "repo: du -s of the repository after the row; ratio: rekkordfs time / best peer time (< 1: faster)")
+    for note in notes:
+        print(f"  {note}")
+
+    if args.json:
+        doc = {
+            "meta": meta,
+            "rows": [
+                {
+                    "name": r.name, "label": r.label, "group": r.group, "backend": r.backend,
+                    "compare_to": r.compare_to,
+                    "ratio": ratio_of(r, table, tools)[0], "ratio_peer": ratio_of(r, table, tools)[1],
+                    "results": {t: {"best": _result_json(table[r.name][t]),
+                                    "runs": [_result_json(x) for x in runs[r.name][t]]}
+                                for t in tools if t in table[r.name]},
+                }
+                for r in shown
+            ],
+        }
+        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        log(f"results written to {args.json}")
+    return 0
+
+
+def _result_json(r: Result) -> dict:
+    d = asdict(r)
+    d["mbps"] = r.mbps
+    return d
+
+
+def environment(tools: list[str], ds, args) -> dict:
+    versions = {}
+    for t in tools:
+        try:
+            versions[t] = TOOLS[t](Path("/tmp")).version()
+        except Exception as exc:  # noqa: BLE001 - informative only
+            versions[t] = f"{t} (version unknown: {exc})"
+    cpu = ""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": platform.node(), "kernel": platform.release(), "cpus": os.cpu_count(), "cpu": cpu,
+        "python": platform.python_version(), "versions": versions,
+        "settings": {t: TOOLS[t].settings for t in tools},
+        "data": {"root": str(ds.root), **ds.extra},
+        "repeat": args.repeat,
+    }
+
+
+def _clear_stale_mounts(work: Path) -> None:
+    """Unmounts what an interrupted earlier run left mounted under WORK."""
+    prefix = str(work.resolve()) + "/"
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for point in points:
+        if point.startswith(prefix):
+            log(f"unmounting stale {point}")
+            unmount(Path(point))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""One adapter per backup tool: init, save, restore, mount, with the same shape.
+
+Every tool keeps all its state (keys, caches, config) under its own HOME folder
+inside the bench's work folder, so runs never see each other's caches, and a
+fresh HOME means a first save really is a first save.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .measure import (NotAvailable, Run, ToolFailure, exists, find_pids, pid_alive, run, unmount,
+                      wait_for)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MOUNT_TIMEOUT = 120.0
+
+
+@dataclass
+class Repo:
+    """A repository as one tool sees it."""
+
+    name: str
+    url: str  # what the tool is given (-R, -r, or borg's REPO)
+    size_path: Path | None  # folder whose du is the repository size (None: unknown)
+    env: dict[str, str] = field(default_factory=dict)  # credentials for remote backends
+    key: Path | None = None  # rekkordfs keyfile
+
+
+@dataclass
+class Snap:
+    ref: str  # the tool's name for the snapshot (ID, short ID, archive name)
+    channel: str
+    path: Path  # absolute source path saved
+    files: int  # logical content, for MB/s of reads
+    bytes: int
+    origin: Path | None = None  # a data-set folder with the same content (for --verify)
+
+
+@dataclass
+class Mount:
+    tool: "Tool"
+    repo: Repo
+    mnt: Path
+    seconds: float  # time to a usable mount
+    pid: int | None  # the process serving the mount (for its RSS)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+    def close(self) -> None:
+        unmount(self.mnt)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGINT)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+        elif self.pid is not None:
+            if not wait_for(lambda: not pid_alive(self.pid), 30, 0.05):
+                os.kill(self.pid, signal.SIGTERM)
+                if not wait_for(lambda: not pid_alive(self.pid), 10, 0.05):
+                    os.kill(self.pid, signal.SIGKILL)
+        unmount(self.mnt)
+
+
+def rel(path: Path) -> str:
+    """An absolute path as the tools store it: without the leading slash."""
+    return str(path).lstrip("/")
+
+
+class Tool:
+    name = "?"
+    #: how its repositories are configured, for the report
+    settings = ""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True)
+
+    def base_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["HOME"] = str(self.home)
+        env["XDG_CACHE_HOME"] = str(self.home / "cache")
+        env["XDG_CONFIG_HOME"] = str(self.home / "config")
+        return env
+
+    def env(self, repo: Repo) -> dict[str, str]:
+        env = self.base_env()
+        env.update(repo.env)
+        return env
+
+    def version(self) -> str:
+        raise NotImplementedError
+
+    def init(self, repo: Repo) -> None:
+        raise NotImplementedError
+
+    def save(self, repo: Repo, path: Path, channel: str) -> tuple[Run, str]:
+        raise NotImplementedError
+
+    def restore(self, repo: Repo, snap: Snap, dest: Path) -> tuple[Run, Path]:
+        """Restores SNAP into DEST; returns the run and where the saved folder's contents landed."""
+        raise NotImplementedError
+
+    def mount(self, repo: Repo, mnt: Path, ready: Snap) -> Mount:
+        """Mounts REPO on MNT; returns once READY's tree is reachable, with the time it took."""
+        raise NotAvailable(f"{self.name} has no mount")
+
+    def mount_path(self, mount: Mount, snap: Snap) -> Path:
+        """Where SNAP's saved folder is seen in the mount."""
+        raise NotImplementedError
+
+    # shared by the foreground mounts (restic, borg)
+    def _foreground_mount(self, argv: list[str], repo: Repo, mnt: Path, ready: Path) -> Mount:
+        mnt.mkdir(parents=True, exist_ok=True)
+        log = self.home / f"mount-{mnt.name}.log"
+        with open(log, "wb") as out:
+            started = time.perf_counter()
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    env=self.env(repo), start_new_session=True)
+            ok = wait_for(lambda: exists(ready), MOUNT_TIMEOUT, proc=proc)
+            seconds = time.perf_counter() - started
+        handle = Mount(self, repo, mnt, seconds, proc.pid, proc, log)
+        if not ok:
+            handle.close()
+            tail = log.read_text(errors="replace").strip().splitlines()[-2:]
+            raise ToolFailure(f"{self.name} mount did not become usable: {' | '.join(tail)}")
+        return handle
+
+
+class Rekkordfs(Tool):
+    name = "rekkordfs"
+    settings = "zstd (its default level), keyed CDC, per-blob sealed keys; REKKORD_CACHE_DIR under the bench"
+
+    @property
+    def exe(self) -> str:
+        return str(REPO_ROOT / ".venv" / "bin" / "rekkord")
+
+    def base_env(self) -> dict[str, str]:
+        env = super().base_env()
+        env["REKKORD_CACHE_DIR"] = str(self.home / "rekkord-cache")
+        for name in ("REKKORD_CONFIG_FILE", "REKKORD_REPOSITORY", "REKKORD_KEYFILE"):
+            env.pop(name, None)
+        return env
+
+    def version(self) -> str:
+        out = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-c",
+                              "import rekkordfs; print(getattr(rekkordfs, '__version__', '?'))"],
+                             capture_output=True, text=True)
+        commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True).stdout.strip()
+        return f"rekkordfs {out.stdout.strip()} ({commit})"
+
+    def _cmd(self, repo: Repo, *args: str) -> list[str]:
+        return [self.exe, "-R", repo.url, "-K", str(repo.key), *args]
+
+    def init(self, repo: Repo) -> None:
+        repo.key = self.home / f"{repo.name}.key"
+        repo.key.unlink(missing_ok=True)
+        run([self.exe, "-R", repo.url, "init", "-K", str(repo.key)], env=self.env(repo)).check("rekkord init")
+
+    def save(self, repo: Repo, path: Path, channel: str) -> tuple[Run, str]:
+        r = run(self._cmd(repo, "save", channel, str(path)), env=self.env(repo)).check("rekkord save")
+        lines = r.stdout.strip().splitlines()
+        if not lines or not re.fullmatch(r"[0-9a-f]{16,}", lines[-1].strip()):
+            raise ToolFailure(f"rekkord save printed no snapshot ID: {r.stdout[-200:]!r}")
+        return r, lines[-1].strip()
+
+    def restore(self, repo: Repo, snap: Snap, dest: Path) -> tuple[Run, Path]:
+        r = run(self._cmd(repo, "restore", f"{snap.ref}:{snap.path}", str(dest)), env=self.env(repo))
+        return r.check("rekkord restore"), dest
+
+    def mount(self, repo: Repo, mnt: Path, ready: Snap) -> Mount:
+        """`rekkord mount MNT` daemonizes once the mount is usable (exit 0)."""
+        mnt.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        r = run(self._cmd(repo, "mount", str(mnt)), env=self.env(repo), timeout=MOUNT_TIMEOUT)
+        if r.rc != 0:
+            unmount(mnt)
+            message = (r.stderr.strip() or r.stdout.strip() or f"exit {r.rc}").splitlines()[-1]
+            raise NotAvailable(f"rekkord mount failed: {message}")
+        target = mnt / "channels" / ready.channel / "latest"
+        ok = wait_for(lambda: exists(target), MOUNT_TIMEOUT)
+        seconds = time.perf_counter() - started
+        pids = [p for p in find_pids("mount", str(mnt)) if p != os.getpid()]
+        handle = Mount(self, repo, mnt, seconds, max(pids) if pids else None)
+        if not ok:
+            handle.close()
+            raise ToolFailure(f"rekkord mount exited 0 but {target} does not exist")
+        return handle
+
+    def mount_path(self, mount: Mount, snap: Snap) -> Path:
+        return mount.mnt / "channels" / snap.channel / "latest" / rel(snap.path)
+
+
+class Restic(Tool):
+    name = "restic"
+    settings = "repository version 2, compression auto (zstd), --cache-dir under the bench"
+    password = "rekkordfs-bench"
+
+    def env(self, repo: Repo) -> dict[str, str]:
+        env = super().env(repo)
+        env["RESTIC_PASSWORD"] = self.password
+        env.pop("RESTIC_REPOSITORY", None)
+        return env
+
+    def version(self) -> str:
+        return subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.split(" compiled")[0]
+
+    def _cmd(self, repo: Repo, *args: str) -> list[str]:
+        return ["restic", "-r", repo.url, "--cache-dir", str(self.home / "restic-cache"), *args]
+
+    def init(self, repo: Repo) -> None:
+        run(self._cmd(repo, "init"), env=self.env(repo)).check("restic init")
+
+    def save(self, repo: Repo, path: Path, channel: str) -> tuple[Run, str]:
+        r = run(self._cmd(repo, "backup", "--tag", channel, str(path)), env=self.env(repo)).check("restic backup")
+        found = re.search(r"snapshot ([0-9a-f]+) saved", r.stdout)
+        if not found:
+            raise ToolFailure(f"restic backup printed no snapshot ID: {r.stdout[-200:]!r}")
+        return r, found.group(1)
+
+    def restore(self, repo: Repo, snap: Snap, dest: Path) -> tuple[Run, Path]:
+        # restic 0.14 has no ID:subfolder; it restores the absolute path under DEST
+        r = run(self._cmd(repo, "restore", snap.ref, "--target", str(dest)), env=self.env(repo))
+        return r.check("restic restore"), dest / rel(snap.path)
+
+    def mount(self, repo: Repo, mnt: Path, ready: Snap) -> Mount:
+        # foreground; usable once the snapshot's directory can be looked up
+        return self._foreground_mount(self._cmd(repo, "mount", str(mnt)), repo, mnt,
+                                      mnt / "ids" / ready.ref)
+
+    def mount_path(self, mount: Mount, snap: Snap) -> Path:
+        return mount.mnt / "ids" / snap.ref / rel(snap.path)
+
+
+class Borg(Tool):
+    name = "borg"
+    encryption = "repokey-blake2"
+    settings = "borg init -e repokey-blake2, default compression (lz4), default chunker, BORG_BASE_DIR under the bench"
+    password = "rekkordfs-bench"
+
+    def __init__(self, home: Path) -> None:
+        super().__init__(home)
+        self.counter = 0
+
+    def env(self, repo: Repo) -> dict[str, str]:
+        env = super().env(repo)
+        env["BORG_PASSPHRASE"] = self.password
+        env["BORG_BASE_DIR"] = str(self.home / "borg-base")
+        env["BORG_RELOCATED_REPO_ACCESS_IS_OK"] = "yes"
+        env.pop("BORG_REPO", None)
+        return env
+
+    def version(self) -> str:
+        return subprocess.run(["borg", "--version"], capture_output=True, text=True).stdout.strip()
+
+    def init(self, repo: Repo) -> None:
+        run(["borg", "init", "-e", self.encryption, repo.url], env=self.env(repo)).check("borg init")
+
+    def save(self, repo: Repo, path: Path, channel: str) -> tuple[Run, str]:
+        self.counter += 1
+        archive = f"{channel}-{self.counter}"
+        r = run(["borg", "create", f"{repo.url}::{archive}", str(path)], env=self.env(repo))
+        return r.check("borg create"), archive
+
+    def restore(self, repo: Repo, snap: Snap, dest: Path) -> tuple[Run, Path]:
+        parts = rel(snap.path).split("/")
+        r = run(["borg", "extract", "--strip-components", str(len(parts)), f"{repo.url}::{snap.ref}",
+                 rel(snap.path)], env=self.env(repo), cwd=dest)
+        return r.check("borg extract"), dest
+
+    def mount(self, repo: Repo, mnt: Path, ready: Snap) -> Mount:
+        # the whole repository, like the other two; -f keeps it in the foreground
+        return self._foreground_mount(["borg", "mount", "-f", repo.url, str(mnt)], repo, mnt,
+                                      mnt / ready.ref)
+
+    def mount_path(self, mount: Mount, snap: Snap) -> Path:
+        return mount.mnt / snap.ref / rel(snap.path)
+
+
+TOOLS: dict[str, type[Tool]] = {cls.name: cls for cls in (Rekkordfs, Restic, Borg)}
+PEERS = ("restic", "borg")
+
+
+def remove_tree(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            subprocess.run(["rm", "-rf", str(path)])

@@ -161,6 +161,12 @@ class Repository:
         self._known.add(blob_id)
         return written
 
+    async def put_many(self, items: list[tuple[bytes, bytearray]]) -> list[bool]:
+        """Store many packed blobs at once; for each, whether it was new."""
+        written = await self.storage.put_many([(object_key(blob_id), packed) for blob_id, packed in items])
+        self._known.update(blob_id for blob_id, _ in items)
+        return written
+
     async def write_blob(self, kind: BlobKind, data: bytes) -> tuple[bytes, int]:
         """Hash, pack and store a blob unless known; returns (id, bytes stored)."""
 

@@ -27,8 +27,9 @@ from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
 
-SMALL_FILE = 2 << 20  # read in one go, in one thread hop
-READ_BATCH = 8 << 20  # bytes of chunks handed over per thread hop for large files
+SMALL_FILE = 2 << 20  # read in one go, together with other small files
+BATCH_FILES = 64  # small files handled per thread hop...
+BATCH_BYTES = 8 << 20  # ...up to this many bytes; also the read size for large files
 
 
 @dataclass
@@ -218,7 +219,7 @@ class Walker:
                 return
             entry.link_id = self._next_link_id
             self._next_link_id += 1
-        cached = self.repo.cache.lookup_stat(path, key)
+        cached = b"" if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
         job = None
         if cached is not None:
             entry.chunks_raw = cached
@@ -282,7 +283,7 @@ class SaveSession:
         time_ns = time.time_ns()
         await self.repo.prepare_write()
         listings_send, listings_recv = trio.open_memory_channel[Listing | None](256)
-        jobs_send, jobs_recv = trio.open_memory_channel[FileJob](self.workers * 2)
+        jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         walker = Walker(self.paths, self.repo, lambda l: trio.from_thread.run(listings_send.send, l),
                         lambda m: trio.from_thread.run_sync(self.warn, m), self.stats)
 
@@ -310,56 +311,101 @@ class SaveSession:
         cache.store_stats(self._stat_rows)
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
-                        jobs: trio.MemorySendChannel[FileJob]) -> None:
+                        jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
+        """Hand jobs to workers: small files in batches, others one by one."""
         async with listings, jobs:
             async for listing in listings:
                 assert listing is not None
                 if listing.node.pending == 0:
                     await self._finalize(listing.node)
+                batch: list[FileJob] = []
+                batch_bytes = 0
                 for job in listing.jobs:
                     if job.entry.link_id and job.primary:
                         self._link_done[job.entry.link_id] = trio.Event()
-                    await jobs.send(job)
+                    if job.primary and job.key.size <= SMALL_FILE:
+                        batch.append(job)
+                        batch_bytes += job.key.size
+                        if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                            await jobs.send(batch)
+                            batch, batch_bytes = [], 0
+                    else:
+                        await jobs.send([job])
+                if batch:
+                    await jobs.send(batch)
 
-    async def _worker(self, jobs: trio.MemoryReceiveChannel[FileJob]) -> None:
+    async def _worker(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         async with jobs:
-            async for job in jobs:
-                try:
-                    await self._process(job)
-                except OSError as exc:
-                    self.stats.skipped += 1
-                    job.node.skipped.add(job.entry.name)
-                    self._link_failed.add(job.entry.link_id)
-                    self.warn(f"cannot read '{os.fsdecode(job.path)}': {exc.strerror or exc}; skipped")
-                finally:
-                    if job.entry.link_id and job.primary:
-                        self._link_done[job.entry.link_id].set()
-                await self._child_done(job.node)
+            async for batch in jobs:
+                if len(batch) == 1 and (not batch[0].primary or batch[0].key.size > SMALL_FILE):
+                    job = batch[0]
+                    try:
+                        await self._process_single(job)
+                        error = None
+                    except OSError as exc:
+                        error = exc
+                    await self._job_done(job, error)
+                else:
+                    await self._process_batch(batch)
 
-    async def _process(self, job: FileJob) -> None:
+    async def _job_done(self, job: FileJob, error: OSError | None) -> None:
+        if error is not None:
+            self.stats.skipped += 1
+            job.node.skipped.add(job.entry.name)
+            self._link_failed.add(job.entry.link_id)
+            self.warn(f"cannot read '{os.fsdecode(job.path)}': {error.strerror or error}; skipped")
+        if job.entry.link_id and job.primary:
+            self._link_done[job.entry.link_id].set()
+        await self._child_done(job.node)
+
+    async def _process_single(self, job: FileJob) -> None:
         if job.first is not None:
             await self._link_done[job.entry.link_id].wait()
             if job.entry.link_id in self._link_failed:
                 raise OSError(errno.EIO, "its first hardlink could not be read")
             job.entry.chunks_raw, job.entry.size = job.first.chunks_raw, job.first.size
             return
-        if job.key.size <= SMALL_FILE:
-            size, chunks, new = await self.repo.run_cpu(self._prepare_small, job.path, job.key)
-            for blob_id, packed, plain_size in new:
-                await self._put(blob_id, packed, plain_size)
-        else:
-            size, chunks = await self._process_large(job)
+        size, chunks = await self._process_large(job)
         job.entry.chunks_raw = encode_chunks(chunks)
         job.entry.size = size
 
-    def _prepare_small(self, path: bytes, key: StatKey) -> tuple[int, list[ChunkRef], list[tuple[bytes, bytes, int]]]:
+    async def _process_batch(self, batch: list[FileJob]) -> None:
+        """Read, chunk, hash and pack many small files in one thread hop."""
+        outcomes = await self.repo.run_cpu(self._prepare_batch, batch)
+        new = [item for outcome in outcomes if not isinstance(outcome, OSError) for item in outcome[2]]
+        if new:
+            written = await self.repo.put_many([(blob_id, packed) for blob_id, packed, _ in new])
+            for (_, packed, plain_size), was_new in zip(new, written):
+                if was_new:
+                    self.stats.bytes_new += plain_size
+                    self.stats.bytes_stored += len(packed)
+        for job, outcome in zip(batch, outcomes):
+            if isinstance(outcome, OSError):
+                await self._job_done(job, outcome)
+                continue
+            size, chunks, _ = outcome
+            job.entry.chunks_raw = encode_chunks(chunks)
+            job.entry.size = size
+            await self._job_done(job, None)
+
+    def _prepare_batch(self, batch: list[FileJob]) -> list:
+        seen: set[bytes] = set()
+        outcomes: list = []
+        for job in batch:
+            try:
+                outcomes.append(self._prepare_small(job.path, job.key, seen))
+            except OSError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    def _prepare_small(self, path: bytes, key: StatKey,
+                       seen: set[bytes]) -> tuple[int, list[ChunkRef], list[tuple[bytes, bytearray, int]]]:
         with _open_regular(path) as handle:
             data = handle.read()
             unchanged = self._unchanged(handle, key)
         codec, repo = self.repo.codec, self.repo
         chunks: list[ChunkRef] = []
-        new: list[tuple[bytes, bytes, int]] = []
-        seen: set[bytes] = set()
+        new: list[tuple[bytes, bytearray, int]] = []
         for view in self.chunker.split(data):
             blob_id = codec.blob_id(BlobKind.CHUNK, view)
             chunks.append(ChunkRef(blob_id, len(view)))
@@ -388,7 +434,7 @@ class SaveSession:
             stream = self.chunker.stream(handle)
             async with trio.open_nursery() as nursery:
                 while True:
-                    batch = await trio.to_thread.run_sync(_take, stream, READ_BATCH)
+                    batch = await trio.to_thread.run_sync(_take, stream, BATCH_BYTES)
                     if not batch:
                         break
                     for data in batch:

@@ -1,17 +1,20 @@
 """Where repositories live: a local folder now; S3 and SFTP servers plug in here.
 
 A backend hands each tool a Repo (the URL that tool understands, credentials in
-its environment, and the folder whose size is the repository size).  The
-save/restore rows take a backend, so the same rows run on every backend
-(see rows.remote_rows).
+its environment, and how to measure the repository's size).  The save/restore
+rows take a backend, so the same rows run on every backend (rows.SAVE_RESTORE).
+The S3 and SFTP servers come from tests/servers.py, the helpers the test suite
+uses: SeaweedFS and an sshd of our own on 127.0.0.1, started once per bench run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 from pathlib import Path
 
 from .measure import NotAvailable
-from .tools import Repo, Tool, remove_tree
+from .tools import Repo, S3Place, SFTPPlace, Tool, remove_tree
 
 
 class Backend:
@@ -38,35 +41,87 @@ class LocalBackend(Backend):
         path = self.work / "repos" / tool.name / name
         remove_tree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        if tool.name == "rekkordfs":
-            pass  # rekkord init creates the folder
         return Repo(name, str(path), path)
 
 
 class ServerBackend(Backend):
-    """S3 (SeaweedFS) and SFTP (sshd) repositories, from the test-server helpers.
+    """A server from tests/servers.py (the helpers the test suite uses), started once per bench run."""
 
-    Hook: these need tests/servers.py (started servers with their URLs and
-    credentials).  Until it exists every row on these backends reports n/a.
-    """
-
-    def __init__(self, work: Path, kind: str) -> None:
+    def __init__(self, work: Path) -> None:
         super().__init__(work)
-        self.name = kind
+        self._stack: contextlib.ExitStack | None = None
         self.server = None
+        self.failed: str | None = None
 
-    def start(self) -> None:
+    def _servers(self):
         try:
-            import tests.servers  # noqa: F401
+            from tests import servers
         except ImportError as exc:
             raise NotAvailable(f"{self.name}: tests/servers.py is not available ({exc})") from exc
-        raise NotAvailable(f"{self.name}: server rows are not wired to tests/servers.py yet")
+        return servers
+
+    def _enter(self, manager) -> object:
+        self._stack = contextlib.ExitStack()
+        try:
+            return self._stack.enter_context(manager)
+        except Exception as exc:  # noqa: BLE001 - any start failure makes the rows n/a
+            self._stack.close()
+            self._stack = None
+            raise NotAvailable(f"{self.name} server did not start: {str(exc).splitlines()[0]}") from exc
+
+    def stop(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+
+class S3Backend(ServerBackend):
+    """SeaweedFS (`weed mini`) on 127.0.0.1; data in the bench's work folder."""
+
+    name = "s3"
+    bucket = "rekkordfs-bench"
+
+    def start(self) -> None:
+        servers = self._servers()
+        (self.work / "servers").mkdir(parents=True, exist_ok=True)
+        self.server = self._enter(servers.seaweedfs(buckets=(self.bucket,), root=self.work / "servers"))
 
     def repo(self, tool: Tool, name: str) -> Repo:
-        raise NotAvailable(f"{self.name} backend not started")
+        if self.server is None:
+            raise NotAvailable("s3 server not started")
+        s3 = self.server
+        prefix = f"{tool.name}-{name}-{secrets.token_hex(4)}"
+        place = S3Place(s3.endpoint, self.bucket, prefix, s3.access_key, s3.secret_key)
+        repo = tool.s3_repo(name, place)
+        repo.size = lambda: _s3_size(s3, self.bucket, prefix)
+        return repo
+
+
+def _s3_size(server, bucket: str, prefix: str) -> tuple[int, int]:
+    total = 0
+    paginator = server.client().get_paginator("list_objects_v2")
+    for page in paginator.paginate(Bucket=bucket, Prefix=prefix + "/"):
+        total += sum(obj["Size"] for obj in page.get("Contents", []))
+    return total, total
+
+
+class SFTPBackend(ServerBackend):
+    """OpenSSH sshd on 127.0.0.1 with its own config; key login as its test user."""
+
+    name = "sftp"
+
+    def start(self) -> None:
+        servers = self._servers()
+        self.server = self._enter(servers.openssh_server())
+
+    def repo(self, tool: Tool, name: str) -> Repo:
+        if self.server is None:
+            raise NotAvailable("sftp server not started")
+        ssh = self.server
+        path = ssh.new_dir(f"{tool.name}-{name}-{secrets.token_hex(4)}")
+        place = SFTPPlace("127.0.0.1", ssh.port, ssh.user, path, ssh.client_key, ssh.fingerprint)
+        return tool.sftp_repo(name, place)
 
 
 def make_backend(kind: str, work: Path) -> Backend:
-    if kind == "local":
-        return LocalBackend(work)
-    return ServerBackend(work, kind)
+    return {"local": LocalBackend, "s3": S3Backend, "sftp": SFTPBackend}[kind](work)

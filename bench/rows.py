@@ -123,6 +123,8 @@ class Context:
         return repo
 
     def repo_size(self, repo: Repo) -> tuple[int | None, int | None]:
+        if repo.size is not None:
+            return repo.size()
         if repo.size_path is None or not repo.size_path.exists():
             return None, None
         return disk_usage(repo.size_path)

@@ -15,6 +15,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .measure import (NotAvailable, Run, ToolFailure, exists, find_pids, pid_alive, run, unmount,
                       wait_for)
@@ -31,7 +32,32 @@ class Repo:
     url: str  # what the tool is given (-R, -r, or borg's REPO)
     size_path: Path | None  # folder whose du is the repository size (None: unknown)
     env: dict[str, str] = field(default_factory=dict)  # credentials for remote backends
+    args: list[str] = field(default_factory=list)  # extra options the tool needs for this backend
     key: Path | None = None  # rekkordfs keyfile
+    size: Callable[[], tuple[int, int]] | None = None  # (disk, apparent) bytes when not a local folder
+
+
+@dataclass
+class S3Place:
+    """A fresh prefix in a bucket of an S3 server."""
+
+    endpoint: str  # http://127.0.0.1:PORT
+    bucket: str
+    prefix: str
+    key_id: str
+    secret: str
+
+
+@dataclass
+class SFTPPlace:
+    """A fresh folder on an SSH server, reachable with a key."""
+
+    host: str
+    port: int
+    user: str
+    path: Path
+    keyfile: Path
+    fingerprint: str
 
 
 @dataclass
@@ -103,6 +129,12 @@ class Tool:
     def version(self) -> str:
         raise NotImplementedError
 
+    def s3_repo(self, name: str, place: S3Place) -> Repo:
+        raise NotAvailable(f"{self.name} cannot use an S3 repository")
+
+    def sftp_repo(self, name: str, place: SFTPPlace) -> Repo:
+        raise NotAvailable(f"{self.name} cannot use an SFTP repository")
+
     def init(self, repo: Repo) -> None:
         raise NotImplementedError
 
@@ -163,12 +195,21 @@ class Rekkordfs(Tool):
         return f"rekkordfs {out.stdout.strip()} ({commit})"
 
     def _cmd(self, repo: Repo, *args: str) -> list[str]:
-        return [self.exe, "-R", repo.url, "-K", str(repo.key), *args]
+        return [self.exe, "-R", repo.url, "-K", str(repo.key), *repo.args, *args]
+
+    def s3_repo(self, name: str, place: S3Place) -> Repo:
+        return Repo(name, f"{place.endpoint}/{place.bucket}/{place.prefix}", None,
+                    env={"AWS_ACCESS_KEY_ID": place.key_id, "AWS_SECRET_ACCESS_KEY": place.secret})
+
+    def sftp_repo(self, name: str, place: SFTPPlace) -> Repo:
+        return Repo(name, f"sftp://{place.user}@{place.host}:{place.port}{place.path}", place.path,
+                    env={"SSH_KEYFILE": str(place.keyfile), "SSH_FINGERPRINT": place.fingerprint})
 
     def init(self, repo: Repo) -> None:
         repo.key = self.home / f"{repo.name}.key"
         repo.key.unlink(missing_ok=True)
-        run([self.exe, "-R", repo.url, "init", "-K", str(repo.key)], env=self.env(repo)).check("rekkord init")
+        run([self.exe, "-R", repo.url, *repo.args, "init", "-K", str(repo.key)],
+            env=self.env(repo)).check("rekkord init")
 
     def save(self, repo: Repo, path: Path, channel: str) -> tuple[Run, str]:
         r = run(self._cmd(repo, "save", channel, str(path)), env=self.env(repo)).check("rekkord save")
@@ -219,7 +260,17 @@ class Restic(Tool):
         return subprocess.run(["restic", "version"], capture_output=True, text=True).stdout.split(" compiled")[0]
 
     def _cmd(self, repo: Repo, *args: str) -> list[str]:
-        return ["restic", "-r", repo.url, "--cache-dir", str(self.home / "restic-cache"), *args]
+        return ["restic", "-r", repo.url, "--cache-dir", str(self.home / "restic-cache"), *repo.args, *args]
+
+    def s3_repo(self, name: str, place: S3Place) -> Repo:
+        return Repo(name, f"s3:{place.endpoint}/{place.bucket}/{place.prefix}", None,
+                    env={"AWS_ACCESS_KEY_ID": place.key_id, "AWS_SECRET_ACCESS_KEY": place.secret})
+
+    def sftp_repo(self, name: str, place: SFTPPlace) -> Repo:
+        ssh = (f"ssh -p {place.port} -i {place.keyfile} -o StrictHostKeyChecking=no "
+               f"-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR {place.user}@{place.host} -s sftp")
+        return Repo(name, f"sftp:{place.user}@{place.host}:{place.path}", place.path,
+                    args=["-o", f"sftp.command={ssh}"])
 
     def init(self, repo: Repo) -> None:
         run(self._cmd(repo, "init"), env=self.env(repo)).check("restic init")
@@ -265,6 +316,13 @@ class Borg(Tool):
 
     def version(self) -> str:
         return subprocess.run(["borg", "--version"], capture_output=True, text=True).stdout.strip()
+
+    def sftp_repo(self, name: str, place: SFTPPlace) -> Repo:
+        # borg speaks its own protocol over ssh (`borg serve` on the server), not SFTP
+        rsh = (f"ssh -i {place.keyfile} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null "
+               f"-o LogLevel=ERROR")
+        return Repo(name, f"ssh://{place.user}@{place.host}:{place.port}{place.path}", place.path,
+                    env={"BORG_RSH": rsh})
 
     def init(self, repo: Repo) -> None:
         run(["borg", "init", "-e", self.encryption, repo.url], env=self.env(repo)).check("borg init")

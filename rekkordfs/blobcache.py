@@ -23,8 +23,7 @@ from typing import Awaitable, Callable, TypeVar
 import lru
 import trio
 
-from .errors import ObjectMissing
-from .format import BlobKind, ChunkRef, Entry, decode_directory
+from .format import BlobKind, ChunkRef, Entry, Location, decode_directory
 from .repository import Repository
 
 log = logging.getLogger(__name__)
@@ -199,21 +198,18 @@ class BlobCache:
             del self._inflight[key]
             event.set()
 
-    async def _raw(self, kind: BlobKind, blob_id: bytes) -> bytes:
+    async def _raw(self, kind: BlobKind, blob_id: bytes, location: Location | None) -> bytes:
         if self.disk is not None:
             raw = await trio.to_thread.run_sync(self.disk.load, kind, blob_id)
             if raw is not None:
                 return raw
-        raw = await self.repo.read_raw(blob_id)
+        raw = await self.repo.read_raw(blob_id, location)
         if self.disk is not None:
             await trio.to_thread.run_sync(self.disk.store, kind, blob_id, raw)
         return raw
 
-    async def _open(self, kind: BlobKind, blob_id: bytes) -> bytes | bytearray:
-        try:
-            raw = await self._raw(kind, blob_id)
-        except ObjectMissing:
-            raise ObjectMissing(f"blob {blob_id.hex()} is missing from the repository") from None
+    async def _open(self, kind: BlobKind, blob_id: bytes, location: Location | None = None) -> bytes | bytearray:
+        raw = await self._raw(kind, blob_id, location)
         try:
             return await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, raw)
         except Exception:
@@ -230,7 +226,7 @@ class BlobCache:
         blob_id = chunk.id
 
         async def fetch() -> bytes | bytearray:
-            data = await self._open(BlobKind.CHUNK, blob_id)
+            data = await self._open(BlobKind.CHUNK, blob_id, chunk.location)
             self._chunks.put(blob_id, data)
             return data
 

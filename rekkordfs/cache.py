@@ -1,7 +1,9 @@
 """Local caches of one repository, kept in the user's cache folder.
 
-- known blobs: IDs this machine has written or seen stored, so a save skips
-  uploading them (the repository never deletes blobs, so a known blob stays);
+- known blobs: IDs this machine has written or seen stored, with the pack
+  range holding them when they are packed, so a save skips uploading them (the
+  repository never deletes blobs, so a known blob stays); and which pack
+  indexes were already read into it;
 - stat cache: for each saved path, the (size, mtime, ctime, inode) it had and
   its chunk list, so an unchanged file is not read again.
 
@@ -20,8 +22,14 @@ from typing import Iterable
 
 import platformdirs
 
+from .format import Location
+
+SCHEMA_VERSION = 2  # bump when the tables change: the cache is rebuilt, never migrated
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS blobs (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS blobs (
+    id BLOB PRIMARY KEY, pack BLOB, offset INTEGER, length INTEGER
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stats (
     path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
     ino INTEGER, chunks BLOB
@@ -41,6 +49,11 @@ def repository_cache_dir(repo_id: str, root: Path | None = None) -> Path:
 
 
 @dataclass(frozen=True)
+class KnownBlob:
+    location: Location | None  # None: a standalone object
+
+
+@dataclass(frozen=True)
 class StatKey:
     size: int
     mtime_ns: int
@@ -57,6 +70,9 @@ class LocalCache:
         self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
+        if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            self._db.executescript("DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS stats; DROP TABLE IF EXISTS indexes;")
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
@@ -65,19 +81,32 @@ class LocalCache:
 
     # known blobs
 
-    def has_blob(self, blob_id: bytes) -> bool:
+    def lookup_blob(self, blob_id: bytes) -> KnownBlob | None:
         with self._lock:
-            return self._db.execute("SELECT 1 FROM blobs WHERE id = ?", (blob_id,)).fetchone() is not None
+            row = self._db.execute("SELECT pack, offset, length FROM blobs WHERE id = ?", (blob_id,)).fetchone()
+        if row is None:
+            return None
+        return KnownBlob(Location(row[0], row[1], row[2]) if row[0] is not None else None)
 
-    def add_blobs(self, ids: Iterable[bytes]) -> None:
+    def add_blobs(self, items: Iterable[tuple[bytes, Location | None]]) -> None:
+        rows = ((i, l.pack, l.offset, l.length) if l else (i, None, None, None) for i, l in items)
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO blobs (id) VALUES (?)", ((i,) for i in ids))
+            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
             self._db.execute("COMMIT")
 
-    def forget_blobs(self) -> None:
+    def known_indexes(self) -> set[str]:
         with self._lock:
-            self._db.execute("DELETE FROM blobs")
+            return {row[0] for row in self._db.execute("SELECT name FROM indexes")}
+
+    def add_index(self, name: str, items: Iterable[tuple[bytes, Location]]) -> None:
+        """Record a pack index and its blobs in one transaction."""
+        rows = [(i, l.pack, l.offset, l.length) for i, l in items]
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
+            self._db.execute("INSERT OR IGNORE INTO indexes (name) VALUES (?)", (name,))
+            self._db.execute("COMMIT")
 
     # stat cache
 

@@ -8,11 +8,11 @@ from typing import Callable
 
 import trio
 
-from .codec import blob_id_from_key
+from .codec import blob_id_from_key, pack_id_from_key
 from .errors import CorruptedData, ObjectMissing
-from .format import BlobKind, EntryKind
+from .format import ChunkRef, EntryKind
 from .keys import Capability
-from .repository import BLOBS_PREFIX, Repository
+from .repository import BLOBS_PREFIX, PACKS_PREFIX, Repository
 
 
 @dataclass
@@ -39,8 +39,9 @@ class Checker:
         self.report = CheckReport()
         self._stored: set[bytes] = set()
         self._dirs_seen: set[bytes] = set()
-        # chunk id -> a place that uses it, for messages
-        self._chunk_users: dict[bytes, str] = {}
+        self._packs: set[bytes] = set()
+        # each distinct chunk reference -> a place that uses it, for messages
+        self._chunk_users: dict[ChunkRef, str] = {}
 
     def problem(self, message: str) -> None:
         self.report.problems.append(message)
@@ -49,6 +50,8 @@ class Checker:
     async def run(self) -> CheckReport:
         keys = await self.repo.storage.list(BLOBS_PREFIX)
         self._stored = {i for i in (blob_id_from_key(k) for k in keys) if i is not None}
+        packs = await self.repo.storage.list(PACKS_PREFIX)
+        self._packs = {p for p in (pack_id_from_key(k) for k in packs) if p is not None}
         tags = await self.repo.list_tags(warn=self.problem)
         for tag in tags:
             self.report.snapshots += 1
@@ -104,17 +107,22 @@ class Checker:
                 if sum(c.size for c in chunks) != entry.size:
                     self.problem(f"{owner}: '{child}': chunk sizes do not add up to the file size")
                 for chunk in chunks:
-                    if chunk.id not in self._chunk_users:
-                        self._chunk_users[chunk.id] = child
-                        if chunk.id not in self._stored:
+                    if chunk not in self._chunk_users:
+                        self._chunk_users[chunk] = child
+                        if not self._present(chunk):
                             self.problem(f"chunk {chunk.id.hex()} used by '{child}' is missing")
+
+    def _present(self, chunk: ChunkRef) -> bool:
+        if chunk.location is None:
+            return chunk.id in self._stored
+        return chunk.location.pack in self._packs
 
     async def _read_all_chunks(self) -> None:
         slots = trio.Semaphore(max(4, self.repo.threads * 4))
 
-        async def verify(chunk_id: bytes, user: str) -> None:
+        async def verify(chunk: ChunkRef, user: str) -> None:
             try:
-                data = await self.repo.read_blob(BlobKind.CHUNK, chunk_id)
+                data = await self.repo.read_chunk(chunk)
                 self.report.bytes_read += len(data)
             except (CorruptedData, ObjectMissing) as exc:
                 self.problem(f"'{user}' is damaged: {exc.message}")
@@ -123,7 +131,7 @@ class Checker:
                 slots.release()
 
         async with trio.open_nursery() as nursery:
-            for chunk_id, user in self._chunk_users.items():
-                if chunk_id in self._stored:
+            for chunk, user in self._chunk_users.items():
+                if self._present(chunk):
                     await slots.acquire()
-                    nursery.start_soon(verify, chunk_id, user)
+                    nursery.start_soon(verify, chunk, user)

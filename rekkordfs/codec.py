@@ -12,13 +12,16 @@ and libsodium release the GIL.
 
 from __future__ import annotations
 
+import hashlib
+import os
+import struct
 import threading
 
 import zstandard
 
 from . import crypto
 from .errors import CapabilityError, CorruptedData
-from .format import ID_SIZE, BlobKind
+from .format import ID_SIZE, PACK_ID_SIZE, BlobKind, Location
 from .keys import Keyset
 
 BLOB_VERSION = 1
@@ -33,9 +36,32 @@ SAMPLE_SIZE = 64 << 10
 MAX_BLOB_SIZE = 256 << 20
 
 
+INDEX_VERSION = 1
+_INDEX_ENTRY = struct.Struct(f"<{ID_SIZE}sII")  # blob id, offset, length
+
+
 def object_key(blob_id: bytes) -> str:
     hex_id = blob_id.hex()
     return f"blobs/{hex_id[:2]}/{hex_id}"
+
+
+def pack_key(pack_id: bytes) -> str:
+    hex_id = pack_id.hex()
+    return f"packs/{hex_id[:2]}/{hex_id}"
+
+
+def index_key(pack_id: bytes) -> str:
+    return f"index/{pack_id.hex()}"
+
+
+
+def pack_id_from_key(key: str) -> bytes | None:
+    """The pack ID named by a pack or index object key."""
+    try:
+        raw = bytes.fromhex(key.rsplit("/", 1)[-1])
+    except ValueError:
+        return None
+    return raw if len(raw) == PACK_ID_SIZE else None
 
 
 def blob_id_from_key(key: str) -> bytes | None:
@@ -53,6 +79,11 @@ class BlobCodec:
         self._sealer = crypto.BlobSealer(keys.data_public) if keys.id_key else None
         self._opener = crypto.BlobOpener(keys.data_secret) if keys.data_secret else None
         self._local = threading.local()
+        # Pack indexes are for writers and readers alike (every key but LogOnly):
+        # they list blob IDs, which object names already reveal, so their key
+        # derives from the blob-ID key that all of these hold.
+        self._index_key = (hashlib.blake2b(keys.id_key, digest_size=crypto.KEY_SIZE, person=b"rekkord-index").digest()
+                           if keys.id_key else None)
 
     def _compressor(self) -> zstandard.ZstdCompressor:
         # zstd contexts are not thread-safe: one per thread.
@@ -121,3 +152,22 @@ class BlobCodec:
         if self.blob_id(kind, data) != blob_id:
             raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
         return data
+
+    # --- pack indexes --------------------------------------------------------
+
+    def seal_index(self, pack_id: bytes, entries: list[tuple[bytes, Location]]) -> bytes:
+        assert self._index_key is not None
+        body = bytes((INDEX_VERSION,)) + b"".join(
+            _INDEX_ENTRY.pack(blob_id, loc.offset, loc.length) for blob_id, loc in entries)
+        nonce = os.urandom(crypto.NONCE_SIZE)
+        return nonce + crypto.aead_encrypt(self._index_key, nonce, b"rekkord-index" + pack_id, body)
+
+    def open_index(self, pack_id: bytes, raw: bytes) -> list[tuple[bytes, Location]]:
+        if self._index_key is None:
+            raise CapabilityError(f"a {self.keys.kind.label} key cannot read pack indexes")
+        nonce, sealed = raw[:crypto.NONCE_SIZE], raw[crypto.NONCE_SIZE:]
+        body = crypto.aead_decrypt(self._index_key, nonce, b"rekkord-index" + pack_id, sealed)
+        if not body or body[0] != INDEX_VERSION or (len(body) - 1) % _INDEX_ENTRY.size:
+            raise CorruptedData(f"pack index {pack_id.hex()} is malformed")
+        return [(blob_id, Location(pack_id, offset, length))
+                for blob_id, offset, length in _INDEX_ENTRY.iter_unpack(body[1:])]

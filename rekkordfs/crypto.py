@@ -87,6 +87,20 @@ def open_sealed(public: bytes, secret: bytes, sealed: bytes) -> bytes:
         raise CorruptedData("sealed record failed authentication") from None
 
 
+# --- symmetric records (pack indexes) ------------------------------------------
+
+
+def aead_encrypt(key: bytes, nonce: bytes, associated: bytes, message: bytes) -> bytes:
+    return sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(message, associated, nonce, key)
+
+
+def aead_decrypt(key: bytes, nonce: bytes, associated: bytes, sealed: bytes) -> bytes:
+    try:
+        return sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(sealed, associated, nonce, key)
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        raise CorruptedData("record failed authentication") from None
+
+
 # --- blob sessions -----------------------------------------------------------
 
 

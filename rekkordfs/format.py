@@ -35,17 +35,32 @@ class EntryKind(enum.IntEnum):
     SOCKET = 7
 
 
+PACK_ID_SIZE = 16
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a packed blob lives: a byte range of a pack object."""
+
+    pack: bytes
+    offset: int
+    length: int
+
+
 @dataclass(frozen=True)
 class ChunkRef:
     id: bytes
-    size: int
+    size: int  # plaintext bytes
+    location: Location | None = None  # None: a standalone object blobs/<id>
 
 
 _ENTRY_HEAD = struct.Struct("<BH")  # kind, name length
 _ENTRY_STAT = struct.Struct("<IIIqqqQIIQH")  # mode uid gid mtime atime ctime size nlink link_id rdev xattr_count
 _XATTR_NAME = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_CHUNK = struct.Struct(f"<{ID_SIZE}sI")
+_CHUNK = struct.Struct(f"<{ID_SIZE}sIB")  # id, size, flags
+_PACKED = struct.Struct(f"<{PACK_ID_SIZE}sII")  # pack, offset, length
+_FLAG_PACKED = 1
 
 
 @dataclass
@@ -86,13 +101,34 @@ class Entry:
 
 
 def encode_chunks(chunks: Iterable[ChunkRef]) -> bytes:
-    return b"".join(_CHUNK.pack(c.id, c.size) for c in chunks)
+    out = bytearray()
+    for c in chunks:
+        if c.location is None:
+            out += _CHUNK.pack(c.id, c.size, 0)
+        else:
+            out += _CHUNK.pack(c.id, c.size, _FLAG_PACKED)
+            out += _PACKED.pack(c.location.pack, c.location.offset, c.location.length)
+    return bytes(out)
 
 
 def decode_chunks(raw: bytes) -> list[ChunkRef]:
-    if len(raw) % _CHUNK.size:
-        raise CorruptedData("file chunk list has a bad length")
-    return [ChunkRef(cid, size) for cid, size in _CHUNK.iter_unpack(raw)]
+    chunks = []
+    pos = 0
+    try:
+        while pos < len(raw):
+            cid, size, flags = _CHUNK.unpack_from(raw, pos)
+            pos += _CHUNK.size
+            location = None
+            if flags & _FLAG_PACKED:
+                pack, offset, length = _PACKED.unpack_from(raw, pos)
+                pos += _PACKED.size
+                location = Location(pack, offset, length)
+            elif flags:
+                raise ValueError("unknown chunk flags")
+            chunks.append(ChunkRef(cid, size, location))
+    except (struct.error, ValueError):
+        raise CorruptedData("file chunk list is malformed") from None
+    return chunks
 
 
 def encode_directory(entries: Iterable[Entry]) -> bytes:
@@ -160,9 +196,7 @@ def _iter_directory(raw: bytes) -> Iterator[Entry]:
         kind = EntryKind(kind_value)
         entry = Entry(kind, name, mode & 0o7777, uid, gid, mtime, atime, ctime, size, nlink, link_id, rdev, xattrs)
         if kind == EntryKind.FILE:
-            if payload_len % _CHUNK.size:
-                raise ValueError("bad chunk list")
-            entry.chunks_raw = payload
+            entry.chunks_raw = payload  # checked when decoded (decode_chunks)
         elif kind == EntryKind.DIRECTORY:
             if payload_len != ID_SIZE:
                 raise ValueError("bad directory reference")

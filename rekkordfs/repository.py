@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import os
 import struct
 from dataclasses import dataclass
@@ -21,20 +22,25 @@ from typing import Callable, TypeVar
 import trio
 
 from . import crypto
-from .cache import LocalCache, repository_cache_dir
-from .codec import BlobCodec, blob_id_from_key, object_key
+from .cache import KnownBlob, LocalCache, repository_cache_dir
+from .codec import BlobCodec, blob_id_from_key, index_key, object_key, pack_id_from_key, pack_key
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RepositoryError
-from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
+from .format import PACK_ID_SIZE, BlobKind, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
 from .keys import Capability, Keyset
 from .storage.base import Storage
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 CONFIG_KEY = "rekkord"
 CONFIG_MAGIC = b"RKREPO"
 CONFIG_VERSION = 1
 TAGS_PREFIX = "tags/"
 BLOBS_PREFIX = "blobs/"
+INDEX_PREFIX = "index/"
+PACKS_PREFIX = "packs/"
+PACK_TARGET = 8 << 20  # a pack is written once it holds this much
+PACK_BLOB_LIMIT = 256 << 10  # smaller sealed chunks go into packs
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
 
 
@@ -76,6 +82,49 @@ def _tag_from_key(key: str) -> bytes:
     return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4))
 
 
+class PackWriter:
+    """Gathers small sealed chunks into pack objects, each with an index.
+
+    A chunk's location is known as soon as it is added, so file entries can
+    refer to it at once; the pack (then its index) is written when full or on
+    flush(), which publish_snapshot() calls before anything refers to it
+    durably.
+    """
+
+    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None]) -> None:
+        self.storage = storage
+        self.codec = codec
+        self.forget = forget  # called with the blob IDs of a pack that failed to upload
+        self._start()
+
+    def _start(self) -> None:
+        self.pack_id = crypto.random_bytes(PACK_ID_SIZE)
+        self.buffer = bytearray()
+        self.entries: list[tuple[bytes, Location]] = []
+
+    def add(self, blob_id: bytes, packed: bytes | bytearray) -> Location:
+        location = Location(self.pack_id, len(self.buffer), len(packed))
+        self.buffer += packed
+        self.entries.append((blob_id, location))
+        return location
+
+    def full(self) -> bool:
+        return len(self.buffer) >= PACK_TARGET
+
+    async def flush(self) -> None:
+        if not self.entries:
+            return
+        pack_id, buffer, entries = self.pack_id, self.buffer, self.entries
+        self._start()  # adds may go on while this pack uploads
+        try:
+            await self.storage.put(pack_key(pack_id), buffer)
+            index = await trio.to_thread.run_sync(self.codec.seal_index, pack_id, entries)
+            await self.storage.put(index_key(pack_id), index)
+        except BaseException:
+            self.forget([blob_id for blob_id, _ in entries])  # nothing may refer to them now
+            raise
+
+
 class Repository:
     def __init__(self, storage: Storage, keys: Keyset, config: RepoConfig, threads: int = 2) -> None:
         self.storage = storage
@@ -85,8 +134,9 @@ class Repository:
         self.codec = BlobCodec(keys)
         # CPU-bound work (hash, compress, seal, open) runs under this limiter.
         self.cpu = trio.CapacityLimiter(threads)
-        self._known: set[bytes] = set()
+        self._known: dict[bytes, KnownBlob] = {}  # stored by this session
         self._cache: LocalCache | None = None
+        self._packer = PackWriter(storage, self.codec, self._forget)
         self._zero_chunk_id: bytes | None = None
 
     # --- lifecycle -----------------------------------------------------------
@@ -137,38 +187,88 @@ class Repository:
 
     # --- blobs ---------------------------------------------------------------
 
+    def known(self, blob_id: bytes) -> KnownBlob | None:
+        """Where a blob is stored, if certainly stored (thread-safe)."""
+        found = self._known.get(blob_id)
+        return found if found is not None else self.cache.lookup_blob(blob_id)
+
     def is_known(self, blob_id: bytes) -> bool:
-        """True when the blob is certainly stored (thread-safe)."""
-        return blob_id in self._known or self.cache.has_blob(blob_id)
+        return self.known(blob_id) is not None
 
-    def mark_known(self, blob_id: bytes) -> None:
-        self._known.add(blob_id)
+    def _forget(self, blob_ids: list[bytes]) -> None:
+        for blob_id in blob_ids:
+            self._known.pop(blob_id, None)
 
-    def session_blobs(self) -> set[bytes]:
-        return self._known
+    def session_blobs(self) -> list[tuple[bytes, Location | None]]:
+        """Blobs stored by this session, to remember once they are durable."""
+        return [(blob_id, known.location) for blob_id, known in self._known.items()]
 
     async def prepare_write(self) -> None:
-        """Before writing: on hosts that may overwrite, learn which blobs exist."""
+        """Before writing: learn which blobs other writers stored.
+
+        New pack indexes go into the known-blob cache (so small blobs another
+        machine packed are not packed again); on hosts that may overwrite,
+        existing standalone blobs are listed too.
+        """
         self.keys.require(Capability.WRITE)
+        await self._load_indexes()
         if not self.storage.conditional_writes:
             keys = await self.storage.list(BLOBS_PREFIX)
-            ids = [i for i in (blob_id_from_key(k) for k in keys) if i is not None]
+            ids = [(i, None) for i in (blob_id_from_key(k) for k in keys) if i is not None]
             await trio.to_thread.run_sync(self.cache.add_blobs, ids)
 
-    async def put_packed(self, blob_id: bytes, packed: bytes) -> bool:
-        """Store an already packed blob; True when it was new."""
-        written = await self.storage.put(object_key(blob_id), packed)
-        self._known.add(blob_id)
-        return written
+    async def _load_indexes(self) -> None:
+        names = await self.storage.list(INDEX_PREFIX)
+        seen = await trio.to_thread.run_sync(self.cache.known_indexes)
+        slots = trio.Semaphore(16)
 
-    async def put_many(self, items: list[tuple[bytes, bytearray]]) -> list[bool]:
-        """Store many packed blobs at once; for each, whether it was new."""
-        written = await self.storage.put_many([(object_key(blob_id), packed) for blob_id, packed in items])
-        self._known.update(blob_id for blob_id, _ in items)
-        return written
+        async def load(name: str, pack_id: bytes) -> None:
+            async with slots:
+                raw = await self.storage.get(name)
+            try:
+                entries = self.codec.open_index(pack_id, raw)
+            except CorruptedData as exc:
+                log.warning("ignoring pack index %s: %s", name, exc.message)
+                return
+            await trio.to_thread.run_sync(self.cache.add_index, name, entries)
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                pack_id = pack_id_from_key(name)
+                if pack_id is not None and name not in seen:
+                    nursery.start_soon(load, name, pack_id)
+
+    async def store_chunks(self, items: list[tuple[bytes, bytearray]]) -> list[tuple[Location | None, bool]]:
+        """Store sealed chunks unless known: small ones into packs, others alone.
+
+        Returns, for each, where it is stored and whether this call stored it.
+        """
+        results: list[tuple[Location | None, bool] | None] = [None] * len(items)
+        alone: list[tuple[int, bytes, bytearray]] = []
+        for index, (blob_id, packed) in enumerate(items):
+            known = self.known(blob_id)
+            if known is not None:
+                results[index] = (known.location, False)
+            elif len(packed) < PACK_BLOB_LIMIT:
+                location = self._packer.add(blob_id, packed)
+                self._known[blob_id] = KnownBlob(location)
+                results[index] = (location, True)
+            else:
+                self._known[blob_id] = KnownBlob(None)  # a twin in this batch is then known
+                alone.append((index, blob_id, packed))
+        if alone:
+            written = await self.storage.put_many([(object_key(blob_id), packed) for _, blob_id, packed in alone])
+            for (index, _, _), was_new in zip(alone, written):
+                results[index] = (None, was_new)
+        if self._packer.full():
+            await self._packer.flush()
+        return [r for r in results if r is not None]
+
+    async def flush_packs(self) -> None:
+        await self._packer.flush()
 
     async def write_blob(self, kind: BlobKind, data: bytes) -> tuple[bytes, int]:
-        """Hash, pack and store a blob unless known; returns (id, bytes stored)."""
+        """Hash, seal and store a standalone blob unless known; returns (id, bytes stored)."""
 
         def prepare() -> tuple[bytes, bytes | None]:
             blob_id = self.codec.blob_id(kind, data)
@@ -179,7 +279,8 @@ class Repository:
         blob_id, packed = await self.run_cpu(prepare)
         if packed is None:
             return blob_id, 0
-        written = await self.put_packed(blob_id, packed)
+        written = await self.storage.put(object_key(blob_id), packed)
+        self._known[blob_id] = KnownBlob(None)
         return blob_id, len(packed) if written else 0
 
     def is_zero_chunk(self, chunk: ChunkRef) -> bool:
@@ -195,16 +296,28 @@ class Repository:
             self._zero_chunk_id = self.codec.blob_id(BlobKind.CHUNK, bytes(size))
         return chunk.id == self._zero_chunk_id
 
-    async def read_raw(self, blob_id: bytes) -> bytes:
-        return await self.storage.get(object_key(blob_id))
-
-    async def read_blob(self, kind: BlobKind, blob_id: bytes) -> bytes:
-        self.keys.require(Capability.READ)
+    async def read_raw(self, blob_id: bytes, location: Location | None = None) -> bytes:
+        """The stored (sealed) bytes of a blob, from its pack when it has one."""
         try:
-            raw = await self.read_raw(blob_id)
+            if location is None:
+                return await self.storage.get(object_key(blob_id))
+            raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
         except ObjectMissing:
-            raise ObjectMissing(f"blob {blob_id.hex()} is missing from the repository") from None
+            where = f" (pack {location.pack.hex()})" if location else ""
+            raise ObjectMissing(f"blob {blob_id.hex()}{where} is missing from the repository") from None
+        if len(raw) != location.length:
+            raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
+        return raw
+
+    async def read_blob(self, kind: BlobKind, blob_id: bytes) -> bytes | bytearray:
+        self.keys.require(Capability.READ)
+        raw = await self.read_raw(blob_id)
         return await self.run_cpu(self.codec.unpack, kind, blob_id, raw)
+
+    async def read_chunk(self, chunk: ChunkRef) -> bytes | bytearray:
+        self.keys.require(Capability.READ)
+        raw = await self.read_raw(chunk.id, chunk.location)
+        return await self.run_cpu(self.codec.unpack, BlobKind.CHUNK, chunk.id, raw)
 
     async def read_directory(self, dir_id: bytes) -> list[Entry]:
         raw = await self.read_blob(BlobKind.DIRECTORY, dir_id)
@@ -220,6 +333,7 @@ class Repository:
         self.keys.require(Capability.WRITE)
         snapshot.signer = self.keys.signer
         snapshot.signature = self.keys.sign(snapshot.signed_part())
+        await self.flush_packs()
         await self.storage.flush()  # everything the snapshot refers to is durable first
         snapshot_id, _ = await self.write_blob(BlobKind.SNAPSHOT, snapshot.encode())
         tag = Tag(snapshot_id, snapshot.channel, snapshot.time_ns, snapshot.size, snapshot.stored)

@@ -310,7 +310,7 @@ class RestoreSession:
         if self.repo.is_zero_chunk(chunk):
             return  # leave a hole; _finish_file sets the final size
         try:
-            data = await self.repo.read_blob(BlobKind.CHUNK, chunk.id)
+            data = await self.repo.read_chunk(chunk)
         except CorruptedData as exc:
             raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
         if len(data) != chunk.size:

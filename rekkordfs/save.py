@@ -27,6 +27,9 @@ from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
 
+# A chunk ready to store: (blob ID, plaintext size, sealed bytes or None when known)
+Prepared = tuple[bytes, int, "bytearray | None"]
+
 SMALL_FILE = 2 << 20  # read in one go, together with other small files
 BATCH_FILES = 64  # small files handled per thread hop...
 BATCH_BYTES = 8 << 20  # ...up to this many bytes; also the read size for large files
@@ -365,27 +368,20 @@ class SaveSession:
                 raise OSError(errno.EIO, "its first hardlink could not be read")
             job.entry.chunks_raw, job.entry.size = job.first.chunks_raw, job.first.size
             return
-        size, chunks = await self._process_large(job)
-        job.entry.chunks_raw = encode_chunks(chunks)
-        job.entry.size = size
+        await self._process_large(job)
 
     async def _process_batch(self, batch: list[FileJob]) -> None:
-        """Read, chunk, hash and pack many small files in one thread hop."""
+        """Read, chunk, hash and seal many small files in one thread hop."""
         outcomes = await self.repo.run_cpu(self._prepare_batch, batch)
-        new = [item for outcome in outcomes if not isinstance(outcome, OSError) for item in outcome[2]]
-        if new:
-            written = await self.repo.put_many([(blob_id, packed) for blob_id, packed, _ in new])
-            for (_, packed, plain_size), was_new in zip(new, written):
-                if was_new:
-                    self.stats.bytes_new += plain_size
-                    self.stats.bytes_stored += len(packed)
+        prepared = [chunk for outcome in outcomes if not isinstance(outcome, OSError) for chunk in outcome[1]]
+        refs = iter(await self._store(prepared))
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, OSError):
                 await self._job_done(job, outcome)
                 continue
-            size, chunks, _ = outcome
-            job.entry.chunks_raw = encode_chunks(chunks)
-            job.entry.size = size
+            size, chunks, unchanged = outcome
+            self.stats.bytes_read += size
+            self._set_content(job, size, [next(refs) for _ in chunks], unchanged)
             await self._job_done(job, None)
 
     def _prepare_batch(self, batch: list[FileJob]) -> list:
@@ -398,36 +394,49 @@ class SaveSession:
                 outcomes.append(exc)
         return outcomes
 
-    def _prepare_small(self, path: bytes, key: StatKey,
-                       seen: set[bytes]) -> tuple[int, list[ChunkRef], list[tuple[bytes, bytearray, int]]]:
+    def _prepare_small(self, path: bytes, key: StatKey, seen: set[bytes]) -> tuple[int, list[Prepared], bool]:
         with _open_regular(path) as handle:
             data = handle.read()
             unchanged = self._unchanged(handle, key)
         codec, repo = self.repo.codec, self.repo
-        chunks: list[ChunkRef] = []
-        new: list[tuple[bytes, bytearray, int]] = []
+        chunks: list[Prepared] = []
         for view in self.chunker.split(data):
             blob_id = codec.blob_id(BlobKind.CHUNK, view)
-            chunks.append(ChunkRef(blob_id, len(view)))
-            if blob_id not in seen and not repo.is_known(blob_id):
+            if blob_id in seen or repo.is_known(blob_id):
+                chunks.append((blob_id, len(view), None))
+            else:
                 seen.add(blob_id)
-                new.append((blob_id, codec.pack(BlobKind.CHUNK, view), len(view)))
-        self._account_read(path, key, len(data), chunks, unchanged)
-        return len(data), chunks, new
+                chunks.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
+        return len(data), chunks, unchanged
+
+    async def _store(self, prepared: list[Prepared]) -> list[ChunkRef]:
+        """Store the sealed chunks; refer to every chunk by where it is stored."""
+        sealed = [(blob_id, packed) for blob_id, _, packed in prepared if packed is not None]
+        if sealed:
+            outcomes = await self.repo.store_chunks(sealed)
+            sizes = [size for _, size, packed in prepared if packed is not None]
+            for (_, packed), (_, was_new), size in zip(sealed, outcomes, sizes):
+                if was_new:
+                    self.stats.bytes_new += size
+                    self.stats.bytes_stored += len(packed)
+        refs = []
+        for blob_id, size, _ in prepared:
+            known = self.repo.known(blob_id)
+            assert known is not None, "a chunk is referenced before it is stored"
+            refs.append(ChunkRef(blob_id, size, known.location))
+        return refs
+
+    def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
+        job.entry.chunks_raw = encode_chunks(chunks)
+        job.entry.size = size
+        if unchanged:
+            self._stat_rows.append((job.path, job.key, job.entry.chunks_raw))
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
         st = os.fstat(handle.fileno())
         return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == key
 
-    def _account_read(self, path: bytes, key: StatKey, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
-        # Called from worker threads; list.append and int += on distinct
-        # attributes are safe enough for statistics under the GIL, and the
-        # stat rows are only read after every worker has finished.
-        self.stats.bytes_read += size
-        if unchanged:
-            self._stat_rows.append((path, key, encode_chunks(chunks)))
-
-    async def _process_large(self, job: FileJob) -> tuple[int, list[ChunkRef]]:
+    async def _process_large(self, job: FileJob) -> None:
         handle = await trio.to_thread.run_sync(_open_regular, job.path)
         slots: list[ChunkRef | None] = []
         try:
@@ -447,28 +456,21 @@ class SaveSession:
         chunks = [c for c in slots if c is not None]
         assert len(chunks) == len(slots)
         size = sum(c.size for c in chunks)
-        self._account_read(job.path, job.key, size, chunks, unchanged)
-        return size, chunks
+        self.stats.bytes_read += size
+        self._set_content(job, size, chunks, unchanged)
 
     async def _store_chunk(self, slots: list[ChunkRef | None], index: int, data: memoryview) -> None:
         try:
-            blob_id, packed = await self.repo.run_cpu(self._hash_and_pack, data)
-            if packed is not None:
-                await self._put(blob_id, packed, len(data))
-            slots[index] = ChunkRef(blob_id, len(data))
+            prepared = await self.repo.run_cpu(self._hash_and_seal, data)
+            slots[index] = (await self._store([prepared]))[0]
         finally:
             self.inflight.release()
 
-    def _hash_and_pack(self, data: memoryview) -> tuple[bytes, bytearray | None]:
+    def _hash_and_seal(self, data: memoryview) -> Prepared:
         blob_id = self.repo.codec.blob_id(BlobKind.CHUNK, data)
         if self.repo.is_known(blob_id):
-            return blob_id, None
-        return blob_id, self.repo.codec.pack(BlobKind.CHUNK, data)
-
-    async def _put(self, blob_id: bytes, packed: bytearray, plain_size: int) -> None:
-        if await self.repo.put_packed(blob_id, packed):
-            self.stats.bytes_new += plain_size
-            self.stats.bytes_stored += len(packed)
+            return blob_id, len(data), None
+        return blob_id, len(data), self.repo.codec.pack(BlobKind.CHUNK, data)
 
     async def _child_done(self, node: DirNode) -> None:
         node.pending -= 1

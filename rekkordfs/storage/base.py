@@ -58,6 +58,11 @@ class Storage(ABC):
     async def get(self, key: str) -> bytes:
         """Return the object's bytes or raise ObjectMissing."""
 
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        """length bytes of the object from offset (fewer at its end)."""
+        data = await self.get(key)
+        return data[offset:offset + length]
+
     @abstractmethod
     async def exists(self, key: str) -> bool:
         ...

@@ -168,6 +168,23 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._error(exc, "read", key) from None
 
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return await self._run(self._get_range_sync, key, offset, length)
+
+    def _get_range_sync(self, key: str, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(os.path.join(self.root, key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissing(f"object '{key}' is missing from '{self.root}'") from None
+        except OSError as exc:
+            raise self._error(exc, "read", key) from None
+        try:
+            return os.pread(fd, length, offset)
+        except OSError as exc:
+            raise self._error(exc, "read", key) from None
+        finally:
+            os.close(fd)
+
     async def exists(self, key: str) -> bool:
         return await self._run(os.path.exists, os.path.join(self.root, key))
 

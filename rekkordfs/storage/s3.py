@@ -186,6 +186,17 @@ class S3Storage(Storage):
         with response["Body"] as body:
             return body.read()
 
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        return await self._call("read", key, self._get_range_sync, self._prefix + key, offset, length)
+
+    def _get_range_sync(self, full_key: str, offset: int, length: int) -> bytes:
+        byte_range = f"bytes={offset}-{offset + length - 1}"
+        response = self._client.get_object(Bucket=self.location.bucket, Key=full_key, Range=byte_range)
+        with response["Body"] as body:
+            return body.read()
+
     async def exists(self, key: str) -> bool:
         return await self._call("check", key, self._exists_sync, self._prefix + key)
 

@@ -38,6 +38,10 @@ from .base import Storage
 T = TypeVar("T")
 
 DEFAULT_PORT = 22
+# SFTP channels on the one SSH connection: OpenSSH serves each channel with one
+# sequential sftp-server, which blocks on every disk write and fsync; a few
+# channels keep the server side busy in parallel.
+SESSIONS = 4
 # Ciphers with hardware (AES-NI) support first: the transport is the bottleneck.
 CIPHERS = [
     "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
@@ -190,9 +194,11 @@ class SFTPStorage(Storage):
         self._requests = trio.Semaphore(max(16, threads * 8))
         self._thread: AsyncioThread | None = None
         self._conn: Any = None
-        self._sftp: Any = None
+        self._sessions: list[Any] = []  # SFTP clients, one per channel
+        self._busy: list[int] = []  # operations running on each
         self._connecting: asyncio.Lock | None = None
-        self._use_link = True
+        self._fsync = True  # until the server says it lacks fsync@openssh.com
+        self._closing: set[asyncio.Future[Any]] = set()
 
     @property
     def description(self) -> str:
@@ -230,7 +236,7 @@ class SFTPStorage(Storage):
             await trio.to_thread.run_sync(thread.stop)
 
     async def _close(self) -> None:
-        conn, self._conn, self._sftp = self._conn, None, None
+        conn, self._conn, self._sessions = self._conn, None, []
         if conn is not None:
             conn.close()
             await conn.wait_closed()
@@ -243,6 +249,9 @@ class SFTPStorage(Storage):
     async def get(self, key: str) -> bytes:
         return await self._run("read", key, self._get, key)
 
+    async def get_range(self, key: str, offset: int, length: int) -> bytes:
+        return await self._run("read", key, self._get_range, key, offset, length)
+
     async def exists(self, key: str) -> bool:
         return await self._run("check", key, self._exists, key)
 
@@ -252,8 +261,8 @@ class SFTPStorage(Storage):
     async def delete(self, key: str) -> None:
         await self._run("delete", key, self._delete, key)
 
-    # flush(): each put() fsyncs its file before naming it (fsync@openssh.com),
-    # so everything put so far is already durable.
+    # flush(): each put() fsyncs its file before naming it (fsync@openssh.com,
+    # where the server offers it), so everything put so far is already durable.
 
     # --- the trio side -----------------------------------------------------------
 
@@ -272,27 +281,36 @@ class SFTPStorage(Storage):
     async def _with_reconnect(self, op: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
         import asyncssh
 
-        await self._ensure_connected()
         try:
-            return await op(*args)
+            return await self._on_session(op, args)
         except (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.ConnectionLost,
                 ConnectionError) as exc:
             # The server restarted or the network blinked: try once more on a
             # new connection (an op that had completed is harmless to repeat).
             await self._drop(exc)
             await asyncio.sleep(0.5)
-            await self._ensure_connected()
-            return await op(*args)
+            return await self._on_session(op, args)
+
+    async def _on_session(self, op: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
+        """op(sftp, *args) on the least busy SFTP channel."""
+        await self._ensure_connected()
+        sessions, busy = self._sessions, self._busy
+        index = min(range(len(sessions)), key=busy.__getitem__)
+        busy[index] += 1
+        try:
+            return await op(sessions[index], *args)
+        finally:
+            busy[index] -= 1
 
     # --- the asyncio side (runs on the SFTP thread) ---------------------------------
 
     async def _ensure_connected(self) -> None:
-        if self._sftp is not None:
+        if self._sessions:
             return
         if self._connecting is None:
             self._connecting = asyncio.Lock()
         async with self._connecting:
-            if self._sftp is None:
+            if not self._sessions:
                 await self._open_connection()
 
     async def _open_connection(self) -> None:
@@ -325,11 +343,11 @@ class SFTPStorage(Storage):
         except asyncssh.PermissionDenied:
             raise StorageError(self._login_refused()) from None
         try:
-            sftp = await conn.start_sftp_client()
+            sessions = [await conn.start_sftp_client() for _ in range(SESSIONS)]
         except BaseException:
             conn.close()
             raise
-        self._conn, self._sftp = conn, sftp
+        self._conn, self._sessions, self._busy = conn, sessions, [0] * len(sessions)
 
     def _load_key(self, path: str) -> Any:
         import asyncssh
@@ -377,23 +395,21 @@ class SFTPStorage(Storage):
         return f"SFTP server {self.host_port} refused login as '{self.user}': {how}"
 
     async def _drop(self, _exc: BaseException) -> None:
-        conn, self._conn, self._sftp = self._conn, None, None
+        conn, self._conn, self._sessions = self._conn, None, []
         if conn is not None:
             conn.abort()
 
-    async def _create(self) -> None:
+    async def _create(self, sftp: Any) -> None:
         import asyncssh
 
-        sftp = self._sftp
         if await sftp.exists(self.root):
             if not await sftp.isdir(self.root):
                 raise StorageError(f"{self.description} exists and is not a folder")
             existing = set(await sftp.listdir(self.root)) - {".", ".."}
             if existing and "rekkord" not in existing:
                 raise StorageError(f"folder {self.description} is not empty")
-        await sftp.makedirs(self._path("tmp"), exist_ok=True)
-        await sftp.makedirs(self._path("tags"), exist_ok=True)
-        await sftp.makedirs(self._path("blobs"), exist_ok=True)
+        for folder in ("tmp", "tags", "blobs"):
+            await sftp.makedirs(self._path(folder), exist_ok=True)
 
         async def mkdir(name: str) -> None:
             try:
@@ -404,79 +420,108 @@ class SFTPStorage(Storage):
 
         await _gather_limited([mkdir(f"{i:02x}") for i in range(256)], 64)
 
-    async def _noop(self) -> None:
+    async def _noop(self, sftp: Any) -> None:
         pass
 
-    async def _isdir(self, path: str) -> bool:
-        return bool(await self._sftp.isdir(path))
+    async def _isdir(self, sftp: Any, path: str) -> bool:
+        return bool(await sftp.isdir(path))
 
-    async def _put(self, key: str, data: bytes) -> bool:
+    async def _put(self, sftp: Any, key: str, data: bytes) -> bool:
+        """Four round trips: open, writes, fsync+close, rename."""
         import asyncssh
 
-        sftp = self._sftp
         final = self._path(key)
         tmp = self._path(f"tmp/{secrets.token_hex(12)}")
-        await self._retry_missing_folder(tmp, lambda: self._write_file(tmp, data))
+        await self._retry_missing_folder(sftp, tmp, lambda: self._write_file(sftp, tmp, data))
         try:
-            try:
-                await self._retry_missing_folder(final, lambda: self._name(tmp, final))
-            except asyncssh.SFTPFailure:
-                # A generic failure is what OpenSSH answers for EEXIST.
-                if await sftp.exists(final):
-                    return False
-                raise
-            return True
-        finally:
-            try:
-                await sftp.remove(tmp)
-            except asyncssh.SFTPNoSuchFile:
-                pass  # renamed away
+            # SFTP v3 rename fails when the target exists (OpenSSH links then
+            # unlinks), unlike posix-rename@openssh.com which would replace it.
+            await self._retry_missing_folder(sftp, final, lambda: sftp.rename(tmp, final))
+        except asyncssh.SFTPFailure:
+            self._forget(sftp, tmp)
+            if await sftp.exists(final):  # OpenSSH answers a generic failure for EEXIST
+                return False
+            raise
+        except BaseException:
+            self._forget(sftp, tmp)
+            raise
+        return True
 
-    async def _write_file(self, path: str, data: bytes) -> None:
-        async with self._sftp.open(path, "wb") as handle:
-            await handle.write(data)
-            if self._sftp._handler._supports_fsync:  # noqa: SLF001 - asyncssh exposes no public flag
-                await handle.fsync()
-
-    async def _name(self, tmp: str, final: str) -> None:
+    async def _write_file(self, sftp: Any, path: str, data: bytes) -> None:
         import asyncssh
 
-        if self._use_link:
-            try:
-                await self._sftp.link(tmp, final)
-                return
-            except asyncssh.SFTPOpUnsupported:
-                self._use_link = False
-        await self._sftp.rename(tmp, final)  # SFTP v3 rename refuses to replace
+        handle = await sftp.open(path, "wb")
+        try:
+            await handle.write(data)
+        except BaseException:
+            self._background(handle.close())
+            raise
+        # One round trip for both: the server handles a channel's requests in order.
+        steps = [handle.fsync()] if self._fsync else []
+        for result in await asyncio.gather(*steps, handle.close(), return_exceptions=True):
+            if isinstance(result, asyncssh.SFTPOpUnsupported):
+                self._fsync = False  # a server without fsync@openssh.com
+            elif isinstance(result, BaseException):
+                raise result
 
-    async def _retry_missing_folder(self, path: str, action: Callable[[], Awaitable[None]]) -> None:
+    def _forget(self, sftp: Any, path: str) -> None:
+        """Remove a temporary file in the background (best effort)."""
+        self._background(sftp.remove(path))
+
+    def _background(self, awaitable: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(awaitable)
+        self._closing.add(task)
+
+        def done(finished: asyncio.Future[Any]) -> None:
+            self._closing.discard(finished)
+            if not finished.cancelled():
+                finished.exception()  # retrieved: a failed cleanup is not worth an error
+
+        task.add_done_callback(done)
+
+    async def _retry_missing_folder(self, sftp: Any, path: str, action: Callable[[], Awaitable[None]]) -> None:
         import asyncssh
 
         try:
             await action()
         except asyncssh.SFTPNoSuchFile:
-            await self._sftp.makedirs(posixpath.dirname(path), exist_ok=True)
+            await sftp.makedirs(posixpath.dirname(path), exist_ok=True)
             await action()
 
-    async def _get(self, key: str) -> bytes:
-        async with self._sftp.open(self._path(key), "rb") as handle:
-            return await handle.read()
+    async def _get(self, sftp: Any, key: str) -> bytes:
+        """Two round trips: stat and open together, then all reads in parallel."""
+        path = self._path(key)
+        attrs, handle = await asyncio.gather(sftp.stat(path), sftp.open(path, "rb"), return_exceptions=True)
+        if isinstance(handle, BaseException):
+            raise handle
+        try:
+            if isinstance(attrs, BaseException):
+                raise attrs
+            return await handle.read(attrs.size, 0)
+        finally:
+            self._background(handle.close())  # nothing waits for the close
 
-    async def _exists(self, key: str) -> bool:
-        return bool(await self._sftp.exists(self._path(key)))
+    async def _get_range(self, sftp: Any, key: str, offset: int, length: int) -> bytes:
+        handle = await sftp.open(self._path(key), "rb")
+        try:
+            return await handle.read(length, offset)
+        finally:
+            self._background(handle.close())
 
-    async def _delete(self, key: str) -> None:
+    async def _exists(self, sftp: Any, key: str) -> bool:
+        return bool(await sftp.exists(self._path(key)))
+
+    async def _delete(self, sftp: Any, key: str) -> None:
         import asyncssh
 
         try:
-            await self._sftp.remove(self._path(key))
+            await sftp.remove(self._path(key))
         except asyncssh.SFTPNoSuchFile:
             pass
 
-    async def _list(self, prefix: str) -> list[str]:
+    async def _list(self, sftp: Any, prefix: str) -> list[str]:
         import asyncssh
 
-        sftp = self._sftp
         keys: list[str] = []
         start = prefix.rstrip("/")
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import trio
 
-from .errors import CorruptedData, RestoreError
+from .errors import CorruptedData, ObjectMissing, RestoreError
 from .format import BlobKind, ChunkRef, Entry, EntryKind
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
@@ -311,8 +311,8 @@ class RestoreSession:
             return  # leave a hole; _finish_file sets the final size
         try:
             data = await self.repo.read_chunk(chunk)
-        except CorruptedData as exc:
-            raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
+        except (CorruptedData, ObjectMissing) as exc:
+            raise type(exc)(f"'{self._show(parts)}': {exc.message}") from None
         if len(data) != chunk.size:
             raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
         await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)

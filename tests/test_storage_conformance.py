@@ -162,6 +162,25 @@ def test_roundtrip_sizes_and_long_names(backend: Backend) -> None:
     run(body)
 
 
+def test_get_range(backend: Backend) -> None:
+    data = os.urandom(3 << 20)
+
+    async def body() -> None:
+        storage = await fresh(backend)
+        try:
+            await storage.put("blobs/0a/ranged", data)
+            assert await storage.get_range("blobs/0a/ranged", 0, 10) == data[:10]
+            assert await storage.get_range("blobs/0a/ranged", 1_000_001, 1_500_000) == data[1_000_001:2_500_001]
+            assert await storage.get_range("blobs/0a/ranged", len(data) - 5, 100) == data[-5:]  # short at the end
+            assert await storage.get_range("blobs/0a/ranged", len(data) + 10, 100) == b""
+            with pytest.raises(ObjectMissing):
+                await storage.get_range("blobs/0a/absent", 0, 10)
+        finally:
+            await storage.aclose()
+
+    run(body)
+
+
 def test_missing_object(backend: Backend) -> None:
     async def body() -> None:
         storage = await fresh(backend)

@@ -192,8 +192,15 @@ class S3Storage(Storage):
         return await self._call("read", key, self._get_range_sync, self._prefix + key, offset, length)
 
     def _get_range_sync(self, full_key: str, offset: int, length: int) -> bytes:
+        from botocore.exceptions import ClientError
+
         byte_range = f"bytes={offset}-{offset + length - 1}"
-        response = self._client.get_object(Bucket=self.location.bucket, Key=full_key, Range=byte_range)
+        try:
+            response = self._client.get_object(Bucket=self.location.bucket, Key=full_key, Range=byte_range)
+        except ClientError as exc:
+            if _code_status(exc)[0] == "InvalidRange":
+                return b""  # 416: the range starts at or past the end, like reading past EOF
+            raise
         with response["Body"] as body:
             return body.read()
 

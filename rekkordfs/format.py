@@ -92,8 +92,7 @@ class Entry:
         if self.kind == EntryKind.FILE:
             return self.chunks_raw
         if self.kind == EntryKind.DIRECTORY:
-            assert self.dir_id is not None and len(self.dir_id) == ID_SIZE
-            return self.dir_id
+            return self.dir_id or b""  # only a snapshot's root metadata has none
         if self.kind == EntryKind.SYMLINK:
             assert self.target is not None
             return self.target
@@ -131,21 +130,67 @@ def decode_chunks(raw: bytes) -> list[ChunkRef]:
     return chunks
 
 
+def _encode_entry(entry: Entry, out: bytearray) -> None:
+    out += _ENTRY_HEAD.pack(entry.kind, len(entry.name))
+    out += entry.name
+    out += _ENTRY_STAT.pack(
+        entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.atime_ns, entry.ctime_ns,
+        entry.size, entry.nlink, entry.link_id, entry.rdev, len(entry.xattrs),
+    )
+    for name, value in entry.xattrs:
+        out += _XATTR_NAME.pack(len(name)) + name + _U32.pack(len(value)) + value
+    payload = entry.payload()
+    out += _U32.pack(len(payload)) + payload
+
+
+def _decode_entry(raw: bytes, pos: int) -> tuple[Entry, int]:
+    """One entry starting at pos; its name is not validated here."""
+    kind_value, name_len = _ENTRY_HEAD.unpack_from(raw, pos)
+    pos += _ENTRY_HEAD.size
+    name = raw[pos:pos + name_len]
+    pos += name_len
+    if len(name) != name_len:
+        raise ValueError("truncated name")
+    (mode, uid, gid, mtime, atime, ctime, size, nlink, link_id, rdev, nxattr) = _ENTRY_STAT.unpack_from(raw, pos)
+    pos += _ENTRY_STAT.size
+    xattrs = []
+    for _ in range(nxattr):
+        (xname_len,) = _XATTR_NAME.unpack_from(raw, pos)
+        pos += _XATTR_NAME.size
+        xname = raw[pos:pos + xname_len]
+        pos += xname_len
+        (value_len,) = _U32.unpack_from(raw, pos)
+        pos += _U32.size
+        value = raw[pos:pos + value_len]
+        pos += value_len
+        if len(xname) != xname_len or len(value) != value_len:
+            raise ValueError("truncated xattr")
+        xattrs.append((xname, value))
+    (payload_len,) = _U32.unpack_from(raw, pos)
+    pos += _U32.size
+    payload = raw[pos:pos + payload_len]
+    pos += payload_len
+    if len(payload) != payload_len:
+        raise ValueError("truncated payload")
+    kind = EntryKind(kind_value)
+    entry = Entry(kind, name, mode & 0o7777, uid, gid, mtime, atime, ctime, size, nlink, link_id, rdev, xattrs)
+    if kind == EntryKind.FILE:
+        entry.chunks_raw = payload  # checked when decoded (decode_chunks)
+    elif kind == EntryKind.DIRECTORY:
+        if payload_len not in (0, ID_SIZE):
+            raise ValueError("bad directory reference")
+        entry.dir_id = payload or None
+    elif kind == EntryKind.SYMLINK:
+        entry.target = payload
+    return entry, pos
+
+
 def encode_directory(entries: Iterable[Entry]) -> bytes:
     """Entries are written sorted by name so equal trees give equal records."""
     ordered = sorted(entries, key=lambda e: e.name)
     out = bytearray(struct.pack("<BI", RECORD_VERSION, len(ordered)))
     for entry in ordered:
-        out += _ENTRY_HEAD.pack(entry.kind, len(entry.name))
-        out += entry.name
-        out += _ENTRY_STAT.pack(
-            entry.mode, entry.uid, entry.gid, entry.mtime_ns, entry.atime_ns, entry.ctime_ns,
-            entry.size, entry.nlink, entry.link_id, entry.rdev, len(entry.xattrs),
-        )
-        for name, value in entry.xattrs:
-            out += _XATTR_NAME.pack(len(name)) + name + _U32.pack(len(value)) + value
-        payload = entry.payload()
-        out += _U32.pack(len(payload)) + payload
+        _encode_entry(entry, out)
     return bytes(out)
 
 
@@ -163,46 +208,14 @@ def _iter_directory(raw: bytes) -> Iterator[Entry]:
     pos = 5
     previous = None
     for _ in range(count):
-        kind_value, name_len = _ENTRY_HEAD.unpack_from(raw, pos)
-        pos += _ENTRY_HEAD.size
-        name = raw[pos:pos + name_len]
-        pos += name_len
-        if len(name) != name_len or not _valid_name(name):
+        entry, pos = _decode_entry(raw, pos)
+        if not _valid_name(entry.name):
             raise ValueError("bad entry name")
-        if previous is not None and name <= previous:
+        if previous is not None and entry.name <= previous:
             raise ValueError("entries not sorted or duplicated")
-        previous = name
-        (mode, uid, gid, mtime, atime, ctime, size, nlink, link_id, rdev, nxattr) = _ENTRY_STAT.unpack_from(raw, pos)
-        pos += _ENTRY_STAT.size
-        xattrs = []
-        for _ in range(nxattr):
-            (xname_len,) = _XATTR_NAME.unpack_from(raw, pos)
-            pos += _XATTR_NAME.size
-            xname = raw[pos:pos + xname_len]
-            pos += xname_len
-            (value_len,) = _U32.unpack_from(raw, pos)
-            pos += _U32.size
-            value = raw[pos:pos + value_len]
-            pos += value_len
-            if len(xname) != xname_len or len(value) != value_len:
-                raise ValueError("truncated xattr")
-            xattrs.append((xname, value))
-        (payload_len,) = _U32.unpack_from(raw, pos)
-        pos += _U32.size
-        payload = raw[pos:pos + payload_len]
-        pos += payload_len
-        if len(payload) != payload_len:
-            raise ValueError("truncated payload")
-        kind = EntryKind(kind_value)
-        entry = Entry(kind, name, mode & 0o7777, uid, gid, mtime, atime, ctime, size, nlink, link_id, rdev, xattrs)
-        if kind == EntryKind.FILE:
-            entry.chunks_raw = payload  # checked when decoded (decode_chunks)
-        elif kind == EntryKind.DIRECTORY:
-            if payload_len != ID_SIZE:
-                raise ValueError("bad directory reference")
-            entry.dir_id = payload
-        elif kind == EntryKind.SYMLINK:
-            entry.target = payload
+        if entry.kind == EntryKind.DIRECTORY and entry.dir_id is None:
+            raise ValueError("directory without a record")
+        previous = entry.name
         yield entry
     if pos != len(raw):
         raise ValueError("trailing bytes")
@@ -214,7 +227,7 @@ def _valid_name(name: bytes) -> bool:
 
 # --- snapshots ---------------------------------------------------------------
 
-_SNAPSHOT_FIXED = struct.Struct(f"<Bq{ID_SIZE}sQQQ")  # version time root size stored files
+_SNAPSHOT_FIXED = struct.Struct(f"<Bq{ID_SIZE}sQQQI")  # version time root size stored files max_link_id
 
 
 def validate_channel(channel: str) -> str:
@@ -236,14 +249,25 @@ class Snapshot:
     size: int  # logical bytes of all files
     stored: int  # bytes newly written by this save
     files: int
+    max_link_id: int = 0  # hardlink groups use IDs 1..max_link_id
+    root: Entry | None = None  # the root directory's own metadata, when it has any
     signer: Signer | None = None
     signature: bytes = b""
 
     def signed_part(self) -> bytes:
         channel = self.channel.encode("utf-8")
-        fixed = _SNAPSHOT_FIXED.pack(RECORD_VERSION, self.time_ns, self.root_id, self.size, self.stored, self.files)
+        out = bytearray(_SNAPSHOT_FIXED.pack(RECORD_VERSION, self.time_ns, self.root_id, self.size, self.stored,
+                                             self.files, self.max_link_id))
+        out += bytes((len(channel),)) + channel
+        if self.root is None:
+            out += b"\0"
+        else:
+            out += b"\1"
+            _encode_entry(Entry(EntryKind.DIRECTORY, b"", self.root.mode, self.root.uid, self.root.gid,
+                                self.root.mtime_ns, self.root.atime_ns, self.root.ctime_ns,
+                                xattrs=self.root.xattrs), out)
         assert self.signer is not None
-        return fixed + bytes((len(channel),)) + channel + self.signer.encode()
+        return bytes(out) + self.signer.encode()
 
     def encode(self) -> bytes:
         return self.signed_part() + self.signature
@@ -252,7 +276,7 @@ class Snapshot:
 def decode_snapshot(raw: bytes | bytearray) -> Snapshot:
     raw = bytes(raw)
     try:
-        version, time_ns, root_id, size, stored, files = _SNAPSHOT_FIXED.unpack_from(raw, 0)
+        version, time_ns, root_id, size, stored, files, max_link_id = _SNAPSHOT_FIXED.unpack_from(raw, 0)
         if version != RECORD_VERSION:
             raise ValueError(f"unsupported version {version}")
         pos = _SNAPSHOT_FIXED.size
@@ -260,6 +284,13 @@ def decode_snapshot(raw: bytes | bytearray) -> Snapshot:
         pos += 1
         channel = raw[pos:pos + channel_len].decode("utf-8")
         pos += channel_len
+        root = None
+        has_root = raw[pos]
+        pos += 1
+        if has_root:
+            root, pos = _decode_entry(raw, pos)
+            if root.kind != EntryKind.DIRECTORY or root.name:
+                raise ValueError("bad root metadata")
         signer = Signer.decode(raw[pos:pos + Signer.SIZE])
         pos += Signer.SIZE
         signature = raw[pos:]
@@ -267,7 +298,7 @@ def decode_snapshot(raw: bytes | bytearray) -> Snapshot:
             raise ValueError("bad signature length")
     except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise CorruptedData(f"snapshot record is malformed ({exc})") from None
-    return Snapshot(channel, time_ns, root_id, size, stored, files, signer, signature)
+    return Snapshot(channel, time_ns, root_id, size, stored, files, max_link_id, root, signer, signature)
 
 
 # --- tags: the sealed snapshot summaries listed by LogOnly keys -------------

@@ -120,6 +120,10 @@ class Walker:
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
         self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
 
+    @property
+    def max_link_id(self) -> int:
+        return self._next_link_id - 1
+
     def run(self, root: DirNode) -> None:
         if b"/" in self.paths:
             self._scan_tree(root)
@@ -302,7 +306,8 @@ class SaveSession:
             jobs_recv.close()
 
         assert self.root_id is not None, "save pipeline ended before the root directory was written"
-        snapshot = Snapshot(self.channel, time_ns, self.root_id, self.stats.size, 0, self.stats.files)
+        snapshot = Snapshot(self.channel, time_ns, self.root_id, self.stats.size, 0, self.stats.files,
+                            max_link_id=walker.max_link_id)
         snapshot.stored = self.stats.bytes_stored
         tag = await self.repo.publish_snapshot(snapshot)
         await trio.to_thread.run_sync(self._remember)

@@ -360,9 +360,7 @@ def _stage(ctx: Context, origin: Path, channel: str, files: int, size: int, new_
 
 def _mount_empty(ctx: Context, repo: Repo, mnt: Path) -> Mount:
     """Mounts a repository that holds no snapshot yet (usable once staging/ exists)."""
-    import time
-
-    from .measure import exists, find_pids, unmount, wait_for
+    from .measure import exists, find_pids, is_mount, unmount, wait_for
 
     mnt.mkdir(parents=True, exist_ok=True)
     tool = ctx.tool
@@ -370,7 +368,8 @@ def _mount_empty(ctx: Context, repo: Repo, mnt: Path) -> Mount:
     if r.rc != 0:
         unmount(mnt)
         raise NotAvailable(f"rekkord mount failed: {(r.stderr.strip() or 'exit %d' % r.rc).splitlines()[-1]}")
-    if not wait_for(lambda: exists(mnt / "staging"), 60):
+    # `rekkord mount` returns once the mount is usable: no staging/ then means no staging support
+    if not wait_for(lambda: exists(mnt / "staging"), 2 if is_mount(mnt) else 60):
         unmount(mnt)
         raise NotAvailable("rekkord mount has no staging/ yet")
     pids = find_pids("mount", str(mnt))

@@ -141,7 +141,7 @@ def ratio_of(row: Row, table: dict[str, dict[str, Result]], tools: list[str]) ->
 def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[str]) -> tuple[str, list[str]]:
     header = ["row"]
     for t in tools:
-        header += [f"{t} time", "MB/s", "RSS", "repo"]
+        header += [f"{t} time", "MB/s", "CPU", "RSS", "repo"]
     header += ["ratio"]
     lines = [header]
     notes: list[str] = []
@@ -150,12 +150,13 @@ def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[st
         for t in tools:
             res = table[row.name].get(t)
             if res is None:
-                cells += ["·", "", "", ""]
+                cells += ["·", "", "", "", ""]
             elif res.ok:
-                cells += [fmt_time(res.seconds), fmt_rate(res.mbps), fmt_mb(res.rss), fmt_mb(res.repo_disk)]
+                cpu = f"{res.cpu:.1f} s" if res.cpu is not None else ""
+                cells += [fmt_time(res.seconds), fmt_rate(res.mbps), cpu, fmt_mb(res.rss), fmt_mb(res.repo_disk)]
             else:
                 notes.append(f"{row.name} / {t}: {res.status}: {res.note}")
-                cells += [res.status, "", "", ""]
+                cells += [res.status, "", "", "", ""]
         ratio, peer = ratio_of(row, table, tools)
         if ratio is None:
             cells.append("")
@@ -256,8 +257,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{ds.big_bytes / 2**30:.0f} GiB random file; best of {args.repeat}; "
           f"{os.cpu_count()} CPUs; {time.monotonic() - started:.0f} s")
     print(text)
-    print("time: wall seconds; MB/s: logical MB / wall; RSS: peak resident set (mount rows: the mount daemon); "
-          "repo: du -s of the repository after the row; ratio: rekkordfs time / best peer time (< 1: faster)")
+    print("time: wall seconds; MB/s: logical MB (10^6 bytes) / wall; CPU: user+system seconds; "
+          "RSS: peak resident set; (mount rows: CPU and RSS of the mount daemon); "
+          "repo: du -s of the repository after the row (S3: sum of object sizes); "
+          "ratio: rekkordfs time / best peer time (< 1: rekkordfs is faster)")
+    loads = [r.load for per_tool in table.values() for r in per_tool.values() if r.load is not None]
+    if loads and max(loads) > 1.5:
+        print(f"warning: the machine was busy (1-minute load average up to {max(loads):.1f} on "
+              f"{os.cpu_count()} CPUs): wall times are noisy; CPU seconds are steadier")
     for note in notes:
         print(f"  {note}")
 

@@ -173,7 +173,7 @@ class Tool:
 
 class Rekkordfs(Tool):
     name = "rekkordfs"
-    settings = "zstd (its default level), keyed CDC, per-blob sealed keys; REKKORD_CACHE_DIR under the bench"
+    settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench"
 
     @property
     def exe(self) -> str:
@@ -192,6 +192,10 @@ class Rekkordfs(Tool):
                              capture_output=True, text=True)
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "rekkordfs", "cli"],
+                               capture_output=True, text=True).stdout.strip()
+        if dirty:
+            commit += " + uncommitted changes"
         return f"rekkordfs {out.stdout.strip()} ({commit})"
 
     def _cmd(self, repo: Repo, *args: str) -> list[str]:

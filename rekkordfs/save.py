@@ -12,37 +12,29 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable, Iterator
+from typing import BinaryIO, Callable
 
 import trio
 
 from .cache import StatKey
-from .chunker import Chunker
 from .errors import UsageError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, encode_chunks, encode_directory, validate_channel
 from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
+from .upload import SMALL_FILE, TransferStats, Uploader, open_regular
 
-# A chunk ready to store: (blob ID, plaintext size, sealed bytes or None when known)
-Prepared = tuple[bytes, int, "bytearray | None"]
-
-SMALL_FILE = 2 << 20  # read in one go, together with other small files
 BATCH_FILES = 64  # small files handled per thread hop...
-BATCH_BYTES = 8 << 20  # ...up to this many bytes; also the read size for large files
+BATCH_BYTES = 8 << 20  # ...up to this many bytes
 
 
 @dataclass
-class SaveStats:
+class SaveStats(TransferStats):
     files: int = 0
     dirs: int = 0
     size: int = 0  # logical bytes of all files in the snapshot
-    bytes_read: int = 0
-    bytes_new: int = 0  # plaintext bytes of chunks the repository lacked
-    bytes_stored: int = 0  # bytes written to the repository (packed)
     scanned_files: int = 0
     scanned_bytes: int = 0
     skipped: int = 0
@@ -238,31 +230,6 @@ class Walker:
             self._links[(st.st_dev, st.st_ino)] = (entry.link_id, entry, job)
 
 
-def _open_regular(path: bytes) -> BinaryIO:
-    """Open a file for reading without following symlinks or blocking on FIFOs."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_NOATIME", 0)
-    try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))  # O_NOATIME needs ownership
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "no longer a regular file")
-    return os.fdopen(fd, "rb", buffering=0)
-
-
-def _take(chunks: Iterator[memoryview], limit: int) -> list[memoryview]:
-    batch: list[memoryview] = []
-    total = 0
-    for data in chunks:
-        batch.append(data)
-        total += len(data)
-        if total >= limit:
-            break
-    return batch
-
-
 class SaveSession:
     def __init__(self, repo: Repository, channel: str, paths: list[str],
                  warn: Callable[[str], None], workers: int | None = None) -> None:
@@ -272,10 +239,8 @@ class SaveSession:
         self.paths = normalize_paths(paths)
         self.warn_cb = warn
         self.stats = SaveStats()
-        assert repo.keys.chunk_seed is not None
-        self.chunker = Chunker(repo.keys.chunk_seed, repo.config.chunking)
+        self.uploader = Uploader(repo, self.stats)
         self.workers = workers or max(8, repo.threads * 4)
-        self.inflight = trio.Semaphore(max(4, repo.threads * 3))
         self.root = DirNode(b"", None, None)
         self.root_id: bytes | None = None
         self._link_done: dict[int, trio.Event] = {}
@@ -379,7 +344,7 @@ class SaveSession:
         """Read, chunk, hash and seal many small files in one thread hop."""
         outcomes = await self.repo.run_cpu(self._prepare_batch, batch)
         prepared = [chunk for outcome in outcomes if not isinstance(outcome, OSError) for chunk in outcome[1]]
-        refs = iter(await self._store(prepared))
+        refs = iter(await self.uploader.store(prepared))
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, OSError):
                 await self._job_done(job, outcome)
@@ -394,42 +359,13 @@ class SaveSession:
         outcomes: list = []
         for job in batch:
             try:
-                outcomes.append(self._prepare_small(job.path, job.key, seen))
+                with open_regular(job.path) as handle:
+                    data = handle.read()
+                    unchanged = self._unchanged(handle, job.key)
+                outcomes.append((len(data), self.uploader.prepare(data, seen), unchanged))
             except OSError as exc:
                 outcomes.append(exc)
         return outcomes
-
-    def _prepare_small(self, path: bytes, key: StatKey, seen: set[bytes]) -> tuple[int, list[Prepared], bool]:
-        with _open_regular(path) as handle:
-            data = handle.read()
-            unchanged = self._unchanged(handle, key)
-        codec, repo = self.repo.codec, self.repo
-        chunks: list[Prepared] = []
-        for view in self.chunker.split(data):
-            blob_id = codec.blob_id(BlobKind.CHUNK, view)
-            if blob_id in seen or repo.is_known(blob_id):
-                chunks.append((blob_id, len(view), None))
-            else:
-                seen.add(blob_id)
-                chunks.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
-        return len(data), chunks, unchanged
-
-    async def _store(self, prepared: list[Prepared]) -> list[ChunkRef]:
-        """Store the sealed chunks; refer to every chunk by where it is stored."""
-        sealed = [(blob_id, packed) for blob_id, _, packed in prepared if packed is not None]
-        if sealed:
-            outcomes = await self.repo.store_chunks(sealed)
-            sizes = [size for _, size, packed in prepared if packed is not None]
-            for (_, packed), (_, was_new), size in zip(sealed, outcomes, sizes):
-                if was_new:
-                    self.stats.bytes_new += size
-                    self.stats.bytes_stored += len(packed)
-        refs = []
-        for blob_id, size, _ in prepared:
-            known = self.repo.known(blob_id)
-            assert known is not None, "a chunk is referenced before it is stored"
-            refs.append(ChunkRef(blob_id, size, known.location))
-        return refs
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)
@@ -442,40 +378,13 @@ class SaveSession:
         return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == key
 
     async def _process_large(self, job: FileJob) -> None:
-        handle = await trio.to_thread.run_sync(_open_regular, job.path)
-        slots: list[ChunkRef | None] = []
+        handle = await trio.to_thread.run_sync(open_regular, job.path)
         try:
-            stream = self.chunker.stream(handle)
-            async with trio.open_nursery() as nursery:
-                while True:
-                    batch = await trio.to_thread.run_sync(_take, stream, BATCH_BYTES)
-                    if not batch:
-                        break
-                    for data in batch:
-                        await self.inflight.acquire()
-                        slots.append(None)
-                        nursery.start_soon(self._store_chunk, slots, len(slots) - 1, data)
+            chunks = await self.uploader.upload_stream(handle)
             unchanged = await trio.to_thread.run_sync(self._unchanged, handle, job.key)
         finally:
             handle.close()
-        chunks = [c for c in slots if c is not None]
-        assert len(chunks) == len(slots)
-        size = sum(c.size for c in chunks)
-        self.stats.bytes_read += size
-        self._set_content(job, size, chunks, unchanged)
-
-    async def _store_chunk(self, slots: list[ChunkRef | None], index: int, data: memoryview) -> None:
-        try:
-            prepared = await self.repo.run_cpu(self._hash_and_seal, data)
-            slots[index] = (await self._store([prepared]))[0]
-        finally:
-            self.inflight.release()
-
-    def _hash_and_seal(self, data: memoryview) -> Prepared:
-        blob_id = self.repo.codec.blob_id(BlobKind.CHUNK, data)
-        if self.repo.is_known(blob_id):
-            return blob_id, len(data), None
-        return blob_id, len(data), self.repo.codec.pack(BlobKind.CHUNK, data)
+        self._set_content(job, sum(c.size for c in chunks), chunks, unchanged)
 
     async def _child_done(self, node: DirNode) -> None:
         node.pending -= 1

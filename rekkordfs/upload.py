@@ -1,0 +1,137 @@
+"""Turning file content into stored chunks: chunk, hash, seal, store.
+
+Shared by `save` and by the mount's staging area (write-behind and commit).
+The CPU work runs in worker threads under the repository's limiter; storing
+happens on the trio side so packs and the known-blob table stay consistent.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import trio
+
+from .chunker import Chunker
+from .format import BlobKind, ChunkRef
+from .repository import Repository
+
+# A chunk ready to store: (blob ID, plaintext size, sealed bytes or None when known)
+Prepared = tuple[bytes, int, "bytearray | None"]
+
+SMALL_FILE = 2 << 20  # files up to this size are read in one go
+READ_BATCH = 8 << 20  # bytes of chunks handed over per thread hop for large files
+
+
+@dataclass
+class TransferStats:
+    bytes_read: int = 0
+    bytes_new: int = 0  # plaintext bytes of chunks the repository lacked
+    bytes_stored: int = 0  # bytes written to the repository
+
+
+def open_regular(path: bytes | str) -> BinaryIO:
+    """Open a file for reading without following symlinks or blocking on FIFOs."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))  # O_NOATIME needs ownership
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "no longer a regular file")
+    return os.fdopen(fd, "rb", buffering=0)
+
+
+def _take(chunks: Iterator[memoryview], limit: int) -> list[memoryview]:
+    batch: list[memoryview] = []
+    total = 0
+    for data in chunks:
+        batch.append(data)
+        total += len(data)
+        if total >= limit:
+            break
+    return batch
+
+
+class Uploader:
+    def __init__(self, repo: Repository, stats: TransferStats | None = None) -> None:
+        assert repo.keys.chunk_seed is not None
+        self.repo = repo
+        self.stats = stats or TransferStats()
+        self.chunker = Chunker(repo.keys.chunk_seed, repo.config.chunking)
+        # chunks of large files in flight (read, not yet stored): bounds memory
+        self._inflight = trio.Semaphore(max(4, repo.threads * 3))
+
+    def prepare(self, data: bytes, seen: set[bytes]) -> list[Prepared]:
+        """Thread side: chunk, hash, and seal the chunks not known yet."""
+        codec, repo = self.repo.codec, self.repo
+        chunks: list[Prepared] = []
+        for view in self.chunker.split(data):
+            blob_id = codec.blob_id(BlobKind.CHUNK, view)
+            if blob_id in seen or repo.is_known(blob_id):
+                chunks.append((blob_id, len(view), None))
+            else:
+                seen.add(blob_id)
+                chunks.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
+        return chunks
+
+    async def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
+        """Store the sealed chunks; refer to every chunk by where it is stored."""
+        sealed = [(blob_id, packed) for blob_id, _, packed in prepared if packed is not None]
+        if sealed:
+            outcomes = await self.repo.store_chunks(sealed)
+            sizes = [size for _, size, packed in prepared if packed is not None]
+            for (_, packed), (_, was_new), size in zip(sealed, outcomes, sizes):
+                if was_new:
+                    self.stats.bytes_new += size
+                    self.stats.bytes_stored += len(packed)
+        refs = []
+        for blob_id, size, _ in prepared:
+            known = self.repo.known(blob_id)
+            assert known is not None, "a chunk is referenced before it is stored"
+            refs.append(ChunkRef(blob_id, size, known.location))
+        return refs
+
+    async def upload_stream(self, handle: BinaryIO) -> list[ChunkRef]:
+        """Chunks of a large open file, many stored at once, in file order."""
+        slots: list[ChunkRef | None] = []
+        stream = self.chunker.stream(handle)
+        async with trio.open_nursery() as nursery:
+            while True:
+                batch = await trio.to_thread.run_sync(_take, stream, READ_BATCH)
+                if not batch:
+                    break
+                for data in batch:
+                    await self._inflight.acquire()
+                    slots.append(None)
+                    nursery.start_soon(self._store_one, slots, len(slots) - 1, data)
+        chunks = [c for c in slots if c is not None]
+        assert len(chunks) == len(slots)
+        self.stats.bytes_read += sum(c.size for c in chunks)
+        return chunks
+
+    async def _store_one(self, slots: list[ChunkRef | None], index: int, data: memoryview) -> None:
+        try:
+            prepared = await self.repo.run_cpu(self.prepare, data, set())
+            slots[index] = (await self.store(prepared))[0]
+        finally:
+            self._inflight.release()
+
+    async def upload_path(self, path: bytes | str) -> list[ChunkRef]:
+        """Every chunk of a local file (the staging area's data files)."""
+        handle = await trio.to_thread.run_sync(open_regular, path)
+        try:
+            size = os.fstat(handle.fileno()).st_size
+            if size > SMALL_FILE:
+                return await self.upload_stream(handle)
+            data = await trio.to_thread.run_sync(handle.read)
+            self.stats.bytes_read += len(data)
+            prepared = await self.repo.run_cpu(self.prepare, data, set())
+            return await self.store(prepared)
+        finally:
+            handle.close()

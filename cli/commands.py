@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import secrets
 import sys
 from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
@@ -13,7 +15,7 @@ import trio
 from rekkordfs import keys as keymod
 from rekkordfs.check import Checker
 from rekkordfs.config import Config
-from rekkordfs.errors import KeyFileError, NotFound, UsageError
+from rekkordfs.errors import KeyFileError, RekkordError, UsageError
 from rekkordfs.format import Entry, EntryKind
 from rekkordfs.keys import Capability, Keyset, KeyType
 from rekkordfs.repository import Repository, walk_path
@@ -234,7 +236,7 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
         async with open_repository(config, keys) as repo:
             tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag.snapshot_id)
-            top = await walk_path(repo, snapshot.root_id, path)
+            top, _ = await walk_path(repo, snapshot, path)
             if top.kind == EntryKind.DIRECTORY:
                 assert top.dir_id is not None
                 await walk(repo, top.dir_id, "")
@@ -267,9 +269,9 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
         async with open_repository(config, keys) as repo:
             tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag.snapshot_id)
-            target = await walk_path(repo, snapshot.root_id, path)
+            target, has_metadata = await walk_path(repo, snapshot, path)
             report = print if (args.dry_run or args.verbose) else None
-            session = RestoreSession(repo, target, args.dest, options, warn, report)
+            session = RestoreSession(repo, target, args.dest, options, warn, report, has_metadata)
             stats = session.stats
 
             def poll() -> tuple[float, float, str]:
@@ -321,7 +323,8 @@ def mount(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     keys = _load_keys(config)
     config.require_location()
     options = MountOptions(mountpoint=check_mountpoint(args.args[-1]), spec=spec, foreground=args.foreground,
-                           channels=args.channel or [], refresh_interval=args.refresh, debug=args.debug)
+                           channels=args.channel or [], refresh_interval=args.refresh,
+                           state_dir=args.state_dir, debug=args.debug)
     if args.cache_size:
         options.cache_size = parse_size(args.cache_size)
     if spec is not None:
@@ -332,4 +335,38 @@ def mount(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
 
 def commit(args: argparse.Namespace, make_config: ConfigMaker) -> int:
-    raise NotFound("commit is not available yet")
+    """Ask the running mount to commit a staging folder; wait for the snapshot."""
+    from rekkordfs.stagingarea import CONTROL_CHANNEL, CONTROL_COMMIT
+
+    path = args.staging
+    try:
+        channel = os.getxattr(path, CONTROL_CHANNEL).decode()
+    except OSError:
+        raise UsageError(f"'{path}' is not the staging folder of a channel in a rekkord mount "
+                         "(expected MNT/staging/CHANNEL)") from None
+    token = secrets.token_hex(16).encode()
+    try:
+        os.setxattr(path, CONTROL_COMMIT, token)
+        failure = None
+    except OSError as exc:
+        failure = exc
+    try:
+        result = json.loads(os.getxattr(path, CONTROL_COMMIT + b"." + token))
+    except (OSError, ValueError):
+        reason = failure.strerror if failure else "no answer from the mount"
+        raise RekkordError(f"commit of staging/{channel} failed: {reason}") from None
+    if "error" in result:
+        raise RekkordError(f"commit of staging/{channel} failed: {result['error']}")
+    if args.format == "json":
+        print_json({
+            "id": result["id"], "channel": result["channel"], "time": iso_time(result["time_ns"]),
+            "files": result["files"], "size": result["size"], "bytes_new": result["bytes_new"],
+            "bytes_stored": result["bytes_stored"], "duration": result["duration"],
+        })
+    else:
+        print(f"Files:        {result['files']} ({human_size(result['size'])})")
+        print(f"New:          {human_size(result['bytes_new'])}")
+        print(f"Stored:       {human_size(result['bytes_stored'])}")
+        print(f"Time:         {result['duration']:.2f} s")
+        print(result["id"])
+    return 0

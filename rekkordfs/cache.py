@@ -42,6 +42,12 @@ def default_cache_root() -> Path:
     return Path(override) if override else Path(platformdirs.user_cache_dir("rekkord"))
 
 
+def default_state_dir() -> Path:
+    """Where staged data lives (kept across reboots, unlike a cache)."""
+    override = os.environ.get("REKKORD_STATE_DIR")
+    return Path(override) if override else Path(platformdirs.user_state_dir("rekkord"))
+
+
 def repository_cache_dir(repo_id: str, root: Path | None = None) -> Path:
     folder = (root or default_cache_root()) / repo_id
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -1,7 +1,8 @@
-"""The thin pyfuse3 adapter: FUSE requests -> SnapshotView (and staging) calls.
+"""The thin pyfuse3 adapter: FUSE requests -> SnapshotView and StagingArea calls.
 
-Everything about what the filesystem contains lives in vfs.py; this module
-only converts attributes, keeps open handles and maps OSError to FUSEError.
+What the filesystem contains lives in vfs.py (snapshots) and stagingarea.py
+(staging/); this module only routes each request by inode number, converts
+attributes, keeps open handles and maps OSError to FUSEError.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import pyfuse3
 
-from .vfs import IO_BLOCK_SIZE, Attr, FileReader, Node, SnapshotView
+from .format import EntryKind
+from .stagingarea import Handle, StagingArea
+from .vfs import IO_BLOCK_SIZE, Attr, FileReader, SnapshotView
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
-VIRTUAL_TIMEOUT = 1.0  # channels/, ids/, latest: new snapshots appear
+MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest, staging/
 
 
 def _translate_errors(handler: F) -> F:
@@ -43,7 +46,7 @@ def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
     out = pyfuse3.EntryAttributes()
     out.st_ino = attr.ino
     out.generation = 0
-    timeout = IMMUTABLE_TIMEOUT if attr.immutable else VIRTUAL_TIMEOUT
+    timeout = IMMUTABLE_TIMEOUT if attr.immutable else MUTABLE_TIMEOUT
     out.entry_timeout = timeout
     out.attr_timeout = timeout
     out.st_mode = attr.mode
@@ -60,92 +63,249 @@ def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
     return out
 
 
+def _read_only() -> OSError:
+    return OSError(errno.EROFS, "snapshots are read-only")
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
 
-    def __init__(self, view: SnapshotView) -> None:
+    def __init__(self, view: SnapshotView, staging: StagingArea | None = None) -> None:
         super().__init__()
         self.view = view
+        self.staging = staging
         self._next_handle = 1
-        self._dirs: dict[int, list[tuple[bytes, Node]]] = {}
-        self._files: dict[int, FileReader] = {}
+        # open directories: (name, attributes, what to call when the kernel keeps it)
+        self._dirs: dict[int, list[tuple[bytes, Attr, Callable[[], None]]]] = {}
+        self._files: dict[int, FileReader | Handle] = {}
 
     def _handle(self) -> int:
         self._next_handle += 1
         return self._next_handle
 
+    def _staged(self, ino: int) -> StagingArea | None:
+        """The staging area when ino belongs to it."""
+        if self.staging is not None and self.staging.owns(ino):
+            return self.staging
+        return None
+
+    def _writable(self, ino: int) -> StagingArea:
+        staging = self._staged(ino)
+        if staging is None:
+            raise _read_only()
+        return staging
+
+    # --- lookups and attributes --------------------------------------------------
+
     @_translate_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        staging = self._staged(parent_inode)
+        if staging is not None:
+            return entry_attributes(await staging.lookup(parent_inode, name))
         node = await self.view.lookup(parent_inode, name)
         return entry_attributes(node.attr)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         for ino, count in inode_list:
-            self.view.forget(ino, count)
+            try:
+                staging = self._staged(ino)
+                if staging is not None:
+                    staging.forget(ino, count)
+                else:
+                    self.view.forget(ino, count)
+            except OSError:
+                pass  # forget cannot fail; a tree removed meanwhile has nothing to drop
 
     @_translate_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        staging = self._staged(inode)
+        if staging is not None:
+            return entry_attributes(await staging.getattr(inode))
         return entry_attributes(await self.view.getattr(inode))
 
     @_translate_errors
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: Any) -> pyfuse3.EntryAttributes:
+        staging = self._writable(inode)
+        changes: dict[str, int | None] = {
+            "mode": attr.st_mode & 0o7777 if fields.update_mode else None,
+            "uid": attr.st_uid if fields.update_uid else None,
+            "gid": attr.st_gid if fields.update_gid else None,
+            "size": attr.st_size if fields.update_size else None,
+            "atime_ns": attr.st_atime_ns if fields.update_atime else None,
+            "mtime_ns": attr.st_mtime_ns if fields.update_mtime else None,
+        }
+        return entry_attributes(await staging.setattr(inode, **changes))
+
+    @_translate_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
+        staging = self._staged(inode)
+        if staging is not None:
+            return await staging.readlink(inode)
         return await self.view.readlink(inode)
+
+    # --- directories ---------------------------------------------------------------
 
     @_translate_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
-        self.view.check_readable(inode)
+        staging = self._staged(inode)
+        if staging is not None:
+            items = [(name, attr, functools.partial(staging.remember, attr.ino))
+                     for name, attr in await staging.children(inode)]
+        else:
+            self.view.check_readable(inode)
+            items = [(name, node.attr, functools.partial(self.view.remember, node))
+                     for name, node in await self.view.children(inode)]
         handle = self._handle()
-        self._dirs[handle] = await self.view.children(inode)
+        self._dirs[handle] = items
         return handle
 
     @_translate_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         items = self._dirs[fh]
         for index in range(start_id, len(items)):
-            name, node = items[index]
-            if not pyfuse3.readdir_reply(token, name, entry_attributes(node.attr), index + 1):
+            name, attr, remember = items[index]
+            if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), index + 1):
                 return
-            self.view.remember(node)
+            remember()
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass  # every change is in the journal when its request returns
+
+    # --- creating and removing ---------------------------------------------------------
+
+    @_translate_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        kind = {0o010000: EntryKind.FIFO, 0o020000: EntryKind.CHAR_DEVICE, 0o060000: EntryKind.BLOCK_DEVICE,
+                0o140000: EntryKind.SOCKET, 0o100000: EntryKind.FILE}.get(mode & 0o170000)
+        if kind is None:
+            raise OSError(errno.EINVAL, "unsupported file type")
+        staging = self._writable(parent_inode)
+        return entry_attributes(await staging.make(parent_inode, name, kind, mode, ctx.uid, ctx.gid, rdev))
+
+    @_translate_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> pyfuse3.EntryAttributes:
+        staging = self._writable(parent_inode)
+        return entry_attributes(await staging.make(parent_inode, name, EntryKind.DIRECTORY, mode, ctx.uid, ctx.gid))
+
+    @_translate_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        staging = self._writable(parent_inode)
+        return entry_attributes(await staging.make(parent_inode, name, EntryKind.SYMLINK, 0o777, ctx.uid, ctx.gid,
+                                                   target=target))
+
+    @_translate_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> pyfuse3.EntryAttributes:
+        staging = self._writable(inode)
+        return entry_attributes(await staging.link(inode, new_parent_inode, new_name))
+
+    @_translate_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._writable(parent_inode).unlink(parent_inode, name)
+
+    @_translate_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._writable(parent_inode).rmdir(parent_inode, name)
+
+    @_translate_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: Any) -> None:
+        staging = self._writable(parent_inode_old)
+        if self._staged(parent_inode_new) is None:
+            raise OSError(errno.EXDEV, "rename out of staging")
+        await staging.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # --- files -----------------------------------------------------------------------------
+
     @_translate_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
-            raise OSError(errno.EROFS, "read-only")
-        reader = self.view.open(inode)
+        staging = self._staged(inode)
         handle = self._handle()
-        self._files[handle] = reader
+        if staging is not None:
+            self._files[handle] = await staging.open(inode, flags)
+            return pyfuse3.FileInfo(fh=handle)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise _read_only()
+        self._files[handle] = self.view.open(inode)
         return pyfuse3.FileInfo(fh=handle, keep_cache=True)
 
     @_translate_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        staging = self._writable(parent_inode)
+        staged, attr = await staging.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        handle = self._handle()
+        self._files[handle] = staged
+        return pyfuse3.FileInfo(fh=handle), entry_attributes(attr)
+
+    @_translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return await self.view.read(self._files[fh], off, size)
+        handle = self._files[fh]
+        if isinstance(handle, Handle):
+            assert self.staging is not None
+            return await self.staging.read(handle, off, size)
+        return await self.view.read(handle, off, size)
+
+    @_translate_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._files[fh]
+        if not isinstance(handle, Handle):
+            raise _read_only()
+        assert self.staging is not None
+        return await self.staging.write(handle, off, buf)
+
+    @_translate_errors
+    async def flush(self, fh: int) -> None:
+        handle = self._files.get(fh)
+        if isinstance(handle, Handle) and self.staging is not None:
+            self.staging.flush(handle)
+
+    @_translate_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
 
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        handle = self._files.pop(fh, None)
+        if isinstance(handle, Handle) and self.staging is not None:
+            self.staging.release(handle)
+
+    # --- extended attributes and the filesystem ---------------------------------------------
 
     @_translate_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        staging = self._staged(inode)
+        if staging is not None:
+            return staging.getxattr(inode, name)
         return self.view.getxattr(inode, name)
 
     @_translate_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        staging = self._staged(inode)
+        if staging is not None:
+            return staging.listxattr(inode)
         return self.view.listxattr(inode)
+
+    @_translate_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        await self._writable(inode).setxattr(inode, name, value)
+
+    @_translate_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        self._writable(inode).removexattr(inode, name)
 
     @_translate_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         out = pyfuse3.StatvfsData()
         for key, value in self.view.statfs().items():
             setattr(out, key, value)
+        if self.staging is not None:  # room left for staged data
+            local = self.staging.statfs_all()
+            out.f_bfree = local.f_bavail * local.f_frsize // out.f_frsize
+            out.f_bavail = out.f_bfree
+            out.f_blocks = max(out.f_blocks, out.f_bfree)
+            out.f_ffree = out.f_favail = local.f_favail
         return out
-
-    # Snapshot trees are read-only; the staging area (when present) overrides these.
-
-    async def _read_only(self, *args: Any) -> Any:
-        raise pyfuse3.FUSEError(errno.EROFS)
-
-    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = write = create = _read_only
-    setxattr = removexattr = _read_only

@@ -19,13 +19,14 @@ import pyfuse3
 import trio
 
 from .blobcache import DEFAULT_DISK_BYTES, BlobCache, DiskCache
-from .cache import repository_cache_dir
+from .cache import default_state_dir, repository_cache_dir
 from .config import Config
 from .errors import RekkordError, UsageError, find_user_error
 from .format import EntryKind
 from .fuse import Operations
-from .keys import Keyset
+from .keys import Capability, Keyset
 from .repository import Repository, walk_path
+from .stagingarea import StagingArea
 from .storage import open_storage
 from .vfs import SnapshotView
 
@@ -42,6 +43,7 @@ class MountOptions:
     channels: list[str] = field(default_factory=list)
     cache_size: int = DEFAULT_DISK_BYTES
     refresh_interval: float = 10.0
+    state_dir: str | None = None  # staging state; default under the user's state folder
     debug: bool = False
 
 
@@ -94,22 +96,24 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
     blobs = BlobCache(repo, disk=disk)
     view = SnapshotView(repo, blobs, refresh_interval=options.refresh_interval,
                         channels=set(options.channels) or None)
-    read_only = options.spec is not None
+    staging: StagingArea | None = None
     if options.spec is not None:
         name, _, path = options.spec.partition(":")
         tag = await repo.resolve(name)
         snapshot = await repo.load_snapshot(tag.snapshot_id)
-        entry = await walk_path(repo, snapshot.root_id, path)
+        entry, _ = await walk_path(repo, snapshot, path)
         if entry.kind != EntryKind.DIRECTORY:
             raise UsageError(f"'{options.spec}' is not a directory; only directories can be mounted")
         view.use_subtree(tag, entry)
     else:
         await view.refresh(force=True)
-        read_only = True  # until staging exists
+        if repo.keys.can(Capability.WRITE):
+            state = Path(options.state_dir) if options.state_dir else default_state_dir() / repo.id_hex
+            staging = StagingArea(repo, blobs, view, state)
 
-    operations = Operations(view)
+    operations = Operations(view, staging)
     fuse_options = set(pyfuse3.default_options) | {"fsname=rekkord", "subtype=rekkord"}
-    if read_only:
+    if staging is None:
         fuse_options.add("ro")
     if os.geteuid() == 0:
         fuse_options.add("allow_other")  # default_permissions still enforces modes
@@ -125,6 +129,8 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
     try:
         async with trio.open_nursery() as nursery:
             view.start(nursery)
+            if staging is not None:
+                staging.start(nursery)
             nursery.start_soon(_unmount_on_signal)
             log.info("mounted %s on %s", repo.storage.description, options.mountpoint)
             ready(None)
@@ -132,6 +138,8 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+        if staging is not None:
+            staging.close()
         log.info("unmounted %s", options.mountpoint)
 
 

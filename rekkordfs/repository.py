@@ -16,7 +16,7 @@ import binascii
 import logging
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, TypeVar
 
 import trio
@@ -393,9 +393,16 @@ class Repository:
         raise NotFound(f"no snapshot or channel named '{spec}'")
 
 
-async def walk_path(repo: Repository, root_id: bytes, path: str) -> Entry:
-    """The entry at path inside a snapshot's root directory ('' or '/' is the root)."""
-    current = Entry(kind=EntryKind.DIRECTORY, name=b"", dir_id=root_id, mode=0o755)
+async def walk_path(repo: Repository, snapshot: Snapshot, path: str) -> tuple[Entry, bool]:
+    """The entry at path inside a snapshot ('' or '/' is its root), and whether
+    it carries metadata of its own (every entry does; the root only when the
+    snapshot stored it, as commits do)."""
+    root = snapshot.root
+    if root is not None:
+        current = replace(root, dir_id=snapshot.root_id, name=b"")
+    else:
+        current = Entry(kind=EntryKind.DIRECTORY, name=b"", dir_id=snapshot.root_id, mode=0o755)
+    has_metadata = root is not None
     for part in [p for p in os.fsencode(path).split(b"/") if p]:
         if current.dir_id is None:
             raise NotFound(f"'{path}' does not exist in this snapshot")
@@ -403,5 +410,5 @@ async def walk_path(repo: Repository, root_id: bytes, path: str) -> Entry:
         found = next((e for e in entries if e.name == part), None)
         if found is None:
             raise NotFound(f"'{path}' does not exist in this snapshot")
-        current = found
-    return current
+        current, has_metadata = found, True
+    return current, has_metadata

@@ -20,7 +20,7 @@ from typing import Callable
 import trio
 
 from .errors import CorruptedData, ObjectMissing, RestoreError
-from .format import BlobKind, ChunkRef, Entry, EntryKind
+from .format import ChunkRef, Entry, EntryKind
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
 
@@ -102,9 +102,11 @@ def _apply_metadata(fd: int, entry: Entry) -> None:
 
 class RestoreSession:
     def __init__(self, repo: Repository, target: Entry, dest: str, options: RestoreOptions,
-                 warn: Callable[[str], None], report: Callable[[str], None] | None = None) -> None:
+                 warn: Callable[[str], None], report: Callable[[str], None] | None = None,
+                 has_metadata: bool = True) -> None:
         self.repo = repo
         self.target = target
+        self.has_metadata = has_metadata  # False for a snapshot root saved without any
         self.dest = os.path.abspath(dest)
         self.options = options
         self.warn = warn
@@ -346,8 +348,7 @@ class RestoreSession:
                 _apply_metadata(fd, entry)
             finally:
                 os.close(fd)
-        # A subdirectory target carries its own metadata; the snapshot root has none.
-        if self.target.kind == EntryKind.DIRECTORY and self.target.name:
+        if self.target.kind == EntryKind.DIRECTORY and self.has_metadata:
             _apply_metadata(self.dest_fd, self.target)
 
     # --- dry run ---------------------------------------------------------------

@@ -148,7 +148,8 @@ class SnapshotView:
         self._channels: dict[str, list[tuple[str, Tag]]] = {}
         self._ids: dict[str, Tag] = {}
         self._refreshed_at: float | None = None
-        self._root_ids: dict[bytes, bytes] = {}  # snapshot ID -> root directory ID
+        # snapshot ID -> (root directory ID, root metadata if stored)
+        self._root_ids: dict[bytes, tuple[bytes, Entry | None]] = {}
         self._refresh_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.started_ns = time.time_ns()
@@ -210,6 +211,10 @@ class SnapshotView:
         names = self._channels.get(channel)
         return names[-1][0] if names else None
 
+    def latest_tag(self, channel: str) -> Tag | None:
+        names = self._channels.get(channel)
+        return names[-1][1] if names else None
+
     # --- node construction -----------------------------------------------------
 
     def _channel_node(self, channel: str) -> Node:
@@ -231,10 +236,20 @@ class SnapshotView:
         ino = derive_ino(tag.snapshot_id, b"/")
         node = self.nodes.get(ino)
         if node is None:
-            mode = stat.S_IFDIR | (0o755 if self.can_read else 0o000)
-            attr = Attr(ino, mode, 2, self.uid, self.gid, 0, tag.time_ns, tag.time_ns, tag.time_ns)
-            node = Node(ino, NodeKind.SNAPSHOT_ROOT, attr, tag.snapshot_id, b"")
+            node = Node(ino, NodeKind.SNAPSHOT_ROOT, self._snapshot_attr(ino, tag), tag.snapshot_id, b"")
         return node
+
+    def _snapshot_attr(self, ino: int, tag: Tag) -> Attr:
+        """The root's own metadata once its record is loaded (commits store it);
+        until then a stand-in the kernel must not keep."""
+        loaded = self._root_ids.get(tag.snapshot_id)
+        root = loaded[1] if loaded else None
+        if root is not None:
+            return Attr(ino, stat.S_IFDIR | root.mode, 2, root.uid, root.gid, 0, root.atime_ns, root.mtime_ns,
+                        root.ctime_ns)
+        mode = stat.S_IFDIR | (0o755 if self.can_read else 0o000)
+        return Attr(ino, mode, 2, self.uid, self.gid, 0, tag.time_ns, tag.time_ns, tag.time_ns,
+                    immutable=loaded is not None)
 
     def _tree_attr(self, ino: int, entry: Entry) -> Attr:
         nlink = entry.nlink if entry.link_id else (2 if entry.kind == EntryKind.DIRECTORY else 1)
@@ -294,15 +309,19 @@ class SnapshotView:
             raise _fuse_error(errno.EIO) from None
 
     async def _snapshot_root_dir(self, snapshot_id: bytes) -> bytes:
-        root = self._root_ids.get(snapshot_id)
-        if root is None:
+        loaded = self._root_ids.get(snapshot_id)
+        if loaded is None:
             try:
                 snapshot = await self.repo.load_snapshot(snapshot_id)
             except RekkordError as exc:
                 log.error("cannot open snapshot %s: %s", snapshot_id.hex(), exc.message)
                 raise _fuse_error(errno.EIO) from None
-            root = self._root_ids[snapshot_id] = snapshot.root_id
-        return root
+            loaded = self._root_ids[snapshot_id] = (snapshot.root_id, snapshot.root)
+            node = self.nodes.get(derive_ino(snapshot_id, b"/"))
+            tag = self._ids.get(snapshot_id.hex())
+            if node is not None and tag is not None:
+                node.attr = self._snapshot_attr(node.ino, tag)
+        return loaded[0]
 
     async def children(self, parent_ino: int) -> list[tuple[bytes, Node]]:
         """Every entry of a directory, in a stable order, as (name, node)."""
@@ -346,6 +365,9 @@ class SnapshotView:
             found = await self._virtual_child(parent, name)
         if found is None:
             raise _fuse_error(errno.ENOENT)
+        if found.kind == NodeKind.SNAPSHOT_ROOT and self.can_read and found.snapshot is not None:
+            await self._snapshot_root_dir(found.snapshot)  # reply with the root's real metadata
+            found.attr = self._snapshot_attr(found.ino, self._ids[found.snapshot.hex()])
         return self.remember(found)
 
     def _refresh_due(self) -> bool:
@@ -381,6 +403,8 @@ class SnapshotView:
         node = self.node(ino)
         if node.kind == NodeKind.LATEST:
             self._latest_node(node.channel or "")  # refresh its size
+        elif node.kind == NodeKind.SNAPSHOT_ROOT and self.can_read and node.snapshot is not None:
+            await self._snapshot_root_dir(node.snapshot)
         return node.attr
 
     async def readlink(self, ino: int) -> bytes:

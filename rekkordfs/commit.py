@@ -1,0 +1,134 @@
+"""`commit`: turn a staging tree into a new snapshot.
+
+The tree is captured in one step (no await in between), so the snapshot is
+exactly what staging held when the commit began, whatever writes arrive while
+it runs. Files uploaded by write-behind are reused; the others are uploaded
+from their frozen content; untouched directories keep their stored record.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import trio
+
+from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
+from .repository import Repository
+from .staging import ROOT, Capture, StagingTree
+from .upload import TransferStats, Uploader
+
+
+@dataclass
+class CommitResult:
+    tag: Tag
+    snapshot: Snapshot
+    files: int
+    size: int
+    bytes_new: int
+    bytes_stored: int
+    duration: float
+
+
+def is_durable(repo: Repository, chunks: list[ChunkRef]) -> bool:
+    """Every chunk is stored where the reference says (a failed pack is forgotten)."""
+    for chunk in chunks:
+        known = repo.known(chunk.id)
+        if known is None or known.location != chunk.location:
+            return False
+    return True
+
+
+class Committer:
+    def __init__(self, repo: Repository, tree: StagingTree, uploader: Uploader) -> None:
+        self.repo = repo
+        self.tree = tree
+        self.uploader = uploader
+        self.files = 0
+        self.size = 0
+        self.bytes_stored = 0
+
+    async def run(self) -> CommitResult:
+        """Commit; the uploader's statistics (write-behind included) are this commit's."""
+        started = time.monotonic()
+        time_ns = time.time_ns()
+        capture = self.tree.capture(lambda chunks: is_durable(self.repo, chunks))
+        try:
+            contents = dict(capture.uploaded)
+            await self._upload_frozen(capture, contents)
+            link_ids, max_link_id = _link_ids(capture)
+            root_id = await self._directory(capture, ROOT, contents, link_ids)
+            root = capture.inodes[ROOT].entry(b"")
+            snapshot = Snapshot(self.tree.channel, time_ns, root_id, self.size, 0, self.files,
+                                max_link_id=max_link_id, root=root)
+            snapshot.stored = self.bytes_stored + self.uploader.stats.bytes_stored
+            tag = await self.repo.publish_snapshot(snapshot)
+        except BaseException:
+            self.tree.release_capture(capture)
+            raise
+        self.tree.committed(capture, tag.snapshot_id, snapshot, contents, link_ids)
+        await trio.to_thread.run_sync(self.repo.cache.add_blobs, self.repo.session_blobs())
+        result = CommitResult(tag, snapshot, self.files, self.size, self.uploader.stats.bytes_new,
+                              snapshot.stored, time.monotonic() - started)
+        self.uploader.stats = TransferStats()
+        return result
+
+    async def _upload_frozen(self, capture: Capture, contents: dict[int, list[ChunkRef]]) -> None:
+        slots = trio.Semaphore(max(4, self.repo.threads * 2))
+
+        async def upload(ino: int) -> None:
+            try:
+                contents[ino] = await self.uploader.upload_path(capture.frozen[ino])
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for ino in capture.frozen:
+                await slots.acquire()
+                nursery.start_soon(upload, ino)
+
+    async def _directory(self, capture: Capture, ino: int, contents: dict[int, list[ChunkRef]],
+                         link_ids: dict[int, int]) -> bytes:
+        node = capture.inodes[ino]
+        if node.dir_id is not None:
+            return node.dir_id  # never expanded: the stored record is still exact
+        entries: list[Entry] = []
+        for name, child in capture.children.get(ino, []):
+            child_node = capture.inodes[child]
+            entry = child_node.entry(name)
+            if child_node.kind == EntryKind.DIRECTORY:
+                entry.dir_id = await self._directory(capture, child, contents, link_ids)
+                entry.nlink = 1
+            elif child_node.kind == EntryKind.FILE:
+                chunks = contents[child] if child_node.local else decode_chunks(child_node.chunks or b"")
+                entry.chunks_raw = encode_chunks(chunks)
+                entry.size = sum(c.size for c in chunks)
+                entry.link_id = link_ids.get(child, 0)
+                entry.nlink = child_node.nlink if entry.link_id else 1
+                self.files += 1
+                self.size += entry.size
+            else:
+                entry.nlink = 1
+            entries.append(entry)
+        record = await self.repo.run_cpu(encode_directory, entries)
+        dir_id, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        self.bytes_stored += stored
+        return dir_id
+
+
+def _link_ids(capture: Capture) -> tuple[dict[int, int], int]:
+    """Hardlink group IDs: those of the base snapshot are kept (untouched
+    directories still use them); new groups number on from the base's highest."""
+    counts = Counter(ino for entries in capture.children.values() for _, ino in entries)
+    link_ids: dict[int, int] = {}
+    next_id = capture.max_link_id + 1
+    for ino, node in capture.inodes.items():
+        if node.kind != EntryKind.FILE:
+            continue
+        if node.link_id:
+            link_ids[ino] = node.link_id
+        elif counts[ino] > 1:
+            link_ids[ino] = next_id
+            next_id += 1
+    return link_ids, next_id - 1

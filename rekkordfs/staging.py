@@ -1,0 +1,834 @@
+"""A writable staging tree for one channel, journaled on local disk (no FUSE here).
+
+State lives in a folder per repository and channel:
+
+    tree.db     SQLite (WAL): inodes, directory entries, metadata; every
+                operation is one transaction, so a killed process loses nothing
+                that was written before it
+    data/<ino>  content of files written since the base snapshot
+    frozen/     content captured by a running commit (see capture())
+
+The tree starts as a copy-on-write view of a base snapshot: directories keep
+their stored record ID until first touched ("expanded"), files keep their chunk
+list until written. Unchanged parts thus cost nothing and are committed as the
+very same records. Errors are OSError with an errno; the FUSE adapter replies
+with it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import os
+import shutil
+import sqlite3
+import stat
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import trio
+
+from .blobcache import BlobCache
+from .format import ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
+from .fsmeta import FILE_TYPE_BITS
+
+ROOT = 1
+NAME_MAX = 255
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY,
+    kind INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    rdev INTEGER NOT NULL DEFAULT 0, nlink INTEGER NOT NULL DEFAULT 1,
+    target BLOB,            -- symlink target
+    chunks BLOB,            -- file content as stored chunks (when local = 0)
+    local INTEGER NOT NULL DEFAULT 0,   -- file content is data/<ino>
+    dir_id BLOB,            -- directory not expanded yet: its stored record
+    link_id INTEGER,        -- hardlink group of the base snapshot
+    xattrs BLOB
+);
+CREATE TABLE IF NOT EXISTS dentries (
+    parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (parent, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
+"""
+
+COLUMNS = ("ino, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, chunks, local, "
+           "dir_id, link_id, xattrs")
+
+
+def _error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def encode_xattrs(items: list[tuple[bytes, bytes]]) -> bytes:
+    out = bytearray(struct.pack("<H", len(items)))
+    for name, value in items:
+        out += struct.pack("<HI", len(name), len(value)) + name + value
+    return bytes(out)
+
+
+def decode_xattrs(raw: bytes | None) -> list[tuple[bytes, bytes]]:
+    if not raw:
+        return []
+    (count,) = struct.unpack_from("<H", raw, 0)
+    pos, items = 2, []
+    for _ in range(count):
+        name_len, value_len = struct.unpack_from("<HI", raw, pos)
+        pos += 6
+        items.append((raw[pos:pos + name_len], raw[pos + name_len:pos + name_len + value_len]))
+        pos += name_len + value_len
+    return items
+
+
+@dataclass(slots=True)
+class Inode:
+    ino: int
+    kind: EntryKind
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    nlink: int
+    target: bytes | None
+    chunks: bytes | None
+    local: bool
+    dir_id: bytes | None
+    link_id: int | None
+    xattrs: bytes | None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == EntryKind.DIRECTORY
+
+    @property
+    def full_mode(self) -> int:
+        return FILE_TYPE_BITS[self.kind] | self.mode
+
+    def entry(self, name: bytes) -> Entry:
+        """Its metadata as a directory entry (content fields are the caller's)."""
+        return Entry(self.kind, name, self.mode, self.uid, self.gid, self.mtime_ns, self.atime_ns, self.ctime_ns,
+                     self.size, self.nlink, 0, self.rdev, decode_xattrs(self.xattrs), target=self.target)
+
+
+def _row(row: tuple) -> Inode:
+    values = list(row)
+    values[1] = EntryKind(values[1])
+    values[13] = bool(values[13])
+    return Inode(*values)
+
+
+@dataclass
+class Capture:
+    """The tree as it was when a commit began (see StagingTree.capture)."""
+
+    inodes: dict[int, Inode]
+    children: dict[int, list[tuple[bytes, int]]]  # expanded directories only
+    frozen: dict[int, Path]  # files whose content must be uploaded from these paths
+    uploaded: dict[int, list[ChunkRef]]  # files whose write-behind upload matches the captured content
+    versions: dict[int, int]
+    sequence: int
+    max_link_id: int
+
+
+@dataclass
+class _Upload:
+    version: int
+    chunks: list[ChunkRef]
+
+
+class StagingTree:
+    def __init__(self, folder: Path, channel: str, blobs: BlobCache | None,
+                 clock: Callable[[], int] = time.time_ns) -> None:
+        self.folder = folder
+        self.channel = channel
+        self.blobs = blobs  # None: the key cannot read stored data (WriteOnly)
+        self.clock = clock
+        self.data_dir = folder / "data"
+        self.frozen_dir = folder / "frozen"
+        for path in (folder, self.data_dir, self.frozen_dir):
+            path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.db = sqlite3.connect(folder / "tree.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+        self.lookups: dict[int, int] = {}  # kernel references, for deferred deletion
+        self.open_files: dict[int, int] = {}
+        self.versions: dict[int, int] = {}  # bumped on every content change (in memory)
+        self.uploads: dict[int, _Upload] = {}  # write-behind results
+        self.frozen: dict[int, Path] = {}  # content a running commit still needs
+        self.sequence = 0  # bumped on every change
+        self._touched: set[int] = set()  # files written since their last flush
+        self._expanding: dict[int, trio.Event] = {}
+        self._chunk_lists: dict[int, tuple[list[ChunkRef], list[int]]] = {}  # decoded, for reads
+        self._dirty = bool(self._meta("dirty", 0))
+        self._recover()
+
+    # --- journal helpers ---------------------------------------------------------
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _meta(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def _set_meta(self, key: str, value) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _transaction(self) -> "_Tx":
+        return _Tx(self.db)
+
+    def _recover(self) -> None:
+        """After a crash: drop inodes no entry refers to, and stale frozen copies."""
+        with self._transaction():
+            if self.db.execute("SELECT 1 FROM inodes WHERE ino = ?", (ROOT,)).fetchone() is None:
+                now = self.clock()
+                self.db.execute(
+                    "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
+                    (ROOT, EntryKind.DIRECTORY, 0o755, os.getuid(), os.getgid(), now, now, now))
+            orphans = [r[0] for r in self.db.execute(
+                "SELECT ino FROM inodes WHERE ino != ? AND ino NOT IN (SELECT ino FROM dentries)", (ROOT,))]
+            for ino in orphans:
+                self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        for ino in orphans:
+            (self.data_dir / str(ino)).unlink(missing_ok=True)
+        for path in self.frozen_dir.iterdir():
+            path.unlink()
+
+    @property
+    def base(self) -> bytes | None:
+        return self._meta("base")
+
+    @property
+    def dirty(self) -> bool:
+        """Changed since the base snapshot (a clean tree may follow newer snapshots)."""
+        return self._dirty
+
+    def _changed(self) -> None:
+        self.sequence += 1
+        if not self._dirty:
+            self._set_meta("dirty", 1)
+            self._dirty = True
+
+    # --- seeding -------------------------------------------------------------------
+
+    def seed(self, snapshot_id: bytes | None, snapshot: Snapshot | None) -> None:
+        """Reset to a copy-on-write view of a snapshot (or to an empty tree)."""
+        now = self.clock()
+        root = snapshot.root if snapshot is not None else None
+        with self._transaction():
+            self.db.execute("DELETE FROM dentries")
+            self.db.execute("DELETE FROM inodes")
+            self.db.execute("DELETE FROM meta")
+            self.db.execute(
+                "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink, dir_id, xattrs) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2, ?, ?)",
+                (ROOT, EntryKind.DIRECTORY, root.mode if root else 0o755, root.uid if root else os.getuid(),
+                 root.gid if root else os.getgid(), root.atime_ns if root else now,
+                 root.mtime_ns if root else (snapshot.time_ns if snapshot else now),
+                 root.ctime_ns if root else now, snapshot.root_id if snapshot else None,
+                 encode_xattrs(root.xattrs) if root else None))
+            self._set_meta("base", snapshot_id)
+            self._set_meta("max_link_id", snapshot.max_link_id if snapshot else 0)
+            self._set_meta("dirty", 0)
+        self._dirty = False
+        self._chunk_lists.clear()
+        for path in self.data_dir.iterdir():
+            path.unlink()
+        self.uploads.clear()
+        self.versions.clear()
+        self.sequence += 1
+
+    # --- reading the tree ------------------------------------------------------------
+
+    def get(self, ino: int) -> Inode:
+        row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            raise _error(errno.ENOENT)
+        return _row(row)
+
+    def size_of(self, node: Inode) -> int:
+        if node.kind == EntryKind.FILE and node.local:
+            try:
+                return os.stat(self.data_dir / str(node.ino)).st_size
+            except FileNotFoundError:
+                return 0
+        return node.size
+
+    async def expand(self, ino: int) -> Inode:
+        """A directory with its entries in the journal (read from its record once)."""
+        node = self.get(ino)
+        if not node.is_dir:
+            raise _error(errno.ENOTDIR)
+        while node.dir_id is not None:
+            pending = self._expanding.get(ino)
+            if pending is not None:
+                await pending.wait()
+                node = self.get(ino)
+                continue
+            event = self._expanding[ino] = trio.Event()
+            try:
+                await self._expand_record(node)
+            finally:
+                del self._expanding[ino]
+                event.set()
+            node = self.get(ino)
+        return node
+
+    async def _expand_record(self, node: Inode) -> None:
+        if self.blobs is None:
+            raise _error(errno.EACCES)
+        assert node.dir_id is not None
+        listing = await self.blobs.directory(node.dir_id)
+        with self._transaction():
+            for entry in listing.entries:
+                existing = None
+                if entry.link_id:
+                    row = self.db.execute("SELECT ino FROM inodes WHERE link_id = ?", (entry.link_id,)).fetchone()
+                    existing = row[0] if row else None
+                if existing is None:
+                    cursor = self.db.execute(
+                        "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, "
+                        "target, chunks, dir_id, link_id, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.atime_ns, entry.mtime_ns,
+                         entry.ctime_ns, entry.rdev, max(entry.nlink, 1) if entry.link_id else
+                         (2 if entry.kind == EntryKind.DIRECTORY else 1), entry.target,
+                         entry.chunks_raw if entry.kind == EntryKind.FILE else None, entry.dir_id,
+                         entry.link_id or None, encode_xattrs(entry.xattrs) if entry.xattrs else None))
+                    existing = cursor.lastrowid
+                self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                                (node.ino, entry.name, existing))
+            self.db.execute("UPDATE inodes SET dir_id = NULL WHERE ino = ?", (node.ino,))
+
+    async def lookup(self, parent: int, name: bytes) -> Inode:
+        await self.expand(parent)
+        row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
+        if row is None:
+            raise _error(errno.ENOENT)
+        return self.get(row[0])
+
+    async def listdir(self, parent: int) -> list[tuple[bytes, Inode]]:
+        await self.expand(parent)
+        rows = self.db.execute(
+            f"SELECT d.name, {', '.join('i.' + c.strip() for c in COLUMNS.split(','))} FROM dentries d "
+            "JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? ORDER BY d.name", (parent,)).fetchall()
+        return [(row[0], _row(row[1:])) for row in rows]
+
+    def _child(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
+        return row[0] if row else None
+
+    def _has_children(self, ino: int) -> bool:
+        return self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone() is not None
+
+    # --- creating and removing entries -------------------------------------------------
+
+    @staticmethod
+    def _check_name(name: bytes) -> None:
+        if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+            raise _error(errno.EINVAL)
+        if len(name) > NAME_MAX:
+            raise _error(errno.ENAMETOOLONG)
+
+    async def create(self, parent: int, name: bytes, kind: EntryKind, mode: int, uid: int, gid: int,
+                     rdev: int = 0, target: bytes | None = None) -> Inode:
+        self._check_name(name)
+        parent_node = await self.expand(parent)
+        if self._child(parent, name) is not None:
+            raise _error(errno.EEXIST)
+        now = self.clock()
+        if parent_node.mode & stat.S_ISGID:  # BSD group semantics of set-group-ID directories
+            gid = parent_node.gid
+            if kind == EntryKind.DIRECTORY:
+                mode |= stat.S_ISGID
+        with self._transaction():
+            cursor = self.db.execute(
+                "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, "
+                "local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (kind, mode & 0o7777, uid, gid, len(target) if target is not None else 0, now, now, now, rdev,
+                 2 if kind == EntryKind.DIRECTORY else 1, target, 1 if kind == EntryKind.FILE else 0))
+            ino = cursor.lastrowid
+            assert ino is not None
+            if kind == EntryKind.FILE:  # before the journal names it
+                os.close(os.open(self.data_path(ino), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            self._touch_dir(parent, now)
+            self._changed()
+        if kind == EntryKind.FILE:
+            self._content_changed(ino)
+        return self.get(ino)
+
+    def _touch_dir(self, ino: int, now: int) -> None:
+        self.db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, ino))
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Inode:
+        self._check_name(name)
+        node = self.get(ino)
+        if node.is_dir:
+            raise _error(errno.EPERM)
+        await self.expand(parent)
+        if self._child(parent, name) is not None:
+            raise _error(errno.EEXIST)
+        now = self.clock()
+        with self._transaction():
+            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            self.db.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?", (now, ino))
+            self._touch_dir(parent, now)
+            self._changed()
+        return self.get(ino)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self.expand(parent)
+        ino = self._child(parent, name)
+        if ino is None:
+            raise _error(errno.ENOENT)
+        if self.get(ino).is_dir:
+            raise _error(errno.EISDIR)
+        with self._transaction():
+            self._remove_entry(parent, name, ino)
+            self._changed()
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self.expand(parent)
+        ino = self._child(parent, name)
+        if ino is None:
+            raise _error(errno.ENOENT)
+        if not self.get(ino).is_dir:
+            raise _error(errno.ENOTDIR)
+        await self.expand(ino)
+        if self._has_children(ino):
+            raise _error(errno.ENOTEMPTY)
+        with self._transaction():
+            self._remove_entry(parent, name, ino)
+            self._changed()
+
+    def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
+        """Inside a transaction: drop one entry; the inode goes with its last link."""
+        now = self.clock()
+        self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        self._touch_dir(parent, now)
+        node = self.get(ino)
+        links = 0 if node.is_dir else node.nlink - 1
+        if links > 0:
+            self.db.execute("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (links, now, ino))
+        else:
+            self.db.execute("UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE ino = ?", (now, ino))
+            self._maybe_delete(ino)
+
+    def _maybe_delete(self, ino: int) -> None:
+        """Delete an unlinked inode once neither the kernel nor an open file holds it."""
+        if self.lookups.get(ino) or self.open_files.get(ino):
+            return
+        row = self.db.execute("SELECT nlink FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None or row[0] > 0 or ino == ROOT:
+            return
+        self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        (self.data_dir / str(ino)).unlink(missing_ok=True)
+        self.uploads.pop(ino, None)
+        self.versions.pop(ino, None)
+
+    def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        """True when ancestor is ino or one of its parent directories."""
+        current = ino
+        while current != ROOT:
+            if current == ancestor:
+                return True
+            row = self.db.execute("SELECT parent FROM dentries WHERE ino = ? LIMIT 1", (current,)).fetchone()
+            if row is None:
+                return False
+            current = row[0]
+        return ancestor == ROOT
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+                     flags: int = 0) -> None:
+        self._check_name(new_name)
+        await self.expand(old_parent)
+        await self.expand(new_parent)
+        moved = self._child(old_parent, old_name)
+        if moved is None:
+            raise _error(errno.ENOENT)
+        target = self._child(new_parent, new_name)
+        moved_node = self.get(moved)
+        exchange = bool(flags & RENAME_EXCHANGE)
+        if flags & RENAME_NOREPLACE and target is not None:
+            raise _error(errno.EEXIST)
+        if exchange and target is None:
+            raise _error(errno.ENOENT)
+        if moved == target:
+            return  # two links of one inode: POSIX says do nothing
+        if moved_node.is_dir and self._is_ancestor(moved, new_parent):
+            raise _error(errno.EINVAL)
+        if exchange:
+            assert target is not None
+            if self.get(target).is_dir and self._is_ancestor(target, old_parent):
+                raise _error(errno.EINVAL)
+        elif target is not None:
+            target_node = self.get(target)
+            if moved_node.is_dir and not target_node.is_dir:
+                raise _error(errno.ENOTDIR)
+            if not moved_node.is_dir and target_node.is_dir:
+                raise _error(errno.EISDIR)
+            if target_node.is_dir:
+                await self.expand(target)
+                if self._has_children(target):
+                    raise _error(errno.ENOTEMPTY)
+        now = self.clock()
+        with self._transaction():
+            if exchange:
+                self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
+                                (target, old_parent, old_name))
+                self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
+                                (moved, new_parent, new_name))
+                self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE ino IN (?, ?)", (now, moved, target))
+            else:
+                if target is not None:
+                    self._remove_entry(new_parent, new_name, target)
+                self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (old_parent, old_name))
+                self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
+                                (new_parent, new_name, moved))
+                self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, moved))
+            self._touch_dir(old_parent, now)
+            self._touch_dir(new_parent, now)
+            self._changed()
+
+    # --- attributes ----------------------------------------------------------------------
+
+    async def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
+                      size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+        node = self.get(ino)
+        if size is not None:
+            if node.kind != EntryKind.FILE:
+                raise _error(errno.EISDIR if node.is_dir else errno.EINVAL)
+            await self.truncate(ino, size)
+        now = self.clock()
+        updates: dict[str, int] = {"ctime_ns": now}
+        if mode is not None:
+            updates["mode"] = mode & 0o7777
+        if uid is not None:
+            updates["uid"] = uid
+        if gid is not None:
+            updates["gid"] = gid
+        if atime_ns is not None:
+            updates["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            updates["mtime_ns"] = mtime_ns
+            self._touched.discard(ino)  # an explicit time wins over the write that came before
+        assignments = ", ".join(f"{k} = ?" for k in updates)
+        with self._transaction():
+            self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*updates.values(), ino))
+            self._changed()
+        return self.get(ino)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        for key, value in decode_xattrs(self.get(ino).xattrs):
+            if key == name:
+                return value
+        raise _error(errno.ENODATA)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [name for name, _ in decode_xattrs(self.get(ino).xattrs)]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        items = [(k, v) for k, v in decode_xattrs(self.get(ino).xattrs) if k != name]
+        items.append((name, value))
+        items.sort()
+        with self._transaction():
+            self.db.execute("UPDATE inodes SET xattrs = ?, ctime_ns = ? WHERE ino = ?",
+                            (encode_xattrs(items), self.clock(), ino))
+            self._changed()
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        items = decode_xattrs(self.get(ino).xattrs)
+        kept = [(k, v) for k, v in items if k != name]
+        if len(kept) == len(items):
+            raise _error(errno.ENODATA)
+        with self._transaction():
+            self.db.execute("UPDATE inodes SET xattrs = ?, ctime_ns = ? WHERE ino = ?",
+                            (encode_xattrs(kept) if kept else None, self.clock(), ino))
+            self._changed()
+
+    # --- file content ----------------------------------------------------------------------
+
+    def data_path(self, ino: int) -> Path:
+        return self.data_dir / str(ino)
+
+    async def make_local(self, ino: int, keep_content: bool = True) -> None:
+        """Give a stored file a local copy before it is modified (copy-up)."""
+        node = self.get(ino)
+        if node.kind != EntryKind.FILE:
+            raise _error(errno.EINVAL)
+        await self._unfreeze(ino)
+        if node.local:
+            return
+        path = self.data_path(ino)
+        tmp = self.data_dir / f"{ino}.copy"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            if keep_content and node.chunks:
+                if self.blobs is None:
+                    raise _error(errno.EACCES)
+                offset = 0
+                for chunk in decode_chunks(node.chunks):
+                    data = await self.blobs.chunk(chunk)
+                    await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+                    offset += chunk.size
+                os.ftruncate(fd, node.size)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        with self._transaction():
+            self.db.execute("UPDATE inodes SET local = 1, chunks = NULL, size = 0 WHERE ino = ?", (ino,))
+            self._changed()
+        self._content_changed(ino)
+
+    async def _unfreeze(self, ino: int) -> None:
+        """A running commit holds this file's content: write from now on to a copy."""
+        if ino not in self.frozen:
+            return
+        path = self.data_path(ino)
+        tmp = self.data_dir / f"{ino}.copy"
+        await trio.to_thread.run_sync(shutil.copyfile, path, tmp)
+        os.replace(tmp, path)
+        del self.frozen[ino]
+
+    def _content_changed(self, ino: int) -> None:
+        self.versions[ino] = self.versions.get(ino, 0) + 1
+        self._chunk_lists.pop(ino, None)
+        self.uploads.pop(ino, None)
+        self.sequence += 1
+
+    async def truncate(self, ino: int, size: int) -> None:
+        node = self.get(ino)
+        if not node.local:
+            await self.make_local(ino, keep_content=size > 0)
+        else:
+            await self._unfreeze(ino)
+        await trio.to_thread.run_sync(os.truncate, self.data_path(ino), size)
+        self._content_changed(ino)
+        self._touched.add(ino)
+        self._changed()
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        if ino in self.frozen:
+            await self._unfreeze(ino)
+        fd = os.open(self.data_path(ino), os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+        finally:
+            os.close(fd)
+        self._content_changed(ino)
+        self._touched.add(ino)
+        if not self._dirty:
+            self._changed()
+        return len(data)
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        node = self.get(ino)
+        if node.local:
+            fd = os.open(self.data_path(ino), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                return await trio.to_thread.run_sync(os.pread, fd, size, offset)
+            finally:
+                os.close(fd)
+        if not node.chunks or self.blobs is None:
+            return b""
+        chunks, offsets = self._chunk_list(node)
+        return await _read_chunks(self.blobs, chunks, offsets, node.size, offset, size)
+
+    def _chunk_list(self, node: Inode) -> tuple[list[ChunkRef], list[int]]:
+        cached = self._chunk_lists.get(node.ino)
+        if cached is None:
+            if len(self._chunk_lists) > 1024:
+                self._chunk_lists.clear()
+            chunks = decode_chunks(node.chunks or b"")
+            offsets, total = [], 0
+            for chunk in chunks:
+                offsets.append(total)
+                total += chunk.size
+            cached = self._chunk_lists[node.ino] = (chunks, offsets)
+        return cached
+
+    def flush(self, ino: int) -> None:
+        """close()/fsync(): the file's new mtime goes into the journal."""
+        if ino in self._touched:
+            self._touched.discard(ino)
+            now = self.clock()
+            with self._transaction():
+                self.db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, ino))
+                self._changed()
+
+    def touched_mtime(self, ino: int) -> bool:
+        return ino in self._touched
+
+    # --- kernel references ---------------------------------------------------------------
+
+    def remember(self, ino: int) -> None:
+        self.lookups[ino] = self.lookups.get(ino, 0) + 1
+
+    def forget(self, ino: int, count: int) -> None:
+        left = self.lookups.get(ino, 0) - count
+        if left > 0:
+            self.lookups[ino] = left
+            return
+        self.lookups.pop(ino, None)
+        with self._transaction():
+            self._maybe_delete(ino)
+
+    def opened(self, ino: int) -> None:
+        self.open_files[ino] = self.open_files.get(ino, 0) + 1
+
+    def released(self, ino: int) -> None:
+        left = self.open_files.get(ino, 0) - 1
+        if left > 0:
+            self.open_files[ino] = left
+            return
+        self.open_files.pop(ino, None)
+        with self._transaction():
+            self._maybe_delete(ino)
+
+    # --- write-behind and commit -----------------------------------------------------------
+
+    def version(self, ino: int) -> int:
+        return self.versions.get(ino, 0)
+
+    def record_upload(self, ino: int, version: int, chunks: list[ChunkRef]) -> None:
+        if self.versions.get(ino, 0) == version:
+            self.uploads[ino] = _Upload(version, chunks)
+
+    def capture(self, is_durable: Callable[[list[ChunkRef]], bool]) -> Capture:
+        """The whole tree as it is now, for a commit; must not await.
+
+        Files whose content is local and not yet uploaded are frozen: a link to
+        their data is kept for the commit, and a write that comes later goes to
+        a copy (see _unfreeze), so the commit sees exactly this moment.
+        """
+        inodes = {row[0]: _row(row) for row in self.db.execute(f"SELECT {COLUMNS} FROM inodes")}
+        children: dict[int, list[tuple[bytes, int]]] = {}
+        for parent, name, ino in self.db.execute("SELECT parent, name, ino FROM dentries ORDER BY parent, name"):
+            children.setdefault(parent, []).append((name, ino))
+        reachable = _reachable(children)
+        inodes = {ino: node for ino, node in inodes.items() if ino in reachable}
+        frozen: dict[int, Path] = {}
+        uploaded: dict[int, list[ChunkRef]] = {}
+        versions: dict[int, int] = {}
+        for ino, node in inodes.items():
+            if node.kind != EntryKind.FILE or not node.local:
+                continue
+            versions[ino] = self.version(ino)
+            done = self.uploads.get(ino)
+            if done is not None and done.version == versions[ino] and is_durable(done.chunks):
+                uploaded[ino] = done.chunks
+                continue
+            link = self.frozen_dir / f"{ino}.{self.sequence}"
+            link.unlink(missing_ok=True)
+            os.link(self.data_path(ino), link)
+            frozen[ino] = link
+            self.frozen[ino] = link
+        max_link_id = int(self._meta("max_link_id", 0) or 0)
+        return Capture(inodes, children, frozen, uploaded, versions, self.sequence, max_link_id)
+
+    def release_capture(self, capture: Capture) -> None:
+        for ino, link in capture.frozen.items():
+            if self.frozen.get(ino) == link:
+                del self.frozen[ino]
+            link.unlink(missing_ok=True)
+
+    def committed(self, capture: Capture, snapshot_id: bytes, snapshot: Snapshot,
+                  contents: dict[int, list[ChunkRef]], link_ids: dict[int, int]) -> None:
+        """After a successful commit: what it stored becomes the new base."""
+        with self._transaction():
+            for ino, chunks in contents.items():
+                if self.versions.get(ino, 0) != capture.versions.get(ino):
+                    continue  # written again since the commit began: stays local
+                self.db.execute("UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local = 1",
+                                (encode_chunks(chunks), sum(c.size for c in chunks), ino))
+            for ino, link_id in link_ids.items():
+                self.db.execute("UPDATE inodes SET link_id = ? WHERE ino = ?", (link_id, ino))
+            self._set_meta("base", snapshot_id)
+            self._set_meta("max_link_id", snapshot.max_link_id)
+            clean = self.sequence == capture.sequence
+            self._set_meta("dirty", 0 if clean else 1)
+            self._dirty = not clean
+        for ino in contents:
+            if self.versions.get(ino, 0) == capture.versions.get(ino) and not self.open_files.get(ino):
+                self.data_path(ino).unlink(missing_ok=True)
+                self.uploads.pop(ino, None)
+        self.release_capture(capture)
+
+    def iter_local_files(self) -> Iterator[int]:
+        for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local = 1 AND kind = ?", (EntryKind.FILE,)):
+            yield ino
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.folder)
+
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are no-ops)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.outer = False
+
+    def __enter__(self) -> None:
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.outer = True
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if not self.outer:
+            return
+        if kind is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")
+
+
+def _reachable(children: dict[int, list[tuple[bytes, int]]]) -> set[int]:
+    seen = {ROOT}
+    stack = [ROOT]
+    while stack:
+        for _, ino in children.get(stack.pop(), ()):
+            if ino not in seen:
+                seen.add(ino)
+                stack.append(ino)
+    return seen
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+async def _read_chunks(blobs: BlobCache, chunks: list[ChunkRef], offsets: list[int], total: int,
+                       offset: int, size: int) -> bytes:
+    end = min(offset + size, total)
+    parts = []
+    index = max(bisect.bisect_right(offsets, offset) - 1, 0)
+    while index < len(chunks) and offsets[index] < end:
+        chunk = chunks[index]
+        data = await blobs.chunk(chunk)
+        start = max(offset, offsets[index]) - offsets[index]
+        stop = min(end, offsets[index] + chunk.size) - offsets[index]
+        parts.append(memoryview(data)[start:stop])
+        index += 1
+    return b"".join(parts)

@@ -1,0 +1,386 @@
+"""The mount's writable `staging/` folder: one StagingTree per channel.
+
+    MNT/staging/<channel>/...   starts as a copy-on-write view of the channel's
+                                latest snapshot; `mkdir MNT/staging/NEW` starts
+                                a new, empty channel
+
+This module maps the mount's inode numbers onto the trees, schedules
+write-behind uploads when written files are closed, and runs commits (asked
+for by `rekkord commit` through an extended attribute, see CONTROL_COMMIT).
+Like vfs.py it raises OSError and knows nothing of FUSE.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from .blobcache import BlobCache
+from .commit import CommitResult, Committer
+from .errors import RekkordError, UsageError
+from .format import EntryKind, validate_channel
+from .keys import Capability
+from .repository import Repository
+from .staging import ROOT, Inode, StagingTree
+from .upload import Uploader
+from .vfs import STAGING_INO, Attr, Node, NodeKind, SnapshotView
+
+log = logging.getLogger(__name__)
+
+STAGING_BIT = 1 << 62
+SLOT_SHIFT = 40
+LOCAL_MASK = (1 << SLOT_SHIFT) - 1
+
+# Control attributes on MNT/staging/<channel>; never listed, so rsync -X skips them.
+CONTROL_CHANNEL = b"user.rekkord.channel"  # get: the channel name (is this a staging root?)
+CONTROL_COMMIT = b"user.rekkord.commit"  # set to a token: commit; get CONTROL_COMMIT + b"." + token: result
+
+
+@dataclass
+class Handle:
+    tree: StagingTree
+    ino: int  # local to the tree
+    wrote: bool = False
+
+
+class StagingArea:
+    def __init__(self, repo: Repository, blobs: BlobCache, view: SnapshotView, state_dir: Path) -> None:
+        repo.keys.require(Capability.WRITE)
+        self.repo = repo
+        self.blobs = blobs if repo.keys.can(Capability.READ) else None
+        self.view = view
+        self.state_dir = state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.trees: dict[str, StagingTree] = {}
+        self.uploaders: dict[str, Uploader] = {}
+        self._slots: dict[str, int] = {}
+        self._by_slot: dict[int, StagingTree] = {}
+        self._locks: dict[str, trio.Lock] = {}
+        self._results: dict[bytes, bytes] = {}
+        self._upload_slots = trio.Semaphore(max(2, repo.threads * 2))
+        self._nursery: trio.Nursery | None = None
+        self.root_attr = Attr(STAGING_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0,
+                              view.started_ns, view.started_ns, view.started_ns, immutable=False)
+        view.extra_root[b"staging"] = self.root_node
+
+    def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+
+    def close(self) -> None:
+        for tree in self.trees.values():
+            tree.close()
+
+    def root_node(self) -> Node:
+        return Node(STAGING_INO, NodeKind.VIRTUAL_DIR, self.root_attr, permanent=True)
+
+    # --- inode numbers -------------------------------------------------------------
+
+    @staticmethod
+    def owns(ino: int) -> bool:
+        return ino == STAGING_INO or bool(ino & STAGING_BIT)
+
+    def _global(self, tree: StagingTree, local: int) -> int:
+        return STAGING_BIT | (self._slots[tree.channel] << SLOT_SHIFT) | local
+
+    def _split(self, ino: int) -> tuple[StagingTree, int]:
+        tree = self._by_slot.get((ino & ~STAGING_BIT) >> SLOT_SHIFT)
+        if tree is None:
+            raise OSError(errno.ENOENT, "stale staging inode")
+        return tree, ino & LOCAL_MASK
+
+    def attr(self, tree: StagingTree, node: Inode) -> Attr:
+        touched = tree.touched_mtime(node.ino)
+        now = tree.clock()
+        return Attr(self._global(tree, node.ino), node.full_mode, node.nlink, node.uid, node.gid,
+                    tree.size_of(node), node.atime_ns, now if touched else node.mtime_ns,
+                    now if touched else node.ctime_ns, node.rdev, immutable=False)
+
+    # --- the channels ----------------------------------------------------------------
+
+    def _state_names(self) -> set[str]:
+        return {p.name for p in self.state_dir.iterdir() if (p / "tree.db").exists()}
+
+    async def channel_names(self) -> list[str]:
+        await self.view.refresh()
+        return sorted(set(self.view.channel_names()) | self._state_names() | set(self.trees))
+
+    async def tree(self, channel: str, create: bool = False) -> StagingTree:
+        """The staging tree of a channel, opened (and seeded) on first use."""
+        tree = self.trees.get(channel)
+        if tree is None:
+            exists = channel in self._state_names()
+            if not exists and not create and channel not in self.view.channel_names():
+                raise OSError(errno.ENOENT, "no such channel")
+            tree = StagingTree(self.state_dir / channel, channel, self.blobs)
+            slot = len(self._slots) + 1
+            self._slots[channel] = slot
+            self._by_slot[slot] = tree
+            self.trees[channel] = tree
+            self.uploaders[channel] = Uploader(self.repo)
+            if not exists:
+                await self._follow_latest(tree, force=True)
+        else:
+            await self._follow_latest(tree)
+        return tree
+
+    async def _follow_latest(self, tree: StagingTree, force: bool = False) -> None:
+        """A clean tree shows the channel's newest snapshot (unless the kernel holds
+        inodes of it: their numbers would change under it)."""
+        if self.blobs is None or (tree.dirty and not force):
+            return
+        latest = self.view.latest_tag(tree.channel)
+        if latest is None or latest.snapshot_id == tree.base:
+            return
+        if not force and any(ino != ROOT for ino in tree.lookups):
+            return
+        snapshot = await self.repo.load_snapshot(latest.snapshot_id)
+        tree.seed(latest.snapshot_id, snapshot)
+
+    async def _channel_tree(self, name: bytes, create: bool = False) -> StagingTree:
+        channel = os.fsdecode(name)
+        try:
+            validate_channel(channel)
+        except UsageError:
+            raise OSError(errno.EINVAL, "not a valid channel name") from None
+        return await self.tree(channel, create)
+
+    # --- directory operations ----------------------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if parent == STAGING_INO:
+            tree = await self._channel_tree(name)
+            node = tree.get(ROOT)
+        else:
+            tree, local = self._split(parent)
+            node = await tree.lookup(local, name)
+        tree.remember(node.ino)
+        return self.attr(tree, node)
+
+    def remember(self, ino: int) -> None:
+        if ino == STAGING_INO:
+            return
+        tree, local = self._split(ino)
+        tree.remember(local)
+
+    def forget(self, ino: int, count: int) -> None:
+        if ino == STAGING_INO:
+            return
+        tree, local = self._split(ino)
+        tree.forget(local, count)
+
+    async def getattr(self, ino: int) -> Attr:
+        if ino == STAGING_INO:
+            return self.root_attr
+        tree, local = self._split(ino)
+        return self.attr(tree, tree.get(local))
+
+    async def children(self, ino: int) -> list[tuple[bytes, Attr]]:
+        if ino == STAGING_INO:
+            items = []
+            for channel in await self.channel_names():
+                tree = await self.tree(channel)
+                items.append((channel.encode(), self.attr(tree, tree.get(ROOT))))
+            return items
+        tree, local = self._split(ino)
+        return [(name, self.attr(tree, node)) for name, node in await tree.listdir(local)]
+
+    async def readlink(self, ino: int) -> bytes:
+        tree, local = self._split(ino)
+        node = tree.get(local)
+        if node.kind != EntryKind.SYMLINK:
+            raise OSError(errno.EINVAL, "not a symlink")
+        return node.target or b""
+
+    async def make(self, parent: int, name: bytes, kind: EntryKind, mode: int, uid: int, gid: int,
+                   rdev: int = 0, target: bytes | None = None) -> Attr:
+        """mknod, mkdir, symlink and create; `mkdir staging/NEW` starts a channel."""
+        if parent == STAGING_INO:
+            if kind != EntryKind.DIRECTORY:
+                raise OSError(errno.EPERM, "only channel folders belong here")
+            channel = os.fsdecode(name)
+            if channel in self.trees or channel in self._state_names() or channel in self.view.channel_names():
+                raise OSError(errno.EEXIST, "channel exists")
+            tree = await self._channel_tree(name, create=True)
+            node = await tree.setattr(ROOT, mode=mode & 0o7777, uid=uid, gid=gid)
+        else:
+            tree, local = self._split(parent)
+            node = await tree.create(local, name, kind, mode, uid, gid, rdev, target)
+        tree.remember(node.ino)
+        return self.attr(tree, node)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        tree, local = self._split(ino)
+        parent_tree, parent_local = self._split_dir(parent)
+        if parent_tree is not tree:
+            raise OSError(errno.EXDEV, "hardlinks cannot cross channels")
+        node = await tree.link(local, parent_local, name)
+        tree.remember(node.ino)
+        return self.attr(tree, node)
+
+    def _split_dir(self, ino: int) -> tuple[StagingTree, int]:
+        if ino == STAGING_INO:
+            raise OSError(errno.EPERM, "only channel folders belong here")
+        return self._split(ino)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        tree, local = self._split_dir(parent)
+        await tree.unlink(local, name)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        if parent == STAGING_INO:
+            await self._remove_channel(name)
+            return
+        tree, local = self._split(parent)
+        await tree.rmdir(local, name)
+
+    async def _remove_channel(self, name: bytes) -> None:
+        """rmdir staging/NEW: drop the empty staging tree of a channel without snapshots."""
+        tree = await self._channel_tree(name)
+        if await tree.listdir(ROOT):
+            raise OSError(errno.ENOTEMPTY, "staging tree is not empty")
+        if tree.channel in self.view.channel_names():
+            raise OSError(errno.EBUSY, "the staging folder of a channel with snapshots stays")
+        if tree.lookups.get(ROOT, 0) > 1 or tree.open_files:
+            raise OSError(errno.EBUSY, "in use")
+        tree.close()
+        del self.trees[tree.channel], self.uploaders[tree.channel]
+        del self._by_slot[self._slots.pop(tree.channel)]
+        shutil.rmtree(tree.folder)
+
+    async def rename(self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int) -> None:
+        old_tree, old_local = self._split_dir(old_parent)
+        new_tree, new_local = self._split_dir(new_parent)
+        if old_tree is not new_tree:
+            raise OSError(errno.EXDEV, "rename across channels")
+        await old_tree.rename(old_local, old_name, new_local, new_name, flags)
+
+    async def setattr(self, ino: int, **changes: int | None) -> Attr:
+        if ino == STAGING_INO:
+            raise OSError(errno.EPERM, "the staging folder itself cannot change")
+        tree, local = self._split(ino)
+        node = await tree.setattr(local, **changes)
+        return self.attr(tree, node)
+
+    # --- extended attributes and control requests -----------------------------------------
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        if ino == STAGING_INO:
+            return []
+        tree, local = self._split(ino)
+        return tree.listxattr(local)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == STAGING_INO:
+            raise OSError(errno.ENODATA, "no such attribute")
+        tree, local = self._split(ino)
+        if local == ROOT and name == CONTROL_CHANNEL:
+            return tree.channel.encode()
+        if local == ROOT and name.startswith(CONTROL_COMMIT + b"."):
+            result = self._results.get(name[len(CONTROL_COMMIT) + 1:])
+            if result is None:
+                raise OSError(errno.ENODATA, "no such commit")
+            return result
+        return tree.getxattr(local, name)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if ino == STAGING_INO:
+            raise OSError(errno.EPERM, "the staging folder itself cannot change")
+        tree, local = self._split(ino)
+        if local == ROOT and name == CONTROL_COMMIT:
+            await self._commit_request(tree, value)
+            return
+        tree.setxattr(local, name, value)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        tree, local = self._split_dir(ino)
+        tree.removexattr(local, name)
+
+    async def _commit_request(self, tree: StagingTree, token: bytes) -> None:
+        if not token or len(token) > 64:
+            raise OSError(errno.EINVAL, "bad commit token")
+        while len(self._results) >= 64:  # results are read right away; keep only recent ones
+            del self._results[next(iter(self._results))]
+        try:
+            result = await self.commit(tree.channel)
+        except RekkordError as exc:
+            log.error("commit of staging/%s failed: %s", tree.channel, exc.message)
+            self._results[token] = json.dumps({"error": exc.message}).encode()
+            raise OSError(errno.EIO, exc.message) from None
+        self._results[token] = json.dumps({
+            "id": result.tag.id_hex, "channel": result.tag.channel, "time_ns": result.tag.time_ns,
+            "files": result.files, "size": result.size, "bytes_new": result.bytes_new,
+            "bytes_stored": result.bytes_stored, "duration": round(result.duration, 3),
+        }).encode()
+
+    async def commit(self, channel: str) -> CommitResult:
+        lock = self._locks.setdefault(channel, trio.Lock())
+        async with lock:
+            tree = await self.tree(channel)
+            result = await Committer(self.repo, tree, self.uploaders[channel]).run()
+        log.info("committed staging/%s as snapshot %s", channel, result.tag.id_hex)
+        await self.view.refresh(force=True)
+        return result
+
+    # --- files ---------------------------------------------------------------------------
+
+    async def open(self, ino: int, flags: int) -> Handle:
+        tree, local = self._split(ino)
+        node = tree.get(local)
+        if node.kind != EntryKind.FILE:
+            raise OSError(errno.EISDIR if node.is_dir else errno.EINVAL, "not a file")
+        writing = flags & (os.O_WRONLY | os.O_RDWR)
+        if flags & os.O_TRUNC and writing:
+            await tree.truncate(local, 0)
+        elif writing:
+            await tree.make_local(local)
+        tree.opened(local)
+        return Handle(tree, local)
+
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[Handle, Attr]:
+        attr = await self.make(parent, name, EntryKind.FILE, mode, uid, gid)
+        tree, local = self._split(attr.ino)
+        tree.opened(local)
+        return Handle(tree, local), attr
+
+    async def read(self, handle: Handle, offset: int, size: int) -> bytes:
+        return await handle.tree.read(handle.ino, offset, size)
+
+    async def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        handle.wrote = True
+        return await handle.tree.write(handle.ino, offset, data)
+
+    def flush(self, handle: Handle) -> None:
+        handle.tree.flush(handle.ino)
+
+    def release(self, handle: Handle) -> None:
+        handle.tree.flush(handle.ino)
+        if handle.wrote and self._nursery is not None:
+            self._nursery.start_soon(self._upload_behind, handle.tree, handle.ino, handle.tree.version(handle.ino))
+        handle.tree.released(handle.ino)
+
+    async def _upload_behind(self, tree: StagingTree, ino: int, version: int) -> None:
+        """A closed file is uploaded in the background, so commit has less to do."""
+        async with self._upload_slots:
+            if tree.version(ino) != version:
+                return  # written again meanwhile: a later close uploads it
+            try:
+                chunks = await self.uploaders[tree.channel].upload_path(tree.data_path(ino))
+            except FileNotFoundError:
+                return
+            except (RekkordError, OSError) as exc:
+                log.warning("write-behind upload of staging/%s inode %d failed (commit will retry): %s",
+                            tree.channel, ino, getattr(exc, "message", exc))
+                return
+            tree.record_upload(ino, version, chunks)
+
+    def statfs_all(self) -> os.statvfs_result:
+        """Room left where staged data is kept."""
+        return os.statvfs(self.state_dir)

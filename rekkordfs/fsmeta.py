@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import struct
 
 from .format import Entry, EntryKind
 
@@ -67,3 +68,47 @@ def read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
             raise
         result.append((os.fsencode(name), value))
     return result
+
+
+# --- POSIX ACLs as extended attributes ---------------------------------------------
+#
+# A filesystem keeps the access ACL and the mode bits in step: setting the ACL
+# sets the owner, group (the mask, when there is one) and other bits, and
+# chmod rewrites those ACL entries. The staging area stores ACLs as plain
+# extended attributes, so it does the same by hand.
+
+ACL_ACCESS = b"system.posix_acl_access"
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+
+
+def _acl_entries(value: bytes) -> list[tuple[int, int, int]] | None:
+    if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size:
+        return None
+    return list(_ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size:]))
+
+
+def mode_from_acl(mode: int, value: bytes) -> int:
+    """The permission bits an access ACL implies (set-id and sticky bits kept)."""
+    entries = _acl_entries(value)
+    if entries is None:
+        return mode
+    perms = {tag: perm & 7 for tag, perm, _ in entries}
+    group = perms.get(_ACL_MASK, perms.get(_ACL_GROUP_OBJ, (mode >> 3) & 7))
+    return (mode & 0o7000) | (perms.get(_ACL_USER_OBJ, (mode >> 6) & 7) << 6) | (group << 3) | \
+        perms.get(_ACL_OTHER, mode & 7)
+
+
+def acl_after_chmod(value: bytes, mode: int) -> bytes:
+    """An access ACL rewritten for new permission bits, as chmod does."""
+    entries = _acl_entries(value)
+    if entries is None:
+        return value
+    has_mask = any(tag == _ACL_MASK for tag, _, _ in entries)
+    bits = {_ACL_USER_OBJ: (mode >> 6) & 7, _ACL_OTHER: mode & 7,
+            (_ACL_MASK if has_mask else _ACL_GROUP_OBJ): (mode >> 3) & 7}
+    out = bytearray(value[:_ACL_HEADER.size])
+    for tag, perm, qualifier in entries:
+        out += _ACL_ENTRY.pack(tag, bits.get(tag, perm), qualifier)
+    return bytes(out)

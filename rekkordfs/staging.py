@@ -33,7 +33,7 @@ import trio
 
 from .blobcache import BlobCache
 from .format import ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
-from .fsmeta import FILE_TYPE_BITS
+from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 
 ROOT = 1
 NAME_MAX = 255
@@ -513,9 +513,13 @@ class StagingTree:
                 raise _error(errno.EISDIR if node.is_dir else errno.EINVAL)
             await self.truncate(ino, size)
         now = self.clock()
-        updates: dict[str, int] = {"ctime_ns": now}
+        updates: dict[str, int | bytes | None] = {"ctime_ns": now}
         if mode is not None:
             updates["mode"] = mode & 0o7777
+            xattrs = decode_xattrs(node.xattrs)
+            if any(k == ACL_ACCESS for k, _ in xattrs):
+                updates["xattrs"] = encode_xattrs([(k, acl_after_chmod(v, mode) if k == ACL_ACCESS else v)
+                                                   for k, v in xattrs])
         if uid is not None:
             updates["uid"] = uid
         if gid is not None:
@@ -541,12 +545,14 @@ class StagingTree:
         return [name for name, _ in decode_xattrs(self.get(ino).xattrs)]
 
     def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
-        items = [(k, v) for k, v in decode_xattrs(self.get(ino).xattrs) if k != name]
+        node = self.get(ino)
+        items = [(k, v) for k, v in decode_xattrs(node.xattrs) if k != name]
         items.append((name, value))
         items.sort()
+        mode = mode_from_acl(node.mode, value) if name == ACL_ACCESS else node.mode
         with self._transaction():
-            self.db.execute("UPDATE inodes SET xattrs = ?, ctime_ns = ? WHERE ino = ?",
-                            (encode_xattrs(items), self.clock(), ino))
+            self.db.execute("UPDATE inodes SET xattrs = ?, mode = ?, ctime_ns = ? WHERE ino = ?",
+                            (encode_xattrs(items), mode, self.clock(), ino))
             self._changed()
 
     def removexattr(self, ino: int, name: bytes) -> None:

@@ -60,6 +60,7 @@ class S3Storage(Storage):
         self._prefix = f"{location.prefix}/" if location.prefix else ""
         self._limiter = trio.CapacityLimiter(max(8, threads * 4))
         self._client: Any = None
+        self._client_lock = trio.Lock()
         self._attempts = max(1, attempts)
         self._backoff = backoff
         # Some hosts reject the If-None-Match header itself (501): stop sending it.
@@ -89,8 +90,11 @@ class S3Storage(Storage):
         await self._probe_conditional_writes()
 
     async def _make_client(self) -> None:
-        if self._client is not None:
-            return
+        async with self._client_lock:  # one client, one prompt, whoever asks first
+            if self._client is None:
+                await self._make_client_locked()
+
+    async def _make_client_locked(self) -> None:
         key_id = self.settings.key_id
         if not key_id:
             raise ConfigError(

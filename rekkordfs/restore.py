@@ -137,6 +137,7 @@ class RestoreSession:
                 raise RestoreError(f"'{self.dest}' already exists (use -f to replace it)")
             if self.options.dry_run:
                 self.report(f"restore {self.dest}")
+                self._count_dry(self.target)
                 return self.stats
             self.dest_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             parts = (os.fsencode(name),)
@@ -370,9 +371,19 @@ class RestoreSession:
             if child.kind == EntryKind.DIRECTORY:
                 self.stats.dirs += 1
                 await self._dry_run(child_parts, child)
-            elif child.kind == EntryKind.FILE:
-                self.stats.files += 1
-                self.stats.total_bytes += child.size
+            else:
+                self._count_dry(child)
+
+    def _count_dry(self, entry: Entry) -> None:
+        """Count what restoring entry would do, as a real restore counts it."""
+        if entry.kind == EntryKind.FILE:
+            self.stats.files += 1
+            if not entry.link_id or entry.link_id not in self._links:
+                self.stats.total_bytes += entry.size  # hardlinks share their data
+            if entry.link_id:
+                self._links.setdefault(entry.link_id, ())
+        elif entry.kind == EntryKind.SYMLINK:
+            self.stats.links += 1
 
     def _show(self, parts: tuple[bytes, ...]) -> str:
         if self.target.kind != EntryKind.DIRECTORY:

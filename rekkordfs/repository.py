@@ -257,7 +257,11 @@ class Repository:
                 self._known[blob_id] = KnownBlob(None)  # a twin in this batch is then known
                 alone.append((index, blob_id, packed))
         if alone:
-            written = await self.storage.put_many([(object_key(blob_id), packed) for _, blob_id, packed in alone])
+            try:
+                written = await self.storage.put_many([(object_key(blob_id), packed) for _, blob_id, packed in alone])
+            except BaseException:
+                self._forget([blob_id for _, blob_id, _ in alone])  # not certainly stored after all
+                raise
             for (index, _, _), was_new in zip(alone, written):
                 results[index] = (None, was_new)
         if self._packer.full():

@@ -37,6 +37,7 @@ from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 
 ROOT = 1
 NAME_MAX = 255
+RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -172,7 +173,10 @@ class StagingTree:
         self._expanding: dict[int, trio.Event] = {}
         self._chunk_lists: dict[int, tuple[list[ChunkRef], list[int]]] = {}  # decoded, for reads
         self._dirty = bool(self._meta("dirty", 0))
+        self._reserve = folder / "reserve"
+        self._doomed: list[int] = []  # inodes deleted by the open transaction
         self._recover()
+        self._ensure_reserve()
 
     # --- journal helpers ---------------------------------------------------------
 
@@ -187,7 +191,44 @@ class StagingTree:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     def _transaction(self) -> "_Tx":
-        return _Tx(self.db)
+        return _Tx(self.db, self._after_commit, self._after_rollback)
+
+    def _after_commit(self) -> None:
+        doomed, self._doomed = self._doomed, []
+        for ino in doomed:
+            self.data_path(ino).unlink(missing_ok=True)
+            self.uploads.pop(ino, None)
+            self.versions.pop(ino, None)
+        if doomed:
+            self._ensure_reserve()
+
+    def _after_rollback(self) -> None:
+        """The in-memory state must not claim what was not written."""
+        self._doomed = []
+        self._dirty = bool(self._meta("dirty", 0))
+
+    def _journal_freeing(self, apply: Callable[[], None]) -> None:
+        """Run apply() in a transaction. When the disk is full, spend the reserve
+        file so that operations which free space (unlink, rmdir, rename over)
+        can still be recorded; it is made again once there is room."""
+        try:
+            with self._transaction():
+                apply()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or not self._reserve.exists():
+                raise
+            self._reserve.unlink()
+            with self._transaction():
+                apply()
+
+    def _ensure_reserve(self) -> None:
+        if self._reserve.exists():
+            return
+        try:
+            with open(self._reserve, "wb") as handle:
+                handle.write(bytes(RESERVE_SIZE))
+        except OSError:
+            self._reserve.unlink(missing_ok=True)  # still full: try again later
 
     def _recover(self) -> None:
         """After a crash: drop inodes no entry refers to, and stale frozen copies."""
@@ -198,12 +239,11 @@ class StagingTree:
                     "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
                     (ROOT, EntryKind.DIRECTORY, 0o755, os.getuid(), os.getgid(), now, now, now))
-            orphans = [r[0] for r in self.db.execute(
-                "SELECT ino FROM inodes WHERE ino != ? AND ino NOT IN (SELECT ino FROM dentries)", (ROOT,))]
-            for ino in orphans:
-                self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
-        for ino in orphans:
-            (self.data_dir / str(ino)).unlink(missing_ok=True)
+            self.db.execute("DELETE FROM inodes WHERE ino != ? AND ino NOT IN (SELECT ino FROM dentries)", (ROOT,))
+        local = {str(r[0]) for r in self.db.execute("SELECT ino FROM inodes WHERE local = 1")}
+        for path in self.data_dir.iterdir():  # data of deleted or committed files, copies in progress
+            if path.name not in local:
+                path.unlink()
         for path in self.frozen_dir.iterdir():
             path.unlink()
 
@@ -396,9 +436,12 @@ class StagingTree:
             raise _error(errno.ENOENT)
         if self.get(ino).is_dir:
             raise _error(errno.EISDIR)
-        with self._transaction():
+
+        def apply() -> None:
             self._remove_entry(parent, name, ino)
             self._changed()
+
+        self._journal_freeing(apply)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         await self.expand(parent)
@@ -410,9 +453,12 @@ class StagingTree:
         await self.expand(ino)
         if self._has_children(ino):
             raise _error(errno.ENOTEMPTY)
-        with self._transaction():
+
+        def apply() -> None:
             self._remove_entry(parent, name, ino)
             self._changed()
+
+        self._journal_freeing(apply)
 
     def _remove_entry(self, parent: int, name: bytes, ino: int) -> None:
         """Inside a transaction: drop one entry; the inode goes with its last link."""
@@ -435,9 +481,7 @@ class StagingTree:
         if row is None or row[0] > 0 or ino == ROOT:
             return
         self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
-        (self.data_dir / str(ino)).unlink(missing_ok=True)
-        self.uploads.pop(ino, None)
-        self.versions.pop(ino, None)
+        self._doomed.append(ino)  # its data goes once the transaction is committed
 
     def _is_ancestor(self, ancestor: int, ino: int) -> bool:
         """True when ancestor is ino or one of its parent directories."""
@@ -485,7 +529,8 @@ class StagingTree:
                 if self._has_children(target):
                     raise _error(errno.ENOTEMPTY)
         now = self.clock()
-        with self._transaction():
+
+        def apply() -> None:
             if exchange:
                 self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
                                 (target, old_parent, old_name))
@@ -502,6 +547,8 @@ class StagingTree:
             self._touch_dir(old_parent, now)
             self._touch_dir(new_parent, now)
             self._changed()
+
+        self._journal_freeing(apply)
 
     # --- attributes ----------------------------------------------------------------------
 
@@ -786,24 +833,53 @@ RENAME_EXCHANGE = 2
 
 
 class _Tx:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are no-ops)."""
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are
+    no-ops). Journal failures surface as OSError: ENOSPC when the disk is full."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, on_commit: Callable[[], None],
+                 on_rollback: Callable[[], None]) -> None:
         self.db = db
+        self.on_commit = on_commit
+        self.on_rollback = on_rollback
         self.outer = False
 
     def __enter__(self) -> None:
         if not self.db.in_transaction:
-            self.db.execute("BEGIN IMMEDIATE")
+            _journal(self.db.execute, "BEGIN IMMEDIATE")
             self.outer = True
 
     def __exit__(self, kind, value, traceback) -> None:
         if not self.outer:
             return
         if kind is None:
-            self.db.execute("COMMIT")
-        else:
+            try:
+                _journal(self.db.execute, "COMMIT")
+            except OSError:
+                self._rollback()
+                raise
+            self.on_commit()
+            return
+        self._rollback()
+        if isinstance(value, sqlite3.Error):
+            raise _journal_error(value) from None
+
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
             self.db.execute("ROLLBACK")
+        self.on_rollback()
+
+
+def _journal_error(exc: sqlite3.Error) -> OSError:
+    full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+    return OSError(errno.ENOSPC if full else errno.EIO, f"staging journal: {exc}")
+
+
+def _journal(execute: Callable[..., object], *args: object) -> object:
+    try:
+        return execute(*args)
+    except sqlite3.Error as exc:
+        raise _journal_error(exc) from None
 
 
 def _reachable(children: dict[int, list[tuple[bytes, int]]]) -> set[int]:

@@ -174,7 +174,8 @@ class Operations(pyfuse3.Operations):
         self._dirs.pop(fh, None)
 
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        pass  # every change is in the journal when its request returns
+        if self.staging is not None:
+            await self.staging.sync_all()
 
     # --- creating and removing ---------------------------------------------------------
 
@@ -266,7 +267,9 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.flush(fh)
+        handle = self._files.get(fh)
+        if isinstance(handle, Handle) and self.staging is not None:
+            await self.staging.sync(handle)
 
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)

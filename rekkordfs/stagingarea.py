@@ -360,6 +360,14 @@ class StagingArea:
     def flush(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
 
+    async def sync(self, handle: Handle) -> None:
+        handle.tree.flush(handle.ino)
+        await trio.to_thread.run_sync(handle.tree.sync, handle.ino)
+
+    async def sync_all(self) -> None:
+        for tree in list(self.trees.values()):
+            await trio.to_thread.run_sync(tree.sync)
+
     def release(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
         if handle.wrote and self._nursery is not None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import trio
 
+from .errors import StorageError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
@@ -59,6 +60,11 @@ class Committer:
             await self._upload_frozen(capture, contents)
             link_ids, max_link_id = _link_ids(capture)
             root_id = await self._directory(capture, ROOT, contents, link_ids)
+            # Write-behind chunks may sit in packs other tasks are uploading: wait
+            # for them, and make sure none of those uploads failed.
+            await self.repo.flush_packs()
+            if not all(is_durable(self.repo, chunks) for chunks in contents.values()):
+                raise StorageError("some staged data failed to upload; commit again")
             root = capture.inodes[ROOT].entry(b"")
             snapshot = Snapshot(self.tree.channel, time_ns, root_id, self.size, 0, self.files,
                                 max_link_id=max_link_id, root=root)

@@ -86,15 +86,20 @@ class PackWriter:
     """Gathers small sealed chunks into pack objects, each with an index.
 
     A chunk's location is known as soon as it is added, so file entries can
-    refer to it at once; the pack (then its index) is written when full or on
-    flush(), which publish_snapshot() calls before anything refers to it
-    durably.
+    refer to it at once; the pack (then its index) is uploaded when full
+    (upload_full) or on flush(). flush() also waits for uploads other tasks
+    started, so once it returns every pack added so far is stored or its
+    chunks forgotten; publish_snapshot() calls it before anything refers to
+    them durably.
     """
 
     def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None]) -> None:
         self.storage = storage
         self.codec = codec
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
+        self._uploading = 0
+        self._idle = trio.Event()
+        self._idle.set()
         self._start()
 
     def _start(self) -> None:
@@ -108,14 +113,22 @@ class PackWriter:
         self.entries.append((blob_id, location))
         return location
 
-    def full(self) -> bool:
-        return len(self.buffer) >= PACK_TARGET
+    async def upload_full(self) -> None:
+        if len(self.buffer) >= PACK_TARGET:
+            await self._upload()
 
     async def flush(self) -> None:
+        await self._upload()
+        while self._uploading:
+            await self._idle.wait()
+
+    async def _upload(self) -> None:
         if not self.entries:
             return
         pack_id, buffer, entries = self.pack_id, self.buffer, self.entries
         self._start()  # adds may go on while this pack uploads
+        self._uploading += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
             await self.storage.put(pack_key(pack_id), buffer)
             index = await trio.to_thread.run_sync(self.codec.seal_index, pack_id, entries)
@@ -123,6 +136,10 @@ class PackWriter:
         except BaseException:
             self.forget([blob_id for blob_id, _ in entries])  # nothing may refer to them now
             raise
+        finally:
+            self._uploading -= 1
+            if not self._uploading:
+                self._idle.set()
 
 
 class Repository:
@@ -264,8 +281,7 @@ class Repository:
                 raise
             for (index, _, _), was_new in zip(alone, written):
                 results[index] = (None, was_new)
-        if self._packer.full():
-            await self._packer.flush()
+        await self._packer.upload_full()
         return [r for r in results if r is not None]
 
     async def flush_packs(self) -> None:

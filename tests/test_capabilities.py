@@ -1,0 +1,364 @@
+"""Key capabilities through the real CLI, their cryptographic basis, and forged snapshots."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import pytest
+import trio
+
+from rekkordfs import crypto, keys
+from rekkordfs.codec import BLOB_VERSION, HEADER_SIZE
+from rekkordfs.errors import RekkordError
+from rekkordfs.format import BlobKind, Snapshot, Tag
+from rekkordfs.keys import KeyType, Signer
+from rekkordfs.repository import Repository, tag_key
+from rekkordfs.storage.local import LocalStorage
+from tests.conftest import Rekkord
+from tests.fsutil import assert_one_line_error, rsync_diff, tree_digest
+
+
+@pytest.fixture
+def setup(local_repo: Rekkord, tmp_path: Path) -> dict:
+    """A repository with one snapshot, and one keyfile of each derived type."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "file.txt").write_bytes(b"capability test " * 1000)
+    (src / "sub" / "data.bin").write_bytes(os.urandom(200_000))
+    snapshot = local_repo.save("base", str(src))
+    paths = {}
+    master = keys.load_keyfile(str(local_repo.key_file))
+    for kind in (KeyType.READ_WRITE, KeyType.WRITE_ONLY, KeyType.LOG_ONLY):
+        # in-process to keep the tests quick; `rekkord derive` has its own test below
+        paths[kind.label] = str(tmp_path / f"{kind.label}.key")
+        keys.write_keyfile(paths[kind.label], keys.derive(master, kind))
+    return {"repo": local_repo, "src": src, "snapshot": snapshot, "keys": paths, "tmp": tmp_path,
+            "repo_path": Path(str(local_repo.repository))}
+
+
+# --- the capability table through the CLI ------------------------------------------------
+
+
+def test_write_only(setup: dict) -> None:
+    rekkord, src, key = setup["repo"], setup["src"], setup["keys"]["WriteOnly"]
+    (src / "new.txt").write_text("written by a WriteOnly key")
+    snapshot = rekkord.save("wo", str(src), key=key)
+    assert len(snapshot) == 64
+    identity = json.loads(rekkord("identify", "-f", "json", key=key).stdout)
+    assert identity["type"] == "WriteOnly"
+    before = tree_digest(setup["repo_path"])
+    dest = setup["tmp"] / "dest"
+    refused = {
+        "restore": ("restore", f"wo:{src}", str(dest)),
+        "restore by ID": ("restore", snapshot, str(dest)),
+        "list": ("list", snapshot),
+        "snapshots": ("snapshots",),
+        "channels": ("channels",),
+        "check": ("check",),
+        "derive": ("derive", "-t", "LogOnly", "-O", str(setup["tmp"] / "x.key")),
+    }
+    for what, args in refused.items():
+        result = rekkord(*args, key=key, check=False)
+        line = assert_one_line_error(result, "WriteOnly")
+        assert "decrypt" not in line.lower() and "authentication" not in line.lower(), (what, line)
+    assert not dest.exists() and not (setup["tmp"] / "x.key").exists()
+    assert tree_digest(setup["repo_path"]) == before
+    # what it wrote is a real snapshot: the master key restores it
+    rekkord("restore", f"{snapshot}:{src}", str(dest))
+    assert rsync_diff(src, dest) == ""
+
+
+def test_log_only(setup: dict) -> None:
+    rekkord, src, key = setup["repo"], setup["src"], setup["keys"]["LogOnly"]
+    listed = json.loads(rekkord("snapshots", "-f", "json", key=key).stdout)
+    assert [s["id"] for s in listed] == [setup["snapshot"]]
+    assert listed[0]["channel"] == "base" and listed[0]["size"] == 216_000
+    channels = json.loads(rekkord("channels", "-f", "json", key=key).stdout)
+    assert [(c["channel"], c["latest"]) for c in channels] == [("base", setup["snapshot"])]
+    before = tree_digest(setup["repo_path"])
+    dest = setup["tmp"] / "dest"
+    refused = [
+        ("restore", f"base:{src}", str(dest)),
+        ("restore", setup["snapshot"], str(dest)),
+        ("list", "base"),
+        ("list", f"base:{src}", "-r"),
+        ("save", "lo", str(src)),
+        ("check",),
+        ("derive", "-t", "WriteOnly", "-O", str(setup["tmp"] / "x.key")),
+    ]
+    for args in refused:
+        assert_one_line_error(rekkord(*args, key=key, check=False), "LogOnly")
+    assert not dest.exists() and not (setup["tmp"] / "x.key").exists()
+    assert tree_digest(setup["repo_path"]) == before
+
+
+def test_read_write(setup: dict) -> None:
+    rekkord, src, key = setup["repo"], setup["src"], setup["keys"]["ReadWrite"]
+    snapshot = rekkord.save("rw", str(src), key=key)
+    dest = setup["tmp"] / "dest"
+    rekkord("restore", f"{snapshot}:{src}", str(dest), key=key)
+    assert rsync_diff(src, dest) == ""
+    assert snapshot in rekkord("snapshots", key=key).stdout
+    assert "file.txt" in rekkord("list", f"rw:{src}", key=key).stdout
+    rekkord("check", "--read-data", key=key)
+    for kind in ("ReadWrite", "WriteOnly", "LogOnly"):
+        out = setup["tmp"] / f"from-rw-{kind}.key"
+        assert_one_line_error(rekkord("derive", "-t", kind, "-O", str(out), key=key, check=False), "ReadWrite")
+        assert not out.exists()
+
+
+def test_derive_command(setup: dict) -> None:
+    rekkord = setup["repo"]
+    master_id = json.loads(rekkord("identify", "-f", "json").stdout)
+    assert master_id["type"] == "Master"
+    for label in ("ReadWrite", "writeonly", "LOGONLY"):  # type names are case-insensitive
+        out = setup["tmp"] / f"cli-{label}.key"
+        rekkord("derive", "-t", label, "-O", str(out))
+        assert (os.stat(out).st_mode & 0o777) == 0o600
+        derived = keys.load_keyfile(str(out))
+        assert derived.kind.label.lower() == label.lower() and derived.master is None
+        assert derived.master_public.hex() == master_id["master"]
+    identity = json.loads(rekkord("identify", "-f", "json", key=str(setup["tmp"] / "cli-LOGONLY.key")).stdout)
+    assert identity["type"] == "LogOnly" and identity["id"] != master_id["id"]
+    assert identity["master"] == master_id["master"]
+    plain = rekkord("identify", key=str(setup["tmp"] / "cli-writeonly.key")).stdout
+    assert "WriteOnly" in plain and keys.load_keyfile(str(setup["tmp"] / "cli-writeonly.key")).id_hex in plain
+    out = setup["tmp"] / "cli-writeonly.key"
+    # never overwrites
+    before = out.read_bytes()
+    assert_one_line_error(rekkord("derive", "-t", "LogOnly", "-O", str(out), check=False), "overwrite")
+    assert out.read_bytes() == before
+
+
+# --- cryptographic enforcement ---------------------------------------------------------------
+
+
+def _keyfile_windows(path: str) -> list[bytes]:
+    raw = Path(path).read_bytes()
+    lines = [line for line in raw.splitlines() if line and not line.startswith(b"#")]
+    body = base64.b64decode(b"".join(lines))
+    return [body[i:i + 32] for i in range(len(body) - 31)]
+
+
+def _stored_objects(repo_path: Path) -> tuple[list[bytes], list[bytes]]:
+    blobs = [p.read_bytes() for p in (repo_path / "blobs").rglob("*") if p.is_file()]
+    tags = []
+    for p in (repo_path / "tags").iterdir():
+        name = p.name
+        tags.append(base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)))
+    return blobs, tags
+
+
+def _opens_anything(window: bytes, data_public: bytes, log_public: bytes, blobs: list[bytes],
+                    tags: list[bytes]) -> bool:
+    opener = crypto.BlobOpener(window)
+    for blob in blobs:
+        assert blob[0] == BLOB_VERSION
+        try:
+            opener.open(HEADER_SIZE, blob)
+            return True
+        except RekkordError:
+            pass
+    for sealed in tags:
+        for public in (data_public, log_public, crypto.x25519_public(window)):
+            try:
+                crypto.open_sealed(public, window, sealed)
+                return True
+            except RekkordError:
+                pass
+    return False
+
+
+@pytest.mark.parametrize("kind", ["WriteOnly", "LogOnly"])
+def test_restricted_keyfiles_cannot_decrypt_data(setup: dict, kind: str) -> None:
+    """No 32-byte string anywhere in a WriteOnly (or LogOnly) keyfile decrypts a stored blob
+    (chunk, directory or snapshot record); none in a WriteOnly keyfile opens a snapshot tag.
+    The refusal is cryptographic, not a check in our code."""
+    key_path = setup["keys"][kind]
+    restricted = keys.load_keyfile(key_path)
+    blobs, tags = _stored_objects(setup["repo_path"])
+    assert len(blobs) >= 4 and len(tags) == 1
+    master = keys.load_keyfile(str(setup["repo"].key_file))
+    # the test can tell success from failure: the master's data secret opens them all
+    assert _opens_anything(master.data_secret, master.data_public, master.log_public, blobs, [])  # type: ignore[arg-type]
+    check_tags = tags if kind == "WriteOnly" else []  # LogOnly is meant to open tags
+    for window in _keyfile_windows(key_path):
+        assert not _opens_anything(window, restricted.data_public, restricted.log_public, blobs, check_tags)
+    if kind == "LogOnly":
+        assert restricted.log_secret is not None
+        assert crypto.open_sealed(restricted.log_public, restricted.log_secret, tags[0])
+
+
+def test_bypassing_the_capability_check_does_not_help(setup: dict) -> None:
+    """A WriteOnly keyset relabelled as Master still cannot read: it lacks the secrets."""
+    write_only = keys.load_keyfile(setup["keys"]["WriteOnly"])
+    forged = dataclasses.replace(write_only, kind=KeyType.MASTER)
+    snapshot_id = bytes.fromhex(setup["snapshot"])
+
+    async def attempt() -> list[str]:
+        failures = []
+        storage = LocalStorage(str(setup["repo_path"]))
+        repo = await Repository.open(storage, forged)
+        try:
+            for name, action in (
+                ("read snapshot", lambda: repo.load_snapshot(snapshot_id)),
+                ("list tags", lambda: repo.list_tags()),
+            ):
+                try:
+                    await action()
+                except (RekkordError, AssertionError, TypeError) as exc:
+                    failures.append(f"{name}: {type(exc).__name__}")
+        finally:
+            await repo.aclose()
+        return failures
+
+    assert len(trio.run(attempt)) == 2
+
+
+# --- forged and uncertified snapshots ------------------------------------------------------------
+
+
+def run_with_repo(setup: dict, key_path: str, action: Callable[[Repository], Awaitable[object]]) -> object:
+    async def main() -> object:
+        storage = LocalStorage(str(setup["repo_path"]))
+        repo = await Repository.open(storage, keys.load_keyfile(key_path))
+        try:
+            return await action(repo)
+        finally:
+            await repo.aclose()
+
+    return trio.run(main)
+
+
+async def publish_raw(repo: Repository, snapshot: Snapshot, tag: Tag | None = None) -> str:
+    """Store a snapshot record as given (no re-signing) and a tag pointing to it."""
+    snapshot_id, _ = await repo.write_blob(BlobKind.SNAPSHOT, snapshot.encode())
+    tag = tag or Tag(snapshot_id, snapshot.channel, snapshot.time_ns, snapshot.size, snapshot.stored)
+    tag = dataclasses.replace(tag, snapshot_id=snapshot_id)
+    await repo.storage.put(tag_key(crypto.seal_to(repo.keys.log_public, tag.encode())), b"")
+    return snapshot_id.hex()
+
+
+async def latest_snapshot(repo: Repository) -> Snapshot:
+    tags = await repo.list_tags()
+    return await repo.load_snapshot(tags[-1].snapshot_id)
+
+
+def assert_check_reports(setup: dict, snapshot_hex: str, *fragments: str) -> None:
+    rekkord = setup["repo"]
+    result = rekkord("check", check=False)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if snapshot_hex in line]
+    assert lines, f"check did not name snapshot {snapshot_hex}:\n{result.stderr}"
+    for fragment in fragments:
+        assert any(fragment in line for line in lines), (fragment, lines)
+    # the forged snapshot cannot be used either
+    dest = setup["tmp"] / "forged-dest"
+    assert_one_line_error(rekkord("restore", snapshot_hex, str(dest), check=False), snapshot_hex)
+    assert not dest.exists()
+    assert_one_line_error(rekkord("list", snapshot_hex, check=False), snapshot_hex)
+    # and the genuine snapshot is still fine
+    good = rekkord("restore", f"{setup['snapshot']}:{setup['src']}", str(setup["tmp"] / "genuine"))
+    assert good.returncode == 0
+    assert rsync_diff(setup["src"], setup["tmp"] / "genuine") == ""
+
+
+def test_clean_repository_checks(setup: dict) -> None:
+    result = setup["repo"]("check", "--read-data")
+    assert "No problems found" in result.stdout
+
+
+def test_forged_signature_reported(setup: dict) -> None:
+    """A snapshot record altered after signing (here: its file count and time)."""
+    async def forge(repo: Repository) -> str:
+        genuine = await latest_snapshot(repo)
+        altered = dataclasses.replace(genuine, files=genuine.files + 1000, time_ns=genuine.time_ns + 1)
+        return await publish_raw(repo, altered)
+
+    forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
+    assert_check_reports(setup, forged, "invalid signature")
+
+
+def test_zeroed_signature_reported(setup: dict) -> None:
+    async def forge(repo: Repository) -> str:
+        genuine = await latest_snapshot(repo)
+        return await publish_raw(repo, dataclasses.replace(genuine, channel="unsigned", signature=bytes(64)))
+
+    forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
+    assert_check_reports(setup, forged, "invalid signature")
+
+
+@pytest.mark.parametrize("claim", [KeyType.WRITE_ONLY, KeyType.MASTER])
+def test_uncertified_signer_reported(setup: dict, claim: KeyType) -> None:
+    """Correctly signed, but by a key another master certified (for this repository's public keys)."""
+    other_master = keys.new_master()
+
+    async def forge(repo: Repository) -> str:
+        genuine = await latest_snapshot(repo)
+        sign_key = crypto.signing_key(os.urandom(32))
+        key_id = repo.keys.key_id if claim == KeyType.MASTER else os.urandom(keys.KEY_ID_SIZE)
+        payload = keys.certificate_payload(claim, key_id, bytes(sign_key.verify_key),
+                                           repo.keys.data_public, repo.keys.log_public)
+        certificate = keys.master_signing_key(other_master.master).sign(payload).signature  # type: ignore[arg-type]
+        snapshot = dataclasses.replace(genuine, channel="intruder", files=1)
+        snapshot.signer = Signer(claim, key_id, bytes(sign_key.verify_key), certificate)
+        snapshot.signature = sign_key.sign(snapshot.signed_part()).signature
+        assert crypto.verify_signature(snapshot.signer.sign_public, snapshot.signed_part(), snapshot.signature)
+        return await publish_raw(repo, snapshot)
+
+    forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
+    assert_check_reports(setup, forged, "did not certify")
+
+
+def test_key_from_another_master_is_refused(setup: dict, tmp_path: Path) -> None:
+    """A keyfile derived from another master, patched to name this repository's keys,
+    fails its certificate check; unpatched, it does not belong to the repository."""
+    rekkord = setup["repo"]
+    other = Rekkord(cache_dir=rekkord.cache_dir, repository=str(tmp_path / "other-repo"))
+    other_master = tmp_path / "other-master.key"
+    other("init", "-K", str(other_master))
+    foreign = tmp_path / "foreign-write.key"
+    other("derive", "-t", "WriteOnly", "-O", str(foreign), key=str(other_master))
+    before = tree_digest(setup["repo_path"])
+    assert_one_line_error(rekkord("save", "x", str(setup["src"]), key=str(foreign), check=False),
+                          "does not belong")
+    ours = keys.load_keyfile(str(rekkord.key_file))
+    derived = keys.load_keyfile(str(foreign))
+    patched = dataclasses.replace(derived, master_public=ours.master_public, data_public=ours.data_public,
+                                  log_public=ours.log_public)
+    patched_path = tmp_path / "patched.key"
+    patched_path.write_bytes(keys.encode_keyfile(patched))
+    assert_one_line_error(rekkord("save", "x", str(setup["src"]), key=str(patched_path), check=False),
+                          "certificate")
+    assert tree_digest(setup["repo_path"]) == before
+
+
+def test_tag_not_matching_its_record_reported(setup: dict) -> None:
+    """Anyone who can write (even WriteOnly) can add a tag; a tag that lies about the
+    signed record it names (here: another channel and time) is reported."""
+    async def forge(repo: Repository) -> str:
+        snapshot_id = bytes.fromhex(setup["snapshot"])
+        lie = Tag(snapshot_id, "rewritten-history", 1_000_000_000_000_000_000, 1, 1)
+        await repo.storage.put(tag_key(crypto.seal_to(repo.keys.log_public, lie.encode())), b"")
+        return setup["snapshot"]
+
+    run_with_repo(setup, setup["keys"]["WriteOnly"], forge)
+    result = setup["repo"]("check", check=False)
+    assert result.returncode == 1
+    assert any(setup["snapshot"] in line and "rewritten-history" in line and "does not match" in line
+               for line in result.stderr.splitlines()), result.stderr
+
+
+def test_write_only_snapshot_is_certified(setup: dict) -> None:
+    """Snapshots written with a derived key carry that key's certified signature."""
+    rekkord = setup["repo"]
+    rekkord.save("wo", str(setup["src"]), key=setup["keys"]["WriteOnly"])
+    rekkord.save("rw", str(setup["src"]), key=setup["keys"]["ReadWrite"])
+    result = rekkord("check")
+    assert "Checked 3 snapshots" in result.stdout and "No problems found" in result.stdout

@@ -1,0 +1,177 @@
+"""Crash safety of save (kill -9 at random points) and saves with unreadable files."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REKKORD, ROOT, Rekkord
+from tests.fsutil import rsync_diff
+
+MiB = 1 << 20
+
+
+def build_tree(root: Path, rng: random.Random) -> None:
+    """~100 MB: incompressible large files and many small ones in nested folders."""
+    root.mkdir()
+    for index in range(20):
+        (root / f"large-{index:02d}.bin").write_bytes(os.urandom(4 * MiB + rng.randrange(MiB)))
+    for folder in range(15):
+        sub = root / f"dir-{folder:02d}" / "nested"
+        sub.mkdir(parents=True)
+        for index in range(100):
+            (sub / f"small-{index:03d}").write_bytes(os.urandom(rng.randrange(1, 20_000)))
+        os.symlink(f"nested/small-{folder:03d}", root / f"dir-{folder:02d}" / "link")
+    os.link(root / "large-00.bin", root / "dir-00" / "hardlink-to-large")
+
+
+def change_some_files(root: Path, rng: random.Random, round_no: int) -> None:
+    """New data for the next attempt, so every killed save has chunks to write."""
+    for index in rng.sample(range(1, 20), 3):
+        (root / f"large-{index:02d}.bin").write_bytes(os.urandom(4 * MiB + rng.randrange(MiB)))
+    folder = root / f"round-{round_no}"
+    folder.mkdir()
+    for index in range(50):
+        (folder / f"f{index}").write_bytes(os.urandom(rng.randrange(1, 5000)))
+
+
+def cli_env(rekkord: Rekkord) -> dict[str, str]:
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(rekkord.cache_dir), "PYTHONPATH": str(ROOT)}
+    env.pop("REKKORD_CONFIG_FILE", None)
+    return env
+
+
+def start_save(rekkord: Rekkord, channel: str, src: Path) -> subprocess.Popen:
+    argv = [*REKKORD, "-R", str(rekkord.repository), "-K", str(rekkord.key_file), "save", channel, str(src)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(rekkord))
+
+
+def test_kill_during_save(local_repo: Rekkord, tmp_path: Path) -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    rng = random.Random(seed)
+    context = f"(random seed {seed})"
+    src = tmp_path / "src"
+    build_tree(src, rng)
+
+    # How long does a complete save take here? (in a scratch repository)
+    scratch = Rekkord(cache_dir=tmp_path / "scratch-cache", repository=str(tmp_path / "scratch"))
+    (tmp_path / "scratch-cache").mkdir()
+    scratch("init", "-K", str(tmp_path / "scratch.key"))
+    scratch.key_file = str(tmp_path / "scratch.key")
+    started = time.monotonic()
+    scratch.save("timing", str(src))
+    duration = time.monotonic() - started
+
+    killed = 0
+    for round_no, fraction in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
+        delay = duration * (fraction + rng.uniform(-0.08, 0.08))
+        process = start_save(local_repo, "crash", src)
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        out, err = process.communicate(timeout=120)
+        if process.returncode == -signal.SIGKILL:
+            killed += 1
+        else:  # finished before the kill: it must have succeeded
+            assert process.returncode == 0, err.decode(errors="replace") + context
+        where = f"after a kill at {delay:.2f} s of ~{duration:.2f} s {context}"
+        result = local_repo("check", "--read-data", check=False)
+        assert result.returncode == 0, f"check failed {where}:\n{result.stdout}\n{result.stderr}"
+        assert "No problems found" in result.stdout, where
+        if round_no == 2:  # the next save completes and restores
+            snapshot = local_repo.save("crash", str(src))
+            dest = tmp_path / "mid-restore"
+            local_repo("restore", f"{snapshot}:{src}", str(dest))
+            assert rsync_diff(src, dest) == "", where
+        change_some_files(src, rng, round_no)
+    assert killed >= 3, f"only {killed} of 5 saves were still running when killed {context}"
+
+    # after the last kill: a complete save, a clean check, an exact restore
+    snapshot = local_repo.save("crash", str(src))
+    local_repo("check", "--read-data")
+    dest = tmp_path / "restored"
+    local_repo("restore", f"{snapshot}:{src}", str(dest))
+    assert rsync_diff(src, dest) == "", context
+    # every snapshot that was published is complete and restorable
+    listed = local_repo("snapshots", "-c", "crash").stdout
+    assert snapshot in listed
+
+
+# --- unreadable files -----------------------------------------------------------------------------
+
+# Root reads everything; without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH it obeys
+# file modes like any user, while still owning the repository, keyfile and cache.
+NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def save_without_dac(rekkord: Rekkord, channel: str, src: Path) -> subprocess.CompletedProcess:
+    argv = [*NO_DAC, *REKKORD, "-R", str(rekkord.repository), "-K", str(rekkord.key_file), "save", channel, str(src)]
+    return subprocess.run(argv, capture_output=True, text=True, env=cli_env(rekkord), timeout=300)
+
+
+def test_setpriv_really_drops_root_read_access(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("x")
+    secret.chmod(0o000)
+    assert subprocess.run([*NO_DAC, "cat", str(secret)], capture_output=True).returncode != 0
+    assert subprocess.run(["cat", str(secret)], capture_output=True).returncode == 0
+
+
+def test_unreadable_files_are_skipped(local_repo: Rekkord, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "readable.txt").write_text("fine")
+    (src / "sub" / "also-fine.bin").write_bytes(os.urandom(3 * MiB))
+    (src / "sub" / "secret-small").write_text("unreadable")
+    (src / "sub" / "secret-small").chmod(0o000)
+    (src / "secret-large").write_bytes(os.urandom(5 * MiB))
+    (src / "secret-large").chmod(0o200)
+    (src / "zz-after").write_text("after the unreadable ones")
+    result = save_without_dac(local_repo, "partial", src)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    for name in ("secret-small", "secret-large"):
+        assert any(name in line and line.startswith("rekkord: warning:") for line in result.stderr.splitlines()), (
+            result.stderr)
+    assert "could not be read" in result.stderr
+    snapshot = result.stdout.strip().splitlines()[-1]
+    assert len(snapshot) == 64
+    # the snapshot is complete apart from those files
+    listed = local_repo("list", f"{snapshot}:{src}", "-r").stdout
+    assert "secret" not in listed and "zz-after" in listed and "also-fine.bin" in listed
+    dest = tmp_path / "dest"
+    local_repo("restore", f"{snapshot}:{src}", str(dest))
+    assert not (dest / "secret-large").exists() and not (dest / "sub" / "secret-small").exists()
+    assert rsync_diff(src, dest, "--exclude=/secret-large", "--exclude=/sub/secret-small") == ""
+    local_repo("check", "--read-data")
+    # once readable, the next save has them all and exits 0
+    (src / "sub" / "secret-small").chmod(0o600)
+    (src / "secret-large").chmod(0o600)
+    result = save_without_dac(local_repo, "partial", src)
+    assert result.returncode == 0, result.stderr
+    dest2 = tmp_path / "dest2"
+    local_repo("restore", f"partial:{src}", str(dest2))
+    assert rsync_diff(src, dest2) == ""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "save.py bug: Walker._scan_tree warns 'cannot list' for a directory it cannot read but does not "
+    "count it in stats.skipped, so the snapshot silently holds an empty directory and save exits 0"))
+def test_unreadable_directory_is_reported(local_repo: Rekkord, tmp_path: Path) -> None:
+    """A directory that cannot be listed loses its contents: that is a partial save (exit 3)."""
+    src = tmp_path / "src"
+    (src / "locked").mkdir(parents=True)
+    (src / "locked" / "inside").write_text("cannot be listed")
+    (src / "open.txt").write_text("fine")
+    (src / "locked").chmod(0o000)
+    result = save_without_dac(local_repo, "locked", src)
+    assert "Traceback" not in result.stderr
+    assert any("locked" in line and line.startswith("rekkord: warning:") for line in result.stderr.splitlines()), (
+        result.stderr)
+    assert result.returncode == 3, (
+        f"save lost the contents of an unreadable directory but exited {result.returncode}:\n{result.stderr}")

@@ -12,7 +12,7 @@ from .codec import blob_id_from_key, pack_id_from_key
 from .errors import CorruptedData, ObjectMissing
 from .format import ChunkRef, EntryKind
 from .keys import Capability
-from .repository import BLOBS_PREFIX, PACKS_PREFIX, Repository
+from .repository import BLOBS_PREFIX, INDEX_PREFIX, PACKS_PREFIX, Repository
 
 
 @dataclass
@@ -52,6 +52,7 @@ class Checker:
         self._stored = {i for i in (blob_id_from_key(k) for k in keys) if i is not None}
         packs = await self.repo.storage.list(PACKS_PREFIX)
         self._packs = {p for p in (pack_id_from_key(k) for k in packs) if p is not None}
+        await self._check_indexes()
         tags = await self.repo.list_tags(warn=self.problem)
         for tag in tags:
             self.report.snapshots += 1
@@ -111,6 +112,35 @@ class Checker:
                         self._chunk_users[chunk] = child
                         if not self._present(chunk):
                             self.problem(f"chunk {chunk.id.hex()} used by '{child}' is missing")
+
+    async def _check_indexes(self) -> None:
+        """Every pack index opens and names a stored pack.
+
+        Readers do not need indexes (file entries carry their chunks'
+        locations), but savers do: a damaged index silently makes every later
+        save store that pack's chunks again, and means stored bytes changed.
+        """
+        names = await self.repo.storage.list(INDEX_PREFIX)
+        slots = trio.Semaphore(16)
+
+        async def verify(name: str, pack_id: bytes) -> None:
+            async with slots:
+                try:
+                    raw = await self.repo.storage.get(name)
+                    await self.repo.run_cpu(self.repo.codec.open_index, pack_id, raw)
+                except (CorruptedData, ObjectMissing) as exc:
+                    self.problem(f"pack index '{name}' is damaged: {exc.message}")
+                    return
+            if pack_id not in self._packs:
+                self.problem(f"pack index '{name}' names a pack that is missing")
+
+        async with trio.open_nursery() as nursery:
+            for name in names:
+                pack_id = pack_id_from_key(name)
+                if pack_id is None:
+                    self.problem(f"unexpected object '{name}' among the pack indexes")
+                else:
+                    nursery.start_soon(verify, name, pack_id)
 
     def _present(self, chunk: ChunkRef) -> bool:
         if chunk.location is None:

@@ -278,6 +278,23 @@ def test_corrupted_snapshot_record(world: dict) -> None:
     assert snapshot in rekkord("snapshots").stdout
 
 
+def test_damaged_pack_index(world: dict) -> None:
+    """Small chunks are packed with an index per pack (docs/format.md). Readers do not
+    need the index, but a damaged one is damaged storage, and check says so."""
+    rekkord, src = world["rekkord"], world["src"]
+    indexes = sorted((world["repo"] / "index").iterdir())
+    assert indexes, "the small file of the fixture should have gone into a pack"
+    flip_middle_byte(indexes[0])
+    world["digest"] = tree_digest(world["repo"])
+    result = rekkord("check", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert any(indexes[0].name in line and "damaged" in line for line in result.stderr.splitlines()), result.stderr
+    unchanged(world)
+    # the data is still all there
+    rekkord("restore", f"main:{src}", str(world["tmp"] / "all"))
+    assert rsync_diff(src, world["tmp"] / "all") == ""
+
+
 # --- command line mistakes ---------------------------------------------------------------------------
 
 

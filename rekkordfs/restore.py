@@ -133,6 +133,13 @@ class RestoreSession:
             parts: tuple[bytes, ...] = ()
         else:
             parent, name = os.path.split(self.dest)
+            if os.path.isdir(self.dest) and not os.path.islink(self.dest):
+                # A file restores as DEST itself: replacing a whole folder by it, even
+                # with -f, is never what was meant (cp FILE DIR/ puts it inside).
+                raise RestoreError(
+                    f"'{self.dest}' is a folder, and a file restores as DEST itself: give the path of the file "
+                    f"to create, e.g. '{os.path.join(self.dest, os.fsdecode(self.target.name))}'"
+                )
             if os.path.lexists(self.dest) and not (self.options.force or self.options.delete):
                 raise RestoreError(f"'{self.dest}' already exists (use -f to replace it)")
             if self.options.dry_run:

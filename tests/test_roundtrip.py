@@ -259,6 +259,14 @@ def test_restore_single_file(saved: tuple[Rekkord, Path, str], tmp_path: Path) -
     os.truncate(dest, 10)
     rekkord("restore", "-f", f"rt:{src}/random-9M", str(dest))
     assert rsync_diff(src / "random-9M", dest) == ""
+    # -f replaces a file, but never a whole folder by a file
+    folder = tmp_path / "a-folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "precious").write_text("keep")
+    for option in ("-f", "--delete"):
+        result = rekkord("restore", option, f"rt:{src}/small.txt", str(folder), check=False)
+        assert_one_line_error(result, "folder", str(folder / "small.txt"))
+        assert (folder / "sub" / "precious").read_text() == "keep"
 
 
 def test_file_over_4gib(local_repo: Rekkord, tmp_path: Path) -> None:

@@ -46,7 +46,8 @@ class Backend:
     ssh: OpenSSHServer | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
-    def storage(self, where: str | None = None, *, reader: bool = False, make: bool = True) -> Storage:
+    def storage(self, where: str | None = None, *, reader: bool = False, make: bool = True,
+                backoff: float = 0.2) -> Storage:
         """A Storage object for location `where` (a fresh one when None)."""
         where = where or f"repo-{secrets.token_hex(5)}"
         if self.name == "local":
@@ -55,7 +56,7 @@ class Backend:
             assert self.s3 is not None
             key, secret = (self.s3.reader_key, self.s3.reader_secret) if reader else (self.s3.access_key,
                                                                                          self.s3.secret_key)
-            return S3Storage(parse_url(self.s3.url(BUCKET, where)), S3Settings(key, secret))
+            return S3Storage(parse_url(self.s3.url(BUCKET, where)), S3Settings(key, secret), backoff=backoff)
         assert self.ssh is not None
         path = self.ssh.data / where
         if make and not path.exists():
@@ -586,3 +587,36 @@ def test_s3_region_and_prefix_from_url(seaweedfs_server: SeaweedFS) -> None:
     aws = S3Storage(parse_url("https://mybucket.s3.eu-central-1.amazonaws.com/x"), S3Settings("k", "s", "us-west-2"))
     assert aws.region == "eu-central-1"  # the URL wins over the settings
     assert aws.location.path_style is False
+
+
+# --- long-lived connections (the mount) survive a server restart ---------------------------
+
+
+def test_storages_reconnect_after_a_server_restart(tmp_path: Path) -> None:
+    from tests.servers import openssh_server, seaweedfs
+
+    with seaweedfs(buckets=(BUCKET,)) as s3, openssh_server() as ssh:
+        backends = [Backend("s3", tmp_path, s3=s3), Backend("sftp", tmp_path, ssh=ssh)]
+
+        async def body() -> None:
+            storages = [b.storage(backoff=0.01) for b in backends]
+            for storage in storages:
+                await storage.create()
+            try:
+                for storage in storages:
+                    assert await storage.put("blobs/00/before", b"1")
+                s3.stop()
+                ssh.stop()
+                for storage in storages:  # down: a clear error, not a hang
+                    with pytest.raises(StorageError, match="connection refused|lost connection"):
+                        await storage.get("blobs/00/before")
+                s3.start()
+                ssh.start()
+                for storage in storages:  # back: the same objects work again
+                    assert await storage.get("blobs/00/before") == b"1"
+                    assert await storage.put("blobs/00/after", b"2")
+            finally:
+                for storage in storages:
+                    await storage.aclose()
+
+        run(body)

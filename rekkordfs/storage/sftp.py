@@ -281,13 +281,14 @@ class SFTPStorage(Storage):
     async def _with_reconnect(self, op: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
         import asyncssh
 
+        conn = self._conn
         try:
             return await self._on_session(op, args)
         except (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.ConnectionLost,
-                ConnectionError) as exc:
+                ConnectionError):
             # The server restarted or the network blinked: try once more on a
             # new connection (an op that had completed is harmless to repeat).
-            await self._drop(exc)
+            self._drop(conn)
             await asyncio.sleep(0.5)
             return await self._on_session(op, args)
 
@@ -394,10 +395,13 @@ class SFTPStorage(Storage):
             how = "no password or key file set ([SFTP] Password or KeyFile, SSH_PASSWORD or SSH_KEYFILE)"
         return f"SFTP server {self.host_port} refused login as '{self.user}': {how}"
 
-    async def _drop(self, _exc: BaseException) -> None:
-        conn, self._conn, self._sessions = self._conn, None, []
-        if conn is not None:
-            conn.abort()
+    def _drop(self, conn: Any) -> None:
+        """Forget a broken connection (unless another operation replaced it already)."""
+        if conn is not None and conn is not self._conn:
+            return
+        if self._conn is not None:
+            self._conn.abort()
+        self._conn, self._sessions = None, []
 
     async def _create(self, sftp: Any) -> None:
         import asyncssh

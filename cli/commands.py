@@ -7,8 +7,7 @@ import json
 import os
 import secrets
 import sys
-from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import trio
 
@@ -35,20 +34,6 @@ def warn(message: str) -> None:
 
 def _load_keys(config: Config) -> Keyset:
     return keymod.load_keyfile(config.require_key_file())
-
-
-@asynccontextmanager
-async def open_repository(config: Config, keys: Keyset) -> AsyncIterator[Repository]:
-    storage = open_storage(config)
-    try:
-        repo = await Repository.open(storage, keys, threads=config.threads)
-    except BaseException:
-        await storage.aclose()
-        raise
-    try:
-        yield repo
-    finally:
-        await repo.aclose()
 
 
 def split_spec(spec: str) -> tuple[str, str]:
@@ -117,7 +102,7 @@ def save(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     keys.require(Capability.WRITE)
 
     async def run():
-        async with open_repository(config, keys) as repo:
+        async with Repository.connect(config, keys) as repo:
             session = SaveSession(repo, args.channel, args.paths, warn)
             stats = session.stats
 
@@ -155,16 +140,20 @@ def save(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 # --- listing --------------------------------------------------------------------
 
 
-def snapshots(args: argparse.Namespace, make_config: ConfigMaker) -> int:
+def _list_tags(args: argparse.Namespace, make_config: ConfigMaker) -> list:
     config = make_config(args)
     keys = _load_keys(config)
     keys.require(Capability.LIST)
 
     async def run():
-        async with open_repository(config, keys) as repo:
+        async with Repository.connect(config, keys) as repo:
             return await repo.list_tags(warn=warn)
 
-    tags = trio.run(run)
+    return trio.run(run)
+
+
+def snapshots(args: argparse.Namespace, make_config: ConfigMaker) -> int:
+    tags = _list_tags(args, make_config)
     if args.channel:
         tags = [t for t in tags if t.channel in args.channel]
     if args.format == "json":
@@ -180,16 +169,8 @@ def snapshots(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
 
 def channels(args: argparse.Namespace, make_config: ConfigMaker) -> int:
-    config = make_config(args)
-    keys = _load_keys(config)
-    keys.require(Capability.LIST)
-
-    async def run():
-        async with open_repository(config, keys) as repo:
-            return await repo.list_tags(warn=warn)
-
     latest: dict[str, tuple] = {}
-    for tag in trio.run(run):
+    for tag in _list_tags(args, make_config):
         count = latest.get(tag.channel, (None, 0))[1]
         latest[tag.channel] = (tag, count + 1)
     items = sorted(latest.items())
@@ -233,7 +214,7 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
                 await walk(repo, entry.dir_id, child)
 
     async def run() -> None:
-        async with open_repository(config, keys) as repo:
+        async with Repository.connect(config, keys) as repo:
             tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag.snapshot_id)
             top, _ = await walk_path(repo, snapshot, path)
@@ -266,7 +247,7 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     options = RestoreOptions(force=args.force, delete=args.delete, dry_run=args.dry_run)
 
     async def run():
-        async with open_repository(config, keys) as repo:
+        async with Repository.connect(config, keys) as repo:
             tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag.snapshot_id)
             target, has_metadata = await walk_path(repo, snapshot, path)
@@ -295,7 +276,7 @@ def check(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     keys.require(Capability.READ)
 
     async def run():
-        async with open_repository(config, keys) as repo:
+        async with Repository.connect(config, keys) as repo:
             checker = Checker(repo, args.read_data, progress=lambda m: print(m, file=sys.stderr))
             return await checker.run()
 

@@ -27,7 +27,6 @@ from .fuse import Operations
 from .keys import Capability, Keyset
 from .repository import Repository, walk_path
 from .stagingarea import StagingArea
-from .storage import open_storage
 from .vfs import SnapshotView
 
 log = logging.getLogger(__name__)
@@ -78,16 +77,8 @@ def _setup_logging(options: MountOptions, log_file: Path | None) -> None:
 
 async def serve(config: Config, keys: Keyset, options: MountOptions, ready: Ready) -> None:
     """Mount and serve until unmounted; ready(None) once the mount is usable."""
-    storage = open_storage(config)
-    try:
-        repo = await Repository.open(storage, keys, threads=config.threads)
-    except BaseException:
-        await storage.aclose()
-        raise
-    try:
+    async with Repository.connect(config, keys) as repo:
         await _serve_repository(repo, options, ready)
-    finally:
-        await repo.aclose()
 
 
 async def _serve_repository(repo: Repository, options: MountOptions, ready: Ready) -> None:

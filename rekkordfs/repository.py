@@ -16,8 +16,9 @@ import binascii
 import logging
 import os
 import struct
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, TypeVar
+from typing import AsyncIterator, Callable, TypeVar
 
 import trio
 
@@ -27,6 +28,8 @@ from .codec import BlobCodec, blob_id_from_key, index_key, object_key, pack_id_f
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RepositoryError
 from .format import PACK_ID_SIZE, BlobKind, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
 from .keys import Capability, Keyset
+from .config import Config
+from .storage import open_storage
 from .storage.base import Storage
 
 T = TypeVar("T")
@@ -143,6 +146,8 @@ class PackWriter:
 
 
 class Repository:
+    """Open one with `async with Repository.connect(config, keys) as repo`."""
+
     def __init__(self, storage: Storage, keys: Keyset, config: RepoConfig, threads: int = 2) -> None:
         self.storage = storage
         self.keys = keys
@@ -182,6 +187,21 @@ class Repository:
         if not crypto.verify_signature(keys.master_public, config.signed_part(), signature):
             raise RepositoryError(f"the identity of repository '{storage.description}' has an invalid signature")
         return cls(storage, keys, config, threads)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, config: Config, keys: Keyset) -> AsyncIterator["Repository"]:
+        """The configured repository, opened with keys; closed on exit."""
+        storage = open_storage(config)
+        try:
+            repo = await cls.open(storage, keys, threads=config.threads)
+        except BaseException:
+            await storage.aclose()
+            raise
+        try:
+            yield repo
+        finally:
+            await repo.aclose()
 
     async def aclose(self) -> None:
         if self._cache is not None:

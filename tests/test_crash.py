@@ -18,9 +18,9 @@ MiB = 1 << 20
 
 
 def build_tree(root: Path, rng: random.Random) -> None:
-    """~100 MB: incompressible large files and many small ones in nested folders."""
+    """~70 MB: incompressible large files and many small ones in nested folders."""
     root.mkdir()
-    for index in range(20):
+    for index in range(13):
         (root / f"large-{index:02d}.bin").write_bytes(os.urandom(4 * MiB + rng.randrange(MiB)))
     for folder in range(15):
         sub = root / f"dir-{folder:02d}" / "nested"
@@ -29,16 +29,6 @@ def build_tree(root: Path, rng: random.Random) -> None:
             (sub / f"small-{index:03d}").write_bytes(os.urandom(rng.randrange(1, 20_000)))
         os.symlink(f"nested/small-{folder:03d}", root / f"dir-{folder:02d}" / "link")
     os.link(root / "large-00.bin", root / "dir-00" / "hardlink-to-large")
-
-
-def change_some_files(root: Path, rng: random.Random, round_no: int) -> None:
-    """New data for the next attempt, so every killed save has chunks to write."""
-    for index in rng.sample(range(1, 20), 3):
-        (root / f"large-{index:02d}.bin").write_bytes(os.urandom(4 * MiB + rng.randrange(MiB)))
-    folder = root / f"round-{round_no}"
-    folder.mkdir()
-    for index in range(50):
-        (folder / f"f{index}").write_bytes(os.urandom(rng.randrange(1, 5000)))
 
 
 def cli_env(rekkord: Rekkord) -> dict[str, str]:
@@ -52,54 +42,82 @@ def start_save(rekkord: Rekkord, channel: str, src: Path) -> subprocess.Popen:
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(rekkord))
 
 
-def test_kill_during_save(local_repo: Rekkord, tmp_path: Path) -> None:
+def count_objects(repo: Path) -> int:
+    """Data objects (blobs, packs, indexes) stored so far; works whatever the layout."""
+    total = 0
+    for top in ("blobs", "packs", "index"):
+        for folder, _dirs, files in os.walk(repo / top):
+            total += len(files)
+    return total
+
+
+def count_tags(repo: Path) -> int:
+    return len(os.listdir(repo / "tags")) if (repo / "tags").is_dir() else 0
+
+
+def wait_until(condition, process: subprocess.Popen, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while process.poll() is None and not condition() and time.monotonic() < deadline:
+        time.sleep(0.003)
+
+
+def new_repository(tmp_path: Path, name: str) -> Rekkord:
+    cache = tmp_path / f"{name}-cache"
+    cache.mkdir()
+    rekkord = Rekkord(cache_dir=cache, repository=str(tmp_path / name))
+    rekkord("init", "-K", str(tmp_path / f"{name}.key"))
+    rekkord.key_file = str(tmp_path / f"{name}.key")
+    return rekkord
+
+
+def test_kill_during_save(tmp_path: Path) -> None:
+    """kill -9 of save while it starts, while it uploads (after a random number of
+    objects), and right after it published its snapshot: each time the repository
+    passes check --read-data, and the next save completes and restores exactly."""
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
-    context = f"(random seed {seed})"
     src = tmp_path / "src"
     build_tree(src, rng)
 
-    # How long does a complete save take here? (in a scratch repository)
-    scratch = Rekkord(cache_dir=tmp_path / "scratch-cache", repository=str(tmp_path / "scratch"))
-    (tmp_path / "scratch-cache").mkdir()
-    scratch("init", "-K", str(tmp_path / "scratch.key"))
-    scratch.key_file = str(tmp_path / "scratch.key")
+    # a complete save, for its duration and the number of objects it writes
+    scratch = new_repository(tmp_path, "scratch")
     started = time.monotonic()
     scratch.save("timing", str(src))
     duration = time.monotonic() - started
+    total = count_objects(Path(str(scratch.repository)))
+    assert total > 20
+    context = f"(random seed {seed}, complete save {duration:.2f} s, {total} objects)"
 
+    plans = [("after", 0.15 * duration), ("objects", rng.randint(1, total // 3)),
+             ("objects", rng.randint(total // 3, 2 * total // 3)), ("objects", rng.randint(2 * total // 3, total - 1)),
+             ("tag", 1)]
     killed = 0
-    for round_no, fraction in enumerate((0.1, 0.3, 0.5, 0.7, 0.9)):
-        delay = duration * (fraction + rng.uniform(-0.08, 0.08))
-        process = start_save(local_repo, "crash", src)
-        time.sleep(delay)
+    for round_no, (trigger, amount) in enumerate(plans):
+        rekkord = new_repository(tmp_path, f"repo{round_no}")
+        repo = Path(str(rekkord.repository))
+        process = start_save(rekkord, "crash", src)
+        if trigger == "after":
+            time.sleep(amount)
+        elif trigger == "objects":
+            wait_until(lambda: count_objects(repo) >= amount, process)
+        else:
+            wait_until(lambda: count_tags(repo) >= amount, process)
         process.send_signal(signal.SIGKILL)
-        out, err = process.communicate(timeout=120)
+        _out, err = process.communicate(timeout=120)
+        where = f"after a kill {trigger} {amount:g} {context}"
         if process.returncode == -signal.SIGKILL:
             killed += 1
-        else:  # finished before the kill: it must have succeeded
-            assert process.returncode == 0, err.decode(errors="replace") + context
-        where = f"after a kill at {delay:.2f} s of ~{duration:.2f} s {context}"
-        result = local_repo("check", "--read-data", check=False)
+        else:  # it finished first: then it must have succeeded
+            assert process.returncode == 0, f"{where}: {err.decode(errors='replace')}"
+        result = rekkord("check", "--read-data", check=False)
         assert result.returncode == 0, f"check failed {where}:\n{result.stdout}\n{result.stderr}"
         assert "No problems found" in result.stdout, where
-        if round_no == 2:  # the next save completes and restores
-            snapshot = local_repo.save("crash", str(src))
-            dest = tmp_path / "mid-restore"
-            local_repo("restore", f"{snapshot}:{src}", str(dest))
-            assert rsync_diff(src, dest) == "", where
-        change_some_files(src, rng, round_no)
-    assert killed >= 3, f"only {killed} of 5 saves were still running when killed {context}"
-
-    # after the last kill: a complete save, a clean check, an exact restore
-    snapshot = local_repo.save("crash", str(src))
-    local_repo("check", "--read-data")
-    dest = tmp_path / "restored"
-    local_repo("restore", f"{snapshot}:{src}", str(dest))
-    assert rsync_diff(src, dest) == "", context
-    # every snapshot that was published is complete and restorable
-    listed = local_repo("snapshots", "-c", "crash").stdout
-    assert snapshot in listed
+        # the next save completes and its snapshot restores exactly
+        snapshot = rekkord.save("crash", str(src))
+        dest = tmp_path / f"restored{round_no}"
+        rekkord("restore", f"{snapshot}:{src}", str(dest))
+        assert rsync_diff(src, dest) == "", where
+    assert killed >= 3, f"only {killed} of {len(plans)} saves were still running when killed {context}"
 
 
 # --- unreadable files -----------------------------------------------------------------------------

@@ -23,12 +23,12 @@ def human_size(value: float) -> str:
 
 def iso_time(time_ns: int) -> str:
     """ISO 8601 in UTC with a Z suffix."""
-    moment = datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc)
+    moment = datetime.fromtimestamp(time_ns // 1_000_000_000, tz=timezone.utc)  # no rounding up
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(time_ns // 1000) % 1_000_000:06d}Z"
 
 
 def local_time(time_ns: int) -> str:
-    return datetime.fromtimestamp(time_ns / 1e9).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
+    return datetime.fromtimestamp(time_ns // 1_000_000_000).astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
 
 
 def mode_string(kind: EntryKind, mode: int) -> str:

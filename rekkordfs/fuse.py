@@ -298,7 +298,7 @@ class Operations(pyfuse3.Operations):
 
     @_translate_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        self._writable(inode).removexattr(inode, name)
+        await self._writable(inode).removexattr(inode, name)
 
     @_translate_errors
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:

@@ -44,7 +44,7 @@ RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
 CREATE TABLE IF NOT EXISTS inodes (
-    ino INTEGER PRIMARY KEY,
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,  -- numbers are never reused
     kind INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
     size INTEGER NOT NULL DEFAULT 0,
     atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
@@ -206,6 +206,7 @@ class StagingTree:
             self.data_path(ino).unlink(missing_ok=True)
             self.uploads.pop(ino, None)
             self.versions.pop(ino, None)
+            self._chunk_lists.pop(ino, None)
         if doomed:
             self._ensure_reserve()
 
@@ -365,6 +366,22 @@ class StagingTree:
                                 (node.ino, entry.name, existing))
             self.db.execute("UPDATE inodes SET dir_id = NULL WHERE ino = ?", (node.ino,))
 
+    async def own_links(self, ino: int) -> None:
+        """Before an inode of a base hardlink group changes: expand every directory.
+
+        Its other names may sit in directories still unexpanded, whose stored
+        records would otherwise keep the old content and metadata for them.
+        Expansion maps every member of the group onto this one inode."""
+        node = self.get(ino)
+        if node.kind != EntryKind.FILE or not node.link_id:
+            return
+        while True:
+            pending = [row[0] for row in self.db.execute("SELECT ino FROM inodes WHERE dir_id IS NOT NULL")]
+            if not pending:
+                return
+            for directory in pending:
+                await self.expand(directory)
+
     async def lookup(self, parent: int, name: bytes) -> Inode:
         await self.expand(parent)
         row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
@@ -431,6 +448,7 @@ class StagingTree:
         node = self.get(ino)
         if node.is_dir:
             raise _error(errno.EPERM)
+        await self.own_links(ino)
         await self.expand(parent)
         if self._child(parent, name) is not None:
             raise _error(errno.EEXIST)
@@ -449,6 +467,7 @@ class StagingTree:
             raise _error(errno.ENOENT)
         if self.get(ino).is_dir:
             raise _error(errno.EISDIR)
+        await self.own_links(ino)
 
         def apply() -> None:
             self._remove_entry(parent, name, ino)
@@ -541,6 +560,7 @@ class StagingTree:
                 await self.expand(target)
                 if self._has_children(target):
                     raise _error(errno.ENOTEMPTY)
+            await self.own_links(target)
         now = self.clock()
 
         def apply() -> None:
@@ -567,6 +587,7 @@ class StagingTree:
 
     async def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+        await self.own_links(ino)
         node = self.get(ino)
         if size is not None:
             if node.kind != EntryKind.FILE:
@@ -604,7 +625,8 @@ class StagingTree:
     def listxattr(self, ino: int) -> list[bytes]:
         return [name for name, _ in decode_xattrs(self.get(ino).xattrs)]
 
-    def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        await self.own_links(ino)
         node = self.get(ino)
         items = [(k, v) for k, v in decode_xattrs(node.xattrs) if k != name]
         items.append((name, value))
@@ -615,7 +637,8 @@ class StagingTree:
                             (encode_xattrs(items), mode, self.clock(), ino))
             self._changed()
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self.own_links(ino)
         items = decode_xattrs(self.get(ino).xattrs)
         kept = [(k, v) for k, v in items if k != name]
         if len(kept) == len(items):
@@ -635,6 +658,7 @@ class StagingTree:
         node = self.get(ino)
         if node.kind != EntryKind.FILE:
             raise _error(errno.EINVAL)
+        await self.own_links(ino)
         await self._unfreeze(ino)
         if node.local:
             return
@@ -838,10 +862,11 @@ class StagingTree:
     def committed(self, capture: Capture, snapshot_id: bytes, snapshot: Snapshot,
                   contents: dict[int, list[ChunkRef]], link_ids: dict[int, int]) -> None:
         """After a successful commit: what it stored becomes the new base."""
+        clean_files = [ino for ino in contents
+                       if self.versions.get(ino, 0) == capture.versions.get(ino) and not self.open_files.get(ino)]
         with self._transaction():
-            for ino, chunks in contents.items():
-                if self.versions.get(ino, 0) != capture.versions.get(ino):
-                    continue  # written again since the commit began: stays local
+            for ino in clean_files:  # others were written again since, or may still be: they stay local
+                chunks = contents[ino]
                 self.db.execute("UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local = 1",
                                 (encode_chunks(chunks), sum(c.size for c in chunks), ino))
             for ino, link_id in link_ids.items():
@@ -851,10 +876,12 @@ class StagingTree:
             clean = self.sequence == capture.sequence
             self._set_meta("dirty", 0 if clean else 1)
             self._dirty = not clean
-        for ino in contents:
-            if self.versions.get(ino, 0) == capture.versions.get(ino) and not self.open_files.get(ino):
-                self.data_path(ino).unlink(missing_ok=True)
-                self.uploads.pop(ino, None)
+        for ino in clean_files:
+            self.data_path(ino).unlink(missing_ok=True)
+            self.uploads.pop(ino, None)
+        for ino, chunks in contents.items():  # still local: the next commit reuses this upload
+            if ino not in clean_files and self.versions.get(ino, 0) == capture.versions.get(ino):
+                self.uploads[ino] = _Upload(capture.versions[ino], chunks)
         self.release_capture(capture)
 
     def iter_local_files(self) -> Iterator[int]:

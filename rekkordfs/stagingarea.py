@@ -63,6 +63,9 @@ class StagingArea:
         self.uploaders: dict[str, Uploader] = {}
         self._slots: dict[str, int] = {}
         self._by_slot: dict[int, StagingTree] = {}
+        self._next_slot = 0
+        self._learned = False  # prepare_write() done once write-behind starts
+        self._learning = trio.Lock()
         self._locks: dict[str, trio.Lock] = {}
         self._results: dict[bytes, bytes] = {}
         self._upload_slots = trio.Semaphore(max(2, repo.threads * 2))
@@ -120,7 +123,8 @@ class StagingArea:
             if not exists and not create and channel not in self.view.channel_names():
                 raise OSError(errno.ENOENT, "no such channel")
             tree = StagingTree(self.state_dir / channel, channel, self.blobs)
-            slot = len(self._slots) + 1
+            self._next_slot += 1
+            slot = self._next_slot  # never reused: inodes of a removed channel must stay unknown
             self._slots[channel] = slot
             self._by_slot[slot] = tree
             self.trees[channel] = tree
@@ -297,11 +301,11 @@ class StagingArea:
         if local == ROOT and name == CONTROL_COMMIT:
             await self._commit_request(tree, value)
             return
-        tree.setxattr(local, name, value)
+        await tree.setxattr(local, name, value)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes) -> None:
         tree, local = self._split_dir(ino)
-        tree.removexattr(local, name)
+        await tree.removexattr(local, name)
 
     async def _commit_request(self, tree: StagingTree, token: bytes) -> None:
         if not token or len(token) > 64:
@@ -324,6 +328,7 @@ class StagingArea:
         lock = self._locks.setdefault(channel, trio.Lock())
         async with lock:
             tree = await self.tree(channel)
+            await self._learn_stored(again=True)
             result = await Committer(self.repo, tree, self.uploaders[channel]).run()
         log.info("committed staging/%s as snapshot %s", channel, result.tag.id_hex)
         await self.view.refresh(force=True)
@@ -374,12 +379,21 @@ class StagingArea:
             self._nursery.start_soon(self._upload_behind, handle.tree, handle.ino, handle.tree.version(handle.ino))
         handle.tree.released(handle.ino)
 
+    async def _learn_stored(self, again: bool = False) -> None:
+        """Load what other writers stored (new pack indexes), so nothing is packed twice.
+        Uploads wait for a load in progress."""
+        async with self._learning:
+            if again or not self._learned:
+                await self.repo.prepare_write()
+                self._learned = True
+
     async def _upload_behind(self, tree: StagingTree, ino: int, version: int) -> None:
         """A closed file is uploaded in the background, so commit has less to do."""
         async with self._upload_slots:
             if tree.version(ino) != version:
                 return  # written again meanwhile: a later close uploads it
             try:
+                await self._learn_stored()
                 chunks = await self.uploaders[tree.channel].upload_path(tree.data_path(ino))
             except FileNotFoundError:
                 return

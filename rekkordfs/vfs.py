@@ -105,7 +105,7 @@ def derive_ino(*parts: bytes) -> int:
 
 
 def snapshot_dir_name(time_ns: int) -> str:
-    return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
+    return datetime.fromtimestamp(time_ns // 1_000_000_000, tz=timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _fuse_error(code: int) -> OSError:
@@ -219,9 +219,12 @@ class SnapshotView:
 
     def _channel_node(self, channel: str) -> Node:
         ino = derive_ino(b"channel", channel.encode())
-        latest = self._channels[channel][-1][1].time_ns
-        return self.nodes.get(ino) or Node(ino, NodeKind.VIRTUAL_DIR, self._virtual_attr(ino, time_ns=latest),
-                                            channel=channel)
+        attr = self._virtual_attr(ino, time_ns=self._channels[channel][-1][1].time_ns)  # its newest snapshot
+        node = self.nodes.get(ino)
+        if node is None:
+            return Node(ino, NodeKind.VIRTUAL_DIR, attr, channel=channel)
+        node.attr = attr
+        return node
 
     def _latest_node(self, channel: str) -> Node:
         ino = derive_ino(b"latest", channel.encode())

@@ -409,27 +409,27 @@ def test_xattrs_and_acls(tree: StagingTree) -> None:
         f = await put_file(tree, ROOT, b"f", b"x", mode=0o4644)
         assert tree.listxattr(f.ino) == []
         await expect_errno(errno.ENODATA, tree.getxattr, f.ino, b"user.a")
-        tree.setxattr(f.ino, b"user.b", b"2")
-        tree.setxattr(f.ino, b"user.a", b"\x00\xff")
-        tree.setxattr(f.ino, b"user.empty", b"")
+        await tree.setxattr(f.ino, b"user.b", b"2")
+        await tree.setxattr(f.ino, b"user.a", b"\x00\xff")
+        await tree.setxattr(f.ino, b"user.empty", b"")
         assert tree.listxattr(f.ino) == [b"user.a", b"user.b", b"user.empty"]
         assert tree.getxattr(f.ino, b"user.a") == b"\x00\xff"
         assert tree.getxattr(f.ino, b"user.empty") == b""
-        tree.setxattr(f.ino, b"user.a", b"replaced" * 1000)
+        await tree.setxattr(f.ino, b"user.a", b"replaced" * 1000)
         assert tree.listxattr(f.ino) == [b"user.a", b"user.b", b"user.empty"]
         assert tree.getxattr(f.ino, b"user.a") == b"replaced" * 1000
-        tree.removexattr(f.ino, b"user.b")
+        await tree.removexattr(f.ino, b"user.b")
         assert tree.listxattr(f.ino) == [b"user.a", b"user.empty"]
         await expect_errno(errno.ENODATA, tree.getxattr, f.ino, b"user.b")
         await expect_errno(errno.ENODATA, tree.removexattr, f.ino, b"user.b")
         for kind, name in ((DIR, b"d"), (SYMLINK, b"s"), (FIFO, b"p")):
             node = await tree.create(ROOT, name, kind, 0o755, 0, 0, target=b"t" if kind == SYMLINK else None)
-            tree.setxattr(node.ino, b"trusted.x", name)
+            await tree.setxattr(node.ino, b"trusted.x", name)
             assert tree.getxattr(node.ino, b"trusted.x") == name
 
         # an access ACL sets the mode bits (group bits from the mask); chmod rewrites the ACL
         acl = _acl((USER_OBJ, 7, NO_ID), (USER, 5, 1234), (GROUP_OBJ, 1, NO_ID), (MASK, 6, NO_ID), (OTHER, 4, NO_ID))
-        tree.setxattr(f.ino, b"system.posix_acl_access", acl)
+        await tree.setxattr(f.ino, b"system.posix_acl_access", acl)
         assert tree.get(f.ino).mode == 0o4764
         await tree.setattr(f.ino, mode=0o4750)
         entries = list(struct.iter_unpack("<HHI", tree.getxattr(f.ino, b"system.posix_acl_access")[4:]))
@@ -1036,10 +1036,6 @@ def test_write_only_key_stages_and_commits_without_seeing_anything(based: Based,
     run(check)
 
 
-@pytest.mark.xfail(strict=True, reason="StagingArea.tree() numbers a new channel's slot len(self._slots) + 1; "
-                   "after rmdir staging/<channel> (_remove_channel pops its slot) the next new channel gets the "
-                   "slot of a live channel, so both share inode numbers and _by_slot sends the old channel's "
-                   "inodes to the new tree")
 def test_channel_inode_numbers_stay_distinct_after_a_channel_is_removed(based: Based, tmp_path: Path) -> None:
     async def main() -> None:
         async with open_area(based, tmp_path / "state") as area:
@@ -1061,9 +1057,6 @@ def test_channel_inode_numbers_stay_distinct_after_a_channel_is_removed(based: B
 # --- what the commit must get right, and does not (yet) -------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="StagingTree.committed() marks a file clean (local = 0, chunks = the "
-                   "committed list) even while it is open; later writes through the open handle go to "
-                   "data/<ino> but read() and the next capture use the stored chunks, so they are lost")
 def test_writes_through_a_handle_open_across_a_commit_are_kept(based: Based, tmp_path: Path) -> None:
     async def main() -> None:
         async with open_area(based, tmp_path / "state") as area:
@@ -1086,10 +1079,6 @@ def test_writes_through_a_handle_open_across_a_commit_are_kept(based: Based, tmp
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="SQLite reuses the largest rowid once it is deleted, and "
-                   "StagingTree.committed() recognizes a captured file by (ino, version) only: a file created "
-                   "during the commit that gets the inode number of a deleted captured file, with the same "
-                   "number of writes, is marked clean with the deleted file's chunks and its own data is deleted")
 def test_a_file_that_reuses_a_deleted_inode_number_during_a_commit_keeps_its_content(based: Based,
                                                                                       tmp_path: Path) -> None:
     async def main() -> None:
@@ -1105,7 +1094,7 @@ def test_a_file_that_reuses_a_deleted_inode_number_during_a_commit_keeps_its_con
                 reborn["ino"] = new.ino
 
             await Committer(repo, tree, HookUploader(repo, replace_during_commit)).run()
-            assert reborn["ino"] == old.ino  # the precondition of the bug: the number came back
+            assert reborn["ino"] != old.ino  # inode numbers are never reused
             node = await tree.lookup(ROOT, b"new")
             assert await content(tree, node.ino) == b"NEW CONTENT"
             assert tree.get(node.ino).local and tree.dirty
@@ -1114,9 +1103,6 @@ def test_a_file_that_reuses_a_deleted_inode_number_during_a_commit_keeps_its_con
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="StagingTree._chunk_lists caches decoded chunk lists by inode number "
-                   "and _maybe_delete() does not drop the entry; when SQLite hands the number of a deleted base "
-                   "file to a file inserted by a later expand(), read() serves the deleted file's chunks")
 def test_a_reused_inode_number_never_reads_the_old_files_chunks(based: Based, tmp_path: Path) -> None:
     async def main() -> None:
         async with seeded_tree(based, tmp_path / "state", "stale") as (_, tree):
@@ -1128,16 +1114,12 @@ def test_a_reused_inode_number_never_reads_the_old_files_chunks(based: Based, tm
             await tree.unlink(src.ino, last_name)
             sticky = await tree.lookup(src.ino, b"sticky")
             inside = await tree.lookup(sticky.ino, b"inside")  # expands sticky/
-            assert inside.ino == last.ino  # the number came back
+            assert inside.ino != last.ino  # inode numbers are never reused
             assert await content(tree, inside.ino) == b"x"
 
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="copy-on-write keeps a directory's stored record until it is expanded, "
-                   "but a hardlink group can span directories: after writing to hard-1 (expanded root), "
-                   "Committer reuses the unexpanded a/b/c/d/e record whose hard-3 entry has the same link_id "
-                   "and the old chunks, so one inode has two contents in the snapshot")
 def test_modifying_a_hardlink_changes_every_name_even_in_unexpanded_directories(based: Based,
                                                                                   tmp_path: Path) -> None:
     parts = src_parts(based.src)
@@ -1163,9 +1145,6 @@ def test_modifying_a_hardlink_changes_every_name_even_in_unexpanded_directories(
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="StagingArea.commit/Committer never call Repository.prepare_write(), so "
-                   "pack indexes written by other writers are not loaded into the known-blob cache: a staged "
-                   "file whose small chunks are already stored in a pack is packed and uploaded again")
 def test_commit_deduplicates_against_chunks_already_in_the_repository(based: Based, tmp_path: Path) -> None:
     packs = Path(based.repository) / "packs"
 

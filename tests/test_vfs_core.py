@@ -173,9 +173,6 @@ def test_layout_channels_latest_ids_and_same_second_names(local_repo, tmp_path: 
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="vfs.snapshot_dir_name converts time_ns to a float and "
-                   "datetime.fromtimestamp rounds to the microsecond: a snapshot taken at hh:mm:ss.9999995 "
-                   "or later is named after the next second")
 def test_snapshot_dir_name_truncates_to_the_second() -> None:
     second = 1_700_000_000
     assert snapshot_dir_name(second * 10**9) == "2023-11-14_22-13-20"
@@ -219,9 +216,6 @@ def test_refresh_picks_up_snapshots_saved_after_the_first_listing(local_repo, tm
     run(main)
 
 
-@pytest.mark.xfail(strict=True, reason="SnapshotView._channel_node returns the node already in self.nodes "
-                   "unchanged: once the kernel holds channels/<c>, its attributes keep the time of the latest "
-                   "snapshot at its first lookup, while an unremembered node gets the new time")
 def test_channel_folder_time_follows_its_latest_snapshot(local_repo, tmp_path: Path) -> None:
     src = tmp_path / "data"
     src.mkdir()

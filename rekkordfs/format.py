@@ -165,6 +165,8 @@ def _decode_entry(raw: bytes, pos: int) -> tuple[Entry, int]:
         pos += value_len
         if len(xname) != xname_len or len(value) != value_len:
             raise ValueError("truncated xattr")
+        if not xname or b"\0" in xname:  # no system has such names: hostile or damaged
+            raise ValueError("bad xattr name")
         xattrs.append((xname, value))
     (payload_len,) = _U32.unpack_from(raw, pos)
     pos += _U32.size
@@ -181,6 +183,8 @@ def _decode_entry(raw: bytes, pos: int) -> tuple[Entry, int]:
             raise ValueError("bad directory reference")
         entry.dir_id = payload or None
     elif kind == EntryKind.SYMLINK:
+        if not payload or b"\0" in payload:  # symlink(2) accepts neither
+            raise ValueError("bad symlink target")
         entry.target = payload
     return entry, pos
 

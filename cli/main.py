@@ -156,7 +156,9 @@ def _report(exc: BaseException) -> int:
         return 141
     oserror = _first_of(exc, OSError)
     if isinstance(oserror, OSError) and oserror.strerror:
-        where = f" '{os.fsdecode(oserror.filename)}'" if oserror.filename else ""
+        # filename is an int for calls on a file descriptor (os.fchown, os.setxattr(fd)...)
+        named = isinstance(oserror.filename, (str, bytes, os.PathLike))
+        where = f" '{os.fsdecode(oserror.filename)}'" if named and oserror.filename else ""
         print(f"rekkord: error: {oserror.strerror}{where}", file=sys.stderr)
         return 1
     raise exc

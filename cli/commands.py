@@ -7,6 +7,7 @@ import json
 import os
 import secrets
 import sys
+import threading
 from typing import Callable
 
 import trio
@@ -28,8 +29,16 @@ from .progress import progress_bar
 ConfigMaker = Callable[[argparse.Namespace], Config]
 
 
+_warn_lock = threading.Lock()
+
+
 def warn(message: str) -> None:
-    print(f"rekkord: warning: {message}", file=sys.stderr)
+    """One line on stderr; callable from worker threads (restore warns from them):
+    print() writes the text and the newline separately, so two threads could
+    interleave them on one line."""
+    with _warn_lock:
+        sys.stderr.write(f"rekkord: warning: {message}\n")
+        sys.stderr.flush()
 
 
 def _load_keys(config: Config) -> Keyset:

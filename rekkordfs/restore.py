@@ -86,17 +86,30 @@ def _clear(dir_fd: int, name: bytes, keep_dir: bool) -> None:
         os.unlink(name, dir_fd=dir_fd)
 
 
-def _apply_metadata(fd: int, entry: Entry) -> None:
+# Extended attributes that cannot be set for these reasons are skipped silently:
+# the destination has no xattrs at all, or a namespace we may not write (trusted.*
+# when not root). Any other failure (too large for this filesystem...) is warned
+# about, naming the file and the attribute, and the restore goes on, as rsync -X does.
+_XATTR_SILENT = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
+
+XattrFailed = Callable[[bytes, OSError], None]
+
+
+def _set_xattrs(set_one: Callable[[bytes, bytes], None], entry: Entry, failed: XattrFailed) -> None:
+    for name, value in entry.xattrs:
+        try:
+            set_one(name, value)
+        except OSError as exc:
+            if exc.errno not in _XATTR_SILENT:
+                failed(name, exc)
+
+
+def _apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
     """Owner, mode, xattrs and times on an open file or directory."""
     if IS_ROOT:
         os.chown(fd, entry.uid, entry.gid)
     os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
-    for name, value in entry.xattrs:
-        try:
-            os.setxattr(fd, name, value)
-        except OSError as exc:
-            if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                raise
+    _set_xattrs(lambda name, value: os.setxattr(fd, name, value), entry, xattr_failed)
     os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
 
 
@@ -249,23 +262,25 @@ class RestoreSession:
             else:
                 self.warn(f"skipped socket '{self._show(parts)}'")
                 return
-            self._apply_path_metadata(fd, name, entry)
+            self._apply_path_metadata(fd, name, entry, parts)
         finally:
             os.close(fd)
 
-    def _apply_path_metadata(self, dir_fd: int, name: bytes, entry: Entry) -> None:
+    def _xattr_failed(self, parts: tuple[bytes, ...]) -> XattrFailed:
+        def warn(name: bytes, exc: OSError) -> None:
+            self.warn(f"cannot set extended attribute '{os.fsdecode(name)}' on '{self._show(parts)}': "
+                      f"{exc.strerror or exc}")
+        return warn
+
+    def _apply_path_metadata(self, dir_fd: int, name: bytes, entry: Entry, parts: tuple[bytes, ...]) -> None:
         """Metadata of a symlink or special file, never following links."""
         if IS_ROOT:
             os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
         if entry.kind != EntryKind.SYMLINK:
             os.chmod(name, entry.mode, dir_fd=dir_fd)
         proc_path = f"/proc/self/fd/{dir_fd}/".encode() + name
-        for xname, value in entry.xattrs:
-            try:
-                os.setxattr(proc_path, xname, value, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
-                    raise
+        _set_xattrs(lambda xname, value: os.setxattr(proc_path, xname, value, follow_symlinks=False), entry,
+                    self._xattr_failed(parts))
         os.utime(name, ns=(entry.atime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
     # --- files -----------------------------------------------------------------
@@ -296,7 +311,7 @@ class RestoreSession:
                     for chunk, off in zip(chunks, offsets):
                         await self._chunk_slots.acquire()
                         nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
-            await trio.to_thread.run_sync(self._finish_file, fd, entry)
+            await trio.to_thread.run_sync(self._finish_file, fd, entry, job.parts)
         finally:
             os.close(fd)
         self.stats.files += 1
@@ -328,9 +343,9 @@ class RestoreSession:
         await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
         self.stats.bytes_written += len(data)
 
-    def _finish_file(self, fd: int, entry: Entry) -> None:
+    def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...]) -> None:
         os.ftruncate(fd, entry.size)
-        _apply_metadata(fd, entry)
+        _apply_metadata(fd, entry, self._xattr_failed(parts))
 
     # --- after all files -------------------------------------------------------
 
@@ -353,11 +368,11 @@ class RestoreSession:
             finally:
                 os.close(parent)
             try:
-                _apply_metadata(fd, entry)
+                _apply_metadata(fd, entry, self._xattr_failed(parts))
             finally:
                 os.close(fd)
         if self.target.kind == EntryKind.DIRECTORY and self.has_metadata:
-            _apply_metadata(self.dest_fd, self.target)
+            _apply_metadata(self.dest_fd, self.target, self._xattr_failed(()))
 
     # --- dry run ---------------------------------------------------------------
 

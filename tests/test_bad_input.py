@@ -295,6 +295,81 @@ def test_damaged_pack_index(world: dict) -> None:
     assert rsync_diff(src, world["tmp"] / "all") == ""
 
 
+# --- hostile records --------------------------------------------------------------------------------
+
+
+def publish_crafted(world: dict, channel: str, entries: list) -> str:
+    """A correctly signed snapshot whose root holds the given entries (as any writer,
+    even a WriteOnly key, could make), written with the library."""
+    import time
+
+    import trio
+
+    from rekkordfs import keys
+    from rekkordfs.format import BlobKind, Snapshot, encode_directory
+    from rekkordfs.repository import Repository
+    from rekkordfs.storage.local import LocalStorage
+
+    async def main() -> str:
+        repo = await Repository.open(LocalStorage(str(world["repo"])), keys.load_keyfile(str(world["rekkord"].key_file)))
+        try:
+            root_id, _ = await repo.write_blob(BlobKind.DIRECTORY, encode_directory(entries))
+            tag = await repo.publish_snapshot(Snapshot(channel, time.time_ns(), root_id, 0, 0, len(entries)))
+            return tag.id_hex
+        finally:
+            await repo.aclose()
+
+    return trio.run(main)
+
+
+@pytest.mark.parametrize("case", ["xattr-nul", "xattr-empty", "symlink-nul", "symlink-empty"])
+def test_impossible_names_in_records(world: dict, case: str) -> None:
+    """Names no filesystem can hold are refused as damaged records, not a traceback."""
+    from rekkordfs.format import Entry, EntryKind
+    entry = {
+        "xattr-nul": Entry(EntryKind.FILE, b"f", xattrs=[(b"user.a\0b", b"v")]),
+        "xattr-empty": Entry(EntryKind.FILE, b"f", xattrs=[(b"", b"v")]),
+        "symlink-nul": Entry(EntryKind.SYMLINK, b"l", target=b"a\0b"),
+        "symlink-empty": Entry(EntryKind.SYMLINK, b"l", target=b""),
+    }[case]
+    snapshot = publish_crafted(world, case, [entry])
+    world["digest"] = tree_digest(world["repo"])
+    dest = world["tmp"] / "dest"
+    fails(world, "restore", snapshot, str(dest), fragments=("malformed",))
+    fails(world, "list", snapshot, fragments=("malformed",))
+    result = world["rekkord"]("check", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert any(snapshot in line and "malformed" in line for line in result.stderr.splitlines()), result.stderr
+
+
+def test_xattr_the_destination_cannot_hold(world: dict) -> None:
+    """An attribute too large for the destination filesystem: a warning naming the file and
+    the attribute, and the rest of the restore goes on (as rsync -X does)."""
+    from rekkordfs.format import Entry, EntryKind
+    entries = [Entry(EntryKind.FILE, b"a-file", xattrs=[(b"user.huge", b"v" * 100_000), (b"user.fine", b"ok")]),
+               Entry(EntryKind.FIFO, b"b-fifo", mode=0o600, xattrs=[(b"user.huge", b"v" * 100_000)])]
+    snapshot = publish_crafted(world, "big-xattr", entries)
+    dest = world["tmp"] / "dest"
+    result = world["rekkord"]("restore", snapshot, str(dest), check=False)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    warnings = result.stderr.splitlines()
+    assert len(warnings) == 2 and all(w.startswith("rekkord: warning: ") and "user.huge" in w for w in warnings)
+    assert "a-file" in warnings[0] + warnings[1] and "b-fifo" in warnings[0] + warnings[1]
+    assert os.getxattr(dest / "a-file", "user.fine") == b"ok"
+    assert (dest / "b-fifo").exists() and oct(os.stat(dest / "b-fifo", follow_symlinks=False).st_mode & 0o777) == "0o600"
+
+
+def test_os_errors_on_descriptors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    """OSError.filename is an int for calls on a file descriptor; reporting one must not crash."""
+    import errno
+
+    from cli.main import _report
+    assert _report(OSError(errno.EIO, "Input/output error", 7)) == 1
+    assert _report(OSError(errno.ENOSPC, "No space left on device", b"/some/path")) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["rekkord: error: Input/output error", "rekkord: error: No space left on device '/some/path'"]
+
+
 # --- command line mistakes ---------------------------------------------------------------------------
 
 

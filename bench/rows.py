@@ -270,7 +270,9 @@ _register_save_restore("local", {"save_tree", "save_unchanged", "save_changed", 
 @row("mount_ready", "mount: time to a usable mount", requires=("save_tree",), group="mount", uses=("local:tree",))
 def mount_ready(ctx: Context) -> Result:
     m = ctx.mount("local:tree")
-    return Result(seconds=m.seconds, rss=peak_rss(m.pid) if m.pid else None, cpu=proc_cpu(m.pid))
+    daemon = proc_cpu(m.pid)
+    return Result(seconds=m.seconds, rss=peak_rss(m.pid) if m.pid else None,
+                  cpu=m.setup_cpu + daemon if daemon is not None else None)
 
 
 @row("mount_find", "mount: find | wc -l over the tree", requires=("mount_ready",), group="mount",
@@ -340,22 +342,32 @@ def _stage(ctx: Context, origin: Path, channel: str, files: int, size: int, new_
     os.sync()
     if m.pid:
         reset_peak_rss(m.pid)
+    daemon_before = proc_cpu(m.pid)
     runs: list[Run] = []
     if new_channel:
         os.mkdir(staging)
     runs.append(run(["rsync", "-a", "--delete", f"{origin}/", f"{staging}/"]).check("rsync into staging"))
+    daemon_mid = proc_cpu(m.pid)
     repo = ctx.repos[key]
     runs.append(run([ctx.tool.exe, "-R", repo.url, "-K", str(repo.key), "commit", str(staging)],
                     env=ctx.tool.env(repo)).check("rekkord commit"))
+    daemon_after = proc_cpu(m.pid)
     seconds = sum(r.seconds for r in runs)
     ref = runs[-1].stdout.strip().splitlines()[-1] if runs[-1].stdout.strip() else "?"
-    ctx.snaps.setdefault(key, []).append(Snap(ref, channel, staging, files, size))
+    ctx.snaps.setdefault(key, []).append(Snap(ref, channel, staging, files, size, origin))
     disk, apparent = ctx.repo_size(repo)
     daemon = peak_rss(m.pid) if m.pid else None
-    return Result(seconds=seconds, bytes=size, rss=max([r.rss for r in runs] + [daemon or 0]),
-                  repo_disk=disk, repo_apparent=apparent,
-                  extra={"snapshot": ref, "rsync_seconds": runs[0].seconds, "commit_seconds": runs[1].seconds,
-                         "daemon_rss": daemon})
+    cpu = sum(r.cpu for r in runs)
+    extra = {"snapshot": ref, "rsync_seconds": runs[0].seconds, "commit_seconds": runs[1].seconds,
+             "daemon_rss": daemon}
+    if None not in (daemon_before, daemon_mid, daemon_after):
+        cpu += daemon_after - daemon_before
+        extra.update(daemon_cpu_rsync=daemon_mid - daemon_before, daemon_cpu_commit=daemon_after - daemon_mid)
+    result = Result(seconds=seconds, bytes=size, rss=max([r.rss for r in runs] + [daemon or 0]),
+                    repo_disk=disk, repo_apparent=apparent, cpu=cpu, extra=extra)
+    if ctx.verify:
+        ctx.compare(origin, m.mnt / "channels" / channel / "latest", result)
+    return result
 
 
 def _mount_empty(ctx: Context, repo: Repo, mnt: Path) -> Mount:

@@ -87,7 +87,7 @@ def run_pass(tool_name: str, selected: list[str], ds, work: Path, backends: dict
                 extra += f"  cpu {res.cpu:.2f} s"
             if res.load is not None:
                 extra += f"  (load {res.load:.1f})"
-            log(f"  [{tool_name}] {row.name:<18} {shown}{extra}")
+            log(f"  [{tool_name}] {row.name:<20} {shown}{extra}")
             keep_mounts = {u for later in order[i + 1:] for u in later.uses}
             ctx.release(keep_mounts)
     finally:

@@ -79,6 +79,7 @@ class Mount:
     pid: int | None  # the process serving the mount (for its RSS)
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    setup_cpu: float = 0.0  # CPU seconds of a mount command that daemonized (the daemon's are on top)
 
     def close(self) -> None:
         unmount(self.mnt)
@@ -239,7 +240,7 @@ class Rekkordfs(Tool):
         ok = wait_for(lambda: exists(target), MOUNT_TIMEOUT)
         seconds = time.perf_counter() - started
         pids = [p for p in find_pids("mount", str(mnt)) if p != os.getpid()]
-        handle = Mount(self, repo, mnt, seconds, max(pids) if pids else None)
+        handle = Mount(self, repo, mnt, seconds, max(pids) if pids else None, setup_cpu=r.cpu)
         if not ok:
             handle.close()
             raise ToolFailure(f"rekkord mount exited 0 but {target} does not exist")

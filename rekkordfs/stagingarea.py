@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import shutil
 import stat
@@ -30,7 +31,7 @@ from .format import EntryKind, validate_channel
 from .keys import Capability
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree
-from .upload import Uploader
+from .upload import SMALL_FILE, Uploader, open_regular
 from .vfs import STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,12 @@ LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 # Control attributes on MNT/staging/<channel>; never listed, so rsync -X skips them.
 CONTROL_CHANNEL = b"user.rekkord.channel"  # get: the channel name (is this a staging root?)
 CONTROL_COMMIT = b"user.rekkord.commit"  # set to a token: commit; get CONTROL_COMMIT + b"." + token: result
+
+
+BATCH_FILES = 64  # write-behind of small files: per thread hop, at most this many...
+BATCH_BYTES = 8 << 20  # ...and this many bytes
+
+Closed = tuple[StagingTree, int, int]  # a closed written file: tree, inode, content version
 
 
 @dataclass
@@ -68,14 +75,15 @@ class StagingArea:
         self._learning = trio.Lock()
         self._locks: dict[str, trio.Lock] = {}
         self._results: dict[bytes, bytes] = {}
-        self._upload_slots = trio.Semaphore(max(2, repo.threads * 2))
-        self._nursery: trio.Nursery | None = None
+        # closed files waiting for write-behind (few bytes each: the queue may grow)
+        self._behind_send, self._behind_recv = trio.open_memory_channel[Closed](math.inf)
         self.root_attr = Attr(STAGING_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0,
                               view.started_ns, view.started_ns, view.started_ns, immutable=False)
         view.extra_root[b"staging"] = self.root_node
 
     def start(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+        for _ in range(max(1, self.repo.threads)):
+            nursery.start_soon(self._upload_behind)
 
     def close(self) -> None:
         for tree in self.trees.values():
@@ -375,8 +383,8 @@ class StagingArea:
 
     def release(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
-        if handle.wrote and self._nursery is not None:
-            self._nursery.start_soon(self._upload_behind, handle.tree, handle.ino, handle.tree.version(handle.ino))
+        if handle.wrote:  # upload it in the background, so commit has less to do
+            self._behind_send.send_nowait((handle.tree, handle.ino, handle.tree.version(handle.ino)))
         handle.tree.released(handle.ino)
 
     async def _learn_stored(self, again: bool = False) -> None:
@@ -387,21 +395,58 @@ class StagingArea:
                 await self.repo.prepare_write()
                 self._learned = True
 
-    async def _upload_behind(self, tree: StagingTree, ino: int, version: int) -> None:
-        """A closed file is uploaded in the background, so commit has less to do."""
-        async with self._upload_slots:
-            if tree.version(ino) != version:
-                return  # written again meanwhile: a later close uploads it
+    async def _upload_behind(self) -> None:
+        """Write-behind: closed files, small ones many per thread hop like `save`."""
+        pending: list[Closed] = []
+        while True:
+            if not pending:
+                pending.append(await self._behind_recv.receive())
+            while len(pending) < BATCH_FILES:
+                try:
+                    pending.append(self._behind_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            current = [item for item in pending if item[0].version(item[1]) == item[2]]  # else closed again later
             try:
                 await self._learn_stored()
+                pending = await self._upload_batch(current)
+            except (RekkordError, OSError) as exc:
+                log.warning("write-behind upload failed (commit will retry): %s", getattr(exc, "message", exc))
+                pending = []
+
+    async def _upload_batch(self, items: list[Closed]) -> list[Closed]:
+        """Upload what fits in one batch; returns the files left for the next one."""
+        small, large, left = await self.repo.run_cpu(self._prepare_small, items)
+        for tree, ino, version, prepared in small:
+            chunks = await self.uploaders[tree.channel].store(prepared)
+            tree.record_upload(ino, version, chunks)
+        for tree, ino, version in large:
+            try:
                 chunks = await self.uploaders[tree.channel].upload_path(tree.data_path(ino))
             except FileNotFoundError:
-                return
-            except (RekkordError, OSError) as exc:
-                log.warning("write-behind upload of staging/%s inode %d failed (commit will retry): %s",
-                            tree.channel, ino, getattr(exc, "message", exc))
-                return
+                continue
             tree.record_upload(ino, version, chunks)
+        return left
+
+    def _prepare_small(self, items: list[Closed]) -> tuple[list, list[Closed], list[Closed]]:
+        """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES."""
+        small, large, total = [], [], 0
+        for index, (tree, ino, version) in enumerate(items):
+            if total >= BATCH_BYTES:
+                return small, large, items[index:]
+            try:
+                with open_regular(tree.data_path(ino)) as handle:
+                    if os.fstat(handle.fileno()).st_size > SMALL_FILE:
+                        large.append((tree, ino, version))
+                        continue
+                    data = handle.read()
+            except FileNotFoundError:
+                continue  # deleted since it was closed
+            total += len(data)
+            uploader = self.uploaders[tree.channel]
+            uploader.stats.bytes_read += len(data)
+            small.append((tree, ino, version, uploader.prepare(data, set())))
+        return small, large, []
 
     def statfs_all(self) -> os.statvfs_result:
         """Room left where staged data is kept."""

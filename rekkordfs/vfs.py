@@ -179,11 +179,16 @@ class SnapshotView:
 
     # --- snapshot list -----------------------------------------------------------
 
+    def _fresh(self) -> bool:
+        return self._refreshed_at is not None and self.clock() - self._refreshed_at < self.refresh_interval
+
     async def refresh(self, force: bool = False) -> None:
         """Re-list snapshots if the last listing is older than the interval."""
+        if not force and self._fresh():
+            return  # the common case, without taking the lock
         async with self._refresh_lock:
             now = self.clock()
-            if not force and self._refreshed_at is not None and now - self._refreshed_at < self.refresh_interval:
+            if not force and self._fresh():
                 return
             tags: list[Tag] = []
             if self.repo.keys.can(Capability.LIST):

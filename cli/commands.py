@@ -138,10 +138,10 @@ def save(args: argparse.Namespace, make_config: ConfigMaker) -> int:
         print(f"Stored:       {human_size(stats.bytes_stored)}")
         print(f"Time:         {result.duration:.2f} s")
         if stats.skipped:
-            print(f"Skipped:      {stats.skipped} unreadable files")
+            print(f"Skipped:      {stats.skipped} unreadable entries")
         print(result.snapshot_id)
     if stats.skipped:
-        warn(f"{stats.skipped} files could not be read and are missing from the snapshot")
+        warn(f"{stats.skipped} files or folders could not be read and are missing from the snapshot")
         return 3
     return 0
 

@@ -102,11 +102,11 @@ class Walker:
     """Runs in a thread: lists directories and emits Listings in depth-first order."""
 
     def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
-                 warn: Callable[[str], None], stats: SaveStats) -> None:
+                 skip: Callable[[str], None], stats: SaveStats) -> None:
         self.paths = paths
         self.repo = repo
         self.emit = emit
-        self.warn = warn
+        self.skip = skip  # reports something left out of the snapshot
         self.stats = stats
         self._next_link_id = 1
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
@@ -141,7 +141,7 @@ class Walker:
             try:
                 st = os.lstat(path)
             except OSError as exc:
-                self.warn(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+                self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
                 continue
             entry = self._add_child(listing, path, name, st)
             if entry is None or entry.kind != EntryKind.DIRECTORY:
@@ -168,7 +168,7 @@ class Walker:
                 with os.scandir(node.path or b"/") as it:
                     items = sorted((item.name, item.path) for item in it)
             except OSError as exc:
-                self.warn(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}")
+                self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
                 items = []
             for name, path in items:
                 try:
@@ -176,7 +176,7 @@ class Walker:
                 except FileNotFoundError:
                     continue  # vanished since listing
                 except OSError as exc:
-                    self.warn(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+                    self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
                     continue
                 entry = self._add_child(listing, path, name, st)
                 if entry is not None and entry.kind == EntryKind.DIRECTORY:
@@ -189,7 +189,7 @@ class Walker:
         try:
             entry = entry_from_stat(name, st, path)
         except OSError as exc:
-            self.warn(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+            self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
             return None
         if entry is None:
             return None
@@ -247,7 +247,9 @@ class SaveSession:
         self._link_failed: set[int] = set()
         self._stat_rows: list[tuple[bytes, StatKey, bytes]] = []
 
-    def warn(self, message: str) -> None:
+    def skip(self, message: str) -> None:
+        """Something could not be read and is missing from the snapshot (exit status 3)."""
+        self.stats.skipped += 1
         self.warn_cb(message)
 
     async def run(self) -> SaveResult:
@@ -257,7 +259,7 @@ class SaveSession:
         listings_send, listings_recv = trio.open_memory_channel[Listing | None](256)
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         walker = Walker(self.paths, self.repo, lambda l: trio.from_thread.run(listings_send.send, l),
-                        lambda m: trio.from_thread.run_sync(self.warn, m), self.stats)
+                        lambda m: trio.from_thread.run_sync(self.skip, m), self.stats)
 
         async def walk() -> None:
             async with listings_send:
@@ -323,10 +325,9 @@ class SaveSession:
 
     async def _job_done(self, job: FileJob, error: OSError | None) -> None:
         if error is not None:
-            self.stats.skipped += 1
             job.node.skipped.add(job.entry.name)
             self._link_failed.add(job.entry.link_id)
-            self.warn(f"cannot read '{os.fsdecode(job.path)}': {error.strerror or error}; skipped")
+            self.skip(f"cannot read '{os.fsdecode(job.path)}': {error.strerror or error}; skipped")
         if job.entry.link_id and job.primary:
             self._link_done[job.entry.link_id].set()
         await self._child_done(job.node)

@@ -177,9 +177,6 @@ def test_unreadable_files_are_skipped(local_repo: Rekkord, tmp_path: Path) -> No
     assert rsync_diff(src, dest2) == ""
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "save.py bug: Walker._scan_tree warns 'cannot list' for a directory it cannot read but does not "
-    "count it in stats.skipped, so the snapshot silently holds an empty directory and save exits 0"))
 def test_unreadable_directory_is_reported(local_repo: Rekkord, tmp_path: Path) -> None:
     """A directory that cannot be listed loses its contents: that is a partial save (exit 3)."""
     src = tmp_path / "src"

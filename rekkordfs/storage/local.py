@@ -64,6 +64,9 @@ def _retry_in_new_folder(final: str, link: Callable[[], None]) -> None:
         link()
 
 
+LAYOUT = ("tmp", "blobs", "tags", "packs", "index")
+
+
 class LocalStorage(Storage):
     conditional_writes = True
     remote = False
@@ -102,7 +105,8 @@ class LocalStorage(Storage):
                 if not os.path.isdir(self.root):
                     raise StorageError(f"'{self.root}' exists and is not a folder")
                 existing = set(os.listdir(self.root))
-                if existing and "rekkord" not in existing:
+                # our own folders alone are what an interrupted init leaves: finish it
+                if existing - {"rekkord", *LAYOUT}:
                     raise StorageError(f"folder '{self.root}' is not empty")
             os.makedirs(self._tmp, exist_ok=True)
             for prefix in range(256):

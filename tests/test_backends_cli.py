@@ -388,7 +388,7 @@ def test_sftp_password_prompted_on_a_terminal(sshd_server: OpenSSHServer, tmp_pa
 def test_secrets_never_shown(seaweedfs_server: SeaweedFS, sshd_server: OpenSSHServer, tmp_path: Path) -> None:
     """Neither in output nor errors nor the process command line (ps), for secrets
     from the config file or from the environment."""
-    src = _big_source(tmp_path / "src", files=6, size=2 << 20)
+    src = _big_source(tmp_path / "src", files=4, size=1 << 20)
     s3 = runner_for(tmp_path, seaweedfs_server.url(BUCKET, f"secret-{secrets.token_hex(4)}"),
                     {"S3": {"KeyID": seaweedfs_server.access_key}}, name="s3")
     s3.env["AWS_SECRET_ACCESS_KEY"] = seaweedfs_server.secret_key

@@ -166,9 +166,9 @@ def daemonize(config: Config, keys: Keyset, options: MountOptions) -> int:
         print(f"rekkord: error: {message or 'the mount process died before the mount was ready'}", file=sys.stderr)
         return 1
 
-    # child: detach from the terminal and the parent's session
+    # child: keeps the terminal until the mount is ready (a secret or host key
+    # may have to be asked for), then leaves the parent's session
     os.close(read_end)
-    os.setsid()
     reported = False
 
     def ready(error: str | None) -> None:
@@ -179,6 +179,7 @@ def daemonize(config: Config, keys: Keyset, options: MountOptions) -> int:
         os.write(write_end, b"ok\n" if error is None else error.encode())
         os.close(write_end)
         if error is None:
+            os.setsid()
             devnull = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(devnull, fd)

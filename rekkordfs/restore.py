@@ -128,7 +128,8 @@ class RestoreSession:
         self.plan = _Plan()
         self._links: dict[int, tuple[bytes, ...]] = {}
         self._walk_slots = trio.Semaphore(max(8, repo.threads * 4))
-        self._chunk_slots = trio.Semaphore(max(4, repo.threads * 3))
+        # chunks fetched at once: remote backends need many requests in flight
+        self._chunk_slots = trio.Semaphore(max(8, repo.threads * (8 if repo.storage.remote else 3)))
         self.workers = max(8, repo.threads * 4)
         self.dest_fd = -1
 

@@ -55,48 +55,61 @@ def plan(selected: list[str], tool: str) -> list[Row]:
     return [r for r in ROWS if r.name in need and (r.tools is None or tool in r.tools)]
 
 
-def run_pass(tool_name: str, selected: list[str], ds, work: Path, backends: dict[str, Backend],
-             verify: bool, keep: bool) -> dict[str, Result]:
-    home = work / "home" / tool_name
-    remove_tree(home)
-    remove_tree(work / "repos" / tool_name)
-    tool = TOOLS[tool_name](home)
-    ctx = Context(tool, ds, work, backends, verify)
-    results: dict[str, Result] = {}
-    order = plan(selected, tool_name)
+def run_pass(tools: list[str], selected: list[str], ds, work: Path, backends: dict[str, Backend],
+             verify: bool, keep: bool) -> dict[str, dict[str, Result]]:
+    """One pass over the selected rows, in lockstep: each row runs for every tool before
+    the next row starts, so a busy machine disturbs all tools alike rather than one."""
+    contexts: dict[str, Context] = {}
+    orders = {t: plan(selected, t) for t in tools}
+    results: dict[str, dict[str, Result]] = {t: {} for t in tools}
+    for t in tools:
+        home = work / "home" / t
+        remove_tree(home)
+        remove_tree(work / "repos" / t)
+        contexts[t] = Context(TOOLS[t](home), ds, work, backends, verify)
     try:
-        for i, row in enumerate(order):
-            missing = [r for r in row.requires if r in results and not results[r].ok]
-            if missing:
-                first = results[missing[0]]
-                status = "n/a" if first.status == "n/a" else "skipped"
-                results[row.name] = Result(status=status, note=f"needs {missing[0]} ({first.status})")
-            else:
-                load = loadavg()
-                try:
-                    results[row.name] = row.func(ctx)
-                    results[row.name].load = load
-                except NotAvailable as exc:
-                    results[row.name] = Result(status="n/a", note=str(exc))
-                except ToolFailure as exc:
-                    results[row.name] = Result(status="FAIL", note=str(exc))
-            res = results[row.name]
-            shown = f"{res.seconds:.2f} s" if res.ok else f"{res.status}: {res.note}"
-            extra = f"  {res.mbps:.0f} MB/s" if res.mbps else ""
-            if res.cpu is not None:
-                extra += f"  cpu {res.cpu:.2f} s"
-            if res.load is not None:
-                extra += f"  (load {res.load:.1f})"
-            log(f"  [{tool_name}] {row.name:<20} {shown}{extra}")
-            keep_mounts = {u for later in order[i + 1:] for u in later.uses}
-            ctx.release(keep_mounts)
+        for row in ROWS:
+            for t in tools:
+                order = orders[t]
+                if row not in order:
+                    continue
+                res = run_row(contexts[t], row, results[t])
+                results[t][row.name] = res
+                shown = f"{res.seconds:.2f} s" if res.ok else f"{res.status}: {res.note}"
+                extra = f"  {res.mbps:.0f} MB/s" if res.mbps else ""
+                if res.cpu is not None:
+                    extra += f"  cpu {res.cpu:.2f} s"
+                if res.load is not None:
+                    extra += f"  (load {res.load:.1f})"
+                log(f"  {row.name:<20} {t:<9} {shown}{extra}")
+                later = order[order.index(row) + 1:]
+                contexts[t].release({u for r in later for u in r.uses})
     finally:
-        ctx.close()
+        for t, ctx in contexts.items():
+            ctx.close()
+            if not keep:
+                remove_tree(work / "repos" / t)
+                remove_tree(work / "home" / t)
         if not keep:
             remove_tree(work / "restore")
-            remove_tree(work / "repos" / tool_name)
-            remove_tree(home)
     return results
+
+
+def run_row(ctx: Context, row: Row, done: dict[str, Result]) -> Result:
+    missing = [r for r in row.requires if r in done and not done[r].ok]
+    if missing:
+        first = done[missing[0]]
+        status = "n/a" if first.status == "n/a" else "skipped"
+        return Result(status=status, note=f"needs {missing[0]} ({first.status})")
+    load = loadavg()
+    try:
+        res = row.func(ctx)
+    except NotAvailable as exc:
+        return Result(status="n/a", note=str(exc))
+    except ToolFailure as exc:
+        return Result(status="FAIL", note=str(exc))
+    res.load = load
+    return res
 
 
 def best(results: list[Result]) -> Result:
@@ -240,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         for n in range(args.repeat):
+            order = tools[n % len(tools):] + tools[:n % len(tools)]  # who goes first rotates
+            log(f"pass {n + 1}/{args.repeat}: {', '.join(order)}")
+            results = run_pass(order, selected, ds, work, backends, args.verify, args.keep)
             for tool in tools:
-                log(f"pass {n + 1}/{args.repeat}: {tool}")
-                results = run_pass(tool, selected, ds, work, backends, args.verify, args.keep)
-                for name, res in results.items():
+                for name, res in results[tool].items():
                     runs[name].setdefault(tool, []).append(res)
     finally:
         for backend in backends.values():

@@ -107,17 +107,19 @@ class PackWriter:
 
     def _start(self) -> None:
         self.pack_id = crypto.random_bytes(PACK_ID_SIZE)
-        self.buffer = bytearray()
+        self.pieces: list[bytes | bytearray] = []  # joined once, when uploaded
+        self.size = 0
         self.entries: list[tuple[bytes, Location]] = []
 
     def add(self, blob_id: bytes, packed: bytes | bytearray) -> Location:
-        location = Location(self.pack_id, len(self.buffer), len(packed))
-        self.buffer += packed
+        location = Location(self.pack_id, self.size, len(packed))
+        self.pieces.append(packed)
+        self.size += len(packed)
         self.entries.append((blob_id, location))
         return location
 
     async def upload_full(self) -> None:
-        if len(self.buffer) >= PACK_TARGET:
+        if self.size >= PACK_TARGET:
             await self._upload()
 
     async def flush(self) -> None:
@@ -128,7 +130,7 @@ class PackWriter:
     async def _upload(self) -> None:
         if not self.entries:
             return
-        pack_id, buffer, entries = self.pack_id, self.buffer, self.entries
+        pack_id, buffer, entries = self.pack_id, b"".join(self.pieces), self.entries
         self._start()  # adds may go on while this pack uploads
         self._uploading += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle

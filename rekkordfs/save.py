@@ -11,6 +11,7 @@ in flight, whatever the size of the data.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -256,14 +257,20 @@ class SaveSession:
         started = time.monotonic()
         time_ns = time.time_ns()
         await self.repo.prepare_write()
-        listings_send, listings_recv = trio.open_memory_channel[Listing | None](256)
+        # The walker hands listings over without waiting for the loop (it only
+        # holds metadata, and is much faster than reading files anyway).
+        listings_send, listings_recv = trio.open_memory_channel[Listing | None](math.inf)
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
-        walker = Walker(self.paths, self.repo, lambda l: trio.from_thread.run(listings_send.send, l),
-                        lambda m: trio.from_thread.run_sync(self.skip, m), self.stats)
+        token = trio.lowlevel.current_trio_token()
+        walker = Walker(self.paths, self.repo, lambda l: token.run_sync_soon(listings_send.send_nowait, l),
+                        lambda m: token.run_sync_soon(self.skip, m), self.stats)
 
         async def walk() -> None:
-            async with listings_send:
+            try:
                 await trio.to_thread.run_sync(walker.run, self.root)
+            finally:
+                await trio.lowlevel.checkpoint()  # what the walker queued is delivered first
+                listings_send.close()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(walk)

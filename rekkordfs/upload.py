@@ -15,12 +15,14 @@ from typing import BinaryIO, Iterator
 
 import trio
 
+from .cache import KnownBlob
 from .chunker import Chunker
 from .format import BlobKind, ChunkRef
 from .repository import Repository
 
-# A chunk ready to store: (blob ID, plaintext size, sealed bytes or None when known)
-Prepared = tuple[bytes, int, "bytearray | None"]
+# A chunk ready to store: (blob ID, plaintext size, and either its sealed bytes
+# (new), where it is stored (known), or None (a twin earlier in the batch))
+Prepared = tuple[bytes, int, "bytearray | KnownBlob | None"]
 
 SMALL_FILE = 2 << 20  # files up to this size are read in one go
 READ_BATCH = 8 << 20  # bytes of chunks handed over per thread hop for large files
@@ -73,8 +75,9 @@ class Uploader:
         chunks: list[Prepared] = []
         for view in self.chunker.split(data):
             blob_id = codec.blob_id(BlobKind.CHUNK, view)
-            if blob_id in seen or repo.is_known(blob_id):
-                chunks.append((blob_id, len(view), None))
+            known = None if blob_id in seen else repo.known(blob_id)
+            if blob_id in seen or known is not None:
+                chunks.append((blob_id, len(view), known))
             else:
                 seen.add(blob_id)
                 chunks.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
@@ -82,17 +85,17 @@ class Uploader:
 
     async def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
         """Store the sealed chunks; refer to every chunk by where it is stored."""
-        sealed = [(blob_id, packed) for blob_id, _, packed in prepared if packed is not None]
+        sealed = [(blob_id, data) for blob_id, _, data in prepared if isinstance(data, bytearray)]
         if sealed:
             outcomes = await self.repo.store_chunks(sealed)
-            sizes = [size for _, size, packed in prepared if packed is not None]
+            sizes = [size for _, size, data in prepared if isinstance(data, bytearray)]
             for (_, packed), (_, was_new), size in zip(sealed, outcomes, sizes):
                 if was_new:
                     self.stats.bytes_new += size
                     self.stats.bytes_stored += len(packed)
         refs = []
-        for blob_id, size, _ in prepared:
-            known = self.repo.known(blob_id)
+        for blob_id, size, data in prepared:
+            known = data if isinstance(data, KnownBlob) else self.repo.known(blob_id)
             assert known is not None, "a chunk is referenced before it is stored"
             refs.append(ChunkRef(blob_id, size, known.location))
         return refs

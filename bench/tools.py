@@ -174,7 +174,7 @@ class Tool:
 
 class Rekkordfs(Tool):
     name = "rekkordfs"
-    settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench"
+    settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench; bytecode cached (PYTHONPYCACHEPREFIX)"
 
     @property
     def exe(self) -> str:
@@ -183,6 +183,12 @@ class Rekkordfs(Tool):
     def base_env(self) -> dict[str, str]:
         env = super().base_env()
         env["REKKORD_CACHE_DIR"] = str(self.home / "rekkord-cache")
+        # An installed rekkordfs has its bytecode compiled, as Debian's borg has; the
+        # editable install under PYTHONDONTWRITEBYTECODE=1 would recompile the project
+        # at every start. Keep the bytecode under the bench's work folder (WORK/pycache),
+        # never in the source tree.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
+        env["PYTHONPYCACHEPREFIX"] = str(self.home.parent.parent / "pycache")
         for name in ("REKKORD_CONFIG_FILE", "REKKORD_REPOSITORY", "REKKORD_KEYFILE"):
             env.pop(name, None)
         return env

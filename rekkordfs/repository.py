@@ -44,6 +44,7 @@ INDEX_PREFIX = "index/"
 PACKS_PREFIX = "packs/"
 PACK_TARGET = 8 << 20  # a pack is written once it holds this much
 PACK_BLOB_LIMIT = 256 << 10  # smaller sealed chunks go into packs
+PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
 
 
@@ -147,6 +148,48 @@ class PackWriter:
                 self._idle.set()
 
 
+def _check_length(blob_id: bytes, location: Location | None, raw: bytes) -> bytes:
+    if location is not None and len(raw) != location.length:
+        raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
+    return raw
+
+
+class PackReader:
+    """Whole packs of a remote repository, fetched once into a small LRU: reading
+    many small files costs one request per pack instead of one per file."""
+
+    def __init__(self, storage: Storage, limit: int = PACK_CACHE) -> None:
+        self.storage = storage
+        self.limit = limit
+        self._packs: dict[bytes, bytes] = {}  # insertion order = age
+        self._used = 0
+        self._loading: dict[bytes, trio.Event] = {}
+
+    async def read(self, location: Location) -> bytes:
+        while True:
+            pack = self._packs.get(location.pack)
+            if pack is not None:
+                self._packs[location.pack] = self._packs.pop(location.pack)  # now the youngest
+                return pack[location.offset:location.offset + location.length]
+            loading = self._loading.get(location.pack)
+            if loading is None:
+                break
+            await loading.wait()
+            if location.pack not in self._packs:
+                break  # that fetch failed: try (and fail) ourselves
+        event = self._loading[location.pack] = trio.Event()
+        try:
+            pack = await self.storage.get(pack_key(location.pack))
+        finally:
+            del self._loading[location.pack]
+            event.set()
+        self._packs[location.pack] = pack
+        self._used += len(pack)
+        while self._used > self.limit and len(self._packs) > 1:
+            self._used -= len(self._packs.pop(next(iter(self._packs))))
+        return pack[location.offset:location.offset + location.length]
+
+
 class Repository:
     """Open one with `async with Repository.connect(config, keys) as repo`."""
 
@@ -161,6 +204,7 @@ class Repository:
         self._known: dict[bytes, KnownBlob] = {}  # stored by this session
         self._cache: LocalCache | None = None
         self._packer = PackWriter(storage, self.codec, self._forget)
+        self._packs = PackReader(storage)
         self._zero_chunk_id: bytes | None = None
 
     # --- lifecycle -----------------------------------------------------------
@@ -343,13 +387,33 @@ class Repository:
         try:
             if location is None:
                 return await self.storage.get(object_key(blob_id))
-            raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
+            if self.storage.remote:
+                raw = await self._packs.read(location)
+            else:
+                raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
         except ObjectMissing:
             where = f" (pack {location.pack.hex()})" if location else ""
             raise ObjectMissing(f"blob {blob_id.hex()}{where} is missing from the repository") from None
-        if len(raw) != location.length:
-            raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
-        return raw
+        return _check_length(blob_id, location, raw)
+
+    async def read_raws(self, chunks: list[ChunkRef]) -> list[bytes]:
+        """The stored bytes of many chunks at once (a restore's small files)."""
+        if self.storage.remote or any(c.location is None for c in chunks):
+            results: list[bytes] = [b""] * len(chunks)
+
+            async def one(index: int, chunk: ChunkRef) -> None:
+                results[index] = await self.read_raw(chunk.id, chunk.location)
+
+            async with trio.open_nursery() as nursery:
+                for index, chunk in enumerate(chunks):
+                    nursery.start_soon(one, index, chunk)
+            return results
+        ranges = [(pack_key(c.location.pack), c.location.offset, c.location.length) for c in chunks if c.location]
+        try:
+            raws = await self.storage.get_ranges(ranges)
+        except ObjectMissing as exc:
+            raise ObjectMissing(f"a pack is missing from the repository: {exc.message}") from None
+        return [_check_length(c.id, c.location, raw) for c, raw in zip(chunks, raws)]
 
     async def read_blob(self, kind: BlobKind, blob_id: bytes) -> bytes | bytearray:
         self.keys.require(Capability.READ)

@@ -20,10 +20,13 @@ from typing import Callable
 import trio
 
 from .errors import CorruptedData, ObjectMissing, RestoreError
-from .format import ChunkRef, Entry, EntryKind
+from .format import BlobKind, ChunkRef, Entry, EntryKind
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
+from .upload import SMALL_FILE
 
+BATCH_FILES = 64  # small files restored per thread hop...
+BATCH_BYTES = 8 << 20  # ...up to this many bytes
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
 
@@ -50,6 +53,10 @@ class RestoreStats:
 class _FileJob:
     parts: tuple[bytes, ...]  # path below DEST, last part is the name
     entry: Entry
+    chunks: list[ChunkRef] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chunks = self.entry.chunks
 
 
 @dataclass
@@ -70,6 +77,16 @@ def _open_parent(dest_fd: int, parts: tuple[bytes, ...]) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _create_exclusive(dir_fd: int, name: bytes) -> int:
+    """Create name anew; whatever stood there (a file, a symlink) is removed first."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    except FileExistsError:
+        _clear(dir_fd, name, keep_dir=False)
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
 
 
 def _clear(dir_fd: int, name: bytes, keep_dir: bool) -> None:
@@ -131,6 +148,8 @@ class RestoreSession:
         # chunks fetched at once: remote backends need many requests in flight
         self._chunk_slots = trio.Semaphore(max(8, repo.threads * (8 if repo.storage.remote else 3)))
         self.workers = max(8, repo.threads * 4)
+        self._batch: list[_FileJob] = []  # small files waiting to be sent together
+        self._batch_bytes = 0
         self.dest_fd = -1
 
     # --- entry point -----------------------------------------------------------
@@ -163,7 +182,7 @@ class RestoreSession:
             self.dest_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             parts = (os.fsencode(name),)
         try:
-            send, recv = trio.open_memory_channel[_FileJob](self.workers * 2)
+            send, recv = trio.open_memory_channel[list[_FileJob]](self.workers * 2)
             async with trio.open_nursery() as nursery:
                 for _ in range(self.workers):
                     nursery.start_soon(self._worker, recv.clone())
@@ -173,6 +192,7 @@ class RestoreSession:
                         await self._restore_dir_contents(parts, self.target, send)
                     else:
                         await self._restore_entry(parts, self.target, send)
+                    await self._send_batch(send)
             await trio.to_thread.run_sync(self._finish)
         finally:
             os.close(self.dest_fd)
@@ -190,7 +210,7 @@ class RestoreSession:
     # --- tree walk -------------------------------------------------------------
 
     async def _restore_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
-                                    jobs: trio.MemorySendChannel[_FileJob]) -> None:
+                                    jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
         assert entry.dir_id is not None
         async with self._walk_slots:
             children = await self.repo.read_directory(entry.dir_id)
@@ -206,9 +226,10 @@ class RestoreSession:
                     nursery.start_soon(self._restore_dir_contents, child_parts, child, jobs)
                 else:
                     await self._restore_entry(child_parts, child, jobs)
+            await self._send_batch(jobs)
 
     async def _restore_entry(self, parts: tuple[bytes, ...], entry: Entry,
-                             jobs: trio.MemorySendChannel[_FileJob]) -> None:
+                             jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
         if entry.kind == EntryKind.FILE:
             if entry.link_id:
                 first = self._links.get(entry.link_id)
@@ -217,7 +238,14 @@ class RestoreSession:
                     return
                 self._links[entry.link_id] = parts
             self.stats.total_bytes += entry.size
-            await jobs.send(_FileJob(parts, entry))
+            job = _FileJob(parts, entry)
+            if entry.size > SMALL_FILE or len(job.chunks) > 1:
+                await jobs.send([job])
+                return
+            self._batch.append(job)  # small files go in batches, many per thread hop
+            self._batch_bytes += entry.size
+            if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+                await self._send_batch(jobs)
         else:
             await trio.to_thread.run_sync(self._make_special, parts, entry)
 
@@ -286,14 +314,65 @@ class RestoreSession:
 
     # --- files -----------------------------------------------------------------
 
-    async def _worker(self, jobs: trio.MemoryReceiveChannel[_FileJob]) -> None:
+    async def _send_batch(self, jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        if batch:
+            await jobs.send(batch)
+
+    async def _worker(self, jobs: trio.MemoryReceiveChannel[list[_FileJob]]) -> None:
         async with jobs:
-            async for job in jobs:
-                await self._restore_file(job)
+            async for batch in jobs:
+                if len(batch) == 1 and (batch[0].entry.size > SMALL_FILE or len(batch[0].chunks) > 1):
+                    await self._restore_file(batch[0])
+                else:
+                    await self._restore_small(batch)
+
+    async def _restore_small(self, batch: list[_FileJob]) -> None:
+        """Small files: fetch their chunks together, then write them all in one thread hop."""
+        wanted = [job.chunks[0] for job in batch if job.chunks and not self.repo.is_zero_chunk(job.chunks[0])]
+        try:
+            raws = await self.repo.read_raws(wanted)
+        except (CorruptedData, ObjectMissing) as exc:
+            raise type(exc)(f"restoring '{self._show(batch[0].parts)}' and nearby files: {exc.message}") from None
+        written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
+        self.stats.bytes_written += written
+        self.stats.files += len(batch)
+
+    def _write_small(self, batch: list[_FileJob], raws: dict[bytes, bytes]) -> int:
+        written = 0
+        parents: dict[tuple[bytes, ...], int] = {}  # a batch's files mostly share a folder
+        try:
+            for job in batch:
+                parent = parents.get(job.parts[:-1])
+                if parent is None:
+                    parent = parents[job.parts[:-1]] = _open_parent(self.dest_fd, job.parts)
+                written += self._write_one_small(job, raws, parent)
+        finally:
+            for fd in parents.values():
+                os.close(fd)
+        return written
+
+    def _write_one_small(self, job: _FileJob, raws: dict[bytes, bytes], parent: int) -> int:
+        data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
+        chunk = job.chunks[0] if job.chunks else None
+        if chunk is not None and chunk.id in raws:
+            try:
+                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, raws[chunk.id])
+            except CorruptedData as exc:
+                raise CorruptedData(f"'{self._show(job.parts)}': {exc.message}") from None
+            if len(data) != chunk.size or len(data) != job.entry.size:
+                raise CorruptedData(f"'{self._show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
+        fd = self._create_file(job.parts, parent)
+        try:
+            _pwrite_all(fd, data, 0)
+            self._finish_file(fd, job.entry, job.parts, len(data))
+        finally:
+            os.close(fd)
+        return len(data)
 
     async def _restore_file(self, job: _FileJob) -> None:
         entry = job.entry
-        chunks = entry.chunks
+        chunks = job.chunks
         total = sum(c.size for c in chunks)
         if total != entry.size:
             raise CorruptedData(f"'{self._show(job.parts)}': chunk sizes do not add up to the file size")
@@ -317,14 +396,16 @@ class RestoreSession:
             os.close(fd)
         self.stats.files += 1
 
-    def _create_file(self, parts: tuple[bytes, ...]) -> int:
-        dir_fd = _open_parent(self.dest_fd, parts)
+    def _create_file(self, parts: tuple[bytes, ...], dir_fd: int | None = None) -> int:
+        """A new empty file at parts (in dir_fd when the caller has its parent open)."""
+        own = dir_fd is None
+        if dir_fd is None:
+            dir_fd = _open_parent(self.dest_fd, parts)
         try:
-            _clear(dir_fd, parts[-1], keep_dir=False)
-            return os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                           0o600, dir_fd=dir_fd)
+            return _create_exclusive(dir_fd, parts[-1])
         finally:
-            os.close(dir_fd)
+            if own:
+                os.close(dir_fd)
 
     async def _write_chunk_slot(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
         try:
@@ -344,8 +425,9 @@ class RestoreSession:
         await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
         self.stats.bytes_written += len(data)
 
-    def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...]) -> None:
-        os.ftruncate(fd, entry.size)
+    def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...], written: int | None = None) -> None:
+        if written != entry.size:  # holes left for zero chunks, or a hole at the end
+            os.ftruncate(fd, entry.size)
         _apply_metadata(fd, entry, self._xattr_failed(parts))
 
     # --- after all files -------------------------------------------------------

@@ -63,6 +63,18 @@ class Storage(ABC):
         data = await self.get(key)
         return data[offset:offset + length]
 
+    async def get_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        """get_range() of each (key, offset, length), concurrently; results in order."""
+        results: list[bytes] = [b""] * len(ranges)
+
+        async def one(index: int, key: str, offset: int, length: int) -> None:
+            results[index] = await self.get_range(key, offset, length)
+
+        async with trio.open_nursery() as nursery:
+            for index, (key, offset, length) in enumerate(ranges):
+                nursery.start_soon(one, index, key, offset, length)
+        return results
+
     @abstractmethod
     async def exists(self, key: str) -> bool:
         ...

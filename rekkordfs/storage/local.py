@@ -175,13 +175,37 @@ class LocalStorage(Storage):
     async def get_range(self, key: str, offset: int, length: int) -> bytes:
         return await self._run(self._get_range_sync, key, offset, length)
 
-    def _get_range_sync(self, key: str, offset: int, length: int) -> bytes:
+    async def get_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        return await self._run(self._get_ranges_sync, ranges)
+
+    def _get_ranges_sync(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+        """Many ranges, mostly of a few packs: each file is opened once."""
+        fds: dict[str, int] = {}
         try:
-            fd = os.open(os.path.join(self.root, key), os.O_RDONLY | os.O_CLOEXEC)
+            results = []
+            for key, offset, length in ranges:
+                fd = fds.get(key)
+                if fd is None:
+                    fd = fds[key] = self._open_object(key)
+                try:
+                    results.append(os.pread(fd, length, offset))
+                except OSError as exc:
+                    raise self._error(exc, "read", key) from None
+            return results
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _open_object(self, key: str) -> int:
+        try:
+            return os.open(os.path.join(self.root, key), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectMissing(f"object '{key}' is missing from '{self.root}'") from None
         except OSError as exc:
             raise self._error(exc, "read", key) from None
+
+    def _get_range_sync(self, key: str, offset: int, length: int) -> bytes:
+        fd = self._open_object(key)
         try:
             return os.pread(fd, length, offset)
         except OSError as exc:

@@ -226,7 +226,10 @@ class BlobCache:
         blob_id = chunk.id
 
         async def fetch() -> bytes | bytearray:
-            data = await self._open(BlobKind.CHUNK, blob_id, chunk.location)
+            if self.disk is None:
+                data = await self.repo.read_chunk(chunk)
+            else:
+                data = await self._open(BlobKind.CHUNK, blob_id, chunk.location)
             self._chunks.put(blob_id, data)
             return data
 

@@ -115,7 +115,9 @@ class Operations(pyfuse3.Operations):
                 else:
                     self.view.forget(ino, count)
             except OSError:
-                pass  # forget cannot fail; a tree removed meanwhile has nothing to drop
+                pass  # a tree removed meanwhile has nothing to drop
+            except Exception:  # forget cannot report errors: never let one stop the mount
+                log.exception("internal error in forget")
 
     @_translate_errors
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
@@ -260,21 +262,21 @@ class Operations(pyfuse3.Operations):
         return await self.staging.write(handle, off, buf)
 
     @_translate_errors
-    async def flush(self, fh: int) -> None:
-        handle = self._files.get(fh)
-        if isinstance(handle, Handle) and self.staging is not None:
-            self.staging.flush(handle)
-
-    @_translate_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._files.get(fh)
         if isinstance(handle, Handle) and self.staging is not None:
             await self.staging.sync(handle)
 
+    # No flush handler: the kernel then stops sending FLUSH on every close();
+    # a staged file's new mtime is journaled on release (or fsync).
+
     async def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if isinstance(handle, Handle) and self.staging is not None:
-            self.staging.release(handle)
+            try:
+                self.staging.release(handle)
+            except Exception:  # release cannot report errors: never let one stop the mount
+                log.exception("internal error in release")
 
     # --- extended attributes and the filesystem ---------------------------------------------
 

@@ -422,8 +422,26 @@ class Repository:
 
     async def read_chunk(self, chunk: ChunkRef) -> bytes | bytearray:
         self.keys.require(Capability.READ)
+        read_blocking = self.storage.read_blocking
+        if read_blocking is not None:  # local disk: read and open in one thread hop
+            key, offset, length = self._chunk_range(chunk)
+
+            def read_and_open() -> bytes | bytearray:
+                try:
+                    raw = read_blocking(key, offset, length)
+                except ObjectMissing:
+                    raise ObjectMissing(f"blob {chunk.id.hex()} is missing from the repository") from None
+                return self.codec.unpack(BlobKind.CHUNK, chunk.id, _check_length(chunk.id, chunk.location, raw))
+
+            return await self.run_cpu(read_and_open)
         raw = await self.read_raw(chunk.id, chunk.location)
         return await self.run_cpu(self.codec.unpack, BlobKind.CHUNK, chunk.id, raw)
+
+    @staticmethod
+    def _chunk_range(chunk: ChunkRef) -> tuple[str, int | None, int | None]:
+        if chunk.location is None:
+            return object_key(chunk.id), None, None
+        return pack_key(chunk.location.pack), chunk.location.offset, chunk.location.length
 
     async def read_directory(self, dir_id: bytes) -> list[Entry]:
         raw = await self.read_blob(BlobKind.DIRECTORY, dir_id)

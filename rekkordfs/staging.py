@@ -166,6 +166,9 @@ class StagingTree:
         # Every transaction reaches the OS at once, which is what survives a killed
         # process; fsync() of a staged file also syncs the journal (sync()).
         self.db.execute("PRAGMA synchronous=OFF")
+        # keep the journal small: a full disk must still leave room for deletions
+        self.db.execute("PRAGMA wal_autocheckpoint=256")
+        self.db.execute(f"PRAGMA journal_size_limit={1 << 20}")
         self.db.executescript(SCHEMA)
         self.lookups: dict[int, int] = {}  # kernel references, for deferred deletion
         self.open_files: dict[int, int] = {}
@@ -756,11 +759,11 @@ class StagingTree:
     def flush(self, ino: int) -> None:
         """close()/fsync(): the file's new mtime goes into the journal."""
         if ino in self._touched:
-            self._touched.discard(ino)
             now = self.clock()
             with self._transaction():
                 self.db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, ino))
                 self._changed()
+            self._touched.discard(ino)
 
     def sync(self, ino: int | None = None) -> None:
         """fsync(): the file's data and the journal reach the disk."""

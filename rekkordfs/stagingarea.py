@@ -370,9 +370,6 @@ class StagingArea:
         handle.wrote = True
         return await handle.tree.write(handle.ino, offset, data)
 
-    def flush(self, handle: Handle) -> None:
-        handle.tree.flush(handle.ino)
-
     async def sync(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
         await trio.to_thread.run_sync(handle.tree.sync, handle.ino)
@@ -382,7 +379,13 @@ class StagingArea:
             await trio.to_thread.run_sync(tree.sync)
 
     def release(self, handle: Handle) -> None:
-        handle.tree.flush(handle.ino)
+        """The last close of a file: it cannot fail, so a full journal only delays
+        recording the new mtime (the next fsync, close or setattr records it)."""
+        try:
+            handle.tree.flush(handle.ino)
+        except OSError as exc:
+            log.warning("staging/%s: cannot journal the mtime of inode %d yet: %s",
+                        handle.tree.channel, handle.ino, exc.strerror)
         if handle.wrote:  # upload it in the background, so commit has less to do
             self._behind_send.send_nowait((handle.tree, handle.ino, handle.tree.version(handle.ino)))
         handle.tree.released(handle.ino)

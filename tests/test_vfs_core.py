@@ -639,14 +639,14 @@ def test_blob_cache_shares_one_fetch_between_concurrent_readers(saved: Saved) ->
             node = await view.lookup(root, b"random-3M.bin")
             chunk = node.entry.chunks[0]
             calls = []
-            original = repo.read_raw
+            original = repo.read_chunk
 
-            async def counting(blob_id, location=None):
-                calls.append(blob_id)
+            async def counting(ref):
+                calls.append(ref.id)
                 await trio.sleep(0.01)
-                return await original(blob_id, location)
+                return await original(ref)
 
-            repo.read_raw = counting
+            repo.read_chunk = counting
             values = []
 
             async def fetch() -> None:

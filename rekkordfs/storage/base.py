@@ -13,6 +13,7 @@ contract, checked by tests/test_storage_conformance.py for every backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import trio
 
@@ -25,6 +26,10 @@ class Storage(ABC):
     #: False for backends where reading is as cheap as a local disk cache
     #: (the mount then keeps no on-disk copy of fetched blobs).
     remote: bool = True
+    #: Backends whose reads are plain blocking syscalls offer them here as
+    #: read_blocking(key, offset=None, length=None), to be called from a worker
+    #: thread (the caller saves a thread hop); None for the others.
+    read_blocking: Callable[[str, int | None, int | None], bytes] | None = None
 
     @property
     @abstractmethod

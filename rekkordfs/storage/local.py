@@ -175,6 +175,11 @@ class LocalStorage(Storage):
     async def get_range(self, key: str, offset: int, length: int) -> bytes:
         return await self._run(self._get_range_sync, key, offset, length)
 
+    def read_blocking(self, key: str, offset: int | None = None, length: int | None = None) -> bytes:
+        if offset is None or length is None:
+            return self.get_sync(key)
+        return self._get_range_sync(key, offset, length)
+
     async def get_ranges(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         return await self._run(self._get_ranges_sync, ranges)
 

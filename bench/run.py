@@ -263,13 +263,21 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends.values():
             backend.stop()
 
+    if "rekkordfs" in tools:
+        final = TOOLS["rekkordfs"](Path("/tmp")).version()
+        if final != meta["versions"]["rekkordfs"]:
+            meta["versions_at_end"] = {"rekkordfs": final}
+            log(f"warning: rekkordfs changed during the run: {meta['versions']['rekkordfs']} -> {final}")
     shown = [r for r in ROWS if r.name in selected]
     table = {name: {t: best(rs) for t, rs in per_tool.items()} for name, per_tool in runs.items()}
     text, notes = render(shown, table, tools)
     print()
     print(f"rekkordfs bench: {ds.tree_files} files / {ds.tree_bytes / 1e6:.0f} MB tree, "
           f"{ds.big_bytes / 2**30:.0f} GiB random file; best of {args.repeat}; "
-          f"{os.cpu_count()} CPUs; {time.monotonic() - started:.0f} s")
+          f"{os.cpu_count()} CPUs; {time.monotonic() - started:.0f} s; {'; '.join(meta['versions'].values())}")
+    if "versions_at_end" in meta:
+        print(f"warning: rekkordfs changed during the run (now {meta['versions_at_end']['rekkordfs']}): "
+              f"rows may mix versions")
     print(text)
     print("time: wall seconds; MB/s: logical MB (10^6 bytes) / wall; CPU: user+system seconds; "
           "RSS: peak resident set; (mount rows: CPU and RSS of the mount daemon); "

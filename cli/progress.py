@@ -7,8 +7,6 @@ from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 import trio
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
 
 @asynccontextmanager
@@ -17,6 +15,10 @@ async def progress_bar(label: str, poll: Callable[[], tuple[float, float, str]])
     if not sys.stderr.isatty():
         yield
         return
+    # imported here: rich takes a while to load and scripts never need it
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
     progress = Progress(
         TextColumn(f"[bold]{label}"),
         BarColumn(),

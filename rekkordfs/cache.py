@@ -94,6 +94,18 @@ class LocalCache:
             return None
         return KnownBlob(Location(row[0], row[1], row[2]) if row[0] is not None else None)
 
+    def lookup_blobs(self, blob_ids: list[bytes]) -> dict[bytes, KnownBlob]:
+        """lookup_blob() of many IDs in a few queries; unknown IDs are absent."""
+        found: dict[bytes, KnownBlob] = {}
+        for start in range(0, len(blob_ids), 500):
+            part = blob_ids[start:start + 500]
+            query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
+            with self._lock:
+                rows = self._db.execute(query, part).fetchall()
+            for blob_id, pack, offset, length in rows:
+                found[blob_id] = KnownBlob(Location(pack, offset, length) if pack is not None else None)
+        return found
+
     def add_blobs(self, items: Iterable[tuple[bytes, Location | None]]) -> None:
         rows = ((i, l.pack, l.offset, l.length) if l else (i, None, None, None) for i, l in items)
         with self._lock:

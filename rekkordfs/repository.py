@@ -275,6 +275,14 @@ class Repository:
         found = self._known.get(blob_id)
         return found if found is not None else self.cache.lookup_blob(blob_id)
 
+    def known_many(self, blob_ids: list[bytes]) -> dict[bytes, KnownBlob]:
+        """known() of many blobs at once (thread-safe); unknown ones are absent."""
+        found = {i: self._known[i] for i in blob_ids if i in self._known}
+        rest = [i for i in blob_ids if i not in found]
+        if rest:
+            found.update(self.cache.lookup_blobs(rest))
+        return found
+
     def is_known(self, blob_id: bytes) -> bool:
         return self.known(blob_id) is not None
 

@@ -363,17 +363,17 @@ class SaveSession:
             await self._job_done(job, None)
 
     def _prepare_batch(self, batch: list[FileJob]) -> list:
-        seen: set[bytes] = set()
-        outcomes: list = []
+        """Thread side: read the files, then chunk, hash and seal them all at once."""
+        reads: list = []
         for job in batch:
             try:
                 with open_regular(job.path) as handle:
-                    data = handle.read()
-                    unchanged = self._unchanged(handle, job.key)
-                outcomes.append((len(data), self.uploader.prepare(data, seen), unchanged))
+                    reads.append((handle.read(), self._unchanged(handle, job.key)))
             except OSError as exc:
-                outcomes.append(exc)
-        return outcomes
+                reads.append(exc)
+        contents = [read[0] for read in reads if not isinstance(read, OSError)]
+        prepared = iter(self.uploader.prepare_many(contents, set()))
+        return [read if isinstance(read, OSError) else (len(read[0]), next(prepared), read[1]) for read in reads]
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)

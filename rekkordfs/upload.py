@@ -71,17 +71,25 @@ class Uploader:
 
     def prepare(self, data: bytes, seen: set[bytes]) -> list[Prepared]:
         """Thread side: chunk, hash, and seal the chunks not known yet."""
-        codec, repo = self.repo.codec, self.repo
-        chunks: list[Prepared] = []
-        for view in self.chunker.split(data):
-            blob_id = codec.blob_id(BlobKind.CHUNK, view)
-            known = None if blob_id in seen else repo.known(blob_id)
-            if blob_id in seen or known is not None:
-                chunks.append((blob_id, len(view), known))
-            else:
-                seen.add(blob_id)
-                chunks.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
-        return chunks
+        return self.prepare_many([data], seen)[0]
+
+    def prepare_many(self, datas: list[bytes], seen: set[bytes]) -> list[list[Prepared]]:
+        """prepare() of several files' content, with one known-blob lookup for all."""
+        codec = self.repo.codec
+        pieces = [[(codec.blob_id(BlobKind.CHUNK, view), view) for view in self.chunker.split(data)]
+                  for data in datas]
+        known = self.repo.known_many([blob_id for chunks in pieces for blob_id, _ in chunks])
+        prepared: list[list[Prepared]] = []
+        for chunks in pieces:
+            out: list[Prepared] = []
+            for blob_id, view in chunks:
+                if blob_id in seen or blob_id in known:
+                    out.append((blob_id, len(view), known.get(blob_id)))
+                else:
+                    seen.add(blob_id)
+                    out.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
+            prepared.append(out)
+        return prepared
 
     async def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
         """Store the sealed chunks; refer to every chunk by where it is stored."""

@@ -16,14 +16,11 @@ from typing import Any, Awaitable, Callable, TypeVar
 import pyfuse3
 
 from .format import EntryKind
-from .stagingarea import Handle, StagingArea
+from .stagingarea import STAGING_TIMEOUT, Handle, StagingArea
 from .vfs import IO_BLOCK_SIZE, Attr, FileReader, SnapshotView
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
-IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
-MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest, staging/
 
 
 def _translate_errors(handler: F) -> F:
@@ -46,9 +43,8 @@ def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
     out = pyfuse3.EntryAttributes()
     out.st_ino = attr.ino
     out.generation = 0
-    timeout = IMMUTABLE_TIMEOUT if attr.immutable else MUTABLE_TIMEOUT
-    out.entry_timeout = timeout
-    out.attr_timeout = timeout
+    out.entry_timeout = attr.timeout
+    out.attr_timeout = attr.timeout
     out.st_mode = attr.mode
     out.st_nlink = attr.nlink
     out.st_uid = attr.uid
@@ -60,6 +56,14 @@ def entry_attributes(attr: Attr) -> pyfuse3.EntryAttributes:
     out.st_atime_ns = attr.atime_ns
     out.st_mtime_ns = attr.mtime_ns
     out.st_ctime_ns = attr.ctime_ns
+    return out
+
+
+def _negative_entry() -> pyfuse3.EntryAttributes:
+    """'No such entry', cached by the kernel: every creation goes through it anyway."""
+    out = pyfuse3.EntryAttributes()
+    out.st_ino = 0
+    out.entry_timeout = STAGING_TIMEOUT
     return out
 
 
@@ -102,7 +106,10 @@ class Operations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
         staging = self._staged(parent_inode)
         if staging is not None:
-            return entry_attributes(await staging.lookup(parent_inode, name))
+            try:
+                return entry_attributes(await staging.lookup(parent_inode, name))
+            except FileNotFoundError:
+                return _negative_entry()  # the kernel remembers the miss (rsync looks twice)
         node = await self.view.lookup(parent_inode, name)
         return entry_attributes(node.attr)
 

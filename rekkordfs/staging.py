@@ -158,6 +158,7 @@ class StagingTree:
         self.blobs = blobs  # None: the key cannot read stored data (WriteOnly)
         self.clock = clock
         self.data_dir = folder / "data"
+        self._data_prefix = os.fsdecode(self.data_dir) + "/"
         self.frozen_dir = folder / "frozen"
         for path in (folder, self.data_dir, self.frozen_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -206,7 +207,7 @@ class StagingTree:
         self._inodes.clear()
         doomed, self._doomed = self._doomed, []
         for ino in doomed:
-            self.data_path(ino).unlink(missing_ok=True)
+            _unlink(self.data_path(ino))
             self.uploads.pop(ino, None)
             self.versions.pop(ino, None)
             self._chunk_lists.pop(ino, None)
@@ -319,7 +320,7 @@ class StagingTree:
     def size_of(self, node: Inode) -> int:
         if node.kind == EntryKind.FILE and node.local:
             try:
-                return os.stat(self.data_dir / str(node.ino)).st_size
+                return os.stat(self.data_path(node.ino)).st_size
             except FileNotFoundError:
                 return 0
         return node.size
@@ -653,8 +654,8 @@ class StagingTree:
 
     # --- file content ----------------------------------------------------------------------
 
-    def data_path(self, ino: int) -> Path:
-        return self.data_dir / str(ino)
+    def data_path(self, ino: int) -> str:
+        return self._data_prefix + str(ino)  # on every write and stat: no pathlib
 
     async def make_local(self, ino: int, keep_content: bool = True) -> None:
         """Give a stored file a local copy before it is modified (copy-up)."""
@@ -880,7 +881,7 @@ class StagingTree:
             self._set_meta("dirty", 0 if clean else 1)
             self._dirty = not clean
         for ino in clean_files:
-            self.data_path(ino).unlink(missing_ok=True)
+            _unlink(self.data_path(ino))
             self.uploads.pop(ino, None)
         for ino, chunks in contents.items():  # still local: the next commit reuses this upload
             if ino not in clean_files and self.versions.get(ino, 0) == capture.versions.get(ino):
@@ -947,6 +948,13 @@ def _journal(execute: Callable[..., object], *args: object) -> object:
         return execute(*args)
     except sqlite3.Error as exc:
         raise _journal_error(exc) from None
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _reachable(children: dict[int, list[tuple[bytes, int]]]) -> set[int]:

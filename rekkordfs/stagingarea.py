@@ -32,7 +32,7 @@ from .keys import Capability
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree
 from .upload import SMALL_FILE, Uploader, open_regular
-from .vfs import STAGING_INO, Attr, Node, NodeKind, SnapshotView
+from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,9 @@ CONTROL_CHANNEL = b"user.rekkord.channel"  # get: the channel name (is this a st
 CONTROL_COMMIT = b"user.rekkord.commit"  # set to a token: commit; get CONTROL_COMMIT + b"." + token: result
 
 
+# Every change to a staging tree goes through the kernel, which updates its
+# caches itself: they may keep entries and attributes for a while.
+STAGING_TIMEOUT = 30.0
 BATCH_FILES = 64  # write-behind of small files: per thread hop, at most this many...
 BATCH_BYTES = 8 << 20  # ...and this many bytes
 
@@ -78,7 +81,7 @@ class StagingArea:
         # closed files waiting for write-behind (few bytes each: the queue may grow)
         self._behind_send, self._behind_recv = trio.open_memory_channel[Closed](math.inf)
         self.root_attr = Attr(STAGING_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0,
-                              view.started_ns, view.started_ns, view.started_ns, immutable=False)
+                              view.started_ns, view.started_ns, view.started_ns, timeout=MUTABLE_TIMEOUT)
         view.extra_root[b"staging"] = self.root_node
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -112,7 +115,7 @@ class StagingArea:
         now = tree.clock()
         return Attr(self._global(tree, node.ino), node.full_mode, node.nlink, node.uid, node.gid,
                     tree.size_of(node), node.atime_ns, now if touched else node.mtime_ns,
-                    now if touched else node.ctime_ns, node.rdev, immutable=False)
+                    now if touched else node.ctime_ns, node.rdev, timeout=STAGING_TIMEOUT)
 
     # --- the channels ----------------------------------------------------------------
 

@@ -45,6 +45,8 @@ IDS_INO = 3
 STAGING_INO = 4
 FIRST_DYNAMIC_INO = 1 << 20
 IO_BLOCK_SIZE = 1 << 20
+IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
+MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest: new snapshots appear
 PREFETCH_CHUNKS = 8
 LATEST = b"latest"
 
@@ -68,7 +70,7 @@ class Attr:
     mtime_ns: int = 0
     ctime_ns: int = 0
     rdev: int = 0
-    immutable: bool = True  # kernel may cache it for long
+    timeout: float = IMMUTABLE_TIMEOUT  # how long the kernel may keep it
 
     @property
     def blocks(self) -> int:
@@ -161,7 +163,7 @@ class SnapshotView:
     def _virtual_attr(self, ino: int, mode: int = stat.S_IFDIR | 0o755, time_ns: int | None = None) -> Attr:
         moment = self.started_ns if time_ns is None else time_ns
         return Attr(ino, mode, 2 if stat.S_ISDIR(mode) else 1, self.uid, self.gid, 0, moment, moment, moment,
-                    immutable=False)
+                    timeout=MUTABLE_TIMEOUT)
 
     def _add_permanent(self, ino: int) -> Node:
         node = Node(ino, NodeKind.VIRTUAL_DIR, self._virtual_attr(ino), permanent=True)
@@ -257,7 +259,7 @@ class SnapshotView:
                         root.ctime_ns)
         mode = stat.S_IFDIR | (0o755 if self.can_read else 0o000)
         return Attr(ino, mode, 2, self.uid, self.gid, 0, tag.time_ns, tag.time_ns, tag.time_ns,
-                    immutable=loaded is not None)
+                    timeout=IMMUTABLE_TIMEOUT if loaded is not None else MUTABLE_TIMEOUT)
 
     def _tree_attr(self, ino: int, entry: Entry) -> Attr:
         nlink = entry.nlink if entry.link_id else (2 if entry.kind == EntryKind.DIRECTORY else 1)

@@ -34,11 +34,8 @@ class CommitResult:
 
 def is_durable(repo: Repository, chunks: list[ChunkRef]) -> bool:
     """Every chunk is stored where the reference says (a failed pack is forgotten)."""
-    for chunk in chunks:
-        known = repo.known(chunk.id)
-        if known is None or known.location != chunk.location:
-            return False
-    return True
+    known = repo.known_many([chunk.id for chunk in chunks])
+    return all(chunk.id in known and known[chunk.id].location == chunk.location for chunk in chunks)
 
 
 class Committer:
@@ -49,7 +46,7 @@ class Committer:
         self.files = 0
         self.size = 0
         self.bytes_stored = 0
-
+        self.garbage: list[str] = []  # data files of committed files, to delete
     async def run(self) -> CommitResult:
         """Commit; the uploader's statistics (write-behind included) are this commit's."""
         started = time.monotonic()
@@ -63,7 +60,7 @@ class Committer:
             # Write-behind chunks may sit in packs other tasks are uploading: wait
             # for them, and make sure none of those uploads failed.
             await self.repo.flush_packs()
-            if not all(is_durable(self.repo, chunks) for chunks in contents.values()):
+            if not is_durable(self.repo, [c for chunks in contents.values() for c in chunks]):
                 raise StorageError("some staged data failed to upload; commit again")
             root = capture.inodes[ROOT].entry(b"")
             snapshot = Snapshot(self.tree.channel, time_ns, root_id, self.size, 0, self.files,
@@ -73,7 +70,7 @@ class Committer:
         except BaseException:
             self.tree.release_capture(capture)
             raise
-        self.tree.committed(capture, tag.snapshot_id, snapshot, contents, link_ids)
+        self.garbage = self.tree.committed(capture, tag.snapshot_id, snapshot, contents, link_ids)
         await trio.to_thread.run_sync(self.repo.cache.add_blobs, self.repo.session_blobs())
         result = CommitResult(tag, snapshot, self.files, self.size, self.uploader.stats.bytes_new,
                               snapshot.stored, time.monotonic() - started)

@@ -864,29 +864,33 @@ class StagingTree:
             link.unlink(missing_ok=True)
 
     def committed(self, capture: Capture, snapshot_id: bytes, snapshot: Snapshot,
-                  contents: dict[int, list[ChunkRef]], link_ids: dict[int, int]) -> None:
-        """After a successful commit: what it stored becomes the new base."""
+                  contents: dict[int, list[ChunkRef]], link_ids: dict[int, int]) -> list[str]:
+        """After a successful commit: what it stored becomes the new base.
+
+        Returns the data files no longer needed, for the caller to delete
+        (off the event loop; a crash before that leaves them to _recover)."""
         clean_files = [ino for ino in contents
                        if self.versions.get(ino, 0) == capture.versions.get(ino) and not self.open_files.get(ino)]
         with self._transaction():
-            for ino in clean_files:  # others were written again since, or may still be: they stay local
-                chunks = contents[ino]
-                self.db.execute("UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local = 1",
-                                (encode_chunks(chunks), sum(c.size for c in chunks), ino))
-            for ino, link_id in link_ids.items():
-                self.db.execute("UPDATE inodes SET link_id = ? WHERE ino = ?", (link_id, ino))
+            # others were written again since, or may still be: they stay local
+            self.db.executemany(
+                "UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local = 1",
+                [(encode_chunks(contents[ino]), sum(c.size for c in contents[ino]), ino) for ino in clean_files])
+            self.db.executemany("UPDATE inodes SET link_id = ? WHERE ino = ?",
+                                [(link_id, ino) for ino, link_id in link_ids.items()])
             self._set_meta("base", snapshot_id)
             self._set_meta("max_link_id", snapshot.max_link_id)
             clean = self.sequence == capture.sequence
             self._set_meta("dirty", 0 if clean else 1)
             self._dirty = not clean
         for ino in clean_files:
-            _unlink(self.data_path(ino))
             self.uploads.pop(ino, None)
-        for ino, chunks in contents.items():  # still local: the next commit reuses this upload
-            if ino not in clean_files and self.versions.get(ino, 0) == capture.versions.get(ino):
-                self.uploads[ino] = _Upload(capture.versions[ino], chunks)
+        kept = set(contents) - set(clean_files)
+        for ino in kept:  # still local: the next commit reuses this upload
+            if self.versions.get(ino, 0) == capture.versions.get(ino):
+                self.uploads[ino] = _Upload(capture.versions[ino], contents[ino])
         self.release_capture(capture)
+        return [self.data_path(ino) for ino in clean_files]
 
     def iter_local_files(self) -> Iterator[int]:
         for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local = 1 AND kind = ?", (EntryKind.FILE,)):
@@ -948,6 +952,11 @@ def _journal(execute: Callable[..., object], *args: object) -> object:
         return execute(*args)
     except sqlite3.Error as exc:
         raise _journal_error(exc) from None
+
+
+def remove_files(paths: list[str]) -> None:
+    for path in paths:
+        _unlink(path)
 
 
 def _unlink(path: str) -> None:

@@ -30,7 +30,7 @@ from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .keys import Capability
 from .repository import Repository
-from .staging import ROOT, Inode, StagingTree
+from .staging import ROOT, Inode, StagingTree, remove_files
 from .upload import SMALL_FILE, Uploader, open_regular
 from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
@@ -74,6 +74,7 @@ class StagingArea:
         self._slots: dict[str, int] = {}
         self._by_slot: dict[int, StagingTree] = {}
         self._next_slot = 0
+        self._nursery: trio.Nursery | None = None
         self._learned = False  # prepare_write() done once write-behind starts
         self._learning = trio.Lock()
         self._locks: dict[str, trio.Lock] = {}
@@ -85,8 +86,13 @@ class StagingArea:
         view.extra_root[b"staging"] = self.root_node
 
     def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
         for _ in range(max(1, self.repo.threads)):
             nursery.start_soon(self._upload_behind)
+
+    def _background(self, fn, *args) -> None:
+        if self._nursery is not None:
+            self._nursery.start_soon(fn, *args)
 
     def close(self) -> None:
         for tree in self.trees.values():
@@ -340,7 +346,10 @@ class StagingArea:
         async with lock:
             tree = await self.tree(channel)
             await self._learn_stored(again=True)
-            result = await Committer(self.repo, tree, self.uploaders[channel]).run()
+            committer = Committer(self.repo, tree, self.uploaders[channel])
+            result = await committer.run()
+        if committer.garbage:  # deleting thousands of files need not delay the reply
+            self._background(trio.to_thread.run_sync, remove_files, committer.garbage)
         log.info("committed staging/%s as snapshot %s", channel, result.tag.id_hex)
         await self.view.refresh(force=True)
         return result

@@ -237,8 +237,11 @@ class BlobCache:
 
     async def directory(self, dir_id: bytes) -> DirectoryListing:
         async def fetch() -> DirectoryListing:
-            raw = await self._open(BlobKind.DIRECTORY, dir_id)
-            listing = DirectoryListing(await self.repo.run_cpu(decode_directory, raw))
+            if self.disk is None:
+                entries = await self.repo.read_directory(dir_id)
+            else:
+                entries = await self.repo.run_cpu(decode_directory, await self._open(BlobKind.DIRECTORY, dir_id))
+            listing = DirectoryListing(entries)
             self._dirs.put(dir_id, listing)
             return listing
 

@@ -423,38 +423,45 @@ class Repository:
             raise ObjectMissing(f"a pack is missing from the repository: {exc.message}") from None
         return [_check_length(c.id, c.location, raw) for c, raw in zip(chunks, raws)]
 
-    async def read_blob(self, kind: BlobKind, blob_id: bytes) -> bytes | bytearray:
+    async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location | None = None,
+                         then: Callable[[bytes | bytearray], T] | None = None) -> T | bytes | bytearray:
+        """Read, authenticate and decompress a blob (and give it to `then`, in the
+        same worker thread). On a local disk the read happens in that thread too."""
         self.keys.require(Capability.READ)
-        raw = await self.read_raw(blob_id)
-        return await self.run_cpu(self.codec.unpack, kind, blob_id, raw)
 
-    async def read_chunk(self, chunk: ChunkRef) -> bytes | bytearray:
-        self.keys.require(Capability.READ)
+        def finish(raw: bytes) -> T | bytes | bytearray:
+            data = self.codec.unpack(kind, blob_id, _check_length(blob_id, location, raw))
+            return then(data) if then is not None else data
+
         read_blocking = self.storage.read_blocking
-        if read_blocking is not None:  # local disk: read and open in one thread hop
-            key, offset, length = self._chunk_range(chunk)
+        if read_blocking is None:
+            return await self.run_cpu(finish, await self.read_raw(blob_id, location))
+        key, offset, length = self._blob_range(blob_id, location)
 
-            def read_and_open() -> bytes | bytearray:
-                try:
-                    raw = read_blocking(key, offset, length)
-                except ObjectMissing:
-                    raise ObjectMissing(f"blob {chunk.id.hex()} is missing from the repository") from None
-                return self.codec.unpack(BlobKind.CHUNK, chunk.id, _check_length(chunk.id, chunk.location, raw))
+        def read_and_finish() -> T | bytes | bytearray:
+            try:
+                raw = read_blocking(key, offset, length)
+            except ObjectMissing:
+                raise ObjectMissing(f"blob {blob_id.hex()} is missing from the repository") from None
+            return finish(raw)
 
-            return await self.run_cpu(read_and_open)
-        raw = await self.read_raw(chunk.id, chunk.location)
-        return await self.run_cpu(self.codec.unpack, BlobKind.CHUNK, chunk.id, raw)
+        return await self.run_cpu(read_and_finish)
 
     @staticmethod
-    def _chunk_range(chunk: ChunkRef) -> tuple[str, int | None, int | None]:
-        if chunk.location is None:
-            return object_key(chunk.id), None, None
-        return pack_key(chunk.location.pack), chunk.location.offset, chunk.location.length
+    def _blob_range(blob_id: bytes, location: Location | None) -> tuple[str, int | None, int | None]:
+        if location is None:
+            return object_key(blob_id), None, None
+        return pack_key(location.pack), location.offset, location.length
+
+    async def read_blob(self, kind: BlobKind, blob_id: bytes) -> bytes | bytearray:
+        return await self._open_blob(kind, blob_id)
+
+    async def read_chunk(self, chunk: ChunkRef) -> bytes | bytearray:
+        return await self._open_blob(BlobKind.CHUNK, chunk.id, chunk.location)
 
     async def read_directory(self, dir_id: bytes) -> list[Entry]:
-        raw = await self.read_blob(BlobKind.DIRECTORY, dir_id)
         try:
-            return await self.run_cpu(decode_directory, raw)
+            return await self._open_blob(BlobKind.DIRECTORY, dir_id, then=decode_directory)
         except CorruptedData as exc:
             raise CorruptedData(f"directory {dir_id.hex()}: {exc.message}") from None
 

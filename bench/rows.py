@@ -349,7 +349,7 @@ def _stage(ctx: Context, origin: Path, channel: str, files: int, size: int, new_
     runs.append(run(["rsync", "-a", "--delete", f"{origin}/", f"{staging}/"]).check("rsync into staging"))
     daemon_mid = proc_cpu(m.pid)
     repo = ctx.repos[key]
-    runs.append(run([ctx.tool.exe, "-R", repo.url, "-K", str(repo.key), "commit", str(staging)],
+    runs.append(run([*ctx.tool.exe, "-R", repo.url, "-K", str(repo.key), "commit", str(staging)],
                     env=ctx.tool.env(repo)).check("rekkord commit"))
     daemon_after = proc_cpu(m.pid)
     seconds = sum(r.seconds for r in runs)
@@ -376,7 +376,7 @@ def _mount_empty(ctx: Context, repo: Repo, mnt: Path) -> Mount:
 
     mnt.mkdir(parents=True, exist_ok=True)
     tool = ctx.tool
-    r = run([tool.exe, "-R", repo.url, "-K", str(repo.key), "mount", str(mnt)], env=tool.env(repo))
+    r = run([*tool.exe, "-R", repo.url, "-K", str(repo.key), "mount", str(mnt)], env=tool.env(repo))
     if r.rc != 0:
         unmount(mnt)
         raise NotAvailable(f"rekkord mount failed: {(r.stderr.strip() or 'exit %d' % r.rc).splitlines()[-1]}")

@@ -203,6 +203,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", type=Path, help="also write every figure to FILE")
     p.add_argument("--verify", action="store_true",
                    help="also compare every restored tree and the mounted tree byte for byte (untimed)")
+    p.add_argument("--rekkordfs-rev", metavar="REV",
+                   help="bench rekkordfs as committed at REV (e.g. HEAD), from a copy under DIR/work, "
+                        "instead of the work tree (which others may change during a long run)")
     p.add_argument("--keep", action="store_true", help="keep repositories and caches under DIR/work")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     return p.parse_args(argv)
@@ -235,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ds = generate(root / "data", Params(seed=args.seed), log=log)
     work.mkdir(parents=True, exist_ok=True)
     _clear_stale_mounts(work)
+    if args.rekkordfs_rev:
+        log(f"rekkordfs from {args.rekkordfs_rev}: {TOOLS['rekkordfs'].freeze(args.rekkordfs_rev, work)}")
 
     needed_backends = {by_name[r].backend for t in tools for r in map(lambda x: x.name, plan(selected, t))}
     backends: dict[str, Backend] = {}
@@ -263,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         for backend in backends.values():
             backend.stop()
 
-    if "rekkordfs" in tools:
+    if "rekkordfs" in tools and not args.rekkordfs_rev:
         final = TOOLS["rekkordfs"](Path("/tmp")).version()
         if final != meta["versions"]["rekkordfs"]:
             meta["versions_at_end"] = {"rekkordfs": final}

@@ -176,9 +176,30 @@ class Rekkordfs(Tool):
     name = "rekkordfs"
     settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench; bytecode cached (PYTHONPYCACHEPREFIX)"
 
+    #: set by --rekkordfs-rev: a frozen copy of rekkordfs/ and cli/ at that commit, run with
+    #: the project venv (so the code cannot change under a long run); None: the work tree
+    frozen: tuple[Path, str] | None = None
+
     @property
-    def exe(self) -> str:
-        return str(REPO_ROOT / ".venv" / "bin" / "rekkord")
+    def exe(self) -> list[str]:
+        if self.frozen is not None:
+            return [str(REPO_ROOT / ".venv" / "bin" / "python"), "-P", "-m", "cli.main"]  # -P: not the cwd
+        return [str(REPO_ROOT / ".venv" / "bin" / "rekkord")]
+
+    @classmethod
+    def freeze(cls, rev: str, work: Path) -> str:
+        """Extracts rekkordfs/ and cli/ at REV under WORK; later commands run that copy."""
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", rev],
+                             capture_output=True, text=True, check=True).stdout.strip()
+        dest = work / f"rekkordfs-{sha}"
+        if not (dest / "cli" / "main.py").exists():
+            remove_tree(dest)
+            dest.mkdir(parents=True)
+            archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", sha, "rekkordfs", "cli"],
+                                     capture_output=True, check=True).stdout
+            subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+        cls.frozen = (dest, sha)
+        return sha
 
     def base_env(self) -> dict[str, str]:
         env = super().base_env()
@@ -189,6 +210,8 @@ class Rekkordfs(Tool):
         # never in the source tree.
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(self.home.parent.parent / "pycache")
+        if self.frozen is not None:
+            env["PYTHONPATH"] = str(self.frozen[0])  # ahead of the editable install
         for name in ("REKKORD_CONFIG_FILE", "REKKORD_REPOSITORY", "REKKORD_KEYFILE"):
             env.pop(name, None)
         return env
@@ -196,7 +219,9 @@ class Rekkordfs(Tool):
     def version(self) -> str:
         out = subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-c",
                               "import rekkordfs; print(getattr(rekkordfs, '__version__', '?'))"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=self.base_env())
+        if self.frozen is not None:
+            return f"rekkordfs {out.stdout.strip()} ({self.frozen[1]}, frozen copy)"
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "rekkordfs", "cli"],
@@ -206,7 +231,7 @@ class Rekkordfs(Tool):
         return f"rekkordfs {out.stdout.strip()} ({commit})"
 
     def _cmd(self, repo: Repo, *args: str) -> list[str]:
-        return [self.exe, "-R", repo.url, "-K", str(repo.key), *repo.args, *args]
+        return [*self.exe, "-R", repo.url, "-K", str(repo.key), *repo.args, *args]
 
     def s3_repo(self, name: str, place: S3Place) -> Repo:
         return Repo(name, f"{place.endpoint}/{place.bucket}/{place.prefix}", None,
@@ -219,7 +244,7 @@ class Rekkordfs(Tool):
     def init(self, repo: Repo) -> None:
         repo.key = self.home / f"{repo.name}.key"
         repo.key.unlink(missing_ok=True)
-        run([self.exe, "-R", repo.url, *repo.args, "init", "-K", str(repo.key)],
+        run([*self.exe, "-R", repo.url, *repo.args, "init", "-K", str(repo.key)],
             env=self.env(repo)).check("rekkord init")
 
     def save(self, repo: Repo, path: Path, channel: str) -> tuple[Run, str]:

@@ -197,6 +197,14 @@ class SeaweedFS:
                 raise ServerError(f"SeaweedFS exited with code {self.process.returncode}:\n{_tail(self.log)}")
             try:
                 client.list_buckets()
+                # the volume servers come up after the S3 API: a write and a read prove them
+                for bucket in {b["Name"] for b in client.list_buckets().get("Buckets", [])} or {"rekkord-ready"}:
+                    if bucket == "rekkord-ready":
+                        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+                            client.create_bucket(Bucket=bucket)
+                    client.put_object(Bucket=bucket, Key="rekkord-ready-probe", Body=b"ready")
+                    client.get_object(Bucket=bucket, Key="rekkord-ready-probe")["Body"].read()
+                    client.delete_object(Bucket=bucket, Key="rekkord-ready-probe")
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means not ready yet
                 last = exc

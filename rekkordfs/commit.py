@@ -82,6 +82,13 @@ class Committer:
 
         async def upload(ino: int) -> None:
             try:
+                running = self.tree.uploading.get(ino)
+                if running is not None:  # write-behind is at it: its result may do
+                    await running.wait()
+                    done = self.tree.uploads.get(ino)
+                    if done is not None and done.version == capture.versions[ino]:
+                        contents[ino] = done.chunks  # durability is checked with all others
+                        return
                 contents[ino] = await self.uploader.upload_path(capture.frozen[ino])
             finally:
                 slots.release()

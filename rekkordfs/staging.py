@@ -175,6 +175,7 @@ class StagingTree:
         self.open_files: dict[int, int] = {}
         self.versions: dict[int, int] = {}  # bumped on every content change (in memory)
         self.uploads: dict[int, _Upload] = {}  # write-behind results
+        self.uploading: dict[int, trio.Event] = {}  # write-behind in progress, set when done
         self.frozen: dict[int, Path] = {}  # content a running commit still needs
         self.sequence = 0  # bumped on every change
         self._touched: set[int] = set()  # files written since their last flush

@@ -31,6 +31,7 @@ from .format import EntryKind, validate_channel
 from .keys import Capability
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree, remove_files
+from .streaming import GrowingFile, StreamAborted
 from .upload import SMALL_FILE, Uploader, open_regular
 from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
@@ -59,6 +60,10 @@ class Handle:
     tree: StagingTree
     ino: int  # local to the tree
     wrote: bool = False
+    # for a file emptied by this handle: where its writes from the start have
+    # reached (None once one lands elsewhere); past SMALL_FILE they stream out
+    sequential_end: int | None = None
+    stream: GrowingFile | None = None
 
 
 class StagingArea:
@@ -75,6 +80,7 @@ class StagingArea:
         self._by_slot: dict[int, StagingTree] = {}
         self._next_slot = 0
         self._nursery: trio.Nursery | None = None
+        self._streams: dict[tuple[StagingTree, int], GrowingFile] = {}
         self._learned = False  # prepare_write() done once write-behind starts
         self._learning = trio.Lock()
         self._locks: dict[str, trio.Lock] = {}
@@ -89,6 +95,15 @@ class StagingArea:
         self._nursery = nursery
         for _ in range(max(1, self.repo.threads)):
             nursery.start_soon(self._upload_behind)
+        nursery.start_soon(self._abort_streams_when_done)
+
+    async def _abort_streams_when_done(self) -> None:
+        """On unmount, wake the threads waiting for more data of files never closed."""
+        try:
+            await trio.sleep_forever()
+        finally:
+            for stream in list(self._streams.values()):
+                stream.abort()
 
     def _background(self, fn, *args) -> None:
         if self._nursery is not None:
@@ -287,6 +302,8 @@ class StagingArea:
         if ino == STAGING_INO:
             raise OSError(errno.EPERM, "the staging folder itself cannot change")
         tree, local = self._split(ino)
+        if changes.get("size") is not None:
+            self._abort_stream(tree, local)
         node = await tree.setattr(local, **changes)
         return self.attr(tree, node)
 
@@ -362,25 +379,77 @@ class StagingArea:
         if node.kind != EntryKind.FILE:
             raise OSError(errno.EISDIR if node.is_dir else errno.EINVAL, "not a file")
         writing = flags & (os.O_WRONLY | os.O_RDWR)
+        if writing:
+            self._abort_stream(tree, local)
         if flags & os.O_TRUNC and writing:
             await tree.truncate(local, 0)
-        elif writing:
-            await tree.make_local(local)
+            handle = Handle(tree, local, sequential_end=0)
+        else:
+            if writing:
+                await tree.make_local(local)
+            handle = Handle(tree, local)
         tree.opened(local)
-        return Handle(tree, local)
+        return handle
 
     async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[Handle, Attr]:
         attr = await self.make(parent, name, EntryKind.FILE, mode, uid, gid)
         tree, local = self._split(attr.ino)
         tree.opened(local)
-        return Handle(tree, local), attr
+        return Handle(tree, local, sequential_end=0), attr
 
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         return await handle.tree.read(handle.ino, offset, size)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        tree, ino = handle.tree, handle.ino
+        stream = self._streams.get((tree, ino))
+        appending = (handle.sequential_end == offset and ino not in tree.frozen
+                     and (stream is None or stream is handle.stream))
+        if not appending:
+            self._abort_stream(tree, ino)
+            handle.sequential_end = None
+        written = await tree.write(ino, offset, data)
         handle.wrote = True
-        return await handle.tree.write(handle.ino, offset, data)
+        if appending:
+            assert handle.sequential_end is not None
+            handle.sequential_end += written
+            if handle.stream is not None:
+                handle.stream.appended(handle.sequential_end)
+            elif handle.sequential_end > SMALL_FILE and self._nursery is not None:
+                self._start_stream(handle)
+        return written
+
+    def _start_stream(self, handle: Handle) -> None:
+        assert handle.sequential_end is not None
+        stream = handle.stream = GrowingFile(handle.tree.data_path(handle.ino), handle.sequential_end)
+        self._streams[(handle.tree, handle.ino)] = stream
+        done = handle.tree.uploading[handle.ino] = trio.Event()  # a commit may wait for it
+        self._background(self._upload_stream, handle.tree, handle.ino, stream, done)
+
+    def _abort_stream(self, tree: StagingTree, ino: int) -> None:
+        stream = self._streams.pop((tree, ino), None)
+        if stream is not None:
+            stream.abort()
+
+    async def _upload_stream(self, tree: StagingTree, ino: int, stream: GrowingFile, done: trio.Event) -> None:
+        """A large file written front to back is uploaded as it grows (see streaming.py)."""
+        try:
+            await self._learn_stored()
+            chunks = await self.uploaders[tree.channel].upload_stream(stream)
+            tree.record_upload(ino, stream.version, chunks)
+        except StreamAborted:
+            pass  # what changed it closes it, and then write-behind takes it whole
+        except (RekkordError, OSError) as exc:
+            log.warning("streaming upload of staging/%s inode %d failed: %s", tree.channel, ino,
+                        getattr(exc, "message", exc))
+            self._behind_send.send_nowait((tree, ino, tree.version(ino)))  # once more, whole
+        finally:
+            stream.release()
+            if self._streams.get((tree, ino)) is stream:
+                del self._streams[(tree, ino)]
+            if tree.uploading.get(ino) is done:
+                del tree.uploading[ino]
+            done.set()
 
     async def sync(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
@@ -398,7 +467,11 @@ class StagingArea:
         except OSError as exc:
             log.warning("staging/%s: cannot journal the mtime of inode %d yet: %s",
                         handle.tree.channel, handle.ino, exc.strerror)
-        if handle.wrote:  # upload it in the background, so commit has less to do
+        stream = handle.stream
+        if stream is not None and not stream.aborted:
+            stream.version = handle.tree.version(handle.ino)  # what the streamed chunks hold
+            stream.close()
+        elif handle.wrote:  # upload it in the background, so commit has less to do
             self._behind_send.send_nowait((handle.tree, handle.ino, handle.tree.version(handle.ino)))
         handle.tree.released(handle.ino)
 
@@ -421,13 +494,24 @@ class StagingArea:
                     pending.append(self._behind_recv.receive_nowait())
                 except trio.WouldBlock:
                     break
-            current = [item for item in pending if item[0].version(item[1]) == item[2]]  # else closed again later
+            # closed again later, or already uploaded (by a commit or an earlier pass): skip
+            current = [(tree, ino, version) for tree, ino, version in pending
+                       if tree.version(ino) == version
+                       and getattr(tree.uploads.get(ino), "version", None) != version]
+            done = trio.Event()  # a commit may wait for this batch instead of uploading again
+            for tree, ino, _ in current:
+                tree.uploading[ino] = done
             try:
                 await self._learn_stored()
                 pending = await self._upload_batch(current)
             except (RekkordError, OSError) as exc:
                 log.warning("write-behind upload failed (commit will retry): %s", getattr(exc, "message", exc))
                 pending = []
+            finally:
+                for tree, ino, _ in current:
+                    if tree.uploading.get(ino) is done:
+                        del tree.uploading[ino]
+                done.set()
 
     async def _upload_batch(self, items: list[Closed]) -> list[Closed]:
         """Upload what fits in one batch; returns the files left for the next one."""

@@ -75,9 +75,12 @@ class Uploader:
 
     def prepare_many(self, datas: list[bytes], seen: set[bytes]) -> list[list[Prepared]]:
         """prepare() of several files' content, with one known-blob lookup for all."""
+        return self._seal_new([self.chunker.split(data) for data in datas], seen)
+
+    def _seal_new(self, files: list[list[memoryview]], seen: set[bytes]) -> list[list[Prepared]]:
+        """Hash chunks already cut, and seal those not known yet."""
         codec = self.repo.codec
-        pieces = [[(codec.blob_id(BlobKind.CHUNK, view), view) for view in self.chunker.split(data)]
-                  for data in datas]
+        pieces = [[(codec.blob_id(BlobKind.CHUNK, view), view) for view in views] for views in files]
         known = self.repo.known_many([blob_id for chunks in pieces for blob_id, _ in chunks])
         prepared: list[list[Prepared]] = []
         for chunks in pieces:
@@ -128,8 +131,8 @@ class Uploader:
 
     async def _store_one(self, slots: list[ChunkRef | None], index: int, data: memoryview) -> None:
         try:
-            prepared = await self.repo.run_cpu(self.prepare, data, set())
-            slots[index] = (await self.store(prepared))[0]
+            prepared = await self.repo.run_cpu(self._seal_new, [[data]], set())  # already cut
+            slots[index] = (await self.store(prepared[0]))[0]
         finally:
             self._inflight.release()
 

@@ -13,6 +13,7 @@ from .errors import CorruptedData, ObjectMissing
 from .format import ChunkRef, EntryKind
 from .keys import Capability
 from .repository import BLOBS_PREFIX, INDEX_PREFIX, PACKS_PREFIX, Repository
+from .tasks import task_group
 
 
 @dataclass
@@ -134,7 +135,7 @@ class Checker:
             if pack_id not in self._packs:
                 self.problem(f"pack index '{name}' names a pack that is missing")
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for name in names:
                 pack_id = pack_id_from_key(name)
                 if pack_id is None:
@@ -160,7 +161,7 @@ class Checker:
                 self.report.chunks_read += 1
                 slots.release()
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for chunk, user in self._chunk_users.items():
                 if self._present(chunk):
                     await slots.acquire()

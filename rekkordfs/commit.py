@@ -18,6 +18,7 @@ from .errors import StorageError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
+from .tasks import task_group
 from .upload import TransferStats, Uploader
 
 
@@ -93,7 +94,7 @@ class Committer:
             finally:
                 slots.release()
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for ino in capture.frozen:
                 await slots.acquire()
                 nursery.start_soon(upload, ino)

@@ -31,6 +31,7 @@ from .keys import Capability, Keyset
 from .config import Config
 from .storage import open_storage
 from .storage.base import Storage
+from .tasks import task_group
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -323,7 +324,7 @@ class Repository:
                 return
             await trio.to_thread.run_sync(self.cache.add_index, name, entries)
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for name in names:
                 pack_id = pack_id_from_key(name)
                 if pack_id is not None and name not in seen:
@@ -412,7 +413,7 @@ class Repository:
             async def one(index: int, chunk: ChunkRef) -> None:
                 results[index] = await self.read_raw(chunk.id, chunk.location)
 
-            async with trio.open_nursery() as nursery:
+            async with task_group() as nursery:
                 for index, chunk in enumerate(chunks):
                     nursery.start_soon(one, index, chunk)
             return results

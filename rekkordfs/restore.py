@@ -23,6 +23,7 @@ from .errors import CorruptedData, ObjectMissing, RestoreError
 from .format import BlobKind, ChunkRef, Entry, EntryKind
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
+from .tasks import task_group
 from .upload import SMALL_FILE
 
 BATCH_FILES = 64  # small files restored per thread hop...
@@ -183,7 +184,7 @@ class RestoreSession:
             parts = (os.fsencode(name),)
         try:
             send, recv = trio.open_memory_channel[list[_FileJob]](self.workers * 2)
-            async with trio.open_nursery() as nursery:
+            async with task_group() as nursery:
                 for _ in range(self.workers):
                     nursery.start_soon(self._worker, recv.clone())
                 recv.close()
@@ -216,7 +217,7 @@ class RestoreSession:
             children = await self.repo.read_directory(entry.dir_id)
         if self.options.delete:
             await trio.to_thread.run_sync(self._delete_extra, parts, {c.name for c in children})
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for child in children:
                 child_parts = parts + (child.name,)
                 if child.kind == EntryKind.DIRECTORY:
@@ -387,7 +388,7 @@ class RestoreSession:
                 for chunk, off in zip(chunks, offsets):
                     await self._write_chunk(fd, chunk, off, job.parts)
             else:
-                async with trio.open_nursery() as nursery:
+                async with task_group() as nursery:
                     for chunk, off in zip(chunks, offsets):
                         await self._chunk_slots.acquire()
                         nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)

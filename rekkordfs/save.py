@@ -25,6 +25,7 @@ from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, encode_chunk
 from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
+from .tasks import task_group
 from .upload import SMALL_FILE, TransferStats, Uploader, open_regular
 
 BATCH_FILES = 64  # small files handled per thread hop...
@@ -272,7 +273,7 @@ class SaveSession:
                 await trio.lowlevel.checkpoint()  # what the walker queued is delivered first
                 listings_send.close()
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             nursery.start_soon(walk)
             nursery.start_soon(self._dispatch, listings_recv, jobs_send)
             for _ in range(self.workers):

@@ -19,6 +19,7 @@ from .cache import KnownBlob
 from .chunker import Chunker
 from .format import BlobKind, ChunkRef
 from .repository import Repository
+from .tasks import task_group
 
 # A chunk ready to store: (blob ID, plaintext size, and either its sealed bytes
 # (new), where it is stored (known), or None (a twin earlier in the batch))
@@ -115,7 +116,7 @@ class Uploader:
         """Chunks of a large open file, many stored at once, in file order."""
         slots: list[ChunkRef | None] = []
         stream = self.chunker.stream(handle)
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             while True:
                 batch = await trio.to_thread.run_sync(_take, stream, READ_BATCH)
                 if not batch:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Callable
 
-import trio
+from ..tasks import task_group
 
 
 class Storage(ABC):
@@ -54,7 +54,7 @@ class Storage(ABC):
         async def one(index: int, key: str, data: bytes | bytearray) -> None:
             results[index] = await self.put(key, data)
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for index, (key, data) in enumerate(items):
                 nursery.start_soon(one, index, key, data)
         return results
@@ -75,7 +75,7 @@ class Storage(ABC):
         async def one(index: int, key: str, offset: int, length: int) -> None:
             results[index] = await self.get_range(key, offset, length)
 
-        async with trio.open_nursery() as nursery:
+        async with task_group() as nursery:
             for index, (key, offset, length) in enumerate(ranges):
                 nursery.start_soon(one, index, key, offset, length)
         return results

@@ -14,6 +14,7 @@ Concurrent requests for one blob share a single fetch.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -23,8 +24,10 @@ from typing import Awaitable, Callable, TypeVar
 import lru
 import trio
 
+from .errors import RekkordError
 from .format import BlobKind, ChunkRef, Entry, Location, decode_directory
 from .repository import Repository
+from .tasks import task_group
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -89,11 +92,13 @@ class _DirectoryLRU:
 class DirectoryListing:
     """A decoded directory with a name index (built once, shared by readers)."""
 
-    __slots__ = ("entries", "by_name")
+    __slots__ = ("entries", "index", "subdirs_prefetched", "files_prefetched")
 
     def __init__(self, entries: list[Entry]) -> None:
         self.entries = entries
-        self.by_name = {e.name: e for e in entries}
+        self.index = {e.name: i for i, e in enumerate(entries)}
+        self.subdirs_prefetched = False
+        self.files_prefetched = 0  # entries below this index were read ahead
 
 
 class DiskCache:
@@ -246,3 +251,53 @@ class BlobCache:
             return listing
 
         return await self._shared((BlobKind.DIRECTORY, dir_id), lambda: self._dirs.get(dir_id), fetch)
+
+    # --- read-ahead: many blobs in one batch, off the reader's critical path -----------
+
+    async def prefetch_chunks(self, chunks: list[ChunkRef]) -> None:
+        """Load these chunks into memory; errors are left for the real reads to report."""
+        wanted = {c.id: c for c in chunks if not self.repo.is_zero_chunk(c)}
+        if self.disk is not None:  # remote: each through the disk cache, concurrently
+            await self._prefetch_each([functools.partial(self.chunk, c) for c in wanted.values()])
+            return
+        await self._prefetch_batch(BlobKind.CHUNK, [(c.id, c.location) for c in wanted.values()],
+                                   self._chunks.get, None, self._chunks.put)
+
+    async def prefetch_directories(self, dir_ids: list[bytes]) -> None:
+        if self.disk is not None:
+            await self._prefetch_each([functools.partial(self.directory, i) for i in dir_ids])
+            return
+        await self._prefetch_batch(BlobKind.DIRECTORY, [(i, None) for i in dir_ids], self._dirs.get,
+                                   decode_directory, lambda key, entries: self._dirs.put(key, DirectoryListing(entries)))
+
+    async def _prefetch_batch(self, kind: BlobKind, blobs: list[tuple[bytes, Location | None]],
+                              cached: Callable[[bytes], object], then: Callable | None,
+                              keep: Callable[[bytes, object], None]) -> None:
+        """One open_many for the blobs neither cached nor being fetched; readers
+        that ask for one of them meanwhile wait for the batch (see _shared)."""
+        claimed = [(i, loc) for i, loc in blobs if cached(i) is None and (kind, i) not in self._inflight]
+        events = {i: trio.Event() for i, _ in claimed}
+        for blob_id, event in events.items():
+            self._inflight[(kind, blob_id)] = event
+        try:
+            if claimed:
+                results = await self.repo.open_many(kind, claimed, then)
+                for (blob_id, _), result in zip(claimed, results):
+                    if not isinstance(result, Exception):
+                        keep(blob_id, result)
+        finally:
+            for blob_id, event in events.items():
+                del self._inflight[(kind, blob_id)]
+                event.set()
+
+    @staticmethod
+    async def _prefetch_each(fetches: list[Callable[[], Awaitable[object]]]) -> None:
+        async def one(fetch: Callable[[], Awaitable[object]]) -> None:
+            try:
+                await fetch()
+            except RekkordError:
+                pass
+
+        async with task_group() as nursery:
+            for fetch in fetches:
+                nursery.start_soon(one, fetch)

@@ -25,7 +25,7 @@ import trio
 from . import crypto
 from .cache import KnownBlob, LocalCache, repository_cache_dir
 from .codec import BlobCodec, blob_id_from_key, index_key, object_key, pack_id_from_key, pack_key
-from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RepositoryError
+from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RekkordError, RepositoryError
 from .format import PACK_ID_SIZE, BlobKind, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
 from .keys import Capability, Keyset
 from .config import Config
@@ -147,6 +147,13 @@ class PackWriter:
             self._uploading -= 1
             if not self._uploading:
                 self._idle.set()
+
+
+def _try(fn: Callable[..., T], *args: object) -> T | RekkordError:
+    try:
+        return fn(*args)
+    except RekkordError as exc:
+        return exc
 
 
 def _check_length(blob_id: bytes, location: Location | None, raw: bytes) -> bytes:
@@ -427,26 +434,55 @@ class Repository:
     async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location | None = None,
                          then: Callable[[bytes | bytearray], T] | None = None) -> T | bytes | bytearray:
         """Read, authenticate and decompress a blob (and give it to `then`, in the
-        same worker thread). On a local disk the read happens in that thread too."""
+        same worker thread)."""
+        result = (await self.open_many(kind, [(blob_id, location)], then))[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    async def open_many(self, kind: BlobKind, blobs: list[tuple[bytes, Location | None]],
+                        then: Callable[[bytes | bytearray], T] | None = None) -> list[T | bytes | bytearray | Exception]:
+        """_open_blob of many blobs in one worker thread (on a local disk the reads
+        happen there too). Each result is the value or the error of that blob,
+        so one bad blob spoils nothing else."""
         self.keys.require(Capability.READ)
 
-        def finish(raw: bytes) -> T | bytes | bytearray:
+        def finish(blob_id: bytes, location: Location | None, raw: bytes) -> T | bytes | bytearray:
             data = self.codec.unpack(kind, blob_id, _check_length(blob_id, location, raw))
             return then(data) if then is not None else data
 
         read_blocking = self.storage.read_blocking
         if read_blocking is None:
-            return await self.run_cpu(finish, await self.read_raw(blob_id, location))
-        key, offset, length = self._blob_range(blob_id, location)
+            raws: list[bytes | Exception] = [b""] * len(blobs)
 
-        def read_and_finish() -> T | bytes | bytearray:
+            async def fetch(index: int, blob_id: bytes, location: Location | None) -> None:
+                try:
+                    raws[index] = await self.read_raw(blob_id, location)
+                except RekkordError as exc:
+                    raws[index] = exc
+
+            async with task_group() as nursery:
+                for index, (blob_id, location) in enumerate(blobs):
+                    nursery.start_soon(fetch, index, blob_id, location)
+
+            def finish_all() -> list[T | bytes | bytearray | Exception]:
+                return [raw if isinstance(raw, Exception) else _try(finish, blob_id, location, raw)
+                        for (blob_id, location), raw in zip(blobs, raws)]
+
+            return await self.run_cpu(finish_all)
+
+        def read_and_finish(blob_id: bytes, location: Location | None) -> T | bytes | bytearray:
+            key, offset, length = self._blob_range(blob_id, location)
             try:
                 raw = read_blocking(key, offset, length)
             except ObjectMissing:
                 raise ObjectMissing(f"blob {blob_id.hex()} is missing from the repository") from None
-            return finish(raw)
+            return finish(blob_id, location, raw)
 
-        return await self.run_cpu(read_and_finish)
+        def read_all() -> list[T | bytes | bytearray | Exception]:
+            return [_try(read_and_finish, blob_id, location) for blob_id, location in blobs]
+
+        return await self.run_cpu(read_all)
 
     @staticmethod
     def _blob_range(blob_id: bytes, location: Location | None) -> tuple[str, int | None, int | None]:

@@ -48,6 +48,14 @@ IO_BLOCK_SIZE = 1 << 20
 IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
 MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest: new snapshots appear
 PREFETCH_CHUNKS = 8
+# Read-ahead across entries, for walks and `cp -r`: the records of a listed
+# directory's first subdirectories, and the content of the small files after one
+# being opened, each fetched in batches (one worker-thread hop per batch).
+PREFETCH_SUBDIRS = 128
+PREFETCH_FILES = 64
+PREFETCH_FILE_BYTES = 4 << 20
+PREFETCH_SMALL_FILE = 1 << 20
+PREFETCH_BATCH = 16
 LATEST = b"latest"
 
 
@@ -78,16 +86,18 @@ class Attr:
 
 
 class Node:
-    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent")
+    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent", "siblings")
 
     def __init__(self, ino: int, kind: NodeKind, attr: Attr, snapshot: bytes | None = None, path: bytes = b"",
-                 entry: Entry | None = None, channel: str | None = None, permanent: bool = False) -> None:
+                 entry: Entry | None = None, channel: str | None = None, permanent: bool = False,
+                 siblings: DirectoryListing | None = None) -> None:
         self.ino = ino
         self.kind = kind
         self.attr = attr
         self.snapshot = snapshot
         self.path = path
         self.entry = entry
+        self.siblings = siblings  # the listing this entry came from (read-ahead)
         self.channel = channel
         self.lookups = 0
         self.permanent = permanent
@@ -267,7 +277,7 @@ class SnapshotView:
         return Attr(ino, FILE_TYPE_BITS[entry.kind] | entry.mode, max(nlink, 1), entry.uid, entry.gid, size,
                     entry.atime_ns, entry.mtime_ns, entry.ctime_ns, entry.rdev)
 
-    def _tree_node(self, parent: Node, entry: Entry) -> Node:
+    def _tree_node(self, parent: Node, entry: Entry, listing: DirectoryListing) -> Node:
         assert parent.snapshot is not None
         path = parent.path + b"/" + entry.name
         if entry.link_id:
@@ -276,7 +286,8 @@ class SnapshotView:
             ino = derive_ino(parent.snapshot, path)
         node = self.nodes.get(ino)
         if node is None:
-            node = Node(ino, NodeKind.TREE, self._tree_attr(ino, entry), parent.snapshot, path, entry)
+            node = Node(ino, NodeKind.TREE, self._tree_attr(ino, entry), parent.snapshot, path, entry,
+                        siblings=listing)
         return node
 
     # --- lookup counting ---------------------------------------------------------
@@ -340,7 +351,8 @@ class SnapshotView:
             raise _fuse_error(errno.ENOTDIR)
         if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
             listing = await self._listing(parent)
-            return [(e.name, self._tree_node(parent, e)) for e in listing.entries]
+            self._prefetch_subdirs(listing)
+            return [(e.name, self._tree_node(parent, e, listing)) for e in listing.entries]
         await self.refresh()
         if parent.ino == ROOT_INO:
             items = [(b"channels", self.nodes[CHANNELS_INO]), (b"ids", self.nodes[IDS_INO])]
@@ -364,10 +376,11 @@ class SnapshotView:
         if not parent.is_dir:
             raise _fuse_error(errno.ENOTDIR)
         if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
-            entry = (await self._listing(parent)).by_name.get(name)
-            if entry is None:
+            listing = await self._listing(parent)
+            index = listing.index.get(name)
+            if index is None:
                 raise _fuse_error(errno.ENOENT)
-            return self.remember(self._tree_node(parent, entry))
+            return self.remember(self._tree_node(parent, listing.entries[index], listing))
         found = await self._virtual_child(parent, name)
         if found is None:
             # a snapshot written since the last listing (another machine, a commit)
@@ -458,10 +471,12 @@ class SnapshotView:
         if not self.can_read:
             raise _fuse_error(errno.EACCES)
         try:
-            return FileReader(node)
+            reader = FileReader(node)
         except RekkordError as exc:
             log.error("cannot open '%s': %s", os.fsdecode(node.path), exc.message)
             raise _fuse_error(errno.EIO) from None
+        self._prefetch_files_after(node)
+        return reader
 
     async def read(self, reader: FileReader, offset: int, size: int) -> bytes:
         if offset >= reader.size or size <= 0:
@@ -510,6 +525,44 @@ class SnapshotView:
             await self.blobs.chunk(chunk)
         except RekkordError:
             pass  # the real read reports it
+
+    def _prefetch_subdirs(self, listing: DirectoryListing) -> None:
+        if self._nursery is None or listing.subdirs_prefetched:
+            return
+        listing.subdirs_prefetched = True
+        dir_ids = [e.dir_id for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_id is not None]
+        dir_ids = dir_ids[:PREFETCH_SUBDIRS]
+        for start in range(0, len(dir_ids), PREFETCH_BATCH):
+            self._nursery.start_soon(self.blobs.prefetch_directories, dir_ids[start:start + PREFETCH_BATCH])
+
+    def _prefetch_files_after(self, node: Node) -> None:
+        """Opening a file of a directory: read the small files after it ahead,
+        unless that was done already (a reader going through in order)."""
+        listing = node.siblings
+        if self._nursery is None or listing is None or node.entry is None:
+            return
+        position = listing.index.get(node.entry.name)
+        if position is None or position + PREFETCH_FILES // 2 < listing.files_prefetched:
+            return
+        start = max(position + 1, listing.files_prefetched)
+        end = min(len(listing.entries), start + PREFETCH_FILES)
+        chunks: list[ChunkRef] = []
+        total = 0
+        for index in range(start, end):
+            entry = listing.entries[index]
+            if entry.kind != EntryKind.FILE or not 0 < entry.size <= PREFETCH_SMALL_FILE:
+                continue
+            try:
+                chunks.extend(entry.chunks)
+            except RekkordError:
+                continue  # a damaged record: reading that file reports it
+            total += entry.size
+            if total >= PREFETCH_FILE_BYTES:
+                end = index + 1
+                break
+        listing.files_prefetched = end
+        for first in range(0, len(chunks), PREFETCH_BATCH):
+            self._nursery.start_soon(self.blobs.prefetch_chunks, chunks[first:first + PREFETCH_BATCH])
 
     # --- filesystem ----------------------------------------------------------------
 

@@ -661,3 +661,63 @@ def test_blob_cache_shares_one_fetch_between_concurrent_readers(saved: Saved) ->
             assert calls == [chunk.id]
 
     run(main)
+
+
+def test_read_ahead_fetches_following_small_files_and_subdirectories_in_batches(local_repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    contents = {f"f{i:03}".encode(): rng.randbytes(rng.randrange(1, 20_000)) for i in range(100)}
+    for name, data in contents.items():
+        (src / os.fsdecode(name)).write_bytes(data)
+    for i in range(20):
+        (src / f"d{i:02}").mkdir()
+        (src / f"d{i:02}" / "inner").write_bytes(b"x" * i)
+    local_repo.save("c", str(src))
+
+    async def main() -> None:
+        async with open_view(local_repo.repository, local_repo.key_file) as view:
+            root = await view_walk(view, await snapshot_ino(view, "c"), src_parts(src))
+            corrupt(Path(local_repo.repository), (await view.lookup(root, b"f010")).entry.chunks[0])
+            batches: list[int] = []
+            original = view.repo.open_many
+
+            async def counting(kind, blobs, then=None):
+                batches.append(len(blobs))
+                return await original(kind, blobs, then)
+
+            view.repo.open_many = counting
+            async with trio.open_nursery() as nursery:
+                view.start(nursery)
+                names = [name for name, _ in await view.children(root)]
+                await trio.testing.wait_all_tasks_blocked()
+                assert sum(batches) == 20 and max(batches) > 1  # every subdirectory record, in batches
+                assert names == [f"d{i:02}".encode() for i in range(20)] + sorted(contents)
+                batches.clear()
+                for i in range(20):
+                    inner = await view.children((await view.lookup(root, f"d{i:02}".encode())).ino)
+                    assert [n for n, _ in inner] == [b"inner"]
+                assert batches == []  # listed from memory
+
+                first = await view.lookup(root, b"f000")
+                assert await read_all(view, first.ino) == contents[b"f000"]
+                await trio.testing.wait_all_tasks_blocked()
+                assert 1 < len(batches) and sum(batches) >= 60  # the files after it, a few batches
+                batches.clear()
+                for i in range(1, 40):
+                    name = f"f{i:03}".encode()
+                    ino = (await view.lookup(root, name)).ino
+                    if name == b"f010":  # the damaged one fails alone, on its own read
+                        with pytest.raises(OSError) as info:
+                            await read_all(view, ino)
+                        assert errno_of(info) == errno.EIO
+                    else:
+                        assert await read_all(view, ino) == contents[name]
+                assert batches == [1]  # only f010 was fetched again (and failed again)
+                await trio.testing.wait_all_tasks_blocked()
+                for name in contents:
+                    if name != b"f010":
+                        assert await read_all(view, (await view.lookup(root, name)).ino) == contents[name]
+                stop_read_ahead(view)
+
+    run(main)

@@ -163,6 +163,9 @@ class StagingTree:
         for path in (folder, self.data_dir, self.frozen_dir):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = sqlite3.connect(folder / "tree.db", isolation_level=None, check_same_thread=False)
+        # Only this process opens the journal (the mount holds the state folder's
+        # lock): no file locks or shared memory on every transaction.
+        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
         self.db.execute("PRAGMA journal_mode=WAL")
         # Every transaction reaches the OS at once, which is what survives a killed
         # process; fsync() of a staged file also syncs the journal (sync()).

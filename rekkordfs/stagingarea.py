@@ -13,6 +13,7 @@ Like vfs.py it raises OSError and knows nothing of FUSE.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -74,6 +75,7 @@ class StagingArea:
         self.view = view
         self.state_dir = state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _lock_state_dir(state_dir)
         self.trees: dict[str, StagingTree] = {}
         self.uploaders: dict[str, Uploader] = {}
         self._slots: dict[str, int] = {}
@@ -112,6 +114,7 @@ class StagingArea:
     def close(self) -> None:
         for tree in self.trees.values():
             tree.close()
+        os.close(self._lock_fd)
 
     def root_node(self) -> Node:
         return Node(STAGING_INO, NodeKind.VIRTUAL_DIR, self.root_attr, permanent=True)
@@ -550,3 +553,15 @@ class StagingArea:
     def statfs_all(self) -> os.statvfs_result:
         """Room left where staged data is kept."""
         return os.statvfs(self.state_dir)
+
+
+def _lock_state_dir(state_dir: Path) -> int:
+    """One mount at a time per state folder: the journals are not shared."""
+    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UsageError(f"the staging state folder '{state_dir}' is in use by another mount of this repository "
+                         "(unmount it, or give this one its own --state-dir)") from None
+    return fd

@@ -244,3 +244,19 @@ def test_mount_errors_are_one_line(local_repo, tmp_path: Path) -> None:
     assert result.returncode != 0 and "nosuchchannel" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not is_mounted(mnt)
+
+
+def test_second_mount_on_the_same_state_folder_is_refused(local_repo, tmp_path: Path) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    state = tmp_path / "state"
+    with mounted(local_repo, first, "--state-dir", str(state)):
+        result = local_repo("mount", "--state-dir", str(state), str(second), check=False)
+        assert result.returncode != 0
+        assert "in use by another mount" in result.stderr and str(state) in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+        assert not is_mounted(second)
+        assert (first / "staging").is_dir()
+    with mounted(local_repo, second, "--state-dir", str(state)):  # free again once unmounted
+        assert (second / "staging").is_dir()

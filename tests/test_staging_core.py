@@ -472,15 +472,14 @@ def test_journal_keeps_everything_across_close_and_reopen(tmp_path: Path) -> Non
         first.close()
         second = StagingTree(folder, "c", None)
         assert await dump(second) == expected
-        # no close at all: the process just goes on with a new object on the same folder
         await put_file(second, ROOT, b"later", b"written later")
         await second.setattr(ROOT, mode=0o711)
         expected = await dump(second)
+        second.close()  # (without a close, see the kill -9 test below)
         third = StagingTree(folder, "c", None)
         assert await dump(third) == expected
         assert third.dirty
         third.close()
-        second.close()
 
     run(main)
 

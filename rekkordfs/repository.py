@@ -44,7 +44,6 @@ BLOBS_PREFIX = "blobs/"
 INDEX_PREFIX = "index/"
 PACKS_PREFIX = "packs/"
 PACK_TARGET = 8 << 20  # a pack is written once it holds this much
-PACK_BLOB_LIMIT = 256 << 10  # smaller sealed chunks go into packs
 PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
 
@@ -338,33 +337,21 @@ class Repository:
                     nursery.start_soon(load, name, pack_id)
 
     async def store_chunks(self, items: list[tuple[bytes, bytearray]]) -> list[tuple[Location | None, bool]]:
-        """Store sealed chunks unless known: small ones into packs, others alone.
+        """Store sealed chunks unless known, into packs.
 
         Returns, for each, where it is stored and whether this call stored it.
         """
-        results: list[tuple[Location | None, bool] | None] = [None] * len(items)
-        alone: list[tuple[int, bytes, bytearray]] = []
-        for index, (blob_id, packed) in enumerate(items):
+        results: list[tuple[Location | None, bool]] = []
+        for blob_id, packed in items:
             known = self.known(blob_id)
             if known is not None:
-                results[index] = (known.location, False)
-            elif len(packed) < PACK_BLOB_LIMIT:
+                results.append((known.location, False))
+            else:
                 location = self._packer.add(blob_id, packed)
                 self._known[blob_id] = KnownBlob(location)
-                results[index] = (location, True)
-            else:
-                self._known[blob_id] = KnownBlob(None)  # a twin in this batch is then known
-                alone.append((index, blob_id, packed))
-        if alone:
-            try:
-                written = await self.storage.put_many([(object_key(blob_id), packed) for _, blob_id, packed in alone])
-            except BaseException:
-                self._forget([blob_id for _, blob_id, _ in alone])  # not certainly stored after all
-                raise
-            for (index, _, _), was_new in zip(alone, written):
-                results[index] = (None, was_new)
+                results.append((location, True))
         await self._packer.upload_full()
-        return [r for r in results if r is not None]
+        return results
 
     async def flush_packs(self) -> None:
         await self._packer.flush()

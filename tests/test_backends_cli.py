@@ -127,13 +127,13 @@ def _big_source(root: Path, files: int = 24, size: int = 2 << 20) -> Path:
     return root
 
 
-def _save_through_outage(runner, src: Path, count_blobs: Callable[[], int], count_tags: Callable[[], int],
+def _save_through_outage(runner, src: Path, count_packs: Callable[[], int], count_tags: Callable[[], int],
                          stop: Callable[[], None]) -> str:
-    """Start a save, freeze it once blobs are arriving, stop the server, let it fail."""
+    """Start a save, freeze it once packs are arriving, stop the server, let it fail."""
     process = _popen(runner, "save", "big", str(src))
     try:
         deadline = time.monotonic() + 120
-        while count_blobs() < 12:
+        while count_packs() < 2:
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "save never started uploading"
             time.sleep(0.02)
@@ -157,7 +157,7 @@ def test_s3_server_stopped_mid_save(tmp_path: Path) -> None:
         runner("init", "-K", str(tmp_path / "master.key"))
         runner.key_file = str(tmp_path / "master.key")
 
-        error = _save_through_outage(runner, src, lambda: server.count(BUCKET, f"{prefix}/blobs/"),
+        error = _save_through_outage(runner, src, lambda: server.count(BUCKET, f"{prefix}/packs/"),
                                      lambda: server.count(BUCKET, f"{prefix}/tags/"), server.stop)
         assert f"cannot connect to S3 endpoint {server.endpoint}: connection refused" in error
 
@@ -180,7 +180,7 @@ def test_sftp_server_stopped_mid_save(tmp_path: Path) -> None:
         def count(folder: str) -> int:
             return sum(len(files) for _, _, files in os.walk(repo / folder))
 
-        error = _save_through_outage(runner, src, lambda: count("blobs"), lambda: count("tags"), server.stop)
+        error = _save_through_outage(runner, src, lambda: count("packs"), lambda: count("tags"), server.stop)
         assert f"SFTP server 127.0.0.1:{server.port}" in error
         assert "connection refused" in error or "lost connection" in error
 

@@ -23,12 +23,14 @@ def stored_objects(repo: Path) -> dict[str, int]:
 def world(local_repo: Rekkord, tmp_path: Path) -> dict:
     """A repository with one snapshot of a small tree; digest of the repository.
 
-    The object holding a chunk of victim.bin is found without knowing the storage
+    The object holding victim.bin's chunks is found without knowing the storage
     layout: it is the largest object in the repository (victim.bin is 3 MiB of
-    random data, every other file and record is tiny)."""
+    random data, every other file and record is tiny). The bystander is saved
+    first, alone, so the pack of the main save holds only victim.bin."""
     src = tmp_path / "src"
     (src / "dir").mkdir(parents=True)
     (src / "dir" / "bystander.txt").write_bytes(b"unrelated file\n" * 100)
+    local_repo.save("early", str(src / "dir"))
     (src / "victim.bin").write_bytes(os.urandom(3 << 20))  # random: several chunks, incompressible
     snapshot = local_repo.save("main", str(src))
     repo_path = Path(str(local_repo.repository))
@@ -202,7 +204,7 @@ def flip_middle_byte(path: Path) -> None:
 def test_corrupted_chunk(world: dict, damage: str) -> None:
     rekkord, src = world["rekkord"], world["src"]
     victim = world["victim_object"]
-    assert victim.relative_to(world["repo"]).parts[0] == "blobs"
+    assert victim.relative_to(world["repo"]).parts[0] == "packs"
     content = victim.read_bytes()
     if damage == "flip":
         flip_middle_byte(victim)

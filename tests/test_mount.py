@@ -120,10 +120,11 @@ def test_corrupted_blob_gives_eio_on_that_file_only(local_repo, tmp_path: Path) 
     local_repo.save("bad", str(src))
     listing = local_repo("list", "bad", "-r", "-f", "json").stdout
     assert "victim.bin" in listing
-    # find the victim's blob: the only chunk file of ~300 kB
+    # the victim's chunk: the middle of the only pack (healthy.txt compresses to a few bytes)
     repo = Path(local_repo.repository)
-    blobs = [p for p in (repo / "blobs").rglob("*") if p.is_file()]
-    target = max(blobs, key=lambda p: p.stat().st_size)
+    packs = [p for p in (repo / "packs").rglob("*") if p.is_file()]
+    assert len(packs) == 1
+    target = packs[0]
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     os.chmod(target, 0o644)

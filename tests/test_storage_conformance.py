@@ -487,23 +487,25 @@ def test_s3_without_conditional_writes_save_twice_rewrites_no_blob(seaweedfs_ser
                               seaweedfs_server.config_sections())
         master = tmp_path / "master.key"
         rekkord("-C", str(config), "init", "-K", str(master))
-        blobs = f"/{BUCKET}/{prefix}/blobs/"
+        blobs, packs = f"/{BUCKET}/{prefix}/blobs/", f"/{BUCKET}/{prefix}/packs/"
 
-        before = len(proxy.puts(blobs))
+        before = len(proxy.puts(blobs)), len(proxy.puts(packs))
         rekkord("-C", str(config), "-K", str(master), "save", "docs", str(source))
-        first = proxy.puts(blobs)[before:]
-        assert len(first) >= 16  # 13 files' chunks and the directory records at least
+        first = proxy.puts(blobs)[before[0]:]
+        assert len(first) >= 4  # the directory records and the snapshot record at least
+        assert len(proxy.puts(packs)) > before[1]  # the chunks
 
         stored = {f"/{BUCKET}/{key}" for key in _keys(seaweedfs_server, f"{prefix}/blobs/")}
         rekkord.cache_dir = tmp_path / "other-cache"  # forget what this machine wrote
         rekkord.cache_dir.mkdir()
-        before = len(proxy.puts(blobs))
+        before = len(proxy.puts(blobs)), len(proxy.puts(packs))
         rekkord("-C", str(config), "-K", str(master), "save", "docs", str(source))
-        second = proxy.puts(blobs)[before:]
+        second = proxy.puts(blobs)[before[0]:]
         assert not set(second) & stored  # nothing that existed was written again
         # what is new: the snapshot record, and directory records of the parents
         # of src, whose times changed when other-cache was created
         assert 1 <= len(second) <= 8
+        assert len(proxy.puts(packs)) == before[1]  # every chunk known from the pack indexes
         rekkord("-C", str(config), "-K", str(master), "check")
 
 

@@ -146,8 +146,9 @@ class RestoreSession:
         self.plan = _Plan()
         self._links: dict[int, tuple[bytes, ...]] = {}
         self._walk_slots = trio.Semaphore(max(8, repo.threads * 4))
-        # chunks fetched at once: remote backends need many requests in flight
-        self._chunk_slots = trio.Semaphore(max(8, repo.threads * (8 if repo.storage.remote else 3)))
+        # chunks fetched at once: remote backends need many requests in flight,
+        # and chunks share packs (about 8 per pack), so several packs load at once
+        self._chunk_slots = trio.Semaphore(max(8, repo.threads * (20 if repo.storage.remote else 3)))
         self.workers = max(8, repo.threads * 4)
         self._batch: list[_FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0

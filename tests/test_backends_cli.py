@@ -120,7 +120,7 @@ def _popen(runner: Rekkord, *args: str) -> subprocess.Popen:
                             env=env, cwd=str(runner.cache_dir.parent))
 
 
-def _big_source(root: Path, files: int = 24, size: int = 2 << 20) -> Path:
+def _big_source(root: Path, files: int = 48, size: int = 2 << 20) -> Path:
     root.mkdir()
     for i in range(files):
         (root / f"f{i:02d}").write_bytes(os.urandom(size))

@@ -101,6 +101,7 @@ class PackWriter:
         self.storage = storage
         self.codec = codec
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
+        self.written_indexes: set[str] = set()  # their blobs are known already
         self._uploading = 0
         self._idle = trio.Event()
         self._idle.set()
@@ -139,6 +140,7 @@ class PackWriter:
             await self.storage.put(pack_key(pack_id), buffer)
             index = await trio.to_thread.run_sync(self.codec.seal_index, pack_id, entries)
             await self.storage.put(index_key(pack_id), index)
+            self.written_indexes.add(index_key(pack_id))
         except BaseException:
             self.forget([blob_id for blob_id, _ in entries])  # nothing may refer to them now
             raise
@@ -317,7 +319,7 @@ class Repository:
 
     async def _load_indexes(self) -> None:
         names = await self.storage.list(INDEX_PREFIX)
-        seen = await trio.to_thread.run_sync(self.cache.known_indexes)
+        seen = await trio.to_thread.run_sync(self.cache.known_indexes) | self._packer.written_indexes
         slots = trio.Semaphore(16)
 
         async def load(name: str, pack_id: bytes) -> None:

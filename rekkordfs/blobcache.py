@@ -276,19 +276,20 @@ class BlobCache:
         """One open_many for the blobs neither cached nor being fetched; readers
         that ask for one of them meanwhile wait for the batch (see _shared)."""
         claimed = [(i, loc) for i, loc in blobs if cached(i) is None and (kind, i) not in self._inflight]
-        events = {i: trio.Event() for i, _ in claimed}
-        for blob_id, event in events.items():
-            self._inflight[(kind, blob_id)] = event
+        if not claimed:
+            return
+        done = trio.Event()  # one for the whole batch
+        for blob_id, _ in claimed:
+            self._inflight[(kind, blob_id)] = done
         try:
-            if claimed:
-                results = await self.repo.open_many(kind, claimed, then)
-                for (blob_id, _), result in zip(claimed, results):
-                    if not isinstance(result, Exception):
-                        keep(blob_id, result)
+            results = await self.repo.open_many(kind, claimed, then)
+            for (blob_id, _), result in zip(claimed, results):
+                if not isinstance(result, Exception):
+                    keep(blob_id, result)
         finally:
-            for blob_id, event in events.items():
+            for blob_id, _ in claimed:
                 del self._inflight[(kind, blob_id)]
-                event.set()
+            done.set()
 
     @staticmethod
     async def _prefetch_each(fetches: list[Callable[[], Awaitable[object]]]) -> None:

@@ -45,6 +45,7 @@ INDEX_PREFIX = "index/"
 PACKS_PREFIX = "packs/"
 PACK_TARGET = 8 << 20  # a pack is written once it holds this much
 PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
+COALESCE_GAP = 1 << 20  # remote reads of one pack: gaps up to this are read rather than skipped
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
 
 
@@ -148,6 +149,23 @@ class PackWriter:
             self._uploading -= 1
             if not self._uploading:
                 self._idle.set()
+
+
+def _coalesce(locations: list[Location], gap: int) -> list[tuple[bytes, int, int, list[int]]]:
+    """Ranges to read for these locations: (pack, start, length, indexes of the
+    locations inside), neighbours of a pack at most `gap` apart sharing one."""
+    order = sorted(range(len(locations)), key=lambda i: (locations[i].pack, locations[i].offset))
+    runs: list[tuple[bytes, int, int, list[int]]] = []
+    for index in order:
+        location = locations[index]
+        end = location.offset + location.length
+        if runs and runs[-1][0] == location.pack and location.offset - (runs[-1][1] + runs[-1][2]) <= gap:
+            pack, start, length, members = runs[-1]
+            members.append(index)
+            runs[-1] = (pack, start, max(length, end - start), members)
+        else:
+            runs.append((location.pack, location.offset, location.length, [index]))
+    return runs
 
 
 def _try(fn: Callable[..., T], *args: object) -> T | RekkordError:
@@ -402,8 +420,12 @@ class Repository:
         return _check_length(blob_id, location, raw)
 
     async def read_raws(self, chunks: list[ChunkRef]) -> list[bytes]:
-        """The stored bytes of many chunks at once (a restore's small files)."""
-        if self.storage.remote or any(c.location is None for c in chunks):
+        """The stored bytes of many chunks at once (a restore's small files).
+
+        Chunks of one pack are read with one ranged request when the gaps
+        between them are small (on a remote backend, up to COALESCE_GAP bytes
+        are read for nothing rather than pay another round trip)."""
+        if any(c.location is None for c in chunks):
             results: list[bytes] = [b""] * len(chunks)
 
             async def one(index: int, chunk: ChunkRef) -> None:
@@ -413,12 +435,20 @@ class Repository:
                 for index, chunk in enumerate(chunks):
                     nursery.start_soon(one, index, chunk)
             return results
-        ranges = [(pack_key(c.location.pack), c.location.offset, c.location.length) for c in chunks if c.location]
+        locations = [c.location for c in chunks if c.location is not None]
+        runs = _coalesce(locations, COALESCE_GAP if self.storage.remote else 0)
         try:
-            raws = await self.storage.get_ranges(ranges)
+            datas = await self.storage.get_ranges([(pack_key(pack), start, length) for pack, start, length, _ in runs])
         except ObjectMissing as exc:
             raise ObjectMissing(f"a pack is missing from the repository: {exc.message}") from None
-        return [_check_length(c.id, c.location, raw) for c, raw in zip(chunks, raws)]
+        raws: list[bytes] = [b""] * len(chunks)
+        for (_, start, _, members), data in zip(runs, datas):
+            for index in members:
+                location = chunks[index].location
+                assert location is not None
+                begin = location.offset - start
+                raws[index] = _check_length(chunks[index].id, location, data[begin:begin + location.length])
+        return raws
 
     async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location | None = None,
                          then: Callable[[bytes | bytearray], T] | None = None) -> T | bytes | bytearray:

@@ -275,7 +275,8 @@ class BlobCache:
                               keep: Callable[[bytes, object], None]) -> None:
         """One open_many for the blobs neither cached nor being fetched; readers
         that ask for one of them meanwhile wait for the batch (see _shared)."""
-        claimed = [(i, loc) for i, loc in blobs if cached(i) is None and (kind, i) not in self._inflight]
+        unique = dict(blobs)  # equal records (empty folders, say) share one ID
+        claimed = [(i, loc) for i, loc in unique.items() if cached(i) is None and (kind, i) not in self._inflight]
         if not claimed:
             return
         done = trio.Event()  # one for the whole batch

@@ -26,7 +26,7 @@ import stat
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Awaitable, Callable
 
 import trio
 
@@ -114,6 +114,14 @@ class Node:
 def derive_ino(*parts: bytes) -> int:
     digest = hashlib.blake2b(b"\0".join(parts), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 2) | FIRST_DYNAMIC_INO
+
+
+async def _read_ahead(fetch: Callable[[list], Awaitable[None]], items: list) -> None:
+    """Background work of the mount's nursery: a bug here must not end the mount."""
+    try:
+        await fetch(items)
+    except Exception:
+        log.exception("internal error in read-ahead")
 
 
 def snapshot_dir_name(time_ns: int) -> str:
@@ -533,7 +541,7 @@ class SnapshotView:
         dir_ids = [e.dir_id for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_id is not None]
         dir_ids = dir_ids[:PREFETCH_SUBDIRS]
         for start in range(0, len(dir_ids), PREFETCH_BATCH):
-            self._nursery.start_soon(self.blobs.prefetch_directories, dir_ids[start:start + PREFETCH_BATCH])
+            self._nursery.start_soon(_read_ahead, self.blobs.prefetch_directories, dir_ids[start:start + PREFETCH_BATCH])
 
     def _prefetch_files_after(self, node: Node) -> None:
         """Opening a file of a directory: read the small files after it ahead,
@@ -562,7 +570,7 @@ class SnapshotView:
                 break
         listing.files_prefetched = end
         for first in range(0, len(chunks), PREFETCH_BATCH):
-            self._nursery.start_soon(self.blobs.prefetch_chunks, chunks[first:first + PREFETCH_BATCH])
+            self._nursery.start_soon(_read_ahead, self.blobs.prefetch_chunks, chunks[first:first + PREFETCH_BATCH])
 
     # --- filesystem ----------------------------------------------------------------
 

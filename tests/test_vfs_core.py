@@ -676,6 +676,8 @@ def test_read_ahead_fetches_following_small_files_and_subdirectories_in_batches(
     for i in range(20):
         (src / f"d{i:02}").mkdir()
         (src / f"d{i:02}" / "inner").write_bytes(b"x" * i)
+    (src / "e1").mkdir()  # two empty folders: one record, listed twice in a batch
+    (src / "e2").mkdir()
     local_repo.save("c", str(src))
 
     async def main() -> None:
@@ -694,8 +696,9 @@ def test_read_ahead_fetches_following_small_files_and_subdirectories_in_batches(
                 view.start(nursery)
                 names = [name for name, _ in await view.children(root)]
                 await trio.testing.wait_all_tasks_blocked()
-                assert sum(batches) == 20 and max(batches) > 1  # every subdirectory record, in batches
-                assert names == [f"d{i:02}".encode() for i in range(20)] + sorted(contents)
+                assert sum(batches) == 21 and max(batches) > 1  # every subdirectory record, in batches
+                assert names == [f"d{i:02}".encode() for i in range(20)] + [b"e1", b"e2"] + sorted(contents)
+                assert await view.children((await view.lookup(root, b"e2")).ino) == []
                 batches.clear()
                 for i in range(20):
                     inner = await view.children((await view.lookup(root, f"d{i:02}".encode())).ino)

@@ -38,7 +38,7 @@ from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 ROOT = 1
 NAME_MAX = 255
 INODE_CACHE = 100_000
-INLINE_WRITE = 128 << 10
+INLINE_WRITE = 1 << 20  # every FUSE write (max_write is 1 MiB) goes to the page cache inline
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 
 SCHEMA = """

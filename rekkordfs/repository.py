@@ -357,13 +357,17 @@ class Repository:
                     nursery.start_soon(load, name, pack_id)
 
     async def store_chunks(self, items: list[tuple[bytes, bytearray]]) -> list[tuple[Location | None, bool]]:
-        """Store sealed chunks unless known, into packs.
+        """Store sealed chunks, into packs, unless this session stored them meanwhile.
 
+        The caller looked them up with known_many() just before sealing them, so
+        only this session's own blobs need checking here (a twin sealed by a
+        concurrent task); one that an index loaded meanwhile reveals is stored
+        once more, a harmless duplicate.
         Returns, for each, where it is stored and whether this call stored it.
         """
         results: list[tuple[Location | None, bool]] = []
         for blob_id, packed in items:
-            known = self.known(blob_id)
+            known = self._known.get(blob_id)
             if known is not None:
                 results.append((known.location, False))
             else:

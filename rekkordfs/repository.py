@@ -181,6 +181,17 @@ def _check_length(blob_id: bytes, location: Location | None, raw: bytes) -> byte
     return raw
 
 
+class _PackLoad:
+    """A pack being fetched: who waits for it gets it from here, even if the
+    cache has already evicted it for younger packs."""
+
+    __slots__ = ("done", "pack")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.pack: bytes | None = None
+
+
 class PackReader:
     """Whole packs of a remote repository, fetched once into a small LRU: reading
     many small files costs one request per pack instead of one per file."""
@@ -190,28 +201,28 @@ class PackReader:
         self.limit = limit
         self._packs: dict[bytes, bytes] = {}  # insertion order = age
         self._used = 0
-        self._loading: dict[bytes, trio.Event] = {}
+        self._loading: dict[bytes, _PackLoad] = {}
 
     async def read(self, location: Location) -> bytes:
-        while True:
-            pack = self._packs.get(location.pack)
-            if pack is not None:
-                self._packs[location.pack] = self._packs.pop(location.pack)  # now the youngest
-                return pack[location.offset:location.offset + location.length]
-            loading = self._loading.get(location.pack)
-            if loading is None:
-                break
-            await loading.wait()
-            if location.pack not in self._packs:
-                break  # that fetch failed: try (and fail) ourselves
-        event = self._loading[location.pack] = trio.Event()
+        pack = self._packs.get(location.pack)
+        if pack is not None:
+            self._packs[location.pack] = self._packs.pop(location.pack)  # now the youngest
+            return pack[location.offset:location.offset + location.length]
+        loading = self._loading.get(location.pack)
+        if loading is not None:
+            await loading.done.wait()
+            if loading.pack is not None:
+                return loading.pack[location.offset:location.offset + location.length]
+            # that fetch failed: try (and fail) ourselves
+        loading = self._loading[location.pack] = _PackLoad()
         try:
-            pack = await self.storage.get(pack_key(location.pack))
+            pack = loading.pack = await self.storage.get(pack_key(location.pack))
         finally:
-            del self._loading[location.pack]
-            event.set()
+            if self._loading.get(location.pack) is loading:
+                del self._loading[location.pack]
+            loading.done.set()
+        self._used += len(pack) - len(self._packs.pop(location.pack, b""))  # a twin fetch after a failure
         self._packs[location.pack] = pack
-        self._used += len(pack)
         while self._used > self.limit and len(self._packs) > 1:
             self._used -= len(self._packs.pop(next(iter(self._packs))))
         return pack[location.offset:location.offset + location.length]

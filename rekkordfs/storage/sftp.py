@@ -465,6 +465,9 @@ class SFTPStorage(Storage):
             "compression_algs": None,  # blobs are compressed and encrypted already
             "connect_timeout": 15,
             "keepalive_interval": 30,
+            # fewer, larger SSH packets: per-packet work is Python here
+            "max_pktsize": 128 << 10,
+            "window": 8 << 20,
             "tunnel": _DirectTCP(),
         }
         if settings.key_file:

@@ -48,6 +48,7 @@ class Committer:
         self.size = 0
         self.bytes_stored = 0
         self.garbage: list[str] = []  # data files of committed files, to delete
+
     async def run(self) -> CommitResult:
         """Commit; the uploader's statistics (write-behind included) are this commit's."""
         started = time.monotonic()

@@ -59,6 +59,11 @@ class _FileJob:
     def __post_init__(self) -> None:
         self.chunks = self.entry.chunks
 
+    @property
+    def large(self) -> bool:
+        """Restored on its own, chunks fetched concurrently (others go in batches)."""
+        return self.entry.size > SMALL_FILE or len(self.chunks) > 1
+
 
 @dataclass
 class _Plan:
@@ -241,7 +246,7 @@ class RestoreSession:
                 self._links[entry.link_id] = parts
             self.stats.total_bytes += entry.size
             job = _FileJob(parts, entry)
-            if entry.size > SMALL_FILE or len(job.chunks) > 1:
+            if job.large:
                 await jobs.send([job])
                 return
             self._batch.append(job)  # small files go in batches, many per thread hop
@@ -324,7 +329,7 @@ class RestoreSession:
     async def _worker(self, jobs: trio.MemoryReceiveChannel[list[_FileJob]]) -> None:
         async with jobs:
             async for batch in jobs:
-                if len(batch) == 1 and (batch[0].entry.size > SMALL_FILE or len(batch[0].chunks) > 1):
+                if len(batch) == 1 and batch[0].large:
                     await self._restore_file(batch[0])
                 else:
                     await self._restore_small(batch)

@@ -539,9 +539,13 @@ class SnapshotView:
             return
         listing.subdirs_prefetched = True
         dir_ids = [e.dir_id for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_id is not None]
-        dir_ids = dir_ids[:PREFETCH_SUBDIRS]
-        for start in range(0, len(dir_ids), PREFETCH_BATCH):
-            self._nursery.start_soon(_read_ahead, self.blobs.prefetch_directories, dir_ids[start:start + PREFETCH_BATCH])
+        self._start_read_ahead(self.blobs.prefetch_directories, dir_ids[:PREFETCH_SUBDIRS])
+
+    def _start_read_ahead(self, fetch: Callable[[list], Awaitable[None]], items: list) -> None:
+        """fetch() the items in the background, PREFETCH_BATCH per call."""
+        assert self._nursery is not None
+        for start in range(0, len(items), PREFETCH_BATCH):
+            self._nursery.start_soon(_read_ahead, fetch, items[start:start + PREFETCH_BATCH])
 
     def _prefetch_files_after(self, node: Node) -> None:
         """Opening a file of a directory: read the small files after it ahead,
@@ -569,8 +573,7 @@ class SnapshotView:
                 end = index + 1
                 break
         listing.files_prefetched = end
-        for first in range(0, len(chunks), PREFETCH_BATCH):
-            self._nursery.start_soon(_read_ahead, self.blobs.prefetch_chunks, chunks[first:first + PREFETCH_BATCH])
+        self._start_read_ahead(self.blobs.prefetch_chunks, chunks)
 
     # --- filesystem ----------------------------------------------------------------
 

@@ -47,18 +47,6 @@ class Storage(ABC):
     async def put(self, key: str, data: bytes) -> bool:
         """Store data under key unless it exists; True if written."""
 
-    async def put_many(self, items: list[tuple[str, bytes | bytearray]]) -> list[bool]:
-        """put() each (key, data), concurrently; the results in the same order."""
-        results = [False] * len(items)
-
-        async def one(index: int, key: str, data: bytes | bytearray) -> None:
-            results[index] = await self.put(key, data)
-
-        async with task_group() as nursery:
-            for index, (key, data) in enumerate(items):
-                nursery.start_soon(one, index, key, data)
-        return results
-
     @abstractmethod
     async def get(self, key: str) -> bytes:
         """Return the object's bytes or raise ObjectMissing."""

@@ -118,9 +118,6 @@ class LocalStorage(Storage):
     async def put(self, key: str, data: bytes | bytearray) -> bool:
         return await self._run(self.put_sync, key, data)
 
-    async def put_many(self, items: list[tuple[str, bytes | bytearray]]) -> list[bool]:
-        return await self._run(lambda: [self.put_sync(key, data) for key, data in items])
-
     def put_sync(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         final = os.path.join(self.root, key)
         try:

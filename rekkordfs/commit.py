@@ -3,7 +3,8 @@
 The tree is captured in one step (no await in between), so the snapshot is
 exactly what staging held when the commit began, whatever writes arrive while
 it runs. Files uploaded by write-behind are reused; the others are uploaded
-from their frozen content; untouched directories keep their stored record.
+from their frozen content (small ones many per thread hop); untouched
+directories keep their stored record.
 """
 
 from __future__ import annotations
@@ -82,16 +83,31 @@ class Committer:
     async def _upload_frozen(self, capture: Capture, contents: dict[int, list[ChunkRef]]) -> None:
         slots = trio.Semaphore(max(4, self.repo.threads * 2))
 
+        async def behind(ino: int) -> bool:
+            """Write-behind may be at it: its result may do."""
+            running = self.tree.uploading.get(ino)
+            if running is None:
+                return False
+            await running.wait()
+            done = self.tree.uploads.get(ino)
+            if done is None or done.version != capture.versions[ino]:
+                return False
+            contents[ino] = done.chunks  # durability is checked with all others
+            return True
+
         async def upload(ino: int) -> None:
             try:
-                running = self.tree.uploading.get(ino)
-                if running is not None:  # write-behind is at it: its result may do
-                    await running.wait()
-                    done = self.tree.uploads.get(ino)
-                    if done is not None and done.version == capture.versions[ino]:
-                        contents[ino] = done.chunks  # durability is checked with all others
-                        return
-                contents[ino] = await self.uploader.upload_path(capture.frozen[ino])
+                if not await behind(ino):
+                    contents[ino] = await self.uploader.upload_path(capture.frozen[ino])
+            finally:
+                slots.release()
+
+        async def upload_inline(batch: list[int]) -> None:
+            try:
+                left = [ino for ino in batch if not await behind(ino)]
+                datas = [self.tree.captured_content(ino) for ino in left]
+                for ino, chunks in zip(left, await self.uploader.upload_many(datas)):
+                    contents[ino] = chunks
             finally:
                 slots.release()
 
@@ -99,6 +115,9 @@ class Committer:
             for ino in capture.frozen:
                 await slots.acquire()
                 nursery.start_soon(upload, ino)
+            for batch in _batches(capture.inline):
+                await slots.acquire()
+                nursery.start_soon(upload_inline, batch)
 
     async def _directory(self, capture: Capture, ino: int, contents: dict[int, list[ChunkRef]],
                          link_ids: dict[int, int]) -> bytes:
@@ -127,6 +146,10 @@ class Committer:
         dir_id, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
         self.bytes_stored += stored
         return dir_id
+
+
+def _batches(inos: list[int], size: int = 64) -> list[list[int]]:
+    return [inos[start:start + size] for start in range(0, len(inos), size)]
 
 
 def _link_ids(capture: Capture) -> tuple[dict[int, int], int]:

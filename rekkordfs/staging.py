@@ -2,10 +2,11 @@
 
 State lives in a folder per repository and channel:
 
-    tree.db     SQLite (WAL): inodes, directory entries, metadata; every
+    tree.db     SQLite (WAL): inodes, directory entries, metadata, and the
+                content of small written files (up to INLINE_MAX); every
                 operation is one transaction, so a killed process loses nothing
                 that was written before it
-    data/<ino>  content of files written since the base snapshot
+    data/<ino>  content of larger files written since the base snapshot
     frozen/     content captured by a running commit (see capture())
 
 The tree starts as a copy-on-write view of a base snapshot: directories keep
@@ -39,6 +40,11 @@ ROOT = 1
 NAME_MAX = 255
 INODE_CACHE = 100_000
 INLINE_WRITE = 1 << 20  # every FUSE write (max_write is 1 MiB) goes to the page cache inline
+# Files up to this size keep their content in the journal: creating a file on
+# disk costs far more than a journal transaction, and most files are small.
+INLINE_MAX = 128 << 10
+# Where a file's content is (the `local` column).
+STORED, DATA_FILE, INLINE = 0, 1, 2
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 
 SCHEMA = """
@@ -51,7 +57,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     rdev INTEGER NOT NULL DEFAULT 0, nlink INTEGER NOT NULL DEFAULT 1,
     target BLOB,            -- symlink target
     chunks BLOB,            -- file content as stored chunks (when local = 0)
-    local INTEGER NOT NULL DEFAULT 0,   -- file content is data/<ino>
+    local INTEGER NOT NULL DEFAULT 0,   -- file content is: 0 chunks, 1 data/<ino>, 2 table inline
     dir_id BLOB,            -- directory not expanded yet: its stored record
     link_id INTEGER,        -- hardlink group of the base snapshot
     xattrs BLOB
@@ -60,6 +66,7 @@ CREATE TABLE IF NOT EXISTS dentries (
     parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (parent, name)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
+CREATE TABLE IF NOT EXISTS inline (ino INTEGER PRIMARY KEY, data BLOB NOT NULL);  -- small files' content
 """
 
 COLUMNS = ("ino, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, chunks, local, "
@@ -105,7 +112,7 @@ class Inode:
     nlink: int
     target: bytes | None
     chunks: bytes | None
-    local: bool
+    local: int  # STORED, DATA_FILE or INLINE (true: the content is written here, not stored)
     dir_id: bytes | None
     link_id: int | None
     xattrs: bytes | None
@@ -127,7 +134,6 @@ class Inode:
 def _row(row: tuple) -> Inode:
     values = list(row)
     values[1] = EntryKind(values[1])
-    values[13] = bool(values[13])
     return Inode(*values)
 
 
@@ -138,6 +144,7 @@ class Capture:
     inodes: dict[int, Inode]
     children: dict[int, list[tuple[bytes, int]]]  # expanded directories only
     frozen: dict[int, Path]  # files whose content must be uploaded from these paths
+    inline: list[int]  # files whose content must be uploaded from the journal (captured_content())
     uploaded: dict[int, list[ChunkRef]]  # files whose write-behind upload matches the captured content
     versions: dict[int, int]
     sequence: int
@@ -180,13 +187,16 @@ class StagingTree:
         self.uploads: dict[int, _Upload] = {}  # write-behind results
         self.uploading: dict[int, trio.Event] = {}  # write-behind in progress, set when done
         self.frozen: dict[int, Path] = {}  # content a running commit still needs
+        # inline content a running commit still needs: None while the journal
+        # still holds it unchanged, else the content it had (see _preserve_inline)
+        self.frozen_inline: dict[int, bytes | None] = {}
         self.sequence = 0  # bumped on every change
         self._touched: set[int] = set()  # files written since their last flush
         self._expanding: dict[int, trio.Event] = {}
         self._chunk_lists: dict[int, tuple[list[ChunkRef], list[int]]] = {}  # decoded, for reads
         self._dirty = bool(self._meta("dirty", 0))
         self._reserve = folder / "reserve"
-        self._doomed: list[int] = []  # inodes deleted by the open transaction
+        self._doomed: list[tuple[int, bool]] = []  # inodes deleted by the open transaction, has a data file
         # rows read since the last change (every journal transaction clears it)
         self._inodes: dict[int, Inode] = {}
         self._recover()
@@ -210,8 +220,9 @@ class StagingTree:
     def _after_commit(self) -> None:
         self._inodes.clear()
         doomed, self._doomed = self._doomed, []
-        for ino in doomed:
-            _unlink(self.data_path(ino))
+        for ino, has_file in doomed:
+            if has_file:
+                _unlink(self.data_path(ino))
             self.uploads.pop(ino, None)
             self.versions.pop(ino, None)
             self._chunk_lists.pop(ino, None)
@@ -257,7 +268,8 @@ class StagingTree:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
                     (ROOT, EntryKind.DIRECTORY, 0o755, os.getuid(), os.getgid(), now, now, now))
             self.db.execute("DELETE FROM inodes WHERE ino != ? AND ino NOT IN (SELECT ino FROM dentries)", (ROOT,))
-        local = {str(r[0]) for r in self.db.execute("SELECT ino FROM inodes WHERE local = 1")}
+            self.db.execute("DELETE FROM inline WHERE ino NOT IN (SELECT ino FROM inodes WHERE local = ?)", (INLINE,))
+        local = {str(r[0]) for r in self.db.execute("SELECT ino FROM inodes WHERE local = ?", (DATA_FILE,))}
         for path in self.data_dir.iterdir():  # data of deleted or committed files, copies in progress
             if path.name not in local:
                 path.unlink()
@@ -288,6 +300,7 @@ class StagingTree:
         with self._transaction():
             self.db.execute("DELETE FROM dentries")
             self.db.execute("DELETE FROM inodes")
+            self.db.execute("DELETE FROM inline")
             self.db.execute("DELETE FROM meta")
             self.db.execute(
                 "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink, dir_id, xattrs) "
@@ -322,7 +335,7 @@ class StagingTree:
         return node
 
     def size_of(self, node: Inode) -> int:
-        if node.kind == EntryKind.FILE and node.local:
+        if node.kind == EntryKind.FILE and node.local == DATA_FILE:
             try:
                 return os.stat(self.data_path(node.ino)).st_size
             except FileNotFoundError:
@@ -436,11 +449,11 @@ class StagingTree:
                 "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, "
                 "local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (kind, mode & 0o7777, uid, gid, len(target) if target is not None else 0, now, now, now, rdev,
-                 2 if kind == EntryKind.DIRECTORY else 1, target, 1 if kind == EntryKind.FILE else 0))
+                 2 if kind == EntryKind.DIRECTORY else 1, target, INLINE if kind == EntryKind.FILE else STORED))
             ino = cursor.lastrowid
             assert ino is not None
-            if kind == EntryKind.FILE:  # before the journal names it
-                os.close(os.open(self.data_path(ino), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600))
+            if kind == EntryKind.FILE:
+                self.db.execute("INSERT INTO inline (ino, data) VALUES (?, ?)", (ino, b""))
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
             self._touch_dir(parent, now)
             self._changed()
@@ -517,11 +530,14 @@ class StagingTree:
         """Delete an unlinked inode once neither the kernel nor an open file holds it."""
         if self.lookups.get(ino) or self.open_files.get(ino):
             return
-        row = self.db.execute("SELECT nlink FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        row = self.db.execute("SELECT nlink, local FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None or row[0] > 0 or ino == ROOT:
             return
+        if row[1] == INLINE:
+            self._preserve_inline(ino)
+            self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
         self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
-        self._doomed.append(ino)  # its data goes once the transaction is committed
+        self._doomed.append((ino, row[1] == DATA_FILE))  # its data file goes once the transaction is committed
 
     def _is_ancestor(self, ancestor: int, ino: int) -> bool:
         """True when ancestor is ino or one of its parent directories."""
@@ -661,6 +677,11 @@ class StagingTree:
     def data_path(self, ino: int) -> str:
         return self._data_prefix + str(ino)  # on every write and stat: no pathlib
 
+    def inline_data(self, ino: int) -> bytes | None:
+        """The content of a file kept in the journal (None: it is not)."""
+        row = self.db.execute("SELECT data FROM inline WHERE ino = ?", (ino,)).fetchone()
+        return row[0] if row else None
+
     async def make_local(self, ino: int, keep_content: bool = True) -> None:
         """Give a stored file a local copy before it is modified (copy-up)."""
         node = self.get(ino)
@@ -668,7 +689,11 @@ class StagingTree:
             raise _error(errno.EINVAL)
         await self.own_links(ino)
         await self._unfreeze(ino)
+        node = self.get(ino)
         if node.local:
+            return
+        if not keep_content or not node.chunks or node.size <= INLINE_MAX:
+            await self._copy_up_inline(node, keep_content)
             return
         path = self.data_path(ino)
         tmp = self.data_dir / f"{ino}.copy"
@@ -687,9 +712,75 @@ class StagingTree:
             os.close(fd)
         os.replace(tmp, path)
         with self._transaction():
-            self.db.execute("UPDATE inodes SET local = 1, chunks = NULL, size = 0 WHERE ino = ?", (ino,))
+            self.db.execute("UPDATE inodes SET local = ?, chunks = NULL, size = 0 WHERE ino = ?", (DATA_FILE, ino))
             self._changed()
         self._content_changed(ino)
+
+    async def _copy_up_inline(self, node: Inode, keep_content: bool) -> None:
+        data = b""
+        if keep_content and node.chunks:
+            if self.blobs is None:
+                raise _error(errno.EACCES)
+            chunks, offsets = self._chunk_list(node)
+            data = await _read_chunks(self.blobs, chunks, offsets, node.size, 0, node.size)
+        if self.get(node.ino).local:
+            return  # another request made it local meanwhile
+        with self._transaction():
+            self.db.execute("INSERT OR REPLACE INTO inline (ino, data) VALUES (?, ?)", (node.ino, data))
+            self.db.execute("UPDATE inodes SET local = ?, chunks = NULL, size = ? WHERE ino = ?",
+                            (INLINE, len(data), node.ino))
+            self._changed()
+        self._content_changed(node.ino)
+
+    def _preserve_inline(self, ino: int) -> None:
+        """Before inline content changes: a running commit that captured it keeps the old one."""
+        if ino in self.frozen_inline and self.frozen_inline[ino] is None:
+            self.frozen_inline[ino] = self.inline_data(ino)
+
+    def captured_content(self, ino: int) -> bytes:
+        """The content of an inline file as the running commit captured it."""
+        kept = self.frozen_inline[ino]
+        if kept is None:
+            kept = self.inline_data(ino)
+            assert kept is not None, "captured inline content changed without being preserved"
+        return kept
+
+    def _set_inline(self, node: Inode, data: bytes) -> None:
+        self._preserve_inline(node.ino)
+        with self._transaction():
+            self.db.execute("UPDATE inline SET data = ? WHERE ino = ?", (data, node.ino))
+            self.db.execute("UPDATE inodes SET size = ? WHERE ino = ?", (len(data), node.ino))
+            if not self._dirty:
+                self._changed()
+
+    def _write_inline(self, node: Inode, offset: int, data: bytes) -> None:
+        self._preserve_inline(node.ino)
+        end = offset + len(data)
+        with self._transaction():
+            if offset >= node.size:  # appending (after a hole, if any): SQLite joins the bytes
+                self.db.execute("UPDATE inline SET data = CAST(data || ? AS BLOB) WHERE ino = ?",
+                                (bytes(offset - node.size) + data, node.ino))
+            else:
+                old = self.inline_data(node.ino) or b""
+                self.db.execute("UPDATE inline SET data = ? WHERE ino = ?",
+                                (old[:offset] + data + old[end:], node.ino))
+            self.db.execute("UPDATE inodes SET size = ? WHERE ino = ?", (max(node.size, end), node.ino))
+            if not self._dirty:
+                self._changed()
+
+    def _spill(self, node: Inode) -> None:
+        """Inline content about to grow past INLINE_MAX moves to a data file.
+        No await: no other request may change it meanwhile."""
+        self._preserve_inline(node.ino)
+        data = self.inline_data(node.ino) or b""
+        fd = os.open(self.data_path(node.ino), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _pwrite_all(fd, data, 0)
+        finally:
+            os.close(fd)
+        with self._transaction():  # a crash before this leaves a data file that _recover() deletes
+            self.db.execute("DELETE FROM inline WHERE ino = ?", (node.ino,))
+            self.db.execute("UPDATE inodes SET local = ?, size = 0 WHERE ino = ?", (DATA_FILE, node.ino))
 
     async def _unfreeze(self, ino: int) -> None:
         """A running commit holds this file's content: write from now on to a copy."""
@@ -713,13 +804,28 @@ class StagingTree:
             await self.make_local(ino, keep_content=size > 0)
         else:
             await self._unfreeze(ino)
-        await trio.to_thread.run_sync(os.truncate, self.data_path(ino), size)
+        node = self.get(ino)
+        if node.local == INLINE and size > INLINE_MAX:
+            self._spill(node)
+        if node.local == INLINE and size <= INLINE_MAX:
+            data = self.inline_data(ino) or b""
+            self._set_inline(node, data[:size] + bytes(max(0, size - len(data))))
+        else:
+            await trio.to_thread.run_sync(os.truncate, self.data_path(ino), size)
         self._content_changed(ino)
         self._touched.add(ino)
         self._changed()
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
-        if ino in self.frozen:
+        node = self.get(ino)
+        if node.local == INLINE:
+            if offset + len(data) <= INLINE_MAX:
+                self._write_inline(node, offset, data)
+                self._content_changed(ino)
+                self._touched.add(ino)
+                return len(data)
+            self._spill(node)
+        elif ino in self.frozen:
             await self._unfreeze(ino)
         fd = os.open(self.data_path(ino), os.O_WRONLY | os.O_CLOEXEC)
         try:
@@ -737,6 +843,10 @@ class StagingTree:
 
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         node = self.get(ino)
+        if node.local == INLINE:
+            row = self.db.execute("SELECT substr(data, ?, ?) FROM inline WHERE ino = ?",
+                                  (offset + 1, size, ino)).fetchone()
+            return (row[0] if row else None) or b""  # SQLite: NULL for an empty blob
         if node.local:
             fd = os.open(self.data_path(ino), os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -773,7 +883,7 @@ class StagingTree:
     def sync(self, ino: int | None = None) -> None:
         """fsync(): the file's data and the journal reach the disk."""
         paths = [self.folder / "tree.db-wal", self.folder / "tree.db"]
-        if ino is not None and self.get(ino).local:
+        if ino is not None and self.get(ino).local == DATA_FILE:
             paths.append(self.data_path(ino))
         for path in paths:
             try:
@@ -833,8 +943,9 @@ class StagingTree:
         """The whole tree as it is now, for a commit; must not await.
 
         Files whose content is local and not yet uploaded are frozen: a link to
-        their data is kept for the commit, and a write that comes later goes to
-        a copy (see _unfreeze), so the commit sees exactly this moment.
+        their data file is kept for the commit, and a write that comes later goes
+        to a copy (see _unfreeze); inline content is kept in memory before it
+        changes (see _preserve_inline). So the commit sees exactly this moment.
         """
         inodes = {row[0]: _row(row) for row in self.db.execute(f"SELECT {COLUMNS} FROM inodes")}
         children: dict[int, list[tuple[bytes, int]]] = {}
@@ -843,6 +954,7 @@ class StagingTree:
         reachable = _reachable(children)
         inodes = {ino: node for ino, node in inodes.items() if ino in reachable}
         frozen: dict[int, Path] = {}
+        inline: list[int] = []
         uploaded: dict[int, list[ChunkRef]] = {}
         versions: dict[int, int] = {}
         for ino, node in inodes.items():
@@ -853,19 +965,25 @@ class StagingTree:
             if done is not None and done.version == versions[ino] and is_durable(done.chunks):
                 uploaded[ino] = done.chunks
                 continue
+            if node.local == INLINE:
+                inline.append(ino)
+                self.frozen_inline[ino] = None
+                continue
             link = self.frozen_dir / f"{ino}.{self.sequence}"
             link.unlink(missing_ok=True)
             os.link(self.data_path(ino), link)
             frozen[ino] = link
             self.frozen[ino] = link
         max_link_id = int(self._meta("max_link_id", 0) or 0)
-        return Capture(inodes, children, frozen, uploaded, versions, self.sequence, max_link_id)
+        return Capture(inodes, children, frozen, inline, uploaded, versions, self.sequence, max_link_id)
 
     def release_capture(self, capture: Capture) -> None:
         for ino, link in capture.frozen.items():
             if self.frozen.get(ino) == link:
                 del self.frozen[ino]
             link.unlink(missing_ok=True)
+        for ino in capture.inline:
+            self.frozen_inline.pop(ino, None)
 
     def committed(self, capture: Capture, snapshot_id: bytes, snapshot: Snapshot,
                   contents: dict[int, list[ChunkRef]], link_ids: dict[int, int]) -> list[str]:
@@ -878,8 +996,9 @@ class StagingTree:
         with self._transaction():
             # others were written again since, or may still be: they stay local
             self.db.executemany(
-                "UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local = 1",
+                "UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local != 0",
                 [(encode_chunks(contents[ino]), sum(c.size for c in contents[ino]), ino) for ino in clean_files])
+            self.db.executemany("DELETE FROM inline WHERE ino = ?", [(ino,) for ino in clean_files])
             self.db.executemany("UPDATE inodes SET link_id = ? WHERE ino = ?",
                                 [(link_id, ino) for ino, link_id in link_ids.items()])
             self._set_meta("base", snapshot_id)
@@ -894,7 +1013,7 @@ class StagingTree:
             if self.versions.get(ino, 0) == capture.versions.get(ino):
                 self.uploads[ino] = _Upload(capture.versions[ino], contents[ino])
         self.release_capture(capture)
-        return [self.data_path(ino) for ino in clean_files]
+        return [self.data_path(ino) for ino in clean_files if capture.inodes[ino].local == DATA_FILE]
 
     def iter_local_files(self) -> Iterator[int]:
         for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local = 1 AND kind = ?", (EntryKind.FILE,)):

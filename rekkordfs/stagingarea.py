@@ -518,7 +518,9 @@ class StagingArea:
 
     async def _upload_batch(self, items: list[Closed]) -> list[Closed]:
         """Upload what fits in one batch; returns the files left for the next one."""
-        small, large, left = await self.repo.run_cpu(self._prepare_small, items)
+        # content kept in the journal is read here: the journal stays on this thread
+        inline = [tree.inline_data(ino) for tree, ino, _ in items]
+        small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
         for tree, ino, version, prepared in small:
             chunks = await self.uploaders[tree.channel].store(prepared)
             tree.record_upload(ino, version, chunks)
@@ -530,20 +532,23 @@ class StagingArea:
             tree.record_upload(ino, version, chunks)
         return left
 
-    def _prepare_small(self, items: list[Closed]) -> tuple[list, list[Closed], list[Closed]]:
-        """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES."""
+    def _prepare_small(self, items: list[Closed], inline: list[bytes | None]
+                       ) -> tuple[list, list[Closed], list[Closed]]:
+        """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES
+        (inline[i] is the content of items[i] when the journal holds it)."""
         small, large, total = [], [], 0
-        for index, (tree, ino, version) in enumerate(items):
+        for index, ((tree, ino, version), data) in enumerate(zip(items, inline)):
             if total >= BATCH_BYTES:
                 return small, large, items[index:]
-            try:
-                with open_regular(tree.data_path(ino)) as handle:
-                    if os.fstat(handle.fileno()).st_size > SMALL_FILE:
-                        large.append((tree, ino, version))
-                        continue
-                    data = handle.read()
-            except FileNotFoundError:
-                continue  # deleted since it was closed
+            if data is None:
+                try:
+                    with open_regular(tree.data_path(ino)) as handle:
+                        if os.fstat(handle.fileno()).st_size > SMALL_FILE:
+                            large.append((tree, ino, version))
+                            continue
+                        data = handle.read()
+                except FileNotFoundError:
+                    continue  # deleted since it was closed
             total += len(data)
             uploader = self.uploaders[tree.channel]
             uploader.stats.bytes_read += len(data)

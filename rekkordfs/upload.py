@@ -112,6 +112,13 @@ class Uploader:
             refs.append(ChunkRef(blob_id, size, known.location))
         return refs
 
+    async def upload_many(self, datas: list[bytes]) -> list[list[ChunkRef]]:
+        """Every chunk of several small contents, sealed in one thread hop."""
+        prepared = await self.repo.run_cpu(self.prepare_many, datas, set())
+        refs = iter(await self.store([chunk for chunks in prepared for chunk in chunks]))
+        self.stats.bytes_read += sum(len(data) for data in datas)
+        return [[next(refs) for _ in chunks] for chunks in prepared]
+
     async def upload_stream(self, handle: BinaryIO) -> list[ChunkRef]:
         """Chunks of a large open file, many stored at once, in file order."""
         slots: list[ChunkRef | None] = []
@@ -145,8 +152,6 @@ class Uploader:
             if size > SMALL_FILE:
                 return await self.upload_stream(handle)
             data = await trio.to_thread.run_sync(handle.read)
-            self.stats.bytes_read += len(data)
-            prepared = await self.repo.run_cpu(self.prepare, data, set())
-            return await self.store(prepared)
+            return (await self.upload_many([data]))[0]
         finally:
             handle.close()

@@ -27,7 +27,7 @@ import trio
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.format import ChunkRef, EntryKind, Snapshot
-from rekkordfs.staging import remove_files, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, StagingTree
+from rekkordfs.staging import DATA_FILE, INLINE, INLINE_MAX, remove_files, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, Capture, StagingTree
 from rekkordfs.stagingarea import CONTROL_CHANNEL, CONTROL_COMMIT, StagingArea
 from rekkordfs.upload import Uploader
 from rekkordfs.vfs import IDS_INO, STAGING_INO, SnapshotView
@@ -91,13 +91,41 @@ async def names(tree: StagingTree, parent: int = ROOT) -> list[bytes]:
 
 
 def gone(tree: StagingTree, ino: int) -> bool:
-    """The inode left the journal and its content file is deleted."""
+    """The inode left the journal and its content (data file or inline) is deleted."""
     try:
         tree.get(ino)
     except OSError as exc:
         assert exc.errno == errno.ENOENT
-        return not os.path.exists(tree.data_path(ino))
+        return not has_content(tree, ino)
     return False
+
+
+def has_content(tree: StagingTree, ino: int) -> bool:
+    """Written content of the inode is kept, as a data file or in the journal."""
+    return os.path.exists(tree.data_path(ino)) or tree.inline_data(ino) is not None
+
+
+# Content sizes: small files keep their content in the journal, larger ones in a data file.
+SIZES = pytest.mark.parametrize("pad", [b"", b"." * (INLINE_MAX + 1)], ids=["inline", "data-file"])
+
+
+def frozen_content(tree: StagingTree, ino: int, capture: Capture | None = None) -> bytes | None:
+    """What a running commit (of capture, if given) will upload for a file (None: nothing)."""
+    if capture is not None and ino in capture.frozen:
+        return Path(capture.frozen[ino]).read_bytes()
+    if ino in tree.frozen:
+        return Path(tree.frozen[ino]).read_bytes()
+    if ino in tree.frozen_inline:
+        return tree.captured_content(ino)
+    return None
+
+
+async def upload_captured(uploader: Uploader, tree: StagingTree, capture: Capture) -> dict[int, list[ChunkRef]]:
+    """What a commit uploads for the files a capture froze."""
+    contents = {ino: await uploader.upload_path(path) for ino, path in capture.frozen.items()}
+    datas = [tree.captured_content(ino) for ino in capture.inline]
+    contents.update(zip(capture.inline, await uploader.upload_many(datas)))
+    return contents
 
 
 # --- files -------------------------------------------------------------------------------
@@ -159,6 +187,46 @@ def test_writes_beyond_the_end_leave_zeros_and_holes(tree: StagingTree) -> None:
         assert (await content(tree, f.ino))[5 << 20:] == b"tail" + bytes((4 << 20) - 4)
         # the holes are not written out on disk
         assert os.stat(tree.data_path(f.ino)).st_blocks * 512 < 1 << 20
+
+    run(main)
+
+
+def test_content_moves_from_the_journal_to_a_data_file_as_it_grows(tree: StagingTree) -> None:
+    """Random writes and truncates around INLINE_MAX read back like a plain bytearray,
+    and survive reopening the journal."""
+    rng = random.Random(5)
+
+    async def main() -> None:
+        f = await tree.create(ROOT, b"f", FILE, 0o644, 0, 0)
+        assert tree.get(f.ino).local == INLINE and not os.path.exists(tree.data_path(f.ino))
+        model = bytearray()
+        for step in range(60):
+            if step % 7 == 6:
+                size = rng.choice([0, 10, INLINE_MAX, INLINE_MAX + 1, rng.randrange(2 * INLINE_MAX)])
+                await tree.truncate(f.ino, size)
+                model[size:] = b""
+                model.extend(bytes(size - len(model)))
+            else:
+                offset = rng.choice([len(model), rng.randrange(len(model) + 1), len(model) + 100])
+                data = rng.randbytes(rng.choice([1, 4096, 40_000]))
+                await tree.write(f.ino, offset, data)
+                model.extend(bytes(max(0, offset - len(model))))
+                model[offset:offset + len(data)] = data
+            node = tree.get(f.ino)
+            assert tree.size_of(node) == len(model)
+            assert await content(tree, f.ino) == bytes(model)
+            if len(model) <= INLINE_MAX and node.local == INLINE:
+                assert not os.path.exists(tree.data_path(f.ino))
+            if node.local == DATA_FILE:
+                assert tree.inline_data(f.ino) is None
+        assert tree.get(f.ino).local == DATA_FILE  # it grew past INLINE_MAX at some point
+        small = await put_file(tree, ROOT, b"small", b"x" * INLINE_MAX)
+        assert tree.get(small.ino).local == INLINE
+        tree.close()
+        again = StagingTree(tree.folder, tree.channel, None)
+        assert await content(again, f.ino) == bytes(model)
+        assert await content(again, small.ino) == b"x" * INLINE_MAX
+        again.close()
 
     run(main)
 
@@ -494,15 +562,18 @@ from tests.core_helpers import build_sample, dump, put_file
 async def main():
     tree = StagingTree(Path(sys.argv[1]), "crash", None)
     inos = await build_sample(tree)
-    orphan = await put_file(tree, ROOT, b"orphan", b"unlinked while open")
-    tree.remember(orphan.ino)
-    tree.opened(orphan.ino)
-    await tree.unlink(ROOT, b"orphan")
-    tree.capture(lambda chunks: False)  # a commit that never finishes: frozen copies stay behind
+    orphans = []
+    for name, size in ((b"orphan", 1 << 20), (b"small-orphan", 100)):  # in a data file, inline
+        orphan = await put_file(tree, ROOT, name, os.urandom(size))
+        tree.remember(orphan.ino)
+        tree.opened(orphan.ino)
+        await tree.unlink(ROOT, name)
+        orphans.append(orphan.ino)
     big = await put_file(tree, ROOT, b"big", os.urandom(3 << 20))
+    tree.capture(lambda chunks: False)  # a commit that never finishes: frozen copies stay behind
     await tree.write(big.ino, 10 << 20, b"end")  # written, never flushed
     listing = await dump(tree)
-    Path(sys.argv[2]).write_bytes(pickle.dumps((listing, orphan.ino, inos)))
+    Path(sys.argv[2]).write_bytes(pickle.dumps((listing, orphans, inos)))
     os._exit(0)  # no close, no cleanup: as if killed
 
 trio.run(main)
@@ -515,7 +586,7 @@ def test_journal_survives_a_killed_process_and_drops_orphans(tmp_path: Path) -> 
     env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
     subprocess.run([sys.executable, "-c", CRASH_SCRIPT, str(folder), str(out)], check=True, env=env,
                    cwd=str(PROJECT_ROOT), timeout=120)
-    listing, orphan, inos = pickle.loads(out.read_bytes())
+    listing, (orphan, small_orphan), inos = pickle.loads(out.read_bytes())
     assert (folder / "data" / str(orphan)).exists()
     assert any((folder / "frozen").iterdir())
 
@@ -523,8 +594,7 @@ def test_journal_survives_a_killed_process_and_drops_orphans(tmp_path: Path) -> 
         tree = StagingTree(folder, "crash", None)
         try:
             assert await dump(tree) == listing
-            await expect_errno(errno.ENOENT, tree.get, orphan)
-            assert not (folder / "data" / str(orphan)).exists()
+            assert gone(tree, orphan) and gone(tree, small_orphan)
             assert not any((folder / "frozen").iterdir())
             assert tree.get(inos["file"]).nlink == 2
             assert (await tree.lookup(inos["dir"], b"moved")).ino == inos["moved"]
@@ -563,34 +633,36 @@ def test_unlinked_but_held_inodes_are_dropped_on_reopen(tmp_path: Path) -> None:
 # --- capture (the moment a commit begins) -------------------------------------------------------
 
 
-def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTree) -> None:
+@SIZES
+def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTree, pad: bytes) -> None:
     async def main() -> None:
-        f = await put_file(tree, ROOT, b"f", b"captured content")
-        g = await put_file(tree, ROOT, b"g", b"doomed")
-        h = await put_file(tree, ROOT, b"h", b"uploaded")
+        f = await put_file(tree, ROOT, b"f", b"captured content" + pad)
+        g = await put_file(tree, ROOT, b"g", b"doomed" + pad)
+        h = await put_file(tree, ROOT, b"h", b"uploaded" + pad)
         fake = [ChunkRef(b"\1" * 32, 8)]
         tree.record_upload(h.ino, tree.version(h.ino), fake)
         tree.record_upload(g.ino, tree.version(g.ino) - 1, fake)  # stale: ignored
 
         capture = tree.capture(lambda chunks: chunks == fake)
-        assert set(capture.frozen) == {f.ino, g.ino} and capture.uploaded == {h.ino: fake}
-        assert Path(capture.frozen[f.ino]).read_bytes() == b"captured content"
+        assert set(capture.frozen) | set(capture.inline) == {f.ino, g.ino} and capture.uploaded == {h.ino: fake}
+        assert set(capture.inline if not pad else capture.frozen) == {f.ino, g.ino}
+        assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
         await tree.write(f.ino, 0, b"CHANGED")
         await tree.truncate(g.ino, 2)
         await tree.unlink(ROOT, b"g")
         await tree.setattr(f.ino, mode=0o600)
-        assert await content(tree, f.ino) == b"CHANGEDd content"
-        assert Path(capture.frozen[f.ino]).read_bytes() == b"captured content"
-        assert Path(capture.frozen[g.ino]).read_bytes() == b"doomed"
+        assert await content(tree, f.ino) == b"CHANGEDd content" + pad
+        assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
+        assert frozen_content(tree, g.ino, capture) == b"doomed" + pad
         assert capture.inodes[f.ino].mode == 0o644 and capture.versions[f.ino] != tree.version(f.ino)
         assert [name for name, _ in capture.children[ROOT]] == [b"f", b"g", b"h"]
         # writing again after the first copy-on-write changes only the live file
         await tree.write(f.ino, 0, b"AGAIN!!")
-        assert Path(capture.frozen[f.ino]).read_bytes() == b"captured content"
+        assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
         frozen = list(capture.frozen.values())
         tree.release_capture(capture)
-        assert not any(Path(p).exists() for p in frozen) and tree.frozen == {}
-        assert await content(tree, f.ino) == b"AGAIN!!d content"
+        assert not any(Path(p).exists() for p in frozen) and tree.frozen == {} and tree.frozen_inline == {}
+        assert await content(tree, f.ino) == b"AGAIN!!d content" + pad
 
     run(main)
 
@@ -660,11 +732,18 @@ class HookUploader(Uploader):
         self.hook = hook
         self.fired = False
 
-    async def upload_path(self, path):
+    async def _fire(self) -> None:
         if not self.fired:
             self.fired = True
             await self.hook()
+
+    async def upload_path(self, path):
+        await self._fire()
         return await super().upload_path(path)
+
+    async def upload_many(self, datas):
+        await self._fire()
+        return await super().upload_many(datas)
 
 
 def restore(based: Based, spec: str, dest: Path) -> Path:
@@ -737,21 +816,22 @@ def test_copy_on_write_from_a_snapshot_and_commit_reuses_untouched_records(based
     assert rsync_differences(expected, dest) == ""
 
 
-def test_commit_captures_one_moment_while_writes_go_on(based: Based, tmp_path: Path) -> None:
+@SIZES
+def test_commit_captures_one_moment_while_writes_go_on(based: Based, tmp_path: Path, pad: bytes) -> None:
     async def main() -> None:
         async with open_repo(based.repository, based.key) as repo:
             tree = StagingTree(tmp_path / "state", "moment", BlobCache(repo))
-            x = await put_file(tree, ROOT, b"x", b"captured-x")
-            w = await put_file(tree, ROOT, b"w", b"untouched-w")
-            z = await put_file(tree, ROOT, b"z", b"doomed-z")
+            x = await put_file(tree, ROOT, b"x", b"captured-x" + pad)
+            w = await put_file(tree, ROOT, b"w", b"untouched-w" + pad)
+            z = await put_file(tree, ROOT, b"z", b"doomed-z" + pad)
             d = await tree.create(ROOT, b"d", DIR, 0o755, 0, 0)
             await put_file(tree, d.ino, b"y0", b"in d")
             during = {}
 
             async def writes_during_the_commit() -> None:
-                assert Path(tree.frozen[x.ino]).read_bytes() == b"captured-x"
+                assert frozen_content(tree, x.ino) == b"captured-x" + pad
                 await tree.write(x.ino, 0, b"CHANGED")
-                during["frozen"] = Path(tree.frozen[x.ino]).read_bytes() if x.ino in tree.frozen else None
+                during["frozen"] = frozen_content(tree, x.ino)
                 await tree.setattr(x.ino, mode=0o600)
                 await put_file(tree, ROOT, b"late", b"arrived during the commit")
                 await tree.unlink(ROOT, b"z")
@@ -760,7 +840,7 @@ def test_commit_captures_one_moment_while_writes_go_on(based: Based, tmp_path: P
             committer = Committer(repo, tree, HookUploader(repo, writes_during_the_commit))
             result = await committer.run()
             remove_files(committer.garbage)  # as the staging area does in the background
-            assert during["frozen"] in (None, b"captured-x")
+            assert during["frozen"] in (None, b"captured-x" + pad)
             # the snapshot is the tree as it was when the commit began
             async with open_view(based.repository, based.key) as view:
                 snap = await view.lookup(IDS_INO, result.tag.id_hex.encode())
@@ -769,16 +849,17 @@ def test_commit_captures_one_moment_while_writes_go_on(based: Based, tmp_path: P
                 got = {}
                 for name in (b"w", b"x", b"z"):
                     node = await view.lookup(snap.ino, name)
-                    got[name] = await view.read(view.open(node.ino), 0, 1000)
+                    got[name] = await view.read(view.open(node.ino), 0, 1 << 20)
                     if name == b"x":
                         assert node.attr.mode & 0o7777 == 0o644
-                assert got == {b"w": b"untouched-w", b"x": b"captured-x", b"z": b"doomed-z"}
+                assert got == {b"w": b"untouched-w" + pad, b"x": b"captured-x" + pad, b"z": b"doomed-z" + pad}
             # staging keeps what was written meanwhile; unchanged files are now clean
-            assert await content(tree, x.ino) == b"CHANGEDd-x" and tree.get(x.ino).local
-            assert not tree.get(w.ino).local and not os.path.exists(tree.data_path(w.ino))
-            assert await content(tree, w.ino) == b"untouched-w"
+            assert await content(tree, x.ino) == b"CHANGEDd-x" + pad and tree.get(x.ino).local
+            assert not tree.get(w.ino).local and not has_content(tree, w.ino)
+            assert await content(tree, w.ino) == b"untouched-w" + pad
             assert gone(tree, z.ino)
-            assert tree.dirty and tree.frozen == {} and not any((tmp_path / "state" / "frozen").iterdir())
+            assert tree.dirty and tree.frozen == {} and tree.frozen_inline == {}
+            assert not any((tmp_path / "state" / "frozen").iterdir())
             assert await names(tree) == [b"d2", b"late", b"w", b"x"]
 
             # the next commit takes what came in meanwhile
@@ -788,39 +869,42 @@ def test_commit_captures_one_moment_while_writes_go_on(based: Based, tmp_path: P
                 snap = await view.lookup(IDS_INO, second.tag.id_hex.encode())
                 assert [n for n, _ in await view.children(snap.ino)] == [b"d2", b"late", b"w", b"x"]
                 node = await view.lookup(snap.ino, b"x")
-                assert await view.read(view.open(node.ino), 0, 100) == b"CHANGEDd-x"
+                assert await view.read(view.open(node.ino), 0, 1 << 20) == b"CHANGEDd-x" + pad
                 assert node.attr.mode & 0o7777 == 0o600
             tree.close()
 
     run(main)
 
 
-def test_committed_leaves_files_written_after_the_capture_local(based: Based, tmp_path: Path) -> None:
+@SIZES
+def test_committed_leaves_files_written_after_the_capture_local(based: Based, tmp_path: Path, pad: bytes) -> None:
+    size = 5000 + len(pad)
+
     async def main() -> None:
         async with open_repo(based.repository, based.key) as repo:
             tree = StagingTree(tmp_path / "state", "clean", BlobCache(repo))
-            a = await put_file(tree, ROOT, b"a", b"a" * 5000)
-            b = await put_file(tree, ROOT, b"b", b"b" * 5000)
+            a = await put_file(tree, ROOT, b"a", b"a" * size)
+            b = await put_file(tree, ROOT, b"b", b"b" * size)
             capture = tree.capture(lambda chunks: False)
             uploader = Uploader(repo)
-            contents = {ino: await uploader.upload_path(path) for ino, path in capture.frozen.items()}
+            contents = await upload_captured(uploader, tree, capture)
             await repo.flush_packs()  # as publish_snapshot does before anything refers to them
             await tree.write(b.ino, 0, b"B")  # after the capture
             snapshot = Snapshot("clean", 1, b"\0" * 32, 0, 0, 0, max_link_id=0)
             remove_files(tree.committed(capture, b"\7" * 32, snapshot, contents, {}))
             assert not tree.get(a.ino).local and tree.get(a.ino).chunks
-            assert not os.path.exists(tree.data_path(a.ino))
-            assert await content(tree, a.ino) == b"a" * 5000
-            assert tree.get(b.ino).local and await content(tree, b.ino) == b"B" + b"b" * 4999
+            assert not has_content(tree, a.ino)
+            assert await content(tree, a.ino) == b"a" * size
+            assert tree.get(b.ino).local and await content(tree, b.ino) == b"B" + b"b" * (size - 1)
             assert tree.base == b"\7" * 32 and tree.dirty
-            assert tree.frozen == {}
+            assert tree.frozen == {} and tree.frozen_inline == {}
             # nothing written after the capture: the tree is clean
             capture = tree.capture(lambda chunks: False)
-            contents = {ino: await uploader.upload_path(path) for ino, path in capture.frozen.items()}
+            contents = await upload_captured(uploader, tree, capture)
             await repo.flush_packs()  # as publish_snapshot does before anything refers to them
-            tree.committed(capture, b"\10" * 32, snapshot, contents, {})
-            assert not tree.dirty and not tree.get(b.ino).local
-            assert await content(tree, b.ino) == b"B" + b"b" * 4999
+            remove_files(tree.committed(capture, b"\10" * 32, snapshot, contents, {}))
+            assert not tree.dirty and not tree.get(b.ino).local and not has_content(tree, b.ino)
+            assert await content(tree, b.ino) == b"B" + b"b" * (size - 1)
             tree.close()
 
     run(main)

@@ -59,7 +59,7 @@ class Committer:
             contents = dict(capture.uploaded)
             await self._upload_frozen(capture, contents)
             link_ids, max_link_id = _link_ids(capture)
-            root_id = await self._directory(capture, ROOT, contents, link_ids)
+            root_id = await self._directories(capture, contents, link_ids)
             # Write-behind chunks may sit in packs other tasks are uploading: wait
             # for them, and make sure none of those uploads failed.
             await self.repo.flush_packs()
@@ -119,8 +119,36 @@ class Committer:
                 await slots.acquire()
                 nursery.start_soon(upload_inline, batch)
 
+    async def _directories(self, capture: Capture, contents: dict[int, list[ChunkRef]],
+                           link_ids: dict[int, int]) -> bytes:
+        """Write the records of the expanded directories, deepest level first (the
+        directories of one level concurrently); returns the root's record ID."""
+        levels = [[ROOT]]
+        while True:
+            below = [child for ino in levels[-1] for _, child in capture.children.get(ino, [])
+                     if capture.inodes[child].kind == EntryKind.DIRECTORY]
+            if not below:
+                break
+            levels.append(below)
+        dir_ids: dict[int, bytes] = {}
+        slots = trio.Semaphore(max(4, self.repo.threads * 2))
+
+        async def write(ino: int) -> None:
+            try:
+                dir_ids[ino] = await self._directory(capture, ino, contents, link_ids, dir_ids)
+            finally:
+                slots.release()
+
+        for level in reversed(levels):
+            async with task_group() as nursery:
+                for ino in level:
+                    await slots.acquire()
+                    nursery.start_soon(write, ino)
+        return dir_ids[ROOT]
+
     async def _directory(self, capture: Capture, ino: int, contents: dict[int, list[ChunkRef]],
-                         link_ids: dict[int, int]) -> bytes:
+                         link_ids: dict[int, int], dir_ids: dict[int, bytes]) -> bytes:
+        """The record ID of one directory; those of its subdirectories are in dir_ids."""
         node = capture.inodes[ino]
         if node.dir_id is not None:
             return node.dir_id  # never expanded: the stored record is still exact
@@ -129,7 +157,7 @@ class Committer:
             child_node = capture.inodes[child]
             entry = child_node.entry(name)
             if child_node.kind == EntryKind.DIRECTORY:
-                entry.dir_id = await self._directory(capture, child, contents, link_ids)
+                entry.dir_id = dir_ids[child]
                 entry.nlink = 1
             elif child_node.kind == EntryKind.FILE:
                 chunks = contents[child] if child_node.local else decode_chunks(child_node.chunks or b"")

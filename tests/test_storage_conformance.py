@@ -327,6 +327,42 @@ def test_flush_then_visible_from_a_new_connection(backend: Backend) -> None:
     run(body)
 
 
+def test_local_flush_syncs_what_was_written_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fsync() of each object written since the last flush and of its folder; a
+    staged file elsewhere on the same disk is not synced with them."""
+    import rekkordfs.storage.local as local
+
+    synced: list[str] = []
+    real = local._fsync_path
+
+    def record(path: str) -> None:
+        real(path)
+        synced.append(path)
+
+    monkeypatch.setattr(local, "_fsync_path", record)
+
+    async def body() -> None:
+        storage = LocalStorage(str(tmp_path / "repo"))
+        await storage.create()
+        keys = ["blobs/0a/first", "packs/1f/pack", "blobs/0a/second"]
+        for key in keys:
+            assert await storage.put(key, os.urandom(2 << 20 if key.startswith("packs") else 100))
+        assert not await storage.put(keys[0], b"again")  # taken: nothing new to sync
+        (tmp_path / "other-file").write_bytes(b"not the repository's")
+        await storage.flush()
+        root = str(tmp_path / "repo")
+        objects = {os.path.join(root, key) for key in keys}
+        folders = {os.path.join(root, folder) for folder in ("blobs/0a", "packs/1f", "blobs", "packs")}
+        assert set(synced) == objects | folders and len(synced) == len(objects | folders)
+        assert synced.index(os.path.join(root, "packs/1f/pack")) < synced.index(os.path.join(root, "packs/1f"))
+        synced.clear()
+        await storage.flush()
+        assert synced == []
+        await storage.aclose()
+
+    run(body)
+
+
 def test_create_refuses_a_non_empty_location(backend: Backend) -> None:
     async def body() -> None:
         storage = await fresh(backend)

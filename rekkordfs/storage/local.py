@@ -3,6 +3,11 @@
 Objects are written to tmp/ first and hard-linked to their final name: link()
 fails with EEXIST instead of replacing, so nothing stored is ever overwritten
 and a crash never leaves a half-written object under a real name.
+
+flush() makes what was written since the last flush durable: each object and
+its folder is fsync()ed, so other files on the same disk (the mount's staged
+data, other programs' writes) are not written out with it. Large objects start
+their write-back as soon as they are written.
 """
 
 from __future__ import annotations
@@ -11,11 +16,13 @@ import ctypes
 import errno
 import os
 import secrets
+import threading
 from typing import Callable, TypeVar
 
 import trio
 
 from ..errors import ObjectMissing, StorageError
+from ..tasks import task_group
 from .base import Storage
 
 T = TypeVar("T")
@@ -33,6 +40,24 @@ def _syncfs(path: str) -> None:
             raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
+
+
+SYNC_FILE_RANGE_WRITE = 2
+EARLY_WRITEBACK = 1 << 20  # objects from this size (packs) start their write-back at once
+SYNCFS_ABOVE = 4096  # flushing more objects than this: one syncfs() costs less
+
+
+def _fsync_path(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _start_writeback(fd: int) -> None:
+    """sync_file_range(SYNC_FILE_RANGE_WRITE): queue the file's pages for disk, without waiting."""
+    _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -78,6 +103,8 @@ class LocalStorage(Storage):
         # O_TMPFILE + linkat(AT_EMPTY_PATH): no temporary name to create and unlink (and
         # nothing to clean up after a crash); plain temp files where unsupported.
         self._use_tmpfile = hasattr(os, "O_TMPFILE")
+        self._unsynced: set[str] = set()  # objects written since the last flush() (by worker threads)
+        self._unsynced_lock = threading.Lock()
 
     @property
     def description(self) -> str:
@@ -121,13 +148,16 @@ class LocalStorage(Storage):
     def put_sync(self, key: str, data: bytes | bytearray | memoryview) -> bool:
         final = os.path.join(self.root, key)
         try:
-            return self._link_new(final, data)
+            self._link_new(final, data)
+            with self._unsynced_lock:
+                self._unsynced.add(final)
+            return True
         except FileExistsError:
             return False
         except OSError as exc:
             raise self._error(exc, "write", key) from None
 
-    def _link_new(self, final: str, data: bytes | bytearray | memoryview) -> bool:
+    def _link_new(self, final: str, data: bytes | bytearray | memoryview) -> None:
         """Write data to an unnamed file, then give it its name unless taken."""
         if self._use_tmpfile:
             try:
@@ -139,8 +169,10 @@ class LocalStorage(Storage):
             else:
                 try:
                     _write_all(fd, data)
+                    if len(data) >= EARLY_WRITEBACK:
+                        _start_writeback(fd)
                     _retry_in_new_folder(final, lambda: _link_fd(fd, final))
-                    return True
+                    return
                 except _LinkUnsupported:
                     self._use_tmpfile = False  # e.g. no CAP_DAC_READ_SEARCH on old kernels
                 finally:
@@ -155,7 +187,6 @@ class LocalStorage(Storage):
             _retry_in_new_folder(final, lambda: os.link(tmp, final, follow_symlinks=False))
         finally:
             os.unlink(tmp)
-        return True
 
     async def get(self, key: str) -> bytes:
         return await self._run(self.get_sync, key)
@@ -254,7 +285,19 @@ class LocalStorage(Storage):
             raise self._error(exc, "delete", key) from None
 
     async def flush(self) -> None:
+        with self._unsynced_lock:
+            written, self._unsynced = self._unsynced, set()
         try:
-            await self._run(_syncfs, self.root)
+            if len(written) > SYNCFS_ABOVE:
+                await self._run(_syncfs, self.root)
+                return
+            folders = {os.path.dirname(path) for path in written}
+            folders |= {os.path.dirname(folder) for folder in folders}  # folders made on demand
+            for paths in (written, folders):  # the objects, then their names
+                async with task_group() as nursery:
+                    for path in paths:
+                        nursery.start_soon(self._run, _fsync_path, path)
         except OSError as exc:
+            with self._unsynced_lock:
+                self._unsynced |= written
             raise self._error(exc, "sync", "") from None

@@ -754,8 +754,11 @@ class StagingTree:
                 self._changed()
 
     def _write_inline(self, node: Inode, offset: int, data: bytes) -> None:
+        """One transaction, new mtime included (a data file's write has none: its
+        mtime is journaled at close, see flush())."""
         self._preserve_inline(node.ino)
         end = offset + len(data)
+        now = self.clock()
         with self._transaction():
             if offset >= node.size:  # appending (after a hole, if any): SQLite joins the bytes
                 self.db.execute("UPDATE inline SET data = CAST(data || ? AS BLOB) WHERE ino = ?",
@@ -764,7 +767,8 @@ class StagingTree:
                 old = self.inline_data(node.ino) or b""
                 self.db.execute("UPDATE inline SET data = ? WHERE ino = ?",
                                 (old[:offset] + data + old[end:], node.ino))
-            self.db.execute("UPDATE inodes SET size = ? WHERE ino = ?", (max(node.size, end), node.ino))
+            self.db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
+                            (max(node.size, end), now, now, node.ino))
             if not self._dirty:
                 self._changed()
 
@@ -822,7 +826,6 @@ class StagingTree:
             if offset + len(data) <= INLINE_MAX:
                 self._write_inline(node, offset, data)
                 self._content_changed(ino)
-                self._touched.add(ino)
                 return len(data)
             self._spill(node)
         elif ino in self.frozen:

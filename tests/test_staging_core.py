@@ -143,11 +143,17 @@ def test_create_write_read_truncate(tree: StagingTree, clock: Clock) -> None:
         assert await tree.read(f.ino, 3, 4) == b"lo W"
         assert await tree.read(f.ino, 13, 10) == b""
         assert await tree.read(f.ino, 100, 5) == b""
-        assert tree.touched_mtime(f.ino)
-        before = tree.get(f.ino).mtime_ns
+        written = tree.get(f.ino)  # small: in the journal, whose write transaction sets the mtime
+        assert written.mtime_ns == written.ctime_ns > f.mtime_ns and not tree.touched_mtime(f.ino)
         tree.flush(f.ino)
-        flushed = tree.get(f.ino)
-        assert flushed.mtime_ns == flushed.ctime_ns > before and not tree.touched_mtime(f.ino)
+        assert tree.get(f.ino).mtime_ns == written.mtime_ns
+        big = await put_file(tree, ROOT, b"big", bytes(INLINE_MAX + 1))  # a data file: mtime at close
+        await tree.write(big.ino, 0, b"x")
+        assert tree.touched_mtime(big.ino)
+        before = tree.get(big.ino).mtime_ns
+        tree.flush(big.ino)
+        flushed = tree.get(big.ino)
+        assert flushed.mtime_ns == flushed.ctime_ns > before and not tree.touched_mtime(big.ino)
 
         await tree.truncate(f.ino, 5)
         assert await content(tree, f.ino) == b"hello"
@@ -167,7 +173,7 @@ def test_create_write_read_truncate(tree: StagingTree, clock: Clock) -> None:
         link = await tree.create(ROOT, b"l", SYMLINK, 0o777, 0, 0, target=b"f")
         assert link.target == b"f" and tree.size_of(link) == 1
         await expect_errno(errno.EINVAL, tree.setattr, link.ino, size=0)
-        assert await names(tree) == [b"d", b"f", b"l"]
+        assert await names(tree) == [b"big", b"d", b"f", b"l"]
         assert tree.dirty
 
     run(main)

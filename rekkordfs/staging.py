@@ -197,8 +197,10 @@ class StagingTree:
         self._dirty = bool(self._meta("dirty", 0))
         self._reserve = folder / "reserve"
         self._doomed: list[tuple[int, bool]] = []  # inodes deleted by the open transaction, has a data file
-        # rows read since the last change (every journal transaction clears it)
+        # rows as journaled: every change of a row goes through _update_inode() or
+        # _delete_inode(), which drop it here; bulk changes and rollbacks clear it all
         self._inodes: dict[int, Inode] = {}
+        self._check_cache = bool(os.environ.get("REKKORD_CHECK_INODE_CACHE"))  # tests: compare with the journal
         self._recover()
         self._ensure_reserve()
 
@@ -217,8 +219,16 @@ class StagingTree:
     def _transaction(self) -> "_Tx":
         return _Tx(self.db, self._after_commit, self._after_rollback)
 
+    def _update_inode(self, ino: int, assignments: str, *values: object) -> None:
+        """UPDATE inodes SET <assignments> for one inode (inside a transaction)."""
+        self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values, ino))
+        self._inodes.pop(ino, None)
+
+    def _delete_inode(self, ino: int) -> None:
+        self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        self._inodes.pop(ino, None)
+
     def _after_commit(self) -> None:
-        self._inodes.clear()
         doomed, self._doomed = self._doomed, []
         for ino, has_file in doomed:
             if has_file:
@@ -313,6 +323,7 @@ class StagingTree:
             self._set_meta("base", snapshot_id)
             self._set_meta("max_link_id", snapshot.max_link_id if snapshot else 0)
             self._set_meta("dirty", 0)
+        self._inodes.clear()
         self._dirty = False
         self._chunk_lists.clear()
         for path in self.data_dir.iterdir():
@@ -325,6 +336,9 @@ class StagingTree:
 
     def get(self, ino: int) -> Inode:
         node = self._inodes.get(ino)
+        if node is not None and self._check_cache:
+            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+            assert row is not None and _row(row) == node, f"stale cached inode {ino}: {node} != {row}"
         if node is None:
             row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
             if row is None:
@@ -385,7 +399,7 @@ class StagingTree:
                     existing = cursor.lastrowid
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                                 (node.ino, entry.name, existing))
-            self.db.execute("UPDATE inodes SET dir_id = NULL WHERE ino = ?", (node.ino,))
+            self._update_inode(node.ino, "dir_id = NULL")
 
     async def own_links(self, ino: int) -> None:
         """Before an inode of a base hardlink group changes: expand every directory.
@@ -462,7 +476,7 @@ class StagingTree:
         return self.get(ino)
 
     def _touch_dir(self, ino: int, now: int) -> None:
-        self.db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, ino))
+        self._update_inode(ino, "mtime_ns = ?, ctime_ns = ?", now, now)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         self._check_name(name)
@@ -476,7 +490,7 @@ class StagingTree:
         now = self.clock()
         with self._transaction():
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
-            self.db.execute("UPDATE inodes SET nlink = nlink + 1, ctime_ns = ? WHERE ino = ?", (now, ino))
+            self._update_inode(ino, "nlink = nlink + 1, ctime_ns = ?", now)
             self._touch_dir(parent, now)
             self._changed()
         return self.get(ino)
@@ -521,9 +535,9 @@ class StagingTree:
         node = self.get(ino)
         links = 0 if node.is_dir else node.nlink - 1
         if links > 0:
-            self.db.execute("UPDATE inodes SET nlink = ?, ctime_ns = ? WHERE ino = ?", (links, now, ino))
+            self._update_inode(ino, "nlink = ?, ctime_ns = ?", links, now)
         else:
-            self.db.execute("UPDATE inodes SET nlink = 0, ctime_ns = ? WHERE ino = ?", (now, ino))
+            self._update_inode(ino, "nlink = 0, ctime_ns = ?", now)
             self._maybe_delete(ino)
 
     def _maybe_delete(self, ino: int) -> None:
@@ -536,7 +550,7 @@ class StagingTree:
         if row[1] == INLINE:
             self._preserve_inline(ino)
             self.db.execute("DELETE FROM inline WHERE ino = ?", (ino,))
-        self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        self._delete_inode(ino)
         self._doomed.append((ino, row[1] == DATA_FILE))  # its data file goes once the transaction is committed
 
     def _is_ancestor(self, ancestor: int, ino: int) -> bool:
@@ -593,14 +607,15 @@ class StagingTree:
                                 (target, old_parent, old_name))
                 self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
                                 (moved, new_parent, new_name))
-                self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE ino IN (?, ?)", (now, moved, target))
+                self._update_inode(moved, "ctime_ns = ?", now)
+                self._update_inode(target, "ctime_ns = ?", now)
             else:
                 if target is not None:
                     self._remove_entry(new_parent, new_name, target)
                 self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (old_parent, old_name))
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                                 (new_parent, new_name, moved))
-                self.db.execute("UPDATE inodes SET ctime_ns = ? WHERE ino = ?", (now, moved))
+                self._update_inode(moved, "ctime_ns = ?", now)
             self._touch_dir(old_parent, now)
             self._touch_dir(new_parent, now)
             self._changed()
@@ -636,7 +651,7 @@ class StagingTree:
             self._touched.discard(ino)  # an explicit time wins over the write that came before
         assignments = ", ".join(f"{k} = ?" for k in updates)
         with self._transaction():
-            self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*updates.values(), ino))
+            self._update_inode(ino, assignments, *updates.values())
             self._changed()
         return self.get(ino)
 
@@ -657,8 +672,7 @@ class StagingTree:
         items.sort()
         mode = mode_from_acl(node.mode, value) if name == ACL_ACCESS else node.mode
         with self._transaction():
-            self.db.execute("UPDATE inodes SET xattrs = ?, mode = ?, ctime_ns = ? WHERE ino = ?",
-                            (encode_xattrs(items), mode, self.clock(), ino))
+            self._update_inode(ino, "xattrs = ?, mode = ?, ctime_ns = ?", encode_xattrs(items), mode, self.clock())
             self._changed()
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -668,8 +682,7 @@ class StagingTree:
         if len(kept) == len(items):
             raise _error(errno.ENODATA)
         with self._transaction():
-            self.db.execute("UPDATE inodes SET xattrs = ?, ctime_ns = ? WHERE ino = ?",
-                            (encode_xattrs(kept) if kept else None, self.clock(), ino))
+            self._update_inode(ino, "xattrs = ?, ctime_ns = ?", encode_xattrs(kept) if kept else None, self.clock())
             self._changed()
 
     # --- file content ----------------------------------------------------------------------
@@ -712,7 +725,7 @@ class StagingTree:
             os.close(fd)
         os.replace(tmp, path)
         with self._transaction():
-            self.db.execute("UPDATE inodes SET local = ?, chunks = NULL, size = 0 WHERE ino = ?", (DATA_FILE, ino))
+            self._update_inode(ino, "local = ?, chunks = NULL, size = 0", DATA_FILE)
             self._changed()
         self._content_changed(ino)
 
@@ -727,8 +740,7 @@ class StagingTree:
             return  # another request made it local meanwhile
         with self._transaction():
             self.db.execute("INSERT OR REPLACE INTO inline (ino, data) VALUES (?, ?)", (node.ino, data))
-            self.db.execute("UPDATE inodes SET local = ?, chunks = NULL, size = ? WHERE ino = ?",
-                            (INLINE, len(data), node.ino))
+            self._update_inode(node.ino, "local = ?, chunks = NULL, size = ?", INLINE, len(data))
             self._changed()
         self._content_changed(node.ino)
 
@@ -749,7 +761,7 @@ class StagingTree:
         self._preserve_inline(node.ino)
         with self._transaction():
             self.db.execute("UPDATE inline SET data = ? WHERE ino = ?", (data, node.ino))
-            self.db.execute("UPDATE inodes SET size = ? WHERE ino = ?", (len(data), node.ino))
+            self._update_inode(node.ino, "size = ?", len(data))
             if not self._dirty:
                 self._changed()
 
@@ -767,8 +779,7 @@ class StagingTree:
                 old = self.inline_data(node.ino) or b""
                 self.db.execute("UPDATE inline SET data = ? WHERE ino = ?",
                                 (old[:offset] + data + old[end:], node.ino))
-            self.db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ? WHERE ino = ?",
-                            (max(node.size, end), now, now, node.ino))
+            self._update_inode(node.ino, "size = ?, mtime_ns = ?, ctime_ns = ?", max(node.size, end), now, now)
             if not self._dirty:
                 self._changed()
 
@@ -784,7 +795,7 @@ class StagingTree:
             os.close(fd)
         with self._transaction():  # a crash before this leaves a data file that _recover() deletes
             self.db.execute("DELETE FROM inline WHERE ino = ?", (node.ino,))
-            self.db.execute("UPDATE inodes SET local = ?, size = 0 WHERE ino = ?", (DATA_FILE, node.ino))
+            self._update_inode(node.ino, "local = ?, size = 0", DATA_FILE)
 
     async def _unfreeze(self, ino: int) -> None:
         """A running commit holds this file's content: write from now on to a copy."""
@@ -879,7 +890,7 @@ class StagingTree:
         if ino in self._touched:
             now = self.clock()
             with self._transaction():
-                self.db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, ino))
+                self._update_inode(ino, "mtime_ns = ?, ctime_ns = ?", now, now)
                 self._changed()
             self._touched.discard(ino)
 
@@ -1004,6 +1015,7 @@ class StagingTree:
             self.db.executemany("DELETE FROM inline WHERE ino = ?", [(ino,) for ino in clean_files])
             self.db.executemany("UPDATE inodes SET link_id = ? WHERE ino = ?",
                                 [(link_id, ino) for ino, link_id in link_ids.items()])
+            self._inodes.clear()
             self._set_meta("base", snapshot_id)
             self._set_meta("max_link_id", snapshot.max_link_id)
             clean = self.sequence == capture.sequence

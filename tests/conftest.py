@@ -13,6 +13,10 @@ import pytest
 REKKORD = [sys.executable, "-m", "cli.main"]
 ROOT = Path(__file__).resolve().parent.parent
 
+# Staging trees (in tests and in the mounts they start) check every cached
+# inode row against the journal: a change that bypasses the cache fails a test.
+os.environ["REKKORD_CHECK_INODE_CACHE"] = "1"
+
 
 @dataclass
 class Rekkord:

@@ -95,7 +95,11 @@ class StagingArea:
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        for _ in range(max(1, self.repo.threads)):
+        # On local disk one write-behind task at a time leaves the other CPUs to the
+        # FUSE requests and to the writer (rsync): faster overall. To a server, more
+        # seal while one waits for an upload.
+        remote = getattr(self.repo.storage, "remote", True)
+        for _ in range(max(1, self.repo.threads) if remote else 1):
             nursery.start_soon(self._upload_behind)
         nursery.start_soon(self._abort_streams_when_done)
 

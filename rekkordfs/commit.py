@@ -45,7 +45,7 @@ class Committer:
         self.repo = repo
         self.tree = tree
         self.uploader = uploader
-        self.files = 0
+        self.files = 0  # totals of the snapshot, like save's: one per file name
         self.size = 0
         self.bytes_stored = 0
         self.garbage: list[str] = []  # data files of committed files, to delete
@@ -55,6 +55,7 @@ class Committer:
         started = time.monotonic()
         time_ns = time.time_ns()
         capture = self.tree.capture(lambda chunks: is_durable(self.repo, chunks))
+        self.files, self.size = capture.stored_files, capture.stored_size  # the directories walked add theirs
         try:
             contents = dict(capture.uploaded)
             await self._upload_frozen(capture, contents)

@@ -149,6 +149,8 @@ class Capture:
     versions: dict[int, int]
     sequence: int
     max_link_id: int
+    stored_files: int = 0  # files (and their bytes) in directories never expanded,
+    stored_size: int = 0  # which the commit does not walk
 
 
 @dataclass
@@ -323,6 +325,9 @@ class StagingTree:
             self._set_meta("base", snapshot_id)
             self._set_meta("max_link_id", snapshot.max_link_id if snapshot else 0)
             self._set_meta("dirty", 0)
+            # files inside directories not expanded yet: counted in the snapshot's totals only
+            self._set_meta("stored_files", snapshot.files if snapshot else 0)
+            self._set_meta("stored_size", snapshot.size if snapshot else 0)
         self._inodes.clear()
         self._dirty = False
         self._chunk_lists.clear()
@@ -381,7 +386,10 @@ class StagingTree:
             raise _error(errno.EACCES)
         assert node.dir_id is not None
         listing = await self.blobs.directory(node.dir_id)
+        files = [entry for entry in listing.entries if entry.kind == EntryKind.FILE]
         with self._transaction():
+            self._set_meta("stored_files", int(self._meta("stored_files", 0)) - len(files))
+            self._set_meta("stored_size", int(self._meta("stored_size", 0)) - sum(entry.size for entry in files))
             for entry in listing.entries:
                 existing = None
                 if entry.link_id:
@@ -989,7 +997,8 @@ class StagingTree:
             frozen[ino] = link
             self.frozen[ino] = link
         max_link_id = int(self._meta("max_link_id", 0) or 0)
-        return Capture(inodes, children, frozen, inline, uploaded, versions, self.sequence, max_link_id)
+        stored = (int(self._meta("stored_files", 0)), int(self._meta("stored_size", 0)))
+        return Capture(inodes, children, frozen, inline, uploaded, versions, self.sequence, max_link_id, *stored)
 
     def release_capture(self, capture: Capture) -> None:
         for ino, link in capture.frozen.items():

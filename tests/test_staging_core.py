@@ -797,6 +797,9 @@ def test_copy_on_write_from_a_snapshot_and_commit_reuses_untouched_records(based
             remove_files(committer.garbage)  # as the staging area does in the background
             new_id = result.tag.id_hex
             assert tree.base == result.tag.snapshot_id and not tree.dirty
+            # totals count the files of directories never expanded too, as save counts them
+            assert (result.snapshot.files, result.snapshot.size) == (base.files, base.size)
+            assert (result.files, result.size) == (base.files, base.size)
             assert not tree.get(t.ino).local and not os.path.exists(tree.data_path(t.ino))
             assert await content(tree, t.ino) == patched
             # untouched directories are still unexpanded, and the snapshot uses their old records
@@ -809,6 +812,11 @@ def test_copy_on_write_from_a_snapshot_and_commit_reuses_untouched_records(based
                 assert new[name].chunks_raw == old[name].chunks_raw
             assert new[b"text-10M.txt"].chunks_raw != old[b"text-10M.txt"].chunks_raw
             assert new[b"text-10M.txt"].size == len(text)
+            # a removed file leaves the totals; those of unexpanded directories stay
+            await tree.unlink(src.ino, b"small.txt")
+            second = await Committer(repo, tree, Uploader(repo)).run()
+            small_size = (based.src / "small.txt").stat().st_size
+            assert (second.snapshot.files, second.snapshot.size) == (base.files - 1, base.size - small_size)
             return new_id
 
     new_id = run(main)

@@ -326,7 +326,7 @@ def mount(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
 def commit(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     """Ask the running mount to commit a staging folder; wait for the snapshot."""
-    from rekkordfs.stagingarea import CONTROL_CHANNEL, CONTROL_COMMIT
+    from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
 
     path = args.staging
     try:

@@ -6,7 +6,7 @@
 
 This module maps the mount's inode numbers onto the trees, schedules
 write-behind uploads when written files are closed, and runs commits (asked
-for by `rekkord commit` through an extended attribute, see CONTROL_COMMIT).
+for by `rekkord commit` through an extended attribute, see control.py).
 Like vfs.py it raises OSError and knows nothing of FUSE.
 """
 
@@ -27,6 +27,7 @@ import trio
 
 from .blobcache import BlobCache
 from .commit import CommitResult, Committer
+from .control import CONTROL_CHANNEL, CONTROL_COMMIT
 from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .keys import Capability
@@ -42,9 +43,6 @@ STAGING_BIT = 1 << 62
 SLOT_SHIFT = 40
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 
-# Control attributes on MNT/staging/<channel>; never listed, so rsync -X skips them.
-CONTROL_CHANNEL = b"user.rekkord.channel"  # get: the channel name (is this a staging root?)
-CONTROL_COMMIT = b"user.rekkord.commit"  # set to a token: commit; get CONTROL_COMMIT + b"." + token: result
 
 
 # Every change to a staging tree goes through the kernel, which updates its

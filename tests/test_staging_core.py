@@ -28,7 +28,8 @@ from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.format import ChunkRef, EntryKind, Snapshot
 from rekkordfs.staging import DATA_FILE, INLINE, INLINE_MAX, remove_files, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, Capture, StagingTree
-from rekkordfs.stagingarea import CONTROL_CHANNEL, CONTROL_COMMIT, StagingArea
+from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
+from rekkordfs.stagingarea import StagingArea
 from rekkordfs.upload import Uploader
 from rekkordfs.vfs import IDS_INO, STAGING_INO, SnapshotView
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import secrets
 import sys
 import threading
 from typing import Callable
@@ -15,7 +13,7 @@ import trio
 from rekkordfs import keys as keymod
 from rekkordfs.check import Checker
 from rekkordfs.config import Config
-from rekkordfs.errors import KeyFileError, RekkordError, UsageError
+from rekkordfs.errors import KeyFileError, UsageError
 from rekkordfs.format import Entry, EntryKind
 from rekkordfs.keys import Capability, Keyset, KeyType
 from rekkordfs.repository import Repository, walk_path
@@ -322,41 +320,3 @@ def mount(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     if args.foreground:
         return run_foreground(config, keys, options)
     return daemonize(config, keys, options)
-
-
-def commit(args: argparse.Namespace, make_config: ConfigMaker) -> int:
-    """Ask the running mount to commit a staging folder; wait for the snapshot."""
-    from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
-
-    path = args.staging
-    try:
-        channel = os.getxattr(path, CONTROL_CHANNEL).decode()
-    except OSError:
-        raise UsageError(f"'{path}' is not the staging folder of a channel in a rekkord mount "
-                         "(expected MNT/staging/CHANNEL)") from None
-    token = secrets.token_hex(16).encode()
-    try:
-        os.setxattr(path, CONTROL_COMMIT, token)
-        failure = None
-    except OSError as exc:
-        failure = exc
-    try:
-        result = json.loads(os.getxattr(path, CONTROL_COMMIT + b"." + token))
-    except (OSError, ValueError):
-        reason = failure.strerror if failure else "no answer from the mount"
-        raise RekkordError(f"commit of staging/{channel} failed: {reason}") from None
-    if "error" in result:
-        raise RekkordError(f"commit of staging/{channel} failed: {result['error']}")
-    if args.format == "json":
-        print_json({
-            "id": result["id"], "channel": result["channel"], "time": iso_time(result["time_ns"]),
-            "files": result["files"], "size": result["size"], "bytes_new": result["bytes_new"],
-            "bytes_stored": result["bytes_stored"], "duration": result["duration"],
-        })
-    else:
-        print(f"Files:        {result['files']} ({human_size(result['size'])})")
-        print(f"New:          {human_size(result['bytes_new'])}")
-        print(f"Stored:       {human_size(result['bytes_stored'])}")
-        print(f"Time:         {result['duration']:.2f} s")
-        print(result["id"])
-    return 0

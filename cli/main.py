@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
-from typing import Callable, NoReturn, Sequence
+from typing import TYPE_CHECKING, Callable, NoReturn, Sequence
 
-import trio
-
-from rekkordfs.config import Config, load_config
 from rekkordfs.errors import UsageError, find_user_error
 
-from . import commands
+if TYPE_CHECKING:
+    from rekkordfs.config import Config
 
 
 def _common_options(suppress: bool) -> argparse.ArgumentParser:
@@ -41,38 +40,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def command(name: str, help_text: str, handler: Callable) -> argparse.ArgumentParser:
+    def command(name: str, help_text: str, handler: str) -> argparse.ArgumentParser:
+        """handler: "module:function", imported when the command runs."""
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         p.set_defaults(handler=handler)
         return p
 
-    command("init", "create a repository and export its master key (default ./master.key)", commands.init)
+    command("init", "create a repository and export its master key (default ./master.key)", "cli.commands:init")
 
-    p = command("derive", "derive a restricted keyfile from the master key", commands.derive)
+    p = command("derive", "derive a restricted keyfile from the master key", "cli.commands:derive")
     p.add_argument("-t", "--type", required=True, metavar="TYPE", help="ReadWrite, WriteOnly or LogOnly")
     p.add_argument("-O", "--output", required=True, metavar="FILE", help="where to write the new keyfile")
 
-    p = command("identify", "print the key ID and type of a keyfile", commands.identify)
+    p = command("identify", "print the key ID and type of a keyfile", "cli.commands:identify")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("save", "save paths as a new snapshot in CHANNEL; prints its ID", commands.save)
+    p = command("save", "save paths as a new snapshot in CHANNEL; prints its ID", "cli.commands:save")
     p.add_argument("channel", metavar="CHANNEL")
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("snapshots", "list snapshots", commands.snapshots)
+    p = command("snapshots", "list snapshots", "cli.commands:snapshots")
     p.add_argument("-c", "--channel", action="append", metavar="CHANNEL", help="only this channel (repeatable)")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("channels", "latest snapshot of each channel", commands.channels)
+    p = command("channels", "latest snapshot of each channel", "cli.commands:channels")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("list", "list the tree of a snapshot", commands.list_tree)
+    p = command("list", "list the tree of a snapshot", "cli.commands:list_tree")
     p.add_argument("spec", metavar="ID|CHANNEL[:path]")
     p.add_argument("-r", "--recursive", action="store_true", help="list subdirectories too")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("restore", "restore a snapshot (or a path inside it) to DEST", commands.restore)
+    p = command("restore", "restore a snapshot (or a path inside it) to DEST", "cli.commands:restore")
     p.add_argument("spec", metavar="ID|CHANNEL[:path]")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("-f", "--force", action="store_true", help="restore into a non-empty DEST")
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be done, change nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="print each restored path")
 
-    p = command("check", "verify signatures, structure and optionally every blob", commands.check)
+    p = command("check", "verify signatures, structure and optionally every blob", "cli.commands:check")
     p.add_argument("--read-data", action="store_true", help="decrypt and rehash every stored chunk")
 
-    p = command("mount", "mount the repository (or one snapshot) as a filesystem", commands.mount)
+    p = command("mount", "mount the repository (or one snapshot) as a filesystem", "cli.commands:mount")
     p.add_argument("args", metavar="[ID|CHANNEL[:path]] MNT", nargs="+")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--channel", action="append", metavar="C", help="only show these channels")
@@ -93,13 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-list snapshots at most this often (default 10)")
     p.add_argument("--debug", action="store_true", help="log FUSE requests")
 
-    p = command("commit", "turn a staging tree of a running mount into a snapshot", commands.commit)
+    p = command("commit", "turn a staging tree of a running mount into a snapshot", "cli.commit:commit")
     p.add_argument("staging", metavar="MNT/staging/CHANNEL")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
     return parser
 
 
 def make_config(args: argparse.Namespace) -> Config:
+    from rekkordfs.config import load_config
+
     return load_config(
         config_file=getattr(args, "config_file", None),
         repository=getattr(args, "repository", None),
@@ -136,9 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not getattr(args, "handler", None):
             parser.print_help(sys.stderr)
             return 2
-        return args.handler(args, make_config) or 0
+        return _handler(args.handler)(args, make_config) or 0
     except BaseException as exc:  # noqa: BLE001 - translate everything the user can cause
         return _report(exc)
+
+
+def _handler(spec: str) -> Callable:
+    """Commands import the library when they run: `commit`, which only talks
+    to a running mount, needs none of it and starts faster."""
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def _report(exc: BaseException) -> int:
@@ -148,7 +157,9 @@ def _report(exc: BaseException) -> int:
     if user is not None:
         print(f"rekkord: error: {user.message}", file=sys.stderr)
         return user.exit_code
-    if _first_of(exc, KeyboardInterrupt) is not None or _first_of(exc, trio.Cancelled) is not None:
+    trio = sys.modules.get("trio")  # loaded by every command that can be cancelled
+    cancelled = trio is not None and _first_of(exc, trio.Cancelled) is not None
+    if _first_of(exc, KeyboardInterrupt) is not None or cancelled:
         print("rekkord: interrupted", file=sys.stderr)
         return 130
     broken = _first_of(exc, BrokenPipeError)

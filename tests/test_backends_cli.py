@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import pytest
 
 from tests.conftest import REKKORD, ROOT, Rekkord
 from tests.servers import (BUCKET, OpenSSHServer, SeaweedFS, backend_runner_class, free_ports, openssh_server,

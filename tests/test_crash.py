@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import REKKORD, ROOT, Rekkord
 from tests.fsutil import rsync_diff

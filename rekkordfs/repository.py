@@ -440,16 +440,12 @@ class Repository:
         Chunks of one pack are read with one ranged request when the gaps
         between them are small (on a remote backend, up to COALESCE_GAP bytes
         are read for nothing rather than pay another round trip)."""
-        if any(c.location is None for c in chunks):
-            results: list[bytes] = [b""] * len(chunks)
-
-            async def one(index: int, chunk: ChunkRef) -> None:
-                results[index] = await self.read_raw(chunk.id, chunk.location)
-
-            async with task_group() as nursery:
-                for index, chunk in enumerate(chunks):
-                    nursery.start_soon(one, index, chunk)
-            return results
+        if any(c.location is None for c in chunks):  # stored alone (older repositories)
+            results = await self._read_each([(c.id, c.location) for c in chunks])
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+            return results  # type: ignore[return-value]
         locations = [c.location for c in chunks if c.location is not None]
         runs = _coalesce(locations, COALESCE_GAP if self.storage.remote else 0)
         try:
@@ -463,6 +459,21 @@ class Repository:
                 assert location is not None
                 begin = location.offset - start
                 raws[index] = _check_length(chunks[index].id, location, data[begin:begin + location.length])
+        return raws
+
+    async def _read_each(self, blobs: list[tuple[bytes, Location | None]]) -> list[bytes | RekkordError]:
+        """read_raw() of every blob, concurrently; a blob's error is its result."""
+        raws: list[bytes | RekkordError] = [b""] * len(blobs)
+
+        async def fetch(index: int, blob_id: bytes, location: Location | None) -> None:
+            try:
+                raws[index] = await self.read_raw(blob_id, location)
+            except RekkordError as exc:
+                raws[index] = exc
+
+        async with task_group() as nursery:
+            for index, (blob_id, location) in enumerate(blobs):
+                nursery.start_soon(fetch, index, blob_id, location)
         return raws
 
     async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location | None = None,
@@ -487,17 +498,7 @@ class Repository:
 
         read_blocking = self.storage.read_blocking
         if read_blocking is None:
-            raws: list[bytes | Exception] = [b""] * len(blobs)
-
-            async def fetch(index: int, blob_id: bytes, location: Location | None) -> None:
-                try:
-                    raws[index] = await self.read_raw(blob_id, location)
-                except RekkordError as exc:
-                    raws[index] = exc
-
-            async with task_group() as nursery:
-                for index, (blob_id, location) in enumerate(blobs):
-                    nursery.start_soon(fetch, index, blob_id, location)
+            raws = await self._read_each(blobs)
 
             def finish_all() -> list[T | bytes | bytearray | Exception]:
                 return [raw if isinstance(raw, Exception) else _try(finish, blob_id, location, raw)

@@ -1,4 +1,5 @@
-"""Batch reads of chunks: which ranges of packs they ask for (repository._coalesce), packs shared by waiters, chunks stored alone."""
+"""Batch reads of chunks: which ranges of packs they ask for
+(repository._coalesce), packs shared by waiters, chunks stored alone."""
 
 from __future__ import annotations
 

@@ -198,7 +198,7 @@ class StagingTree:
         self._chunk_lists: dict[int, tuple[list[ChunkRef], list[int]]] = {}  # decoded, for reads
         self._dirty = bool(self._meta("dirty", 0))
         self._reserve = folder / "reserve"
-        self._doomed: list[tuple[int, bool]] = []  # inodes deleted by the open transaction, has a data file
+        self._doomed: list[tuple[int, bool]] = []  # (inode, has a data file) deleted by the open transaction
         # rows as journaled: every change of a row goes through _update_inode() or
         # _delete_inode(), which drop it here; bulk changes and rollbacks clear it all
         self._inodes: dict[int, Inode] = {}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -404,6 +405,33 @@ def staging_changed(ctx: Context) -> Result:
      uses=("local:staging",), compare_to="save_big")
 def staging_big(ctx: Context) -> Result:
     return _stage(ctx, ctx.ds.big.parent, "big", 1, ctx.ds.big_bytes, new_channel=True)
+
+
+@row("staging_floor", "floor: rsync tree into a pyfuse3 fs that keeps nothing", group="staging",
+     tools=("rekkordfs",), compare_to="save_tree")
+def staging_floor(ctx: Context) -> Result:
+    """What the FUSE layer alone costs `rsync -a` of the tree (bench/nullfs.py):
+    no staging row can be faster than this on the same machine."""
+    from .measure import is_mount, unmount, wait_for
+
+    mnt = ctx.work / "mnt" / "nullfs"
+    mnt.mkdir(parents=True, exist_ok=True)
+    unmount(mnt)
+    server = subprocess.Popen([sys.executable, "-m", "bench.nullfs", str(mnt)], cwd=Path(__file__).parent.parent,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        if not wait_for(lambda: is_mount(mnt), 30, proc=server):
+            raise ToolFailure(f"bench/nullfs.py did not mount: {server.communicate(timeout=5)[1].decode().strip()}")
+        warm(ctx.ds.tree)
+        before = proc_cpu(server.pid)
+        r = run(["rsync", "-a", f"{ctx.ds.tree}/", f"{mnt}/tree/"]).check("rsync into nullfs")
+        after = proc_cpu(server.pid)
+    finally:
+        unmount(mnt)
+        server.wait(timeout=30)
+    cpu = r.cpu + (after - before if None not in (before, after) else 0)
+    return Result(seconds=r.seconds, bytes=ctx.ds.tree_bytes, rss=r.rss, cpu=cpu,
+                  extra={"daemon_cpu": after - before if None not in (before, after) else None})
 
 
 # --- S3 and SFTP: the same save/restore rows on a server ----------------------------------

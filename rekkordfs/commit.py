@@ -22,6 +22,8 @@ from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
 from .upload import TransferStats, Uploader
 
+INLINE_BATCH = 64  # small files uploaded per thread hop (as write-behind's batches)
+
 
 @dataclass
 class CommitResult:
@@ -177,7 +179,7 @@ class Committer:
         return dir_id
 
 
-def _batches(inos: list[int], size: int = 64) -> list[list[int]]:
+def _batches(inos: list[int], size: int = INLINE_BATCH) -> list[list[int]]:
     return [inos[start:start + size] for start in range(0, len(inos), size)]
 
 

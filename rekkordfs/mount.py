@@ -83,7 +83,7 @@ async def serve(config: Config, keys: Keyset, options: MountOptions, ready: Read
 
 async def _serve_repository(repo: Repository, options: MountOptions, ready: Ready) -> None:
     cache_dir = repository_cache_dir(repo.id_hex)
-    disk = DiskCache(cache_dir / "blobs", options.cache_size) if getattr(repo.storage, "remote", True) else None
+    disk = DiskCache(cache_dir / "blobs", options.cache_size) if repo.storage.remote else None
     blobs = BlobCache(repo, disk=disk)
     view = SnapshotView(repo, blobs, refresh_interval=options.refresh_interval,
                         channels=set(options.channels) or None)

@@ -828,12 +828,12 @@ class StagingTree:
         else:
             await self._unfreeze(ino)
         node = self.get(ino)
-        if node.local == INLINE and size > INLINE_MAX:
-            self._spill(node)
         if node.local == INLINE and size <= INLINE_MAX:
             data = self.inline_data(ino) or b""
             self._set_inline(node, data[:size] + bytes(max(0, size - len(data))))
         else:
+            if node.local == INLINE:
+                self._spill(node)
             await trio.to_thread.run_sync(os.truncate, self.data_path(ino), size)
         self._content_changed(ino)
         self._touched.add(ino)

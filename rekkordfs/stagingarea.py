@@ -44,7 +44,6 @@ SLOT_SHIFT = 40
 LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 
 
-
 # Every change to a staging tree goes through the kernel, which updates its
 # caches itself: they may keep entries and attributes for a while.
 STAGING_TIMEOUT = 30.0
@@ -96,8 +95,7 @@ class StagingArea:
         # On local disk one write-behind task at a time leaves the other CPUs to the
         # FUSE requests and to the writer (rsync): faster overall. To a server, more
         # seal while one waits for an upload.
-        remote = getattr(self.repo.storage, "remote", True)
-        for _ in range(max(1, self.repo.threads) if remote else 1):
+        for _ in range(max(1, self.repo.threads) if self.repo.storage.remote else 1):
             nursery.start_soon(self._upload_behind)
         nursery.start_soon(self._abort_streams_when_done)
 

@@ -14,11 +14,12 @@ from rekkordfs import keys as keymod
 from rekkordfs.check import Checker
 from rekkordfs.config import Config
 from rekkordfs.errors import KeyFileError, UsageError
-from rekkordfs.format import Entry, EntryKind
+from rekkordfs.format import BlobRef, Entry, EntryKind
 from rekkordfs.keys import Capability, Keyset, KeyType
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession
 from rekkordfs.save import SaveSession
+from rekkordfs.treebudget import TreeBudget
 from rekkordfs.storage import open_storage
 
 from .output import human_size, iso_time, local_time, mode_string, print_json, print_table
@@ -147,51 +148,71 @@ def save(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 # --- listing --------------------------------------------------------------------
 
 
-def _list_tags(args: argparse.Namespace, make_config: ConfigMaker) -> list:
+def _list_tags(args: argparse.Namespace, make_config: ConfigMaker) -> tuple[list, int]:
+    """The snapshots that verify, and the exit status: 3 when some tag did not
+    verify (each is named on stderr and left out)."""
     config = make_config(args)
     keys = _load_keys(config)
     keys.require(Capability.LIST)
 
     async def run():
         async with Repository.connect(config, keys) as repo:
-            return await repo.list_tags(warn=warn)
+            return await repo.list_snapshots()
 
-    return trio.run(run)
+    listing = trio.run(run)
+    for line in listing.rejected:
+        warn(line)
+    return listing.tags, 3 if listing.rejected else 0
 
 
 def snapshots(args: argparse.Namespace, make_config: ConfigMaker) -> int:
-    tags = _list_tags(args, make_config)
+    tags, status = _list_tags(args, make_config)
     if args.channel:
         tags = [t for t in tags if t.channel in args.channel]
     if args.format == "json":
         print_json([
-            {"id": t.id_hex, "channel": t.channel, "time": iso_time(t.time_ns), "size": t.size, "stored": t.stored}
+            {"id": t.id_hex, "channel": t.channel, "time": iso_time(t.time_ns), "size": t.size, "stored": t.stored,
+             "files": t.files, "key": {"id": t.signer.key_id.hex(), "type": t.signer.kind.label}}
             for t in tags
         ])
     else:
         rows = [("ID", "Channel", "Time", "Size", "Stored")]
         rows += [(t.id_hex, t.channel, local_time(t.time_ns), human_size(t.size), human_size(t.stored)) for t in tags]
         print_table(rows, right_align={3, 4})
-    return 0
+    return status
 
 
 def channels(args: argparse.Namespace, make_config: ConfigMaker) -> int:
-    latest: dict[str, tuple] = {}
-    for tag in _list_tags(args, make_config):
-        count = latest.get(tag.channel, (None, 0))[1]
-        latest[tag.channel] = (tag, count + 1)
-    items = sorted(latest.items())
+    config = make_config(args)
+    keys = _load_keys(config)
+    keys.require(Capability.LIST)
+    problems: list[str] = []
+
+    async def run() -> list[tuple[str, object, int]]:
+        async with Repository.connect(config, keys) as repo:
+            listing = await repo.list_snapshots()
+            problems.extend(listing.rejected)
+            by_channel: dict[str, list] = {}
+            for tag in listing.tags:
+                by_channel.setdefault(tag.channel, []).append(tag)
+            # keys that can read take the newest snapshot whose record matches its tag
+            return [(name, await repo.newest_usable(tags, warn=problems.append), len(tags))
+                    for name, tags in sorted(by_channel.items())]
+
+    items = [(name, tag, count) for name, tag, count in trio.run(run) if tag is not None]
+    for line in problems:
+        warn(line)
     if args.format == "json":
         print_json([
             {"channel": name, "latest": tag.id_hex, "time": iso_time(tag.time_ns), "size": tag.size, "count": count}
-            for name, (tag, count) in items
+            for name, tag, count in items
         ])
     else:
         rows = [("Channel", "Latest", "Time", "Size", "Snapshots")]
         rows += [(name, tag.id_hex, local_time(tag.time_ns), human_size(tag.size), str(count))
-                 for name, (tag, count) in items]
+                 for name, tag, count in items]
         print_table(rows, right_align={3, 4})
-    return 0
+    return 3 if problems else 0
 
 
 def _entry_json(path: str, entry: Entry) -> dict:
@@ -213,21 +234,23 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     name, path = split_spec(args.spec)
     rows: list[tuple[str, Entry]] = []
 
-    async def walk(repo: Repository, dir_id: bytes, prefix: str) -> None:
-        for entry in await repo.read_directory(dir_id):
+    async def walk(repo: Repository, ref: BlobRef, prefix: str, budget: TreeBudget) -> None:
+        entries = await repo.read_directory(ref)
+        budget.visit(ref.id, len(entries), prefix.count("/") + 1, prefix)
+        for entry in entries:
             child = f"{prefix}/{os.fsdecode(entry.name)}" if prefix else os.fsdecode(entry.name)
             rows.append((child, entry))
-            if args.recursive and entry.kind == EntryKind.DIRECTORY and entry.dir_id:
-                await walk(repo, entry.dir_id, child)
+            if args.recursive and entry.kind == EntryKind.DIRECTORY and entry.dir_ref:
+                await walk(repo, entry.dir_ref, child, budget)
 
     async def run() -> None:
         async with Repository.connect(config, keys) as repo:
             tag = await repo.resolve(name)
-            snapshot = await repo.load_snapshot(tag.snapshot_id)
+            snapshot = await repo.load_snapshot(tag)
             top, _ = await walk_path(repo, snapshot, path)
             if top.kind == EntryKind.DIRECTORY:
-                assert top.dir_id is not None
-                await walk(repo, top.dir_id, "")
+                assert top.dir_ref is not None
+                await walk(repo, top.dir_ref, "", TreeBudget(f"snapshot {tag.id_hex}"))
             else:
                 rows.append((os.fsdecode(top.name), top))
 
@@ -256,10 +279,11 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     async def run():
         async with Repository.connect(config, keys) as repo:
             tag = await repo.resolve(name)
-            snapshot = await repo.load_snapshot(tag.snapshot_id)
+            snapshot = await repo.load_snapshot(tag)
             target, has_metadata = await walk_path(repo, snapshot, path)
             report = print if (args.dry_run or args.verbose) else None
-            session = RestoreSession(repo, target, args.dest, options, warn, report, has_metadata)
+            session = RestoreSession(repo, target, args.dest, options, warn, report, has_metadata,
+                                     label=f"snapshot {tag.id_hex}")
             stats = session.stats
 
             def poll() -> tuple[float, float, str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import trio
 
 from .errors import StorageError
-from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
+from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
@@ -62,14 +62,14 @@ class Committer:
             contents = dict(capture.uploaded)
             await self._upload_frozen(capture, contents)
             link_ids, max_link_id = _link_ids(capture)
-            root_id = await self._directories(capture, contents, link_ids)
+            root_ref = await self._directories(capture, contents, link_ids)
             # Write-behind chunks may sit in packs other tasks are uploading: wait
             # for them, and make sure none of those uploads failed.
             await self.repo.flush_packs()
             if not is_durable(self.repo, [c for chunks in contents.values() for c in chunks]):
                 raise StorageError("some staged data failed to upload; commit again")
             root = capture.inodes[ROOT].entry(b"")
-            snapshot = Snapshot(self.tree.channel, time_ns, root_id, self.size, 0, self.files,
+            snapshot = Snapshot(self.tree.channel, time_ns, root_ref, self.size, 0, self.files,
                                 max_link_id=max_link_id, root=root)
             snapshot.stored = self.bytes_stored + self.uploader.stats.bytes_stored
             tag = await self.repo.publish_snapshot(snapshot)
@@ -123,9 +123,9 @@ class Committer:
                 nursery.start_soon(upload_inline, batch)
 
     async def _directories(self, capture: Capture, contents: dict[int, list[ChunkRef]],
-                           link_ids: dict[int, int]) -> bytes:
+                           link_ids: dict[int, int]) -> BlobRef:
         """Write the records of the expanded directories, deepest level first (the
-        directories of one level concurrently); returns the root's record ID."""
+        directories of one level concurrently); returns the root's record."""
         levels = [[ROOT]]
         while True:
             below = [child for ino in levels[-1] for _, child in capture.children.get(ino, [])
@@ -133,12 +133,12 @@ class Committer:
             if not below:
                 break
             levels.append(below)
-        dir_ids: dict[int, bytes] = {}
+        dir_refs: dict[int, BlobRef] = {}
         slots = trio.Semaphore(max(4, self.repo.threads * 2))
 
         async def write(ino: int) -> None:
             try:
-                dir_ids[ino] = await self._directory(capture, ino, contents, link_ids, dir_ids)
+                dir_refs[ino] = await self._directory(capture, ino, contents, link_ids, dir_refs)
             finally:
                 slots.release()
 
@@ -147,20 +147,20 @@ class Committer:
                 for ino in level:
                     await slots.acquire()
                     nursery.start_soon(write, ino)
-        return dir_ids[ROOT]
+        return dir_refs[ROOT]
 
     async def _directory(self, capture: Capture, ino: int, contents: dict[int, list[ChunkRef]],
-                         link_ids: dict[int, int], dir_ids: dict[int, bytes]) -> bytes:
-        """The record ID of one directory; those of its subdirectories are in dir_ids."""
+                         link_ids: dict[int, int], dir_refs: dict[int, BlobRef]) -> BlobRef:
+        """The record of one directory; those of its subdirectories are in dir_refs."""
         node = capture.inodes[ino]
-        if node.dir_id is not None:
-            return node.dir_id  # never expanded: the stored record is still exact
+        if node.dir_ref is not None:
+            return node.dir_ref  # never expanded: the stored record is still exact
         entries: list[Entry] = []
         for name, child in capture.children.get(ino, []):
             child_node = capture.inodes[child]
             entry = child_node.entry(name)
             if child_node.kind == EntryKind.DIRECTORY:
-                entry.dir_id = dir_ids[child]
+                entry.dir_ref = dir_refs[child]
                 entry.nlink = 1
             elif child_node.kind == EntryKind.FILE:
                 chunks = contents[child] if child_node.local else decode_chunks(child_node.chunks or b"")
@@ -174,9 +174,9 @@ class Committer:
                 entry.nlink = 1
             entries.append(entry)
         record = await self.repo.run_cpu(encode_directory, entries)
-        dir_id, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
         self.bytes_stored += stored
-        return dir_id
+        return ref
 
 
 def _batches(inos: list[int], size: int = INLINE_BATCH) -> list[list[int]]:

@@ -1,6 +1,6 @@
 """The async storage interface every backend implements.
 
-Keys are '/'-separated relative names such as 'blobs/ab/ab12...'. The
+Keys are '/'-separated relative names such as 'packs/ab/ab12...'. The
 contract, checked by tests/test_storage_conformance.py for every backend:
 
 - put() never overwrites: it returns False when the key already exists;
@@ -20,8 +20,8 @@ from ..tasks import task_group
 
 class Storage(ABC):
     #: True when put() itself refuses to overwrite on the server (local link(),
-    #: S3 If-None-Match, SFTP rename without replace). When False, the
-    #: repository lists existing blobs and skips them instead.
+    #: S3 If-None-Match, SFTP rename without replace). When False, put() looks
+    #: for the object first (racy, but every name the repository writes is random).
     conditional_writes: bool = True
     #: False for backends where reading is as cheap as a local disk cache
     #: (the mount then keeps no on-disk copy of fetched blobs).

@@ -19,7 +19,7 @@ from rekkordfs.keys import Capability, Keyset, KeyType
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession
 from rekkordfs.save import SaveSession
-from rekkordfs.treebudget import TreeBudget
+from rekkordfs.treebudget import refuse_hostile_tree
 from rekkordfs.storage import open_storage
 
 from .output import human_size, iso_time, local_time, mode_string, print_json, print_table
@@ -234,14 +234,20 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     name, path = split_spec(args.spec)
     rows: list[tuple[str, Entry]] = []
 
-    async def walk(repo: Repository, ref: BlobRef, prefix: str, budget: TreeBudget) -> None:
-        entries = await repo.read_directory(ref)
-        budget.visit(ref.id, len(entries), prefix.count("/") + 1, prefix)
-        for entry in entries:
+    async def walk(repo: Repository, top: BlobRef) -> None:
+        """Depth first, each folder's content right after it (as find prints),
+        without recursion: trees may be deeper than Python's stack."""
+        stack = [(iter(await repo.read_directory(top)), "")]
+        while stack:
+            entries, prefix = stack[-1]
+            entry = next(entries, None)
+            if entry is None:
+                stack.pop()
+                continue
             child = f"{prefix}/{os.fsdecode(entry.name)}" if prefix else os.fsdecode(entry.name)
             rows.append((child, entry))
             if args.recursive and entry.kind == EntryKind.DIRECTORY and entry.dir_ref:
-                await walk(repo, entry.dir_ref, child, budget)
+                stack.append((iter(await repo.read_directory(entry.dir_ref)), child))
 
     async def run() -> None:
         async with Repository.connect(config, keys) as repo:
@@ -250,7 +256,9 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
             top, _ = await walk_path(repo, snapshot, path)
             if top.kind == EntryKind.DIRECTORY:
                 assert top.dir_ref is not None
-                await walk(repo, top.dir_ref, "", TreeBudget(f"snapshot {tag.id_hex}"))
+                if args.recursive:
+                    await refuse_hostile_tree(repo, top.dir_ref, f"snapshot {tag.id_hex}")
+                await walk(repo, top.dir_ref)
             else:
                 rows.append((os.fsdecode(top.name), top))
 

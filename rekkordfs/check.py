@@ -26,7 +26,7 @@ from .format import BlobKind, BlobRef, ChunkRef, EntryKind, Location, Tag, decod
 from .keys import Capability
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .tasks import task_group
-from .treebudget import AMPLIFICATION, MAX_DEPTH, too_amplified
+from .treebudget import TreeShape, shape_problem
 
 
 @dataclass
@@ -44,14 +44,6 @@ class CheckReport:
         return not self.problems
 
 
-@dataclass
-class _Record:
-    """A directory record as check saw it: its size and its subdirectories."""
-
-    entries: int
-    children: list[bytes]
-
-
 class Checker:
     def __init__(self, repo: Repository, read_data: bool, progress: Callable[[str], None] | None = None) -> None:
         repo.keys.require(Capability.READ)
@@ -60,7 +52,8 @@ class Checker:
         self.progress = progress or (lambda _m: None)
         self.report = CheckReport()
         self._packs: set[bytes] = set()
-        self._records: dict[bytes, _Record | None] = {}  # None: missing or damaged
+        self._visited: set[bytes] = set()  # directory records walked (once for all snapshots)
+        self._shape: TreeShape = {}  # those that could be read
         # each distinct chunk reference -> a place that uses it, for messages
         self._chunk_users: dict[ChunkRef, str] = {}
         # blobs the indexes list, per index: (name, signer label, entries)
@@ -109,9 +102,9 @@ class Checker:
         stack = [(top, top_path)]
         while stack:
             ref, path = stack.pop()
-            if ref.id in self._records:
+            if ref.id in self._visited:
                 continue
-            self._records[ref.id] = None
+            self._visited.add(ref.id)
             if ref.location.pack not in self._packs:
                 self.problem(f"{owner}: directory '{path or '/'}' (pack {ref.location.pack.hex()}) is missing")
                 continue
@@ -131,7 +124,7 @@ class Checker:
                 elif entry.kind == EntryKind.FILE:
                     self.report.files += 1
                     self._check_file(entry.chunks_raw, entry.size, child, owner)
-            self._records[ref.id] = _Record(len(entries), children)
+            self._shape[ref.id] = (len(entries), children)
 
     def _check_file(self, chunks_raw: bytes, size: int, path: str, owner: str) -> None:
         try:
@@ -150,37 +143,9 @@ class Checker:
 
     def _check_shape(self, root: bytes, owner: str) -> None:
         """The bounds restore and the mount enforce (treebudget.py), for the whole tree."""
-        expanded: dict[bytes, int] = {}  # entries below a record, repeats counted
-        depth: dict[bytes, int] = {}
-        order: list[bytes] = []  # post-order over distinct records
-        seen: set[bytes] = set()
-        stack: list[tuple[bytes, bool]] = [(root, False)]
-        while stack:
-            record_id, done = stack.pop()
-            if done:
-                order.append(record_id)
-                continue
-            if record_id in seen:
-                continue
-            seen.add(record_id)
-            stack.append((record_id, True))
-            record = self._records.get(record_id)
-            if record is not None:
-                stack.extend((child, False) for child in record.children if child not in seen)
-        distinct = 0
-        for record_id in order:
-            record = self._records.get(record_id)
-            if record is None:
-                expanded[record_id], depth[record_id] = 0, 1
-                continue
-            distinct += record.entries
-            expanded[record_id] = record.entries + sum(expanded.get(c, 0) for c in record.children)
-            depth[record_id] = 1 + max((depth.get(c, 0) for c in record.children), default=0)
-        if depth.get(root, 0) > MAX_DEPTH:
-            self.problem(f"{owner}: its tree is nested more than {MAX_DEPTH} folders deep")
-        if too_amplified(expanded.get(root, 0), distinct):
-            self.problem(f"{owner}: its folders repeat the same records more than {AMPLIFICATION} times over "
-                         "(a tree built to multiply work); restore and the mount refuse it")
+        problem = shape_problem(self._shape, root)
+        if problem:
+            self.problem(f"{owner}: {problem}; restore and the mount refuse it")
 
     async def _check_indexes(self) -> None:
         """Every pack index opens, is signed by a key of this repository, and

@@ -30,7 +30,7 @@ from .format import BlobKind, ChunkRef, Entry, EntryKind
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
 from .tasks import task_group
-from .treebudget import TreeBudget
+from .treebudget import refuse_hostile_tree
 from .upload import SMALL_FILE
 
 BATCH_FILES = 64  # small files restored per thread hop...
@@ -199,7 +199,7 @@ class RestoreSession:
         self._batch: list[_FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0
         self.dest_fd = -1
-        self.budget = TreeBudget(label)
+        self.label = label
         self._keep: list[tuple[tuple[bytes, ...], set[bytes]]] = []  # --delete: each folder's names
         self._aside: list[tuple[tuple[bytes, ...], bytes]] = []  # files moved away for a folder
 
@@ -208,6 +208,8 @@ class RestoreSession:
     async def run(self) -> RestoreStats:
         started = time.monotonic()
         if self.target.kind == EntryKind.DIRECTORY:
+            assert self.target.dir_ref is not None
+            await refuse_hostile_tree(self.repo, self.target.dir_ref, self.label)
             await self._check_dest_dir()
             if self.options.dry_run:
                 await self._dry_run((), self.target)
@@ -268,7 +270,6 @@ class RestoreSession:
         assert entry.dir_ref is not None
         async with self._walk_slots:
             children = await self.repo.read_directory(entry.dir_ref)
-        self.budget.visit(entry.dir_ref.id, len(children), len(parts) + 1, self._show(parts))
         if self.options.delete:
             self._keep.append((parts, {c.name for c in children}))
         async with task_group() as nursery:
@@ -570,7 +571,6 @@ class RestoreSession:
     async def _dry_run(self, parts: tuple[bytes, ...], entry: Entry) -> None:
         assert entry.dir_ref is not None
         children = await self.repo.read_directory(entry.dir_ref)
-        self.budget.visit(entry.dir_ref.id, len(children), len(parts) + 1, self._show(parts))
         if self.options.delete:
             here = os.path.join(self.dest.encode(), *parts) if parts else self.dest.encode()
             if os.path.isdir(here) and not os.path.islink(here):

@@ -19,7 +19,6 @@ import binascii
 import logging
 import os
 import struct
-import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
@@ -29,10 +28,11 @@ import trio
 
 from . import crypto
 from .cache import KnownBlob, LocalCache, repository_cache_dir
-from .codec import INDEX_NAME_SIZE, STORED_OVERHEAD, BlobCodec, PackIndex, index_key, index_name_from_key, pack_key, snapshot_key
+from .codec import STORED_OVERHEAD, BlobCodec, PackIndex, index_name_from_key, pack_key, snapshot_key
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RekkordError, RepositoryError
 from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
 from .keys import Capability, Keyset, KeyType, Signer
+from .packs import COALESCE_GAP, PackReader, PackWriter, Sealed, check_length, coalesce
 from .config import Config
 from .storage import open_storage
 from .storage.base import Storage
@@ -51,9 +51,6 @@ SNAPSHOTS_PREFIX = "snapshots/"
 # A snapshot dated further ahead than this is not listed: it would stay the
 # newest of its channel for years (a wrong clock, or a writer gone rogue).
 FUTURE_TOLERANCE_NS = 24 * 3600 * 10**9
-PACK_TARGET = 8 << 20  # a pack is written once it holds this much
-PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
-COALESCE_GAP = 1 << 20  # remote reads of one pack: gaps up to this are read rather than skipped
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
 
 
@@ -98,231 +95,11 @@ def _tag_from_key(key: str) -> bytes:
     return base64.urlsafe_b64decode(name + "=" * (-len(name) % 4))
 
 
-class PackSlot:
-    """Room claimed in an open pack for one blob about to be sealed with its key.
-
-    A pack's key is its own, so a blob must know its pack before it is sealed
-    (in a worker thread); the pack is not uploaded while a slot on it is open.
-    Every slot ends in PackWriter.add() or PackWriter.cancel()."""
-
-    __slots__ = ("pack", "size")
-
-    def __init__(self, pack: "_OpenPack", size: int) -> None:
-        self.pack = pack
-        self.size = size
-
-    @property
-    def sealer(self) -> crypto.PackSealer:
-        return self.pack.sealer
-
-
-@dataclass(frozen=True, slots=True)
-class Sealed:
-    """A blob sealed for the pack of its slot, not stored yet."""
-
-    slot: PackSlot
-    data: bytearray
-
-
-class _OpenPack:
-    __slots__ = ("sealer", "records", "pieces", "size", "reserved", "entries", "holds", "closed", "done")
-
-    def __init__(self, sealer: crypto.PackSealer, records: bool) -> None:
-        self.sealer = sealer
-        self.records = records
-        self.pieces: list[bytes | bytearray] = []  # joined once, when uploaded
-        self.size = 0
-        self.reserved = 0  # bytes of open slots
-        self.entries: list[tuple[bytes, BlobKind, Location]] = []
-        self.holds = 0  # open slots
-        self.closed = False
-        self.done = trio.Event()  # uploaded, or failed and its blobs forgotten
-
-
-class PackWriter:
-    """Gathers sealed blobs into pack objects, each with a signed index.
-
-    Worker threads claim slots; the trio side adds the sealed blobs (a blob's
-    location is known then, so records can refer to it at once) and uploads a
-    pack (then its index) once it is closed (full, or on flush) and no slot on
-    it is open. flush() waits for every pack added to so far to be stored or its
-    blobs forgotten; publish_snapshot() calls it before anything refers to them
-    durably.
-    """
-
-    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None]) -> None:
-        self.storage = storage
-        self.codec = codec
-        self.forget = forget  # called with the blob IDs of a pack that failed to upload
-        self.written_indexes: set[str] = set()  # their blobs are known already
-        self._lock = threading.Lock()  # claim() runs in worker threads
-        # file data and records never share a pack: listing a tree reads only
-        # small packs of records, never megabytes of file data
-        self._current: dict[bool, _OpenPack] = {}  # is a record pack -> its open pack
-        self._ready: list[_OpenPack] = []  # closed, no open slot, waiting for an uploader
-        self._unfinished: set[_OpenPack] = set()  # closed and not done
-
-    def claim(self, kind: BlobKind, size: int) -> PackSlot:
-        """Room for a blob of `size` stored bytes (any thread)."""
-        records = kind != BlobKind.CHUNK
-        with self._lock:
-            pack = self._current.get(records)
-            if pack is not None and pack.size + pack.reserved + size > PACK_TARGET and (pack.size or pack.reserved):
-                self._close(pack)
-                pack = None
-            if pack is None:
-                pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
-            pack.holds += 1
-            pack.reserved += size
-            return PackSlot(pack, size)
-
-    def add(self, sealed: Sealed, blob_id: bytes, kind: BlobKind) -> Location:
-        with self._lock:
-            pack = sealed.slot.pack
-            location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
-            pack.pieces.append(sealed.data)
-            pack.size += len(sealed.data)
-            pack.entries.append((blob_id, kind, location))
-            self._release(sealed.slot)
-        return location
-
-    def cancel(self, slot: PackSlot) -> None:
-        """The blob of slot will not be added (a twin was stored meanwhile, or sealing failed)."""
-        with self._lock:
-            self._release(slot)
-
-    def _release(self, slot: PackSlot) -> None:
-        pack = slot.pack
-        pack.holds -= 1
-        pack.reserved -= slot.size
-        if not pack.closed and pack.size >= PACK_TARGET:
-            self._close(pack)
-        elif pack.closed and pack.holds == 0:
-            self._ready.append(pack)
-
-    def _close(self, pack: _OpenPack) -> None:
-        pack.closed = True
-        if self._current.get(pack.records) is pack:
-            del self._current[pack.records]
-        self._unfinished.add(pack)
-        if pack.holds == 0:
-            self._ready.append(pack)
-
-    async def upload_ready(self) -> None:
-        """Upload the packs that are closed with no open slot (backpressure for writers)."""
-        while True:
-            with self._lock:
-                if not self._ready:
-                    return
-                pack = self._ready.pop()
-            await self._upload(pack)
-
-    async def flush(self) -> None:
-        with self._lock:
-            for pack in list(self._current.values()):
-                if pack.entries or pack.holds:
-                    self._close(pack)
-            waiting = list(self._unfinished)
-        await self.upload_ready()
-        for pack in waiting:
-            await pack.done.wait()
-
-    async def _upload(self, pack: _OpenPack) -> None:
-        try:
-            if pack.entries:
-                buffer = b"".join(pack.pieces)
-                pack.pieces = []
-                if not await self.storage.put(pack_key(pack.sealer.pack_id), buffer):
-                    raise RepositoryError(f"pack {pack.sealer.pack_id.hex()} exists already")
-                index = await trio.to_thread.run_sync(self.codec.seal_index, pack.sealer.pack_id, pack.entries)
-                name = index_key(crypto.random_bytes(INDEX_NAME_SIZE))
-                if not await self.storage.put(name, index):
-                    raise RepositoryError(f"pack index {name} exists already")
-                self.written_indexes.add(name)
-        except BaseException:
-            self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
-            raise
-        finally:
-            with self._lock:
-                self._unfinished.discard(pack)
-            pack.done.set()
-
-
-def _coalesce(locations: list[Location], gap: int) -> list[tuple[bytes, int, int, list[int]]]:
-    """Ranges to read for these locations: (pack, start, length, indexes of the
-    locations inside), neighbours of a pack at most `gap` apart sharing one."""
-    order = sorted(range(len(locations)), key=lambda i: (locations[i].pack, locations[i].offset))
-    runs: list[tuple[bytes, int, int, list[int]]] = []
-    for index in order:
-        location = locations[index]
-        end = location.offset + location.length
-        if runs and runs[-1][0] == location.pack and location.offset - (runs[-1][1] + runs[-1][2]) <= gap:
-            pack, start, length, members = runs[-1]
-            members.append(index)
-            runs[-1] = (pack, start, max(length, end - start), members)
-        else:
-            runs.append((location.pack, location.offset, location.length, [index]))
-    return runs
-
-
 def _try(fn: Callable[..., T], *args: object) -> T | RekkordError:
     try:
         return fn(*args)
     except RekkordError as exc:
         return exc
-
-
-def _check_length(blob_id: bytes, location: Location, raw: bytes) -> bytes:
-    if len(raw) != location.length:
-        raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
-    return raw
-
-
-class _PackLoad:
-    """A pack being fetched: who waits for it gets it from here, even if the
-    cache has already evicted it for younger packs."""
-
-    __slots__ = ("done", "pack")
-
-    def __init__(self) -> None:
-        self.done = trio.Event()
-        self.pack: bytes | None = None
-
-
-class PackReader:
-    """Whole packs of a remote repository, fetched once into a small LRU: reading
-    many small files costs one request per pack instead of one per file."""
-
-    def __init__(self, storage: Storage, limit: int = PACK_CACHE) -> None:
-        self.storage = storage
-        self.limit = limit
-        self._packs: dict[bytes, bytes] = {}  # insertion order = age
-        self._used = 0
-        self._loading: dict[bytes, _PackLoad] = {}
-
-    async def read(self, location: Location) -> bytes:
-        pack = self._packs.get(location.pack)
-        if pack is not None:
-            self._packs[location.pack] = self._packs.pop(location.pack)  # now the youngest
-            return pack[location.offset:location.offset + location.length]
-        loading = self._loading.get(location.pack)
-        if loading is not None:
-            await loading.done.wait()
-            if loading.pack is not None:
-                return loading.pack[location.offset:location.offset + location.length]
-            # that fetch failed: try (and fail) ourselves
-        loading = self._loading[location.pack] = _PackLoad()
-        try:
-            pack = loading.pack = await self.storage.get(pack_key(location.pack))
-        finally:
-            if self._loading.get(location.pack) is loading:
-                del self._loading[location.pack]
-            loading.done.set()
-        self._used += len(pack) - len(self._packs.pop(location.pack, b""))  # a twin fetch after a failure
-        self._packs[location.pack] = pack
-        while self._used > self.limit and len(self._packs) > 1:
-            self._used -= len(self._packs.pop(next(iter(self._packs))))
-        return pack[location.offset:location.offset + location.length]
 
 
 @dataclass(frozen=True)
@@ -563,7 +340,7 @@ class Repository:
                 raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
         except ObjectMissing:
             raise ObjectMissing(f"blob {blob_id.hex()} (pack {location.pack.hex()}) is missing from the repository") from None
-        return _check_length(blob_id, location, raw)
+        return check_length(blob_id, location, raw)
 
     async def read_raws(self, chunks: list[ChunkRef]) -> list[bytes]:
         """The stored bytes of many chunks at once (a restore's small files).
@@ -572,7 +349,7 @@ class Repository:
         between them are small (on a remote backend, up to COALESCE_GAP bytes
         are read for nothing rather than pay another round trip)."""
         locations = [c.location for c in chunks]
-        runs = _coalesce(locations, COALESCE_GAP if self.storage.remote else 0)
+        runs = coalesce(locations, COALESCE_GAP if self.storage.remote else 0)
         try:
             datas = await self.storage.get_ranges([(pack_key(pack), start, length) for pack, start, length, _ in runs])
         except ObjectMissing as exc:
@@ -582,7 +359,7 @@ class Repository:
             for index in members:
                 location = chunks[index].location
                 begin = location.offset - start
-                raws[index] = _check_length(chunks[index].id, location, data[begin:begin + location.length])
+                raws[index] = check_length(chunks[index].id, location, data[begin:begin + location.length])
         return raws
 
     async def _read_each(self, blobs: list[tuple[bytes, Location]]) -> list[bytes | RekkordError]:
@@ -617,7 +394,7 @@ class Repository:
         self.keys.require(Capability.READ)
 
         def finish(blob_id: bytes, location: Location, raw: bytes) -> T | bytes | bytearray:
-            data = self.codec.unpack(kind, blob_id, location.pack, _check_length(blob_id, location, raw))
+            data = self.codec.unpack(kind, blob_id, location.pack, check_length(blob_id, location, raw))
             return then(data) if then is not None else data
 
         read_blocking = self.storage.read_blocking

@@ -31,7 +31,8 @@ from .control import CONTROL_CHANNEL, CONTROL_COMMIT
 from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .keys import Capability
-from .repository import Repository, Sealed
+from .packs import Sealed
+from .repository import Repository
 from .staging import ROOT, Inode, StagingTree, remove_files
 from .streaming import GrowingFile, StreamAborted
 from .upload import SMALL_FILE, Uploader, open_regular

@@ -18,7 +18,8 @@ import trio
 from .cache import KnownBlob
 from .chunker import Chunker
 from .format import BlobKind, ChunkRef, Location
-from .repository import Repository, Sealed
+from .packs import Sealed
+from .repository import Repository
 from .tasks import task_group
 
 # A chunk ready to store: (blob ID, plaintext size, and either its sealed bytes

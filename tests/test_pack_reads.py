@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from rekkordfs.format import Location
-from rekkordfs.repository import _coalesce
+from rekkordfs.packs import coalesce as _coalesce
 
 A, B = b"a" * 16, b"b" * 16
 
@@ -28,7 +28,7 @@ def test_waiters_get_their_pack_even_when_the_cache_evicts_it(tmp_path) -> None:
     import trio
 
     from rekkordfs.codec import pack_key
-    from rekkordfs.repository import PackReader
+    from rekkordfs.packs import PackReader
     from rekkordfs.storage.local import LocalStorage
 
     storage = LocalStorage(str(tmp_path))

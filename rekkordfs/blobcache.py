@@ -209,20 +209,21 @@ class BlobCache:
             del self._inflight[key]
             event.set()
 
-    async def _raw(self, kind: BlobKind, blob_id: bytes, location: Location) -> bytes:
+    async def _raw(self, kind: BlobKind, blob_id: bytes, location: Location) -> tuple[bytes, Location]:
+        """The sealed blob, and the place it was read from (a prune may have moved it)."""
         if self.disk is not None:
             raw = await trio.to_thread.run_sync(self.disk.load, kind, blob_id, location)
             if raw is not None:
-                return raw
-        raw = await self.repo.read_raw(blob_id, location)
-        if self.disk is not None:
+                return raw, location
+        raw, found_at = await self.repo.read_raw(blob_id, location)
+        if self.disk is not None and found_at == location:
             await trio.to_thread.run_sync(self.disk.store, kind, blob_id, location, raw)
-        return raw
+        return raw, found_at
 
     async def _open(self, kind: BlobKind, blob_id: bytes, location: Location) -> bytes | bytearray:
-        raw = await self._raw(kind, blob_id, location)
+        raw, found_at = await self._raw(kind, blob_id, location)
         try:
-            return await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, location.pack, raw)
+            return await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, found_at.pack, raw)
         except Exception:
             if self.disk is not None:
                 self.disk.drop(kind, blob_id, location)  # never keep serving a bad copy

@@ -2,7 +2,9 @@
 
 - known blobs: IDs of blobs this key has written, or read in the pack index of
   a writer it trusts, with the pack range holding them, so a save refers to
-  them instead of storing them again; and which pack indexes were already read;
+  them instead of storing them again; and which pack indexes were already read
+  (an index that disappears, because a prune deleted its pack, takes its
+  blobs with it);
 - stat cache: for each saved path, the (size, mtime, ctime, inode) it had and
   its chunks (IDs and sizes), so an unchanged file is not read again.
 
@@ -31,12 +33,14 @@ from . import crypto
 from .format import ID_SIZE, ChunkRef, Location
 from .keys import Keyset
 
-SCHEMA_VERSION = 3  # bump when the tables change: the cache is rebuilt, never migrated
+SCHEMA_VERSION = 4  # bump when the tables change: the cache is rebuilt, never migrated
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
-    id BLOB PRIMARY KEY, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL
+    id BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    PRIMARY KEY (id, pack)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
+CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY, pack BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stats (
     path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
     ino INTEGER, chunks BLOB, mac BLOB
@@ -85,6 +89,8 @@ class LocalCache:
         # Only this keyfile can make a stat row that verifies.
         self._mac_key = crypto.kdf(bytes(keys.sign_key), b"stat-cache")
         self._lock = threading.Lock()
+        # packs a prune condemned: their blobs are not to be used (the repository sets it)
+        self.excluded_packs: frozenset[bytes] = frozenset()
         self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -100,42 +106,46 @@ class LocalCache:
     # known blobs
 
     def lookup_blob(self, blob_id: bytes) -> KnownBlob | None:
-        with self._lock:
-            row = self._db.execute("SELECT pack, offset, length FROM blobs WHERE id = ?", (blob_id,)).fetchone()
-        if row is None:
-            return None
-        return KnownBlob(Location(row[0], row[1], row[2]))
+        return self.lookup_blobs([blob_id]).get(blob_id)
 
-    def lookup_blobs(self, blob_ids: list[bytes]) -> dict[bytes, KnownBlob]:
-        """lookup_blob() of many IDs in a few queries; unknown IDs are absent."""
+    def lookup_blobs(self, blob_ids: list[bytes], avoid: bytes | None = None) -> dict[bytes, KnownBlob]:
+        """Where these blobs are stored (one place each, never in an excluded
+        pack nor in `avoid`); unknown IDs are absent."""
         found: dict[bytes, KnownBlob] = {}
+        excluded = self.excluded_packs
         for start in range(0, len(blob_ids), 500):
             part = blob_ids[start:start + 500]
             query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
             with self._lock:
                 rows = self._db.execute(query, part).fetchall()
             for blob_id, pack, offset, length in rows:
-                found[blob_id] = KnownBlob(Location(pack, offset, length))
+                if pack not in excluded and pack != avoid and blob_id not in found:
+                    found[blob_id] = KnownBlob(Location(pack, offset, length))
         return found
-
-    def add_blobs(self, items: Iterable[tuple[bytes, Location]]) -> None:
-        rows = ((i, l.pack, l.offset, l.length) for i, l in items)
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
 
     def known_indexes(self) -> set[str]:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT name FROM indexes")}
 
-    def add_index(self, name: str, items: Iterable[tuple[bytes, Location]]) -> None:
-        """Record a pack index and its blobs in one transaction."""
+    def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
+        """Record a pack index and the blobs of it this key trusts, in one transaction."""
         rows = [(i, l.pack, l.offset, l.length) for i, l in items]
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("INSERT OR IGNORE INTO indexes (name) VALUES (?)", (name,))
+            self._db.execute("INSERT OR IGNORE INTO indexes (name, pack) VALUES (?, ?)", (name, pack))
+            self._db.execute("COMMIT")
+
+    def forget_indexes(self, names: Iterable[str]) -> None:
+        """Indexes that are gone from the repository (a prune deleted their
+        packs): their blobs are no longer known."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            for name in names:
+                row = self._db.execute("SELECT pack FROM indexes WHERE name = ?", (name,)).fetchone()
+                if row is not None:
+                    self._db.execute("DELETE FROM blobs WHERE pack = ?", (row[0],))
+                self._db.execute("DELETE FROM indexes WHERE name = ?", (name,))
             self._db.execute("COMMIT")
 
     # stat cache

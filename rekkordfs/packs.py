@@ -81,7 +81,7 @@ class PackWriter:
         self.storage = storage
         self.codec = codec
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
-        self.written_indexes: set[str] = set()  # their blobs are known already
+        self.written_indexes: dict[str, bytes] = {}  # index name -> its pack: their blobs are known already
         self._lock = threading.Lock()  # claim() runs in worker threads
         # file data and records never share a pack: listing a tree reads only
         # small packs of records, never megabytes of file data
@@ -165,7 +165,7 @@ class PackWriter:
                 name = index_key(crypto.random_bytes(INDEX_NAME_SIZE))
                 if not await self.storage.put(name, index):
                     raise RepositoryError(f"pack index {name} exists already")
-                self.written_indexes.add(name)
+                self.written_indexes[name] = pack.sealer.pack_id
         except BaseException:
             self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
             raise

@@ -28,10 +28,11 @@ import trio
 
 from . import crypto
 from .cache import KnownBlob, LocalCache, repository_cache_dir
-from .codec import STORED_OVERHEAD, BlobCodec, PackIndex, index_name_from_key, pack_key, snapshot_key
+from .codec import STORED_OVERHEAD, BlobCodec, PackIndex, index_name_from_key, pack_id_from_key, pack_key, snapshot_key
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RekkordError, RepositoryError
 from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
 from .keys import Capability, Keyset, KeyType, Signer
+from .marks import CONDEMNED_PREFIX, MARK_KEPT_NS, Condemned, decode_condemned
 from .packs import COALESCE_GAP, PackReader, PackWriter, Sealed, check_length, coalesce
 from .config import Config
 from .storage import open_storage
@@ -51,6 +52,13 @@ SNAPSHOTS_PREFIX = "snapshots/"
 # A snapshot dated further ahead than this is not listed: it would stay the
 # newest of its channel for years (a wrong clock, or a writer gone rogue).
 FUTURE_TOLERANCE_NS = 24 * 3600 * 10**9
+# Writers treat a prune record as due this much before its grace ends (clocks
+# differ between machines, and a tag is written a moment after the check).
+WRITER_MARGIN_NS = 10 * 60 * 10**9
+# Prune records stay at least this long after they are due (marks.py); a writer
+# that has run longer may have missed one, so it checks that its packs exist.
+LONG_SESSION_NS = MARK_KEPT_NS
+RESYNC_NS = 10 * 10**9  # a reader missing a moved blob re-reads the indexes at most this often
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
 
 
@@ -130,6 +138,9 @@ class Repository:
         self._tag_results: dict[str, Tag | str] = {}
         self._snapshots: dict[bytes, Snapshot] = {}  # records loaded and matched with their tags
         self.unusable: dict[bytes, str] = {}  # snapshot ID -> why its record cannot be used
+        self._condemned: dict[str, Condemned] = {}  # prune records in force, by object name
+        self.session_start_ns: int | None = None  # when this process first learned what is stored
+        self._indexes_synced_ns = 0  # monotonic time of the last sync_indexes()
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -213,9 +224,14 @@ class Repository:
         for blob_id in blob_ids:
             self._known.pop(blob_id, None)
 
-    def session_blobs(self) -> list[tuple[bytes, Location]]:
-        """Blobs stored by this session, to remember once they are durable."""
-        return [(blob_id, known.location) for blob_id, known in self._known.items()]
+    def remember_session(self) -> None:
+        """Once what this session stored is durable (its snapshot published):
+        record its packs and blobs in the cache (thread side)."""
+        by_pack: dict[bytes, list[tuple[bytes, Location]]] = {}
+        for blob_id, known in self._known.items():
+            by_pack.setdefault(known.location.pack, []).append((blob_id, known.location))
+        for name, pack in self._packer.written_indexes.items():
+            self.cache.add_index(name, pack, by_pack.get(pack, []))
 
     def trusts(self, signer: Signer) -> bool:
         """Whose pack indexes this key deduplicates against: its own, and those of
@@ -224,23 +240,76 @@ class Repository:
         return signer.key_id == self.keys.key_id or signer.kind in (KeyType.MASTER, KeyType.READ_WRITE)
 
     async def prepare_write(self) -> None:
-        """Before writing: learn which blobs trusted writers stored (new pack
-        indexes into the known-blob cache), so they are referred to, not stored again."""
+        """Before writing: learn which blobs trusted writers stored, and which
+        packs a prune condemned (their blobs are not used: they may go)."""
         self.keys.require(Capability.WRITE)
-        names = await self.storage.list(INDEX_PREFIX)
-        seen = await trio.to_thread.run_sync(self.cache.known_indexes) | self._packer.written_indexes
+        if self.session_start_ns is None:
+            self.session_start_ns = time.time_ns()
+        await self.load_condemned()
+        await self.sync_indexes()
+
+    async def sync_indexes(self) -> None:
+        """Bring the known-blob cache up to date with the pack indexes: new ones
+        of trusted writers are read, vanished ones (pruned) forgotten."""
+        names = set(await self.storage.list(INDEX_PREFIX))
+        cached = await trio.to_thread.run_sync(self.cache.known_indexes)
+        vanished = cached - names
+        if vanished:
+            await trio.to_thread.run_sync(self.cache.forget_indexes, vanished)
 
         async def load(name: str) -> None:
             try:
                 index, problem = await self.read_index(name)
             except (CorruptedData, ObjectMissing) as exc:
                 log.warning("ignoring pack index %s: %s", name, exc.message)
-                index, problem = None, "damaged"
-            trusted = index is not None and problem is None and self.trusts(index.signer)
-            entries = [(blob_id, location) for blob_id, _, location in index.entries] if trusted and index else []
-            await trio.to_thread.run_sync(self.cache.add_index, name, entries)
+                await trio.to_thread.run_sync(self.cache.add_index, name, b"", [])
+                return
+            trusted = problem is None and self.trusts(index.signer)
+            entries = [(blob_id, location) for blob_id, _, location in index.entries] if trusted else []
+            await trio.to_thread.run_sync(self.cache.add_index, name, index.pack, entries)
 
-        await self.for_each([n for n in names if n not in seen and index_name_from_key(n) is not None], load)
+        fresh = names - cached - set(self._packer.written_indexes)
+        await self.for_each([n for n in fresh if index_name_from_key(n) is not None], load)
+        self._indexes_synced_ns = time.monotonic_ns()
+
+    async def load_condemned(self) -> list[Condemned]:
+        """The prune records in force (those that verify); their packs are
+        excluded from deduplication from now on."""
+        names = await self.storage.list(CONDEMNED_PREFIX)
+
+        async def load(name: str) -> None:
+            try:
+                self._condemned[name] = decode_condemned(await self.storage.get(name), self.keys,
+                                                         self.config.repo_id, name)
+            except (CorruptedData, ObjectMissing) as exc:
+                log.warning("ignoring %s", exc.message)
+
+        await self.for_each([n for n in names if n not in self._condemned], load)
+        for gone in set(self._condemned) - set(names):
+            del self._condemned[gone]
+        marks = list(self._condemned.values())
+        self.cache.excluded_packs = frozenset(pack for mark in marks for pack in mark.packs)
+        return marks
+
+    async def check_before_publish(self, uses: set[bytes]) -> None:
+        """Refuse to publish a snapshot that uses a pack a prune may delete now
+        (docs/format.md, "Pruning beside running writers")."""
+        marks = await self.load_condemned()
+        now = time.time_ns()
+        due = {pack for mark in marks if mark.due(now, WRITER_MARGIN_NS) for pack in mark.packs}
+        if uses & due:
+            raise RepositoryError(
+                "a prune condemned data this snapshot uses while it was being made, and may delete it now; "
+                "nothing was published: run it again")
+        started = self.session_start_ns or now
+        if now - started >= LONG_SESSION_NS:
+            # marks of prunes long past may be gone: check that every pack is still there
+            existing = {pack_id_from_key(key) for key in await self.storage.list(PACKS_PREFIX)}
+            missing = uses - existing - set(self._packer.written_indexes.values())
+            if missing:
+                raise RepositoryError(
+                    f"{len(missing)} pack{'s' if len(missing) > 1 else ''} this snapshot uses were pruned while it "
+                    "was being made; nothing was published: run it again")
 
     async def read_index(self, name: str) -> tuple[PackIndex, str | None]:
         """A pack index and why its signature cannot be trusted (None: it can)."""
@@ -331,19 +400,41 @@ class Repository:
 
     # --- reading ------------------------------------------------------------------
 
-    async def read_raw(self, blob_id: bytes, location: Location) -> bytes:
-        """The stored (sealed) bytes of a blob, from its pack."""
+    async def relocate(self, blob_id: bytes, missing: Location) -> Location | None:
+        """Where a blob whose pack is gone is stored now: a prune that repacks
+        moves live blobs into new packs, listed in indexes it signs, and
+        records keep referring to the old place. Only indexes this key trusts
+        are believed (the blob is verified against its ID anyway)."""
+        if self.keys.id_key is None:
+            return None
+        found = await trio.to_thread.run_sync(self.cache.lookup_blobs, [blob_id], missing.pack)
+        if blob_id not in found and time.monotonic_ns() - self._indexes_synced_ns > RESYNC_NS:
+            await self.sync_indexes()
+            found = await trio.to_thread.run_sync(self.cache.lookup_blobs, [blob_id], missing.pack)
+        return found[blob_id].location if blob_id in found else None
+
+    async def read_raw(self, blob_id: bytes, location: Location) -> tuple[bytes, Location]:
+        """The stored (sealed) bytes of a blob, and where they were found: in its
+        pack, or where a prune moved it."""
         try:
-            if self.storage.remote:
-                raw = await self._packs.read(location)
-            else:
-                raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
+            return await self._read_at(blob_id, location), location
         except ObjectMissing:
-            raise ObjectMissing(f"blob {blob_id.hex()} (pack {location.pack.hex()}) is missing from the repository") from None
+            moved = await self.relocate(blob_id, location)
+            if moved is None:
+                raise ObjectMissing(f"blob {blob_id.hex()} (pack {location.pack.hex()}) is missing from the "
+                                    "repository") from None
+            return await self._read_at(blob_id, moved), moved
+
+    async def _read_at(self, blob_id: bytes, location: Location) -> bytes:
+        if self.storage.remote:
+            raw = await self._packs.read(location)
+        else:
+            raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
         return check_length(blob_id, location, raw)
 
-    async def read_raws(self, chunks: list[ChunkRef]) -> list[bytes]:
-        """The stored bytes of many chunks at once (a restore's small files).
+    async def read_raws(self, chunks: list[ChunkRef]) -> list[tuple[bytes, Location]]:
+        """The stored bytes of many chunks at once (a restore's small files), and
+        where each was found.
 
         Chunks of one pack are read with one ranged request when the gaps
         between them are small (on a remote backend, up to COALESCE_GAP bytes
@@ -352,19 +443,24 @@ class Repository:
         runs = coalesce(locations, COALESCE_GAP if self.storage.remote else 0)
         try:
             datas = await self.storage.get_ranges([(pack_key(pack), start, length) for pack, start, length, _ in runs])
-        except ObjectMissing as exc:
-            raise ObjectMissing(f"a pack is missing from the repository: {exc.message}") from None
-        raws: list[bytes] = [b""] * len(chunks)
+        except ObjectMissing:  # a pack was pruned: one by one, each where it is now
+            results = await self._read_each([(c.id, c.location) for c in chunks])
+            for result in results:
+                if isinstance(result, RekkordError):
+                    raise result
+            return results  # type: ignore[return-value]
+        raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
         for (_, start, _, members), data in zip(runs, datas):
             for index in members:
                 location = chunks[index].location
                 begin = location.offset - start
-                raws[index] = check_length(chunks[index].id, location, data[begin:begin + location.length])
+                raws[index] = (check_length(chunks[index].id, location, data[begin:begin + location.length]),
+                               location)
         return raws
 
-    async def _read_each(self, blobs: list[tuple[bytes, Location]]) -> list[bytes | RekkordError]:
+    async def _read_each(self, blobs: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location] | RekkordError]:
         """read_raw() of every blob, concurrently; a blob's error is its result."""
-        raws: list[bytes | RekkordError] = [b""] * len(blobs)
+        raws: list[tuple[bytes, Location] | RekkordError] = [(b"", location) for _, location in blobs]
 
         async def fetch(index: int, blob_id: bytes, location: Location) -> None:
             try:
@@ -402,22 +498,29 @@ class Repository:
             raws = await self._read_each(blobs)
 
             def finish_all() -> list[T | bytes | bytearray | Exception]:
-                return [raw if isinstance(raw, Exception) else _try(finish, blob_id, location, raw)
-                        for (blob_id, location), raw in zip(blobs, raws)]
+                return [raw if isinstance(raw, Exception) else _try(finish, blob_id, raw[1], raw[0])
+                        for (blob_id, _), raw in zip(blobs, raws)]
 
             return await self.run_cpu(finish_all)
 
         def read_and_finish(blob_id: bytes, location: Location) -> T | bytes | bytearray:
-            try:
-                raw = read_blocking(pack_key(location.pack), location.offset, location.length)
-            except ObjectMissing:
-                raise ObjectMissing(f"blob {blob_id.hex()} (pack {location.pack.hex()}) is missing from the repository") from None
-            return finish(blob_id, location, raw)
+            return finish(blob_id, location, read_blocking(pack_key(location.pack), location.offset, location.length))
 
         def read_all() -> list[T | bytes | bytearray | Exception]:
             return [_try(read_and_finish, blob_id, location) for blob_id, location in blobs]
 
-        return await self.run_cpu(read_all)
+        def read_all_at(items: list[tuple[bytes, Location]]) -> list[T | bytes | bytearray | Exception]:
+            return [_try(read_and_finish, blob_id, location) for blob_id, location in items]
+
+        results = await self.run_cpu(read_all)
+        for index, result in enumerate(results):
+            if isinstance(result, ObjectMissing):  # its pack was pruned: where is it now?
+                blob_id, location = blobs[index]
+                moved = await self.relocate(blob_id, location)
+                results[index] = (ObjectMissing(f"blob {blob_id.hex()} (pack {location.pack.hex()}) is missing "
+                                                "from the repository") if moved is None
+                                  else (await self.run_cpu(read_all_at, [(blob_id, moved)]))[0])
+        return results
 
     async def read_chunk(self, chunk: ChunkRef) -> bytes | bytearray:
         return await self._open_blob(BlobKind.CHUNK, chunk.id, chunk.location)
@@ -430,12 +533,14 @@ class Repository:
 
     # --- snapshots -------------------------------------------------------------
 
-    async def publish_snapshot(self, snapshot: Snapshot) -> Tag:
-        """Store a snapshot record, then its signed tag (the commit point)."""
+    async def publish_snapshot(self, snapshot: Snapshot, uses: set[bytes]) -> Tag:
+        """Store a snapshot record, then its signed tag (the commit point).
+        `uses`: every pack the snapshot refers to (check_before_publish)."""
         self.keys.require(Capability.WRITE)
         snapshot.writer = self.keys.key_id
         await self.flush_packs()
         await self.storage.flush()  # everything the snapshot refers to is durable first
+        await self.check_before_publish(uses)
         record = snapshot.encode()
 
         def seal() -> tuple[bytes, bytes]:

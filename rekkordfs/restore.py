@@ -26,7 +26,7 @@ from typing import Callable
 import trio
 
 from .errors import CorruptedData, ObjectMissing, RestoreError
-from .format import BlobKind, ChunkRef, Entry, EntryKind
+from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
 from .tasks import task_group
@@ -431,7 +431,7 @@ class RestoreSession:
         self.stats.bytes_written += written
         self.stats.files += len(batch)
 
-    def _write_small(self, batch: list[_FileJob], raws: dict[bytes, bytes]) -> int:
+    def _write_small(self, batch: list[_FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
         written = 0
         parents: dict[tuple[bytes, ...], int] = {}  # a batch's files mostly share a folder
         try:
@@ -445,12 +445,13 @@ class RestoreSession:
                 os.close(fd)
         return written
 
-    def _write_one_small(self, job: _FileJob, raws: dict[bytes, bytes], parent: int) -> int:
+    def _write_one_small(self, job: _FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
         data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
         chunk = job.chunks[0] if job.chunks else None
         if chunk is not None and chunk.id in raws:
             try:
-                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, chunk.location.pack, raws[chunk.id])
+                raw, found_at = raws[chunk.id]
+                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, found_at.pack, raw)
             except CorruptedData as exc:
                 raise CorruptedData(f"'{self._show(job.parts)}': {exc.message}") from None
             if len(data) != chunk.size or len(data) != job.entry.size:

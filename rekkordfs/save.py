@@ -104,9 +104,10 @@ class Walker:
     """Runs in a thread: lists directories and emits Listings in depth-first order."""
 
     def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
-                 skip: Callable[[str], None], stats: SaveStats) -> None:
+                 skip: Callable[[str], None], stats: SaveStats, uses: set[bytes]) -> None:
         self.paths = paths
         self.repo = repo
+        self.uses = uses  # packs the snapshot refers to (cached files' chunks are added here)
         self.emit = emit
         self.skip = skip  # reports something left out of the snapshot
         self.stats = stats
@@ -224,6 +225,7 @@ class Walker:
         job = None
         if cached is not None:
             entry.chunks_raw = encode_chunks(cached)
+            self.uses.update(chunk.location.pack for chunk in cached)
         else:
             job = FileJob(listing.node, entry, path, key)
             listing.jobs.append(job)
@@ -248,6 +250,7 @@ class SaveSession:
         self._link_done: dict[int, trio.Event] = {}
         self._link_failed: set[int] = set()
         self._stat_rows: list[tuple[bytes, StatKey, list[ChunkRef]]] = []
+        self.uses: set[bytes] = set()  # every pack the snapshot refers to, checked before it is published
 
     def skip(self, message: str) -> None:
         """Something could not be read and is missing from the snapshot (exit status 3)."""
@@ -264,7 +267,7 @@ class SaveSession:
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         token = trio.lowlevel.current_trio_token()
         walker = Walker(self.paths, self.repo, lambda l: token.run_sync_soon(listings_send.send_nowait, l),
-                        lambda m: token.run_sync_soon(self.skip, m), self.stats)
+                        lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses)
 
         async def walk() -> None:
             try:
@@ -284,14 +287,13 @@ class SaveSession:
         snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
                             max_link_id=walker.max_link_id)
         snapshot.stored = self.stats.bytes_stored
-        tag = await self.repo.publish_snapshot(snapshot)
+        tag = await self.repo.publish_snapshot(snapshot, self.uses)
         await trio.to_thread.run_sync(self._remember)
         return SaveResult(tag.id_hex, self.channel, time_ns, self.stats, time.monotonic() - started)
 
     def _remember(self) -> None:
-        cache = self.repo.cache
-        cache.add_blobs(self.repo.session_blobs())
-        cache.store_stats(self._stat_rows)
+        self.repo.remember_session()
+        self.repo.cache.store_stats(self._stat_rows)
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
@@ -380,6 +382,7 @@ class SaveSession:
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)
         job.entry.size = size
+        self.uses.update(chunk.location.pack for chunk in chunks)
         if unchanged:
             self._stat_rows.append((job.path, job.key, chunks))
 
@@ -409,6 +412,7 @@ class SaveSession:
                 self.stats.size += entry.size
         record = await self.repo.run_cpu(encode_directory, children)
         ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        self.uses.add(ref.location.pack)
         self.stats.bytes_stored += stored
         if node.entry is None:
             self.root_ref = ref

@@ -143,7 +143,7 @@ async def publish_lies(repo: Repository) -> list[str]:
     victims' channel, one an hour ahead whose record is junk. Neither may ever
     be the channel's `latest` for a key that can read."""
     empty, _ = await repo.write_blob(BlobKind.DIRECTORY, encode_directory([]))
-    future = await repo.publish_snapshot(Snapshot("laptop", FUTURE, empty, 0, 0, 0))
+    future = await repo.publish_snapshot(Snapshot("laptop", FUTURE, empty, 0, 0, 0), set())
     junk = Tag(os.urandom(32), "laptop", time.time_ns() + 3600 * 10**9, 1, 1, 1, repo.keys.signer)
     junk = dataclasses.replace(junk, signature=repo.keys.sign(junk.signature_message(repo.config.repo_id)))
     await repo.storage.put(snapshot_key(junk.snapshot_id), os.urandom(500))
@@ -157,7 +157,7 @@ async def publish_bomb(repo: Repository, levels: int = 40) -> str:
     for _ in range(levels):
         entries = [Entry(EntryKind.DIRECTORY, name, 0o755, dir_ref=ref) for name in (b"a", b"b")]
         ref, _ = await repo.write_blob(BlobKind.DIRECTORY, encode_directory(entries))
-    return (await repo.publish_snapshot(Snapshot("bomb", time.time_ns(), ref, 0, 0, 0))).id_hex
+    return (await repo.publish_snapshot(Snapshot("bomb", time.time_ns(), ref, 0, 0, 0), set())).id_hex
 
 
 def attack(world: World) -> dict[str, object]:

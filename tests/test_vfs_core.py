@@ -116,7 +116,7 @@ async def republish(repo, snapshot_id: str, channel: str, time_ns: int) -> str:
     """A copy of a snapshot under another channel and time (what another machine could write)."""
     base = await load_by_id(repo, snapshot_id)
     copy = Snapshot(channel, time_ns, base.root_ref, base.size, 0, base.files, base.max_link_id, base.root)
-    return (await repo.publish_snapshot(copy)).id_hex
+    return (await repo.publish_snapshot(copy, set())).id_hex
 
 
 def test_layout_channels_latest_ids_and_same_second_names(local_repo, tmp_path: Path) -> None:

@@ -13,9 +13,16 @@ contract, checked by tests/test_storage_conformance.py for every backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 from ..tasks import task_group
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    mtime_ns: int  # when the object was written, by the storage's clock
 
 
 class Storage(ABC):
@@ -75,6 +82,10 @@ class Storage(ABC):
     @abstractmethod
     async def list(self, prefix: str) -> list[str]:
         """Every key starting with prefix (a folder-like prefix ending in '/')."""
+
+    async def list_details(self, prefix: str) -> dict[str, ObjectInfo]:
+        """Every key under prefix with its size and modification time (prune)."""
+        raise NotImplementedError
 
     @abstractmethod
     async def delete(self, key: str) -> None:

@@ -23,7 +23,7 @@ import trio
 
 from ..errors import ObjectMissing, StorageError
 from ..tasks import task_group
-from .base import Storage
+from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
 
@@ -267,16 +267,37 @@ class LocalStorage(Storage):
             raise self._error(exc, "list", prefix) from None
         return keys
 
+    async def list_details(self, prefix: str) -> dict[str, ObjectInfo]:
+        return await self._run(self._list_details_sync, prefix)
+
+    def _list_details_sync(self, prefix: str) -> dict[str, ObjectInfo]:
+        found: dict[str, ObjectInfo] = {}
+        for key in self._list_sync(prefix):
+            try:
+                st = os.stat(os.path.join(self.root, key))
+            except FileNotFoundError:
+                continue
+            found[key] = ObjectInfo(st.st_size, st.st_mtime_ns)
+        return found
+
     async def delete(self, key: str) -> None:
         await self._run(self._delete_sync, key)
 
     def _delete_sync(self, key: str) -> None:
+        path = os.path.join(self.root, key)
         try:
-            os.unlink(os.path.join(self.root, key))
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise self._error(exc, "delete", key) from None
+        # a folder made for this object alone (a tag's) goes with it; top-level folders stay
+        folder = os.path.dirname(path)
+        if os.path.dirname(folder) != self.root:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass  # not empty, or gone: either is fine
 
     async def flush(self) -> None:
         with self._unsynced_lock:

@@ -545,8 +545,6 @@ class SFTPStorage(Storage):
         self._conn, self._sessions = None, []
 
     async def _create(self, sftp: Any) -> None:
-        import asyncssh
-
         if await sftp.exists(self.root):
             if not await sftp.isdir(self.root):
                 raise StorageError(f"{self.description} exists and is not a folder")

@@ -136,6 +136,12 @@ class LocalCache:
             self._db.execute("INSERT OR IGNORE INTO indexes (name, pack) VALUES (?, ?)", (name, pack))
             self._db.execute("COMMIT")
 
+    def index_packs(self) -> dict[str, bytes]:
+        """Every pack index read so far, trusted or not, and the pack it describes
+        (empty for one that could not be read)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT name, pack FROM indexes").fetchall())
+
     def forget_indexes(self, names: Iterable[str]) -> None:
         """Indexes that are gone from the repository (a prune deleted their
         packs): their blobs are no longer known."""

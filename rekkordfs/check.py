@@ -24,6 +24,7 @@ from .codec import index_name_from_key, pack_id_from_key, snapshot_id_from_key
 from .errors import CorruptedData, ObjectMissing
 from .format import BlobKind, BlobRef, ChunkRef, EntryKind, Location, Tag, decode_chunks
 from .keys import Capability
+from .marks import CONDEMNED_PREFIX, FORGOTTEN_PREFIX, decode_condemned, decode_forgotten
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .tasks import task_group
 from .treebudget import TreeShape, shape_problem
@@ -56,6 +57,7 @@ class Checker:
         self._shape: TreeShape = {}  # those that could be read
         # each distinct chunk reference -> a place that uses it, for messages
         self._chunk_users: dict[ChunkRef, str] = {}
+        self._elsewhere: list[tuple[ChunkRef, str]] = []  # chunks whose pack is gone: moved by a prune?
         # blobs the indexes list, per index: (name, signer label, entries)
         self._listed: list[tuple[str, str, list[tuple[bytes, BlobKind, Location]]]] = []
 
@@ -67,6 +69,7 @@ class Checker:
         packs = await self.repo.storage.list(PACKS_PREFIX)
         self._packs = {p for p in (pack_id_from_key(k) for k in packs) if p is not None}
         await self._check_indexes()
+        await self._check_marks()
         listing = await self.repo.list_snapshots()
         for line in listing.rejected:
             self.problem(line)
@@ -75,7 +78,11 @@ class Checker:
         for tag in listing.tags:
             self.report.snapshots += 1
             await self._check_snapshot(tag, tag.snapshot_id in records)
-        untagged = records - {tag.snapshot_id for tag in listing.tags}
+        for chunk, path in self._elsewhere:
+            if await self.repo.relocate(chunk.id, chunk.location) is None:
+                self.problem(f"chunk {chunk.id.hex()} used by '{path}' is missing (pack {chunk.location.pack.hex()})")
+        forgotten = await self._forgotten()
+        untagged = records - {tag.snapshot_id for tag in listing.tags} - forgotten
         for snapshot_id in sorted(untagged):
             self.problem(f"snapshot record {snapshot_id.hex()} has no valid tag: its tag was deleted or forged, "
                          "or a save was killed just before it finished")
@@ -105,9 +112,6 @@ class Checker:
             if ref.id in self._visited:
                 continue
             self._visited.add(ref.id)
-            if ref.location.pack not in self._packs:
-                self.problem(f"{owner}: directory '{path or '/'}' (pack {ref.location.pack.hex()}) is missing")
-                continue
             try:
                 entries = await self.repo.read_directory(ref)
             except (CorruptedData, ObjectMissing) as exc:
@@ -126,6 +130,26 @@ class Checker:
                     self._check_file(entry.chunks_raw, entry.size, child, owner)
             self._shape[ref.id] = (len(entries), children)
 
+    async def _forgotten(self) -> set[bytes]:
+        """Snapshot IDs that forget records name; records that do not verify are problems."""
+        ids: set[bytes] = set()
+        for name in await self.repo.storage.list(FORGOTTEN_PREFIX):
+            try:
+                record = decode_forgotten(await self.repo.storage.get(name), self.repo.keys,
+                                          self.repo.config.repo_id, name)
+            except (CorruptedData, ObjectMissing) as exc:
+                self.problem(exc.message)
+                continue
+            ids.update(record.snapshot_ids)
+        return ids
+
+    async def _check_marks(self) -> None:
+        for name in await self.repo.storage.list(CONDEMNED_PREFIX):
+            try:
+                decode_condemned(await self.repo.storage.get(name), self.repo.keys, self.repo.config.repo_id, name)
+            except (CorruptedData, ObjectMissing) as exc:
+                self.problem(exc.message)
+
     def _check_file(self, chunks_raw: bytes, size: int, path: str, owner: str) -> None:
         try:
             chunks = decode_chunks(chunks_raw)
@@ -138,8 +162,7 @@ class Checker:
             if chunk not in self._chunk_users:
                 self._chunk_users[chunk] = path
                 if chunk.location.pack not in self._packs:
-                    self.problem(f"chunk {chunk.id.hex()} used by '{path}' is missing (pack "
-                                 f"{chunk.location.pack.hex()})")
+                    self._elsewhere.append((chunk, path))
 
     def _check_shape(self, root: bytes, owner: str) -> None:
         """The bounds restore and the mount enforce (treebudget.py), for the whole tree."""
@@ -181,8 +204,7 @@ class Checker:
         """Read and verify every chunk a snapshot uses and every blob an index lists, once each."""
         users: dict[tuple[bytes, Location], tuple[BlobKind, str]] = {}
         for chunk, user in self._chunk_users.items():
-            if chunk.location.pack in self._packs:
-                users[(chunk.id, chunk.location)] = (BlobKind.CHUNK, f"'{user}'")
+            users[(chunk.id, chunk.location)] = (BlobKind.CHUNK, f"'{user}'")
         for name, signer, entries in self._listed:
             for blob_id, kind, location in entries:
                 users.setdefault((blob_id, location), (kind, f"pack index '{name}' (by {signer})"))

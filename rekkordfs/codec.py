@@ -187,6 +187,25 @@ class BlobCodec:
             raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
         return data
 
+    def open_alone(self, kind: BlobKind, raw: bytes) -> bytes | bytearray:
+        """The content of a one-blob object whose ID nothing vouches for (a
+        snapshot record without a tag): opened and decompressed, not verified."""
+        if self._opener is None:
+            raise CapabilityError(f"a {self.keys.kind.label} key cannot read snapshot contents")
+        opened = self._opener.open(raw[:PACK_ID_SIZE], memoryview(raw)[PACK_ID_SIZE:])
+        if len(opened) < TRAILER_SIZE or opened[-3] != BLOB_VERSION or opened[-2] != kind:
+            raise CorruptedData(f"object is not a {kind.name.lower()} record")
+        compression = opened[-1]
+        del opened[-TRAILER_SIZE:]
+        if compression == COMPRESS_NONE:
+            return opened
+        try:
+            if compression != COMPRESS_ZSTD or not 0 <= zstandard.frame_content_size(opened) <= MAX_BLOB_SIZE:
+                raise CorruptedData("record claims an invalid size")
+            return self._decompressor().decompress(opened)
+        except zstandard.ZstdError:
+            raise CorruptedData("record does not decompress") from None
+
     def unpack_alone(self, kind: BlobKind, blob_id: bytes, raw: bytes) -> bytes | bytearray:
         if len(raw) < PACK_ID_SIZE:
             raise CorruptedData(f"blob {blob_id.hex()} is truncated")

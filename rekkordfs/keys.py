@@ -66,12 +66,13 @@ class Capability(enum.Enum):
     LIST = "list snapshots"
     READ = "read snapshot contents"
     WRITE = "create snapshots"
+    FORGET = "forget snapshots or prune the repository"
     DERIVE = "derive keys"
 
 
 _CAPABILITIES = {
-    KeyType.MASTER: {Capability.LIST, Capability.READ, Capability.WRITE, Capability.DERIVE},
-    KeyType.READ_WRITE: {Capability.LIST, Capability.READ, Capability.WRITE},
+    KeyType.MASTER: {Capability.LIST, Capability.READ, Capability.WRITE, Capability.FORGET, Capability.DERIVE},
+    KeyType.READ_WRITE: {Capability.LIST, Capability.READ, Capability.WRITE, Capability.FORGET},
     KeyType.WRITE_ONLY: {Capability.WRITE},
     KeyType.LOG_ONLY: {Capability.LIST},
 }

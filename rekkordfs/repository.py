@@ -291,6 +291,11 @@ class Repository:
         self.cache.excluded_packs = frozenset(pack for mark in marks for pack in mark.packs)
         return marks
 
+    @property
+    def condemned(self) -> dict[str, Condemned]:
+        """The prune records in force when load_condemned() last ran, by name."""
+        return dict(self._condemned)
+
     async def check_before_publish(self, uses: set[bytes]) -> None:
         """Refuse to publish a snapshot that uses a pack a prune may delete now
         (docs/format.md, "Pruning beside running writers")."""
@@ -602,6 +607,17 @@ class Repository:
             else:
                 results.append(tag)
         return results
+
+    async def tag_keys(self) -> dict[bytes, list[str]]:
+        """The tag objects of every snapshot that verifies (forget deletes them)."""
+        keys = await self.storage.list(TAGS_PREFIX)
+        await self.list_snapshots()
+        found: dict[bytes, list[str]] = {}
+        for key in keys:
+            result = self._tag_results.get(key)
+            if isinstance(result, Tag):
+                found.setdefault(result.snapshot_id, []).append(key)
+        return found
 
     async def list_tags(self, warn: Callable[[str], None] | None = None) -> list[Tag]:
         """list_snapshots(), telling warn() about every tag left out."""

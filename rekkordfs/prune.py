@@ -23,7 +23,7 @@ from typing import Callable
 import trio
 
 from .codec import pack_id_from_key, pack_key, snapshot_id_from_key, snapshot_key
-from .errors import CorruptedData, ObjectMissing, RekkordError
+from .errors import CorruptedData, ObjectMissing
 from .format import BlobKind, BlobRef, EntryKind, Location, Snapshot, decode_directory, decode_snapshot
 from .keys import Capability
 from .marks import (CONDEMNED_PREFIX, FORGOTTEN_PREFIX, MARK_KEPT_NS, NAME_SIZE, Condemned, Forgotten,
@@ -65,9 +65,10 @@ class PruneReport:
 
 class Pruner:
     def __init__(self, repo: Repository, options: PruneOptions,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None, clock: Callable[[], int] = time.time_ns) -> None:
         repo.keys.require(Capability.FORGET)
         self.repo = repo
+        self.clock = clock  # the time prune records are dated with (tests move it)
         self.options = options
         self.progress = progress or (lambda _m: None)
         self.report = PruneReport()
@@ -84,7 +85,7 @@ class Pruner:
 
     async def run(self) -> PruneReport:
         repo, storage = self.repo, self.repo.storage
-        listed_at = time.time_ns()
+        listed_at = self.clock()
         packs = {pack: info for key, info in (await storage.list_details(PACKS_PREFIX)).items()
                  if (pack := pack_id_from_key(key)) is not None}
         await repo.sync_indexes()
@@ -283,28 +284,29 @@ class Pruner:
             self.report.packs_condemned = self.report.bytes_condemned = 0
 
     async def _repack(self, sparse: list[bytes], uses: Uses) -> list[bytes]:
-        """Copy the used blobs of these packs into new ones; the packs whose
-        every used blob was copied (and verified on the way) are returned."""
-        done = []
+        """Copy the used blobs of these packs into new ones; returns the packs
+        whose every used blob was read, verified and copied durably. A storage
+        failure while writing ends the prune before anything is condemned."""
+        copied: dict[bytes, list[bytes]] = {}
         for pack in sparse:
             blobs = sorted(uses[pack].items())
             self.report.packs_repacked += 1
             self.report.bytes_copied += sum(length for _, (_, _, length) in blobs)
             if self.options.dry_run:
-                done.append(pack)
+                copied[pack] = []
                 continue
             try:
                 datas = await self.repo.storage.get_ranges(
                     [(pack_key(pack), offset, length) for offset, (_, _, length) in blobs])
-                for (offset, (blob_id, kind, _)), raw in zip(blobs, datas):
-                    data = await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, pack, raw)
-                    sealed = await self.repo.run_cpu(self.repo.seal, kind, data)
-                    self.repo.store(kind, blob_id, sealed)
-                    await self.repo.upload_ready()
-            except RekkordError as exc:
+                plain = [await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, pack, raw)
+                         for (_, (blob_id, kind, _)), raw in zip(blobs, datas)]
+            except (CorruptedData, ObjectMissing) as exc:
                 self.problem(f"pack {pack.hex()} is kept as it is: {exc.message}")
                 continue
-            done.append(pack)
+            for (_, (blob_id, kind, _)), data in zip(blobs, plain):
+                self.repo.store(kind, blob_id, await self.repo.run_cpu(self.repo.seal, kind, data))
+            await self.repo.upload_ready()
+            copied[pack] = [blob_id for _, (blob_id, _, _) in blobs]
         await self.repo.flush_packs()
         await self.repo.storage.flush()
-        return done
+        return [pack for pack, blob_ids in copied.items() if all(map(self.repo.stored_now, blob_ids))]

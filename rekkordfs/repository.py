@@ -368,6 +368,11 @@ class Repository:
         self._known[blob_id] = KnownBlob(location)
         return location, True
 
+    def stored_now(self, blob_id: bytes) -> bool:
+        """Stored by this session, and not lost with a pack that failed to upload
+        (after flush_packs(): durably)."""
+        return blob_id in self._known
+
     async def upload_ready(self) -> None:
         """Upload the packs that are full and no longer held (backpressure for writers)."""
         await self._packer.upload_ready()
@@ -412,10 +417,9 @@ class Repository:
         are believed (the blob is verified against its ID anyway)."""
         if self.keys.id_key is None:
             return None
+        if not self._indexes_synced_ns or time.monotonic_ns() - self._indexes_synced_ns > RESYNC_NS:
+            await self.sync_indexes()  # the cache may still list packs another machine pruned
         found = await trio.to_thread.run_sync(self.cache.lookup_blobs, [blob_id], missing.pack)
-        if blob_id not in found and time.monotonic_ns() - self._indexes_synced_ns > RESYNC_NS:
-            await self.sync_indexes()
-            found = await trio.to_thread.run_sync(self.cache.lookup_blobs, [blob_id], missing.pack)
         return found[blob_id].location if blob_id in found else None
 
     async def read_raw(self, blob_id: bytes, location: Location) -> tuple[bytes, Location]:

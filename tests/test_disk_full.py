@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import pytest
+from tests.fsutil import assert_one_line_error
 
 
 @contextmanager
@@ -35,7 +35,7 @@ def fill(disk: Path, leave: int) -> Path:
     return filler
 
 
-def many_folders(root: Path, count: int = 3000) -> Path:
+def many_folders(root: Path, count: int = 2500) -> Path:
     """A tree the walker takes a while to list, so a failed upload happens while
     it is still walking (the case that ended in TrioInternalError)."""
     for i in range(count):
@@ -46,23 +46,18 @@ def many_folders(root: Path, count: int = 3000) -> Path:
 
 
 def assert_one_line(result: subprocess.CompletedProcess, *expected: str) -> None:
-    assert result.returncode == 1, (result.returncode, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    for text in expected:
-        assert text in lines[0], lines[0]
+    assert_one_line_error(result, *expected)
+    assert result.returncode == 1
 
 
-@pytest.mark.parametrize("leave", [200_000, 0])
-def test_save_onto_a_full_repository_disk_says_so_in_one_line(rekkord, tmp_path: Path, leave: int) -> None:
+def test_save_onto_a_full_repository_disk_says_so_in_one_line(rekkord, tmp_path: Path) -> None:
     source = many_folders(tmp_path / "src")
     with small_disk(tmp_path / "disk") as disk:
         rekkord.repository = str(disk / "repo")
         master = tmp_path / "master.key"
         rekkord("init", "-K", str(master))
         rekkord.key_file = str(master)
-        filler = fill(disk, leave)
+        filler = fill(disk, 0)  # the first write fails, while the walker is far from done
         result = rekkord("save", "docs", str(source), check=False)
         assert_one_line(result, "no space left on device", str(disk / "repo"))
         rekkord("check")  # what the failed save left is consistent, even on the full disk

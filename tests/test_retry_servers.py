@@ -21,7 +21,7 @@ import pytest
 from tests.conftest import REKKORD, ROOT
 from tests.fsutil import assert_one_line_error
 from tests.servers import (BUCKET, OpenSSHServer, SeaweedFS, backend_runner_class, free_ports, new_location,
-                           openssh_server, seaweedfs)
+                           openssh_server, seaweedfs, write_config)
 from tests.stops import wait_stopped
 from tests.trees import rsync_differences
 
@@ -147,8 +147,6 @@ def test_a_wrong_port_fails_at_once_with_one_line(backend: str, tmp_path: Path, 
         server = request.getfixturevalue("own_sshd")
         url = f"sftp://{server.user}@127.0.0.1:{port}/repo"
         sections = server.config_sections()
-    from tests.servers import write_config
-
     config = write_config(tmp_path / "rekkord.ini", url, sections)
     master = tmp_path / "master.key"
     cache = tmp_path / "cache"

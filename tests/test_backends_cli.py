@@ -163,7 +163,9 @@ def test_s3_server_stopped_mid_save(tmp_path: Path) -> None:
 
         error = _save_through_outage(runner, src, lambda: server.count(BUCKET, f"{prefix}/packs/"),
                                      lambda: server.count(BUCKET, f"{prefix}/tags/"), server.stop)
-        assert f"cannot connect to S3 endpoint {server.endpoint}: connection refused" in error
+        # the last attempt met the closed port, or a pooled connection the server's exit cut
+        assert f"S3 endpoint {server.endpoint}" in error
+        assert "connection refused" in error or "lost connection" in error
 
         server.start()
         runner("check")

@@ -165,6 +165,10 @@ def _report(exc: BaseException) -> int:
     broken = _first_of(exc, BrokenPipeError)
     if broken is not None:
         return 141
+    database = _local_database_error(exc)
+    if database is not None:
+        print(f"rekkord: error: {database}", file=sys.stderr)
+        return 1
     oserror = _first_of(exc, OSError)
     if isinstance(oserror, OSError) and oserror.strerror:
         # filename is an int for calls on a file descriptor (os.fchown, os.setxattr(fd)...)
@@ -173,6 +177,20 @@ def _report(exc: BaseException) -> int:
         print(f"rekkord: error: {oserror.strerror}{where}", file=sys.stderr)
         return 1
     raise exc
+
+
+def _local_database_error(exc: BaseException) -> str | None:
+    """One line for a failure of the local cache's SQLite database (the only
+    one the commands open), naming a full disk as such."""
+    sqlite3 = sys.modules.get("sqlite3")
+    failure = _first_of(exc, sqlite3.Error) if sqlite3 is not None else None
+    if failure is None:
+        return None
+    cache = sys.modules.get("rekkordfs.cache")
+    where = f" '{cache.default_cache_root()}'" if cache is not None else ""
+    if getattr(failure, "sqlite_errorname", "") == "SQLITE_FULL":
+        return f"no space left on device for the local cache{where}"
+    return f"local cache{where} failed: {failure}"
 
 
 if __name__ == "__main__":

@@ -22,10 +22,13 @@ from .errors import ConfigError
 
 # Known settings per section; anything else is a typo worth reporting.
 KNOWN_SETTINGS: dict[str, set[str]] = {
-    "Repository": {"URL", "KeyFile"},
+    "Repository": {"URL", "KeyFile", "RetryTime"},
     "S3": {"KeyID", "SecretKey", "Region"},
     "SFTP": {"Password", "KeyFile", "Fingerprint", "Port"},
 }
+
+# Seconds a failing storage operation is retried before giving up (storage/retry.py).
+DEFAULT_RETRY_TIME = 120.0
 
 DEFAULT_CONFIG_PATHS = (
     Path("~/.config/rekkord/rekkord.ini"),
@@ -94,6 +97,7 @@ class Config:
     s3: S3Settings = field(default_factory=S3Settings)
     sftp: SFTPSettings = field(default_factory=SFTPSettings)
     config_file: str | None = None
+    retry_time: float = DEFAULT_RETRY_TIME
 
     def require_location(self) -> Location:
         if self.location is None:
@@ -322,6 +326,19 @@ def _parse_port(value: str | None, where: str) -> int | None:
     return port
 
 
+def _parse_retry_time(value: str | None, where: str) -> float:
+    """Seconds (0 turns retries off); a number, not negative."""
+    if value is None:
+        return DEFAULT_RETRY_TIME
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds < float("inf"):
+        raise ConfigError(f"{where}: retry time '{value}' is not a number of seconds (0 or more)")
+    return seconds
+
+
 def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
     if explicit:
         return Path(explicit)
@@ -391,6 +408,10 @@ def load_config(
         raise ConfigError(
             f"SFTP fingerprint '{sftp.fingerprint}' is malformed: expected SHA256:<43 base64 characters>"
         )
+    if env.get("REKKORD_RETRY_TIME"):
+        retry_time = _parse_retry_time(env["REKKORD_RETRY_TIME"], "REKKORD_RETRY_TIME")
+    else:
+        retry_time = _parse_retry_time(_get(parser, "Repository", "RetryTime"), where)
     return Config(
         location=location,
         url=url,
@@ -399,6 +420,7 @@ def load_config(
         s3=s3,
         sftp=sftp,
         config_file=str(path) if path else None,
+        retry_time=retry_time,
     )
 
 

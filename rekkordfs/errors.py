@@ -43,6 +43,19 @@ class StorageError(RekkordError):
     """A backend failed: unreachable server, permission denied, I/O error."""
 
 
+class TransientStorageError(StorageError):
+    """A failure that may pass if the operation is tried again: a dropped or
+    refused connection, a timeout, a busy or restarting server.
+
+    answered: the server itself answered (S3 503, SlowDown), so it is up and
+    reachable; worth retrying even before anything succeeded in this process.
+    """
+
+    def __init__(self, message: str, *, answered: bool = False) -> None:
+        super().__init__(message)
+        self.answered = answered
+
+
 class ObjectMissing(StorageError):
     """An object the repository refers to does not exist."""
 

@@ -25,7 +25,7 @@ from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, enc
 from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
-from .tasks import task_group
+from .tasks import ReceiverGone, ThreadFeed, task_group
 from .upload import SMALL_FILE, TransferStats, Uploader, open_regular
 
 BATCH_FILES = 64  # small files handled per thread hop...
@@ -266,12 +266,14 @@ class SaveSession:
         listings_send, listings_recv = trio.open_memory_channel[Listing | None](math.inf)
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         token = trio.lowlevel.current_trio_token()
-        walker = Walker(self.paths, self.repo, lambda l: token.run_sync_soon(listings_send.send_nowait, l),
+        walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
                         lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses)
 
         async def walk() -> None:
             try:
                 await trio.to_thread.run_sync(walker.run, self.root)
+            except ReceiverGone:
+                pass  # the pipeline failed: its own error is reported
             finally:
                 await trio.lowlevel.checkpoint()  # what the walker queued is delivered first
                 listings_send.close()

@@ -35,6 +35,7 @@ import trio
 from .blobcache import BlobCache
 from .format import BlobRef, ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
 from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
+from .journalspace import disk_is_short, give_back, journal_error, open_journal
 
 ROOT = 1
 NAME_MAX = 255
@@ -171,20 +172,14 @@ class StagingTree:
         self.data_dir = folder / "data"
         self._data_prefix = os.fsdecode(self.data_dir) + "/"
         self.frozen_dir = folder / "frozen"
-        for path in (folder, self.data_dir, self.frozen_dir):
-            path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.db = sqlite3.connect(folder / "tree.db", isolation_level=None, check_same_thread=False)
-        # Only this process opens the journal (the mount holds the state folder's
-        # lock): no file locks or shared memory on every transaction.
-        self.db.execute("PRAGMA locking_mode=EXCLUSIVE")
-        self.db.execute("PRAGMA journal_mode=WAL")
-        # Every transaction reaches the OS at once, which is what survives a killed
-        # process; fsync() of a staged file also syncs the journal (sync()).
-        self.db.execute("PRAGMA synchronous=OFF")
-        # keep the journal small: a full disk must still leave room for deletions
-        self.db.execute("PRAGMA wal_autocheckpoint=256")
-        self.db.execute(f"PRAGMA journal_size_limit={1 << 20}")
-        self.db.executescript(SCHEMA)
+        new = not (folder / "tree.db").exists()
+        try:
+            for path in (folder, self.data_dir, self.frozen_dir):
+                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.db = open_journal(folder / "tree.db", SCHEMA)
+        except BaseException:
+            _discard(folder, new)
+            raise
         self.lookups: dict[int, int] = {}  # kernel references, for deferred deletion
         self.open_files: dict[int, int] = {}
         self.versions: dict[int, int] = {}  # bumped on every content change (in memory)
@@ -200,13 +195,22 @@ class StagingTree:
         self._chunk_lists: dict[int, tuple[list[ChunkRef], list[int]]] = {}  # decoded, for reads
         self._dirty = bool(self._meta("dirty", 0))
         self._reserve = folder / "reserve"
+        self._freed = False  # the open transaction shrank inline content: give the space back
         self._doomed: list[tuple[int, bool]] = []  # (inode, has a data file) deleted by the open transaction
         # rows as journaled: every change of a row goes through _update_inode() or
         # _delete_inode(), which drop it here; bulk changes and rollbacks clear it all
         self._inodes: dict[int, Inode] = {}
         self._check_cache = bool(os.environ.get("REKKORD_CHECK_INODE_CACHE"))  # tests: compare with the journal
-        self._recover()
-        self._ensure_reserve()
+        try:
+            self._recover()
+            self._ensure_reserve(room=RESERVE_SIZE)
+            if new and not self._reserve.exists():
+                # a new tree starts only with its reserve, or it could not even be deleted from
+                raise OSError(errno.ENOSPC, "no room for a new staging tree")
+        except BaseException:
+            self.db.close()  # an open connection would keep the journal locked
+            _discard(folder, new)
+            raise
 
     # --- journal helpers ---------------------------------------------------------
 
@@ -240,13 +244,17 @@ class StagingTree:
             self.uploads.pop(ino, None)
             self.versions.pop(ino, None)
             self._chunk_lists.pop(ino, None)
-        if doomed:
+        if doomed or self._freed:
+            self._freed = False
+            # on a disk short of space, deleting must free space at once
+            give_back(self.db, urgent=not self._reserve.exists() or disk_is_short(self.folder))
             self._ensure_reserve()
 
     def _after_rollback(self) -> None:
         """The in-memory state must not claim what was not written."""
         self._inodes.clear()
         self._doomed = []
+        self._freed = False
         self._dirty = bool(self._meta("dirty", 0))
 
     def _journal_freeing(self, apply: Callable[[], None]) -> None:
@@ -263,10 +271,15 @@ class StagingTree:
             with self._transaction():
                 apply()
 
-    def _ensure_reserve(self) -> None:
+    def _ensure_reserve(self, room: int = 2 * RESERVE_SIZE) -> None:
+        """Make the reserve file again, once the disk has `room` free: space a
+        user just freed on a full disk is theirs first."""
         if self._reserve.exists():
             return
         try:
+            st = os.statvfs(self.folder)
+            if st.f_bavail * st.f_frsize < room:
+                return
             with open(self._reserve, "wb") as handle:
                 handle.write(bytes(RESERVE_SIZE))
         except OSError:
@@ -771,6 +784,7 @@ class StagingTree:
     def _set_inline(self, node: Inode, data: bytes) -> None:
         self._preserve_inline(node.ino)
         with self._transaction():
+            self._freed = self._freed or len(data) < node.size
             self.db.execute("UPDATE inline SET data = ? WHERE ino = ?", (data, node.ino))
             self._update_inode(node.ino, "size = ?", len(data))
             if not self._dirty:
@@ -939,8 +953,7 @@ class StagingTree:
         except OSError:
             return
         if unlinked:
-            with self._transaction():
-                self._maybe_delete(ino)
+            self._journal_freeing(lambda: self._maybe_delete(ino))
 
     def opened(self, ino: int) -> None:
         self.open_files[ino] = self.open_files.get(ino, 0) + 1
@@ -952,8 +965,7 @@ class StagingTree:
             return
         self.open_files.pop(ino, None)
         if self.get(ino).nlink == 0:
-            with self._transaction():
-                self._maybe_delete(ino)
+            self._journal_freeing(lambda: self._maybe_delete(ino))
 
     # --- write-behind and commit -----------------------------------------------------------
 
@@ -1025,6 +1037,7 @@ class StagingTree:
                 "UPDATE inodes SET local = 0, chunks = ?, size = ? WHERE ino = ? AND local != 0",
                 [(encode_chunks(contents[ino]), sum(c.size for c in contents[ino]), ino) for ino in clean_files])
             self.db.executemany("DELETE FROM inline WHERE ino = ?", [(ino,) for ino in clean_files])
+            self._freed = True
             self.db.executemany("UPDATE inodes SET link_id = ? WHERE ino = ?",
                                 [(link_id, ino) for ino, link_id in link_ids.items()])
             self._inodes.clear()
@@ -1083,7 +1096,7 @@ class _Tx:
             return
         self._rollback()
         if isinstance(value, sqlite3.Error):
-            raise _journal_error(value) from None
+            raise journal_error(value) from None
 
 
     def _rollback(self) -> None:
@@ -1092,16 +1105,18 @@ class _Tx:
         self.on_rollback()
 
 
-def _journal_error(exc: sqlite3.Error) -> OSError:
-    full = isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
-    return OSError(errno.ENOSPC if full else errno.EIO, f"staging journal: {exc}")
-
-
 def _journal(execute: Callable[..., object], *args: object) -> object:
     try:
         return execute(*args)
     except sqlite3.Error as exc:
-        raise _journal_error(exc) from None
+        raise journal_error(exc) from None
+
+
+def _discard(folder: Path, new: bool) -> None:
+    """Remove what a failed start of a new tree made (a half-made tree would
+    be listed as a channel); an existing one keeps its staged data."""
+    if new:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def remove_files(paths: list[str]) -> None:

@@ -35,6 +35,7 @@ from .packs import Sealed
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree, remove_files
 from .streaming import GrowingFile, StreamAborted
+from .testhooks import stop_point
 from .upload import SMALL_FILE, Uploader, open_regular
 from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
@@ -371,6 +372,7 @@ class StagingArea:
             raise OSError(errno.EINVAL, "bad commit token")
         while len(self._results) >= 64:  # results are read right away; keep only recent ones
             del self._results[next(iter(self._results))]
+        stop_point("commit")
         try:
             result = await self.commit(tree.channel)
         except RekkordError as exc:

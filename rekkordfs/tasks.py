@@ -9,11 +9,13 @@ most telling error of the group instead.
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import AsyncIterator, Generic, TypeVar
 
 import trio
 
 from .errors import find_user_error
+
+T = TypeVar("T")
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -40,3 +42,35 @@ async def task_group() -> AsyncIterator[trio.Nursery]:
             yield nursery
     except BaseExceptionGroup as group:
         raise primary_error(group) from None
+
+
+class ReceiverGone(Exception):
+    """Raised in a producer thread once the loop side stopped receiving."""
+
+
+class ThreadFeed(Generic[T]):
+    """Hands items from a worker thread to a trio memory channel without waiting.
+
+    When the receiving task has gone (its pipeline failed and closed the
+    channel), the delivery on the loop must not raise: an error inside a
+    run_sync_soon callback is fatal to trio (TrioInternalError). It is noted
+    instead, and the producer's next put() raises ReceiverGone, so it stops
+    early and the pipeline's own error is what the user sees.
+    """
+
+    def __init__(self, send: trio.MemorySendChannel[T]) -> None:
+        self._send = send
+        self._token = trio.lowlevel.current_trio_token()
+        self._gone = False
+
+    def put(self, item: T) -> None:
+        """Thread side: queue item for the channel."""
+        if self._gone:
+            raise ReceiverGone()
+        self._token.run_sync_soon(self._deliver, item)
+
+    def _deliver(self, item: T) -> None:
+        try:
+            self._send.send_nowait(item)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._gone = True

@@ -16,6 +16,7 @@ import secrets
 import socket
 import subprocess
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,9 +28,10 @@ import pytest
 import trio
 
 from rekkordfs.config import S3Settings, SFTPSettings, parse_url
-from rekkordfs.errors import ObjectMissing, StorageError
+from rekkordfs.errors import ObjectMissing, StorageError, TransientStorageError
 from rekkordfs.storage.base import Storage
 from rekkordfs.storage.local import LocalStorage
+from rekkordfs.storage.retry import RetryingStorage, RetryPolicy
 from rekkordfs.storage.s3 import PROBE_KEY, S3Storage
 from rekkordfs.storage.sftp import SFTPStorage
 from tests.servers import BUCKET, BACKENDS, OpenSSHServer, SeaweedFS, write_config
@@ -47,8 +49,7 @@ class Backend:
     ssh: OpenSSHServer | None = None
     cleanups: list[Callable[[], None]] = field(default_factory=list)
 
-    def storage(self, where: str | None = None, *, reader: bool = False, make: bool = True,
-                backoff: float = 0.2) -> Storage:
+    def storage(self, where: str | None = None, *, reader: bool = False, make: bool = True) -> Storage:
         """A Storage object for location `where` (a fresh one when None)."""
         where = where or f"repo-{secrets.token_hex(5)}"
         if self.name == "local":
@@ -57,7 +58,7 @@ class Backend:
             assert self.s3 is not None
             key, secret = (self.s3.reader_key, self.s3.reader_secret) if reader else (self.s3.access_key,
                                                                                          self.s3.secret_key)
-            return S3Storage(parse_url(self.s3.url(BUCKET, where)), S3Settings(key, secret), backoff=backoff)
+            return S3Storage(parse_url(self.s3.url(BUCKET, where)), S3Settings(key, secret))
         assert self.ssh is not None
         path = self.ssh.data / where
         if make and not path.exists():
@@ -177,6 +178,46 @@ def test_get_range(backend: Backend) -> None:
             assert await storage.get_range("blobs/0a/ranged", len(data) + 10, 100) == b""
             with pytest.raises(ObjectMissing):
                 await storage.get_range("blobs/0a/absent", 0, 10)
+        finally:
+            await storage.aclose()
+
+    run(body)
+
+
+def test_object_size(backend: Backend) -> None:
+    """What RetryingStorage asks when a retried put finds the object already there."""
+    async def body() -> None:
+        storage = await fresh(backend)
+        try:
+            await storage.put("blobs/0b/sized", os.urandom(123_457))
+            await storage.put("blobs/0b/empty", b"")
+            assert await storage.object_size("blobs/0b/sized") == 123_457
+            assert await storage.object_size("blobs/0b/empty") == 0
+            with pytest.raises(ObjectMissing):
+                await storage.object_size("blobs/0b/absent")
+        finally:
+            await storage.aclose()
+
+    run(body)
+
+
+def test_list_details_and_nested_deletes(backend: Backend) -> None:
+    """Sizes and times for prune; a tag's two-level name leaves no folder behind."""
+    async def body() -> None:
+        storage = await fresh(backend)
+        try:
+            before = time.time_ns() - 5 * 10**9  # servers' clocks: second resolution
+            await storage.put("tags/abc/def", b"")
+            await storage.put("packs/0c/pack", os.urandom(4321))
+            details = await storage.list_details("")
+            assert details["packs/0c/pack"].size == 4321 and details["tags/abc/def"].size == 0
+            assert all(before <= info.mtime_ns <= time.time_ns() + 5 * 10**9 for info in details.values())
+            assert set(await storage.list_details("tags/")) == {"tags/abc/def"}
+            await storage.delete("tags/abc/def")
+            assert await storage.list("tags/") == []
+            assert await storage.put("tags/abc/def", b"")  # the folder comes back on demand
+            await storage.delete("packs/0c/pack")
+            assert await storage.put("packs/0c/other", b"x")
         finally:
             await storage.aclose()
 
@@ -484,9 +525,9 @@ def s3_proxy(server: SeaweedFS) -> Iterator[S3Proxy]:
         proxy.close()
 
 
-def _proxied_storage(proxy: S3Proxy, server: SeaweedFS, prefix: str, **kwargs: object) -> S3Storage:
+def _proxied_storage(proxy: S3Proxy, server: SeaweedFS, prefix: str) -> S3Storage:
     location = parse_url(f"{proxy.endpoint}/{BUCKET}/{prefix}")
-    return S3Storage(location, S3Settings(server.access_key, server.secret_key), **kwargs)  # type: ignore[arg-type]
+    return S3Storage(location, S3Settings(server.access_key, server.secret_key))
 
 
 def test_s3_host_ignoring_if_none_match_is_detected(seaweedfs_server: SeaweedFS) -> None:
@@ -551,12 +592,18 @@ def _keys(server: SeaweedFS, prefix: str) -> list[str]:
 
 
 def test_s3_retries_server_errors_but_not_client_errors(seaweedfs_server: SeaweedFS) -> None:
+    """S3 answers 503 SlowDown: transient (retried by RetryingStorage, within its
+    budget); 400: final at once."""
     with s3_proxy(seaweedfs_server) as proxy:
 
         async def body() -> None:
-            storage = _proxied_storage(proxy, seaweedfs_server, f"retry-{secrets.token_hex(4)}", backoff=0.01)
+            raw = _proxied_storage(proxy, seaweedfs_server, f"retry-{secrets.token_hex(4)}")
+            storage = RetryingStorage(raw, RetryPolicy(budget=1.0, first_delay=0.01))
             try:
                 await storage.create()
+                proxy.fail_next = [503]
+                with pytest.raises(TransientStorageError, match="SlowDown"):
+                    await raw.get("rekkord.probe")  # the backend itself only classifies
                 proxy.fail_next = [503, 503]
                 count = len(proxy.requests)
                 assert await storage.put("blobs/00/a", b"data") is True
@@ -566,8 +613,9 @@ def test_s3_retries_server_errors_but_not_client_errors(seaweedfs_server: Seawee
                 with pytest.raises(StorageError, match="BadRequest"):
                     await storage.get("blobs/00/a")
                 assert len(proxy.requests) - count == 1
-                proxy.fail_next = [503] * 10
-                with pytest.raises(StorageError, match="gave up after 6 attempts"):
+                proxy.fail_next = [503] * 100_000
+                with pytest.raises(StorageError, match=r"^gave up after 1 s of retries to read 'blobs/00/a': "
+                                                       r"S3 could not read .*SlowDown"):
                     await storage.get("blobs/00/a")
                 proxy.fail_next = []
             finally:
@@ -636,7 +684,7 @@ def test_storages_reconnect_after_a_server_restart(tmp_path: Path) -> None:
         backends = [Backend("s3", tmp_path, s3=s3), Backend("sftp", tmp_path, ssh=ssh)]
 
         async def body() -> None:
-            storages = [b.storage(backoff=0.01) for b in backends]
+            storages = [b.storage() for b in backends]
             for storage in storages:
                 await storage.create()
             try:
@@ -644,8 +692,8 @@ def test_storages_reconnect_after_a_server_restart(tmp_path: Path) -> None:
                     assert await storage.put("blobs/00/before", b"1")
                 s3.stop()
                 ssh.stop()
-                for storage in storages:  # down: a clear error, not a hang
-                    with pytest.raises(StorageError, match="connection refused|lost connection"):
+                for storage in storages:  # down: a clear error, not a hang, that a retry may cure
+                    with pytest.raises(TransientStorageError, match="connection refused|lost connection"):
                         await storage.get("blobs/00/before")
                 s3.start()
                 ssh.start()

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from ..config import Config, LocalLocation, S3Location, SFTPLocation
 from .base import Storage
+from .retry import RetryingStorage, RetryPolicy
 
 
 def open_storage(config: Config) -> Storage:
-    """Build the backend for the configured repository location (not yet connected)."""
+    """The backend for the configured repository location (not yet connected),
+    with transient failures retried for config.retry_time seconds."""
+    return RetryingStorage(_backend(config), RetryPolicy(budget=config.retry_time))
+
+
+def _backend(config: Config) -> Storage:
     location = config.require_location()
     if isinstance(location, LocalLocation):
         from .local import LocalStorage

@@ -7,7 +7,10 @@ contract, checked by tests/test_storage_conformance.py for every backend:
 - get() raises ObjectMissing for an absent key;
 - list(prefix) returns every key under prefix (all pages, any count);
 - flush() returns once everything put so far is durable;
-- every failure is a StorageError with a one-line message naming the cause.
+- every failure is a StorageError with a one-line message naming the cause;
+  a TransientStorageError when trying again may succeed (a lost or refused
+  connection, a timeout, a busy server). Backends never retry by themselves:
+  retry.RetryingStorage does, for all of them, under one policy.
 """
 
 from __future__ import annotations
@@ -78,6 +81,10 @@ class Storage(ABC):
     @abstractmethod
     async def exists(self, key: str) -> bool:
         ...
+
+    async def object_size(self, key: str) -> int:
+        """Size of the stored object in bytes, or ObjectMissing."""
+        return len(await self.get(key))
 
     @abstractmethod
     async def list(self, prefix: str) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Callable, TypeVar
 
 import trio
 
-from ..errors import ObjectMissing, StorageError
+from ..errors import ObjectMissing, StorageError, TransientStorageError
 from ..tasks import task_group
 from .base import ObjectInfo, Storage
 
@@ -89,6 +89,12 @@ def _retry_in_new_folder(final: str, link: Callable[[], None]) -> None:
         link()
 
 
+# Errors of a folder on a network filesystem (NFS, SMB) whose server or link
+# went away for a moment: worth retrying. A full or failing disk is not.
+TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONNABORTED, errno.ECONNREFUSED,
+                    errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET}
+
+
 class LocalStorage(Storage):
     conditional_writes = True
     remote = False
@@ -111,7 +117,8 @@ class LocalStorage(Storage):
         reason = exc.strerror or str(exc)
         if exc.errno == errno.ENOSPC:
             reason = "no space left on device"
-        return StorageError(f"cannot {action} '{os.path.join(self.root, key)}': {reason}")
+        kind = TransientStorageError if exc.errno in TRANSIENT_ERRNOS else StorageError
+        return kind(f"cannot {action} '{os.path.join(self.root, key)}': {reason}")
 
     async def _run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
@@ -242,6 +249,17 @@ class LocalStorage(Storage):
 
     async def exists(self, key: str) -> bool:
         return await self._run(os.path.exists, os.path.join(self.root, key))
+
+    async def object_size(self, key: str) -> int:
+        return await self._run(self._size_sync, key)
+
+    def _size_sync(self, key: str) -> int:
+        try:
+            return os.stat(os.path.join(self.root, key)).st_size
+        except FileNotFoundError:
+            raise ObjectMissing(f"object '{key}' is missing from '{self.root}'") from None
+        except OSError as exc:
+            raise self._error(exc, "check", key) from None
 
     async def list(self, prefix: str) -> list[str]:
         return await self._run(self._list_sync, prefix)

@@ -2,8 +2,9 @@
 
 boto3 is synchronous: every call runs in a worker thread under this backend's
 own CapacityLimiter, on one shared client (boto3 clients are thread-safe) whose
-connection pool is as large as the limiter. Retries are ours, not botocore's,
-so the backoff sleeps on the trio loop instead of holding a thread.
+connection pool is as large as the limiter. botocore retries nothing: each
+failure is classified here as transient or not, and storage/retry.py retries
+the transient ones (its backoff sleeps on the trio loop, holding no thread).
 
 Writes never overwrite: put() sends `If-None-Match: *`. Whether the host
 honours it is probed at connect/create (see _probe_conditional_writes); where
@@ -13,15 +14,14 @@ it does not, conditional_writes is False and put() looks for the object first
 
 from __future__ import annotations
 
-import random
 import socket
 from typing import Any, Callable, TypeVar
 
 import trio
 
 from ..config import S3Location, S3Settings, prompt_secret
-from ..errors import ConfigError, ObjectMissing, StorageError
-from .base import Storage
+from ..errors import ConfigError, ObjectMissing, StorageError, TransientStorageError
+from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ T = TypeVar("T")
 # after the first probe a single refused PUT answers the question.
 PROBE_KEY = "rekkord.probe"
 
-RETRY_CODES = {
+TRANSIENT_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
     "RequestTimeout", "InternalError", "ServiceUnavailable", "RequestLimitExceeded",
     # A concurrent conditional write is in progress: AWS asks to retry, and the
@@ -43,17 +43,8 @@ UNKNOWN_KEY_CODES = {"InvalidAccessKeyId", "InvalidClientTokenId", "Unrecognized
 DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
 
 
-class _Retryable(Exception):
-    """A transient failure: sleep and try again (carries the final error)."""
-
-    def __init__(self, error: StorageError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 class S3Storage(Storage):
-    def __init__(self, location: S3Location, settings: S3Settings, threads: int = 4, *,
-                 attempts: int = 6, backoff: float = 0.2) -> None:
+    def __init__(self, location: S3Location, settings: S3Settings, threads: int = 4) -> None:
         self.location = location
         self.settings = settings
         self.region = location.region or settings.region or "us-east-1"
@@ -61,8 +52,7 @@ class S3Storage(Storage):
         self._limiter = trio.CapacityLimiter(max(8, threads * 4))
         self._client: Any = None
         self._client_lock = trio.Lock()
-        self._attempts = max(1, attempts)
-        self._backoff = backoff
+        self._connected = False
         # Some hosts reject the If-None-Match header itself (501): stop sending it.
         self._send_if_none_match = True
         self.conditional_writes = True
@@ -74,16 +64,16 @@ class S3Storage(Storage):
     # --- setup ---------------------------------------------------------------
 
     async def connect(self) -> None:
-        if self._client is None:
+        if not self._connected:
             await self._make_client()
-            # The first request tells apart a bad secret, a missing bucket and a
-            # dead endpoint; retry it less, so a typo fails fast.
-            await self._call("list", "", self._list_page_sync, self._prefix, None, 1, attempts=3)
+            # The first request tells apart a bad secret, a missing bucket and a dead endpoint.
+            await self._call("list", "", self._list_page_sync, self._prefix, None, 1)
             await self._probe_conditional_writes()
+            self._connected = True  # (a connect() retried after a failure does it all again)
 
     async def create(self) -> None:
         await self._make_client()
-        keys, _ = await self._call("list", "", self._list_page_sync, self._prefix, None, 10, attempts=3)
+        keys, _ = await self._call("list", "", self._list_page_sync, self._prefix, None, 10)
         others = [k for k in keys if k not in (self._prefix + "rekkord", self._prefix + PROBE_KEY)]
         if others:
             raise StorageError(f"{self.description} is not empty")
@@ -145,6 +135,7 @@ class S3Storage(Storage):
 
     async def aclose(self) -> None:
         client, self._client = self._client, None
+        self._connected = False
         if client is not None:
             await trio.to_thread.run_sync(client.close)
 
@@ -221,24 +212,35 @@ class S3Storage(Storage):
             raise
         return True
 
+    async def object_size(self, key: str) -> int:
+        return await self._call("check", key, self._size_sync, self._prefix + key)
+
+    def _size_sync(self, full_key: str) -> int:
+        return int(self._client.head_object(Bucket=self.location.bucket, Key=full_key)["ContentLength"])
+
     async def list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+        return list(await self.list_details(prefix))
+
+    async def list_details(self, prefix: str) -> dict[str, ObjectInfo]:
+        found: dict[str, ObjectInfo] = {}
         token: str | None = None
         skip = len(self._prefix)
         while True:
             page, token = await self._call("list", prefix, self._list_page_sync, self._prefix + prefix, token, 1000)
-            keys.extend(k[skip:] for k in page)
+            found.update((key[skip:], info) for key, info in page)
             if token is None:
-                return keys
+                return found
 
-    def _list_page_sync(self, full_prefix: str, token: str | None, limit: int) -> tuple[list[str], str | None]:
+    def _list_page_sync(self, full_prefix: str, token: str | None,
+                        limit: int) -> tuple[list[tuple[str, ObjectInfo]], str | None]:
         kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": full_prefix, "MaxKeys": limit}
         if token:
             kwargs["ContinuationToken"] = token
         response = self._client.list_objects_v2(**kwargs)
-        keys = [item["Key"] for item in response.get("Contents", ())]
+        items = [(item["Key"], ObjectInfo(int(item["Size"]), int(item["LastModified"].timestamp() * 1e9)))
+                 for item in response.get("Contents", ())]
         more = response.get("IsTruncated") and response.get("NextContinuationToken")
-        return keys, more or None
+        return items, more or None
 
     async def delete(self, key: str) -> None:
         await self._call("delete", key, self._delete_sync, self._prefix + key)
@@ -256,89 +258,79 @@ class S3Storage(Storage):
 
     # --- plumbing --------------------------------------------------------------
 
-    async def _call(self, action: str, key: str, fn: Callable[..., T], *args: Any,
-                    attempts: int | None = None) -> T:
-        """Run fn in a thread; retry transient failures with exponential backoff."""
+    async def _call(self, action: str, key: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn in a thread (once: retrying is storage/retry.py's job)."""
         if self._client is None:
             await self._make_client()
-        attempts = attempts or self._attempts
-        delay = self._backoff
-        for attempt in range(1, attempts + 1):
-            try:
-                return await trio.to_thread.run_sync(self._translated, action, key, fn, *args,
-                                                     limiter=self._limiter)
-            except _Retryable as transient:
-                if attempt == attempts:
-                    error = transient.error
-                    raise StorageError(f"{error.message} (gave up after {attempts} attempts)") from None
-            await trio.sleep(delay * (0.75 + random.random() / 2))
-            delay = min(delay * 2, 10.0)
-        raise AssertionError("unreachable")
+        return await trio.to_thread.run_sync(self._translated, action, key, fn, *args, limiter=self._limiter)
 
     def _translated(self, action: str, key: str, fn: Callable[..., T], *args: Any) -> T:
-        """Call fn; turn every failure into a StorageError or _Retryable."""
+        """Call fn; turn every failure into a StorageError (TransientStorageError
+        when trying again may succeed)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return fn(*args)
         except ClientError as exc:
-            error, transient = self._client_error(exc, action, key)
+            raise self._client_error(exc, action, key) from None
         except (BotoCoreError, OSError) as exc:
-            error, transient = self._transport_error(exc)
+            raise self._transport_error(exc) from None
         except Exception as exc:  # urllib3 errors while streaming a body
             if type(exc).__module__.startswith("urllib3"):
-                error, transient = self._transport_error(exc)
-            else:
-                raise
-        if transient:
-            raise _Retryable(error)
-        raise error
+                raise self._transport_error(exc) from None
+            raise
 
     def _where(self, key: str) -> str:
         return f"'{self._prefix}{key}' in bucket '{self.location.bucket}'" if key else f"bucket '{self.location.bucket}'"
 
-    def _client_error(self, exc: Any, action: str, key: str) -> tuple[StorageError, bool]:
+    def _client_error(self, exc: Any, action: str, key: str) -> StorageError:
         code, status = _code_status(exc)
         endpoint = self.location.endpoint
         key_id = self.settings.key_id
         if code in ("NoSuchKey", "404") and action in ("read", "check"):
-            return ObjectMissing(f"object '{self._prefix}{key}' is missing from {self.description}"), False
+            return ObjectMissing(f"object '{self._prefix}{key}' is missing from {self.description}")
         if code == "NoSuchBucket" or (code == "404" and action == "list"):
-            return StorageError(f"bucket '{self.location.bucket}' does not exist at {endpoint}"), False
+            return StorageError(f"bucket '{self.location.bucket}' does not exist at {endpoint}")
         if code in BAD_SECRET_CODES:
             return StorageError(
                 f"S3 refused the secret key for key ID '{key_id}' at {endpoint} (signature does not match)"
-            ), False
+            )
         if code in UNKNOWN_KEY_CODES:
-            return StorageError(f"S3 at {endpoint} does not know the access key ID '{key_id}'"), False
+            return StorageError(f"S3 at {endpoint} does not know the access key ID '{key_id}'")
         if code in DENIED_CODES:
             return StorageError(
                 f"S3 access denied: cannot {action} {self._where(key)} with key ID '{key_id}'"
-            ), False
+            )
         if code in ("PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException"):
             return StorageError(
                 f"bucket '{self.location.bucket}' is in another region than '{self.region}' "
                 f"(set Region in the [S3] section)"
-            ), False
+            )
         message = _one_line(exc.response.get("Error", {}).get("Message") or "")
         detail = f"{code}: {message}" if message and message != code else (code or f"HTTP {status}")
-        transient = code in RETRY_CODES or status == 429 or status >= 500
-        return StorageError(f"S3 could not {action} {self._where(key)}: {detail}"), transient
+        message = f"S3 could not {action} {self._where(key)}: {detail}"
+        if code in TRANSIENT_CODES or status == 429 or status >= 500:
+            return TransientStorageError(message, answered=True)  # the server is up, only busy
+        return StorageError(message)
 
-    def _transport_error(self, exc: BaseException) -> tuple[StorageError, bool]:
-        from botocore.exceptions import ConnectTimeoutError, ReadTimeoutError, SSLError
+    def _transport_error(self, exc: BaseException) -> StorageError:
+        from botocore.exceptions import (ConnectionError, ConnectTimeoutError, HTTPClientError,
+                                         IncompleteReadError, ReadTimeoutError, SSLError)
 
         endpoint = self.location.endpoint
         if isinstance(exc, SSLError):
-            return StorageError(f"TLS error with S3 endpoint {endpoint}: {_root_cause(exc)}"), False
+            return StorageError(f"TLS error with S3 endpoint {endpoint}: {_root_cause(exc)}")
         if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, TimeoutError, socket.timeout)):
-            return StorageError(f"S3 endpoint {endpoint} timed out"), True
+            return TransientStorageError(f"S3 endpoint {endpoint} timed out")
         cause = _root_cause(exc)
         if _is_dns_failure(exc):
-            return StorageError(f"cannot resolve the host name of S3 endpoint {endpoint}"), False
+            return StorageError(f"cannot resolve the host name of S3 endpoint {endpoint}")
+        link = (ConnectionError, HTTPClientError, IncompleteReadError, OSError)
+        if not isinstance(exc, link) and not type(exc).__module__.startswith("urllib3"):
+            return StorageError(f"S3 request to {endpoint} failed: {cause}")  # not the network's doing
         if "refused" in cause.lower():
-            return StorageError(f"cannot connect to S3 endpoint {endpoint}: connection refused"), True
-        return StorageError(f"lost connection to S3 endpoint {endpoint}: {cause}"), True
+            return TransientStorageError(f"cannot connect to S3 endpoint {endpoint}: connection refused")
+        return TransientStorageError(f"lost connection to S3 endpoint {endpoint}: {cause}")
 
 
 def _code_status(exc: Any) -> tuple[str, int]:

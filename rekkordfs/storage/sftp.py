@@ -19,6 +19,7 @@ terminal, then remembered in ~/.ssh/known_hosts).
 from __future__ import annotations
 
 import asyncio
+import errno
 import getpass
 import logging
 import os
@@ -34,8 +35,8 @@ import outcome
 import trio
 
 from ..config import SFTPLocation, SFTPSettings
-from ..errors import ConfigError, ObjectMissing, RekkordError, StorageError
-from .base import Storage
+from ..errors import ConfigError, ObjectMissing, RekkordError, StorageError, TransientStorageError
+from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -392,7 +393,13 @@ class SFTPStorage(Storage):
     async def exists(self, key: str) -> bool:
         return await self._run("check", key, self._exists, key)
 
+    async def object_size(self, key: str) -> int:
+        return await self._run("check", key, self._size, key)
+
     async def list(self, prefix: str) -> list[str]:
+        return list(await self.list_details(prefix))
+
+    async def list_details(self, prefix: str) -> dict[str, ObjectInfo]:
         return await self._run("list", prefix, self._list, prefix)
 
     async def delete(self, key: str) -> None:
@@ -404,39 +411,31 @@ class SFTPStorage(Storage):
     # --- the trio side -----------------------------------------------------------
 
     async def _run(self, action: str, key: str, op: Callable[..., Coroutine[Any, Any, T]], *args: Any) -> T:
-        """Run op(*args) on the asyncio thread; one reconnect on a lost link."""
+        """Run op(*args) on the asyncio thread, once: storage/retry.py retries
+        what _error() calls transient, and the next attempt connects again."""
         if self._thread is None:
             self._thread = AsyncioThread(f"sftp {self.location.host}")
         async with self._requests:
             try:
-                return await self._thread.run(self._with_reconnect(op, args))
+                return await self._thread.run(self._on_session(op, args))
             except RekkordError:
                 raise
             except Exception as exc:
                 raise self._error(exc, action, key) from None
 
-    async def _with_reconnect(self, op: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
-        import asyncssh
-
-        conn = self._conn
-        try:
-            return await self._on_session(op, args)
-        except (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.ConnectionLost,
-                ConnectionError):
-            # The server restarted or the network blinked: try once more on a
-            # new connection (an op that had completed is harmless to repeat).
-            self._drop(conn)
-            await asyncio.sleep(0.5)
-            return await self._on_session(op, args)
-
     async def _on_session(self, op: Callable[..., Coroutine[Any, Any, T]], args: tuple[Any, ...]) -> T:
-        """op(sftp, *args) on the least busy SFTP channel."""
+        """op(sftp, *args) on the least busy SFTP channel; a connection that broke
+        under it is dropped, so that the next operation opens a new one."""
         await self._ensure_connected()
-        sessions, busy = self._sessions, self._busy
+        conn, sessions, busy = self._conn, self._sessions, self._busy
         index = min(range(len(sessions)), key=busy.__getitem__)
         busy[index] += 1
         try:
             return await op(sessions[index], *args)
+        except Exception as exc:
+            if _link_failure(exc):
+                self._drop(conn)
+            raise
         finally:
             busy[index] -= 1
 
@@ -538,10 +537,9 @@ class SFTPStorage(Storage):
 
     def _drop(self, conn: Any) -> None:
         """Forget a broken connection (unless another operation replaced it already)."""
-        if conn is not None and conn is not self._conn:
+        if conn is not self._conn:
             return
-        if self._conn is not None:
-            self._conn.abort()
+        conn.abort()
         self._conn, self._sessions = None, []
 
     async def _create(self, sftp: Any) -> None:
@@ -641,6 +639,9 @@ class SFTPStorage(Storage):
         finally:
             self._background(handle.close())
 
+    async def _size(self, sftp: Any, key: str) -> int:
+        return int((await sftp.stat(self._path(key))).size)
+
     async def _exists(self, sftp: Any, key: str) -> bool:
         return bool(await sftp.exists(self._path(key)))
 
@@ -651,11 +652,17 @@ class SFTPStorage(Storage):
             await sftp.remove(self._path(key))
         except asyncssh.SFTPNoSuchFile:
             pass
+        folder = posixpath.dirname(key)
+        if "/" in folder:  # a folder made for this object alone (a tag's) goes with it
+            try:
+                await sftp.rmdir(self._path(folder))
+            except asyncssh.SFTPError:
+                pass  # not empty, or gone: either is fine
 
-    async def _list(self, sftp: Any, prefix: str) -> list[str]:
+    async def _list(self, sftp: Any, prefix: str) -> dict[str, ObjectInfo]:
         import asyncssh
 
-        keys: list[str] = []
+        found: dict[str, ObjectInfo] = {}
         start = prefix.rstrip("/")
 
         async def walk(rel: str) -> None:
@@ -672,11 +679,11 @@ class SFTPStorage(Storage):
                 if item.attrs.type == asyncssh.FILEXFER_TYPE_DIRECTORY:
                     subdirs.append(child)
                 else:
-                    keys.append(child)
+                    found[child] = ObjectInfo(item.attrs.size or 0, int((item.attrs.mtime or 0) * 1e9))
             await _gather_limited([walk(d) for d in subdirs], 32)
 
         await walk(start)
-        return keys
+        return found
 
     # --- errors ------------------------------------------------------------------
 
@@ -684,6 +691,8 @@ class SFTPStorage(Storage):
         import asyncssh
 
         where = f"'{self._path(key)}' on {self.login}"
+        if _link_failure(exc):
+            return TransientStorageError(self._link_message(exc))
         if isinstance(exc, asyncssh.SFTPNoSuchFile):
             if action in ("read", "check"):
                 return ObjectMissing(f"object '{key}' is missing from {self.description}")
@@ -696,13 +705,6 @@ class SFTPStorage(Storage):
             return StorageError(f"cannot {action} {where}: {_one_line(exc.reason) or 'failure'}")
         if isinstance(exc, socket.gaierror):
             return StorageError(f"cannot resolve SFTP host name '{self.location.host}'")
-        if isinstance(exc, ConnectionRefusedError):
-            return StorageError(f"cannot connect to SFTP server {self.host_port}: connection refused")
-        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
-            return StorageError(f"SFTP server {self.host_port} timed out")
-        if isinstance(exc, (asyncssh.ConnectionLost, asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection,
-                            ConnectionError)):
-            return StorageError(f"lost connection to SFTP server {self.host_port}")
         if isinstance(exc, asyncssh.DisconnectError):
             return StorageError(f"SFTP server {self.host_port} closed the connection: {_one_line(exc.reason)}")
         if isinstance(exc, OSError):
@@ -710,6 +712,36 @@ class SFTPStorage(Storage):
         if isinstance(exc, asyncssh.Error):
             return StorageError(f"SSH error with {self.host_port}: {_one_line(exc.reason)}")
         raise exc
+
+    def _link_message(self, exc: BaseException) -> str:
+        import asyncssh
+
+        if isinstance(exc, ConnectionRefusedError):
+            return f"cannot connect to SFTP server {self.host_port}: connection refused"
+        if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+            return f"SFTP server {self.host_port} timed out"
+        if type(exc) is asyncssh.DisconnectError:
+            return f"SFTP server {self.host_port} closed the connection: {_one_line(exc.reason)}"
+        if isinstance(exc, OSError) and not isinstance(exc, ConnectionError):
+            return f"cannot connect to SFTP server {self.host_port}: {exc.strerror or exc}"
+        return f"lost connection to SFTP server {self.host_port}"
+
+
+# Network errors that a new connection may not meet (not DNS: gaierror is apart).
+_NETWORK_ERRNOS = {errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN}
+
+
+def _link_failure(exc: BaseException) -> bool:
+    """True when the connection (not the request) failed: worth a new connection
+    and another try. Refusals of the login or of the host key are final."""
+    import asyncssh
+
+    if isinstance(exc, (asyncssh.SFTPConnectionLost, asyncssh.SFTPNoConnection, asyncssh.ConnectionLost,
+                        asyncssh.MACError, ConnectionError, asyncio.TimeoutError, TimeoutError)):
+        return True
+    if type(exc) is asyncssh.DisconnectError:  # the server closing (shutdown, too many connections)
+        return True
+    return isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and exc.errno in _NETWORK_ERRNOS
 
 
 def _one_line(text: str | None) -> str:

@@ -1,0 +1,33 @@
+"""Stop points for tests: a process stops itself (SIGSTOP) at a named point,
+so a test acts (kills a server, kills the process) at a known moment instead
+of guessing one with a sleep.
+
+REKKORD_TEST_STOP=POINT[:N] stops the process the N-th time (default: the
+first) it reaches POINT. The test sees the process in state 'T' in
+/proc/PID/stat, does what it needs, then sends SIGCONT or SIGKILL. Unset (as in
+normal use), a stop point costs one comparison.
+
+Points: "storage-put" (before each write to the repository storage),
+"commit" (a mount starting a commit).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+_SPEC = os.environ.get("REKKORD_TEST_STOP", "")
+_POINT, _, _NTH = _SPEC.partition(":")
+_counts: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+def stop_point(name: str) -> None:
+    """SIGSTOP this process here if REKKORD_TEST_STOP names this point and time."""
+    if name != _POINT:
+        return
+    with _lock:
+        count = _counts[name] = _counts.get(name, 0) + 1
+    if count == int(_NTH or 1):
+        os.kill(os.getpid(), signal.SIGSTOP)

@@ -365,7 +365,7 @@ def test_os_errors_on_descriptors_are_one_line(capsys: pytest.CaptureFixture[str
     """OSError.filename is an int for calls on a file descriptor; reporting one must not crash."""
     import errno
 
-    from cli.main import _report
+    from rekkordfs.cli.main import _report
     assert _report(OSError(errno.EIO, "Input/output error", 7)) == 1
     assert _report(OSError(errno.ENOSPC, "No space left on device", b"/some/path")) == 1
     lines = capsys.readouterr().err.splitlines()

@@ -46,33 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    command("init", "create a repository and export its master key (default ./master.key)", "cli.commands:init")
+    command("init", "create a repository and export its master key (default ./master.key)", "rekkordfs.cli.commands:init")
 
-    p = command("derive", "derive a restricted keyfile from the master key", "cli.commands:derive")
+    p = command("derive", "derive a restricted keyfile from the master key", "rekkordfs.cli.commands:derive")
     p.add_argument("-t", "--type", required=True, metavar="TYPE", help="ReadWrite, WriteOnly or LogOnly")
     p.add_argument("-O", "--output", required=True, metavar="FILE", help="where to write the new keyfile")
 
-    p = command("identify", "print the key ID and type of a keyfile", "cli.commands:identify")
+    p = command("identify", "print the key ID and type of a keyfile", "rekkordfs.cli.commands:identify")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("save", "save paths as a new snapshot in CHANNEL; prints its ID", "cli.commands:save")
+    p = command("save", "save paths as a new snapshot in CHANNEL; prints its ID", "rekkordfs.cli.commands:save")
     p.add_argument("channel", metavar="CHANNEL")
     p.add_argument("paths", metavar="PATH", nargs="+")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("snapshots", "list snapshots", "cli.commands:snapshots")
+    p = command("snapshots", "list snapshots", "rekkordfs.cli.commands:snapshots")
     p.add_argument("-c", "--channel", action="append", metavar="CHANNEL", help="only this channel (repeatable)")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("channels", "latest snapshot of each channel", "cli.commands:channels")
+    p = command("channels", "latest snapshot of each channel", "rekkordfs.cli.commands:channels")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("list", "list the tree of a snapshot", "cli.commands:list_tree")
+    p = command("list", "list the tree of a snapshot", "rekkordfs.cli.commands:list_tree")
     p.add_argument("spec", metavar="ID|CHANNEL[:path]")
     p.add_argument("-r", "--recursive", action="store_true", help="list subdirectories too")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
 
-    p = command("restore", "restore a snapshot (or a path inside it) to DEST", "cli.commands:restore")
+    p = command("restore", "restore a snapshot (or a path inside it) to DEST", "rekkordfs.cli.commands:restore")
     p.add_argument("spec", metavar="ID|CHANNEL[:path]")
     p.add_argument("dest", metavar="DEST")
     p.add_argument("-f", "--force", action="store_true", help="restore into a non-empty DEST")
@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--dry-run", action="store_true", help="show what would be done, change nothing")
     p.add_argument("-v", "--verbose", action="store_true", help="print each restored path")
 
-    p = command("check", "verify signatures, structure and optionally every blob", "cli.commands:check")
+    p = command("check", "verify signatures, structure and optionally every blob", "rekkordfs.cli.commands:check")
     p.add_argument("--read-data", action="store_true", help="decrypt and rehash every stored chunk")
 
-    p = command("mount", "mount the repository (or one snapshot) as a filesystem", "cli.commands:mount")
+    p = command("mount", "mount the repository (or one snapshot) as a filesystem", "rekkordfs.cli.commands:mount")
     p.add_argument("args", metavar="[ID|CHANNEL[:path]] MNT", nargs="+")
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     p.add_argument("--channel", action="append", metavar="C", help="only show these channels")
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="re-list snapshots at most this often (default 10)")
     p.add_argument("--debug", action="store_true", help="log FUSE requests")
 
-    p = command("commit", "turn a staging tree of a running mount into a snapshot", "cli.commit:commit")
+    p = command("commit", "turn a staging tree of a running mount into a snapshot", "rekkordfs.cli.commit:commit")
     p.add_argument("staging", metavar="MNT/staging/CHANNEL")
     p.add_argument("-f", "--format", choices=("plain", "json"), default="plain")
     return parser

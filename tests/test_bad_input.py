@@ -380,7 +380,7 @@ def test_restore_into_non_empty_destination(world: dict) -> None:
     dest.mkdir()
     (dest / "precious").write_text("mine")
     before = tree_digest(dest)
-    fails(world, "restore", f"main:{world['src']}", str(dest), fragments=("not empty", "-f"))
+    fails(world, "restore", f"main:{world['src']}", str(dest), fragments=("not empty", "--force"))
     assert tree_digest(dest) == before
     fails(world, "restore", "--delete", "-n", f"main:{world['src']}", str(world["tmp"] / "dest" / "precious"),
           fragments=("not a folder",))

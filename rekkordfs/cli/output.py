@@ -1,4 +1,4 @@
-"""Output helpers: sizes, times, tables and JSON."""
+"""Output helpers: sizes, counts, times, tables and JSON."""
 
 from __future__ import annotations
 
@@ -19,6 +19,14 @@ def human_size(value: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+_IRREGULAR = {"directory": "directories", "entry": "entries", "unreadable entry": "unreadable entries"}
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 file', '2 files', '0 directories'."""
+    return f"{count} {noun if count == 1 else _IRREGULAR.get(noun, noun + 's')}"
 
 
 def iso_time(time_ns: int) -> str:

@@ -1,0 +1,111 @@
+"""`snapshots`, `channels` and `list`: what the repository holds."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import trio
+
+from rekkordfs.format import Entry, EntryKind
+from rekkordfs.keys import Capability
+from rekkordfs.repository import Repository, Tag, walk_path
+
+from .common import ConfigMaker, load_keys, resolve, split_spec, warn
+from .output import human_size, iso_time, local_time, mode_string, print_json, print_table
+
+
+def _list_tags(args: argparse.Namespace, make_config: ConfigMaker) -> list[Tag]:
+    config = make_config(args)
+    keys = load_keys(config)
+    keys.require(Capability.LIST)
+
+    async def run() -> list[Tag]:
+        async with Repository.connect(config, keys) as repo:
+            return await repo.list_tags(warn=warn)
+
+    return trio.run(run)
+
+
+def snapshots(args: argparse.Namespace, make_config: ConfigMaker) -> int:
+    tags = _list_tags(args, make_config)
+    if args.channel:
+        tags = [t for t in tags if t.channel in args.channel]
+    if args.format == "json":
+        print_json([
+            {"id": t.id_hex, "channel": t.channel, "time": iso_time(t.time_ns), "size": t.size, "stored": t.stored}
+            for t in tags
+        ])
+    else:
+        rows = [("ID", "Channel", "Time", "Size", "Stored")]
+        rows += [(t.id_hex, t.channel, local_time(t.time_ns), human_size(t.size), human_size(t.stored)) for t in tags]
+        print_table(rows, right_align={3, 4})
+    return 0
+
+
+def channels(args: argparse.Namespace, make_config: ConfigMaker) -> int:
+    latest: dict[str, tuple[Tag, int]] = {}
+    for tag in _list_tags(args, make_config):
+        count = latest[tag.channel][1] if tag.channel in latest else 0
+        latest[tag.channel] = (tag, count + 1)
+    items = sorted(latest.items())
+    if args.format == "json":
+        print_json([
+            {"channel": name, "latest": tag.id_hex, "time": iso_time(tag.time_ns), "size": tag.size, "count": count}
+            for name, (tag, count) in items
+        ])
+    else:
+        rows = [("Channel", "Latest", "Time", "Size", "Snapshots")]
+        rows += [(name, tag.id_hex, local_time(tag.time_ns), human_size(tag.size), str(count))
+                 for name, (tag, count) in items]
+        print_table(rows, right_align={3, 4})
+    return 0
+
+
+def _entry_json(path: str, entry: Entry) -> dict:
+    doc = {
+        "path": path, "type": entry.kind.name.lower(), "mode": f"{entry.mode:04o}", "uid": entry.uid,
+        "gid": entry.gid, "size": entry.size, "mtime": iso_time(entry.mtime_ns),
+    }
+    if entry.kind == EntryKind.SYMLINK and entry.target is not None:
+        doc["target"] = os.fsdecode(entry.target)
+    if entry.link_id:
+        doc["hardlink_group"] = entry.link_id
+    return doc
+
+
+def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
+    config = make_config(args)
+    keys = load_keys(config)
+    keys.require(Capability.READ)
+    name, path = split_spec(args.spec)
+    rows: list[tuple[str, Entry]] = []
+
+    async def walk(repo: Repository, dir_id: bytes, prefix: str) -> None:
+        for entry in await repo.read_directory(dir_id):
+            child = f"{prefix}/{os.fsdecode(entry.name)}" if prefix else os.fsdecode(entry.name)
+            rows.append((child, entry))
+            if args.recursive and entry.kind == EntryKind.DIRECTORY and entry.dir_id:
+                await walk(repo, entry.dir_id, child)
+
+    async def run() -> None:
+        async with Repository.connect(config, keys) as repo:
+            tag = await resolve(repo, name)
+            snapshot = await repo.load_snapshot(tag.snapshot_id)
+            top, _ = await walk_path(repo, snapshot, path)
+            if top.kind == EntryKind.DIRECTORY:
+                assert top.dir_id is not None
+                await walk(repo, top.dir_id, "")
+            else:
+                rows.append((os.fsdecode(top.name), top))
+
+    trio.run(run)
+    if args.format == "json":
+        print_json([_entry_json(p, e) for p, e in rows])
+        return 0
+    for child, entry in rows:
+        suffix = f" -> {os.fsdecode(entry.target)}" if entry.kind == EntryKind.SYMLINK and entry.target else ""
+        size = human_size(entry.size) if entry.kind == EntryKind.FILE else ""
+        print(f"{mode_string(entry.kind, entry.mode)} {entry.uid:>5} {entry.gid:>5} {size:>10}  "
+              f"{local_time(entry.mtime_ns)}  {child}{'/' if entry.kind == EntryKind.DIRECTORY else ''}{suffix}")
+    return 0

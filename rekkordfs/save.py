@@ -116,9 +116,14 @@ class Walker:
         self.stats = stats
         self.selection = selection or Selection()
         self.report = report  # told each path that goes into the snapshot (save -v)
+        self._stopped = False
         self._next_link_id = 1
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
         self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
+
+    def stop(self) -> None:
+        """Ask the walk to end at the next folder (from any thread)."""
+        self._stopped = True
 
     @property
     def max_link_id(self) -> int:
@@ -166,9 +171,11 @@ class Walker:
                 partial.append((child, trie[name]))
         self.emit(listing)
         for child, sub in partial:
-            self._scan_virtual(child, sub)
+            if not self._stopped:
+                self._scan_virtual(child, sub)
         for child in full:
-            self._scan_tree(child)
+            if not self._stopped:
+                self._scan_tree(child)
 
     def _scan_tree(self, top: DirNode) -> None:
         """Everything below the saved path top (b"" for /)."""
@@ -178,7 +185,7 @@ class Walker:
         root_dev = self._device(top.path or b"/") if selection.one_file_system else None
         # (folder, whether to list it): a folder on another filesystem is kept, empty
         stack: list[tuple[DirNode, bool]] = [(top, True)]
-        while stack:
+        while stack and not self._stopped:
             node, descend = stack.pop()
             listing = Listing(node)
             subdirs: list[tuple[DirNode, bool]] = []
@@ -301,7 +308,14 @@ class SaveSession:
         listings_send, listings_recv = trio.open_memory_channel[Listing | None](math.inf)
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         token = trio.lowlevel.current_trio_token()
-        walker = Walker(self.paths, self.repo, lambda l: token.run_sync_soon(listings_send.send_nowait, l),
+
+        def deliver(listing: Listing) -> None:
+            try:
+                listings_send.send_nowait(listing)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                walker.stop()  # the save was cancelled (Ctrl-C, a failed upload): stop walking
+
+        walker = Walker(self.paths, self.repo, lambda l: token.run_sync_soon(deliver, l),
                         lambda m: token.run_sync_soon(self.skip, m), self.stats, self.selection, self.report)
 
         async def walk() -> None:

@@ -5,19 +5,21 @@ the handler's modules) and once it is done, SIGINT ends the process at once
 with one line; there is nothing to clean up then. While the handler runs,
 SIGINT raises KeyboardInterrupt as usual, so prompts restore the terminal and
 trio cancels its tasks; the interruption is then reported by _report. This
-module imports only what the interpreter has loaded already, so the first
-handler is in place before any real work starts.
+module imports at load time only modules the interpreter has loaded already,
+so the first handler is in place before any real work starts. (Before this
+module runs, CPython itself is starting: see docs/operations.md.)
 """
 
 from __future__ import annotations
 
+import _signal as signal  # the C module the interpreter has loaded: 'signal' would import enum first
 import os
-import signal
 import sys
-from typing import TYPE_CHECKING, Callable, Sequence
 
+TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs milliseconds before main() runs
 if TYPE_CHECKING:
     import argparse
+    from typing import Callable, Sequence
 
     from rekkordfs.config import Config
 

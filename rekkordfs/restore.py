@@ -261,7 +261,7 @@ class RestoreSession:
     def _delete_extra(self, parts: tuple[bytes, ...], keep: set[bytes]) -> None:
         fd = _open_parent(self.dest_fd, parts + (b"",))
         try:
-            for name in os.listdir(fd):
+            for name in map(os.fsencode, os.listdir(fd)):  # listdir(fd) gives str; the entries' names are bytes
                 if name not in keep:
                     _clear(fd, name, keep_dir=False)
                     self.stats.deleted += 1

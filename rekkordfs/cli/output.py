@@ -7,10 +7,10 @@ import re
 import stat
 import sys
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from rekkordfs.format import EntryKind
-from rekkordfs.fsmeta import FILE_TYPE_BITS
+if TYPE_CHECKING:
+    from rekkordfs.format import EntryKind
 
 
 def human_size(value: float) -> str:
@@ -40,6 +40,8 @@ def local_time(time_ns: int) -> str:
 
 
 def mode_string(kind: EntryKind, mode: int) -> str:
+    from rekkordfs.fsmeta import FILE_TYPE_BITS  # here: `commit` prints no modes and loads no library
+
     return stat.filemode(FILE_TYPE_BITS[kind] | mode)
 
 

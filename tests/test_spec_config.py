@@ -208,6 +208,31 @@ Fingerprint = {sshd_server.fingerprint}
 """)
 
 
+def test_omitted_secrets_without_a_terminal(seaweedfs_server: SeaweedFS, sshd_server: OpenSSHServer,
+                                            tmp_path: Path) -> None:
+    """The page lets SecretKey, or both SFTP Password and KeyFile, be left out
+    (a prompt asks for them); without a terminal that is one clear line."""
+    home = tmp_path / "home"  # no default SSH keys to fall back on
+    home.mkdir()
+    cases = [
+        (f"{seaweedfs_server.url(BUCKET, 'nosecret')}", f"[S3]\nAccessKeyID = {seaweedfs_server.access_key}\n",
+         "S3 secret key for key ID"),
+        (f"{sshd_server.user}@127.0.0.1:{_sftp_folder(sshd_server)}",
+         f"[SFTP]\nFingerprint = {sshd_server.fingerprint}\nPort = {sshd_server.port}\n",
+         "no password or key file set"),
+    ]
+    for url, sections, fragment in cases:
+        config = ini(tmp_path / "config.ini", f"[Repository]\nURL = {url}\n\n{sections}")
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "REKKORD_CACHE_DIR": str(tmp_path / "cache"),
+               "REKKORD_CONFIG_FILE": str(config), "HOME": str(home)}
+        env.pop("SSH_AUTH_SOCK", None)
+        result = subprocess.run([*REKKORD, "init"], capture_output=True, text=True, cwd=tmp_path, env=env,
+                                stdin=subprocess.DEVNULL, timeout=120)
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert len(result.stderr.splitlines()) == 1 and fragment in result.stderr, result.stderr
+        assert not (tmp_path / "master.key").exists()
+
+
 # --- hosts without conditional writes ------------------------------------------------------
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
 
 from rekkordfs.check import Checker
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository
 
 from .common import ConfigMaker, load_keys, quiet, write_line
+from .interrupt import run_trio
 from .output import human_size, plural
 
 
@@ -26,7 +26,7 @@ def check(args: argparse.Namespace, make_config: ConfigMaker) -> int:
             # the checker reports each problem as it finds it (even with -q: they are the result)
             return await Checker(repo, args.read_data, progress=lambda m: write_line(sys.stderr, m)).run()
 
-    report = trio.run(run)
+    report = run_trio(run)
     if not silent:
         what = (f", {plural(report.chunks_read, 'chunk')} read ({human_size(report.bytes_read)})"
                 if args.read_data else "")

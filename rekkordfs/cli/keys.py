@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-import trio
 
 from rekkordfs import keys as keymod
 from rekkordfs.errors import KeyFileError
@@ -14,6 +13,7 @@ from rekkordfs.repository import Repository
 from rekkordfs.storage import open_storage
 
 from .common import ConfigMaker, load_keys, quiet
+from .interrupt import run_trio
 from .output import print_json
 
 
@@ -32,7 +32,7 @@ def init(args: argparse.Namespace, make_config: ConfigMaker) -> int:
             await storage.aclose()
 
     try:
-        repo = trio.run(create)
+        repo = run_trio(create)
     except BaseException:
         os.unlink(key_path)  # the repository was not created: this key opens nothing
         raise

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 
-import trio
 
 from rekkordfs.format import Entry, EntryKind
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, Tag, walk_path
 
 from .common import ConfigMaker, load_keys, resolve, split_spec, warn
+from .interrupt import run_trio
 from .output import human_size, iso_time, local_time, mode_string, print_json, print_table
 
 
@@ -24,7 +24,7 @@ def _list_tags(args: argparse.Namespace, make_config: ConfigMaker) -> list[Tag]:
         async with Repository.connect(config, keys) as repo:
             return await repo.list_tags(warn=warn)
 
-    return trio.run(run)
+    return run_trio(run)
 
 
 def snapshots(args: argparse.Namespace, make_config: ConfigMaker) -> int:
@@ -99,7 +99,7 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
             else:
                 rows.append((os.fsdecode(top.name), top))
 
-    trio.run(run)
+    run_trio(run)
     if args.format == "json":
         print_json([_entry_json(p, e) for p, e in rows])
         return 0

@@ -1,20 +1,21 @@
 """The `rekkord` command: argument parsing and dispatch only.
 
-Ctrl-C: until a command's handler runs (imports, argument parsing, loading
-the handler's modules) and once it is done, SIGINT ends the process at once
-with one line; there is nothing to clean up then. While the handler runs,
-SIGINT raises KeyboardInterrupt as usual, so prompts restore the terminal and
-trio cancels its tasks; the interruption is then reported by _report. This
-module imports at load time only modules the interpreter has loaded already,
-so the first handler is in place before any real work starts. (Before this
-module runs, CPython itself is starting: see docs/operations.md.)
+Ctrl-C is handled as interrupt.py describes: until a command's handler runs
+(imports, argument parsing, loading the handler's modules) and once it is
+done, SIGINT ends the process at once with one line; while the handler runs
+it raises KeyboardInterrupt (so a prompt puts the terminal back), and inside
+trio.run it cancels the run. This module imports at load time only modules
+the interpreter has loaded already, so the first handler is in place before
+any real work starts. (Before this module runs, CPython itself is starting:
+see docs/operations.md.)
 """
 
 from __future__ import annotations
 
-import _signal as signal  # the C module the interpreter has loaded: 'signal' would import enum first
 import os
 import sys
+
+from . import interrupt
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs milliseconds before main() runs
 if TYPE_CHECKING:
@@ -23,25 +24,10 @@ if TYPE_CHECKING:
 
     from rekkordfs.config import Config
 
-INTERRUPTED = 130
-_INTERRUPTED_LINE = b"rekkord: interrupted\n"
-
-
-def _exit_interrupted(_signum: int = signal.SIGINT, _frame: object = None) -> None:
-    """Say so and leave now: no Python code (and no traceback) runs after this."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except Exception:  # noqa: BLE001 - a closed or broken stream: nothing more to say there
-            pass
-    try:
-        os.write(2, _INTERRUPTED_LINE)
-    finally:
-        os._exit(INTERRUPTED)
-
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, _exit_interrupted)
+    interrupt.exit_at_once()
+    interrupt.remember_terminal()
     _byte_safe_output()
     try:
         from .parser import build_parser
@@ -52,13 +38,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return 2
         handler = _handler(args.handler)
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # trio installs its own over this one
+        interrupt.raise_keyboard_interrupt()
         try:
             return handler(args, make_config) or 0
         finally:
-            signal.signal(signal.SIGINT, _exit_interrupted)
+            interrupt.exit_at_once()
     except BaseException as exc:  # noqa: BLE001 - translate everything the user can cause
-        signal.signal(signal.SIGINT, _exit_interrupted)
+        interrupt.exit_at_once()
         return _report(exc)
 
 
@@ -112,9 +98,9 @@ def _report(exc: BaseException) -> int:
     trio = sys.modules.get("trio")  # loaded by every command that can be cancelled
     cancelled = trio is not None and _first_of(exc, trio.Cancelled) is not None
     if _first_of(exc, KeyboardInterrupt) is not None or cancelled:
-        # an interrupted command ends now: worker threads still busy are not
-        # waited for (they only ever write objects whole, or files a rerun redoes)
-        _exit_interrupted()
+        # worker threads still busy are not waited for: they only ever write
+        # objects whole, or files a rerun redoes
+        interrupt.exit_now()
     user = find_user_error(exc)
     if user is not None:
         print(f"rekkord: error: {user.message}", file=sys.stderr)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-import trio
 
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession, RestoreStats
 
 from .common import ConfigMaker, load_keys, quiet, resolve, split_spec, verbose, warn, write_line
+from .interrupt import run_trio
 from .output import human_size, plural, print_json
 from .progress import progress_bar
 
@@ -67,7 +67,7 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
                 await session.run()
             return session
 
-    stats = trio.run(run).stats
+    stats = run_trio(run).stats
     if args.format == "json":
         print_json({"dry_run": args.dry_run, "files": stats.files, "directories": stats.dirs,
                     "symlinks": stats.links, "other": stats.other, "size": stats.total_bytes,

@@ -17,6 +17,7 @@ from rekkordfs.savestream import save_stream, validate_stream_name
 from rekkordfs.selection import Selection, split_missing
 
 from .common import ConfigMaker, load_keys, quiet, verbose, warn, write_line
+from .interrupt import run_trio
 from .output import human_size, iso_time, plural, print_json
 from .progress import progress_bar
 
@@ -87,7 +88,7 @@ def save(args: argparse.Namespace, make_config: ConfigMaker) -> int:
             async with progress_bar("Saving", poll, enabled=not silent):
                 return await session.run()
 
-    result = trio.run(run)
+    result = run_trio(run)
     stats = result.stats
     skipped = stats.skipped + len(missing)
     if args.format == "json":
@@ -143,7 +144,7 @@ def _dry_run(args: argparse.Namespace, config, keys, paths: list[str], selection
             walker = Walker(normalize_paths(paths), repo, emit, skip, stats, selection, _path_reporter(args))
             await trio.to_thread.run_sync(walker.run, DirNode(b"", None, None))
 
-    trio.run(run)
+    run_trio(run)
     skipped = stats.skipped + missing
     if args.format == "json":
         print_json({"dry_run": True, "files": stats.scanned_files, "directories": stats.dirs,

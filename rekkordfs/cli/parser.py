@@ -10,7 +10,6 @@ before or after the command name.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
 from typing import NoReturn
 
 from rekkordfs import __version__
@@ -49,16 +48,18 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
-@dataclass(frozen=True)
 class Common:
-    """Which common options a command uses."""
+    """Which common options a command uses. (A plain class: dataclasses would
+    cost `rekkord --help` the import of inspect and more.)"""
 
-    config: bool = True  # -C and the repository it names
-    repository: bool = True  # -R
-    key: bool = True  # -K
-    threads: bool = True  # -j
-    quiet: bool = False  # -q
-    verbose: bool = False  # -v
+    def __init__(self, config: bool = True, repository: bool = True, key: bool = True, threads: bool = True,
+                 quiet: bool = False, verbose: bool = False) -> None:
+        self.config = config  # -C
+        self.repository = repository  # -R
+        self.key = key  # -K
+        self.threads = threads  # -j
+        self.quiet = quiet  # -q
+        self.verbose = verbose  # -v
 
 
 NO_COMMON = Common(config=False, repository=False, key=False, threads=False)

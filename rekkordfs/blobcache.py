@@ -25,7 +25,7 @@ import lru
 import trio
 
 from .errors import RekkordError
-from .format import BlobKind, ChunkRef, Entry, Location, decode_directory
+from .format import BlobKind, BlobRef, ChunkRef, Entry, Location, decode_directory
 from .repository import Repository
 from .tasks import task_group
 
@@ -122,24 +122,30 @@ class DiskCache:
             self._sizes[name] = size
         self.used = sum(self._sizes.values())
 
-    def _path(self, kind: BlobKind, blob_id: bytes) -> Path:
-        return (self._chunks if kind == BlobKind.CHUNK else self._meta) / blob_id.hex()
+    @staticmethod
+    def _name(blob_id: bytes, location: Location) -> str:
+        # a blob stored twice has two sealed forms (each pack has its own key)
+        return f"{blob_id.hex()}-{location.pack.hex()[:32]}"
 
-    def load(self, kind: BlobKind, blob_id: bytes) -> bytes | None:
-        path = self._path(kind, blob_id)
+    def _path(self, kind: BlobKind, name: str) -> Path:
+        return (self._chunks if kind == BlobKind.CHUNK else self._meta) / name
+
+    def load(self, kind: BlobKind, blob_id: bytes, location: Location) -> bytes | None:
+        name = self._name(blob_id, location)
+        path = self._path(kind, name)
         try:
             with open(path, "rb") as handle:
                 data = handle.read()
         except FileNotFoundError:
             return None
         if kind == BlobKind.CHUNK:
-            name = blob_id.hex()
             if name in self._sizes:  # move to the young end
                 self._sizes[name] = self._sizes.pop(name)
         return data
 
-    def store(self, kind: BlobKind, blob_id: bytes, raw: bytes) -> None:
-        path = self._path(kind, blob_id)
+    def store(self, kind: BlobKind, blob_id: bytes, location: Location, raw: bytes) -> None:
+        name = self._name(blob_id, location)
+        path = self._path(kind, name)
         tmp = self._tmp / secrets.token_hex(8)
         try:
             with open(tmp, "wb") as handle:
@@ -151,7 +157,6 @@ class DiskCache:
             return
         if kind != BlobKind.CHUNK:
             return
-        name = blob_id.hex()
         self.used += len(raw) - self._sizes.pop(name, 0)
         self._sizes[name] = len(raw)
         while self.used > self.limit and self._sizes:
@@ -159,9 +164,10 @@ class DiskCache:
             self.used -= self._sizes.pop(oldest)
             (self._chunks / oldest).unlink(missing_ok=True)
 
-    def drop(self, kind: BlobKind, blob_id: bytes) -> None:
-        self._path(kind, blob_id).unlink(missing_ok=True)
-        size = self._sizes.pop(blob_id.hex(), None) if kind == BlobKind.CHUNK else None
+    def drop(self, kind: BlobKind, blob_id: bytes, location: Location) -> None:
+        name = self._name(blob_id, location)
+        self._path(kind, name).unlink(missing_ok=True)
+        size = self._sizes.pop(name, None) if kind == BlobKind.CHUNK else None
         if size:
             self.used -= size
 
@@ -203,23 +209,24 @@ class BlobCache:
             del self._inflight[key]
             event.set()
 
-    async def _raw(self, kind: BlobKind, blob_id: bytes, location: Location | None) -> bytes:
+    async def _raw(self, kind: BlobKind, blob_id: bytes, location: Location) -> tuple[bytes, Location]:
+        """The sealed blob, and the place it was read from (a prune may have moved it)."""
         if self.disk is not None:
-            raw = await trio.to_thread.run_sync(self.disk.load, kind, blob_id)
+            raw = await trio.to_thread.run_sync(self.disk.load, kind, blob_id, location)
             if raw is not None:
-                return raw
-        raw = await self.repo.read_raw(blob_id, location)
-        if self.disk is not None:
-            await trio.to_thread.run_sync(self.disk.store, kind, blob_id, raw)
-        return raw
+                return raw, location
+        raw, found_at = await self.repo.read_raw(blob_id, location)
+        if self.disk is not None and found_at == location:
+            await trio.to_thread.run_sync(self.disk.store, kind, blob_id, location, raw)
+        return raw, found_at
 
-    async def _open(self, kind: BlobKind, blob_id: bytes, location: Location | None = None) -> bytes | bytearray:
-        raw = await self._raw(kind, blob_id, location)
+    async def _open(self, kind: BlobKind, blob_id: bytes, location: Location) -> bytes | bytearray:
+        raw, found_at = await self._raw(kind, blob_id, location)
         try:
-            return await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, raw)
+            return await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, found_at.pack, raw)
         except Exception:
             if self.disk is not None:
-                self.disk.drop(kind, blob_id)  # never keep serving a bad copy
+                self.disk.drop(kind, blob_id, location)  # never keep serving a bad copy
             raise
 
     async def chunk(self, chunk: ChunkRef) -> bytes | bytearray:
@@ -240,12 +247,15 @@ class BlobCache:
 
         return await self._shared((BlobKind.CHUNK, blob_id), lambda: self._chunks.get(blob_id), fetch)
 
-    async def directory(self, dir_id: bytes) -> DirectoryListing:
+    async def directory(self, ref: BlobRef) -> DirectoryListing:
+        dir_id = ref.id
+
         async def fetch() -> DirectoryListing:
             if self.disk is None:
-                entries = await self.repo.read_directory(dir_id)
+                entries = await self.repo.read_directory(ref)
             else:
-                entries = await self.repo.run_cpu(decode_directory, await self._open(BlobKind.DIRECTORY, dir_id))
+                raw = await self._open(BlobKind.DIRECTORY, dir_id, ref.location)
+                entries = await self.repo.run_cpu(decode_directory, raw)
             listing = DirectoryListing(entries)
             self._dirs.put(dir_id, listing)
             return listing
@@ -263,14 +273,14 @@ class BlobCache:
         await self._prefetch_batch(BlobKind.CHUNK, [(c.id, c.location) for c in wanted.values()],
                                    self._chunks.get, None, self._chunks.put)
 
-    async def prefetch_directories(self, dir_ids: list[bytes]) -> None:
+    async def prefetch_directories(self, refs: list[BlobRef]) -> None:
         if self.disk is not None:
-            await self._prefetch_each([functools.partial(self.directory, i) for i in dir_ids])
+            await self._prefetch_each([functools.partial(self.directory, ref) for ref in refs])
             return
-        await self._prefetch_batch(BlobKind.DIRECTORY, [(i, None) for i in dir_ids], self._dirs.get,
+        await self._prefetch_batch(BlobKind.DIRECTORY, [(ref.id, ref.location) for ref in refs], self._dirs.get,
                                    decode_directory, lambda key, entries: self._dirs.put(key, DirectoryListing(entries)))
 
-    async def _prefetch_batch(self, kind: BlobKind, blobs: list[tuple[bytes, Location | None]],
+    async def _prefetch_batch(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
                               cached: Callable[[bytes], object], then: Callable | None,
                               keep: Callable[[bytes, object], None]) -> None:
         """One open_many for the blobs neither cached nor being fetched; readers

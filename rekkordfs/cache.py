@@ -1,20 +1,27 @@
-"""Local caches of one repository, kept in the user's cache folder.
+"""Local caches of one repository and key, kept in the user's cache folder.
 
-- known blobs: IDs this machine has written or seen stored, with the pack
-  range holding them when they are packed, so a save skips uploading them (the
-  repository never deletes blobs, so a known blob stays); and which pack
-  indexes were already read into it;
+- known blobs: IDs of blobs this key has written, or read in the pack index of
+  a writer it trusts, with the pack range holding them, so a save refers to
+  them instead of storing them again; and which pack indexes were already read
+  (an index that disappears, because a prune deleted its pack, takes its
+  blobs with it);
 - stat cache: for each saved path, the (size, mtime, ctime, inode) it had and
-  its chunk list, so an unchanged file is not read again.
+  its chunks (IDs and sizes), so an unchanged file is not read again.
 
-Both live in one SQLite database per repository, named by the repository ID.
-Entries are only recorded after the blobs they name are durable.
+Both live in one SQLite database per repository and key. Entries are only
+recorded after the blobs they name are durable. A stat row is used only when
+its MAC (keyed by this keyfile) verifies, its chunk sizes add up to the file's
+size, and every chunk is a known blob: a tampered or stale cache costs a
+re-read, never a snapshot that names the wrong data.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import sqlite3
+import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,19 +29,25 @@ from typing import Iterable
 
 import platformdirs
 
-from .format import Location
+from . import crypto
+from .format import ID_SIZE, ChunkRef, Location
+from .keys import Keyset
 
-SCHEMA_VERSION = 2  # bump when the tables change: the cache is rebuilt, never migrated
+SCHEMA_VERSION = 4  # bump when the tables change: the cache is rebuilt, never migrated
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
-    id BLOB PRIMARY KEY, pack BLOB, offset INTEGER, length INTEGER
+    id BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    PRIMARY KEY (id, pack)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
+CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY, pack BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stats (
     path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
-    ino INTEGER, chunks BLOB
+    ino INTEGER, chunks BLOB, mac BLOB
 ) WITHOUT ROWID;
 """
+_STAT_CHUNK = struct.Struct(f"<{ID_SIZE}sI")  # chunk id, size
+MAC_SIZE = 16
 
 
 def default_cache_root() -> Path:
@@ -56,7 +69,7 @@ def repository_cache_dir(repo_id: str, root: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class KnownBlob:
-    location: Location | None  # None: a standalone object
+    location: Location
 
 
 @dataclass(frozen=True)
@@ -70,9 +83,14 @@ class StatKey:
 class LocalCache:
     """Thread-safe: one connection guarded by a lock (lookups are microseconds)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, keys: Keyset) -> None:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.folder = folder
+        # Only this keyfile can make a stat row that verifies.
+        self._mac_key = crypto.kdf(bytes(keys.sign_key), b"stat-cache")
         self._lock = threading.Lock()
+        # packs a prune condemned: their blobs are not to be used (the repository sets it)
+        self.excluded_packs: frozenset[bytes] = frozenset()
         self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -88,60 +106,90 @@ class LocalCache:
     # known blobs
 
     def lookup_blob(self, blob_id: bytes) -> KnownBlob | None:
-        with self._lock:
-            row = self._db.execute("SELECT pack, offset, length FROM blobs WHERE id = ?", (blob_id,)).fetchone()
-        if row is None:
-            return None
-        return KnownBlob(Location(row[0], row[1], row[2]) if row[0] is not None else None)
+        return self.lookup_blobs([blob_id]).get(blob_id)
 
-    def lookup_blobs(self, blob_ids: list[bytes]) -> dict[bytes, KnownBlob]:
-        """lookup_blob() of many IDs in a few queries; unknown IDs are absent."""
+    def lookup_blobs(self, blob_ids: list[bytes], avoid: bytes | None = None) -> dict[bytes, KnownBlob]:
+        """Where these blobs are stored (one place each, never in an excluded
+        pack nor in `avoid`); unknown IDs are absent."""
         found: dict[bytes, KnownBlob] = {}
+        excluded = self.excluded_packs
         for start in range(0, len(blob_ids), 500):
             part = blob_ids[start:start + 500]
             query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
             with self._lock:
                 rows = self._db.execute(query, part).fetchall()
             for blob_id, pack, offset, length in rows:
-                found[blob_id] = KnownBlob(Location(pack, offset, length) if pack is not None else None)
+                if pack not in excluded and pack != avoid and blob_id not in found:
+                    found[blob_id] = KnownBlob(Location(pack, offset, length))
         return found
-
-    def add_blobs(self, items: Iterable[tuple[bytes, Location | None]]) -> None:
-        rows = ((i, l.pack, l.offset, l.length) if l else (i, None, None, None) for i, l in items)
-        with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
 
     def known_indexes(self) -> set[str]:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT name FROM indexes")}
 
-    def add_index(self, name: str, items: Iterable[tuple[bytes, Location]]) -> None:
-        """Record a pack index and its blobs in one transaction."""
+    def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
+        """Record a pack index and the blobs of it this key trusts, in one transaction."""
         rows = [(i, l.pack, l.offset, l.length) for i, l in items]
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("INSERT OR IGNORE INTO indexes (name) VALUES (?)", (name,))
+            self._db.execute("INSERT OR IGNORE INTO indexes (name, pack) VALUES (?, ?)", (name, pack))
+            self._db.execute("COMMIT")
+
+    def index_packs(self) -> dict[str, bytes]:
+        """Every pack index read so far, trusted or not, and the pack it describes
+        (empty for one that could not be read)."""
+        with self._lock:
+            return dict(self._db.execute("SELECT name, pack FROM indexes").fetchall())
+
+    def forget_indexes(self, names: Iterable[str]) -> None:
+        """Indexes that are gone from the repository (a prune deleted their
+        packs): their blobs are no longer known."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            for name in names:
+                row = self._db.execute("SELECT pack FROM indexes WHERE name = ?", (name,)).fetchone()
+                if row is not None:
+                    self._db.execute("DELETE FROM blobs WHERE pack = ?", (row[0],))
+                self._db.execute("DELETE FROM indexes WHERE name = ?", (name,))
             self._db.execute("COMMIT")
 
     # stat cache
 
-    def lookup_stat(self, path: bytes, key: StatKey) -> bytes | None:
+    def _mac(self, path: bytes, key: StatKey, chunks: bytes) -> bytes:
+        message = struct.pack("<QqqQI", key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
+        return hmac.new(self._mac_key, message, hashlib.blake2b).digest()[:MAC_SIZE]
+
+    def lookup_stat(self, path: bytes, key: StatKey) -> list[ChunkRef] | None:
+        """The chunks of an unchanged file, or None when the row is missing,
+        stale, tampered with or names a blob this key does not know (any more)."""
         with self._lock:
             row = self._db.execute(
-                "SELECT size, mtime_ns, ctime_ns, ino, chunks FROM stats WHERE path = ?", (path,)
+                "SELECT size, mtime_ns, ctime_ns, ino, chunks, mac FROM stats WHERE path = ?", (path,)
             ).fetchone()
         if row is None or StatKey(*row[:4]) != key:
             return None
-        return row[4]
+        raw, mac = row[4], row[5]
+        if not isinstance(raw, bytes) or len(raw) % _STAT_CHUNK.size or not isinstance(mac, bytes) \
+                or not hmac.compare_digest(mac, self._mac(path, key, raw)):
+            return None
+        pairs = list(_STAT_CHUNK.iter_unpack(raw))
+        if sum(size for _, size in pairs) != key.size:
+            return None
+        known = self.lookup_blobs([blob_id for blob_id, _ in pairs]) if pairs else {}
+        if len(known) != len({blob_id for blob_id, _ in pairs}):
+            return None
+        return [ChunkRef(blob_id, size, known[blob_id].location) for blob_id, size in pairs]
 
-    def store_stats(self, rows: Iterable[tuple[bytes, StatKey, bytes]]) -> None:
+    def store_stats(self, rows: Iterable[tuple[bytes, StatKey, list[ChunkRef]]]) -> None:
+        def encoded() -> Iterable[tuple]:
+            for path, key, chunks in rows:
+                raw = b"".join(_STAT_CHUNK.pack(c.id, c.size) for c in chunks)
+                yield path, key.size, key.mtime_ns, key.ctime_ns, key.ino, raw, self._mac(path, key, raw)
+
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany(
-                "INSERT OR REPLACE INTO stats (path, size, mtime_ns, ctime_ns, ino, chunks) VALUES (?, ?, ?, ?, ?, ?)",
-                ((p, k.size, k.mtime_ns, k.ctime_ns, k.ino, c) for p, k, c in rows),
-            )
+                "INSERT OR REPLACE INTO stats (path, size, mtime_ns, ctime_ns, ino, chunks, mac) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)", encoded())
             self._db.execute("COMMIT")

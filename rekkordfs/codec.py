@@ -1,13 +1,14 @@
-"""Blob encoding: plaintext <-> stored object (compress, seal; open, check ID).
+"""Blob encoding: plaintext <-> stored bytes (compress, seal; open, check ID),
+and the signed pack indexes.
 
-Stored blob layout (docs/format.md):
+A blob in a pack (docs/format.md):
 
-    version u8 | kind u8 | compression u8 | ephemeral X25519 public (32)
-    | nonce (24) | XChaCha20-Poly1305 ciphertext + tag (16)
+    nonce (24) | XChaCha20-Poly1305(pack key, nonce, payload | version u8 | kind u8 | compression u8) (+16)
 
-The three header bytes are authenticated as associated data. Every method here
-is synchronous, thread-safe and meant to run in worker threads: blake3, zstd
-and libsodium release the GIL.
+The trailer is inside the encryption: the storage cannot tell a blob's kind,
+whether it is compressed, or (without the index, also encrypted) where one blob
+ends and the next begins. Every method here is synchronous and thread-safe,
+meant for worker threads: blake3, zstd and libsodium release the GIL.
 """
 
 from __future__ import annotations
@@ -16,16 +17,18 @@ import hashlib
 import os
 import struct
 import threading
+from dataclasses import dataclass
 
 import zstandard
 
 from . import crypto
 from .errors import CapabilityError, CorruptedData
 from .format import ID_SIZE, PACK_ID_SIZE, BlobKind, Location
-from .keys import Keyset
+from .keys import Keyset, Signer
 
-BLOB_VERSION = 1
-HEADER_SIZE = 3
+BLOB_VERSION = 2
+TRAILER_SIZE = 3
+STORED_OVERHEAD = crypto.NONCE_SIZE + crypto.TAG_SIZE + TRAILER_SIZE  # stored bytes beyond the payload
 COMPRESS_NONE = 0
 COMPRESS_ZSTD = 1
 ZSTD_LEVEL = 1
@@ -35,14 +38,12 @@ SAMPLE_SIZE = 64 << 10
 # Refuse to inflate a blob beyond this: a hostile writer could claim any size.
 MAX_BLOB_SIZE = 256 << 20
 
-
-INDEX_VERSION = 1
-_INDEX_ENTRY = struct.Struct(f"<{ID_SIZE}sII")  # blob id, offset, length
-
-
-def object_key(blob_id: bytes) -> str:
-    hex_id = blob_id.hex()
-    return f"blobs/{hex_id[:2]}/{hex_id}"
+INDEX_VERSION = 2
+INDEX_CONTEXT = b"rekkord-index-v2"
+INDEX_NAME_SIZE = 16
+_INDEX_HEAD = struct.Struct(f"<B{PACK_ID_SIZE}s")  # version, pack ID
+_INDEX_COUNT = struct.Struct("<I")
+_INDEX_ENTRY = struct.Struct(f"<{ID_SIZE}sBII")  # blob id, kind, offset, length
 
 
 def pack_key(pack_id: bytes) -> str:
@@ -50,38 +51,52 @@ def pack_key(pack_id: bytes) -> str:
     return f"packs/{hex_id[:2]}/{hex_id}"
 
 
-def index_key(pack_id: bytes) -> str:
-    return f"index/{pack_id.hex()}"
+def index_key(name: bytes) -> str:
+    return f"index/{name.hex()}"
 
 
+def snapshot_key(snapshot_id: bytes) -> str:
+    return f"snapshots/{snapshot_id.hex()}"
 
-def pack_id_from_key(key: str) -> bytes | None:
-    """The pack ID named by a pack or index object key."""
+
+def _id_from_key(key: str, size: int) -> bytes | None:
     try:
         raw = bytes.fromhex(key.rsplit("/", 1)[-1])
     except ValueError:
         return None
-    return raw if len(raw) == PACK_ID_SIZE else None
+    return raw if len(raw) == size else None
 
 
-def blob_id_from_key(key: str) -> bytes | None:
-    name = key.rsplit("/", 1)[-1]
-    try:
-        raw = bytes.fromhex(name)
-    except ValueError:
-        return None
-    return raw if len(raw) == ID_SIZE else None
+def pack_id_from_key(key: str) -> bytes | None:
+    return _id_from_key(key, PACK_ID_SIZE)
+
+
+def index_name_from_key(key: str) -> bytes | None:
+    return _id_from_key(key, INDEX_NAME_SIZE)
+
+
+def snapshot_id_from_key(key: str) -> bytes | None:
+    return _id_from_key(key, ID_SIZE)
+
+
+@dataclass(frozen=True)
+class PackIndex:
+    """What a writer says one of its packs holds, signed by that writer."""
+
+    pack: bytes
+    signer: Signer
+    entries: list[tuple[bytes, BlobKind, Location]]
 
 
 class BlobCodec:
-    def __init__(self, keys: Keyset) -> None:
+    def __init__(self, keys: Keyset, repo_id: bytes) -> None:
         self.keys = keys
-        self._sealer = crypto.BlobSealer(keys.data_public) if keys.id_key else None
-        self._opener = crypto.BlobOpener(keys.data_secret) if keys.data_secret else None
+        self.repo_id = repo_id
+        self._opener = crypto.PackOpener(keys.data_secret) if keys.data_secret else None
         self._local = threading.local()
-        # Pack indexes are for writers and readers alike (every key but LogOnly):
-        # they list blob IDs, which object names already reveal, so their key
-        # derives from the blob-ID key that all of these hold.
+        # Pack indexes are for writers and readers alike (every key but LogOnly);
+        # their key derives from the blob-ID key that all of these hold. What
+        # makes an index trustworthy is its signature, not its encryption.
         self._index_key = (hashlib.blake2b(keys.id_key, digest_size=crypto.KEY_SIZE, person=b"rekkord-index").digest()
                            if keys.id_key else None)
 
@@ -98,23 +113,37 @@ class BlobCodec:
             dec = self._local.decompressor = zstandard.ZstdDecompressor()
         return dec
 
-    def blob_id(self, kind: BlobKind, data: bytes | memoryview) -> bytes:
+    def blob_id(self, kind: BlobKind, data: bytes | bytearray | memoryview) -> bytes:
         if self.keys.id_key is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot compute blob IDs")
         return crypto.keyed_hash(self.keys.id_key, kind, data)
 
-    def pack(self, kind: BlobKind, data: bytes | memoryview) -> bytearray:
-        if self._sealer is None:
+    # --- sealing (writers) --------------------------------------------------------
+
+    def new_sealer(self) -> crypto.PackSealer:
+        if self.keys.id_key is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot write blobs")
-        compression = COMPRESS_NONE
-        payload: bytes | memoryview = data
+        return crypto.PackSealer(self.keys.data_public)
+
+    def compress(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes | bytearray | memoryview]:
+        """(compression, payload): zstd when it saves enough, else the data itself."""
         if len(data) >= 64 and self._worth_compressing(data):
             compressed = self._compressor().compress(data)
             if len(compressed) <= len(data) * (1 - MIN_SAVING):
-                compression, payload = COMPRESS_ZSTD, compressed
-        return self._sealer.seal(bytes((BLOB_VERSION, kind, compression)), payload)
+                return COMPRESS_ZSTD, compressed
+        return COMPRESS_NONE, data
 
-    def _worth_compressing(self, data: bytes | memoryview) -> bool:
+    def seal(self, sealer: crypto.PackSealer, kind: BlobKind, compression: int,
+             payload: bytes | bytearray | memoryview) -> bytearray:
+        """The stored form of a blob (compress() gave compression and payload), for sealer's pack."""
+        return sealer.seal(payload, bytes((BLOB_VERSION, kind, compression)))
+
+    def seal_alone(self, kind: BlobKind, data: bytes) -> bytes:
+        """An object holding one blob (snapshot records): its pack ID, then the blob."""
+        sealer = self.new_sealer()
+        return sealer.pack_id + self.seal(sealer, kind, *self.compress(data))
+
+    def _worth_compressing(self, data: bytes | bytearray | memoryview) -> bool:
         # Compressing incompressible data (media, archives, encrypted files)
         # costs as much as encrypting it; a sample tells which kind this is.
         if len(data) <= 4 * SAMPLE_SIZE:
@@ -123,51 +152,99 @@ class BlobCodec:
         sample = memoryview(data)[middle:middle + SAMPLE_SIZE]
         return len(self._compressor().compress(sample)) <= SAMPLE_SIZE * (1 - MIN_SAVING)
 
-    def unpack(self, kind: BlobKind, blob_id: bytes, stored: bytes) -> bytes:
-        """Open a stored blob, check its kind and that its content hashes to blob_id."""
+    # --- opening (readers) ------------------------------------------------------------
+
+    def unpack(self, kind: BlobKind, blob_id: bytes, pack_id: bytes,
+               stored: bytes | bytearray | memoryview) -> bytes | bytearray:
+        """Open a blob of a pack, check its kind and that its content hashes to blob_id."""
         if self._opener is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot read snapshot contents")
-        if len(stored) < HEADER_SIZE:
+        try:
+            opened = self._opener.open(pack_id, stored)
+        except CorruptedData as exc:
+            raise CorruptedData(f"blob {blob_id.hex()} {exc.message.removeprefix('blob ')}") from None
+        if len(opened) < TRAILER_SIZE:
             raise CorruptedData(f"blob {blob_id.hex()} is truncated")
-        version, stored_kind, compression = stored[0], stored[1], stored[2]
+        version, stored_kind, compression = opened[-3], opened[-2], opened[-1]
+        del opened[-TRAILER_SIZE:]  # shrinks in place, no copy
         if version != BLOB_VERSION:
             raise CorruptedData(f"blob {blob_id.hex()} has unsupported version {version}")
         if stored_kind != kind:
             raise CorruptedData(f"blob {blob_id.hex()} is not a {kind.name.lower()} blob")
-        try:
-            payload = self._opener.open(HEADER_SIZE, stored)
-        except CorruptedData as exc:
-            raise CorruptedData(f"blob {blob_id.hex()} {exc.message.removeprefix('blob ')}") from None
+        data: bytes | bytearray
         if compression == COMPRESS_ZSTD:
             try:
-                if not 0 <= zstandard.frame_content_size(payload) <= MAX_BLOB_SIZE:
+                if not 0 <= zstandard.frame_content_size(opened) <= MAX_BLOB_SIZE:
                     raise CorruptedData(f"blob {blob_id.hex()} claims an invalid size")
-                data = self._decompressor().decompress(payload)
+                data = self._decompressor().decompress(opened)
             except zstandard.ZstdError:
                 raise CorruptedData(f"blob {blob_id.hex()} does not decompress") from None
         elif compression == COMPRESS_NONE:
-            data = payload
+            data = opened
         else:
             raise CorruptedData(f"blob {blob_id.hex()} has unknown compression {compression}")
         if self.blob_id(kind, data) != blob_id:
             raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
         return data
 
-    # --- pack indexes --------------------------------------------------------
+    def open_alone(self, kind: BlobKind, raw: bytes) -> bytes | bytearray:
+        """The content of a one-blob object whose ID nothing vouches for (a
+        snapshot record without a tag): opened and decompressed, not verified."""
+        if self._opener is None:
+            raise CapabilityError(f"a {self.keys.kind.label} key cannot read snapshot contents")
+        opened = self._opener.open(raw[:PACK_ID_SIZE], memoryview(raw)[PACK_ID_SIZE:])
+        if len(opened) < TRAILER_SIZE or opened[-3] != BLOB_VERSION or opened[-2] != kind:
+            raise CorruptedData(f"object is not a {kind.name.lower()} record")
+        compression = opened[-1]
+        del opened[-TRAILER_SIZE:]
+        if compression == COMPRESS_NONE:
+            return opened
+        try:
+            if compression != COMPRESS_ZSTD or not 0 <= zstandard.frame_content_size(opened) <= MAX_BLOB_SIZE:
+                raise CorruptedData("record claims an invalid size")
+            return self._decompressor().decompress(opened)
+        except zstandard.ZstdError:
+            raise CorruptedData("record does not decompress") from None
 
-    def seal_index(self, pack_id: bytes, entries: list[tuple[bytes, Location]]) -> bytes:
+    def unpack_alone(self, kind: BlobKind, blob_id: bytes, raw: bytes) -> bytes | bytearray:
+        if len(raw) < PACK_ID_SIZE:
+            raise CorruptedData(f"blob {blob_id.hex()} is truncated")
+        return self.unpack(kind, blob_id, raw[:PACK_ID_SIZE], memoryview(raw)[PACK_ID_SIZE:])
+
+    # --- pack indexes ------------------------------------------------------------------
+
+    def seal_index(self, pack_id: bytes, entries: list[tuple[bytes, BlobKind, Location]]) -> bytes:
         assert self._index_key is not None
-        body = bytes((INDEX_VERSION,)) + b"".join(
-            _INDEX_ENTRY.pack(blob_id, loc.offset, loc.length) for blob_id, loc in entries)
+        body = bytearray(_INDEX_HEAD.pack(INDEX_VERSION, pack_id))
+        body += self.keys.signer.encode()
+        body += _INDEX_COUNT.pack(len(entries))
+        for blob_id, kind, loc in entries:
+            body += _INDEX_ENTRY.pack(blob_id, kind, loc.offset, loc.length)
+        body += self.keys.sign(INDEX_CONTEXT + self.repo_id + body)
         nonce = os.urandom(crypto.NONCE_SIZE)
-        return nonce + crypto.aead_encrypt(self._index_key, nonce, b"rekkord-index" + pack_id, body)
+        return nonce + crypto.aead_encrypt(self._index_key, nonce, INDEX_CONTEXT, bytes(body))
 
-    def open_index(self, pack_id: bytes, raw: bytes) -> list[tuple[bytes, Location]]:
+    def open_index(self, raw: bytes) -> tuple[PackIndex, str | None]:
+        """A decoded index, and why its signature is not to be trusted (None: it is)."""
         if self._index_key is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot read pack indexes")
         nonce, sealed = raw[:crypto.NONCE_SIZE], raw[crypto.NONCE_SIZE:]
-        body = crypto.aead_decrypt(self._index_key, nonce, b"rekkord-index" + pack_id, sealed)
-        if not body or body[0] != INDEX_VERSION or (len(body) - 1) % _INDEX_ENTRY.size:
-            raise CorruptedData(f"pack index {pack_id.hex()} is malformed")
-        return [(blob_id, Location(pack_id, offset, length))
-                for blob_id, offset, length in _INDEX_ENTRY.iter_unpack(body[1:])]
+        body = crypto.aead_decrypt(self._index_key, nonce, INDEX_CONTEXT, sealed)
+        try:
+            version, pack_id = _INDEX_HEAD.unpack_from(body, 0)
+            if version != INDEX_VERSION:
+                raise ValueError(f"unsupported version {version}")
+            pos = _INDEX_HEAD.size
+            signer = Signer.decode(body[pos:pos + Signer.SIZE])
+            pos += Signer.SIZE
+            (count,) = _INDEX_COUNT.unpack_from(body, pos)
+            pos += _INDEX_COUNT.size
+            end = pos + count * _INDEX_ENTRY.size
+            if len(body) != end + crypto.SIGNATURE_SIZE:
+                raise ValueError("bad length")
+            entries = [(blob_id, BlobKind(kind), Location(pack_id, offset, length))
+                       for blob_id, kind, offset, length in _INDEX_ENTRY.iter_unpack(body[pos:end])]
+        except (struct.error, ValueError) as exc:
+            raise CorruptedData(f"pack index is malformed ({exc})") from None
+        problem = signer.problem(self.keys, INDEX_CONTEXT + self.repo_id + body[:end], body[end:])
+        return PackIndex(pack_id, signer, entries), problem

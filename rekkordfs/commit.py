@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .errors import StorageError
-from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
+from .errors import RekkordError, StorageError
+from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
@@ -51,6 +51,8 @@ class Committer:
         self.size = 0
         self.bytes_stored = 0
         self.garbage: list[str] = []  # data files of committed files, to delete
+        self.uses: set[bytes] = set()  # packs the snapshot refers to (checked before it is published)
+        self.inherited: list[BlobRef] = []  # records of directories never expanded, used as they are
 
     async def run(self) -> CommitResult:
         """Commit; the uploader's statistics (write-behind included) are this commit's."""
@@ -62,26 +64,44 @@ class Committer:
             contents = dict(capture.uploaded)
             await self._upload_frozen(capture, contents)
             link_ids, max_link_id = _link_ids(capture)
-            root_id = await self._directories(capture, contents, link_ids)
+            root_ref = await self._directories(capture, contents, link_ids)
             # Write-behind chunks may sit in packs other tasks are uploading: wait
             # for them, and make sure none of those uploads failed.
             await self.repo.flush_packs()
             if not is_durable(self.repo, [c for chunks in contents.values() for c in chunks]):
                 raise StorageError("some staged data failed to upload; commit again")
             root = capture.inodes[ROOT].entry(b"")
-            snapshot = Snapshot(self.tree.channel, time_ns, root_id, self.size, 0, self.files,
+            snapshot = Snapshot(self.tree.channel, time_ns, root_ref, self.size, 0, self.files,
                                 max_link_id=max_link_id, root=root)
             snapshot.stored = self.bytes_stored + self.uploader.stats.bytes_stored
-            tag = await self.repo.publish_snapshot(snapshot)
+            self.uses.add(root_ref.location.pack)
+            await self._check_inherited()
+            tag = await self.repo.publish_snapshot(snapshot, self.uses)
         except BaseException:
             self.tree.release_capture(capture)
             raise
         self.garbage = self.tree.committed(capture, tag.snapshot_id, snapshot, contents, link_ids)
-        await trio.to_thread.run_sync(self.repo.cache.add_blobs, self.repo.session_blobs())
+        await trio.to_thread.run_sync(self.repo.remember_session)
         result = CommitResult(tag, snapshot, self.files, self.size, self.uploader.stats.bytes_new,
                               snapshot.stored, time.monotonic() - started)
         self.uploader.stats = TransferStats()
         return result
+
+    async def _check_inherited(self) -> None:
+        """Directories never expanded keep the records of the base snapshot, and
+        with them what those records use. While the base snapshot is listed, a
+        prune keeps all of it; once it was forgotten, the commit must know which
+        packs those trees use, so they are checked like the rest."""
+        if not self.inherited or self.tree.base is None:
+            return
+        listing = await self.repo.list_snapshots()
+        if any(tag.snapshot_id == self.tree.base for tag in listing.tags):
+            return
+        try:
+            self.uses |= await _packs_below(self.repo, self.inherited)
+        except RekkordError as exc:
+            raise StorageError(f"the base snapshot of staging/{self.tree.channel} was forgotten and its data "
+                               f"pruned; the staged tree cannot be committed as it is ({exc.message})") from None
 
     async def _upload_frozen(self, capture: Capture, contents: dict[int, list[ChunkRef]]) -> None:
         slots = trio.Semaphore(max(4, self.repo.threads * 2))
@@ -123,9 +143,9 @@ class Committer:
                 nursery.start_soon(upload_inline, batch)
 
     async def _directories(self, capture: Capture, contents: dict[int, list[ChunkRef]],
-                           link_ids: dict[int, int]) -> bytes:
+                           link_ids: dict[int, int]) -> BlobRef:
         """Write the records of the expanded directories, deepest level first (the
-        directories of one level concurrently); returns the root's record ID."""
+        directories of one level concurrently); returns the root's record."""
         levels = [[ROOT]]
         while True:
             below = [child for ino in levels[-1] for _, child in capture.children.get(ino, [])
@@ -133,12 +153,12 @@ class Committer:
             if not below:
                 break
             levels.append(below)
-        dir_ids: dict[int, bytes] = {}
+        dir_refs: dict[int, BlobRef] = {}
         slots = trio.Semaphore(max(4, self.repo.threads * 2))
 
         async def write(ino: int) -> None:
             try:
-                dir_ids[ino] = await self._directory(capture, ino, contents, link_ids, dir_ids)
+                dir_refs[ino] = await self._directory(capture, ino, contents, link_ids, dir_refs)
             finally:
                 slots.release()
 
@@ -147,25 +167,28 @@ class Committer:
                 for ino in level:
                     await slots.acquire()
                     nursery.start_soon(write, ino)
-        return dir_ids[ROOT]
+        return dir_refs[ROOT]
 
     async def _directory(self, capture: Capture, ino: int, contents: dict[int, list[ChunkRef]],
-                         link_ids: dict[int, int], dir_ids: dict[int, bytes]) -> bytes:
-        """The record ID of one directory; those of its subdirectories are in dir_ids."""
+                         link_ids: dict[int, int], dir_refs: dict[int, BlobRef]) -> BlobRef:
+        """The record of one directory; those of its subdirectories are in dir_refs."""
         node = capture.inodes[ino]
-        if node.dir_id is not None:
-            return node.dir_id  # never expanded: the stored record is still exact
+        if node.dir_ref is not None:
+            self.inherited.append(node.dir_ref)
+            return node.dir_ref  # never expanded: the stored record is still exact
         entries: list[Entry] = []
         for name, child in capture.children.get(ino, []):
             child_node = capture.inodes[child]
             entry = child_node.entry(name)
             if child_node.kind == EntryKind.DIRECTORY:
-                entry.dir_id = dir_ids[child]
+                entry.dir_ref = dir_refs[child]
+                self.uses.add(entry.dir_ref.location.pack)
                 entry.nlink = 1
             elif child_node.kind == EntryKind.FILE:
                 chunks = contents[child] if child_node.local else decode_chunks(child_node.chunks or b"")
                 entry.chunks_raw = encode_chunks(chunks)
                 entry.size = sum(c.size for c in chunks)
+                self.uses.update(c.location.pack for c in chunks)
                 entry.link_id = link_ids.get(child, 0)
                 entry.nlink = child_node.nlink if entry.link_id else 1
                 self.files += 1
@@ -174,9 +197,28 @@ class Committer:
                 entry.nlink = 1
             entries.append(entry)
         record = await self.repo.run_cpu(encode_directory, entries)
-        dir_id, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
         self.bytes_stored += stored
-        return dir_id
+        return ref
+
+
+async def _packs_below(repo: Repository, tops: list[BlobRef]) -> set[bytes]:
+    """Every pack the trees under these records use (records and file chunks)."""
+    packs: set[bytes] = set()
+    seen: set[bytes] = set()
+    stack = list(tops)
+    while stack:
+        ref = stack.pop()
+        if ref.id in seen:
+            continue
+        seen.add(ref.id)
+        packs.add(ref.location.pack)
+        for entry in await repo.read_directory(ref):
+            if entry.kind == EntryKind.DIRECTORY and entry.dir_ref is not None:
+                stack.append(entry.dir_ref)
+            elif entry.kind == EntryKind.FILE:
+                packs.update(chunk.location.pack for chunk in entry.chunks)
+    return packs
 
 
 def _batches(inos: list[int], size: int = INLINE_BATCH) -> list[list[int]]:

@@ -1,11 +1,11 @@
 """Cryptographic primitives: key derivation, keyed hashing, sealing, signatures.
 
-Blob encryption (see docs/format.md): a writer session draws one ephemeral
-X25519 key pair and agrees a session key with the repository's public data key;
-every blob is then sealed with XChaCha20-Poly1305 under that session key and a
-random nonce. Writers (WriteOnly) hold only the public data key, so they can seal
-but never open; readers recompute the session key from the ephemeral public key
-stored in each blob and their secret data key.
+Blob encryption (see docs/format.md): each pack has its own ephemeral X25519
+key pair whose public half names it; the pack key is agreed with the
+repository's public data key, and every blob of the pack is sealed with
+XChaCha20-Poly1305 under it and a random nonce. Writers (WriteOnly) hold only
+the public data key, so they can seal but never open; readers recompute the
+pack key from the pack ID and their secret data key.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import nacl.signing
 
 # pynacl's high-level AEAD wrappers copy the message twice and return fresh
 # bytes; blob sealing is on the hot path of every save and read, so it calls
-# libsodium through pynacl's own cffi module to encrypt straight from the
-# caller's buffer into the final object (cffi releases the GIL meanwhile).
+# libsodium through pynacl's own cffi module to encrypt in place in the final
+# object (cffi releases the GIL meanwhile).
 from nacl._sodium import ffi as _ffi, lib as _lib
 
 from .errors import CorruptedData
@@ -33,7 +33,6 @@ NONCE_SIZE: Final = 24
 TAG_SIZE: Final = 16
 PUBLIC_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
-SEAL_OVERHEAD: Final = sodium.crypto_box_SEALBYTES
 
 
 def kdf(master: bytes, context: bytes, size: int = KEY_SIZE) -> bytes:
@@ -101,43 +100,49 @@ def aead_decrypt(key: bytes, nonce: bytes, associated: bytes, sealed: bytes) -> 
         raise CorruptedData("record failed authentication") from None
 
 
-# --- blob sessions -----------------------------------------------------------
+# --- packs --------------------------------------------------------------------
+#
+# Every pack has its own X25519 key pair, drawn by the writer; the public half
+# is the pack's ID (its object name), the secret half is dropped once the pack
+# key is agreed with the public data key. Readers recompute the pack key from
+# the pack ID and the secret data key. Each blob in a pack is
+# nonce | XChaCha20-Poly1305(pack key, nonce, payload | trailer): nothing about
+# a blob (its kind, compression, or where it starts) is readable without keys.
 
 
-def _session_key(shared: bytes, ephemeral_public: bytes, data_public: bytes) -> bytes:
-    return hashlib.blake2b(
-        shared + ephemeral_public + data_public, digest_size=KEY_SIZE, person=b"rekkord-session"
-    ).digest()
+def _pack_key(shared: bytes, pack_id: bytes, data_public: bytes) -> bytes:
+    return hashlib.blake2b(shared + pack_id + data_public, digest_size=KEY_SIZE, person=b"rekkord-pack-v2").digest()
 
 
-class BlobSealer:
-    """Seals blobs for one writer session; needs only the public data key."""
+class PackSealer:
+    """Seals the blobs of one pack; needs only the public data key."""
 
     def __init__(self, data_public: bytes) -> None:
-        ephemeral_secret = os.urandom(KEY_SIZE)
-        self.ephemeral_public = x25519_public(ephemeral_secret)
-        shared = sodium.crypto_scalarmult(ephemeral_secret, data_public)
-        self._key = _session_key(shared, self.ephemeral_public, data_public)
+        secret = os.urandom(KEY_SIZE)
+        self.pack_id = x25519_public(secret)
+        self._key = _pack_key(sodium.crypto_scalarmult(secret, data_public), self.pack_id, data_public)
 
-    def seal(self, header: bytes, payload: bytes | memoryview) -> bytearray:
-        """Return header + ephemeral public + nonce + ciphertext; header is authenticated."""
+    def seal(self, payload: bytes | bytearray | memoryview, trailer: bytes) -> bytearray:
+        """nonce | ciphertext of (payload | trailer) | tag, encrypted in place."""
+        size = len(payload) + len(trailer)
+        out = bytearray(NONCE_SIZE + size + TAG_SIZE)
         nonce = os.urandom(NONCE_SIZE)
-        prefix = header + self.ephemeral_public + nonce
-        size = len(payload)
-        out = bytearray(len(prefix) + size + TAG_SIZE)
-        out[:len(prefix)] = prefix
-        out_ptr = _ffi.from_buffer(out)
+        out[:NONCE_SIZE] = nonce
+        end = NONCE_SIZE + len(payload)
+        out[NONCE_SIZE:end] = payload
+        out[end:end + len(trailer)] = trailer
+        pointer = _ffi.from_buffer(out) + NONCE_SIZE
         rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
-            out_ptr + len(prefix), _ffi.NULL, _ffi.from_buffer(payload), size,
-            prefix, len(prefix), _ffi.NULL, nonce, self._key,
-        )
+            pointer, _ffi.NULL, pointer, size, _ffi.NULL, 0, _ffi.NULL, nonce, self._key)
         if rc != 0:
             raise RuntimeError("libsodium encryption failed")
         return out
 
 
-class BlobOpener:
-    """Opens blobs sealed by any writer session; needs the secret data key."""
+class PackOpener:
+    """Opens blobs of any pack; needs the secret data key."""
+
+    KEYS_KEPT = 1 << 16
 
     def __init__(self, data_secret: bytes) -> None:
         self._secret = data_secret
@@ -145,34 +150,32 @@ class BlobOpener:
         self._keys: dict[bytes, bytes] = {}
         self._lock = threading.Lock()
 
-    def _key_for(self, ephemeral_public: bytes) -> bytes:
-        key = self._keys.get(ephemeral_public)
+    def _key_for(self, pack_id: bytes) -> bytes:
+        key = self._keys.get(pack_id)
         if key is None:
             try:
-                shared = sodium.crypto_scalarmult(self._secret, ephemeral_public)
+                shared = sodium.crypto_scalarmult(self._secret, pack_id)
             except (nacl.exceptions.CryptoError, ValueError, TypeError):
-                raise CorruptedData("blob has an invalid session key") from None
-            key = _session_key(shared, ephemeral_public, self._public)
+                raise CorruptedData("pack has an invalid ID") from None
+            key = _pack_key(shared, pack_id, self._public)
             with self._lock:
-                if len(self._keys) > 4096:
+                if len(self._keys) >= self.KEYS_KEPT:
                     self._keys.clear()
-                self._keys[ephemeral_public] = key
+                self._keys[pack_id] = key
         return key
 
-    def open(self, header_size: int, sealed: bytes | memoryview) -> bytearray:
-        """Authenticate and decrypt; the first header_size bytes are the header."""
+    def open(self, pack_id: bytes, sealed: bytes | bytearray | memoryview) -> bytearray:
+        """Authenticate and decrypt one blob: payload | trailer."""
         sealed = memoryview(sealed)
-        prefix_end = header_size + PUBLIC_SIZE + NONCE_SIZE
-        if len(sealed) < prefix_end + TAG_SIZE:
+        if len(sealed) < NONCE_SIZE + TAG_SIZE:
             raise CorruptedData("blob is truncated")
-        ephemeral_public = bytes(sealed[header_size:header_size + PUBLIC_SIZE])
-        nonce = bytes(sealed[header_size + PUBLIC_SIZE:prefix_end])
-        key = self._key_for(ephemeral_public)
-        size = len(sealed) - prefix_end - TAG_SIZE
+        key = self._key_for(pack_id)
+        nonce = bytes(sealed[:NONCE_SIZE])
+        size = len(sealed) - NONCE_SIZE - TAG_SIZE
         out = bytearray(size)
         rc = _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
-            _ffi.from_buffer(out), _ffi.NULL, _ffi.NULL, _ffi.from_buffer(sealed[prefix_end:]), size + TAG_SIZE,
-            _ffi.from_buffer(sealed[:prefix_end]), prefix_end, nonce, key,
+            _ffi.from_buffer(out), _ffi.NULL, _ffi.NULL, _ffi.from_buffer(sealed[NONCE_SIZE:]), size + TAG_SIZE,
+            _ffi.NULL, 0, nonce, key,
         )
         if rc != 0:
             raise CorruptedData("blob failed authentication")

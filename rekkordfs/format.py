@@ -7,14 +7,17 @@ treat their input as hostile: any inconsistency raises CorruptedData.
 from __future__ import annotations
 
 import enum
+import functools
+import hashlib
 import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
+from .crypto import SIGNATURE_SIZE
 from .errors import CorruptedData, UsageError
-from .keys import Signer
+from .keys import KEY_ID_SIZE, Signer
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2
 ID_SIZE = 32
 MAX_CHANNEL_BYTES = 64
 
@@ -35,37 +38,55 @@ class EntryKind(enum.IntEnum):
     SOCKET = 7
 
 
-PACK_ID_SIZE = 16
+PACK_ID_SIZE = 32  # a pack's ID is the public half of its own X25519 key pair
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
-    """Where a packed blob lives: a byte range of a pack object."""
+    """Where a blob lives: a byte range of a pack object."""
 
     pack: bytes
     offset: int
     length: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
+class BlobRef:
+    """A stored record (directory): its ID and where it lives. Nothing is found
+    by a name a writer could compute in advance, so nobody can squat one."""
+
+    id: bytes
+    location: Location
+
+    def encode(self) -> bytes:
+        loc = self.location
+        return _REF.pack(self.id, loc.pack, loc.offset, loc.length)
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "BlobRef":
+        blob_id, pack, offset, length = _REF.unpack(raw)
+        return cls(blob_id, Location(pack, offset, length))
+
+
+@dataclass(frozen=True, slots=True)
 class ChunkRef:
     id: bytes
     size: int  # plaintext bytes
-    location: Location | None = None  # None: a standalone object blobs/<id>
+    location: Location
 
 
 _ENTRY_HEAD = struct.Struct("<BH")  # kind, name length
 _ENTRY_STAT = struct.Struct("<IIIqqqQIIQH")  # mode uid gid mtime atime ctime size nlink link_id rdev xattr_count
 _XATTR_NAME = struct.Struct("<H")
 _U32 = struct.Struct("<I")
-_CHUNK = struct.Struct(f"<{ID_SIZE}sIB")  # id, size, flags
-_PACKED = struct.Struct(f"<{PACK_ID_SIZE}sII")  # pack, offset, length
-_FLAG_PACKED = 1
+_REF = struct.Struct(f"<{ID_SIZE}s{PACK_ID_SIZE}sII")  # id, pack, offset, length
+_CHUNK = struct.Struct(f"<{ID_SIZE}sI{PACK_ID_SIZE}sII")  # id, size, pack, offset, length
+REF_SIZE = _REF.size
 
 
 @dataclass
 class Entry:
-    """One directory entry. `chunks` for files, `target` for symlinks, `dir_id` for directories."""
+    """One directory entry. `chunks` for files, `target` for symlinks, `dir_ref` for directories."""
 
     kind: EntryKind
     name: bytes
@@ -80,7 +101,7 @@ class Entry:
     link_id: int = 0  # non-zero: entries sharing it are hardlinks of one inode
     rdev: int = 0
     xattrs: list[tuple[bytes, bytes]] = field(default_factory=list)
-    dir_id: bytes | None = None
+    dir_ref: BlobRef | None = None
     target: bytes | None = None
     chunks_raw: bytes = b""  # encoded chunk list, decoded on demand
 
@@ -92,7 +113,7 @@ class Entry:
         if self.kind == EntryKind.FILE:
             return self.chunks_raw
         if self.kind == EntryKind.DIRECTORY:
-            return self.dir_id or b""  # only a snapshot's root metadata has none
+            return self.dir_ref.encode() if self.dir_ref else b""  # only a snapshot's root metadata has none
         if self.kind == EntryKind.SYMLINK:
             assert self.target is not None
             return self.target
@@ -100,34 +121,15 @@ class Entry:
 
 
 def encode_chunks(chunks: Iterable[ChunkRef]) -> bytes:
-    out = bytearray()
-    for c in chunks:
-        if c.location is None:
-            out += _CHUNK.pack(c.id, c.size, 0)
-        else:
-            out += _CHUNK.pack(c.id, c.size, _FLAG_PACKED)
-            out += _PACKED.pack(c.location.pack, c.location.offset, c.location.length)
-    return bytes(out)
+    return b"".join(_CHUNK.pack(c.id, c.size, c.location.pack, c.location.offset, c.location.length)
+                    for c in chunks)
 
 
 def decode_chunks(raw: bytes) -> list[ChunkRef]:
-    chunks = []
-    pos = 0
-    try:
-        while pos < len(raw):
-            cid, size, flags = _CHUNK.unpack_from(raw, pos)
-            pos += _CHUNK.size
-            location = None
-            if flags & _FLAG_PACKED:
-                pack, offset, length = _PACKED.unpack_from(raw, pos)
-                pos += _PACKED.size
-                location = Location(pack, offset, length)
-            elif flags:
-                raise ValueError("unknown chunk flags")
-            chunks.append(ChunkRef(cid, size, location))
-    except (struct.error, ValueError):
-        raise CorruptedData("file chunk list is malformed") from None
-    return chunks
+    if len(raw) % _CHUNK.size:
+        raise CorruptedData("file chunk list is malformed")
+    return [ChunkRef(cid, size, Location(pack, offset, length))
+            for cid, size, pack, offset, length in _CHUNK.iter_unpack(raw)]
 
 
 def _encode_entry(entry: Entry, out: bytearray) -> None:
@@ -179,9 +181,9 @@ def _decode_entry(raw: bytes, pos: int) -> tuple[Entry, int]:
     if kind == EntryKind.FILE:
         entry.chunks_raw = payload  # checked when decoded (decode_chunks)
     elif kind == EntryKind.DIRECTORY:
-        if payload_len not in (0, ID_SIZE):
+        if payload_len not in (0, REF_SIZE):
             raise ValueError("bad directory reference")
-        entry.dir_id = payload or None
+        entry.dir_ref = BlobRef.decode(payload) if payload else None
     elif kind == EntryKind.SYMLINK:
         if not payload or b"\0" in payload:  # symlink(2) accepts neither
             raise ValueError("bad symlink target")
@@ -217,7 +219,7 @@ def _iter_directory(raw: bytes) -> Iterator[Entry]:
             raise ValueError("bad entry name")
         if previous is not None and entry.name <= previous:
             raise ValueError("entries not sorted or duplicated")
-        if entry.kind == EntryKind.DIRECTORY and entry.dir_id is None:
+        if entry.kind == EntryKind.DIRECTORY and entry.dir_ref is None:
             raise ValueError("directory without a record")
         previous = entry.name
         yield entry
@@ -231,7 +233,7 @@ def _valid_name(name: bytes) -> bool:
 
 # --- snapshots ---------------------------------------------------------------
 
-_SNAPSHOT_FIXED = struct.Struct(f"<Bq{ID_SIZE}sQQQI")  # version time root size stored files max_link_id
+_SNAPSHOT_FIXED = struct.Struct(f"<BqQQQI{KEY_ID_SIZE}s")  # version time size stored files max_link_id writer
 
 
 def validate_channel(channel: str) -> str:
@@ -245,24 +247,39 @@ def validate_channel(channel: str) -> str:
     return channel
 
 
+def _encode_channel(channel: str) -> bytes:
+    raw = channel.encode("utf-8")
+    return bytes((len(raw),)) + raw
+
+
+def _decode_channel(raw: bytes, pos: int) -> tuple[str, int]:
+    length = raw[pos]
+    text = raw[pos + 1:pos + 1 + length]
+    if len(text) != length:
+        raise ValueError("truncated channel")
+    return text.decode("utf-8"), pos + 1 + length
+
+
 @dataclass
 class Snapshot:
+    """The record of one snapshot (blob kind 3). Its tag carries the same summary
+    fields, signed; readers accept the record only when the two agree."""
+
     channel: str
     time_ns: int
-    root_id: bytes
+    root_ref: BlobRef
     size: int  # logical bytes of all files
     stored: int  # bytes newly written by this save
     files: int
     max_link_id: int = 0  # hardlink groups use IDs 1..max_link_id
     root: Entry | None = None  # the root directory's own metadata, when it has any
-    signer: Signer | None = None
-    signature: bytes = b""
+    writer: bytes = bytes(KEY_ID_SIZE)  # key ID of the key that wrote (and signed) it
 
-    def signed_part(self) -> bytes:
-        channel = self.channel.encode("utf-8")
-        out = bytearray(_SNAPSHOT_FIXED.pack(RECORD_VERSION, self.time_ns, self.root_id, self.size, self.stored,
-                                             self.files, self.max_link_id))
-        out += bytes((len(channel),)) + channel
+    def encode(self) -> bytes:
+        out = bytearray(_SNAPSHOT_FIXED.pack(RECORD_VERSION, self.time_ns, self.size, self.stored, self.files,
+                                             self.max_link_id, self.writer))
+        out += self.root_ref.encode()
+        out += _encode_channel(self.channel)
         if self.root is None:
             out += b"\0"
         else:
@@ -270,24 +287,23 @@ class Snapshot:
             _encode_entry(Entry(EntryKind.DIRECTORY, b"", self.root.mode, self.root.uid, self.root.gid,
                                 self.root.mtime_ns, self.root.atime_ns, self.root.ctime_ns,
                                 xattrs=self.root.xattrs), out)
-        assert self.signer is not None
-        return bytes(out) + self.signer.encode()
+        return bytes(out)
 
-    def encode(self) -> bytes:
-        return self.signed_part() + self.signature
+    def matches(self, tag: "Tag") -> bool:
+        return (self.channel, self.time_ns, self.size, self.stored, self.files, self.writer) == (
+            tag.channel, tag.time_ns, tag.size, tag.stored, tag.files, tag.signer.key_id)
 
 
 def decode_snapshot(raw: bytes | bytearray) -> Snapshot:
     raw = bytes(raw)
     try:
-        version, time_ns, root_id, size, stored, files, max_link_id = _SNAPSHOT_FIXED.unpack_from(raw, 0)
+        version, time_ns, size, stored, files, max_link_id, writer = _SNAPSHOT_FIXED.unpack_from(raw, 0)
         if version != RECORD_VERSION:
             raise ValueError(f"unsupported version {version}")
         pos = _SNAPSHOT_FIXED.size
-        channel_len = raw[pos]
-        pos += 1
-        channel = raw[pos:pos + channel_len].decode("utf-8")
-        pos += channel_len
+        root_ref = BlobRef.decode(raw[pos:pos + REF_SIZE])
+        pos += REF_SIZE
+        channel, pos = _decode_channel(raw, pos)
         root = None
         has_root = raw[pos]
         pos += 1
@@ -295,34 +311,47 @@ def decode_snapshot(raw: bytes | bytearray) -> Snapshot:
             root, pos = _decode_entry(raw, pos)
             if root.kind != EntryKind.DIRECTORY or root.name:
                 raise ValueError("bad root metadata")
-        signer = Signer.decode(raw[pos:pos + Signer.SIZE])
-        pos += Signer.SIZE
-        signature = raw[pos:]
-        if len(signature) != 64:
-            raise ValueError("bad signature length")
+        if pos != len(raw):
+            raise ValueError("trailing bytes")
     except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise CorruptedData(f"snapshot record is malformed ({exc})") from None
-    return Snapshot(channel, time_ns, root_id, size, stored, files, max_link_id, root, signer, signature)
+    return Snapshot(channel, time_ns, root_ref, size, stored, files, max_link_id, root, writer)
 
 
-# --- tags: the sealed snapshot summaries listed by LogOnly keys -------------
+# --- tags: the sealed, signed snapshot summaries listed by LogOnly keys -------
 
-_TAG_FIXED = struct.Struct(f"<B{ID_SIZE}sqQQ")
+_TAG_FIXED = struct.Struct(f"<B{ID_SIZE}sqQQQ")  # version record_id time size stored files
+TAG_SIGNATURE_CONTEXT = b"rekkord-tag-v2"
 
 
 @dataclass(frozen=True)
 class Tag:
-    snapshot_id: bytes
+    """A snapshot as listed: signed by the key that wrote it, so every key that
+    can list (LogOnly included) can check who claims what. The snapshot ID is
+    the hash of the signed summary: two different claims never share an ID."""
+
+    record_id: bytes  # blob ID of the snapshot record
     channel: str
     time_ns: int
     size: int
     stored: int
+    files: int
+    signer: Signer
+    signature: bytes = b""
+
+    def signed_part(self) -> bytes:
+        return (_TAG_FIXED.pack(RECORD_VERSION, self.record_id, self.time_ns, self.size, self.stored, self.files)
+                + _encode_channel(self.channel) + self.signer.encode())
+
+    def signature_message(self, repo_id: bytes) -> bytes:
+        return TAG_SIGNATURE_CONTEXT + repo_id + self.signed_part()
 
     def encode(self) -> bytes:
-        channel = self.channel.encode("utf-8")
-        return _TAG_FIXED.pack(RECORD_VERSION, self.snapshot_id, self.time_ns, self.size, self.stored) + bytes(
-            (len(channel),)
-        ) + channel
+        return self.signed_part() + self.signature
+
+    @functools.cached_property
+    def snapshot_id(self) -> bytes:
+        return hashlib.blake2b(self.signed_part(), digest_size=ID_SIZE, person=b"rekkord-snapshot").digest()
 
     @property
     def id_hex(self) -> str:
@@ -331,13 +360,14 @@ class Tag:
 
 def decode_tag(raw: bytes) -> Tag:
     try:
-        version, snapshot_id, time_ns, size, stored = _TAG_FIXED.unpack_from(raw, 0)
+        version, record_id, time_ns, size, stored, files = _TAG_FIXED.unpack_from(raw, 0)
         if version != RECORD_VERSION:
             raise ValueError(f"unsupported version {version}")
-        channel_len = raw[_TAG_FIXED.size]
-        channel = raw[_TAG_FIXED.size + 1:]
-        if len(channel) != channel_len:
-            raise ValueError("bad channel length")
-        return Tag(snapshot_id, channel.decode("utf-8"), time_ns, size, stored)
+        channel, pos = _decode_channel(raw, _TAG_FIXED.size)
+        signer = Signer.decode(raw[pos:pos + Signer.SIZE])
+        signature = raw[pos + Signer.SIZE:]
+        if len(signature) != SIGNATURE_SIZE:
+            raise ValueError("bad signature length")
+        return Tag(record_id, channel, time_ns, size, stored, files, signer, signature)
     except (struct.error, ValueError, IndexError, UnicodeDecodeError) as exc:
         raise CorruptedData(f"snapshot tag is malformed ({exc})") from None

@@ -66,15 +66,20 @@ class Capability(enum.Enum):
     LIST = "list snapshots"
     READ = "read snapshot contents"
     WRITE = "create snapshots"
+    FORGET = "forget snapshots or prune the repository"
     DERIVE = "derive keys"
 
 
 _CAPABILITIES = {
-    KeyType.MASTER: {Capability.LIST, Capability.READ, Capability.WRITE, Capability.DERIVE},
-    KeyType.READ_WRITE: {Capability.LIST, Capability.READ, Capability.WRITE},
+    KeyType.MASTER: {Capability.LIST, Capability.READ, Capability.WRITE, Capability.FORGET, Capability.DERIVE},
+    KeyType.READ_WRITE: {Capability.LIST, Capability.READ, Capability.WRITE, Capability.FORGET},
     KeyType.WRITE_ONLY: {Capability.WRITE},
     KeyType.LOG_ONLY: {Capability.LIST},
 }
+
+
+# Only these may sign snapshots and pack indexes: a LogOnly key lists, nothing more.
+WRITER_KINDS = frozenset({KeyType.MASTER, KeyType.READ_WRITE, KeyType.WRITE_ONLY})
 
 
 def certificate_payload(kind: KeyType, key_id: bytes, sign_public: bytes, data_public: bytes, log_public: bytes) -> bytes:
@@ -106,6 +111,23 @@ class Signer:
     def is_certified(self, master_public: bytes, data_public: bytes, log_public: bytes) -> bool:
         payload = certificate_payload(self.kind, self.key_id, self.sign_public, data_public, log_public)
         return crypto.verify_signature(master_public, payload, self.certificate)
+
+    def certificate_problem(self, keys: "Keyset") -> str | None:
+        """Why this signer may not sign for the repository of keys, or None."""
+        if not self.is_certified(keys.master_public, keys.data_public, keys.log_public):
+            return "is signed by a key the master key did not certify"
+        if self.kind not in WRITER_KINDS:
+            return f"is signed by a {self.kind.label} key, which may not write"
+        return None
+
+    def signature_problem(self, message: bytes, signature: bytes) -> str | None:
+        if not crypto.verify_signature(self.sign_public, message, signature):
+            return "has an invalid signature"
+        return None
+
+    def problem(self, keys: "Keyset", message: bytes, signature: bytes) -> str | None:
+        """Why a signature by this signer on message is not to be trusted, or None."""
+        return self.certificate_problem(keys) or self.signature_problem(message, signature)
 
 
 @dataclass(frozen=True)

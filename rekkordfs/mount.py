@@ -92,7 +92,7 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
     if options.spec is not None:
         name, _, path = options.spec.partition(":")
         tag = await repo.resolve(name)
-        snapshot = await repo.load_snapshot(tag.snapshot_id)
+        snapshot = await repo.load_snapshot(tag)
         entry, _ = await walk_path(repo, snapshot, path)
         if entry.kind != EntryKind.DIRECTORY:
             raise UsageError(f"'{options.spec}' is not a directory; only directories can be mounted")

@@ -2,9 +2,15 @@
 
 Repository contents are treated as hostile: names are validated when records
 are decoded (no '/', '.', '..' or NUL), every path below DEST is opened
-component by component with O_NOFOLLOW relative to its parent's descriptor, and
-an existing non-directory in the way is unlinked and recreated, never written
-through (it could be a symlink or a hardlink to a file outside DEST).
+component by component with O_NOFOLLOW relative to its parent's descriptor, an
+existing entry in the way is never written through (it could be a symlink or a
+hardlink to a file outside DEST), and the walk is bounded (treebudget.py).
+
+DEST's own data is never lost to a failure: what replaces an existing entry is
+written under a temporary name and renamed over it once complete; a folder
+that replaces a file sets the file aside until the restore succeeds (and puts
+it back if it fails); `--delete` removes what the snapshot does not hold only
+after everything else is restored.
 """
 
 from __future__ import annotations
@@ -20,16 +26,18 @@ from typing import Callable
 import trio
 
 from .errors import CorruptedData, ObjectMissing, RestoreError
-from .format import BlobKind, ChunkRef, Entry, EntryKind
+from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
 from .tasks import task_group
+from .treebudget import refuse_hostile_tree
 from .upload import SMALL_FILE
 
 BATCH_FILES = 64  # small files restored per thread hop...
 BATCH_BYTES = 8 << 20  # ...up to this many bytes
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
+TEMP_PREFIX = b".rekkord-restore-"
 
 
 @dataclass
@@ -85,14 +93,47 @@ def _open_parent(dest_fd: int, parts: tuple[bytes, ...]) -> int:
     return fd
 
 
-def _create_exclusive(dir_fd: int, name: bytes) -> int:
-    """Create name anew; whatever stood there (a file, a symlink) is removed first."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _temp_name() -> bytes:
+    return TEMP_PREFIX + os.urandom(6).hex().encode()
+
+
+def _create_new(dir_fd: int, name: bytes) -> tuple[int, bytes | None]:
+    """A new empty file for name: (fd, None) when the name was free, else
+    (fd, temporary name) to be put in place by _replace() once complete."""
     try:
-        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+        return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), None
     except FileExistsError:
-        _clear(dir_fd, name, keep_dir=False)
-        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+        temp = _temp_name()
+        return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
+
+
+def _replace(dir_fd: int, temp: bytes, name: bytes) -> None:
+    """Rename temp over name; a folder standing there goes only now."""
+    try:
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except (IsADirectoryError, OSError) as exc:
+        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(name, dir_fd=dir_fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def _remove_quietly(dir_fd: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def _exists(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _clear(dir_fd: int, name: bytes, keep_dir: bool) -> None:
@@ -139,7 +180,7 @@ def _apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
 class RestoreSession:
     def __init__(self, repo: Repository, target: Entry, dest: str, options: RestoreOptions,
                  warn: Callable[[str], None], report: Callable[[str], None] | None = None,
-                 has_metadata: bool = True) -> None:
+                 has_metadata: bool = True, label: str = "snapshot") -> None:
         self.repo = repo
         self.target = target
         self.has_metadata = has_metadata  # False for a snapshot root saved without any
@@ -158,12 +199,17 @@ class RestoreSession:
         self._batch: list[_FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0
         self.dest_fd = -1
+        self.label = label
+        self._keep: list[tuple[tuple[bytes, ...], set[bytes]]] = []  # --delete: each folder's names
+        self._aside: list[tuple[tuple[bytes, ...], bytes]] = []  # files moved away for a folder
 
     # --- entry point -----------------------------------------------------------
 
     async def run(self) -> RestoreStats:
         started = time.monotonic()
         if self.target.kind == EntryKind.DIRECTORY:
+            assert self.target.dir_ref is not None
+            await refuse_hostile_tree(self.repo, self.target.dir_ref, self.label)
             await self._check_dest_dir()
             if self.options.dry_run:
                 await self._dry_run((), self.target)
@@ -202,6 +248,9 @@ class RestoreSession:
                         await self._restore_entry(parts, self.target, send)
                     await self._send_batch(send)
             await trio.to_thread.run_sync(self._finish)
+        except BaseException:
+            await trio.to_thread.run_sync(self._put_back_aside)
+            raise
         finally:
             os.close(self.dest_fd)
         self.duration = time.monotonic() - started
@@ -219,11 +268,11 @@ class RestoreSession:
 
     async def _restore_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
                                     jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
-        assert entry.dir_id is not None
+        assert entry.dir_ref is not None
         async with self._walk_slots:
-            children = await self.repo.read_directory(entry.dir_id)
+            children = await self.repo.read_directory(entry.dir_ref)
         if self.options.delete:
-            await trio.to_thread.run_sync(self._delete_extra, parts, {c.name for c in children})
+            self._keep.append((parts, {c.name for c in children}))
         async with task_group() as nursery:
             for child in children:
                 child_parts = parts + (child.name,)
@@ -258,50 +307,87 @@ class RestoreSession:
         else:
             await trio.to_thread.run_sync(self._make_special, parts, entry)
 
-    def _delete_extra(self, parts: tuple[bytes, ...], keep: set[bytes]) -> None:
-        fd = _open_parent(self.dest_fd, parts + (b"",))
-        try:
-            for name in map(os.fsencode, os.listdir(fd)):  # listdir(fd) gives str; the entries' names are bytes
-                if name not in keep:
-                    _clear(fd, name, keep_dir=False)
-                    self.stats.deleted += 1
-                    self.report(f"delete {self._show(parts + (name,))}")
-        finally:
-            os.close(fd)
+    def _delete_extras(self) -> None:
+        """--delete, once everything is restored: what the snapshot does not hold."""
+        for parts, keep in self._keep:
+            fd = _open_parent(self.dest_fd, parts + (b"",))
+            try:
+                for name in map(os.fsencode, os.listdir(fd)):  # listdir(fd) gives str
+                    if name not in keep:
+                        _clear(fd, name, keep_dir=False)
+                        self.stats.deleted += 1
+                        self.report(f"delete {self._show(parts + (name,))}")
+            finally:
+                os.close(fd)
 
     def _make_dir(self, parts: tuple[bytes, ...]) -> None:
         fd = _open_parent(self.dest_fd, parts)
+        name = parts[-1]
         try:
-            _clear(fd, parts[-1], keep_dir=True)
             try:
-                os.mkdir(parts[-1], 0o700, dir_fd=fd)
+                st = os.lstat(name, dir_fd=fd)
+            except FileNotFoundError:
+                st = None
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                temp = _temp_name()  # kept until the restore succeeds
+                os.rename(name, temp, src_dir_fd=fd, dst_dir_fd=fd)
+                self._aside.append((parts, temp))
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
             except FileExistsError:
                 pass
         finally:
             os.close(fd)
 
+    def _put_back_aside(self) -> None:
+        """A failed restore: files set aside for folders go back where they were
+        (the folders hold only what this restore wrote)."""
+        for parts, temp in reversed(self._aside):
+            try:
+                fd = _open_parent(self.dest_fd, parts)
+            except OSError:
+                continue
+            try:
+                _clear(fd, parts[-1], keep_dir=False)
+                os.rename(temp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
+            except OSError as exc:
+                self.warn(f"could not put '{self._show(parts)}' back (it is kept as "
+                          f"'{os.fsdecode(temp)}' beside it): {exc.strerror or exc}")
+            finally:
+                os.close(fd)
+        self._aside.clear()
+
     def _make_special(self, parts: tuple[bytes, ...], entry: Entry) -> None:
         fd = _open_parent(self.dest_fd, parts)
         name = parts[-1]
+        # made under a temporary name when the name is taken, then renamed over it
+        temp = _temp_name() if _exists(fd, name) else None
+        made = temp or name
         try:
-            _clear(fd, name, keep_dir=False)
             if entry.kind == EntryKind.SYMLINK:
                 assert entry.target is not None
-                os.symlink(entry.target, name, dir_fd=fd)
+                os.symlink(entry.target, made, dir_fd=fd)
                 self.stats.links += 1
             elif entry.kind == EntryKind.FIFO:
-                os.mkfifo(name, entry.mode, dir_fd=fd)
+                os.mkfifo(made, entry.mode, dir_fd=fd)
                 self.stats.other += 1
             elif entry.kind in (EntryKind.CHAR_DEVICE, EntryKind.BLOCK_DEVICE):
                 if not IS_ROOT:
                     self.warn(f"skipped device '{self._show(parts)}' (needs root)")
                     return
-                os.mknod(name, entry.mode | FILE_TYPE_BITS[entry.kind], entry.rdev, dir_fd=fd)
+                os.mknod(made, entry.mode | FILE_TYPE_BITS[entry.kind], entry.rdev, dir_fd=fd)
                 self.stats.other += 1
             else:
                 self.warn(f"skipped socket '{self._show(parts)}'")
                 return
-            self._apply_path_metadata(fd, name, entry, parts)
+            try:
+                self._apply_path_metadata(fd, made, entry, parts)
+                if temp is not None:
+                    _replace(fd, temp, name)
+            except BaseException:
+                if temp is not None:
+                    _remove_quietly(fd, temp)
+                raise
         finally:
             os.close(fd)
 
@@ -348,7 +434,7 @@ class RestoreSession:
         self.stats.bytes_written += written
         self.stats.files += len(batch)
 
-    def _write_small(self, batch: list[_FileJob], raws: dict[bytes, bytes]) -> int:
+    def _write_small(self, batch: list[_FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
         written = 0
         parents: dict[tuple[bytes, ...], int] = {}  # a batch's files mostly share a folder
         try:
@@ -362,22 +448,29 @@ class RestoreSession:
                 os.close(fd)
         return written
 
-    def _write_one_small(self, job: _FileJob, raws: dict[bytes, bytes], parent: int) -> int:
+    def _write_one_small(self, job: _FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
         data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
         chunk = job.chunks[0] if job.chunks else None
         if chunk is not None and chunk.id in raws:
             try:
-                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, raws[chunk.id])
+                raw, found_at = raws[chunk.id]
+                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, found_at.pack, raw)
             except CorruptedData as exc:
                 raise CorruptedData(f"'{self._show(job.parts)}': {exc.message}") from None
             if len(data) != chunk.size or len(data) != job.entry.size:
                 raise CorruptedData(f"'{self._show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
-        fd = self._create_file(job.parts, parent)
+        fd, temp = _create_new(parent, job.parts[-1])
         try:
-            _pwrite_all(fd, data, 0)
-            self._finish_file(fd, job.entry, job.parts, len(data))
-        finally:
-            os.close(fd)
+            try:
+                _pwrite_all(fd, data, 0)
+                self._finish_file(fd, job.entry, job.parts, len(data))
+            finally:
+                os.close(fd)
+            if temp is not None:
+                _replace(parent, temp, job.parts[-1])
+        except BaseException:
+            _remove_quietly(parent, temp or job.parts[-1])
+            raise
         return len(data)
 
     async def _restore_file(self, job: _FileJob) -> None:
@@ -386,36 +479,35 @@ class RestoreSession:
         total = sum(c.size for c in chunks)
         if total != entry.size:
             raise CorruptedData(f"'{self._show(job.parts)}': chunk sizes do not add up to the file size")
-        fd = await trio.to_thread.run_sync(self._create_file, job.parts)
+        parent = await trio.to_thread.run_sync(_open_parent, self.dest_fd, job.parts)
         try:
-            offsets = []
-            offset = 0
-            for chunk in chunks:
-                offsets.append(offset)
-                offset += chunk.size
-            if len(chunks) <= 1:
-                for chunk, off in zip(chunks, offsets):
-                    await self._write_chunk(fd, chunk, off, job.parts)
-            else:
-                async with task_group() as nursery:
-                    for chunk, off in zip(chunks, offsets):
-                        await self._chunk_slots.acquire()
-                        nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
-            await trio.to_thread.run_sync(self._finish_file, fd, entry, job.parts)
+            fd, temp = await trio.to_thread.run_sync(_create_new, parent, job.parts[-1])
+            try:
+                try:
+                    offsets = []
+                    offset = 0
+                    for chunk in chunks:
+                        offsets.append(offset)
+                        offset += chunk.size
+                    if len(chunks) <= 1:
+                        for chunk, off in zip(chunks, offsets):
+                            await self._write_chunk(fd, chunk, off, job.parts)
+                    else:
+                        async with task_group() as nursery:
+                            for chunk, off in zip(chunks, offsets):
+                                await self._chunk_slots.acquire()
+                                nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
+                    await trio.to_thread.run_sync(self._finish_file, fd, entry, job.parts)
+                finally:
+                    os.close(fd)
+                if temp is not None:
+                    await trio.to_thread.run_sync(_replace, parent, temp, job.parts[-1])
+            except BaseException:
+                _remove_quietly(parent, temp or job.parts[-1])  # no half-written file is left
+                raise
         finally:
-            os.close(fd)
+            os.close(parent)
         self.stats.files += 1
-
-    def _create_file(self, parts: tuple[bytes, ...], dir_fd: int | None = None) -> int:
-        """A new empty file at parts (in dir_fd when the caller has its parent open)."""
-        own = dir_fd is None
-        if dir_fd is None:
-            dir_fd = _open_parent(self.dest_fd, parts)
-        try:
-            return _create_exclusive(dir_fd, parts[-1])
-        finally:
-            if own:
-                os.close(dir_fd)
 
     async def _write_chunk_slot(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
         try:
@@ -447,12 +539,16 @@ class RestoreSession:
             src_fd = _open_parent(self.dest_fd, first)
             dst_fd = _open_parent(self.dest_fd, alias)
             try:
-                _clear(dst_fd, alias[-1], keep_dir=False)
-                os.link(first[-1], alias[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                temp = _temp_name() if _exists(dst_fd, alias[-1]) else None
+                os.link(first[-1], temp or alias[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+                if temp is not None:
+                    _replace(dst_fd, temp, alias[-1])
             finally:
                 os.close(src_fd)
                 os.close(dst_fd)
             self.stats.files += 1
+        if self.options.delete:
+            self._delete_extras()
         # deepest directories first, so setting a parent's times is the last touch
         for parts, entry in sorted(self.plan.dirs, key=lambda item: len(item[0]), reverse=True):
             parent = _open_parent(self.dest_fd, parts)
@@ -466,12 +562,19 @@ class RestoreSession:
                 os.close(fd)
         if self.target.kind == EntryKind.DIRECTORY and self.has_metadata:
             _apply_metadata(self.dest_fd, self.target, self._xattr_failed(()))
+        for parts, temp in self._aside:  # the restore succeeded: what was set aside goes
+            fd = _open_parent(self.dest_fd, parts)
+            try:
+                _remove_quietly(fd, temp)
+            finally:
+                os.close(fd)
+        self._aside.clear()
 
     # --- dry run ---------------------------------------------------------------
 
     async def _dry_run(self, parts: tuple[bytes, ...], entry: Entry) -> None:
-        assert entry.dir_id is not None
-        children = await self.repo.read_directory(entry.dir_id)
+        assert entry.dir_ref is not None
+        children = await self.repo.read_directory(entry.dir_ref)
         if self.options.delete:
             here = os.path.join(self.dest.encode(), *parts) if parts else self.dest.encode()
             if os.path.isdir(here) and not os.path.islink(here):

@@ -22,7 +22,7 @@ import trio
 
 from .cache import StatKey
 from .errors import UsageError
-from .format import BlobKind, ChunkRef, Entry, EntryKind, Snapshot, encode_chunks, encode_directory, validate_channel
+from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, encode_chunks, encode_directory, validate_channel
 from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
@@ -107,10 +107,11 @@ class Walker:
     leaving out what the selection excludes."""
 
     def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
-                 skip: Callable[[str], None], stats: SaveStats, selection: Selection | None = None,
-                 report: Callable[[bytes], None] | None = None) -> None:
+                 skip: Callable[[str], None], stats: SaveStats, uses: set[bytes],
+                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None) -> None:
         self.paths = paths
         self.repo = repo
+        self.uses = uses  # packs the snapshot refers to (cached files' chunks are added here)
         self.emit = emit
         self.skip = skip  # reports something left out of the snapshot
         self.stats = stats
@@ -262,10 +263,11 @@ class Walker:
                 return
             entry.link_id = self._next_link_id
             self._next_link_id += 1
-        cached = b"" if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
+        cached = [] if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
         job = None
         if cached is not None:
-            entry.chunks_raw = cached
+            entry.chunks_raw = encode_chunks(cached)
+            self.uses.update(chunk.location.pack for chunk in cached)
         else:
             job = FileJob(listing.node, entry, path, key)
             listing.jobs.append(job)
@@ -289,10 +291,11 @@ class SaveSession:
         self.uploader = Uploader(repo, self.stats)
         self.workers = workers or max(8, repo.threads * 4)
         self.root = DirNode(b"", None, None)
-        self.root_id: bytes | None = None
+        self.root_ref: BlobRef | None = None
         self._link_done: dict[int, trio.Event] = {}
         self._link_failed: set[int] = set()
-        self._stat_rows: list[tuple[bytes, StatKey, bytes]] = []
+        self._stat_rows: list[tuple[bytes, StatKey, list[ChunkRef]]] = []
+        self.uses: set[bytes] = set()  # every pack the snapshot refers to, checked before it is published
 
     def skip(self, message: str) -> None:
         """Something could not be read and is missing from the snapshot (exit status 3)."""
@@ -316,7 +319,8 @@ class SaveSession:
                 walker.stop()  # the save was cancelled (Ctrl-C, a failed upload): stop walking
 
         walker = Walker(self.paths, self.repo, lambda l: token.run_sync_soon(deliver, l),
-                        lambda m: token.run_sync_soon(self.skip, m), self.stats, self.selection, self.report)
+                        lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses, self.selection,
+                        self.report)
 
         async def walk() -> None:
             try:
@@ -332,18 +336,17 @@ class SaveSession:
                 nursery.start_soon(self._worker, jobs_recv.clone())
             jobs_recv.close()
 
-        assert self.root_id is not None, "save pipeline ended before the root directory was written"
-        snapshot = Snapshot(self.channel, time_ns, self.root_id, self.stats.size, 0, self.stats.files,
+        assert self.root_ref is not None, "save pipeline ended before the root directory was written"
+        snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
                             max_link_id=walker.max_link_id)
         snapshot.stored = self.stats.bytes_stored
-        tag = await self.repo.publish_snapshot(snapshot)
+        tag = await self.repo.publish_snapshot(snapshot, self.uses)
         await trio.to_thread.run_sync(self._remember)
         return SaveResult(tag.id_hex, self.channel, time_ns, self.stats, time.monotonic() - started)
 
     def _remember(self) -> None:
-        cache = self.repo.cache
-        cache.add_blobs(self.repo.session_blobs())
-        cache.store_stats(self._stat_rows)
+        self.repo.remember_session()
+        self.repo.cache.store_stats(self._stat_rows)
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
@@ -405,7 +408,8 @@ class SaveSession:
         """Read, chunk, hash and seal many small files in one thread hop."""
         outcomes = await self.repo.run_cpu(self._prepare_batch, batch)
         prepared = [chunk for outcome in outcomes if not isinstance(outcome, OSError) for chunk in outcome[1]]
-        refs = iter(await self.uploader.store(prepared))
+        refs = iter(self.uploader.store(prepared))
+        await self.repo.upload_ready()
         for job, outcome in zip(batch, outcomes):
             if isinstance(outcome, OSError):
                 await self._job_done(job, outcome)
@@ -425,14 +429,15 @@ class SaveSession:
             except OSError as exc:
                 reads.append(exc)
         contents = [read[0] for read in reads if not isinstance(read, OSError)]
-        prepared = iter(self.uploader.prepare_many(contents, set()))
+        prepared = iter(self.uploader.prepare_many(contents))
         return [read if isinstance(read, OSError) else (len(read[0]), next(prepared), read[1]) for read in reads]
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)
         job.entry.size = size
+        self.uses.update(chunk.location.pack for chunk in chunks)
         if unchanged:
-            self._stat_rows.append((job.path, job.key, job.entry.chunks_raw))
+            self._stat_rows.append((job.path, job.key, chunks))
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
         st = os.fstat(handle.fileno())
@@ -459,11 +464,12 @@ class SaveSession:
                 self.stats.files += 1
                 self.stats.size += entry.size
         record = await self.repo.run_cpu(encode_directory, children)
-        dir_id, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        self.uses.add(ref.location.pack)
         self.stats.bytes_stored += stored
         if node.entry is None:
-            self.root_id = dir_id
+            self.root_ref = ref
             return
-        node.entry.dir_id = dir_id
+        node.entry.dir_ref = ref
         assert node.parent is not None
         await self._child_done(node.parent)

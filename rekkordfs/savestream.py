@@ -39,15 +39,17 @@ async def save_stream(repo: Repository, channel: str, name: str, stream: BinaryI
     await repo.prepare_write()
     stats = SaveStats()
     chunks = await Uploader(repo, stats).upload_stream(stream)
+    uses = {chunk.location.pack for chunk in chunks}  # every pack the snapshot refers to
     size = sum(chunk.size for chunk in chunks)
     entry = Entry(kind=EntryKind.FILE, name=raw_name, mode=STREAM_MODE, uid=os.getuid(), gid=os.getgid(),
                   mtime_ns=time_ns, atime_ns=time_ns, ctime_ns=time_ns, size=size,
                   chunks_raw=encode_chunks(chunks))
     stats.files, stats.size, stats.scanned_files, stats.scanned_bytes = 1, size, 1, size
-    root_id, stored = await repo.write_blob(BlobKind.DIRECTORY, await repo.run_cpu(encode_directory, [entry]))
+    root_ref, stored = await repo.write_blob(BlobKind.DIRECTORY, await repo.run_cpu(encode_directory, [entry]))
+    uses.add(root_ref.location.pack)
     stats.bytes_stored += stored
-    snapshot = Snapshot(channel, time_ns, root_id, size, 0, 1)
+    snapshot = Snapshot(channel, time_ns, root_ref, size, 0, 1)
     snapshot.stored = stats.bytes_stored
-    tag = await repo.publish_snapshot(snapshot)
-    await trio.to_thread.run_sync(repo.cache.add_blobs, repo.session_blobs())
+    tag = await repo.publish_snapshot(snapshot, uses)
+    await trio.to_thread.run_sync(repo.remember_session)
     return SaveResult(tag.id_hex, channel, time_ns, stats, time.monotonic() - started)

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import trio
 
 from .blobcache import BlobCache
-from .format import ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
+from .format import BlobRef, ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
 from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 
 ROOT = 1
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     target BLOB,            -- symlink target
     chunks BLOB,            -- file content as stored chunks (when local = 0)
     local INTEGER NOT NULL DEFAULT 0,   -- file content is: 0 chunks, 1 data/<ino>, 2 table inline
-    dir_id BLOB,            -- directory not expanded yet: its stored record
+    dir_ref BLOB,           -- directory not expanded yet: its stored record (format.BlobRef)
     link_id INTEGER,        -- hardlink group of the base snapshot
     xattrs BLOB
 );
@@ -69,8 +69,9 @@ CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
 CREATE TABLE IF NOT EXISTS inline (ino INTEGER PRIMARY KEY, data BLOB NOT NULL);  -- small files' content
 """
 
+DIR_REF_COLUMN = 14  # position of dir_ref in COLUMNS
 COLUMNS = ("ino, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, chunks, local, "
-           "dir_id, link_id, xattrs")
+           "dir_ref, link_id, xattrs")
 
 
 def _error(code: int) -> OSError:
@@ -113,7 +114,7 @@ class Inode:
     target: bytes | None
     chunks: bytes | None
     local: int  # STORED, DATA_FILE or INLINE (true: the content is written here, not stored)
-    dir_id: bytes | None
+    dir_ref: BlobRef | None
     link_id: int | None
     xattrs: bytes | None
 
@@ -134,6 +135,7 @@ class Inode:
 def _row(row: tuple) -> Inode:
     values = list(row)
     values[1] = EntryKind(values[1])
+    values[DIR_REF_COLUMN] = BlobRef.decode(values[DIR_REF_COLUMN]) if values[DIR_REF_COLUMN] else None
     return Inode(*values)
 
 
@@ -315,12 +317,12 @@ class StagingTree:
             self.db.execute("DELETE FROM inline")
             self.db.execute("DELETE FROM meta")
             self.db.execute(
-                "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink, dir_id, xattrs) "
+                "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink, dir_ref, xattrs) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2, ?, ?)",
                 (ROOT, EntryKind.DIRECTORY, root.mode if root else 0o755, root.uid if root else os.getuid(),
                  root.gid if root else os.getgid(), root.atime_ns if root else now,
                  root.mtime_ns if root else (snapshot.time_ns if snapshot else now),
-                 root.ctime_ns if root else now, snapshot.root_id if snapshot else None,
+                 root.ctime_ns if root else now, snapshot.root_ref.encode() if snapshot else None,
                  encode_xattrs(root.xattrs) if root else None))
             self._set_meta("base", snapshot_id)
             self._set_meta("max_link_id", snapshot.max_link_id if snapshot else 0)
@@ -366,7 +368,7 @@ class StagingTree:
         node = self.get(ino)
         if not node.is_dir:
             raise _error(errno.ENOTDIR)
-        while node.dir_id is not None:
+        while node.dir_ref is not None:
             pending = self._expanding.get(ino)
             if pending is not None:
                 await pending.wait()
@@ -384,8 +386,8 @@ class StagingTree:
     async def _expand_record(self, node: Inode) -> None:
         if self.blobs is None:
             raise _error(errno.EACCES)
-        assert node.dir_id is not None
-        listing = await self.blobs.directory(node.dir_id)
+        assert node.dir_ref is not None
+        listing = await self.blobs.directory(node.dir_ref)
         files = [entry for entry in listing.entries if entry.kind == EntryKind.FILE]
         with self._transaction():
             self._set_meta("stored_files", int(self._meta("stored_files", 0)) - len(files))
@@ -398,16 +400,17 @@ class StagingTree:
                 if existing is None:
                     cursor = self.db.execute(
                         "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, "
-                        "target, chunks, dir_id, link_id, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "target, chunks, dir_ref, link_id, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.atime_ns, entry.mtime_ns,
                          entry.ctime_ns, entry.rdev, max(entry.nlink, 1) if entry.link_id else
                          (2 if entry.kind == EntryKind.DIRECTORY else 1), entry.target,
-                         entry.chunks_raw if entry.kind == EntryKind.FILE else None, entry.dir_id,
+                         entry.chunks_raw if entry.kind == EntryKind.FILE else None,
+                         entry.dir_ref.encode() if entry.dir_ref else None,
                          entry.link_id or None, encode_xattrs(entry.xattrs) if entry.xattrs else None))
                     existing = cursor.lastrowid
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                                 (node.ino, entry.name, existing))
-            self._update_inode(node.ino, "dir_id = NULL")
+            self._update_inode(node.ino, "dir_ref = NULL")
 
     async def own_links(self, ino: int) -> None:
         """Before an inode of a base hardlink group changes: expand every directory.
@@ -419,7 +422,7 @@ class StagingTree:
         if node.kind != EntryKind.FILE or not node.link_id:
             return
         while True:
-            pending = [row[0] for row in self.db.execute("SELECT ino FROM inodes WHERE dir_id IS NOT NULL")]
+            pending = [row[0] for row in self.db.execute("SELECT ino FROM inodes WHERE dir_ref IS NOT NULL")]
             if not pending:
                 return
             for directory in pending:

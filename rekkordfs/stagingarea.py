@@ -31,6 +31,7 @@ from .control import CONTROL_CHANNEL, CONTROL_COMMIT
 from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .keys import Capability
+from .packs import Sealed
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree, remove_files
 from .streaming import GrowingFile, StreamAborted
@@ -165,10 +166,24 @@ class StagingArea:
             self.trees[channel] = tree
             self.uploaders[channel] = Uploader(self.repo)
             if not exists:
-                await self._follow_latest(tree, force=True)
+                try:
+                    await self._follow_latest(tree, force=True)
+                except OSError:
+                    self._drop_tree(tree)  # retried on the next use; other channels are unaffected
+                    raise
         else:
-            await self._follow_latest(tree)
+            try:
+                await self._follow_latest(tree)
+            except OSError:
+                pass  # logged; the tree stays on the base it has
         return tree
+
+    def _drop_tree(self, tree: StagingTree) -> None:
+        """Forget a tree that was just created and could not be seeded."""
+        del self.trees[tree.channel], self.uploaders[tree.channel]
+        del self._by_slot[self._slots.pop(tree.channel)]
+        tree.close()
+        shutil.rmtree(tree.folder, ignore_errors=True)
 
     async def _follow_latest(self, tree: StagingTree, force: bool = False) -> None:
         """A clean tree shows the channel's newest snapshot (unless the kernel holds
@@ -180,7 +195,11 @@ class StagingArea:
             return
         if not force and any(ino != ROOT for ino in tree.lookups):
             return
-        snapshot = await self.repo.load_snapshot(latest.snapshot_id)
+        try:
+            snapshot = await self.repo.load_snapshot(latest)
+        except RekkordError as exc:
+            log.error("staging/%s: cannot start from snapshot %s: %s", tree.channel, latest.id_hex, exc.message)
+            raise OSError(errno.EIO, "the channel's latest snapshot is unreadable") from None
         tree.seed(latest.snapshot_id, snapshot)
 
     async def _channel_tree(self, name: bytes, create: bool = False) -> StagingTree:
@@ -225,7 +244,10 @@ class StagingArea:
         if ino == STAGING_INO:
             items = []
             for channel in await self.channel_names():
-                tree = await self.tree(channel)
+                try:
+                    tree = await self.tree(channel)
+                except OSError:
+                    continue  # logged: one unreadable channel must not hide the others
                 items.append((channel.encode(), self.attr(tree, tree.get(ROOT))))
             return items
         tree, local = self._split(ino)
@@ -522,8 +544,9 @@ class StagingArea:
         inline = [tree.inline_data(ino) for tree, ino, _ in items]
         small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
         for tree, ino, version, prepared in small:
-            chunks = await self.uploaders[tree.channel].store(prepared)
+            chunks = self.uploaders[tree.channel].store(prepared)
             tree.record_upload(ino, version, chunks)
+        await self.repo.upload_ready()
         for tree, ino, version in large:
             try:
                 chunks = await self.uploaders[tree.channel].upload_path(tree.data_path(ino))
@@ -536,23 +559,30 @@ class StagingArea:
                        ) -> tuple[list, list[Closed], list[Closed]]:
         """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES
         (inline[i] is the content of items[i] when the journal holds it)."""
-        small, large, total = [], [], 0
-        for index, ((tree, ino, version), data) in enumerate(zip(items, inline)):
-            if total >= BATCH_BYTES:
-                return small, large, items[index:]
-            if data is None:
-                try:
-                    with open_regular(tree.data_path(ino)) as handle:
-                        if os.fstat(handle.fileno()).st_size > SMALL_FILE:
-                            large.append((tree, ino, version))
-                            continue
-                        data = handle.read()
-                except FileNotFoundError:
-                    continue  # deleted since it was closed
-            total += len(data)
-            uploader = self.uploaders[tree.channel]
-            uploader.stats.bytes_read += len(data)
-            small.append((tree, ino, version, uploader.prepare(data, set())))
+        small: list = []
+        large: list[Closed] = []
+        total = 0
+        try:
+            for index, ((tree, ino, version), data) in enumerate(zip(items, inline)):
+                if total >= BATCH_BYTES:
+                    return small, large, items[index:]
+                if data is None:
+                    try:
+                        with open_regular(tree.data_path(ino)) as handle:
+                            if os.fstat(handle.fileno()).st_size > SMALL_FILE:
+                                large.append((tree, ino, version))
+                                continue
+                            data = handle.read()
+                    except FileNotFoundError:
+                        continue  # deleted since it was closed
+                total += len(data)
+                uploader = self.uploaders[tree.channel]
+                uploader.stats.bytes_read += len(data)
+                small.append((tree, ino, version, uploader.prepare_many([data])[0]))
+        except BaseException:
+            for _, _, _, prepared in small:
+                self.repo.discard([data for _, _, data in prepared if isinstance(data, Sealed)])
+            raise
         return small, large, []
 
     def statfs_all(self) -> os.statvfs_result:

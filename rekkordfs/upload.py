@@ -17,13 +17,14 @@ import trio
 
 from .cache import KnownBlob
 from .chunker import Chunker
-from .format import BlobKind, ChunkRef
+from .format import BlobKind, ChunkRef, Location
+from .packs import Sealed
 from .repository import Repository
 from .tasks import task_group
 
 # A chunk ready to store: (blob ID, plaintext size, and either its sealed bytes
 # (new), where it is stored (known), or None (a twin earlier in the batch))
-Prepared = tuple[bytes, int, "bytearray | KnownBlob | None"]
+Prepared = tuple[bytes, int, "Sealed | KnownBlob | None"]
 
 SMALL_FILE = 2 << 20  # files up to this size are read in one go
 READ_BATCH = 8 << 20  # bytes of chunks handed over per thread hop for large files
@@ -70,52 +71,64 @@ class Uploader:
         # chunks of large files in flight (read, not yet stored): bounds memory
         self._inflight = trio.Semaphore(max(4, repo.threads * 3))
 
-    def prepare(self, data: bytes, seen: set[bytes]) -> list[Prepared]:
-        """Thread side: chunk, hash, and seal the chunks not known yet."""
-        return self.prepare_many([data], seen)[0]
+    def prepare_many(self, datas: list[bytes]) -> list[list[Prepared]]:
+        """Thread side: chunk, hash, and seal the chunks not known yet of several
+        files' content, with one known-blob lookup for all. Every result must
+        go to store()."""
+        return self._seal_new([self.chunker.split(data) for data in datas])
 
-    def prepare_many(self, datas: list[bytes], seen: set[bytes]) -> list[list[Prepared]]:
-        """prepare() of several files' content, with one known-blob lookup for all."""
-        return self._seal_new([self.chunker.split(data) for data in datas], seen)
-
-    def _seal_new(self, files: list[list[memoryview]], seen: set[bytes]) -> list[list[Prepared]]:
+    def _seal_new(self, files: list[list[memoryview]]) -> list[list[Prepared]]:
         """Hash chunks already cut, and seal those not known yet."""
         codec = self.repo.codec
         pieces = [[(codec.blob_id(BlobKind.CHUNK, view), view) for view in views] for views in files]
         known = self.repo.known_many([blob_id for chunks in pieces for blob_id, _ in chunks])
+        seen: set[bytes] = set()
+        sealed: list[Sealed] = []
         prepared: list[list[Prepared]] = []
-        for chunks in pieces:
-            out: list[Prepared] = []
-            for blob_id, view in chunks:
-                if blob_id in seen or blob_id in known:
-                    out.append((blob_id, len(view), known.get(blob_id)))
-                else:
-                    seen.add(blob_id)
-                    out.append((blob_id, len(view), codec.pack(BlobKind.CHUNK, view)))
-            prepared.append(out)
+        try:
+            for chunks in pieces:
+                out: list[Prepared] = []
+                for blob_id, view in chunks:
+                    if blob_id in seen or blob_id in known:
+                        out.append((blob_id, len(view), known.get(blob_id)))
+                    else:
+                        seen.add(blob_id)
+                        sealed.append(self.repo.seal(BlobKind.CHUNK, view))
+                        out.append((blob_id, len(view), sealed[-1]))
+                prepared.append(out)
+        except BaseException:
+            self.repo.discard(sealed)
+            raise
         return prepared
 
-    async def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
-        """Store the sealed chunks; refer to every chunk by where it is stored."""
-        sealed = [(blob_id, data) for blob_id, _, data in prepared if isinstance(data, bytearray)]
-        if sealed:
-            outcomes = await self.repo.store_chunks(sealed)
-            sizes = [size for _, size, data in prepared if isinstance(data, bytearray)]
-            for (_, packed), (_, was_new), size in zip(sealed, outcomes, sizes):
+    def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
+        """Put the sealed chunks into their packs; refer to every chunk by where
+        it is stored. Await repo.upload_ready() afterwards."""
+        locations: dict[bytes, Location] = {}
+        for blob_id, size, data in prepared:
+            if isinstance(data, Sealed):
+                locations[blob_id], was_new = self.repo.store(BlobKind.CHUNK, blob_id, data)
                 if was_new:
                     self.stats.bytes_new += size
-                    self.stats.bytes_stored += len(packed)
+                    self.stats.bytes_stored += len(data.data)
         refs = []
         for blob_id, size, data in prepared:
-            known = data if isinstance(data, KnownBlob) else self.repo.known(blob_id)
-            assert known is not None, "a chunk is referenced before it is stored"
-            refs.append(ChunkRef(blob_id, size, known.location))
+            if isinstance(data, KnownBlob):
+                location = data.location
+            elif blob_id in locations:
+                location = locations[blob_id]
+            else:
+                known = self.repo.known(blob_id)
+                assert known is not None, "a chunk is referenced before it is stored"
+                location = known.location
+            refs.append(ChunkRef(blob_id, size, location))
         return refs
 
     async def upload_many(self, datas: list[bytes]) -> list[list[ChunkRef]]:
         """Every chunk of several small contents, sealed in one thread hop."""
-        prepared = await self.repo.run_cpu(self.prepare_many, datas, set())
-        refs = iter(await self.store([chunk for chunks in prepared for chunk in chunks]))
+        prepared = await self.repo.run_cpu(self.prepare_many, datas)
+        refs = iter(self.store([chunk for chunks in prepared for chunk in chunks]))
+        await self.repo.upload_ready()
         self.stats.bytes_read += sum(len(data) for data in datas)
         return [[next(refs) for _ in chunks] for chunks in prepared]
 
@@ -139,8 +152,9 @@ class Uploader:
 
     async def _store_one(self, slots: list[ChunkRef | None], index: int, data: memoryview) -> None:
         try:
-            prepared = await self.repo.run_cpu(self._seal_new, [[data]], set())  # already cut
-            slots[index] = (await self.store(prepared[0]))[0]
+            prepared = await self.repo.run_cpu(self._seal_new, [[data]])  # already cut
+            slots[index] = self.store(prepared[0])[0]
+            await self.repo.upload_ready()
         finally:
             self._inflight.release()
 

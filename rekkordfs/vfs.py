@@ -32,10 +32,11 @@ import trio
 
 from .blobcache import BlobCache, DirectoryListing
 from .errors import RekkordError
-from .format import ChunkRef, Entry, EntryKind, Tag
+from .format import BlobRef, ChunkRef, Entry, EntryKind, Tag
 from .fsmeta import FILE_TYPE_BITS
 from .keys import Capability
 from .repository import Repository
+from .treebudget import TreeBudget
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,8 @@ class Node:
         return stat.S_ISDIR(self.attr.mode)
 
     @property
-    def dir_id(self) -> bytes | None:
-        return self.entry.dir_id if self.entry is not None else None
+    def dir_ref(self) -> BlobRef | None:
+        return self.entry.dir_ref if self.entry is not None else None
 
 
 def derive_ino(*parts: bytes) -> int:
@@ -168,9 +169,12 @@ class SnapshotView:
         self._channels: dict[str, list[tuple[str, Tag]]] = {}
         self._ids: dict[str, Tag] = {}
         self._refreshed_at: float | None = None
-        # snapshot ID -> (root directory ID, root metadata if stored)
-        self._root_ids: dict[bytes, tuple[bytes, Entry | None]] = {}
+        # snapshot ID -> (root directory record, root metadata if stored)
+        self._roots: dict[bytes, tuple[BlobRef, Entry | None]] = {}
+        # snapshot ID -> what walking it has expanded, and the paths listed so far
+        self._budgets: dict[bytes, tuple[TreeBudget, set[bytes]]] = {}
         self._refresh_lock = trio.Lock()
+        self._warned: set[str] = set()  # problems already logged (each refresh meets them again)
         self._nursery: trio.Nursery | None = None
         self.started_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
@@ -212,9 +216,18 @@ class SnapshotView:
                 return
             tags: list[Tag] = []
             if self.repo.keys.can(Capability.LIST):
-                tags = await self.repo.list_tags(warn=log.warning)
+                tags = await self.repo.list_tags(warn=self._warn_once)
             if self.channel_filter:
                 tags = [t for t in tags if t.channel in self.channel_filter]
+            if self.can_read:
+                # `latest` is the newest snapshot whose record matches its tag: load
+                # each channel's newest records until one does (once per snapshot)
+                by_channel: dict[str, list[Tag]] = {}
+                for tag in tags:
+                    by_channel.setdefault(tag.channel, []).append(tag)
+                for channel_tags in by_channel.values():
+                    await self.repo.newest_usable(channel_tags, warn=self._warn_once)
+                tags = [t for t in tags if t.snapshot_id not in self.repo.unusable]
             channels: dict[str, list[tuple[str, Tag]]] = {}
             for tag in tags:  # oldest first: same-second names get _2, _3...
                 names = channels.setdefault(tag.channel, [])
@@ -228,6 +241,11 @@ class SnapshotView:
             self._channels = channels
             self._ids = {t.id_hex: t for t in tags}
             self._refreshed_at = now
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning("%s", message)
 
     def channel_names(self) -> list[str]:
         return sorted(self._channels)
@@ -270,7 +288,7 @@ class SnapshotView:
     def _snapshot_attr(self, ino: int, tag: Tag) -> Attr:
         """The root's own metadata once its record is loaded (commits store it);
         until then a stand-in the kernel must not keep."""
-        loaded = self._root_ids.get(tag.snapshot_id)
+        loaded = self._roots.get(tag.snapshot_id)
         root = loaded[1] if loaded else None
         if root is not None:
             return Attr(ino, stat.S_IFDIR | root.mode, 2, root.uid, root.gid, 0, root.atime_ns, root.mtime_ns,
@@ -325,30 +343,44 @@ class SnapshotView:
     async def _listing(self, node: Node) -> DirectoryListing:
         if not self.can_read:
             raise _fuse_error(errno.EACCES)
-        dir_id = node.dir_id
+        ref = node.dir_ref
         if node.kind == NodeKind.SNAPSHOT_ROOT:
             assert node.snapshot is not None
-            dir_id = await self._snapshot_root_dir(node.snapshot)
-        assert dir_id is not None
+            ref = await self._snapshot_root_dir(node.snapshot)
+        assert ref is not None
         try:
-            return await self.blobs.directory(dir_id)
+            listing = await self.blobs.directory(ref)
+            self._account(node, ref, listing)
         except RekkordError as exc:
             log.error("cannot list '%s' in snapshot %s: %s", os.fsdecode(node.path or b"/"),
                       (node.snapshot or b"").hex(), exc.message)
             raise _fuse_error(errno.EIO) from None
+        return listing
 
-    async def _snapshot_root_dir(self, snapshot_id: bytes) -> bytes:
-        loaded = self._root_ids.get(snapshot_id)
+    def _account(self, node: Node, ref: BlobRef, listing: DirectoryListing) -> None:
+        """Count a directory the first time it is listed at its path: a snapshot
+        whose records multiply work gets EIO past the limits (treebudget.py)."""
+        snapshot = node.snapshot or b""
+        budget, listed = self._budgets.get(snapshot) or self._budgets.setdefault(
+            snapshot, (TreeBudget(f"snapshot {snapshot.hex()}"), set()))
+        if node.path not in listed:
+            listed.add(node.path)
+            budget.visit(ref.id, len(listing.entries), node.path.count(b"/") + 1, os.fsdecode(node.path or b"/"))
+
+    async def _snapshot_root_dir(self, snapshot_id: bytes) -> BlobRef:
+        loaded = self._roots.get(snapshot_id)
         if loaded is None:
+            tag = self._ids.get(snapshot_id.hex())
+            if tag is None:
+                raise _fuse_error(errno.ENOENT)  # forgotten since it was listed
             try:
-                snapshot = await self.repo.load_snapshot(snapshot_id)
+                snapshot = await self.repo.load_snapshot(tag)
             except RekkordError as exc:
                 log.error("cannot open snapshot %s: %s", snapshot_id.hex(), exc.message)
                 raise _fuse_error(errno.EIO) from None
-            loaded = self._root_ids[snapshot_id] = (snapshot.root_id, snapshot.root)
+            loaded = self._roots[snapshot_id] = (snapshot.root_ref, snapshot.root)
             node = self.nodes.get(derive_ino(snapshot_id, b"/"))
-            tag = self._ids.get(snapshot_id.hex())
-            if node is not None and tag is not None:
+            if node is not None:
                 node.attr = self._snapshot_attr(node.ino, tag)
         return loaded[0]
 
@@ -538,8 +570,8 @@ class SnapshotView:
         if self._nursery is None or listing.subdirs_prefetched:
             return
         listing.subdirs_prefetched = True
-        dir_ids = [e.dir_id for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_id is not None]
-        self._start_read_ahead(self.blobs.prefetch_directories, dir_ids[:PREFETCH_SUBDIRS])
+        refs = [e.dir_ref for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_ref is not None]
+        self._start_read_ahead(self.blobs.prefetch_directories, refs[:PREFETCH_SUBDIRS])
 
     def _start_read_ahead(self, fetch: Callable[[list], Awaitable[None]], items: list) -> None:
         """fetch() the items in the background, PREFETCH_BATCH per call."""

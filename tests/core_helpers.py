@@ -16,7 +16,7 @@ from typing import TypeVar
 import trio
 
 from rekkordfs.blobcache import BlobCache
-from rekkordfs.format import EntryKind
+from rekkordfs.format import EntryKind, Snapshot
 from rekkordfs.keys import load_keyfile
 from rekkordfs.repository import Repository
 from rekkordfs.staging import ROOT, Inode, StagingTree
@@ -39,6 +39,11 @@ async def open_repo(repository: str | Path, key_file: str | Path) -> AsyncIterat
         yield repo
     finally:
         await repo.aclose()
+
+
+async def load_by_id(repo: Repository, snapshot_hex: str) -> Snapshot:
+    """A snapshot's record, found by its ID through the verified listing."""
+    return await repo.load_snapshot(await repo.resolve(snapshot_hex))
 
 
 @asynccontextmanager

@@ -316,7 +316,7 @@ def publish_crafted(world: dict, channel: str, entries: list) -> str:
         repo = await Repository.open(LocalStorage(str(world["repo"])), keys.load_keyfile(str(world["rekkord"].key_file)))
         try:
             root_id, _ = await repo.write_blob(BlobKind.DIRECTORY, encode_directory(entries))
-            tag = await repo.publish_snapshot(Snapshot(channel, time.time_ns(), root_id, 0, 0, len(entries)))
+            tag = await repo.publish_snapshot(Snapshot(channel, time.time_ns(), root_id, 0, 0, len(entries)), set())
             return tag.id_hex
         finally:
             await repo.aclose()

@@ -13,9 +13,9 @@ import pytest
 import trio
 
 from rekkordfs import crypto, keys
-from rekkordfs.codec import BLOB_VERSION, HEADER_SIZE, BlobCodec
+from rekkordfs.codec import BlobCodec, snapshot_key
 from rekkordfs.errors import RekkordError
-from rekkordfs.format import BlobKind, Snapshot, Tag
+from rekkordfs.format import PACK_ID_SIZE, BlobKind, Tag
 from rekkordfs.keys import KeyType, Signer
 from rekkordfs.repository import Repository, tag_key
 from rekkordfs.storage.local import LocalStorage
@@ -145,29 +145,33 @@ def _keyfile_windows(path: str) -> list[bytes]:
     return [body[i:i + 32] for i in range(len(body) - 31)]
 
 
-def _stored_objects(repo_path: Path, master: keys.Keyset) -> tuple[list[bytes], list[bytes]]:
-    """Every sealed blob (standalone, or cut out of packs with their indexes) and every tag."""
-    blobs = [p.read_bytes() for p in (repo_path / "blobs").rglob("*") if p.is_file()]
-    codec = BlobCodec(master)
-    for index in (repo_path / "index").iterdir() if (repo_path / "index").is_dir() else ():
-        pack_id = bytes.fromhex(index.name)
-        pack = (repo_path / "packs" / index.name[:2] / index.name).read_bytes()
-        for _blob_id, location in codec.open_index(pack_id, index.read_bytes()):
-            blobs.append(pack[location.offset:location.offset + location.length])
+def _stored_objects(repo_path: Path, master: keys.Keyset) -> tuple[list[tuple[BlobKind, bytes, bytes]], list[bytes]]:
+    """Every sealed blob as (kind, pack ID, sealed bytes), cut out of packs with
+    their indexes or read from snapshot records, and every sealed tag."""
+    blobs: list[tuple[BlobKind, bytes, bytes]] = []
+    for record in (repo_path / "snapshots").iterdir():
+        raw = record.read_bytes()
+        blobs.append((BlobKind.SNAPSHOT, raw[:PACK_ID_SIZE], raw[PACK_ID_SIZE:]))
+    codec = BlobCodec(master, b"")
+    for index in (repo_path / "index").iterdir():
+        opened, _ = codec.open_index(index.read_bytes())
+        pack = (repo_path / "packs" / opened.pack.hex()[:2] / opened.pack.hex()).read_bytes()
+        for _blob_id, kind, location in opened.entries:
+            blobs.append((kind, opened.pack, pack[location.offset:location.offset + location.length]))
     tags = []
-    for p in (repo_path / "tags").iterdir():
-        name = p.name
-        tags.append(base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)))
+    for p in (repo_path / "tags").rglob("*"):
+        if p.is_file():
+            name = str(p.relative_to(repo_path / "tags")).replace("/", "")
+            tags.append(base64.urlsafe_b64decode(name + "=" * (-len(name) % 4)))
     return blobs, tags
 
 
-def _opens_anything(window: bytes, data_public: bytes, log_public: bytes, blobs: list[bytes],
+def _opens_anything(window: bytes, data_public: bytes, log_public: bytes, blobs: list[tuple[BlobKind, bytes, bytes]],
                     tags: list[bytes]) -> bool:
-    opener = crypto.BlobOpener(window)
-    for blob in blobs:
-        assert blob[0] == BLOB_VERSION
+    opener = crypto.PackOpener(window)
+    for _kind, pack_id, blob in blobs:
         try:
-            opener.open(HEADER_SIZE, blob)
+            opener.open(pack_id, blob)
             return True
         except RekkordError:
             pass
@@ -191,7 +195,7 @@ def test_restricted_keyfiles_cannot_decrypt_data(setup: dict, kind: str) -> None
     master = keys.load_keyfile(str(setup["repo"].key_file))
     blobs, tags = _stored_objects(setup["repo_path"], master)
     assert len(tags) == 1
-    kinds = [blob[1] for blob in blobs]
+    kinds = [kind for kind, _, _ in blobs]
     assert kinds.count(BlobKind.CHUNK) >= 2 and kinds.count(BlobKind.DIRECTORY) >= 2
     assert kinds.count(BlobKind.SNAPSHOT) == 1
     # the test can tell success from failure: the master's data secret opens every one
@@ -209,7 +213,7 @@ def test_bypassing_the_capability_check_does_not_help(setup: dict) -> None:
     """A WriteOnly keyset relabelled as Master still cannot read: it lacks the secrets."""
     write_only = keys.load_keyfile(setup["keys"]["WriteOnly"])
     forged = dataclasses.replace(write_only, kind=KeyType.MASTER)
-    snapshot_id = bytes.fromhex(setup["snapshot"])
+    tag = run_with_repo(setup, str(setup["repo"].key_file), latest_tag)
 
     async def attempt() -> list[str]:
         failures = []
@@ -217,7 +221,7 @@ def test_bypassing_the_capability_check_does_not_help(setup: dict) -> None:
         repo = await Repository.open(storage, forged)
         try:
             for name, action in (
-                ("read snapshot", lambda: repo.load_snapshot(snapshot_id)),
+                ("read snapshot", lambda: repo.load_snapshot(tag)),
                 ("list tags", lambda: repo.list_tags()),
             ):
                 try:
@@ -231,7 +235,7 @@ def test_bypassing_the_capability_check_does_not_help(setup: dict) -> None:
     assert len(trio.run(attempt)) == 2
 
 
-# --- forged and uncertified snapshots ------------------------------------------------------------
+# --- forged and uncertified tags -----------------------------------------------------------------
 
 
 def run_with_repo(setup: dict, key_path: str, action: Callable[[Repository], Awaitable[object]]) -> object:
@@ -246,21 +250,27 @@ def run_with_repo(setup: dict, key_path: str, action: Callable[[Repository], Awa
     return trio.run(main)
 
 
-async def publish_raw(repo: Repository, snapshot: Snapshot, tag: Tag | None = None) -> str:
-    """Store a snapshot record as given (no re-signing) and a tag pointing to it."""
-    snapshot_id, _ = await repo.write_blob(BlobKind.SNAPSHOT, snapshot.encode())
-    tag = tag or Tag(snapshot_id, snapshot.channel, snapshot.time_ns, snapshot.size, snapshot.stored)
-    tag = dataclasses.replace(tag, snapshot_id=snapshot_id)
+async def latest_tag(repo: Repository) -> Tag:
+    return (await repo.list_tags())[-1]
+
+
+async def put_tag(repo: Repository, tag: Tag, record_from: Tag | None = None) -> str:
+    """Store a tag exactly as given (no re-signing) and, when record_from is
+    given, a copy of that snapshot's record under the new tag's name: what
+    anyone who can write to the storage can do."""
+    if record_from is not None:
+        raw = await repo.storage.get(snapshot_key(record_from.snapshot_id))
+        await repo.storage.put(snapshot_key(tag.snapshot_id), raw)
     await repo.storage.put(tag_key(crypto.seal_to(repo.keys.log_public, tag.encode())), b"")
-    return snapshot_id.hex()
+    return tag.id_hex
 
 
-async def latest_snapshot(repo: Repository) -> Snapshot:
-    tags = await repo.list_tags()
-    return await repo.load_snapshot(tags[-1].snapshot_id)
+def signed(tag: Tag, key: keys.Keyset, repo: Repository) -> Tag:
+    tag = dataclasses.replace(tag, signer=key.signer)
+    return dataclasses.replace(tag, signature=key.sign(tag.signature_message(repo.config.repo_id)))
 
 
-def assert_check_reports(setup: dict, snapshot_hex: str, *fragments: str) -> None:
+def assert_check_reports(setup: dict, snapshot_hex: str, *fragments: str, listed: bool = False) -> None:
     rekkord = setup["repo"]
     result = rekkord("check", check=False)
     assert result.returncode == 1, result.stdout + result.stderr
@@ -269,15 +279,21 @@ def assert_check_reports(setup: dict, snapshot_hex: str, *fragments: str) -> Non
     assert lines, f"check did not name snapshot {snapshot_hex}:\n{result.stderr}"
     for fragment in fragments:
         assert any(fragment in line for line in lines), (fragment, lines)
-    # the forged snapshot cannot be used either
+    # the forged snapshot cannot be used either, and listings name it without failing
+    listing = rekkord("snapshots", "-f", "json", check=False)
+    assert listing.returncode == (0 if listed else 3), listing.stderr
+    assert (snapshot_hex in listing.stdout) == listed
+    assert listed or snapshot_hex in listing.stderr
     dest = setup["tmp"] / "forged-dest"
     assert_one_line_error(rekkord("restore", snapshot_hex, str(dest), check=False), snapshot_hex)
     assert not dest.exists()
     assert_one_line_error(rekkord("list", snapshot_hex, check=False), snapshot_hex)
-    # and the genuine snapshot is still fine
-    good = rekkord("restore", f"{setup['snapshot']}:{setup['src']}", str(setup["tmp"] / "genuine"))
+    # and the genuine snapshot is still fine, and still the newest of its channel
+    good = rekkord("restore", f"base:{setup['src']}", str(setup["tmp"] / "genuine"))
     assert good.returncode == 0
     assert rsync_diff(setup["src"], setup["tmp"] / "genuine") == ""
+    channels = json.loads(rekkord("channels", "-f", "json", check=False).stdout)
+    assert {c["channel"]: c["latest"] for c in channels}["base"] == setup["snapshot"]
 
 
 def test_clean_repository_checks(setup: dict) -> None:
@@ -286,11 +302,11 @@ def test_clean_repository_checks(setup: dict) -> None:
 
 
 def test_forged_signature_reported(setup: dict) -> None:
-    """A snapshot record altered after signing (here: its file count and time)."""
+    """A tag altered after signing (here: its file count and time)."""
     async def forge(repo: Repository) -> str:
-        genuine = await latest_snapshot(repo)
-        altered = dataclasses.replace(genuine, files=genuine.files + 1000, time_ns=genuine.time_ns + 1)
-        return await publish_raw(repo, altered)
+        genuine = await latest_tag(repo)
+        return await put_tag(repo, dataclasses.replace(genuine, files=genuine.files + 1000,
+                                                       time_ns=genuine.time_ns + 1), record_from=genuine)
 
     forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
     assert_check_reports(setup, forged, "invalid signature")
@@ -298,8 +314,9 @@ def test_forged_signature_reported(setup: dict) -> None:
 
 def test_zeroed_signature_reported(setup: dict) -> None:
     async def forge(repo: Repository) -> str:
-        genuine = await latest_snapshot(repo)
-        return await publish_raw(repo, dataclasses.replace(genuine, channel="unsigned", signature=bytes(64)))
+        genuine = await latest_tag(repo)
+        return await put_tag(repo, dataclasses.replace(genuine, channel="base", time_ns=genuine.time_ns + 10**9,
+                                                       signature=bytes(64)), record_from=genuine)
 
     forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
     assert_check_reports(setup, forged, "invalid signature")
@@ -311,20 +328,34 @@ def test_uncertified_signer_reported(setup: dict, claim: KeyType) -> None:
     other_master = keys.new_master()
 
     async def forge(repo: Repository) -> str:
-        genuine = await latest_snapshot(repo)
+        genuine = await latest_tag(repo)
         sign_key = crypto.signing_key(os.urandom(32))
         key_id = repo.keys.key_id if claim == KeyType.MASTER else os.urandom(keys.KEY_ID_SIZE)
         payload = keys.certificate_payload(claim, key_id, bytes(sign_key.verify_key),
                                            repo.keys.data_public, repo.keys.log_public)
         certificate = keys.master_signing_key(other_master.master).sign(payload).signature  # type: ignore[arg-type]
-        snapshot = dataclasses.replace(genuine, channel="intruder", files=1)
-        snapshot.signer = Signer(claim, key_id, bytes(sign_key.verify_key), certificate)
-        snapshot.signature = sign_key.sign(snapshot.signed_part()).signature
-        assert crypto.verify_signature(snapshot.signer.sign_public, snapshot.signed_part(), snapshot.signature)
-        return await publish_raw(repo, snapshot)
+        tag = dataclasses.replace(genuine, channel="base", time_ns=genuine.time_ns + 10**9,
+                                  signer=Signer(claim, key_id, bytes(sign_key.verify_key), certificate))
+        tag = dataclasses.replace(tag, signature=sign_key.sign(tag.signature_message(repo.config.repo_id)).signature)
+        assert crypto.verify_signature(tag.signer.sign_public, tag.signature_message(repo.config.repo_id),
+                                       tag.signature)
+        return await put_tag(repo, tag, record_from=genuine)
 
     forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
     assert_check_reports(setup, forged, "did not certify")
+
+
+def test_log_only_signer_reported(setup: dict) -> None:
+    """A LogOnly key is certified, but may not sign snapshots."""
+    log_only = keys.load_keyfile(setup["keys"]["LogOnly"])
+
+    async def forge(repo: Repository) -> str:
+        genuine = await latest_tag(repo)
+        tag = signed(dataclasses.replace(genuine, time_ns=genuine.time_ns + 10**9), log_only, repo)
+        return await put_tag(repo, tag, record_from=genuine)
+
+    forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
+    assert_check_reports(setup, forged, "LogOnly key, which may not write")
 
 
 def test_key_from_another_master_is_refused(setup: dict, tmp_path: Path) -> None:
@@ -350,20 +381,31 @@ def test_key_from_another_master_is_refused(setup: dict, tmp_path: Path) -> None
     assert tree_digest(setup["repo_path"]) == before
 
 
-def test_tag_not_matching_its_record_reported(setup: dict) -> None:
-    """Anyone who can write (even WriteOnly) can add a tag; a tag that lies about the
-    signed record it names (here: another channel and time) is reported."""
-    async def forge(repo: Repository) -> str:
-        snapshot_id = bytes.fromhex(setup["snapshot"])
-        lie = Tag(snapshot_id, "rewritten-history", 1_000_000_000_000_000_000, 1, 1)
-        await repo.storage.put(tag_key(crypto.seal_to(repo.keys.log_public, lie.encode())), b"")
-        return setup["snapshot"]
+def test_tag_relabelling_another_snapshot_reported(setup: dict) -> None:
+    """A WriteOnly key signs a tag that relabels the genuine snapshot's record as
+    the newest of another channel, dated in the future (it copies the record
+    object, as any storage writer can): readers refuse it, and it never
+    becomes `latest`."""
+    write_only = keys.load_keyfile(setup["keys"]["WriteOnly"])
 
-    run_with_repo(setup, setup["keys"]["WriteOnly"], forge)
+    async def forge(repo: Repository) -> str:
+        genuine = await latest_tag(repo)
+        lie = signed(dataclasses.replace(genuine, channel="base", time_ns=genuine.time_ns + 3600 * 10**9),
+                     write_only, repo)
+        return await put_tag(repo, lie, record_from=genuine)
+
+    forged = run_with_repo(setup, str(setup["repo"].key_file), forge)
     result = setup["repo"]("check", check=False)
     assert result.returncode == 1
-    assert any(setup["snapshot"] in line and "rewritten-history" in line and "does not match" in line
-               for line in result.stderr.splitlines()), result.stderr
+    assert any(forged in line and "does not match" in line for line in result.stderr.splitlines()), result.stderr
+    dest = setup["tmp"] / "relabelled"
+    assert_one_line_error(setup["repo"]("restore", forged, str(dest), check=False), "does not match")
+    assert not dest.exists()
+    channels = setup["repo"]("channels", "-f", "json", check=False)
+    assert channels.returncode == 3 and forged in channels.stderr
+    assert {c["channel"]: c["latest"] for c in json.loads(channels.stdout)}["base"] == setup["snapshot"]
+    setup["repo"]("restore", f"base:{setup['src']}", str(dest))  # the channel's newest usable snapshot
+    assert rsync_diff(setup["src"], dest) == ""
 
 
 def test_write_only_snapshot_is_certified(setup: dict) -> None:
@@ -373,3 +415,5 @@ def test_write_only_snapshot_is_certified(setup: dict) -> None:
     rekkord.save("rw", str(setup["src"]), key=setup["keys"]["ReadWrite"])
     result = rekkord("check")
     assert "Checked 3 snapshots" in result.stdout and "No problems found" in result.stdout
+    listed = json.loads(rekkord("snapshots", "-f", "json", key=setup["keys"]["LogOnly"]).stdout)
+    assert sorted(s["key"]["type"] for s in listed) == ["Master", "ReadWrite", "WriteOnly"]

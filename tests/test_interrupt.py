@@ -189,7 +189,7 @@ START_POINTS = [
     ("call", "load_config"),
     ("call", "load_keyfile"),
     ("call", "connect"),  # Repository.connect, inside trio.run
-    ("call", "list_tags"),
+    ("call", "list_snapshots"),
     ("call", "print_table"),  # printing the result
 ]
 

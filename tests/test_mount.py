@@ -120,11 +120,12 @@ def test_corrupted_blob_gives_eio_on_that_file_only(local_repo, tmp_path: Path) 
     local_repo.save("bad", str(src))
     listing = local_repo("list", "bad", "-r", "-f", "json").stdout
     assert "victim.bin" in listing
-    # the victim's chunk: the middle of the only pack (healthy.txt compresses to a few bytes)
+    # the victim's chunk: the middle of the data pack (healthy.txt compresses to a few bytes;
+    # the other pack holds the directory records, far smaller)
     repo = Path(local_repo.repository)
-    packs = [p for p in (repo / "packs").rglob("*") if p.is_file()]
-    assert len(packs) == 1
-    target = packs[0]
+    packs = sorted((p for p in (repo / "packs").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    assert len(packs) == 2 and packs[0].stat().st_size < 10_000
+    target = packs[-1]
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0xFF
     os.chmod(target, 0o644)

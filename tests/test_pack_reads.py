@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from rekkordfs.format import Location
-from rekkordfs.repository import _coalesce
+from rekkordfs.packs import coalesce as _coalesce
 
 A, B = b"a" * 16, b"b" * 16
 
@@ -28,7 +28,7 @@ def test_waiters_get_their_pack_even_when_the_cache_evicts_it(tmp_path) -> None:
     import trio
 
     from rekkordfs.codec import pack_key
-    from rekkordfs.repository import PackReader
+    from rekkordfs.packs import PackReader
     from rekkordfs.storage.local import LocalStorage
 
     storage = LocalStorage(str(tmp_path))
@@ -59,37 +59,5 @@ def test_waiters_get_their_pack_even_when_the_cache_evicts_it(tmp_path) -> None:
                     nursery.start_soon(read, pack_id, offset)
         assert all(results[(p, o)] == packs[p][o:o + 100] for p, o in results) and len(results) == 40
         assert sorted(fetches) == sorted(pack_key(p) for p in packs)
-
-    trio.run(main)
-
-
-def test_chunks_stored_alone_are_read_one_by_one(local_repo) -> None:
-    """Older repositories kept some chunks as objects of their own (no location):
-    a batch read fetches those one by one, and a missing one is an error."""
-    import trio
-
-    from rekkordfs.codec import object_key
-    from rekkordfs.errors import ObjectMissing
-    from rekkordfs.format import BlobKind, ChunkRef
-    from tests.core_helpers import open_repo
-
-    async def main() -> None:
-        async with open_repo(local_repo.repository, local_repo.key_file) as repo:
-            refs, raws = [], []
-            for n in range(3):
-                data = bytes([n]) * 1000
-                blob_id = repo.codec.blob_id(BlobKind.CHUNK, data)
-                raw = bytes(repo.codec.pack(BlobKind.CHUNK, data))
-                await repo.storage.put(object_key(blob_id), raw)
-                refs.append(ChunkRef(blob_id, len(data), None))
-                raws.append(raw)
-            assert await repo.read_raws(refs) == raws
-            missing = ChunkRef(b"\x07" * 32, 10, None)
-            try:
-                await repo.read_raws([refs[0], missing])
-            except ObjectMissing:
-                pass
-            else:
-                raise AssertionError("a missing chunk went unnoticed")
 
     trio.run(main)

@@ -26,7 +26,7 @@ import trio
 
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
-from rekkordfs.format import ChunkRef, EntryKind, Snapshot
+from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
 from rekkordfs.staging import DATA_FILE, INLINE, INLINE_MAX, remove_files, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, Capture, StagingTree
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
 from rekkordfs.stagingarea import StagingArea
@@ -43,6 +43,7 @@ from .core_helpers import (
     content,
     diff_manifests,
     dump,
+    load_by_id,
     manifest,
     open_repo,
     open_view,
@@ -646,7 +647,7 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
         f = await put_file(tree, ROOT, b"f", b"captured content" + pad)
         g = await put_file(tree, ROOT, b"g", b"doomed" + pad)
         h = await put_file(tree, ROOT, b"h", b"uploaded" + pad)
-        fake = [ChunkRef(b"\1" * 32, 8)]
+        fake = [ChunkRef(b"\1" * 32, 8, Location(b"\2" * 32, 0, 48))]
         tree.record_upload(h.ino, tree.version(h.ino), fake)
         tree.record_upload(g.ino, tree.version(g.ino) - 1, fake)  # stale: ignored
 
@@ -712,8 +713,7 @@ async def seeded_tree(based: Based, folder: Path, channel: str):
     """(repo, tree): a staging tree seeded from the base snapshot, and its repository."""
     async with open_repo(based.repository, based.key) as repo:
         tree = StagingTree(folder, channel, BlobCache(repo))
-        base_id = bytes.fromhex(based.base)
-        tree.seed(base_id, await repo.load_snapshot(base_id))
+        tree.seed(bytes.fromhex(based.base), await load_by_id(repo, based.base))
         try:
             yield repo, tree
         finally:
@@ -722,12 +722,12 @@ async def seeded_tree(based: Based, folder: Path, channel: str):
 
 async def record_of(repo, snapshot_id: str, parts: list[bytes]) -> dict[bytes, object]:
     """The entries of the directory at parts inside a snapshot, by name."""
-    snapshot = await repo.load_snapshot(bytes.fromhex(snapshot_id))
-    dir_id = snapshot.root_id
+    snapshot = await load_by_id(repo, snapshot_id)
+    ref = snapshot.root_ref
     for part in parts:
-        entries = {e.name: e for e in await repo.read_directory(dir_id)}
-        dir_id = entries[part].dir_id
-    return {e.name: e for e in await repo.read_directory(dir_id)}
+        entries = {e.name: e for e in await repo.read_directory(ref)}
+        ref = entries[part].dir_ref
+    return {e.name: e for e in await repo.read_directory(ref)}
 
 
 class HookUploader(Uploader):
@@ -766,16 +766,16 @@ def test_copy_on_write_from_a_snapshot_and_commit_reuses_untouched_records(based
 
     async def main() -> str:
         async with seeded_tree(based, tmp_path / "state", "cow") as (repo, tree):
-            base = await repo.load_snapshot(bytes.fromhex(based.base))
-            assert tree.get(ROOT).dir_id == base.root_id and not tree.dirty
+            base = await load_by_id(repo, based.base)
+            assert tree.get(ROOT).dir_ref == base.root_ref and not tree.dirty
             assert tree.base == bytes.fromhex(based.base)
             src = await tree_walk(tree, parts)
-            assert src.dir_id is not None  # not expanded until something inside is needed
+            assert src.dir_ref is not None  # not expanded until something inside is needed
             listing = dict(await tree.listdir(src.ino))
             assert sorted(listing) == sorted(os.listdir(os.fsencode(based.src)))
             subdirs = [b"a", b"empty-dir", b"sticky", b"setgid-dir"]
-            assert all(listing[name].dir_id is not None for name in subdirs)
-            assert all(listing[name].dir_id is None and not listing[name].local
+            assert all(listing[name].dir_ref is not None for name in subdirs)
+            assert all(listing[name].dir_ref is None and not listing[name].local
                        for name in listing if listing[name].kind == FILE)
 
             small = listing[b"small.txt"]
@@ -804,11 +804,11 @@ def test_copy_on_write_from_a_snapshot_and_commit_reuses_untouched_records(based
             assert not tree.get(t.ino).local and not os.path.exists(tree.data_path(t.ino))
             assert await content(tree, t.ino) == patched
             # untouched directories are still unexpanded, and the snapshot uses their old records
-            assert all(tree.get(listing[name].ino).dir_id == listing[name].dir_id for name in subdirs)
+            assert all(tree.get(listing[name].ino).dir_ref == listing[name].dir_ref for name in subdirs)
             old, new = await record_of(repo, based.base, parts), await record_of(repo, new_id, parts)
             assert sorted(old) == sorted(new)
             for name in subdirs:
-                assert new[name].dir_id == old[name].dir_id
+                assert new[name].dir_ref == old[name].dir_ref
             for name in (b"random-3M.bin", b"small.txt", b"sparse", b"hard-1"):
                 assert new[name].chunks_raw == old[name].chunks_raw
             assert new[b"text-10M.txt"].chunks_raw != old[b"text-10M.txt"].chunks_raw
@@ -1248,10 +1248,7 @@ def test_modifying_a_hardlink_changes_every_name_even_in_unexpanded_directories(
 
 
 def test_commit_deduplicates_against_chunks_already_in_the_repository(based: Based, tmp_path: Path) -> None:
-    packs = Path(based.repository) / "packs"
-
-    def count_packs() -> int:
-        return sum(len(files) for _, _, files in os.walk(packs))
+    indexes = Path(based.repository) / "index"
 
     async def main() -> None:
         async with open_area(based, tmp_path / "state") as area:
@@ -1259,9 +1256,15 @@ def test_commit_deduplicates_against_chunks_already_in_the_repository(based: Bas
             handle, _ = await area.create(root.ino, b"copy-of-hard-1", 0o644, 0, 0)
             await area.write(handle, 0, (based.src / "hard-1").read_bytes())
             area.release(handle)
-            before = count_packs()
+            before = set(os.listdir(indexes))
             result = await area.commit("dedup")
             assert result.bytes_new == 0
-            assert count_packs() == before
+            # the only new pack holds the new directory records, no chunk
+            kinds = set()
+            for name in set(os.listdir(indexes)) - before:
+                index, problem = await area.repo.read_index(f"index/{name}")
+                assert problem is None
+                kinds |= {kind for _, kind, _ in index.entries}
+            assert kinds == {BlobKind.DIRECTORY}
 
     run(main)

@@ -9,6 +9,7 @@ command), and counts the requests it forwards.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import re
 import secrets
@@ -29,7 +30,7 @@ from rekkordfs.config import S3Settings, SFTPSettings, parse_url
 from rekkordfs.errors import ObjectMissing, StorageError
 from rekkordfs.storage.base import Storage
 from rekkordfs.storage.local import LocalStorage
-from rekkordfs.storage.s3 import S3Storage
+from rekkordfs.storage.s3 import PROBE_KEY, S3Storage
 from rekkordfs.storage.sftp import SFTPStorage
 from tests.servers import BUCKET, BACKENDS, OpenSSHServer, SeaweedFS, write_config
 
@@ -344,7 +345,7 @@ def test_local_flush_syncs_what_was_written_and_nothing_else(tmp_path: Path, mon
     async def body() -> None:
         storage = LocalStorage(str(tmp_path / "repo"))
         await storage.create()
-        keys = ["blobs/0a/first", "packs/1f/pack", "blobs/0a/second"]
+        keys = ["index/first", "packs/1f/pack", "index/second"]
         for key in keys:
             assert await storage.put(key, os.urandom(2 << 20 if key.startswith("packs") else 100))
         assert not await storage.put(keys[0], b"again")  # taken: nothing new to sync
@@ -352,7 +353,8 @@ def test_local_flush_syncs_what_was_written_and_nothing_else(tmp_path: Path, mon
         await storage.flush()
         root = str(tmp_path / "repo")
         objects = {os.path.join(root, key) for key in keys}
-        folders = {os.path.join(root, folder) for folder in ("blobs/0a", "packs/1f", "blobs", "packs")}
+        # folders are made on demand: each one up to the root holds a new name
+        folders = {os.path.join(root, folder) for folder in ("index", "packs/1f", "packs")} | {root}
         assert set(synced) == objects | folders and len(synced) == len(objects | folders)
         assert synced.index(os.path.join(root, "packs/1f/pack")) < synced.index(os.path.join(root, "packs/1f"))
         synced.clear()
@@ -508,8 +510,9 @@ def test_s3_host_ignoring_if_none_match_is_detected(seaweedfs_server: SeaweedFS)
 
 def test_s3_without_conditional_writes_save_twice_rewrites_no_blob(seaweedfs_server: SeaweedFS,
                                                                    tmp_path: Path, rekkord) -> None:
-    """On a host that would overwrite, the second save (with an empty local cache)
-    learns the existing blobs by listing and uploads none of them again."""
+    """On a host that would overwrite, nothing is ever written twice under one
+    name, and a second save from an empty local cache learns the stored chunks
+    from the pack indexes and uploads none of them again."""
     source = tmp_path / "src"
     source.mkdir()
     for i in range(12):
@@ -523,26 +526,22 @@ def test_s3_without_conditional_writes_save_twice_rewrites_no_blob(seaweedfs_ser
                               seaweedfs_server.config_sections())
         master = tmp_path / "master.key"
         rekkord("-C", str(config), "init", "-K", str(master))
-        blobs, packs = f"/{BUCKET}/{prefix}/blobs/", f"/{BUCKET}/{prefix}/packs/"
+        everything, packs = f"/{BUCKET}/{prefix}/", f"/{BUCKET}/{prefix}/packs/"
+        first = json.loads(rekkord("-C", str(config), "-K", str(master), "save", "docs", str(source),
+                                   "-f", "json").stdout)
+        assert first["bytes_new"] == 3_600_066 + 5 and len(proxy.puts(packs)) >= 2  # data and records
 
-        before = len(proxy.puts(blobs)), len(proxy.puts(packs))
-        rekkord("-C", str(config), "-K", str(master), "save", "docs", str(source))
-        first = proxy.puts(blobs)[before[0]:]
-        assert len(first) >= 4  # the directory records and the snapshot record at least
-        assert len(proxy.puts(packs)) > before[1]  # the chunks
-
-        stored = {f"/{BUCKET}/{key}" for key in _keys(seaweedfs_server, f"{prefix}/blobs/")}
         rekkord.cache_dir = tmp_path / "other-cache"  # forget what this machine wrote
         rekkord.cache_dir.mkdir()
-        before = len(proxy.puts(blobs)), len(proxy.puts(packs))
-        rekkord("-C", str(config), "-K", str(master), "save", "docs", str(source))
-        second = proxy.puts(blobs)[before[0]:]
-        assert not set(second) & stored  # nothing that existed was written again
-        # what is new: the snapshot record, and directory records of the parents
-        # of src, whose times changed when other-cache was created
-        assert 1 <= len(second) <= 8
-        assert len(proxy.puts(packs)) == before[1]  # every chunk known from the pack indexes
-        rekkord("-C", str(config), "-K", str(master), "check")
+        second = json.loads(rekkord("-C", str(config), "-K", str(master), "save", "docs", str(source),
+                                    "-f", "json").stdout)
+        assert second["bytes_new"] == 0  # every chunk known from the pack indexes
+        # no name was written twice (but the probe object, written twice to learn the host)
+        puts = [path for path in proxy.puts(everything) if not path.endswith(PROBE_KEY)]
+        assert len(puts) == len(set(puts))
+        with pytest.raises(AssertionError):
+            rekkord("-C", str(config), "init", "-K", str(tmp_path / "again.key"))
+        assert rekkord("-C", str(config), "-K", str(master), "check").returncode == 0
 
 
 def _keys(server: SeaweedFS, prefix: str) -> list[str]:

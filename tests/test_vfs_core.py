@@ -16,8 +16,8 @@ import trio
 import trio.testing
 
 from rekkordfs.blobcache import BlobCache
-from rekkordfs.codec import object_key, pack_key
-from rekkordfs.format import Snapshot
+from rekkordfs.codec import pack_key
+from rekkordfs.format import Location, Snapshot
 from rekkordfs.vfs import (
     CHANNELS_INO,
     IDS_INO,
@@ -28,7 +28,7 @@ from rekkordfs.vfs import (
 )
 
 from .conftest import Rekkord
-from .core_helpers import open_repo, open_view, run, src_parts, view_walk
+from .core_helpers import load_by_id, open_repo, open_view, run, src_parts, view_walk
 from .trees import make_awkward_tree, make_wide_dir
 
 WIDE = 20_000
@@ -114,9 +114,9 @@ async def read_all(view: SnapshotView, ino: int, block: int = 128 << 10) -> byte
 
 async def republish(repo, snapshot_id: str, channel: str, time_ns: int) -> str:
     """A copy of a snapshot under another channel and time (what another machine could write)."""
-    base = await repo.load_snapshot(bytes.fromhex(snapshot_id))
-    copy = Snapshot(channel, time_ns, base.root_id, base.size, 0, base.files, base.max_link_id, base.root)
-    return (await repo.publish_snapshot(copy)).id_hex
+    base = await load_by_id(repo, snapshot_id)
+    copy = Snapshot(channel, time_ns, base.root_ref, base.size, 0, base.files, base.max_link_id, base.root)
+    return (await repo.publish_snapshot(copy, set())).id_hex
 
 
 def test_layout_channels_latest_ids_and_same_second_names(local_repo, tmp_path: Path) -> None:
@@ -127,7 +127,7 @@ def test_layout_channels_latest_ids_and_same_second_names(local_repo, tmp_path: 
 
     async def main() -> None:
         async with open_repo(local_repo.repository, local_repo.key_file) as repo:
-            base = await repo.load_snapshot(bytes.fromhex(first))
+            base = await load_by_id(repo, first)
             second = (base.time_ns // 10**9 + 100) * 10**9  # a later second, two snapshots in it
             same_1 = await republish(repo, first, "daily", second + 100_000_000)
             same_2 = await republish(repo, first, "daily", second + 700_000_000)
@@ -226,7 +226,7 @@ def test_channel_folder_time_follows_its_latest_snapshot(local_repo, tmp_path: P
             daily = await view.lookup(CHANNELS_INO, b"daily")
             assert daily.attr.mtime_ns == view.latest_tag("daily").time_ns
             async with open_repo(local_repo.repository, local_repo.key_file) as repo:
-                base = await repo.load_snapshot(bytes.fromhex(first))
+                base = await load_by_id(repo, first)
                 await republish(repo, first, "daily", base.time_ns + 3600 * 10**9)
             await view.refresh(force=True)
             listed = dict(await view.children(CHANNELS_INO))[b"daily"]
@@ -506,14 +506,11 @@ def test_xattrs(saved: Saved) -> None:
     run(main)
 
 
-def corrupt(repository: Path, chunk) -> None:
-    """Flip one bit in the middle of a stored chunk (alone or inside its pack)."""
-    if chunk.location is None:
-        path, start, length = repository / object_key(chunk.id), 0, None
-    else:
-        path, start, length = repository / pack_key(chunk.location.pack), chunk.location.offset, chunk.location.length
+def corrupt(repository: Path, location: Location) -> None:
+    """Flip one bit in the middle of a stored blob, inside its pack."""
+    path = repository / pack_key(location.pack)
     raw = bytearray(path.read_bytes())
-    raw[start + (length or len(raw)) // 2] ^= 0x40
+    raw[location.offset + location.length // 2] ^= 0x40
     path.write_bytes(bytes(raw))
 
 
@@ -538,16 +535,16 @@ def test_corrupted_or_missing_blobs_give_eio_for_that_file_only(local_repo, tmp_
             bad = await view.lookup(root, b"victim")
             chunks = bad.entry.chunks
             assert len(chunks) >= 3
-            corrupt(Path(local_repo.repository), chunks[1])
+            corrupt(Path(local_repo.repository), chunks[1].location)
             tiny = await view.lookup(root, b"tiny-victim")
             assert tiny.entry.chunks[0].location is not None
-            corrupt(Path(local_repo.repository), tiny.entry.chunks[0])
+            corrupt(Path(local_repo.repository), tiny.entry.chunks[0].location)
             missing = await view.lookup(root, b"gone")
             gone_pack = missing.entry.chunks[0].location.pack
             assert all(c.location.pack != gone_pack for c in chunks + tiny.entry.chunks)
             (Path(local_repo.repository) / pack_key(gone_pack)).unlink()
             sub = await view.lookup(root, b"sub")
-            (Path(local_repo.repository) / object_key(sub.entry.dir_id)).write_bytes(b"\x01garbage")
+            corrupt(Path(local_repo.repository), sub.entry.dir_ref.location)
 
             async with trio.open_nursery() as nursery:
                 view.start(nursery)  # read-ahead meets the bad chunk first: it must not break anything
@@ -683,7 +680,7 @@ def test_read_ahead_fetches_following_small_files_and_subdirectories_in_batches(
     async def main() -> None:
         async with open_view(local_repo.repository, local_repo.key_file) as view:
             root = await view_walk(view, await snapshot_ino(view, "c"), src_parts(src))
-            corrupt(Path(local_repo.repository), (await view.lookup(root, b"f010")).entry.chunks[0])
+            corrupt(Path(local_repo.repository), (await view.lookup(root, b"f010")).entry.chunks[0].location)
             batches: list[int] = []
             original = view.repo.open_many
 

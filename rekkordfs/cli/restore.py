@@ -55,9 +55,10 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     async def run() -> RestoreSession:
         async with Repository.connect(config, keys) as repo:
             tag = await resolve(repo, name)
-            snapshot = await repo.load_snapshot(tag.snapshot_id)
+            snapshot = await repo.load_snapshot(tag)
             target, has_metadata = await walk_path(repo, snapshot, path)
-            session = RestoreSession(repo, target, args.dest, options, warn, _path_reporter(args), has_metadata)
+            session = RestoreSession(repo, target, args.dest, options, warn, _path_reporter(args), has_metadata,
+                                     label=f"snapshot {tag.id_hex}")
             stats = session.stats
 
             def poll() -> tuple[float, float, str]:

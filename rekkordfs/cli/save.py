@@ -141,7 +141,7 @@ def _dry_run(args: argparse.Namespace, config, keys, paths: list[str], selection
 
     async def run() -> None:
         async with Repository.connect(config, keys) as repo:
-            walker = Walker(normalize_paths(paths), repo, emit, skip, stats, selection, _path_reporter(args))
+            walker = Walker(normalize_paths(paths), repo, emit, skip, stats, set(), selection, _path_reporter(args))
             await trio.to_thread.run_sync(walker.run, DirNode(b"", None, None))
 
     run_trio(run)

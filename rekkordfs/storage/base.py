@@ -1,6 +1,6 @@
 """The async storage interface every backend implements.
 
-Keys are '/'-separated relative names such as 'blobs/ab/ab12...'. The
+Keys are '/'-separated relative names such as 'packs/ab/ab12...'. The
 contract, checked by tests/test_storage_conformance.py for every backend:
 
 - put() never overwrites: it returns False when the key already exists;
@@ -13,15 +13,22 @@ contract, checked by tests/test_storage_conformance.py for every backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Callable
 
 from ..tasks import task_group
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    mtime_ns: int  # when the object was written, by the storage's clock
+
+
 class Storage(ABC):
     #: True when put() itself refuses to overwrite on the server (local link(),
-    #: S3 If-None-Match, SFTP rename without replace). When False, the
-    #: repository lists existing blobs and skips them instead.
+    #: S3 If-None-Match, SFTP rename without replace). When False, put() looks
+    #: for the object first (racy, but every name the repository writes is random).
     conditional_writes: bool = True
     #: False for backends where reading is as cheap as a local disk cache
     #: (the mount then keeps no on-disk copy of fetched blobs).
@@ -75,6 +82,10 @@ class Storage(ABC):
     @abstractmethod
     async def list(self, prefix: str) -> list[str]:
         """Every key starting with prefix (a folder-like prefix ending in '/')."""
+
+    async def list_details(self, prefix: str) -> dict[str, ObjectInfo]:
+        """Every key under prefix with its size and modification time (prune)."""
+        raise NotImplementedError
 
     @abstractmethod
     async def delete(self, key: str) -> None:

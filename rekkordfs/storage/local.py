@@ -23,7 +23,7 @@ import trio
 
 from ..errors import ObjectMissing, StorageError
 from ..tasks import task_group
-from .base import Storage
+from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
 
@@ -89,9 +89,6 @@ def _retry_in_new_folder(final: str, link: Callable[[], None]) -> None:
         link()
 
 
-LAYOUT = ("tmp", "blobs", "tags", "packs", "index")
-
-
 class LocalStorage(Storage):
     conditional_writes = True
     remote = False
@@ -131,14 +128,11 @@ class LocalStorage(Storage):
             if os.path.exists(self.root):
                 if not os.path.isdir(self.root):
                     raise StorageError(f"'{self.root}' exists and is not a folder")
+                # a repository is left to put() to refuse; an interrupted init leaves only tmp/
                 existing = set(os.listdir(self.root))
-                # our own folders alone are what an interrupted init leaves: finish it
-                if existing - {"rekkord", *LAYOUT}:
+                if "rekkord" not in existing and existing - {"tmp"}:
                     raise StorageError(f"folder '{self.root}' is not empty")
-            os.makedirs(self._tmp, exist_ok=True)
-            for prefix in range(256):
-                os.makedirs(os.path.join(self.root, "blobs", f"{prefix:02x}"), exist_ok=True)
-            os.makedirs(os.path.join(self.root, "tags"), exist_ok=True)
+            os.makedirs(self._tmp, exist_ok=True)  # other folders are made on demand
         except OSError as exc:
             raise self._error(exc, "create", "") from None
 
@@ -273,16 +267,37 @@ class LocalStorage(Storage):
             raise self._error(exc, "list", prefix) from None
         return keys
 
+    async def list_details(self, prefix: str) -> dict[str, ObjectInfo]:
+        return await self._run(self._list_details_sync, prefix)
+
+    def _list_details_sync(self, prefix: str) -> dict[str, ObjectInfo]:
+        found: dict[str, ObjectInfo] = {}
+        for key in self._list_sync(prefix):
+            try:
+                st = os.stat(os.path.join(self.root, key))
+            except FileNotFoundError:
+                continue
+            found[key] = ObjectInfo(st.st_size, st.st_mtime_ns)
+        return found
+
     async def delete(self, key: str) -> None:
         await self._run(self._delete_sync, key)
 
     def _delete_sync(self, key: str) -> None:
+        path = os.path.join(self.root, key)
         try:
-            os.unlink(os.path.join(self.root, key))
+            os.unlink(path)
         except FileNotFoundError:
             pass
         except OSError as exc:
             raise self._error(exc, "delete", key) from None
+        # a folder made for this object alone (a tag's) goes with it; top-level folders stay
+        folder = os.path.dirname(path)
+        if os.path.dirname(folder) != self.root:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                pass  # not empty, or gone: either is fine
 
     async def flush(self) -> None:
         with self._unsynced_lock:
@@ -291,8 +306,12 @@ class LocalStorage(Storage):
             if len(written) > SYNCFS_ABOVE:
                 await self._run(_syncfs, self.root)
                 return
-            folders = {os.path.dirname(path) for path in written}
-            folders |= {os.path.dirname(folder) for folder in folders}  # folders made on demand
+            folders: set[str] = set()
+            for path in written:  # each folder up to the root may have been made on demand
+                folder = os.path.dirname(path)
+                while folder not in folders and len(folder) >= len(self.root):
+                    folders.add(folder)
+                    folder = os.path.dirname(folder)
             for paths in (written, folders):  # the objects, then their names
                 async with task_group() as nursery:
                     for path in paths:

@@ -7,8 +7,8 @@ so the backoff sleeps on the trio loop instead of holding a thread.
 
 Writes never overwrite: put() sends `If-None-Match: *`. Whether the host
 honours it is probed at connect/create (see _probe_conditional_writes); where
-it does not, conditional_writes is False and the repository lists existing
-blobs instead, as DESIGN.md describes.
+it does not, conditional_writes is False and put() looks for the object first
+(docs/backends.md).
 """
 
 from __future__ import annotations
@@ -151,11 +151,10 @@ class S3Storage(Storage):
     # --- operations ------------------------------------------------------------
 
     async def put(self, key: str, data: bytes | bytearray) -> bool:
-        if not self.conditional_writes and not key.startswith("blobs/"):
-            # Without server-side refusal, at least never replace the identity
-            # or a tag we can see (blobs are skipped by the repository's listing).
-            if await self.exists(key):
-                return False
+        if not self.conditional_writes and await self.exists(key):
+            # Without server-side refusal, at least never replace an object we can
+            # see (the repository's names are random: only a race could still).
+            return False
         return await self._put_once(key, data)
 
     async def _put_once(self, key: str, data: bytes | bytearray) -> bool:

@@ -545,25 +545,13 @@ class SFTPStorage(Storage):
         self._conn, self._sessions = None, []
 
     async def _create(self, sftp: Any) -> None:
-        import asyncssh
-
         if await sftp.exists(self.root):
             if not await sftp.isdir(self.root):
                 raise StorageError(f"{self.description} exists and is not a folder")
             existing = set(await sftp.listdir(self.root)) - {".", ".."}
             if existing and "rekkord" not in existing:
                 raise StorageError(f"folder {self.description} is not empty")
-        for folder in ("tmp", "tags", "blobs"):
-            await sftp.makedirs(self._path(folder), exist_ok=True)
-
-        async def mkdir(name: str) -> None:
-            try:
-                await sftp.mkdir(self._path(f"blobs/{name}"))
-            except asyncssh.SFTPFailure:
-                if not await sftp.isdir(self._path(f"blobs/{name}")):
-                    raise
-
-        await _gather_limited([mkdir(f"{i:02x}") for i in range(256)], 64)
+        await sftp.makedirs(self._path("tmp"), exist_ok=True)  # other folders are made on demand
 
     async def _noop(self, sftp: Any) -> None:
         pass

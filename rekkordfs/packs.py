@@ -1,0 +1,245 @@
+"""Packs: writing sealed blobs into pack objects with their signed indexes,
+and reading them back (whole packs for remote repositories, ranges otherwise).
+
+A pack holds either file chunks or records (directories, never both), each blob
+sealed with the pack's own key (crypto.PackSealer). Its ID is its public key,
+so nothing about its name can be known before its writer makes it.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import trio
+
+from . import crypto
+from .codec import INDEX_NAME_SIZE, BlobCodec, index_key, pack_key
+from .errors import CorruptedData, RepositoryError
+from .format import BlobKind, Location
+from .storage.base import Storage
+
+PACK_TARGET = 8 << 20  # a pack is written once it holds this much
+PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
+COALESCE_GAP = 1 << 20  # remote reads of one pack: gaps up to this are read rather than skipped
+
+
+class PackSlot:
+    """Room claimed in an open pack for one blob about to be sealed with its key.
+
+    A pack's key is its own, so a blob must know its pack before it is sealed
+    (in a worker thread); the pack is not uploaded while a slot on it is open.
+    Every slot ends in PackWriter.add() or PackWriter.cancel()."""
+
+    __slots__ = ("pack", "size")
+
+    def __init__(self, pack: "_OpenPack", size: int) -> None:
+        self.pack = pack
+        self.size = size
+
+    @property
+    def sealer(self) -> crypto.PackSealer:
+        return self.pack.sealer
+
+
+@dataclass(frozen=True, slots=True)
+class Sealed:
+    """A blob sealed for the pack of its slot, not stored yet."""
+
+    slot: PackSlot
+    data: bytearray
+
+
+class _OpenPack:
+    __slots__ = ("sealer", "records", "pieces", "size", "reserved", "entries", "holds", "closed", "done")
+
+    def __init__(self, sealer: crypto.PackSealer, records: bool) -> None:
+        self.sealer = sealer
+        self.records = records
+        self.pieces: list[bytes | bytearray] = []  # joined once, when uploaded
+        self.size = 0
+        self.reserved = 0  # bytes of open slots
+        self.entries: list[tuple[bytes, BlobKind, Location]] = []
+        self.holds = 0  # open slots
+        self.closed = False
+        self.done = trio.Event()  # uploaded, or failed and its blobs forgotten
+
+
+class PackWriter:
+    """Gathers sealed blobs into pack objects, each with a signed index.
+
+    Worker threads claim slots; the trio side adds the sealed blobs (a blob's
+    location is known then, so records can refer to it at once) and uploads a
+    pack (then its index) once it is closed (full, or on flush) and no slot on
+    it is open. flush() waits for every pack added to so far to be stored or its
+    blobs forgotten; publish_snapshot() calls it before anything refers to them
+    durably.
+    """
+
+    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None]) -> None:
+        self.storage = storage
+        self.codec = codec
+        self.forget = forget  # called with the blob IDs of a pack that failed to upload
+        self.written_indexes: dict[str, bytes] = {}  # index name -> its pack: their blobs are known already
+        self._lock = threading.Lock()  # claim() runs in worker threads
+        # file data and records never share a pack: listing a tree reads only
+        # small packs of records, never megabytes of file data
+        self._current: dict[bool, _OpenPack] = {}  # is a record pack -> its open pack
+        self._ready: list[_OpenPack] = []  # closed, no open slot, waiting for an uploader
+        self._unfinished: set[_OpenPack] = set()  # closed and not done
+
+    def claim(self, kind: BlobKind, size: int) -> PackSlot:
+        """Room for a blob of `size` stored bytes (any thread)."""
+        records = kind != BlobKind.CHUNK
+        with self._lock:
+            pack = self._current.get(records)
+            if pack is not None and pack.size + pack.reserved + size > PACK_TARGET and (pack.size or pack.reserved):
+                self._close(pack)
+                pack = None
+            if pack is None:
+                pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
+            pack.holds += 1
+            pack.reserved += size
+            return PackSlot(pack, size)
+
+    def add(self, sealed: Sealed, blob_id: bytes, kind: BlobKind) -> Location:
+        with self._lock:
+            pack = sealed.slot.pack
+            location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
+            pack.pieces.append(sealed.data)
+            pack.size += len(sealed.data)
+            pack.entries.append((blob_id, kind, location))
+            self._release(sealed.slot)
+        return location
+
+    def cancel(self, slot: PackSlot) -> None:
+        """The blob of slot will not be added (a twin was stored meanwhile, or sealing failed)."""
+        with self._lock:
+            self._release(slot)
+
+    def _release(self, slot: PackSlot) -> None:
+        pack = slot.pack
+        pack.holds -= 1
+        pack.reserved -= slot.size
+        if not pack.closed and pack.size >= PACK_TARGET:
+            self._close(pack)
+        elif pack.closed and pack.holds == 0:
+            self._ready.append(pack)
+
+    def _close(self, pack: _OpenPack) -> None:
+        pack.closed = True
+        if self._current.get(pack.records) is pack:
+            del self._current[pack.records]
+        self._unfinished.add(pack)
+        if pack.holds == 0:
+            self._ready.append(pack)
+
+    async def upload_ready(self) -> None:
+        """Upload the packs that are closed with no open slot (backpressure for writers)."""
+        while True:
+            with self._lock:
+                if not self._ready:
+                    return
+                pack = self._ready.pop()
+            await self._upload(pack)
+
+    async def flush(self) -> None:
+        with self._lock:
+            for pack in list(self._current.values()):
+                if pack.entries or pack.holds:
+                    self._close(pack)
+            waiting = list(self._unfinished)
+        await self.upload_ready()
+        for pack in waiting:
+            await pack.done.wait()
+
+    async def _upload(self, pack: _OpenPack) -> None:
+        try:
+            if pack.entries:
+                buffer = b"".join(pack.pieces)
+                pack.pieces = []
+                if not await self.storage.put(pack_key(pack.sealer.pack_id), buffer):
+                    raise RepositoryError(f"pack {pack.sealer.pack_id.hex()} exists already")
+                index = await trio.to_thread.run_sync(self.codec.seal_index, pack.sealer.pack_id, pack.entries)
+                name = index_key(crypto.random_bytes(INDEX_NAME_SIZE))
+                if not await self.storage.put(name, index):
+                    raise RepositoryError(f"pack index {name} exists already")
+                self.written_indexes[name] = pack.sealer.pack_id
+        except BaseException:
+            self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
+            raise
+        finally:
+            with self._lock:
+                self._unfinished.discard(pack)
+            pack.done.set()
+
+
+def coalesce(locations: list[Location], gap: int) -> list[tuple[bytes, int, int, list[int]]]:
+    """Ranges to read for these locations: (pack, start, length, indexes of the
+    locations inside), neighbours of a pack at most `gap` apart sharing one."""
+    order = sorted(range(len(locations)), key=lambda i: (locations[i].pack, locations[i].offset))
+    runs: list[tuple[bytes, int, int, list[int]]] = []
+    for index in order:
+        location = locations[index]
+        end = location.offset + location.length
+        if runs and runs[-1][0] == location.pack and location.offset - (runs[-1][1] + runs[-1][2]) <= gap:
+            pack, start, length, members = runs[-1]
+            members.append(index)
+            runs[-1] = (pack, start, max(length, end - start), members)
+        else:
+            runs.append((location.pack, location.offset, location.length, [index]))
+    return runs
+
+
+def check_length(blob_id: bytes, location: Location, raw: bytes) -> bytes:
+    if len(raw) != location.length:
+        raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
+    return raw
+
+
+class _PackLoad:
+    """A pack being fetched: who waits for it gets it from here, even if the
+    cache has already evicted it for younger packs."""
+
+    __slots__ = ("done", "pack")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.pack: bytes | None = None
+
+
+class PackReader:
+    """Whole packs of a remote repository, fetched once into a small LRU: reading
+    many small files costs one request per pack instead of one per file."""
+
+    def __init__(self, storage: Storage, limit: int = PACK_CACHE) -> None:
+        self.storage = storage
+        self.limit = limit
+        self._packs: dict[bytes, bytes] = {}  # insertion order = age
+        self._used = 0
+        self._loading: dict[bytes, _PackLoad] = {}
+
+    async def read(self, location: Location) -> bytes:
+        pack = self._packs.get(location.pack)
+        if pack is not None:
+            self._packs[location.pack] = self._packs.pop(location.pack)  # now the youngest
+            return pack[location.offset:location.offset + location.length]
+        loading = self._loading.get(location.pack)
+        if loading is not None:
+            await loading.done.wait()
+            if loading.pack is not None:
+                return loading.pack[location.offset:location.offset + location.length]
+            # that fetch failed: try (and fail) ourselves
+        loading = self._loading[location.pack] = _PackLoad()
+        try:
+            pack = loading.pack = await self.storage.get(pack_key(location.pack))
+        finally:
+            if self._loading.get(location.pack) is loading:
+                del self._loading[location.pack]
+            loading.done.set()
+        self._used += len(pack) - len(self._packs.pop(location.pack, b""))  # a twin fetch after a failure
+        self._packs[location.pack] = pack
+        while self._used > self.limit and len(self._packs) > 1:
+            self._used -= len(self._packs.pop(next(iter(self._packs))))
+        return pack[location.offset:location.offset + location.length]

@@ -1,0 +1,312 @@
+"""`prune`: delete what no snapshot needs and repack packs that are mostly
+unused, while backups keep running (docs/format.md, "Pruning").
+
+No lock. Two phases, each run doing both:
+- sweep: prune records (marks.py) whose grace period is over are carried out:
+  their packs that are still unused now are deleted (a backup that ran
+  meanwhile may have started using one: that one stays);
+- mark: the packs no snapshot uses, or uses little of (their used blobs are
+  first copied into new packs, listed in indexes this key signs), are
+  condemned in a new signed record with the time of the listing and the grace.
+Writers skip condemned packs and refuse to publish a snapshot using a pack
+whose grace is over (Repository.check_before_publish); packs younger than the
+grace are never condemned (a backup may be writing them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import trio
+
+from .codec import pack_id_from_key, pack_key, snapshot_id_from_key, snapshot_key
+from .errors import CorruptedData, ObjectMissing
+from .format import BlobKind, BlobRef, EntryKind, Location, Snapshot, decode_directory, decode_snapshot
+from .keys import Capability
+from .marks import (CONDEMNED_PREFIX, FORGOTTEN_PREFIX, MARK_KEPT_NS, NAME_SIZE, Condemned, Forgotten,
+                    decode_forgotten, encode_condemned)
+from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
+from .retention import Duration
+from .storage.base import ObjectInfo
+
+DEFAULT_GRACE = Duration(days=1)
+DEFAULT_REPACK_BELOW = 0.9  # a pack less used than this is rewritten
+READ_BATCH = 64  # directory records read per thread hop
+
+# pack -> offset -> (blob ID, kind, length): what snapshots use
+Uses = dict[bytes, dict[int, tuple[bytes, BlobKind, int]]]
+
+
+@dataclass
+class PruneOptions:
+    grace: Duration = DEFAULT_GRACE
+    repack_below: float = DEFAULT_REPACK_BELOW
+    dry_run: bool = False
+
+
+@dataclass
+class PruneReport:
+    records_deleted: int = 0  # records of forgotten snapshots
+    packs_deleted: int = 0
+    bytes_deleted: int = 0
+    objects_deleted: int = 0  # packs, indexes, records and maintenance records
+    packs_repacked: int = 0
+    bytes_copied: int = 0
+    packs_condemned: int = 0  # by this run, deleted once the grace is over
+    bytes_condemned: int = 0
+    packs_waiting: int = 0  # condemned by earlier runs, grace not over yet
+    bytes_waiting: int = 0
+    bytes_stored: int = 0  # in packs, after this run
+    problems: list[str] = field(default_factory=list)
+
+
+class Pruner:
+    def __init__(self, repo: Repository, options: PruneOptions,
+                 progress: Callable[[str], None] | None = None, clock: Callable[[], int] = time.time_ns) -> None:
+        repo.keys.require(Capability.FORGET)
+        self.repo = repo
+        self.clock = clock  # the time prune records are dated with (tests move it)
+        self.options = options
+        self.progress = progress or (lambda _m: None)
+        self.report = PruneReport()
+        self.grace_ns = int(options.grace.seconds * 1e9)
+
+    def problem(self, message: str) -> None:
+        self.report.problems.append(message)
+        self.progress(f"problem: {message}")
+
+    async def _delete(self, key: str) -> None:
+        self.report.objects_deleted += 1
+        if not self.options.dry_run:
+            await self.repo.storage.delete(key)
+
+    async def run(self) -> PruneReport:
+        repo, storage = self.repo, self.repo.storage
+        listed_at = self.clock()
+        packs = {pack: info for key, info in (await storage.list_details(PACKS_PREFIX)).items()
+                 if (pack := pack_id_from_key(key)) is not None}
+        await repo.sync_indexes()
+        index_packs = await trio.to_thread.run_sync(repo.cache.index_packs)
+        marks = dict(zip(*await self._marks()))
+        forgotten = await self._forgotten()
+        records = {i for k in await storage.list(SNAPSHOTS_PREFIX) if (i := snapshot_id_from_key(k)) is not None}
+        listing = await repo.list_snapshots()
+        tags = {tag.snapshot_id: tag for tag in listing.tags}
+        gone = {i for record in forgotten.values() for i in record.snapshot_ids} - set(tags)
+
+        uses: Uses = {}
+        roots = await self._roots(records - gone, tags)
+        await self._walk(roots, uses)
+        condemned_before = {pack for mark in marks.values() for pack in mark.packs}
+        live = await self._effective(uses, set(packs), condemned_before)
+
+        await self._sweep(marks, packs, live, index_packs, listed_at)
+        await self._mark(packs, uses, live, condemned_before, index_packs, listed_at)
+        for snapshot_id in gone & records:
+            await self._delete(snapshot_key(snapshot_id))
+            self.report.records_deleted += 1
+        for name, record in forgotten.items():
+            if not set(record.snapshot_ids) & (records - gone):
+                await self._delete(name)
+        await self._delete_stray_indexes(packs, index_packs, listed_at)
+        if not self.options.dry_run:
+            await trio.to_thread.run_sync(repo.remember_session)  # the packs repacking wrote
+            after = await storage.list_details(PACKS_PREFIX)
+            self.report.bytes_stored = sum(info.size for info in after.values())
+        else:
+            self.report.bytes_stored = sum(info.size for info in packs.values())
+        return self.report
+
+    async def _delete_stray_indexes(self, packs: dict[bytes, ObjectInfo], index_packs: dict[str, bytes],
+                                    listed_at: int) -> None:
+        """Indexes of packs that are gone (deleted by hand, or an interrupted
+        sweep): a writer trusting one would refer to nothing. Only old ones: a
+        writer stores its pack, then its index."""
+        details = await self.repo.storage.list_details(INDEX_PREFIX)
+        for name, pack in index_packs.items():
+            info = details.get(name)
+            if info is not None and pack and pack not in packs and info.mtime_ns < listed_at - self.grace_ns:
+                await self._delete(name)
+
+    # --- what is there ------------------------------------------------------------
+
+    async def _marks(self) -> tuple[list[str], list[Condemned]]:
+        await self.repo.load_condemned()
+        items = list(self.repo.condemned.items())
+        return [name for name, _ in items], [mark for _, mark in items]
+
+    async def _forgotten(self) -> dict[str, Forgotten]:
+        found: dict[str, Forgotten] = {}
+        for name in await self.repo.storage.list(FORGOTTEN_PREFIX):
+            try:
+                found[name] = decode_forgotten(await self.repo.storage.get(name), self.repo.keys,
+                                               self.repo.config.repo_id, name)
+            except (CorruptedData, ObjectMissing) as exc:
+                self.problem(f"ignoring {exc.message}")
+        return found
+
+    async def _roots(self, kept: set[bytes], tags: dict) -> list[Snapshot]:
+        """The records whose trees must be kept: every snapshot listed, and every
+        record no forget names (a tag deleted behind the repository's back must
+        not cost its data)."""
+        roots = []
+        for snapshot_id in sorted(kept):
+            try:
+                if snapshot_id in tags:
+                    roots.append(await self.repo.load_snapshot(tags[snapshot_id]))
+                else:
+                    raw = await self.repo.storage.get(snapshot_key(snapshot_id))
+                    roots.append(decode_snapshot(await self.repo.run_cpu(
+                        self.repo.codec.open_alone, BlobKind.SNAPSHOT, raw)))
+            except (CorruptedData, ObjectMissing) as exc:
+                self.problem(f"snapshot record {snapshot_id.hex()} cannot be read ({exc.message}): "
+                             "what only it uses is not protected")
+        for tag_id in set(tags) - kept:
+            self.problem(f"snapshot {tag_id.hex()} has no record: run 'rekkord check'")
+        return roots
+
+    async def _walk(self, roots: list[Snapshot], uses: Uses) -> None:
+        """Every place each tree refers to, each distinct record read once."""
+        def use(location: Location, blob_id: bytes, kind: BlobKind) -> None:
+            uses.setdefault(location.pack, {})[location.offset] = (blob_id, kind, location.length)
+
+        frontier: dict[bytes, Location] = {}
+        for snapshot in roots:
+            use(snapshot.root_ref.location, snapshot.root_ref.id, BlobKind.DIRECTORY)
+            frontier[snapshot.root_ref.id] = snapshot.root_ref.location
+        seen: set[bytes] = set(frontier)
+        while frontier:
+            items = list(frontier.items())
+            frontier = {}
+            for start in range(0, len(items), READ_BATCH):
+                batch = items[start:start + READ_BATCH]
+                results = await self.repo.open_many(BlobKind.DIRECTORY, batch, then=decode_directory)
+                for (record_id, _), result in zip(batch, results):
+                    if isinstance(result, Exception):
+                        self.problem(f"directory {record_id.hex()} cannot be read ({result}): what only it "
+                                     "uses is not protected")
+                        continue
+                    for entry in result:
+                        if entry.kind == EntryKind.DIRECTORY and entry.dir_ref is not None:
+                            ref: BlobRef = entry.dir_ref
+                            use(ref.location, ref.id, BlobKind.DIRECTORY)
+                            if ref.id not in seen:
+                                seen.add(ref.id)
+                                frontier[ref.id] = ref.location
+                        elif entry.kind == EntryKind.FILE:
+                            for chunk in entry.chunks:
+                                use(chunk.location, chunk.id, BlobKind.CHUNK)
+
+    async def _effective(self, uses: Uses, present: set[bytes], condemned: set[bytes]) -> set[bytes]:
+        """The packs that must stay: those used, except that a use of a pack that
+        is condemned or gone is served by a copy a trusted writer (a repack)
+        stored elsewhere, when there is one (readers find it the same way)."""
+        live: set[bytes] = set()
+        moved: list[tuple[bytes, bytes]] = []  # (pack, blob ID) to find elsewhere
+        for pack, blobs in list(uses.items()):
+            if pack in present and pack not in condemned:
+                live.add(pack)
+            else:
+                moved.extend((pack, blob_id) for blob_id, _, _ in blobs.values())
+        if not moved:
+            return live
+        cache = self.repo.cache
+        cache.excluded_packs = frozenset(condemned)
+        try:
+            copies = await trio.to_thread.run_sync(cache.lookup_blobs, list({blob_id for _, blob_id in moved}))
+        finally:
+            await self.repo.load_condemned()  # back to what writers of this session must skip
+        for pack, blob_id in moved:
+            copy = copies.get(blob_id)
+            if copy is not None and copy.location.pack in present:
+                live.add(copy.location.pack)
+                kind = next(k for b, k, _ in uses[pack].values() if b == blob_id)
+                uses.setdefault(copy.location.pack, {})[copy.location.offset] = (blob_id, kind, copy.location.length)
+            elif pack in present:
+                live.add(pack)  # no copy: a backup used a condemned pack, which stays
+            else:
+                self.problem(f"blob {blob_id.hex()} is gone (pack {pack.hex()}): run 'rekkord check'")
+        return live
+
+    # --- the two phases -----------------------------------------------------------------
+
+    async def _sweep(self, marks: dict[str, Condemned], packs: dict[bytes, ObjectInfo], live: set[bytes],
+                     index_packs: dict[str, bytes], now: int) -> None:
+        for name, mark in marks.items():
+            if not mark.due(now):
+                waiting = [p for p in mark.packs if p in packs]
+                self.report.packs_waiting += len(waiting)
+                self.report.bytes_waiting += sum(packs[p].size for p in waiting)
+                continue
+            for pack in mark.packs:
+                if pack in packs and pack not in live:
+                    await self._delete_pack(pack, packs, index_packs)
+            if now >= mark.time_ns + mark.grace_ns + MARK_KEPT_NS:
+                await self._delete(name)
+
+    async def _delete_pack(self, pack: bytes, packs: dict[bytes, ObjectInfo], index_packs: dict[str, bytes]) -> None:
+        """Its indexes first (writers stop learning its blobs), then the pack."""
+        for name in [n for n, p in index_packs.items() if p == pack]:
+            await self._delete(name)
+        await self._delete(pack_key(pack))
+        self.report.packs_deleted += 1
+        self.report.bytes_deleted += packs.pop(pack).size
+
+    async def _mark(self, packs: dict[bytes, ObjectInfo], uses: Uses, live: set[bytes], condemned_before: set[bytes],
+                    index_packs: dict[str, bytes], listed_at: int) -> None:
+        young = listed_at - self.grace_ns
+        dead, sparse = [], []
+        for pack, info in packs.items():
+            if pack in condemned_before or info.mtime_ns > young:
+                continue  # condemned already, or maybe still being written by a backup
+            used = sum(length for _, _, length in uses.get(pack, {}).values()) if pack in live else 0
+            if used == 0:
+                dead.append(pack)
+            elif used < self.options.repack_below * info.size:
+                sparse.append(pack)
+        repacked = await self._repack(sparse, uses)
+        condemn = dead + repacked
+        if not condemn:
+            return
+        self.report.packs_condemned += len(condemn)
+        self.report.bytes_condemned += sum(packs[p].size for p in condemn)
+        mark = Condemned(listed_at, self.grace_ns, tuple(condemn))
+        if not self.options.dry_run:
+            name = CONDEMNED_PREFIX + os.urandom(NAME_SIZE).hex()
+            await self.repo.storage.put(name, encode_condemned(mark, self.repo.keys, self.repo.config.repo_id))
+            await self.repo.storage.flush()
+        if self.grace_ns == 0:  # nobody writes, says the user: carry it out now
+            for pack in condemn:
+                await self._delete_pack(pack, packs, index_packs)
+            self.report.packs_condemned = self.report.bytes_condemned = 0
+
+    async def _repack(self, sparse: list[bytes], uses: Uses) -> list[bytes]:
+        """Copy the used blobs of these packs into new ones; returns the packs
+        whose every used blob was read, verified and copied durably. A storage
+        failure while writing ends the prune before anything is condemned."""
+        copied: dict[bytes, list[bytes]] = {}
+        for pack in sparse:
+            blobs = sorted(uses[pack].items())
+            self.report.packs_repacked += 1
+            self.report.bytes_copied += sum(length for _, (_, _, length) in blobs)
+            if self.options.dry_run:
+                copied[pack] = []
+                continue
+            try:
+                datas = await self.repo.storage.get_ranges(
+                    [(pack_key(pack), offset, length) for offset, (_, _, length) in blobs])
+                plain = [await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, pack, raw)
+                         for (_, (blob_id, kind, _)), raw in zip(blobs, datas)]
+            except (CorruptedData, ObjectMissing) as exc:
+                self.problem(f"pack {pack.hex()} is kept as it is: {exc.message}")
+                continue
+            for (_, (blob_id, kind, _)), data in zip(blobs, plain):
+                self.repo.store(kind, blob_id, await self.repo.run_cpu(self.repo.seal, kind, data))
+            await self.repo.upload_ready()
+            copied[pack] = [blob_id for _, (blob_id, _, _) in blobs]
+        await self.repo.flush_packs()
+        await self.repo.storage.flush()
+        return [pack for pack, blob_ids in copied.items() if all(map(self.repo.stored_now, blob_ids))]

@@ -176,26 +176,32 @@ class Rekkordfs(Tool):
     name = "rekkordfs"
     settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench; bytecode cached (PYTHONPYCACHEPREFIX)"
 
-    #: set by --rekkordfs-rev: a frozen copy of rekkordfs/ and cli/ at that commit, run with
+    #: set by --rekkordfs-rev: a frozen copy of rekkordfs/ at that commit, run with
     #: the project venv (so the code cannot change under a long run); None: the work tree
     frozen: tuple[Path, str] | None = None
 
     @property
     def exe(self) -> list[str]:
         if self.frozen is not None:
-            return [str(REPO_ROOT / ".venv" / "bin" / "python"), "-P", "-m", "cli.main"]  # -P: not the cwd
+            # revisions before the CLI moved into the package had it at top level
+            module = "rekkordfs.cli.main" if (self.frozen[0] / "rekkordfs" / "cli").is_dir() else "cli.main"
+            return [str(REPO_ROOT / ".venv" / "bin" / "python"), "-P", "-m", module]  # -P: not the cwd
         return [str(REPO_ROOT / ".venv" / "bin" / "rekkord")]
 
     @classmethod
     def freeze(cls, rev: str, work: Path) -> str:
-        """Extracts rekkordfs/ and cli/ at REV under WORK; later commands run that copy."""
+        """Extracts rekkordfs/ (and cli/, where REV still has it) at REV under WORK;
+        later commands run that copy."""
         sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", rev],
                              capture_output=True, text=True, check=True).stdout.strip()
         dest = work / f"rekkordfs-{sha}"
-        if not (dest / "cli" / "main.py").exists():
+        if not (dest / "rekkordfs" / "__init__.py").exists():
             remove_tree(dest)
             dest.mkdir(parents=True)
-            archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", sha, "rekkordfs", "cli"],
+            has_cli = subprocess.run(["git", "-C", str(REPO_ROOT), "cat-file", "-e", f"{sha}:cli"],
+                                     capture_output=True).returncode == 0
+            archive = subprocess.run(["git", "-C", str(REPO_ROOT), "archive", sha, "rekkordfs",
+                                      *(["cli"] if has_cli else [])],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
         cls.frozen = (dest, sha)
@@ -224,7 +230,7 @@ class Rekkordfs(Tool):
             return f"rekkordfs {out.stdout.strip()} ({self.frozen[1]}, frozen copy)"
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "rekkordfs", "cli"],
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "rekkordfs"],
                                capture_output=True, text=True).stdout.strip()
         if dirty:
             commit += " + uncommitted changes"

@@ -23,9 +23,11 @@ from .errors import ConfigError
 # Known settings per section; anything else is a typo worth reporting.
 KNOWN_SETTINGS: dict[str, set[str]] = {
     "Repository": {"URL", "KeyFile", "RetryTime"},
-    "S3": {"KeyID", "SecretKey", "Region"},
+    "S3": {"AccessKeyID", "KeyID", "SecretKey", "Region"},
     "SFTP": {"Password", "KeyFile", "Fingerprint", "Port"},
 }
+# Other names of a setting: (section, alias) -> the documented name
+ALIASES: dict[tuple[str, str], str] = {("S3", "keyid"): "AccessKeyID"}
 
 # Seconds a failing storage operation is retried before giving up (storage/retry.py).
 DEFAULT_RETRY_TIME = 120.0
@@ -298,9 +300,11 @@ def _read_ini(path: Path) -> configparser.ConfigParser:
         for key in parser[section]:
             if key.lower() not in lowered:
                 raise ConfigError(f"config file '{path}': unknown setting '{key}' in [{section}]")
-            if key.lower() in seen:
-                raise ConfigError(f"config file '{path}': setting '{lowered[key.lower()]}' appears twice in [{section}]")
-            seen.add(key.lower())
+            canonical = ALIASES.get((section, key.lower()), lowered[key.lower()]).lower()
+            if canonical in seen:
+                raise ConfigError(f"config file '{path}': setting '{lowered[canonical]}' appears twice in [{section}]"
+                                  + (f" (as '{key}')" if key.lower() != canonical else ""))
+            seen.add(canonical)
     return parser
 
 
@@ -392,7 +396,8 @@ def load_config(
 
     where = f"config file '{path}'"
     s3 = S3Settings(
-        key_id=_get(parser, "S3", "KeyID") or env.get("AWS_ACCESS_KEY_ID") or env.get("S3_ACCESS_KEY_ID"),
+        key_id=_get(parser, "S3", "AccessKeyID") or _get(parser, "S3", "KeyID")
+        or env.get("AWS_ACCESS_KEY_ID") or env.get("S3_ACCESS_KEY_ID"),
         secret_key=_get(parser, "S3", "SecretKey")
         or env.get("AWS_SECRET_ACCESS_KEY")
         or env.get("S3_SECRET_ACCESS_KEY"),

@@ -44,6 +44,7 @@ class MountOptions:
     refresh_interval: float = 10.0
     state_dir: str | None = None  # staging state; default under the user's state folder
     debug: bool = False
+    quiet: bool = False  # no "Mounted on" message
 
 
 def parse_size(text: str) -> int:
@@ -143,7 +144,7 @@ async def _unmount_on_signal() -> None:
 
 def run_foreground(config: Config, keys: Keyset, options: MountOptions) -> int:
     def ready(error: str | None) -> None:
-        if error is None:
+        if error is None and not options.quiet:
             print(f"Mounted on {options.mountpoint} (Ctrl-C or 'fusermount3 -u' to unmount)", file=sys.stderr)
 
     _setup_logging(options, None)
@@ -160,7 +161,8 @@ def daemonize(config: Config, keys: Keyset, options: MountOptions) -> int:
         with os.fdopen(read_end, "rb") as pipe:
             message = pipe.read().decode("utf-8", "replace").strip()
         if message.startswith("ok"):
-            print(f"Mounted on {options.mountpoint} (unmount with 'fusermount3 -u {options.mountpoint}')")
+            if not options.quiet:
+                print(f"Mounted on {options.mountpoint} (unmount with 'fusermount3 -u {options.mountpoint}')")
             return 0
         os.waitpid(pid, 0)
         print(f"rekkord: error: {message or 'the mount process died before the mount was ready'}", file=sys.stderr)

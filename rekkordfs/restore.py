@@ -227,13 +227,14 @@ class RestoreSession:
                     f"to create, e.g. '{os.path.join(self.dest, os.fsdecode(self.target.name))}'"
                 )
             if os.path.lexists(self.dest) and not (self.options.force or self.options.delete):
-                raise RestoreError(f"'{self.dest}' already exists (use -f to replace it)")
+                raise RestoreError(f"'{self.dest}' already exists (use --force to replace it)")
             if self.options.dry_run:
                 self.report(f"restore {self.dest}")
                 self._count_dry(self.target)
                 return self.stats
             self.dest_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             parts = (os.fsencode(name),)
+            self.report(f"restore {self.dest}")
         try:
             send, recv = trio.open_memory_channel[list[_FileJob]](self.workers * 2)
             async with task_group() as nursery:
@@ -261,7 +262,7 @@ class RestoreSession:
         if not os.path.isdir(self.dest):
             raise RestoreError(f"destination '{self.dest}' exists and is not a folder")
         if os.listdir(self.dest) and not (self.options.force or self.options.delete):
-            raise RestoreError(f"destination '{self.dest}' is not empty (use -f to restore into it)")
+            raise RestoreError(f"destination '{self.dest}' is not empty (use --force to restore into it)")
 
     # --- tree walk -------------------------------------------------------------
 
@@ -275,6 +276,7 @@ class RestoreSession:
         async with task_group() as nursery:
             for child in children:
                 child_parts = parts + (child.name,)
+                self.report(f"restore {self._show(child_parts)}")
                 if child.kind == EntryKind.DIRECTORY:
                     await trio.to_thread.run_sync(self._make_dir, child_parts)
                     self.plan.dirs.append((child_parts, child))
@@ -314,6 +316,7 @@ class RestoreSession:
                     if name not in keep:
                         _clear(fd, name, keep_dir=False)
                         self.stats.deleted += 1
+                        self.report(f"delete {self._show(parts + (name,))}")
             finally:
                 os.close(fd)
 

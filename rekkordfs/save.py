@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import math
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
@@ -25,6 +26,7 @@ from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, enc
 from .keys import Capability
 from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
+from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone, ThreadFeed, task_group
 from .upload import SMALL_FILE, TransferStats, Uploader, open_regular
 
@@ -101,16 +103,20 @@ def normalize_paths(paths: list[str]) -> list[bytes]:
 
 
 class Walker:
-    """Runs in a thread: lists directories and emits Listings in depth-first order."""
+    """Runs in a thread: lists directories and emits Listings in depth-first order,
+    leaving out what the selection excludes."""
 
     def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
-                 skip: Callable[[str], None], stats: SaveStats, uses: set[bytes]) -> None:
+                 skip: Callable[[str], None], stats: SaveStats, uses: set[bytes],
+                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None) -> None:
         self.paths = paths
         self.repo = repo
         self.uses = uses  # packs the snapshot refers to (cached files' chunks are added here)
         self.emit = emit
         self.skip = skip  # reports something left out of the snapshot
         self.stats = stats
+        self.selection = selection or Selection()
+        self.report = report  # told each path that goes into the snapshot (save -v)
         self._next_link_id = 1
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
         self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
@@ -146,6 +152,10 @@ class Walker:
             except OSError as exc:
                 self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
                 continue
+            # a saved path itself may be excluded (by name or absolute path);
+            # the folders leading to it never are
+            if trie[name] is None and self.selection.excluded(name, path, b"", stat.S_ISDIR(st.st_mode)):
+                continue
             entry = self._add_child(listing, path, name, st)
             if entry is None or entry.kind != EntryKind.DIRECTORY:
                 continue
@@ -162,17 +172,18 @@ class Walker:
             self._scan_tree(child)
 
     def _scan_tree(self, top: DirNode) -> None:
-        stack = [top]
+        """Everything below the saved path top (b"" for /)."""
+        selection = self.selection
+        filtering = selection.filters_entries
+        base = top.path + b"/" if top.path else b"/"  # what relative patterns are relative to
+        root_dev = self._device(top.path or b"/") if selection.one_file_system else None
+        # (folder, whether to list it): a folder on another filesystem is kept, empty
+        stack: list[tuple[DirNode, bool]] = [(top, True)]
         while stack:
-            node = stack.pop()
+            node, descend = stack.pop()
             listing = Listing(node)
-            subdirs: list[DirNode] = []
-            try:
-                with os.scandir(node.path or b"/") as it:
-                    items = sorted((item.name, item.path) for item in it)
-            except OSError as exc:
-                self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
-                items = []
+            subdirs: list[tuple[DirNode, bool]] = []
+            items = self._list(node.path or b"/") if descend else []
             for name, path in items:
                 try:
                     st = os.lstat(path)
@@ -181,12 +192,34 @@ class Walker:
                 except OSError as exc:
                     self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
                     continue
+                if filtering and selection.excluded(name, path, path[len(base):], stat.S_ISDIR(st.st_mode)):
+                    continue
                 entry = self._add_child(listing, path, name, st)
                 if entry is not None and entry.kind == EntryKind.DIRECTORY:
-                    subdirs.append(DirNode(path, entry, node))
+                    subdirs.append((DirNode(path, entry, node), root_dev is None or st.st_dev == root_dev))
             node.pending += len(subdirs)
             self.emit(listing)
             stack.extend(reversed(subdirs))
+
+    def _list(self, folder: bytes) -> list[tuple[bytes, bytes]]:
+        """(name, path) of the folder's entries, sorted; only the tag of a tagged
+        cache folder when caches are excluded."""
+        try:
+            with os.scandir(folder) as it:
+                items = sorted((item.name, item.path) for item in it)
+        except OSError as exc:
+            self.skip(f"cannot list '{os.fsdecode(folder)}': {exc.strerror}; its content is missing")
+            return []
+        if self.selection.exclude_caches and any(name == CACHEDIR_TAG for name, _ in items) \
+                and is_cache_dir(folder):
+            return [(name, path) for name, path in items if name == CACHEDIR_TAG]
+        return items
+
+    def _device(self, path: bytes) -> int | None:
+        try:
+            return os.lstat(path).st_dev
+        except OSError:
+            return None  # reported when the folder is listed
 
     def _add_child(self, listing: Listing, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
         try:
@@ -198,6 +231,8 @@ class Walker:
             return None
         entry.xattrs = read_xattrs(path)
         listing.node.children.append(entry)
+        if self.report is not None:
+            self.report(path)
         if entry.kind == EntryKind.DIRECTORY:
             self.stats.dirs += 1
         elif entry.kind == EntryKind.FILE:
@@ -236,11 +271,14 @@ class Walker:
 
 class SaveSession:
     def __init__(self, repo: Repository, channel: str, paths: list[str],
-                 warn: Callable[[str], None], workers: int | None = None) -> None:
+                 warn: Callable[[str], None], workers: int | None = None,
+                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None) -> None:
         repo.keys.require(Capability.WRITE)
         self.repo = repo
         self.channel = validate_channel(channel)
         self.paths = normalize_paths(paths)
+        self.selection = selection
+        self.report = report
         self.warn_cb = warn
         self.stats = SaveStats()
         self.uploader = Uploader(repo, self.stats)
@@ -267,7 +305,8 @@ class SaveSession:
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         token = trio.lowlevel.current_trio_token()
         walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
-                        lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses)
+                        lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses, self.selection,
+                        self.report)
 
         async def walk() -> None:
             try:

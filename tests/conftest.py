@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REKKORD = [sys.executable, "-m", "cli.main"]
+REKKORD = [sys.executable, "-m", "rekkordfs.cli.main"]
 ROOT = Path(__file__).resolve().parent.parent
 
 # Staging trees (in tests and in the mounts they start) check every cached

@@ -154,7 +154,7 @@ class SeaweedFS:
         return f"{self.endpoint}/{bucket}/{prefix}" if prefix else f"{self.endpoint}/{bucket}"
 
     def config_sections(self) -> dict[str, dict[str, str]]:
-        return {"S3": {"KeyID": self.access_key, "SecretKey": self.secret_key}}
+        return {"S3": {"AccessKeyID": self.access_key, "SecretKey": self.secret_key}}
 
     def start(self, timeout: float = 60) -> None:
         """Start (or restart, same ports and data) and wait until S3 answers."""

@@ -410,7 +410,7 @@ def test_secrets_never_shown(seaweedfs_server: SeaweedFS, sshd_server: OpenSSHSe
             time.sleep(0.05)
         stdout, stderr = process.communicate()
         assert process.returncode == 0, stderr
-        assert str(src) in seen or "cli.main" in seen  # ps did see the command
+        assert str(src) in seen or "rekkordfs.cli.main" in seen  # ps did see the command
         for text in (seen, stdout, stderr, runner("snapshots").stdout, runner("check").stdout):
             assert secret not in text
         bad = runner("snapshots", "-K", str(tmp_path / "nope.key"), check=False)

@@ -365,7 +365,7 @@ def test_os_errors_on_descriptors_are_one_line(capsys: pytest.CaptureFixture[str
     """OSError.filename is an int for calls on a file descriptor; reporting one must not crash."""
     import errno
 
-    from cli.main import _report
+    from rekkordfs.cli.main import _report
     assert _report(OSError(errno.EIO, "Input/output error", 7)) == 1
     assert _report(OSError(errno.ENOSPC, "No space left on device", b"/some/path")) == 1
     lines = capsys.readouterr().err.splitlines()
@@ -380,7 +380,7 @@ def test_restore_into_non_empty_destination(world: dict) -> None:
     dest.mkdir()
     (dest / "precious").write_text("mine")
     before = tree_digest(dest)
-    fails(world, "restore", f"main:{world['src']}", str(dest), fragments=("not empty", "-f"))
+    fails(world, "restore", f"main:{world['src']}", str(dest), fragments=("not empty", "--force"))
     assert tree_digest(dest) == before
     fails(world, "restore", "--delete", "-n", f"main:{world['src']}", str(world["tmp"] / "dest" / "precious"),
           fragments=("not a folder",))

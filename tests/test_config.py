@@ -263,6 +263,16 @@ Port = 2222
     assert config.config_file == ini
 
 
+def test_access_key_id_and_its_alias(tmp_path: Path) -> None:
+    """[S3] AccessKeyID as Rekkord's documentation writes it; KeyID as well."""
+    for name in ("AccessKeyID", "KeyID", "accesskeyid"):
+        ini = write_ini(tmp_path / f"{name}.ini", f"[S3]\n{name} = AKIAFILE\n")
+        config = load_config(config_file=ini, env={"AWS_ACCESS_KEY_ID": "AKIAENV"})
+        assert config.s3.key_id == "AKIAFILE", name
+    empty = write_ini(tmp_path / "empty.ini", "[S3]\nAccessKeyID =\n")
+    assert load_config(config_file=empty, env={"AWS_ACCESS_KEY_ID": "AKIAENV"}).s3.key_id == "AKIAENV"
+
+
 def test_setting_names_are_case_insensitive(tmp_path: Path) -> None:
     ini = write_ini(tmp_path / "r.ini", "[Repository]\nurl = /srv/repo\nkeyfile = /k/master.key\n")
     config = load_config(config_file=ini, env={})
@@ -398,6 +408,8 @@ def test_ambient_variables_never_set_the_repository() -> None:
         ("[SFTP]\nFingerprint = 12:34:56:78\n", "fingerprint"),
         ("[SFTP]\nFingerprint = SHA256:tooshort\n", "fingerprint"),
         ("[SFTP]\nFingerprint = MD5:" + "A" * 43 + "\n", "fingerprint"),
+        ("[S3]\nAccessKeyID = a\nKeyID = b\n", "setting 'AccessKeyID' appears twice in [S3] (as 'KeyID')"),
+        ("[S3]\nkeyid = a\nACCESSKEYID = b\n", "appears twice"),
     ],
 )
 def test_bad_config_files(tmp_path: Path, text: str, fragment: str) -> None:

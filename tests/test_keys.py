@@ -148,7 +148,8 @@ def test_read_write_holds_no_master_secret(master: keys.Keyset, tmp_path: Path) 
     body = body_of(raw)
     for name in ("master key", "master signing seed", "master signing key"):
         assert not contains(body, secrets_of(master)[name]), f"ReadWrite keyfile contains the {name}"
-    assert {c for c in Capability if loaded.can(c)} == {Capability.LIST, Capability.READ, Capability.WRITE}
+    assert {c for c in Capability if loaded.can(c)} == {Capability.LIST, Capability.READ, Capability.WRITE,
+                                                         Capability.FORGET}
     with pytest.raises(CapabilityError, match="ReadWrite"):
         keys.derive(loaded, KeyType.WRITE_ONLY)
 

@@ -218,7 +218,7 @@ def test_signals_and_foreground_unmount_cleanly(local_repo, tmp_path: Path) -> N
 
     env = {**os.environ, "REKKORD_CACHE_DIR": str(local_repo.cache_dir)}
     argv = [*__import__("tests.conftest", fromlist=["REKKORD"]).REKKORD, "-R", local_repo.repository,
-            "-K", local_repo.key_file, "mount", "-f", str(mnt)]
+            "-K", local_repo.key_file, "mount", "--foreground", str(mnt)]
     process = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True,
                                cwd=str(Path(__file__).resolve().parent.parent))
     try:

@@ -88,7 +88,7 @@ class S3Storage(Storage):
         key_id = self.settings.key_id
         if not key_id:
             raise ConfigError(
-                "S3 key ID is not set: set KeyID in the [S3] section or AWS_ACCESS_KEY_ID"
+                "S3 access key ID is not set: set AccessKeyID in the [S3] section or AWS_ACCESS_KEY_ID"
             )
         secret = self.settings.secret_key
         if not secret:

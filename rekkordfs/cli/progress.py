@@ -10,9 +10,10 @@ import trio
 
 
 @asynccontextmanager
-async def progress_bar(label: str, poll: Callable[[], tuple[float, float, str]]) -> AsyncIterator[None]:
+async def progress_bar(label: str, poll: Callable[[], tuple[float, float, str]],
+                       enabled: bool = True) -> AsyncIterator[None]:
     """poll() -> (done, total, detail); refreshed a few times per second."""
-    if not sys.stderr.isatty():
+    if not enabled or not sys.stderr.isatty():
         yield
         return
     # imported here: rich takes a while to load and scripts never need it

@@ -59,6 +59,8 @@ def commit(args: argparse.Namespace, make_config: Callable[[argparse.Namespace],
             "files": result["files"], "size": result["size"], "bytes_new": result["bytes_new"],
             "bytes_stored": result["bytes_stored"], "duration": result["duration"],
         })
+    elif getattr(args, "quiet", False):
+        print(result["id"])
     else:
         print(f"Files:        {result['files']} ({human_size(result['size'])})")
         print(f"New:          {human_size(result['bytes_new'])}")

@@ -1,4 +1,4 @@
-"""Output helpers: sizes, times, tables and JSON."""
+"""Output helpers: sizes, counts, times, tables and JSON."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import re
 import stat
 import sys
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-from rekkordfs.format import EntryKind
-from rekkordfs.fsmeta import FILE_TYPE_BITS
+if TYPE_CHECKING:
+    from rekkordfs.format import EntryKind
 
 
 def human_size(value: float) -> str:
@@ -19,6 +19,14 @@ def human_size(value: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
+
+
+_IRREGULAR = {"directory": "directories", "entry": "entries", "unreadable entry": "unreadable entries"}
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 file', '2 files', '0 directories'."""
+    return f"{count} {noun if count == 1 else _IRREGULAR.get(noun, noun + 's')}"
 
 
 def iso_time(time_ns: int) -> str:
@@ -32,6 +40,8 @@ def local_time(time_ns: int) -> str:
 
 
 def mode_string(kind: EntryKind, mode: int) -> str:
+    from rekkordfs.fsmeta import FILE_TYPE_BITS  # here: `commit` prints no modes and loads no library
+
     return stat.filemode(FILE_TYPE_BITS[kind] | mode)
 
 

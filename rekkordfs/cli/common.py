@@ -1,0 +1,68 @@
+"""What several commands share: messages on stderr, keys, snapshot names."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+from typing import TYPE_CHECKING, Callable
+
+from rekkordfs.errors import NotFound, UsageError
+
+if TYPE_CHECKING:
+    from rekkordfs.config import Config
+    from rekkordfs.keys import Keyset
+    from rekkordfs.repository import Repository, Tag
+
+ConfigMaker = Callable[[argparse.Namespace], "Config"]
+
+_lines_lock = threading.Lock()
+
+
+def write_line(stream, text: str) -> None:  # noqa: ANN001 - a text stream
+    """One whole line, callable from worker threads: print() writes the text and
+    the newline separately, so two threads could interleave them on one line."""
+    with _lines_lock:
+        stream.write(f"{text}\n")
+        stream.flush()
+
+
+def warn(message: str) -> None:
+    write_line(sys.stderr, f"rekkord: warning: {message}")
+
+
+def load_keys(config: Config) -> Keyset:
+    from rekkordfs import keys
+
+    return keys.load_keyfile(config.require_key_file())
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """SNAPSHOT[:PATH] -> (snapshot or channel, path inside it)."""
+    name, _, path = spec.partition(":")
+    if not name:
+        raise UsageError(f"'{spec}' names no snapshot or channel")
+    return name, path
+
+
+def _looks_like_id_prefix(name: str) -> bool:
+    return len(name) >= 8 and all(c in "0123456789abcdefABCDEF" for c in name)
+
+
+async def resolve(repo: Repository, name: str) -> Tag:
+    """A snapshot by ID, ID prefix or channel; a miss says what an ID prefix is."""
+    try:
+        return await repo.resolve(name)
+    except NotFound:
+        if _looks_like_id_prefix(name):
+            raise
+        raise NotFound(f"no channel named '{name}', and it is not a snapshot ID "
+                       f"(an ID prefix needs at least 8 hex digits)") from None
+
+
+def quiet(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "quiet", False))
+
+
+def verbose(args: argparse.Namespace) -> bool:
+    return bool(getattr(args, "verbose", False))

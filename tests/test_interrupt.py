@@ -1,0 +1,204 @@
+"""Ctrl-C at any moment: one line, exit 130, never a traceback, and the
+repository still checks clean afterwards.
+
+Two ways to pick the moment:
+
+- at named points of rekkord's start (the import of a module, the call of a
+  function), where the process sends SIGINT to itself: deterministic, and it
+  covers imports and argument parsing, which take only milliseconds;
+- by the clock: a command is started through the installed `rekkord` script
+  (what a user runs) and sent SIGINT at 20 moments spread over a second,
+  counted from when the process has used 30 ms of CPU: by then CPython has
+  started (that takes about 10 ms of CPU) and rekkord is importing what it
+  needs. Counting CPU time, not wall time, keeps the moments in rekkord's
+  hands however loaded the machine is.
+
+Every run must end in one of these ways:
+
+- "rekkord: interrupted" as the only line on stderr, exit status 130;
+- the command finished before the signal came, with its normal output
+  (exit 0), or the signal came while Python was exiting and ended it without
+  a word (killed by SIGINT, as a shell shows: status 130).
+
+A signal in the first few milliseconds of a process, while CPython itself
+starts and before any code of rekkord runs, is out of rekkord's reach
+(docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, Rekkord
+
+MOMENTS = [i / 19 for i in range(20)]  # 0 to 1 s after the process started rekkord's own work
+STARTED_CPU = 0.03  # seconds of CPU after which the process runs rekkord's code
+SCRIPT = str(Path(sys.executable).parent / "rekkord")
+
+
+def _big_tree(root: Path) -> Path:
+    """Enough work that a save or restore takes about a second."""
+    rng = __import__("random").Random(7)
+    for d in range(30):
+        folder = root / f"d{d:02d}"
+        folder.mkdir(parents=True)
+        for f in range(60):
+            (folder / f"f{f:03d}.txt").write_bytes(rng.randbytes(rng.randrange(100, 6000)))
+    for i in range(6):
+        (root / f"big{i}.bin").write_bytes(rng.randbytes(3 << 20))
+    return root
+
+
+def _interrupt_at(rekkord: Rekkord, args: list[str], moment: float) -> subprocess.CompletedProcess:
+    argv = [SCRIPT, "-R", str(rekkord.repository), "-K", str(rekkord.key_file), *args]
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(rekkord.cache_dir), "PYTHONPATH": str(ROOT)}
+    env.pop("REKKORD_CONFIG_FILE", None)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               cwd=str(rekkord.cache_dir.parent))
+    try:
+        _wait_for_cpu(process, STARTED_CPU)
+        time.sleep(moment)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+def _wait_for_cpu(process: subprocess.Popen, seconds: float) -> None:
+    """Until the process (all its threads) has run `seconds` of CPU, or ended."""
+    tick = os.sysconf("SC_CLK_TCK")
+    while process.poll() is None:
+        try:
+            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return  # gone
+        if (int(fields[11]) + int(fields[12])) / tick >= seconds:  # utime + stime
+            return
+        time.sleep(0.001)
+
+
+def _outcome(result: subprocess.CompletedProcess, moment: float) -> str:
+    """'interrupted' or 'finished'; fails on anything else."""
+    where = f"SIGINT at {moment:.3f} s: exit {result.returncode}\n{result.stderr}"
+    assert "Traceback" not in result.stderr and "Fatal Python error" not in result.stderr, where
+    if result.returncode == 130:
+        assert result.stderr.splitlines() == ["rekkord: interrupted"], where
+        return "interrupted"
+    if result.returncode == -signal.SIGINT:  # while Python was exiting, after the command's work
+        assert result.stderr == "", where
+        return "finished"
+    assert result.returncode == 0, where
+    return "finished"
+
+
+def _interrupt_everywhere(rekkord: Rekkord, args: list[str], after_each=None) -> list[str]:  # noqa: ANN001
+    outcomes = []
+    for moment in MOMENTS:
+        outcomes.append(_outcome(_interrupt_at(rekkord, args, moment), moment))
+        if after_each is not None:
+            after_each()
+    # the test is worth something only if most signals landed while rekkord ran
+    assert outcomes.count("interrupted") >= len(MOMENTS) // 3, outcomes
+    return outcomes
+
+
+@pytest.fixture
+def big_repo(local_repo: Rekkord, tmp_path: Path) -> tuple[Rekkord, Path]:
+    return local_repo, _big_tree(tmp_path / "src")
+
+
+def test_ctrl_c_during_save(big_repo: tuple[Rekkord, Path], tmp_path: Path) -> None:
+    rekkord, src = big_repo
+    _interrupt_everywhere(rekkord, ["save", "big", str(src)])
+    assert "No problems found" in rekkord("check").stdout
+    snapshot = rekkord.save("big", str(src))  # an interrupted save leaves nothing in the way
+    rekkord("restore", f"{snapshot}:{src}", str(tmp_path / "out"))
+    diff = subprocess.run(["rsync", "-aHAXnci", "--delete", f"{src}/", f"{tmp_path / 'out'}/"],
+                          capture_output=True, text=True, check=True).stdout
+    assert diff == ""
+    assert "No problems found" in rekkord("check", "--read-data").stdout
+
+
+def test_ctrl_c_during_restore(big_repo: tuple[Rekkord, Path], tmp_path: Path) -> None:
+    rekkord, src = big_repo
+    snapshot = rekkord.save("big", str(src))
+    dest = tmp_path / "dest"
+
+    def fresh_destination() -> None:
+        subprocess.run(["rm", "-rf", str(dest)], check=True)
+
+    _interrupt_everywhere(rekkord, ["restore", f"{snapshot}:{src}", str(dest)], after_each=fresh_destination)
+    assert "No problems found" in rekkord("check").stdout
+
+
+def test_ctrl_c_during_snapshots(big_repo: tuple[Rekkord, Path]) -> None:
+    rekkord, src = big_repo
+    snapshot = rekkord.save("big", str(src))
+    moments = [0.01 * i for i in range(20)]  # it takes a fraction of a second
+    outcomes = [_outcome(_interrupt_at(rekkord, ["snapshots", "-f", "json"], moment), moment) for moment in moments]
+    assert "interrupted" in outcomes, outcomes
+    assert snapshot in rekkord("snapshots").stdout
+
+
+# --- at named points of the start -----------------------------------------------------------
+
+# The process imports rekkord's entry module, then sends itself SIGINT when the
+# named module is first imported, or the named function first called.
+_DRIVER = """
+import os, signal, sys
+kind, name = sys.argv[1], sys.argv[2]
+def fire():
+    os.kill(os.getpid(), signal.SIGINT)
+if kind == "import":
+    class Trigger:
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == name:
+                sys.meta_path.remove(self)
+                fire()
+            return None
+    sys.meta_path.insert(0, Trigger())
+else:
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == name:
+            sys.setprofile(None)
+            fire()
+    sys.setprofile(profile)
+from rekkordfs.cli.main import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+START_POINTS = [
+    ("import", "rekkordfs.cli.parser"),  # the first thing main() does
+    ("import", "argparse"),
+    ("call", "build_parser"),
+    ("call", "parse_args"),
+    ("call", "_handler"),  # about to import the command's modules
+    ("import", "trio"),
+    ("import", "rekkordfs.repository"),
+    ("call", "make_config"),
+    ("call", "load_config"),
+    ("call", "load_keyfile"),
+    ("call", "connect"),  # Repository.connect, inside trio.run
+    ("call", "list_snapshots"),
+    ("call", "print_table"),  # printing the result
+]
+
+
+@pytest.mark.parametrize("kind, name", START_POINTS, ids=[f"{k}-{n}" for k, n in START_POINTS])
+def test_ctrl_c_at_each_point_of_the_start(local_repo: Rekkord, kind: str, name: str) -> None:
+    argv = [sys.executable, "-c", _DRIVER, kind, name, "-R", str(local_repo.repository),
+            "-K", str(local_repo.key_file), "snapshots"]
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(local_repo.cache_dir), "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr.splitlines() == ["rekkord: interrupted"]

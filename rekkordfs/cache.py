@@ -33,7 +33,7 @@ from . import crypto
 from .format import ID_SIZE, ChunkRef, Location
 from .keys import Keyset
 
-SCHEMA_VERSION = 4  # bump when the tables change: the cache is rebuilt, never migrated
+SCHEMA_VERSION = 5  # bump when the tables change: the cache is rebuilt, never migrated
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     id BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
@@ -41,6 +41,7 @@ CREATE TABLE IF NOT EXISTS blobs (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
 CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY, pack BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS pending (snapshot BLOB PRIMARY KEY, sealed_tag BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS stats (
     path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
     ino INTEGER, chunks BLOB, mac BLOB
@@ -95,7 +96,8 @@ class LocalCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            self._db.executescript("DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS stats; DROP TABLE IF EXISTS indexes;")
+            self._db.executescript("DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS stats; "
+                                   "DROP TABLE IF EXISTS indexes; DROP TABLE IF EXISTS pending;")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
 
@@ -153,6 +155,22 @@ class LocalCache:
                     self._db.execute("DELETE FROM blobs WHERE pack = ?", (row[0],))
                 self._db.execute("DELETE FROM indexes WHERE name = ?", (name,))
             self._db.execute("COMMIT")
+
+    # snapshots being published: a tag not written yet (a crash between the
+    # record and its tag is finished by the next writer of this key)
+
+    def add_pending(self, snapshot_id: bytes, sealed_tag: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO pending (snapshot, sealed_tag) VALUES (?, ?)",
+                             (snapshot_id, sealed_tag))
+
+    def pending(self) -> list[tuple[bytes, bytes]]:
+        with self._lock:
+            return self._db.execute("SELECT snapshot, sealed_tag FROM pending").fetchall()
+
+    def drop_pending(self, snapshot_id: bytes) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM pending WHERE snapshot = ?", (snapshot_id,))
 
     # stat cache
 

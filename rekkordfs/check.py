@@ -85,7 +85,8 @@ class Checker:
         untagged = records - {tag.snapshot_id for tag in listing.tags} - forgotten
         for snapshot_id in sorted(untagged):
             self.problem(f"snapshot record {snapshot_id.hex()} has no valid tag: its tag was deleted or forged, "
-                         "or a save was killed just before it finished")
+                         "or a save was killed at its last step (the next save of that machine lists it); "
+                         f"'rekkord forget {snapshot_id.hex()}' drops it")
         self.report.chunks = len(self._chunk_users)
         if self.read_data:
             await self._read_everything()

@@ -16,6 +16,7 @@ from .errors import NotFound, UsageError
 from .format import Tag
 from .keys import Capability
 from .marks import FORGOTTEN_PREFIX, NAME_SIZE, Forgotten, encode_forgotten
+from .codec import snapshot_key
 from .repository import Repository
 from .retention import Decision, Policy, decide
 
@@ -25,6 +26,7 @@ class ForgetPlan:
     """Every listed snapshot (of the channels concerned) with its decision."""
 
     decisions: list[tuple[Tag, Decision]] = field(default_factory=list)
+    unlisted: list[bytes] = field(default_factory=list)  # records without a tag (check names them)
 
     @property
     def removed(self) -> list[Tag]:
@@ -52,27 +54,32 @@ async def plan_by_ids(repo: Repository, specs: list[str]) -> ForgetPlan:
     """Snapshots named by full ID or unique prefix (never a channel name: too easy to mistype)."""
     listing = await repo.list_snapshots()
     chosen: dict[bytes, Tag] = {}
+    unlisted: list[bytes] = []
     for spec in specs:
         lowered = spec.lower()
         if len(lowered) < 8 or any(c not in "0123456789abcdef" for c in lowered):
             raise UsageError(f"'{spec}' is not a snapshot ID: forget takes IDs (8 or more hex digits) "
                              "or --keep-* rules")
         matches = [t for t in listing.tags if t.id_hex.startswith(lowered)]
+        if not matches and len(lowered) == 64 and await repo.storage.exists(snapshot_key(bytes.fromhex(lowered))):
+            unlisted.append(bytes.fromhex(lowered))  # a record whose tag is gone: check names it in full
+            continue
         if not matches:
             raise NotFound(f"no snapshot with ID '{spec}'")
         if len(matches) > 1:
             raise NotFound(f"snapshot ID prefix '{spec}' is ambiguous")
         chosen[matches[0].snapshot_id] = matches[0]
-    return ForgetPlan([(tag, Decision(tag.time_ns)) for tag in sorted(chosen.values(), key=lambda t: t.time_ns)])
+    return ForgetPlan([(tag, Decision(tag.time_ns)) for tag in sorted(chosen.values(), key=lambda t: t.time_ns)],
+                      unlisted)
 
 
 async def forget(repo: Repository, plan: ForgetPlan) -> list[Tag]:
     """Remove the plan's snapshots from the listings; returns them."""
     repo.keys.require(Capability.FORGET)
     removed = plan.removed
-    if not removed:
+    if not removed and not plan.unlisted:
         return []
-    record = Forgotten(time.time_ns(), tuple(tag.snapshot_id for tag in removed))
+    record = Forgotten(time.time_ns(), tuple(tag.snapshot_id for tag in removed) + tuple(plan.unlisted))
     name = FORGOTTEN_PREFIX + os.urandom(NAME_SIZE).hex()
     await repo.storage.put(name, encode_forgotten(record, repo.keys, repo.config.repo_id))
     await repo.storage.flush()  # the record first: a tag never goes without one

@@ -245,6 +245,7 @@ class Repository:
         self.keys.require(Capability.WRITE)
         if self.session_start_ns is None:
             self.session_start_ns = time.time_ns()
+            await self.finish_pending()
         await self.load_condemned()
         await self.sync_indexes()
 
@@ -559,13 +560,28 @@ class Repository:
         tag = Tag(record_id, snapshot.channel, snapshot.time_ns, snapshot.size, snapshot.stored, snapshot.files,
                   self.keys.signer)
         tag = replace(tag, signature=self.keys.sign(tag.signature_message(self.config.repo_id)))
+        sealed = crypto.seal_to(self.keys.log_public, tag.encode())
+        # if this process dies between the record and its tag, the next writer
+        # of this key on this machine writes the tag (finish_pending)
+        await trio.to_thread.run_sync(self.cache.add_pending, tag.snapshot_id, sealed)
         if not await self.storage.put(snapshot_key(tag.snapshot_id), raw):
             raise RepositoryError(f"snapshot record {tag.id_hex} exists already")
         await self.storage.flush()
-        sealed = crypto.seal_to(self.keys.log_public, tag.encode())
         await self.storage.put(tag_key(sealed), b"")
         await self.storage.flush()
+        await trio.to_thread.run_sync(self.cache.drop_pending, tag.snapshot_id)
         return tag
+
+    async def finish_pending(self) -> None:
+        """Publishes an earlier process of this key left half done: a record
+        written, its tag not. The record is complete (written last of all but
+        the tag), so its tag is written now."""
+        for snapshot_id, sealed in await trio.to_thread.run_sync(self.cache.pending):
+            if await self.storage.exists(snapshot_key(snapshot_id)):
+                await self.storage.put(tag_key(sealed), b"")  # put-if-absent: a tag already there stays
+                await self.storage.flush()
+                log.warning("snapshot %s: its publication was interrupted; it is listed now", snapshot_id.hex())
+            await trio.to_thread.run_sync(self.cache.drop_pending, snapshot_id)
 
     async def list_snapshots(self) -> TagListing:
         """Every snapshot whose tag verifies, each once, oldest first; the tags that

@@ -10,6 +10,8 @@ import pytest
 from rekkordfs.errors import UsageError
 from rekkordfs.exclude import Excluder, Scope, compile_pattern, read_pattern_file
 
+pytestmark = pytest.mark.fast  # pure: part of the fast tier
+
 SAVED = "/home/me"  # the saved PATH relative patterns are anchored to
 
 # (pattern, absolute path, is a folder, excluded?)

@@ -371,3 +371,51 @@ def test_prune_interrupted_anywhere_leaves_a_repository_that_restores(master: ke
         assert await check(storage, master) == []
 
     trio.run(main)
+
+
+def test_a_publish_interrupted_between_record_and_tag_is_finished_by_the_next_save(
+        master: keymod.Keyset, tmp_path: Path) -> None:
+    """The one window a kill can leave half done: the record written, not its
+    tag. check names it; the next save of the same key lists it."""
+    src = make_tree(tmp_path / "src", seed=9)
+
+    async def main() -> None:
+        storage = await new_repository(master)
+        faulty = FaultyStorage(storage, Schedule.at("put", 1, "fail", prefix="tags/"))
+        with pytest.raises(StorageError):
+            await save(faulty, master, "c", src)
+        assert [action for _, _, action in faulty.taken] == ["fail"]
+        problems = await check(storage, master)
+        assert len(problems) == 1 and "has no valid tag" in problems[0]
+        second = await save(storage, master, "c", src)
+        async with opened(storage, master) as repo:
+            listed = [tag.id_hex for tag in await repo.list_tags()]
+        assert len(listed) == 2 and second in listed
+        assert await check(storage, master) == []
+        for snapshot in listed:
+            await restore(storage, master, snapshot, src, tmp_path / snapshot)
+            assert rsync_diff(src, tmp_path / snapshot) == ""
+
+    trio.run(main)
+
+
+def test_an_unlisted_record_can_be_forgotten_by_its_full_id(master: keymod.Keyset, tmp_path: Path) -> None:
+    src = make_tree(tmp_path / "src", seed=10)
+
+    async def main() -> None:
+        storage = await new_repository(master)
+        snapshot = await save(storage, master, "c", src)
+        for key in [k for k in storage.objects if k.startswith("tags/")]:
+            del storage.objects[key]  # deleted behind the repository's back
+        assert "has no valid tag" in (await check(storage, master))[0]
+        async with opened(storage, master) as repo:
+            with pytest.raises(RekkordError):
+                await plan_by_ids(repo, [snapshot[:16]])  # prefixes name listed snapshots only
+            await forget(repo, await plan_by_ids(repo, [snapshot]))
+        assert await check(storage, master) == []
+        async with opened(storage, master) as repo:
+            report = await Pruner(repo, NO_GRACE).run()
+        assert report.records_deleted == 1 and report.packs_deleted > 0
+        assert not [k for k in storage.objects if k.startswith(("packs/", "snapshots/", "forgotten/"))]
+
+    trio.run(main)

@@ -10,6 +10,8 @@ import pytest
 from rekkordfs.errors import UsageError
 from rekkordfs.retention import Duration, Policy, decide
 
+pytestmark = pytest.mark.fast  # pure: part of the fast tier
+
 # docs/operations.md, "forget": the example history (UTC)
 HISTORY = {
     1: "2026-01-01 10:00", 2: "2026-01-01 22:00", 3: "2026-01-02 09:00", 4: "2026-01-05 09:00",

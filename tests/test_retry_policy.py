@@ -17,6 +17,8 @@ from rekkordfs.storage import open_storage
 from rekkordfs.storage.base import Storage
 from rekkordfs.storage.retry import RetryingStorage, RetryPolicy, describe_duration
 
+pytestmark = pytest.mark.fast  # pure: part of the fast tier
+
 
 class ScriptedStorage(Storage):
     """In-memory objects; each call first takes the next failure from `failures`

@@ -102,6 +102,14 @@ def _dry_run_option(parser: argparse.ArgumentParser, help_text: str) -> None:
     parser.add_argument("-n", "--dry-run", action="store_true", help=help_text)
 
 
+def _prune_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grace", metavar="DURATION", default=None,
+                        help="how long a backup may have been running and still be safe (default 1d; 0 deletes "
+                             "at once: only when no backup is running)")
+    parser.add_argument("--repack-below", metavar="FRACTION", type=float, default=None,
+                        help="rewrite packs used for less than this share of their bytes (default 0.9)")
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="rekkord",
@@ -190,6 +198,41 @@ def build_parser() -> Parser:
     p = command("check", "verify signatures, structure and optionally every chunk", f"{_CLI}.check:check",
                 "rekkord -K master.key check --read-data", uses=Common(quiet=True))
     p.add_argument("--read-data", action="store_true", help="also download, decrypt and rehash every chunk")
+
+    p = command("forget", "remove snapshots from the listings, by ID or by policy", f"{_CLI}.retention:forget",
+                "rekkord -K master.key forget --keep-daily 7 --keep-weekly 5 --keep-monthly 12 --prune\n"
+                "rekkord -K master.key forget 3f2a9c1e 77d0e2b4\n"
+                "rekkord -K master.key forget -n --keep-last 10 -c laptop",
+                uses=Common(quiet=True),
+                description="Remove the snapshots given by ID, or those no --keep-* rule keeps (each channel on its "
+                            "own; a channel's newest snapshot is always kept). Their data stays until a prune finds "
+                            "that nothing needs it: add --prune to run one. Needs a Master or ReadWrite key.")
+    p.add_argument("ids", metavar="ID", nargs="*", help="snapshot IDs or ID prefixes (8+ hex digits)")
+    p.add_argument("-c", "--channel", action="append", metavar="CHANNEL",
+                   help="apply the rules to this channel only (repeatable; default: every channel)")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the N newest snapshots")
+    for rule, period in (("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"), ("monthly", "months"),
+                         ("yearly", "years")):
+        p.add_argument(f"--keep-{rule}", type=int, metavar="N",
+                       help=f"keep the newest snapshot of each of the N latest {period} that have one (UTC)")
+    p.add_argument("--keep-within", metavar="DURATION",
+                   help="keep every snapshot at most DURATION older than the channel's newest (e.g. 30d, 6m, 1y)")
+    p.add_argument("--prune", action="store_true", help="then prune (see 'rekkord prune --help')")
+    _prune_options(p)
+    _dry_run_option(p, "show what would be kept and removed (and pruned); change nothing")
+    _format_option(p)
+
+    p = command("prune", "delete the data no snapshot needs, and repack mostly unused packs", f"{_CLI}.retention:prune",
+                "rekkord -K master.key prune\n"
+                "rekkord -K master.key prune --grace 0   # only when no backup is running",
+                uses=Common(quiet=True),
+                description="Delete what no snapshot needs, while backups keep running: data found unused is first "
+                            "condemned, and deleted by a later prune once the grace period is over (unless a backup "
+                            "started using it meanwhile). Packs used for less than --repack-below of their size are "
+                            "rewritten. Needs a Master or ReadWrite key, and storage credentials that may delete.")
+    _prune_options(p)
+    _dry_run_option(p, "show what would be deleted, repacked and condemned; change nothing")
+    _format_option(p)
 
     p = command("mount", "mount the repository (or one snapshot directory) as a filesystem",
                 f"{_CLI}.mounting:mount",

@@ -689,7 +689,8 @@ class Repository:
         (its newest usable snapshot)."""
         tags = await self.list_tags()
         lowered = spec.lower()
-        if len(lowered) >= 8 and all(c in "0123456789abcdef" for c in lowered):
+        id_like = len(lowered) >= 8 and all(c in "0123456789abcdef" for c in lowered)
+        if id_like:
             matches = [t for t in tags if t.id_hex.startswith(lowered)]
             if len(matches) == 1:
                 return matches[0]
@@ -705,7 +706,10 @@ class Repository:
             for line in problems:  # an older snapshot stands in for the newest
                 log.warning("%s; using %s instead", line, newest.id_hex)
             return newest
-        raise NotFound(f"no snapshot or channel named '{spec}'")
+        if id_like:
+            raise NotFound(f"no snapshot or channel named '{spec}'")
+        raise NotFound(f"no channel named '{spec}', and it is not a snapshot ID "
+                       "(an ID prefix needs at least 8 hex digits)")
 
 
 async def walk_path(repo: Repository, snapshot: Snapshot, path: str) -> tuple[Entry, bool]:

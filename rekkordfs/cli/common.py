@@ -7,12 +7,11 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Callable
 
-from rekkordfs.errors import NotFound, UsageError
+from rekkordfs.errors import UsageError
 
 if TYPE_CHECKING:
     from rekkordfs.config import Config
     from rekkordfs.keys import Keyset
-    from rekkordfs.repository import Repository, Tag
 
 ConfigMaker = Callable[[argparse.Namespace], "Config"]
 
@@ -43,21 +42,6 @@ def split_spec(spec: str) -> tuple[str, str]:
     if not name:
         raise UsageError(f"'{spec}' names no snapshot or channel")
     return name, path
-
-
-def _looks_like_id_prefix(name: str) -> bool:
-    return len(name) >= 8 and all(c in "0123456789abcdefABCDEF" for c in name)
-
-
-async def resolve(repo: Repository, name: str) -> Tag:
-    """A snapshot by ID, ID prefix or channel; a miss says what an ID prefix is."""
-    try:
-        return await repo.resolve(name)
-    except NotFound:
-        if _looks_like_id_prefix(name):
-            raise
-        raise NotFound(f"no channel named '{name}', and it is not a snapshot ID "
-                       f"(an ID prefix needs at least 8 hex digits)") from None
 
 
 def quiet(args: argparse.Namespace) -> bool:

@@ -11,7 +11,7 @@ from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, Tag, walk_path
 from rekkordfs.treebudget import refuse_hostile_tree
 
-from .common import ConfigMaker, load_keys, resolve, split_spec, warn
+from .common import ConfigMaker, load_keys, split_spec, warn
 from .interrupt import run_trio
 from .output import human_size, iso_time, local_time, mode_string, print_json, print_table
 
@@ -83,11 +83,13 @@ def channels(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     return 3 if problems else 0
 
 
-def _entry_json(path: str, entry: Entry) -> dict:
-    doc = {
-        "path": path, "type": entry.kind.name.lower(), "mode": f"{entry.mode:04o}", "uid": entry.uid,
+def entry_json(path: str | None, entry: Entry) -> dict:
+    """An entry as `list -f json` shows it (without "path" when path is None)."""
+    doc: dict = {} if path is None else {"path": path}
+    doc.update({
+        "type": entry.kind.name.lower(), "mode": f"{entry.mode:04o}", "uid": entry.uid,
         "gid": entry.gid, "size": entry.size, "mtime": iso_time(entry.mtime_ns),
-    }
+    })
     if entry.kind == EntryKind.SYMLINK and entry.target is not None:
         doc["target"] = os.fsdecode(entry.target)
     if entry.link_id:
@@ -119,7 +121,7 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
     async def run() -> None:
         async with Repository.connect(config, keys) as repo:
-            tag = await resolve(repo, name)
+            tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag)
             top, _ = await walk_path(repo, snapshot, path)
             if top.kind == EntryKind.DIRECTORY:
@@ -132,7 +134,7 @@ def list_tree(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
     run_trio(run)
     if args.format == "json":
-        print_json([_entry_json(p, e) for p, e in rows])
+        print_json([entry_json(p, e) for p, e in rows])
         return 0
     for child, entry in rows:
         suffix = f" -> {os.fsdecode(entry.target)}" if entry.kind == EntryKind.SYMLINK and entry.target else ""

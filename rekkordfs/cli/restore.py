@@ -10,7 +10,7 @@ from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession, RestoreStats
 
-from .common import ConfigMaker, load_keys, quiet, resolve, split_spec, verbose, warn, write_line
+from .common import ConfigMaker, load_keys, quiet, split_spec, verbose, warn, write_line
 from .interrupt import run_trio
 from .output import human_size, plural, print_json
 from .progress import progress_bar
@@ -54,7 +54,7 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
     async def run() -> RestoreSession:
         async with Repository.connect(config, keys) as repo:
-            tag = await resolve(repo, name)
+            tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag)
             target, has_metadata = await walk_path(repo, snapshot, path)
             session = RestoreSession(repo, target, args.dest, options, warn, _path_reporter(args), has_metadata,

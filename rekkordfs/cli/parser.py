@@ -184,6 +184,45 @@ def build_parser() -> Parser:
     p.add_argument("-r", "--recursive", action="store_true", help="list subdirectories too")
     _format_option(p)
 
+    p = command("diff", "what was added, removed and changed between two snapshots", f"{_CLI}.diff:diff",
+                "rekkord -K master.key diff laptop-old-id laptop\n"
+                "rekkord -K master.key diff 3f2a9c1e:/home/me laptop:/home/me -f json",
+                uses=Common(quiet=True),
+                description="List the paths added (+), removed (-) and changed between snapshot A and snapshot "
+                            "B (or a folder of each): M content, U metadata only (mode, owner, time, xattrs), "
+                            "T type. Folders equal in both are skipped without being read.")
+    p.add_argument("old", metavar="A", help="SNAPSHOT[:PATH]: the older side")
+    p.add_argument("new", metavar="B", help="SNAPSHOT[:PATH]: the newer side")
+    _format_option(p)
+
+    p = command("dump", "write a file of a snapshot to standard output, or a folder as a tar archive",
+                f"{_CLI}.dump:dump",
+                "rekkord -K master.key dump laptop:/home/me/notes.txt > notes.txt\n"
+                "rekkord -K master.key dump laptop:/home/me | tar -x -C /tmp/me",
+                description="Write the file SNAPSHOT:PATH to standard output as it is, or the folder "
+                            "SNAPSHOT[:PATH] as a tar archive (PAX format: modes, owners, nanosecond times, "
+                            "symlinks, hardlinks, devices, extended attributes, any file name).")
+    p.add_argument("spec", metavar="SNAPSHOT[:PATH]", help="snapshot ID, ID prefix (8+ hex digits) or channel")
+
+    p = command("find", "which snapshots hold a path matching a pattern", f"{_CLI}.find:find",
+                "rekkord -K master.key find '*.pdf'\n"
+                "rekkord -K master.key find '/home/*/notes.txt' -c laptop -f json",
+                uses=Common(quiet=True),
+                description="Search every snapshot (or those of the --channel given) for paths matching "
+                            "PATTERN, with the syntax of save's --exclude: a pattern without '/' matches a name "
+                            "at any depth, one with '/' the path from the snapshot's root; a trailing '/' "
+                            "matches folders only.")
+    p.add_argument("patterns", metavar="PATTERN", nargs="+", help="glob pattern (several: any of them)")
+    p.add_argument("-c", "--channel", action="append", metavar="CHANNEL", help="only this channel (repeatable)")
+    _format_option(p)
+
+    p = command("stats", "sizes of the repository: logical, distinct and stored, dedup ratio, packs",
+                f"{_CLI}.stats:stats", "rekkord -K master.key stats\nrekkord -K audit.key stats -f json",
+                description="Number of snapshots and channels, their logical size, the size of the distinct "
+                            "data they refer to (keys that can read), the bytes stored in packs, the ratios, "
+                            "and per channel its snapshots, latest and logical size.")
+    _format_option(p)
+
     p = command("restore", "restore a snapshot, or a path inside it, to DEST", f"{_CLI}.restore:restore",
                 "rekkord -K master.key restore laptop:/home/me /tmp/me\n"
                 "rekkord -K master.key restore -n --delete laptop:/home/me /home/me",
@@ -196,8 +235,13 @@ def build_parser() -> Parser:
     _format_option(p)
 
     p = command("check", "verify signatures, structure and optionally every chunk", f"{_CLI}.check:check",
-                "rekkord -K master.key check --read-data", uses=Common(quiet=True))
-    p.add_argument("--read-data", action="store_true", help="also download, decrypt and rehash every chunk")
+                "rekkord -K master.key check --read-data\nrekkord -K master.key check --read-data-subset 1/7",
+                uses=Common(quiet=True))
+    read = p.add_mutually_exclusive_group()
+    read.add_argument("--read-data", action="store_true", help="also download, decrypt and rehash every chunk")
+    read.add_argument("--read-data-subset", metavar="N%|N/M",
+                      help="the same for some packs only: N%% of them at random, or group N of M (by pack ID)")
+    _format_option(p)
 
     p = command("forget", "remove snapshots from the listings, by ID or by policy", f"{_CLI}.retention:forget",
                 "rekkord -K master.key forget --keep-daily 7 --keep-weekly 5 --keep-monthly 12 --prune\n"

@@ -39,6 +39,7 @@ class Pattern:
     scope: Scope
     dirs_only: bool
     regex: bytes  # source of a bytes regular expression matching the whole target
+    glob: bytes = b""  # as matched: '//' collapsed, without a trailing '/' or leading './'
 
 
 def _class(glob: bytes, start: int) -> tuple[bytes, int] | None:
@@ -98,26 +99,55 @@ def _translate(glob: bytes) -> bytes:
     return b"".join(out)
 
 
-def compile_pattern(raw: str | bytes) -> Pattern:
-    """One pattern; a usage error for one that could match nothing sensible."""
+def compile_pattern(raw: str | bytes, what: str = "exclude pattern") -> Pattern:
+    """One pattern; a usage error (naming it as `what`) for one that could
+    match nothing sensible."""
     text = os.fsdecode(raw)
     glob = os.fsencode(raw)
     if b"\0" in glob:
-        raise UsageError(f"exclude pattern '{text}' contains a NUL byte")
+        raise UsageError(f"{what} '{text}' contains a NUL byte")
     glob = re.sub(rb"/{2,}", b"/", glob)
     dirs_only = glob.endswith(b"/") and glob != b"/"
     glob = glob.rstrip(b"/") if dirs_only else glob
     while glob.startswith(b"./"):
         glob = glob[2:]
     if not glob or glob in (b"/", b"."):
-        raise UsageError(f"exclude pattern '{text}' is empty or names the whole tree")
+        raise UsageError(f"{what} '{text}' is empty or names the whole tree")
     if glob.startswith(b"/"):
         scope = Scope.ABSOLUTE
     elif b"/" in glob:
         scope = Scope.RELATIVE
     else:
         scope = Scope.NAME
-    return Pattern(text, scope, dirs_only, _translate(glob))
+    return Pattern(text, scope, dirs_only, _translate(glob), glob)
+
+
+def components(glob: bytes) -> list[bytes]:
+    """A pattern's parts between the '/' that separate folders (a '/' inside a
+    [set] or after '\\' separates nothing), each to be compiled by
+    component_regex()."""
+    parts: list[bytes] = []
+    start = i = 0
+    while i < len(glob):
+        c = glob[i:i + 1]
+        if c == b"[":
+            found = _class(glob, i)
+            i = found[1] if found is not None else i + 1
+        elif c == b"\\":
+            i += 2
+        elif c == b"/":
+            parts.append(glob[start:i])
+            start = i = i + 1
+        else:
+            i += 1
+    parts.append(glob[start:])
+    return parts
+
+
+def component_regex(part: bytes) -> bytes:
+    """The regular expression of one part of a pattern, matching one name
+    (a part holding '**' may match across folders: see the module's rules)."""
+    return _translate(part)
 
 
 def read_pattern_file(path: str) -> list[Pattern]:

@@ -21,7 +21,8 @@ def human_size(value: float) -> str:
     return f"{value:.1f} TiB"
 
 
-_IRREGULAR = {"directory": "directories", "entry": "entries", "unreadable entry": "unreadable entries"}
+_IRREGULAR = {"directory": "directories", "entry": "entries", "unreadable entry": "unreadable entries",
+              "match": "matches"}
 
 
 def plural(count: int, noun: str) -> str:

@@ -14,20 +14,60 @@ What it reports, each as one line (docs/operations.md):
 
 from __future__ import annotations
 
+import math
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Callable
 
 import trio
 
 from .codec import index_name_from_key, pack_id_from_key, snapshot_id_from_key
-from .errors import CorruptedData, ObjectMissing
+from .errors import CorruptedData, ObjectMissing, UsageError
 from .format import BlobKind, BlobRef, ChunkRef, EntryKind, Location, Tag, decode_chunks
 from .keys import Capability
 from .marks import CONDEMNED_PREFIX, FORGOTTEN_PREFIX, decode_condemned, decode_forgotten
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .tasks import task_group
 from .treebudget import TreeShape, shape_problem
+
+
+@dataclass(frozen=True)
+class DataSubset:
+    """Which packs `check --read-data-subset` reads: a share of them drawn at
+    random (N%), or the N-th of M groups, a pack's group being its ID (as a
+    number) modulo M, so that M runs with N = 1..M read every pack once."""
+
+    text: str
+    percent: float | None = None
+    group: tuple[int, int] | None = None
+
+    def choose(self, packs: set[bytes]) -> set[bytes]:
+        if self.group is not None:
+            n, m = self.group
+            return {pack for pack in packs if int.from_bytes(pack[:8], "big") % m == n - 1}
+        assert self.percent is not None
+        count = min(len(packs), math.ceil(len(packs) * self.percent / 100))
+        return set(random.sample(sorted(packs), count))
+
+
+def parse_subset(text: str) -> DataSubset:
+    """'N%' (0 < N <= 100, decimals allowed) or 'N/M' (1 <= N <= M)."""
+    wrong = UsageError(f"--read-data-subset '{text}': use N% (a share of the packs, e.g. 10%) "
+                       "or N/M (group N of M, e.g. 2/5)")
+    spec = text.strip()
+    try:
+        if spec.endswith("%"):
+            percent = float(spec[:-1])
+            if not 0 < percent <= 100 or math.isnan(percent):
+                raise wrong
+            return DataSubset(text, percent=percent)
+        n, slash, m = spec.partition("/")
+        if slash and 1 <= int(n) <= int(m):
+            return DataSubset(text, group=(int(n), int(m)))
+    except ValueError:
+        pass
+    raise wrong
 
 
 @dataclass
@@ -38,6 +78,8 @@ class CheckReport:
     chunks: int = 0
     chunks_read: int = 0
     bytes_read: int = 0
+    packs: int = 0  # in the storage
+    packs_read: int = 0  # chosen for reading (--read-data: all of them)
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -46,10 +88,13 @@ class CheckReport:
 
 
 class Checker:
-    def __init__(self, repo: Repository, read_data: bool, progress: Callable[[str], None] | None = None) -> None:
+    def __init__(self, repo: Repository, read_data: bool, progress: Callable[[str], None] | None = None,
+                 subset: DataSubset | None = None) -> None:
+        """read_data: read every blob of the packs (or of the subset's packs only)."""
         repo.keys.require(Capability.READ)
         self.repo = repo
-        self.read_data = read_data
+        self.read_data = read_data or subset is not None
+        self.subset = subset
         self.progress = progress or (lambda _m: None)
         self.report = CheckReport()
         self._packs: set[bytes] = set()
@@ -68,6 +113,7 @@ class Checker:
     async def run(self) -> CheckReport:
         packs = await self.repo.storage.list(PACKS_PREFIX)
         self._packs = {p for p in (pack_id_from_key(k) for k in packs) if p is not None}
+        self.report.packs = len(self._packs)
         await self._check_indexes()
         await self._check_marks()
         listing = await self.repo.list_snapshots()
@@ -202,13 +248,18 @@ class Checker:
         await self.repo.for_each([n for n in names if index_name_from_key(n) is not None], verify)
 
     async def _read_everything(self) -> None:
-        """Read and verify every chunk a snapshot uses and every blob an index lists, once each."""
+        """Read and verify every chunk a snapshot uses and every blob an index
+        lists, once each (with a subset: those stored in the packs it chose)."""
+        chosen = self.subset.choose(self._packs) if self.subset is not None else None
+        self.report.packs_read = len(self._packs if chosen is None else chosen)
         users: dict[tuple[bytes, Location], tuple[BlobKind, str]] = {}
         for chunk, user in self._chunk_users.items():
-            users[(chunk.id, chunk.location)] = (BlobKind.CHUNK, f"'{user}'")
+            if chosen is None or chunk.location.pack in chosen:  # all: also those a prune moved
+                users[(chunk.id, chunk.location)] = (BlobKind.CHUNK, f"'{user}'")
         for name, signer, entries in self._listed:
             for blob_id, kind, location in entries:
-                users.setdefault((blob_id, location), (kind, f"pack index '{name}' (by {signer})"))
+                if chosen is None or location.pack in chosen:
+                    users.setdefault((blob_id, location), (kind, f"pack index '{name}' (by {signer})"))
         slots = trio.Semaphore(max(4, self.repo.threads * 4))
 
         async def verify(blob_id: bytes, location: Location, kind: BlobKind, user: str) -> None:

@@ -19,7 +19,7 @@ import pyfuse3
 import trio
 
 from .blobcache import DEFAULT_DISK_BYTES, BlobCache, DiskCache
-from .cache import default_state_dir, repository_cache_dir
+from .cache import repository_cache_dir
 from .config import Config
 from .errors import RekkordError, UsageError, find_user_error
 from .format import EntryKind
@@ -27,6 +27,7 @@ from .fuse import Operations
 from .keys import Capability, Keyset
 from .repository import Repository, walk_path
 from .stagingarea import StagingArea
+from .statedir import key_state_folder
 from .vfs import SnapshotView
 
 log = logging.getLogger(__name__)
@@ -100,8 +101,8 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
     else:
         await view.refresh(force=True)
         if repo.keys.can(Capability.WRITE):
-            state = Path(options.state_dir) if options.state_dir else default_state_dir() / repo.id_hex
-            staging = StagingArea(repo, blobs, view, state)
+            state = Path(options.state_dir) if options.state_dir else key_state_folder(repo.id_hex, repo.keys.id_hex)
+            staging = StagingArea(repo, blobs, view, state, options.mountpoint)
 
     operations = Operations(view, staging)
     fuse_options = set(pyfuse3.default_options) | {"fsname=rekkord", "subtype=rekkord"}

@@ -13,7 +13,6 @@ Like vfs.py it raises OSError and knows nothing of FUSE.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from .keys import Capability
 from .packs import Sealed
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree, remove_files
+from .statedir import lock_state_folder, prepare_state_folder
 from .streaming import GrowingFile, StreamAborted
 from .testhooks import stop_point
 from .upload import SMALL_FILE, Uploader, open_regular
@@ -67,14 +67,20 @@ class Handle:
 
 
 class StagingArea:
-    def __init__(self, repo: Repository, blobs: BlobCache, view: SnapshotView, state_dir: Path) -> None:
+    def __init__(self, repo: Repository, blobs: BlobCache, view: SnapshotView, state_dir: Path,
+                 mountpoint: str | None = None) -> None:
         repo.keys.require(Capability.WRITE)
         self.repo = repo
         self.blobs = blobs if repo.keys.can(Capability.READ) else None
         self.view = view
         self.state_dir = state_dir
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._lock_fd = _lock_state_dir(state_dir)
+        self._lock_fd = lock_state_folder(state_dir, mountpoint)
+        try:
+            prepare_state_folder(state_dir, repo.keys, repo.id_hex)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
         self.trees: dict[str, StagingTree] = {}
         self.uploaders: dict[str, Uploader] = {}
         self._slots: dict[str, int] = {}
@@ -591,14 +597,3 @@ class StagingArea:
         """Room left where staged data is kept."""
         return os.statvfs(self.state_dir)
 
-
-def _lock_state_dir(state_dir: Path) -> int:
-    """One mount at a time per state folder: the journals are not shared."""
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UsageError(f"the staging state folder '{state_dir}' is in use by another mount of this repository "
-                         "(unmount it, or give this one its own --state-dir)") from None
-    return fd

@@ -314,10 +314,11 @@ class Operations(pyfuse3.Operations):
         out = pyfuse3.StatvfsData()
         for key, value in self.view.statfs().items():
             setattr(out, key, value)
-        if self.staging is not None:  # room left for staged data
+        if self.staging is not None:  # free: the room on the disk where staged data goes
             local = self.staging.statfs_all()
-            out.f_bfree = local.f_bavail * local.f_frsize // out.f_frsize
-            out.f_bavail = out.f_bfree
-            out.f_blocks = max(out.f_blocks, out.f_bfree)
+            free = local.f_bavail * local.f_frsize // out.f_frsize
+            out.f_blocks += free
+            out.f_bfree = out.f_bavail = free
+            out.f_files += local.f_favail
             out.f_ffree = out.f_favail = local.f_favail
         return out

@@ -46,6 +46,7 @@ IDS_INO = 3
 STAGING_INO = 4
 FIRST_DYNAMIC_INO = 1 << 20
 IO_BLOCK_SIZE = 1 << 20
+STATFS_BLOCK = 4096  # the unit of sizes in statfs (df counts in it)
 IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
 MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest: new snapshots appear
 PREFETCH_CHUNKS = 8
@@ -610,7 +611,11 @@ class SnapshotView:
     # --- filesystem ----------------------------------------------------------------
 
     def statfs(self) -> dict[str, int]:
+        """What `df` shows used: the logical size of the snapshots listed (each
+        once, as `rekkord snapshots` sums them) and their files. Nothing is
+        free here: staging adds the room of its own disk (fuse.py)."""
         total = sum(t.size for t in self._tags)
-        blocks = (total + IO_BLOCK_SIZE - 1) // IO_BLOCK_SIZE
-        return {"f_bsize": IO_BLOCK_SIZE, "f_frsize": IO_BLOCK_SIZE, "f_blocks": blocks, "f_bfree": 0,
-                "f_bavail": 0, "f_files": len(self.nodes), "f_ffree": 0, "f_favail": 0, "f_namemax": 255}
+        blocks = (total + STATFS_BLOCK - 1) // STATFS_BLOCK
+        return {"f_bsize": IO_BLOCK_SIZE, "f_frsize": STATFS_BLOCK, "f_blocks": blocks, "f_bfree": 0,
+                "f_bavail": 0, "f_files": sum(t.files for t in self._tags), "f_ffree": 0, "f_favail": 0,
+                "f_namemax": 255}

@@ -126,7 +126,7 @@ def diff(args: argparse.Namespace, make_config: ConfigMaker) -> int:
         return 0
     for change in result.changes:
         size = _size(change)
-        print(f"{_code(change)} {size:>21}  {_shown_path(change)}{_note(change)}")
+        print(f"{_code(change)} {size:>24}  {_shown_path(change)}{_note(change)}")  # sizes: up to 24 characters
     if not quiet(args):
         changed = summary["changed"]
         if result.changes:

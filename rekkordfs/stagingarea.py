@@ -178,11 +178,13 @@ class StagingArea:
                 except OSError:
                     self._drop_tree(tree)  # retried on the next use; other channels are unaffected
                     raise
-        else:
-            try:
-                await self._follow_latest(tree)
-            except OSError:
-                pass  # logged; the tree stays on the base it has
+                return tree
+        # a clean tree follows newer snapshots, also one opened from the state
+        # folder (committed meanwhile by another key or machine)
+        try:
+            await self._follow_latest(tree)
+        except OSError:
+            pass  # logged; the tree stays on the base it has
         return tree
 
     def _drop_tree(self, tree: StagingTree) -> None:

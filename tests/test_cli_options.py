@@ -19,9 +19,10 @@ from rekkordfs.cli.output import plural
 from tests.conftest import REKKORD, ROOT, Rekkord
 from tests.fsutil import assert_one_line_error
 
-COMMANDS = ["init", "derive", "identify", "save", "snapshots", "channels", "list", "restore", "check", "mount",
-            "commit", "completion"]
-FORMAT_COMMANDS = ["init", "derive", "identify", "save", "snapshots", "channels", "list", "restore", "commit"]
+COMMANDS = ["init", "derive", "identify", "save", "snapshots", "channels", "list", "diff", "dump", "find", "stats",
+            "restore", "check", "forget", "prune", "mount", "commit", "completion"]
+FORMAT_COMMANDS = ["init", "derive", "identify", "save", "snapshots", "channels", "list", "diff", "find", "stats",
+                   "restore", "check", "forget", "prune", "commit"]
 
 
 def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -90,7 +91,7 @@ def test_f_is_format_in_every_command_that_has_it() -> None:
         assert re.search(r"-f \{plain,json\}, --format \{plain,json\}", text), command
         refused = run(command, "-f", "xml")
         assert refused.returncode == 2 and "invalid choice: 'xml'" in refused.stderr, command
-    for command in ("mount", "check"):
+    for command in ("mount", "dump"):  # mount's output is a filesystem, dump's the data itself
         assert not re.search(r"^\s+-f\b", run(command, "--help").stdout, re.MULTILINE), command
     assert "--force" in run("restore", "--help").stdout and "--foreground" in run("mount", "--help").stdout
 

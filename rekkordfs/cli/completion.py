@@ -72,11 +72,11 @@ def _describe(parser: argparse.ArgumentParser) -> tuple[list[Option], list[Posit
             continue
         choices = [str(c) for c in (action.choices or getattr(action, "completions", None) or [])]
         metavar = action.metavar if isinstance(action.metavar, str) else (action.dest or "").upper()
+        text = (action.help or "").replace("%%", "%")  # help strings are %-formatted by argparse
         if action.option_strings:
-            options.append(Option(list(action.option_strings), action.help or "", action.nargs != 0,
-                                  metavar, choices))
+            options.append(Option(list(action.option_strings), text, action.nargs != 0, metavar, choices))
         else:
-            positionals.append(Positional(metavar, action.help or "", action.nargs, choices))
+            positionals.append(Positional(metavar, text, action.nargs, choices))
     return options, positionals
 
 

@@ -238,6 +238,16 @@ def test_hostile_tree_is_refused_before_any_work(world: World) -> None:
     assert not dest.exists()
     # its top level alone lists fine
     assert world.run("list", evil["bomb"]).stdout.count("\n") == 2
+    # the commands that walk trees refuse it too, with one line; find and stats go on without it
+    victim = world.save("laptop", key="master")
+    assert_one_line_error(world.run("dump", evil["bomb"], check=False), "multiply work")
+    assert_one_line_error(world.run("diff", victim, evil["bomb"], check=False), "multiply work")
+    found = world.run("find", "*", "-f", "json", check=False)
+    assert found.returncode == 3 and evil["bomb"] in found.stderr and "multiply work" in found.stderr
+    assert {m["id"] for m in json.loads(found.stdout)} == {victim}
+    stats = world.run("stats", "-f", "json", check=False)  # the attack's lies are named, and left out
+    assert stats.returncode == 3 and "in the future" in stats.stderr and "Traceback" not in stats.stderr
+    assert json.loads(stats.stdout)["snapshots"] >= 2
 
 
 # --- one backend is enough for what follows: it does not depend on the storage ----------

@@ -67,15 +67,14 @@ class Matcher:
             fixed.append(re.compile(component_regex(part), re.DOTALL))
         self._paths.append((fixed, None if len(fixed) < len(parts) else len(parts)))
 
-    def candidate(self, entry: Entry) -> bool:
-        """Whether the entry's name could end a matching path (a quick test)."""
-        is_dir = entry.kind == EntryKind.DIRECTORY
-        return any((last is None or last.fullmatch(entry.name) is not None) and (is_dir or not dirs_only)
+    def candidate(self, name: bytes, is_dir: bool) -> bool:
+        """Whether an entry's name could end a matching path (a quick test)."""
+        return any((last is None or last.fullmatch(name) is not None) and (is_dir or not dirs_only)
                    for last, dirs_only in self._last)
 
-    def matches(self, path: bytes, entry: Entry) -> bool:
+    def matches(self, path: bytes, name: bytes, is_dir: bool) -> bool:
         """path: from the snapshot's root, without a leading '/'."""
-        return self.excluder.excluded(entry.name, b"/" + path, path, entry.kind == EntryKind.DIRECTORY)
+        return self.excluder.excluded(name, b"/" + path, path, is_dir)
 
     def may_descend(self, depth: int, name: bytes) -> bool:
         """Whether a folder at depth (1: at the root) named name may hold a match
@@ -94,20 +93,30 @@ class Matcher:
         return min(depth, self.depth_cap)
 
 
+@dataclass(frozen=True, slots=True)
+class Found:
+    """What a match shows of its entry (whole entries would weigh ten times more)."""
+
+    name: bytes
+    kind: EntryKind
+    size: int
+    mtime_ns: int
+
+
 @dataclass
 class Record:
     """What the search keeps of a directory record."""
 
     entries: int
-    candidates: list[Entry]
+    candidates: list[Found]
     subdirs: list[tuple[bytes, BlobRef]]
 
 
-@dataclass
+@dataclass(slots=True)
 class Match:
     tag: Tag
     path: bytes  # from the snapshot's root, without a leading '/'
-    entry: Entry
+    entry: Found
 
 
 @dataclass
@@ -143,7 +152,10 @@ class Search:
 
     def _keep(self, entries: list[Entry]) -> Record:
         """Worker-thread side: reduce a record to what the search needs."""
-        return Record(len(entries), [e for e in entries if self.matcher.candidate(e)],
+        candidate = self.matcher.candidate
+        return Record(len(entries),
+                      [Found(e.name, e.kind, e.size, e.mtime_ns) for e in entries
+                       if candidate(e.name, e.kind == EntryKind.DIRECTORY)],
                       [(e.name, e.dir_ref) for e in entries if e.kind == EntryKind.DIRECTORY and e.dir_ref])
 
     async def _read(self, root: BlobRef) -> None:
@@ -209,7 +221,7 @@ class Search:
             budget.visit(record_id, record.entries, depth + 1, where)
             for entry in record.candidates:
                 child = path + b"/" + entry.name if path else entry.name
-                if self.matcher.matches(child, entry):
+                if self.matcher.matches(child, entry.name, entry.kind == EntryKind.DIRECTORY):
                     found.append(Match(tag, child, entry))
             for name, ref in reversed(record.subdirs):
                 if self.matcher.may_descend(depth + 1, name):

@@ -159,11 +159,11 @@ def test_find_patterns_and_the_folders_they_walk(pattern: str, path: str, expect
     on the way to a match."""
     matcher = Matcher([pattern])
     parts = path.encode().split(b"/")
-    entry = Entry(EntryKind.DIRECTORY if pattern.endswith("/") else EntryKind.FILE, parts[-1])
-    found = matcher.matches(path.encode(), entry)
+    is_dir = pattern.endswith("/")
+    found = matcher.matches(path.encode(), parts[-1], is_dir)
     assert found == expected
     if found:
-        assert matcher.candidate(entry)
+        assert matcher.candidate(parts[-1], is_dir)
         assert all(matcher.may_descend(depth, name) for depth, name in enumerate(parts[:-1], start=1))
 
 

@@ -62,6 +62,17 @@ def print_json(document: Any) -> None:
     sys.stdout.write(text + "\n")
 
 
+def print_json_list(items: Iterable[Any]) -> None:
+    """One JSON list, written item by item (one per line), so a long one is
+    never held whole as text; valid UTF-8 as print_json() makes it."""
+    write = sys.stdout.write
+    write("[")
+    for index, item in enumerate(items):
+        text = _LONE_SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(item, ensure_ascii=False))
+        write(("\n  " if index == 0 else ",\n  ") + text)
+    write("\n]\n")
+
+
 def print_table(rows: Iterable[Iterable[str]], right_align: set[int] = frozenset()) -> None:
     rows = [list(r) for r in rows]
     if not rows:

@@ -38,6 +38,7 @@ from .config import Config
 from .storage import open_storage
 from .storage.base import Storage
 from .tasks import task_group
+from .testhooks import stop_point
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -550,6 +551,7 @@ class Repository:
         snapshot.writer = self.keys.key_id
         await self.flush_packs()
         await self.storage.flush()  # everything the snapshot refers to is durable first
+        stop_point("publish")
         await self.check_before_publish(uses)
         record = snapshot.encode()
 

@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import REKKORD, ROOT, Rekkord
 from tests.fsutil import assert_one_line_error, rsync_diff
+from tests.trees import rsync_differences
 
 
 def make_tree(root: Path, seed: int = 1) -> Path:
@@ -210,3 +211,78 @@ def test_prune_killed_at_many_points(local_repo, tmp_path: Path) -> None:
         runner("prune", "--grace", "0", "--repack-below", "0.99")
         assert "No problems found" in runner("check", "--read-data").stdout, where
     assert killed >= 8, f"only {killed} of {len(KILL_POINTS)} prunes were stopped before they ended"
+
+
+# --- the mount follows --------------------------------------------------------------------------
+
+
+def wait_until(condition, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_the_mount_follows_forget_and_prune(local_repo, tmp_path: Path) -> None:
+    """Forgotten snapshots leave channels/ and ids/ within the refresh interval;
+    a file held open in one keeps reading (or fails with EIO, never wrong data);
+    a staging channel whose base snapshot is forgotten still commits."""
+    from tests.mounting import mounted
+
+    src = make_tree(tmp_path / "src")
+    local_repo.env["REKKORD_STATE_DIR"] = str(tmp_path / "state")
+    first = local_repo.save("c", str(src))
+    big = (src / "big.bin").read_bytes()
+    change(src, 1)
+    second = local_repo.save("other", str(src))
+    other_machine = Rekkord(cache_dir=tmp_path / "other-cache", repository=local_repo.repository,
+                            key_file=local_repo.key_file)
+    other_machine.cache_dir.mkdir()
+    with mounted(local_repo, tmp_path / "mnt", "--refresh", "0.5") as mnt:
+        held = open(mnt / "ids" / first / str(src).lstrip("/") / "big.bin", "rb")
+        head = held.read(1 << 20)
+        staged = mnt / "staging" / "c" / str(src).lstrip("/")
+        (staged / "d0" / "f00").write_bytes(b"changed in staging")
+        other_machine("forget", first, second)
+        other_machine("prune", "--grace", "0")
+        wait_until(lambda: first not in os.listdir(mnt / "ids") and second not in os.listdir(mnt / "ids"))
+        wait_until(lambda: os.listdir(mnt / "channels") == [])
+        try:
+            rest = held.read()
+            assert head + rest == big  # what reads succeed is right
+        except OSError as exc:
+            assert exc.errno == __import__("errno").EIO
+        finally:
+            held.close()
+        # the base of staging/c is gone with its data: the commit says so, or succeeds whole
+        result = local_repo("commit", str(mnt / "staging" / "c"), "-f", "json", check=False)
+        if result.returncode == 0:
+            snapshot = json.loads(result.stdout)["id"]
+            local_repo("restore", f"{snapshot}:{src}", str(tmp_path / "committed"))
+        else:
+            assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "No problems found" in local_repo("check", "--read-data").stdout
+
+
+def test_a_staging_channel_whose_base_was_forgotten_still_commits(local_repo, tmp_path: Path) -> None:
+    """With a grace period, forgetting the base only condemns its data: the
+    commit keeps what it inherits, and a later prune keeps it too."""
+    from tests.mounting import mounted
+
+    src = make_tree(tmp_path / "src")
+    local_repo.env["REKKORD_STATE_DIR"] = str(tmp_path / "state")
+    base = local_repo.save("c", str(src))
+    with mounted(local_repo, tmp_path / "mnt", "--refresh", "0.5") as mnt:
+        staged = mnt / "staging" / "c" / str(src).lstrip("/")
+        (src / "d1" / "new-file").write_bytes(b"added since")
+        subprocess.run(["rsync", "-a", "--delete", f"{src}/", f"{staged}/"], check=True)
+        local_repo("forget", base)
+        age_packs(Path(str(local_repo.repository)), 2 * 86400)  # older than the default grace (1d)
+        report = json.loads(local_repo("prune", "-f", "json").stdout)
+        assert report["condemned"]["packs"] > 0
+        snapshot = json.loads(local_repo("commit", str(mnt / "staging" / "c"), "-f", "json").stdout)["id"]
+    local_repo("restore", f"{snapshot}:{src}", str(tmp_path / "out"))
+    # rsync leaves a folder's time as it finds it within the same second: compare as rsync does
+    assert rsync_differences(src, tmp_path / "out") == ""
+    assert "No problems found" in local_repo("check", "--read-data").stdout

@@ -21,11 +21,11 @@ import secrets
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
 
-import lru
 import trio
 
 from .errors import RekkordError
 from .format import BlobKind, BlobRef, ChunkRef, Entry, Location, decode_directory
+from .lru import WeightedLRU
 from .repository import Repository
 from .tasks import task_group
 
@@ -35,58 +35,6 @@ T = TypeVar("T")
 DEFAULT_MEMORY_BYTES = 32 << 20
 DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
-
-
-def _evict_oldest(items: lru.LRU):
-    """Remove and return the least recently used value.
-
-    lru-dict 1.4's popitem() keeps a reference to what it returns (a leak of
-    every evicted chunk), so peek at the oldest key and delete it instead.
-    """
-    key, value = items.peek_last_item()
-    del items[key]
-    return value
-
-
-class _ByteLRU:
-    """An LRU of bytes-like values bounded by their total size."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._items: lru.LRU = lru.LRU(1 << 30)
-
-    def get(self, key: bytes):
-        return self._items.get(key)
-
-    def put(self, key: bytes, value: bytes | bytearray) -> None:
-        if len(value) > self.limit:
-            return
-        old = self._items.get(key)
-        if old is not None:
-            self.used -= len(old)
-        self._items[key] = value
-        self.used += len(value)
-        while self.used > self.limit:
-            self.used -= len(_evict_oldest(self._items))
-
-
-class _DirectoryLRU:
-    """Decoded directories bounded by their total number of entries."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-        self._items: lru.LRU = lru.LRU(1 << 30)
-
-    def get(self, key: bytes) -> "DirectoryListing | None":
-        return self._items.get(key)
-
-    def put(self, key: bytes, value: "DirectoryListing") -> None:
-        self._items[key] = value
-        self.used += len(value.entries) + 1
-        while self.used > self.limit and len(self._items) > 1:
-            self.used -= len(_evict_oldest(self._items).entries) + 1
 
 
 class DirectoryListing:
@@ -112,15 +60,21 @@ class DiskCache:
         self._tmp = folder / "tmp"
         for path in (self._chunks, self._meta, self._tmp):
             path.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # size and last use of each cached chunk, oldest first (dict keeps order)
-        self._sizes: dict[str, int] = {}
+        # size of each cached chunk file, least recently used first
+        self._sizes: WeightedLRU[str, int] = WeightedLRU(limit, weigh=int, on_evict=self._remove_chunk)
         items = []
         for item in os.scandir(self._chunks):
             st = item.stat()
             items.append((st.st_mtime_ns, item.name, st.st_size))
         for _, name, size in sorted(items):
-            self._sizes[name] = size
-        self.used = sum(self._sizes.values())
+            self._sizes.put(name, size)
+
+    def _remove_chunk(self, name: str, _size: int) -> None:
+        (self._chunks / name).unlink(missing_ok=True)
+
+    @property
+    def used(self) -> int:
+        return self._sizes.used
 
     @staticmethod
     def _name(blob_id: bytes, location: Location) -> str:
@@ -139,8 +93,7 @@ class DiskCache:
         except FileNotFoundError:
             return None
         if kind == BlobKind.CHUNK:
-            if name in self._sizes:  # move to the young end
-                self._sizes[name] = self._sizes.pop(name)
+            self._sizes.get(name)  # now the most recently used
         return data
 
     def store(self, kind: BlobKind, blob_id: bytes, location: Location, raw: bytes) -> None:
@@ -155,21 +108,14 @@ class DiskCache:
             log.warning("cannot write blob cache %s: %s", path, exc.strerror)
             tmp.unlink(missing_ok=True)
             return
-        if kind != BlobKind.CHUNK:
-            return
-        self.used += len(raw) - self._sizes.pop(name, 0)
-        self._sizes[name] = len(raw)
-        while self.used > self.limit and self._sizes:
-            oldest = next(iter(self._sizes))
-            self.used -= self._sizes.pop(oldest)
-            (self._chunks / oldest).unlink(missing_ok=True)
+        if kind == BlobKind.CHUNK:
+            self._sizes.put(name, len(raw))
 
     def drop(self, kind: BlobKind, blob_id: bytes, location: Location) -> None:
         name = self._name(blob_id, location)
         self._path(kind, name).unlink(missing_ok=True)
-        size = self._sizes.pop(name, None) if kind == BlobKind.CHUNK else None
-        if size:
-            self.used -= size
+        if kind == BlobKind.CHUNK:
+            self._sizes.pop(name)
 
 
 class BlobCache:
@@ -177,8 +123,9 @@ class BlobCache:
                  directory_entries: int = DEFAULT_DIRECTORY_ENTRIES, disk: DiskCache | None = None) -> None:
         self.repo = repo
         self.disk = disk
-        self._chunks = _ByteLRU(memory_bytes)
-        self._dirs = _DirectoryLRU(directory_entries)
+        self._chunks: WeightedLRU[bytes, bytes | bytearray] = WeightedLRU(memory_bytes, weigh=len)
+        self._dirs: WeightedLRU[bytes, DirectoryListing] = WeightedLRU(
+            directory_entries, weigh=lambda listing: len(listing.entries) + 1, keep_heavy=True)
         self._inflight: dict[tuple[BlobKind, bytes], trio.Event] = {}
         self._zeros = b""
 

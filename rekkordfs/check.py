@@ -29,6 +29,7 @@ from .keys import Capability
 from .marks import CONDEMNED_PREFIX, FORGOTTEN_PREFIX, decode_condemned, decode_forgotten
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .tasks import task_group
+from .tuning import check_reads
 from .treebudget import TreeShape, shape_problem
 
 
@@ -260,7 +261,7 @@ class Checker:
             for blob_id, kind, location in entries:
                 if chosen is None or location.pack in chosen:
                     users.setdefault((blob_id, location), (kind, f"pack index '{name}' (by {signer})"))
-        slots = trio.Semaphore(max(4, self.repo.threads * 4))
+        slots = trio.Semaphore(check_reads(self.repo.threads))
 
         async def verify(blob_id: bytes, location: Location, kind: BlobKind, user: str) -> None:
             try:

@@ -7,11 +7,19 @@ content. The Cython core releases the GIL while it scans.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 import pyfastcdc
 
-from .repository import ChunkParams
+
+@dataclass(frozen=True)
+class ChunkParams:
+    """Chunk sizes, fixed for a repository by its identity record."""
+
+    min_size: int = 256 << 10
+    avg_size: int = 1 << 20
+    max_size: int = 4 << 20
 
 
 class Chunker:

@@ -20,9 +20,9 @@ from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, Tag
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
+from .tuning import BATCH_FILES, record_writers
 from .upload import TransferStats, Uploader
 
-INLINE_BATCH = 64  # small files uploaded per thread hop (as write-behind's batches)
 
 
 @dataclass
@@ -104,7 +104,7 @@ class Committer:
                                f"pruned; the staged tree cannot be committed as it is ({exc.message})") from None
 
     async def _upload_frozen(self, capture: Capture, contents: dict[int, list[ChunkRef]]) -> None:
-        slots = trio.Semaphore(max(4, self.repo.threads * 2))
+        slots = trio.Semaphore(record_writers(self.repo.threads))
 
         async def behind(ino: int) -> bool:
             """Write-behind may be at it: its result may do."""
@@ -154,7 +154,7 @@ class Committer:
                 break
             levels.append(below)
         dir_refs: dict[int, BlobRef] = {}
-        slots = trio.Semaphore(max(4, self.repo.threads * 2))
+        slots = trio.Semaphore(record_writers(self.repo.threads))
 
         async def write(ino: int) -> None:
             try:
@@ -221,7 +221,7 @@ async def _packs_below(repo: Repository, tops: list[BlobRef]) -> set[bytes]:
     return packs
 
 
-def _batches(inos: list[int], size: int = INLINE_BATCH) -> list[list[int]]:
+def _batches(inos: list[int], size: int = BATCH_FILES) -> list[list[int]]:
     return [inos[start:start + size] for start in range(0, len(inos), size)]
 
 

@@ -27,6 +27,7 @@ import nacl.signing
 from nacl._sodium import ffi as _ffi, lib as _lib
 
 from .errors import CorruptedData
+from .lru import WeightedLRU
 
 KEY_SIZE: Final = 32
 NONCE_SIZE: Final = 24
@@ -147,11 +148,12 @@ class PackOpener:
     def __init__(self, data_secret: bytes) -> None:
         self._secret = data_secret
         self._public = x25519_public(data_secret)
-        self._keys: dict[bytes, bytes] = {}
-        self._lock = threading.Lock()
+        self._keys: WeightedLRU[bytes, bytes] = WeightedLRU(self.KEYS_KEPT)
+        self._lock = threading.Lock()  # worker threads share the keys
 
     def _key_for(self, pack_id: bytes) -> bytes:
-        key = self._keys.get(pack_id)
+        with self._lock:
+            key = self._keys.get(pack_id)
         if key is None:
             try:
                 shared = sodium.crypto_scalarmult(self._secret, pack_id)
@@ -159,9 +161,7 @@ class PackOpener:
                 raise CorruptedData("pack has an invalid ID") from None
             key = _pack_key(shared, pack_id, self._public)
             with self._lock:
-                if len(self._keys) >= self.KEYS_KEPT:
-                    self._keys.clear()
-                self._keys[pack_id] = key
+                self._keys.put(pack_id, key)
         return key
 
     def open(self, pack_id: bytes, sealed: bytes | bytearray | memoryview) -> bytearray:

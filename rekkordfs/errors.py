@@ -3,6 +3,10 @@ and an exit code; the CLI prints the message and exits, never a traceback."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+E = TypeVar("E", bound=BaseException)
+
 
 class RekkordError(Exception):
     """Base of every error meant for the user."""
@@ -72,13 +76,19 @@ class NotFound(RekkordError):
     """No snapshot, channel or path matches what the user asked for."""
 
 
+def first_of(exc: BaseException, kind: type[E] | tuple[type[BaseException], ...]) -> E | None:
+    """exc if it is a `kind`, else the first `kind` inside it (exception groups,
+    however nested), else None."""
+    if isinstance(exc, kind):
+        return exc  # type: ignore[return-value]
+    if isinstance(exc, BaseExceptionGroup):
+        match, _ = exc.split(kind)
+        while isinstance(match, BaseExceptionGroup):
+            match = match.exceptions[0]
+        return match  # type: ignore[return-value]
+    return None
+
+
 def find_user_error(exc: BaseException) -> RekkordError | None:
     """The first RekkordError in exc or, for exception groups, inside it."""
-    if isinstance(exc, RekkordError):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = find_user_error(inner)
-            if found is not None:
-                return found
-    return None
+    return first_of(exc, RekkordError)

@@ -18,6 +18,7 @@ from . import crypto
 from .codec import INDEX_NAME_SIZE, BlobCodec, index_key, pack_key
 from .errors import CorruptedData, RepositoryError
 from .format import BlobKind, Location
+from .lru import WeightedLRU
 from .storage.base import Storage
 
 PACK_TARGET = 8 << 20  # a pack is written once it holds this much
@@ -215,15 +216,12 @@ class PackReader:
 
     def __init__(self, storage: Storage, limit: int = PACK_CACHE) -> None:
         self.storage = storage
-        self.limit = limit
-        self._packs: dict[bytes, bytes] = {}  # insertion order = age
-        self._used = 0
+        self._packs: WeightedLRU[bytes, bytes] = WeightedLRU(limit, weigh=len, keep_heavy=True)
         self._loading: dict[bytes, _PackLoad] = {}
 
     async def read(self, location: Location) -> bytes:
         pack = self._packs.get(location.pack)
         if pack is not None:
-            self._packs[location.pack] = self._packs.pop(location.pack)  # now the youngest
             return pack[location.offset:location.offset + location.length]
         loading = self._loading.get(location.pack)
         if loading is not None:
@@ -238,8 +236,5 @@ class PackReader:
             if self._loading.get(location.pack) is loading:
                 del self._loading[location.pack]
             loading.done.set()
-        self._used += len(pack) - len(self._packs.pop(location.pack, b""))  # a twin fetch after a failure
-        self._packs[location.pack] = pack
-        while self._used > self.limit and len(self._packs) > 1:
-            self._used -= len(self._packs.pop(next(iter(self._packs))))
+        self._packs.put(location.pack, pack)
         return pack[location.offset:location.offset + location.length]

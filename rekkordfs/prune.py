@@ -31,10 +31,10 @@ from .marks import (CONDEMNED_PREFIX, FORGOTTEN_PREFIX, MARK_KEPT_NS, NAME_SIZE,
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .retention import Duration
 from .storage.base import ObjectInfo
+from .tuning import RECORD_BATCH
 
 DEFAULT_GRACE = Duration(days=1)
 DEFAULT_REPACK_BELOW = 0.9  # a pack less used than this is rewritten
-READ_BATCH = 64  # directory records read per thread hop
 
 # pack -> offset -> (blob ID, kind, length): what snapshots use
 Uses = dict[bytes, dict[int, tuple[bytes, BlobKind, int]]]
@@ -181,8 +181,8 @@ class Pruner:
         while frontier:
             items = list(frontier.items())
             frontier = {}
-            for start in range(0, len(items), READ_BATCH):
-                batch = items[start:start + READ_BATCH]
+            for start in range(0, len(items), RECORD_BATCH):
+                batch = items[start:start + RECORD_BATCH]
                 results = await self.repo.open_many(BlobKind.DIRECTORY, batch, then=decode_directory)
                 for (record_id, _), result in zip(batch, results):
                     if isinstance(result, Exception):

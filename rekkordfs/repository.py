@@ -28,6 +28,7 @@ import trio
 
 from . import crypto
 from .cache import KnownBlob, LocalCache, repository_cache_dir
+from .chunker import ChunkParams
 from .codec import STORED_OVERHEAD, BlobCodec, PackIndex, index_name_from_key, pack_id_from_key, pack_key, snapshot_key
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RekkordError, RepositoryError
 from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
@@ -38,6 +39,7 @@ from .config import Config
 from .storage import open_storage
 from .storage.base import Storage
 from .tasks import task_group
+from .testhooks import stop_point
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -60,13 +62,6 @@ WRITER_MARGIN_NS = 10 * 60 * 10**9
 LONG_SESSION_NS = MARK_KEPT_NS
 RESYNC_NS = 10 * 10**9  # a reader missing a moved blob re-reads the indexes at most this often
 _CONFIG_FIXED = struct.Struct("<6sB16s32sIII")  # magic version repo_id master_public chunk min/avg/max
-
-
-@dataclass(frozen=True)
-class ChunkParams:
-    min_size: int = 256 << 10
-    avg_size: int = 1 << 20
-    max_size: int = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -550,6 +545,7 @@ class Repository:
         snapshot.writer = self.keys.key_id
         await self.flush_packs()
         await self.storage.flush()  # everything the snapshot refers to is durable first
+        stop_point("publish")
         await self.check_before_publish(uses)
         record = snapshot.encode()
 

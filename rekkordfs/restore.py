@@ -25,16 +25,15 @@ from typing import Callable
 
 import trio
 
+from .chunkmap import pwrite_all
 from .errors import CorruptedData, ObjectMissing, RestoreError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
-from .upload import SMALL_FILE
+from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, restore_chunk_reads, restore_workers
 
-BATCH_FILES = 64  # small files restored per thread hop...
-BATCH_BYTES = 8 << 20  # ...up to this many bytes
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
 TEMP_PREFIX = b".rekkord-restore-"
@@ -191,11 +190,11 @@ class RestoreSession:
         self.stats = RestoreStats()
         self.plan = _Plan()
         self._links: dict[int, tuple[bytes, ...]] = {}
-        self._walk_slots = trio.Semaphore(max(8, repo.threads * 4))
+        self._walk_slots = trio.Semaphore(restore_workers(repo.threads))
         # chunks fetched at once: remote backends need many requests in flight,
         # and chunks share packs (about 8 per pack), so several packs load at once
-        self._chunk_slots = trio.Semaphore(max(8, repo.threads * (20 if repo.storage.remote else 3)))
-        self.workers = max(8, repo.threads * 4)
+        self._chunk_slots = trio.Semaphore(restore_chunk_reads(repo.threads, repo.storage.remote))
+        self.workers = restore_workers(repo.threads)
         self._batch: list[_FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0
         self.dest_fd = -1
@@ -462,7 +461,7 @@ class RestoreSession:
         fd, temp = _create_new(parent, job.parts[-1])
         try:
             try:
-                _pwrite_all(fd, data, 0)
+                pwrite_all(fd, data, 0)
                 self._finish_file(fd, job.entry, job.parts, len(data))
             finally:
                 os.close(fd)
@@ -524,7 +523,7 @@ class RestoreSession:
             raise type(exc)(f"'{self._show(parts)}': {exc.message}") from None
         if len(data) != chunk.size:
             raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
-        await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+        await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
         self.stats.bytes_written += len(data)
 
     def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...], written: int | None = None) -> None:
@@ -608,10 +607,3 @@ class RestoreSession:
             return self.dest
         return os.path.join(self.dest, *(os.fsdecode(p) for p in parts))
 
-
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written

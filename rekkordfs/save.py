@@ -28,10 +28,9 @@ from .repository import Repository
 from .fsmeta import entry_from_stat, read_xattrs
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone, ThreadFeed, task_group
-from .upload import SMALL_FILE, TransferStats, Uploader, open_regular
+from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_workers
+from .upload import TransferStats, Uploader, open_regular
 
-BATCH_FILES = 64  # small files handled per thread hop...
-BATCH_BYTES = 8 << 20  # ...up to this many bytes
 
 
 @dataclass
@@ -282,7 +281,7 @@ class SaveSession:
         self.warn_cb = warn
         self.stats = SaveStats()
         self.uploader = Uploader(repo, self.stats)
-        self.workers = workers or max(8, repo.threads * 4)
+        self.workers = workers or save_workers(repo.threads)
         self.root = DirNode(b"", None, None)
         self.root_ref: BlobRef | None = None
         self._link_done: dict[int, trio.Event] = {}

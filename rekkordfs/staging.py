@@ -18,7 +18,6 @@ with it.
 
 from __future__ import annotations
 
-import bisect
 import errno
 import os
 import shutil
@@ -33,6 +32,8 @@ from typing import Callable, Iterator
 import trio
 
 from .blobcache import BlobCache
+from .chunkmap import ChunkMap, pwrite_all
+from .lru import WeightedLRU
 from .format import BlobRef, ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
 from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 from .journalspace import disk_is_short, give_back, journal_error, open_journal
@@ -40,6 +41,7 @@ from .journalspace import disk_is_short, give_back, journal_error, open_journal
 ROOT = 1
 NAME_MAX = 255
 INODE_CACHE = 100_000
+CHUNK_MAPS = 1024  # decoded chunk lists of stored files being read
 INLINE_WRITE = 1 << 20  # every FUSE write (max_write is 1 MiB) goes to the page cache inline
 # Files up to this size keep their content in the journal: creating a file on
 # disk costs far more than a journal transaction, and most files are small.
@@ -192,7 +194,7 @@ class StagingTree:
         self.sequence = 0  # bumped on every change
         self._touched: set[int] = set()  # files written since their last flush
         self._expanding: dict[int, trio.Event] = {}
-        self._chunk_lists: dict[int, tuple[list[ChunkRef], list[int]]] = {}  # decoded, for reads
+        self._chunk_maps: WeightedLRU[int, ChunkMap] = WeightedLRU(CHUNK_MAPS)  # decoded, for reads
         self._dirty = bool(self._meta("dirty", 0))
         self._reserve = folder / "reserve"
         self._freed = False  # the open transaction shrank inline content: give the space back
@@ -243,7 +245,7 @@ class StagingTree:
                 _unlink(self.data_path(ino))
             self.uploads.pop(ino, None)
             self.versions.pop(ino, None)
-            self._chunk_lists.pop(ino, None)
+            self._chunk_maps.pop(ino)
         if doomed or self._freed:
             self._freed = False
             # on a disk short of space, deleting must free space at once
@@ -345,7 +347,7 @@ class StagingTree:
             self._set_meta("stored_size", snapshot.size if snapshot else 0)
         self._inodes.clear()
         self._dirty = False
-        self._chunk_lists.clear()
+        self._chunk_maps = WeightedLRU(CHUNK_MAPS)
         for path in self.data_dir.iterdir():
             path.unlink()
         self.uploads.clear()
@@ -742,7 +744,7 @@ class StagingTree:
                 offset = 0
                 for chunk in decode_chunks(node.chunks):
                     data = await self.blobs.chunk(chunk)
-                    await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+                    await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
                     offset += chunk.size
                 os.ftruncate(fd, node.size)
         finally:
@@ -758,8 +760,7 @@ class StagingTree:
         if keep_content and node.chunks:
             if self.blobs is None:
                 raise _error(errno.EACCES)
-            chunks, offsets = self._chunk_list(node)
-            data = await _read_chunks(self.blobs, chunks, offsets, node.size, 0, node.size)
+            data = await self._chunk_map(node).read(self.blobs.chunk, 0, node.size, node.size)
         if self.get(node.ino).local:
             return  # another request made it local meanwhile
         with self._transaction():
@@ -815,7 +816,7 @@ class StagingTree:
         data = self.inline_data(node.ino) or b""
         fd = os.open(self.data_path(node.ino), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            _pwrite_all(fd, data, 0)
+            pwrite_all(fd, data, 0)
         finally:
             os.close(fd)
         with self._transaction():  # a crash before this leaves a data file that _recover() deletes
@@ -834,7 +835,7 @@ class StagingTree:
 
     def _content_changed(self, ino: int) -> None:
         self.versions[ino] = self.versions.get(ino, 0) + 1
-        self._chunk_lists.pop(ino, None)
+        self._chunk_maps.pop(ino)
         self.uploads.pop(ino, None)
         self.sequence += 1
 
@@ -869,9 +870,9 @@ class StagingTree:
         fd = os.open(self.data_path(ino), os.O_WRONLY | os.O_CLOEXEC)
         try:
             if len(data) <= INLINE_WRITE:
-                _pwrite_all(fd, data, offset)  # into the page cache: cheaper than a thread hop
+                pwrite_all(fd, data, offset)  # into the page cache: cheaper than a thread hop
             else:
-                await trio.to_thread.run_sync(_pwrite_all, fd, data, offset)
+                await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
         finally:
             os.close(fd)
         self._content_changed(ino)
@@ -894,20 +895,13 @@ class StagingTree:
                 os.close(fd)
         if not node.chunks or self.blobs is None:
             return b""
-        chunks, offsets = self._chunk_list(node)
-        return await _read_chunks(self.blobs, chunks, offsets, node.size, offset, size)
+        return await self._chunk_map(node).read(self.blobs.chunk, offset, size, node.size)
 
-    def _chunk_list(self, node: Inode) -> tuple[list[ChunkRef], list[int]]:
-        cached = self._chunk_lists.get(node.ino)
+    def _chunk_map(self, node: Inode) -> ChunkMap:
+        cached = self._chunk_maps.get(node.ino)
         if cached is None:
-            if len(self._chunk_lists) > 1024:
-                self._chunk_lists.clear()
-            chunks = decode_chunks(node.chunks or b"")
-            offsets, total = [], 0
-            for chunk in chunks:
-                offsets.append(total)
-                total += chunk.size
-            cached = self._chunk_lists[node.ino] = (chunks, offsets)
+            cached = ChunkMap(decode_chunks(node.chunks or b""))
+            self._chunk_maps.put(node.ino, cached)
         return cached
 
     def flush(self, ino: int) -> None:
@@ -1140,26 +1134,3 @@ def _reachable(children: dict[int, list[tuple[bytes, int]]]) -> set[int]:
                 seen.add(ino)
                 stack.append(ino)
     return seen
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-async def _read_chunks(blobs: BlobCache, chunks: list[ChunkRef], offsets: list[int], total: int,
-                       offset: int, size: int) -> bytes:
-    end = min(offset + size, total)
-    parts = []
-    index = max(bisect.bisect_right(offsets, offset) - 1, 0)
-    while index < len(chunks) and offsets[index] < end:
-        chunk = chunks[index]
-        data = await blobs.chunk(chunk)
-        start = max(offset, offsets[index]) - offsets[index]
-        stop = min(end, offsets[index] + chunk.size) - offsets[index]
-        parts.append(memoryview(data)[start:stop])
-        index += 1
-    return b"".join(parts)

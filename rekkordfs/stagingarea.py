@@ -36,7 +36,8 @@ from .staging import ROOT, Inode, StagingTree, remove_files
 from .statedir import lock_state_folder, prepare_state_folder
 from .streaming import GrowingFile, StreamAborted
 from .testhooks import stop_point
-from .upload import SMALL_FILE, Uploader, open_regular
+from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE
+from .upload import Uploader, open_regular
 from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,6 @@ LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 # Every change to a staging tree goes through the kernel, which updates its
 # caches itself: they may keep entries and attributes for a while.
 STAGING_TIMEOUT = 30.0
-BATCH_FILES = 64  # write-behind of small files: per thread hop, at most this many...
-BATCH_BYTES = 8 << 20  # ...and this many bytes
 
 Closed = tuple[StagingTree, int, int]  # a closed written file: tree, inode, content version
 

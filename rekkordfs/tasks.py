@@ -18,20 +18,19 @@ from .errors import find_user_error
 T = TypeVar("T")
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
-    return [exc]
-
-
 def primary_error(exc: BaseException) -> BaseException:
     """A user-facing error if there is one, else the first that is not a
     cancellation, else the first (a cancellation must keep propagating)."""
     user = find_user_error(exc)
     if user is not None:
         return user
-    leaves = _leaves(exc)
-    return next((leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)), leaves[0])
+    if isinstance(exc, BaseExceptionGroup):
+        other, _ = exc.split(lambda e: not isinstance(e, trio.Cancelled))
+        group = other if other is not None else exc
+        while isinstance(group, BaseExceptionGroup):
+            group = group.exceptions[0]
+        return group
+    return exc
 
 
 @asynccontextmanager

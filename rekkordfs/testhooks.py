@@ -7,8 +7,9 @@ first) it reaches POINT. The test sees the process in state 'T' in
 /proc/PID/stat, does what it needs, then sends SIGCONT or SIGKILL. Unset (as in
 normal use), a stop point costs one comparison.
 
-Points: "storage-put" (before each write to the repository storage),
-"commit" (a mount starting a commit).
+Points: "storage-put" and "storage-delete" (before each write or delete of a
+repository object), "publish" (a save or commit whose data is all stored,
+before its snapshot is published), "commit" (a mount starting a commit).
 """
 
 from __future__ import annotations

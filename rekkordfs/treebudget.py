@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CorruptedData
 from .format import BlobKind, BlobRef, EntryKind, decode_directory
+from .tuning import RECORD_BATCH
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -91,7 +92,6 @@ def shape_problem(shape: TreeShape, root: bytes) -> str | None:
     return None
 
 
-READ_BATCH = 64  # records read per thread hop while measuring
 
 
 async def refuse_hostile_tree(repo: "Repository", root: BlobRef, name: str) -> None:
@@ -103,8 +103,8 @@ async def refuse_hostile_tree(repo: "Repository", root: BlobRef, name: str) -> N
     while frontier:
         items = list(frontier.items())
         frontier = {}
-        for start in range(0, len(items), READ_BATCH):
-            batch = items[start:start + READ_BATCH]
+        for start in range(0, len(items), RECORD_BATCH):
+            batch = items[start:start + RECORD_BATCH]
             results = await repo.open_many(BlobKind.DIRECTORY, batch, then=_children)
             for (record_id, _), result in zip(batch, results):
                 if isinstance(result, Exception):

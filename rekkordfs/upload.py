@@ -21,13 +21,12 @@ from .format import BlobKind, ChunkRef, Location
 from .packs import Sealed
 from .repository import Repository
 from .tasks import task_group
+from .tuning import SMALL_FILE, STREAM_BATCH, chunks_in_flight
 
 # A chunk ready to store: (blob ID, plaintext size, and either its sealed bytes
 # (new), where it is stored (known), or None (a twin earlier in the batch))
 Prepared = tuple[bytes, int, "Sealed | KnownBlob | None"]
 
-SMALL_FILE = 2 << 20  # files up to this size are read in one go
-READ_BATCH = 8 << 20  # bytes of chunks handed over per thread hop for large files
 
 
 @dataclass
@@ -69,7 +68,7 @@ class Uploader:
         self.stats = stats or TransferStats()
         self.chunker = Chunker(repo.keys.chunk_seed, repo.config.chunking)
         # chunks of large files in flight (read, not yet stored): bounds memory
-        self._inflight = trio.Semaphore(max(4, repo.threads * 3))
+        self._inflight = trio.Semaphore(chunks_in_flight(repo.threads))
 
     def prepare_many(self, datas: list[bytes]) -> list[list[Prepared]]:
         """Thread side: chunk, hash, and seal the chunks not known yet of several
@@ -138,7 +137,7 @@ class Uploader:
         stream = self.chunker.stream(handle)
         async with task_group() as nursery:
             while True:
-                batch = await trio.to_thread.run_sync(_take, stream, READ_BATCH)
+                batch = await trio.to_thread.run_sync(_take, stream, STREAM_BATCH)
                 if not batch:
                     break
                 for data in batch:

@@ -16,7 +16,7 @@ turns them into replies.
 
 from __future__ import annotations
 
-import bisect
+import functools
 import enum
 import errno
 import hashlib
@@ -31,6 +31,7 @@ from typing import Awaitable, Callable
 import trio
 
 from .blobcache import BlobCache, DirectoryListing
+from .chunkmap import ChunkMap
 from .errors import RekkordError
 from .format import BlobRef, ChunkRef, Entry, EntryKind, Tag
 from .fsmeta import FILE_TYPE_BITS
@@ -135,20 +136,14 @@ def _fuse_error(code: int) -> OSError:
 
 
 class FileReader:
-    """An open snapshot file: chunk offsets for bisecting, and read-ahead state."""
+    """An open snapshot file: its chunks, and read-ahead state."""
 
-    __slots__ = ("node", "chunks", "offsets", "size", "next_offset", "prefetched")
+    __slots__ = ("node", "map", "next_offset", "prefetched")
 
     def __init__(self, node: Node) -> None:
         assert node.entry is not None
         self.node = node
-        self.chunks: list[ChunkRef] = node.entry.chunks
-        self.offsets: list[int] = []
-        total = 0
-        for chunk in self.chunks:
-            self.offsets.append(total)
-            total += chunk.size
-        self.size = total
+        self.map = ChunkMap(node.entry.chunks)
         self.next_offset = 0
         self.prefetched = 0  # chunks below this index were already scheduled
 
@@ -520,24 +515,13 @@ class SnapshotView:
         return reader
 
     async def read(self, reader: FileReader, offset: int, size: int) -> bytes:
-        if offset >= reader.size or size <= 0:
+        if offset >= reader.map.size or size <= 0:
             return b""
-        end = min(offset + size, reader.size)
-        index = bisect.bisect_right(reader.offsets, offset) - 1
         if offset == reader.next_offset:
-            self._read_ahead(reader, index)
-        parts = []
-        position = offset
-        while position < end:
-            chunk = reader.chunks[index]
-            data = await self._chunk(reader, chunk)
-            start = position - reader.offsets[index]
-            stop = min(chunk.size, end - reader.offsets[index])
-            parts.append(memoryview(data)[start:stop])
-            position = reader.offsets[index] + stop
-            index += 1
-        reader.next_offset = end
-        return b"".join(parts)
+            self._read_ahead(reader, reader.map.index_of(offset))
+        data = await reader.map.read(functools.partial(self._chunk, reader), offset, size)
+        reader.next_offset = offset + len(data)
+        return data
 
     async def _chunk(self, reader: FileReader, chunk: ChunkRef) -> bytes | bytearray:
         try:
@@ -556,9 +540,9 @@ class SnapshotView:
         if self._nursery is None:
             return
         first = max(index + 1, reader.prefetched)
-        last = min(len(reader.chunks), index + 1 + PREFETCH_CHUNKS)
+        last = min(len(reader.map.chunks), index + 1 + PREFETCH_CHUNKS)
         for i in range(first, last):
-            self._nursery.start_soon(self._prefetch, reader.chunks[i])
+            self._nursery.start_soon(self._prefetch, reader.map.chunks[i])
         reader.prefetched = max(reader.prefetched, last)
 
     async def _prefetch(self, chunk: ChunkRef) -> None:

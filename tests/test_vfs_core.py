@@ -384,9 +384,9 @@ def test_read_at_any_offset_and_size_equals_the_file(saved: Saved) -> None:
 
     async def check(view: SnapshotView, ino: int, expected: bytes, min_chunks: int) -> None:
         reader = view.open(ino)
-        assert reader.size == len(expected)
-        boundaries = reader.offsets[1:]
-        assert len(reader.chunks) >= min_chunks
+        assert reader.map.size == len(expected)
+        boundaries = reader.map.offsets[1:]
+        assert len(reader.map.chunks) >= min_chunks
         windows = [(0, len(expected) + 10), (len(expected) - 1, 10), (len(expected), 10),
                    (len(expected) + 5, 10), (0, 0), (0, 1)]
         for b in boundaries:
@@ -443,7 +443,7 @@ def test_memory_cache_stays_within_its_byte_bound(saved: Saved) -> None:
                     node = await view.lookup(root, name)
                     reader = view.open(node.ino)
                     offset = 0
-                    while offset < reader.size:
+                    while offset < reader.map.size:
                         data = await view.read(reader, offset, 1 << 20)
                         offset += len(data)
                         assert lru.used <= limit
@@ -549,7 +549,7 @@ def test_corrupted_or_missing_blobs_give_eio_for_that_file_only(local_repo, tmp_
             async with trio.open_nursery() as nursery:
                 view.start(nursery)  # read-ahead meets the bad chunk first: it must not break anything
                 reader = view.open(bad.ino)
-                start = reader.offsets[1]
+                start = reader.map.offsets[1]
                 for _ in range(2):
                     with pytest.raises(OSError) as info:
                         await view.read(reader, start - 10, 100)

@@ -77,27 +77,16 @@ def _byte_safe_output() -> None:
         reconfigure(errors="surrogateescape")
 
 
-def _first_of(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
-    if isinstance(exc, kind):
-        return exc
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            found = _first_of(inner, kind)
-            if found is not None:
-                return found
-    return None
-
-
 def _report(exc: BaseException) -> int:
     """The exit status for exc, after one line on stderr; unknown errors are
     bugs and keep their traceback."""
-    from rekkordfs.errors import find_user_error
+    from rekkordfs.errors import find_user_error, first_of
 
     if isinstance(exc, SystemExit):
         return int(exc.code or 0)
     trio = sys.modules.get("trio")  # loaded by every command that can be cancelled
-    cancelled = trio is not None and _first_of(exc, trio.Cancelled) is not None
-    if _first_of(exc, KeyboardInterrupt) is not None or cancelled:
+    cancelled = trio is not None and first_of(exc, trio.Cancelled) is not None
+    if first_of(exc, KeyboardInterrupt) is not None or cancelled:
         # worker threads still busy are not waited for: they only ever write
         # objects whole, or files a rerun redoes
         interrupt.exit_now()
@@ -105,14 +94,14 @@ def _report(exc: BaseException) -> int:
     if user is not None:
         print(f"rekkord: error: {user.message}", file=sys.stderr)
         return user.exit_code
-    broken = _first_of(exc, BrokenPipeError)
+    broken = first_of(exc, BrokenPipeError)
     if broken is not None:
         return 141
     database = _local_database_error(exc)
     if database is not None:
         print(f"rekkord: error: {database}", file=sys.stderr)
         return 1
-    oserror = _first_of(exc, OSError)
+    oserror = first_of(exc, OSError)
     if isinstance(oserror, OSError) and oserror.strerror:
         # filename is an int for calls on a file descriptor (os.fchown, os.setxattr(fd)...)
         named = isinstance(oserror.filename, (str, bytes, os.PathLike))
@@ -125,8 +114,10 @@ def _report(exc: BaseException) -> int:
 def _local_database_error(exc: BaseException) -> str | None:
     """One line for a failure of the local cache's SQLite database (the only
     one the commands open), naming a full disk as such."""
+    from rekkordfs.errors import first_of
+
     sqlite3 = sys.modules.get("sqlite3")
-    failure = _first_of(exc, sqlite3.Error) if sqlite3 is not None else None
+    failure = first_of(exc, sqlite3.Error) if sqlite3 is not None else None
     if failure is None:
         return None
     cache = sys.modules.get("rekkordfs.cache")

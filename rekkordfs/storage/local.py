@@ -23,6 +23,7 @@ import trio
 
 from ..errors import ObjectMissing, StorageError, TransientStorageError
 from ..tasks import task_group
+from ..tuning import local_io
 from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
@@ -102,7 +103,7 @@ class LocalStorage(Storage):
     def __init__(self, root: str, threads: int = 4) -> None:
         self.root = os.path.abspath(root)
         self._tmp = os.path.join(self.root, "tmp")
-        self._limiter = trio.CapacityLimiter(max(4, threads * 2))
+        self._limiter = trio.CapacityLimiter(local_io(threads))
         # O_TMPFILE + linkat(AT_EMPTY_PATH): no temporary name to create and unlink (and
         # nothing to clean up after a crash); plain temp files where unsupported.
         self._use_tmpfile = hasattr(os, "O_TMPFILE")

@@ -139,6 +139,7 @@ class RetryingStorage(Storage):
         return await self._retry("list", prefix, lambda: self.inner.list_details(prefix))
 
     async def delete(self, key: str) -> None:
+        stop_point("storage-delete")
         await self._retry("delete", key, lambda: self.inner.delete(key))
 
     async def flush(self) -> None:

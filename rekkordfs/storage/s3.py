@@ -21,6 +21,7 @@ import trio
 
 from ..config import S3Location, S3Settings, prompt_secret
 from ..errors import ConfigError, ObjectMissing, StorageError, TransientStorageError
+from ..tuning import s3_requests
 from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
@@ -49,7 +50,7 @@ class S3Storage(Storage):
         self.settings = settings
         self.region = location.region or settings.region or "us-east-1"
         self._prefix = f"{location.prefix}/" if location.prefix else ""
-        self._limiter = trio.CapacityLimiter(max(8, threads * 4))
+        self._limiter = trio.CapacityLimiter(s3_requests(threads))
         self._client: Any = None
         self._client_lock = trio.Lock()
         self._connected = False

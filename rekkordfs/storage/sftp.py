@@ -36,6 +36,7 @@ import trio
 
 from ..config import SFTPLocation, SFTPSettings
 from ..errors import ConfigError, ObjectMissing, RekkordError, StorageError, TransientStorageError
+from ..tuning import sftp_requests
 from .base import ObjectInfo, Storage
 
 T = TypeVar("T")
@@ -329,7 +330,7 @@ class SFTPStorage(Storage):
         self.user = location.user or getpass.getuser()
         root = location.path.rstrip("/") or "/"
         self.root = root
-        self._requests = trio.Semaphore(max(16, threads * 8))
+        self._requests = trio.Semaphore(sftp_requests(threads))
         self._thread: AsyncioThread | None = None
         self._conn: Any = None
         self._sessions: list[Any] = []  # SFTP clients, one per channel

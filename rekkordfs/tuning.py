@@ -1,0 +1,64 @@
+"""How much work goes together, and how much runs at once: every such number
+of rekkordfs in one place, with the reason for it.
+
+`threads` is the -j setting (the CPUs by default): the CPU work (hash,
+compress, seal) never runs on more threads than that; what waits on disks and
+networks may run wider.
+"""
+
+from __future__ import annotations
+
+# --- batches: one worker-thread hop handles many small things --------------------------
+# (a hop costs tens of microseconds; a small file's CPU work is less than that)
+
+SMALL_FILE = 2 << 20  # files up to this size are read, or written, in one go
+BATCH_FILES = 64  # small files per hop (save, restore, write-behind, commit)...
+BATCH_BYTES = 8 << 20  # ...up to this many bytes
+STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
+RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
+
+
+# --- concurrency ------------------------------------------------------------------------
+
+
+def save_workers(threads: int) -> int:
+    """Tasks reading files: most wait on the disk, so more than the CPUs."""
+    return max(8, threads * 4)
+
+
+def chunks_in_flight(threads: int) -> int:
+    """Chunks of large files read but not stored yet: bounds a save's memory."""
+    return max(4, threads * 3)
+
+
+def record_writers(threads: int) -> int:
+    """Directory records a commit writes at once, or staged files it uploads at once."""
+    return max(4, threads * 2)
+
+
+def restore_workers(threads: int) -> int:
+    return max(8, threads * 4)
+
+
+def restore_chunk_reads(threads: int, remote: bool) -> int:
+    """Chunks a restore fetches at once: remote backends need many requests in
+    flight, and about 8 chunks share a pack, so several packs load at once."""
+    return max(8, threads * (20 if remote else 3))
+
+
+def check_reads(threads: int) -> int:
+    return max(4, threads * 4)
+
+
+def local_io(threads: int) -> int:
+    """Threads doing a local repository's file I/O."""
+    return max(4, threads * 2)
+
+
+def s3_requests(threads: int) -> int:
+    return max(8, threads * 4)
+
+
+def sftp_requests(threads: int) -> int:
+    """SFTP requests in flight (asyncssh pipelines them over a few channels)."""
+    return max(16, threads * 8)

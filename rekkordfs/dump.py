@@ -27,14 +27,11 @@ import trio
 from .errors import CorruptedData, RekkordError
 from .format import BlobKind, ChunkRef, Entry, EntryKind
 from .treebudget import refuse_hostile_tree
+from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, chunks_in_flight
 
 if TYPE_CHECKING:
     from .repository import Repository
 
-READ_AHEAD = 4  # chunks of one file fetched ahead of the writer
-SMALL_FILE = 1 << 20  # files up to this size are fetched in batches
-BATCH_FILES = 64  # ...of at most this many files
-BATCH_BYTES = 8 << 20  # ...and this many bytes
 COPY_BLOCK = 1 << 20  # tarfile copies file data in blocks of this size
 
 Warn = Callable[[str], None]
@@ -48,14 +45,15 @@ class _Slot:
 
 
 class ChunkFeed:
-    """The chunks of one file, in order, fetched up to READ_AHEAD ahead of the
-    reader (next()). Runs in the nursery given; cancel it to stop early."""
+    """The chunks of one file, in order, fetched a few ahead of the reader
+    (next()), as many as a save keeps in flight. Runs in the nursery given;
+    cancel it to stop early."""
 
     def __init__(self, repo: "Repository", chunks: list[ChunkRef], label: str) -> None:
         self.repo = repo
         self.chunks = chunks
         self.label = label  # the path, for messages
-        self._room = trio.Semaphore(READ_AHEAD)
+        self._room = trio.Semaphore(chunks_in_flight(repo.threads))
         self._send, self._receive = trio.open_memory_channel[_Slot](len(chunks) + 1)
 
     def start(self, nursery: trio.Nursery) -> None:

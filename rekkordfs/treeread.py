@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
 
 from .errors import CorruptedData, RekkordError
 from .format import BlobKind, BlobRef, Entry, decode_directory
+from .tuning import RECORD_BATCH
 
 if TYPE_CHECKING:
     from .repository import Repository
 
 T = TypeVar("T")
-BATCH = 64  # records per thread hop
 
 
 async def read_records(repo: "Repository", refs: Iterable[BlobRef],
@@ -29,7 +29,7 @@ async def read_records(repo: "Repository", refs: Iterable[BlobRef],
     for ref in refs:
         unique.setdefault(ref.id, ref)
     items = [(ref.id, ref.location) for ref in unique.values()]
-    batches = [items[start:start + BATCH] for start in range(0, len(items), BATCH)]
+    batches = [items[start:start + RECORD_BATCH] for start in range(0, len(items), RECORD_BATCH)]
     results: dict[bytes, T | RekkordError] = {}
 
     def decode(raw: bytes | bytearray) -> object:

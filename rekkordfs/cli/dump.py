@@ -7,7 +7,7 @@ import os
 import sys
 
 from rekkordfs.dump import TarDumper, dump_file
-from rekkordfs.errors import UsageError
+from rekkordfs.errors import UsageError, first_of
 from rekkordfs.format import EntryKind
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, walk_path
@@ -43,15 +43,9 @@ def dump(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     try:
         run_trio(run)
     except BaseException as exc:
-        if _holds(exc, BrokenPipeError):
+        if first_of(exc, BrokenPipeError) is not None:
             # the reader went away (`| head`): nothing left for the interpreter
             # to flush into the closed pipe at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise
     return 3 if skipped else 0
-
-
-def _holds(exc: BaseException, kind: type[BaseException]) -> bool:
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_holds(inner, kind) for inner in exc.exceptions)
-    return isinstance(exc, kind)

@@ -15,9 +15,7 @@ after everything else is restored.
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
 import stat
 import time
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from typing import Callable
 import trio
 
 from .chunkmap import pwrite_all
+from .destination import (DIR_FLAGS, IS_ROOT, XattrFailed, apply_metadata, clear_name, create_new, move_into_place,
+                          name_taken, open_parent, remove_quietly, set_xattrs, temp_name)
 from .errors import CorruptedData, ObjectMissing, RestoreError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .fsmeta import FILE_TYPE_BITS
@@ -33,11 +33,6 @@ from .repository import Repository
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, restore_chunk_reads, restore_workers
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-IS_ROOT = os.geteuid() == 0
-TEMP_PREFIX = b".rekkord-restore-"
-
 
 @dataclass
 class RestoreOptions:
@@ -76,104 +71,6 @@ class _FileJob:
 class _Plan:
     dirs: list[tuple[tuple[bytes, ...], Entry]] = field(default_factory=list)
     links: list[tuple[tuple[bytes, ...], tuple[bytes, ...]]] = field(default_factory=list)
-
-
-def _open_parent(dest_fd: int, parts: tuple[bytes, ...]) -> int:
-    """A descriptor of the directory holding parts[-1], never following symlinks."""
-    fd = os.dup(dest_fd)
-    try:
-        for part in parts[:-1]:
-            child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _temp_name() -> bytes:
-    return TEMP_PREFIX + os.urandom(6).hex().encode()
-
-
-def _create_new(dir_fd: int, name: bytes) -> tuple[int, bytes | None]:
-    """A new empty file for name: (fd, None) when the name was free, else
-    (fd, temporary name) to be put in place by _replace() once complete."""
-    try:
-        return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), None
-    except FileExistsError:
-        temp = _temp_name()
-        return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
-
-
-def _replace(dir_fd: int, temp: bytes, name: bytes) -> None:
-    """Rename temp over name; a folder standing there goes only now."""
-    try:
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    except (IsADirectoryError, OSError) as exc:
-        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
-            raise
-        shutil.rmtree(name, dir_fd=dir_fd)
-        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-
-
-def _remove_quietly(dir_fd: int, name: bytes) -> None:
-    try:
-        os.unlink(name, dir_fd=dir_fd)
-    except OSError:
-        pass
-
-
-def _exists(dir_fd: int, name: bytes) -> bool:
-    try:
-        os.lstat(name, dir_fd=dir_fd)
-        return True
-    except FileNotFoundError:
-        return False
-
-
-def _clear(dir_fd: int, name: bytes, keep_dir: bool) -> None:
-    """Remove what stands at name unless it is a directory we may keep."""
-    try:
-        st = os.lstat(name, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        if keep_dir:
-            return
-        shutil.rmtree(name, dir_fd=dir_fd)
-    else:
-        os.unlink(name, dir_fd=dir_fd)
-
-
-# Extended attributes that cannot be set for these reasons are skipped silently:
-# the destination has no xattrs at all, or a namespace we may not write (trusted.*
-# when not root). Any other failure (too large for this filesystem...) is warned
-# about, naming the file and the attribute, and the restore goes on, as rsync -X does.
-_XATTR_SILENT = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
-
-XattrFailed = Callable[[bytes, OSError], None]
-
-
-def _set_xattrs(set_one: Callable[[bytes, bytes], None], entry: Entry, failed: XattrFailed) -> None:
-    for name, value in entry.xattrs:
-        try:
-            set_one(name, value)
-        except OSError as exc:
-            if exc.errno not in _XATTR_SILENT:
-                failed(name, exc)
-
-
-def _apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
-    """Owner, mode, xattrs and times on an open file or directory."""
-    if IS_ROOT:
-        os.chown(fd, entry.uid, entry.gid)
-    os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
-    _set_xattrs(lambda name, value: os.setxattr(fd, name, value), entry, xattr_failed)
-    os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
 
 
 class RestoreSession:
@@ -309,18 +206,18 @@ class RestoreSession:
     def _delete_extras(self) -> None:
         """--delete, once everything is restored: what the snapshot does not hold."""
         for parts, keep in self._keep:
-            fd = _open_parent(self.dest_fd, parts + (b"",))
+            fd = open_parent(self.dest_fd, parts + (b"",))
             try:
                 for name in map(os.fsencode, os.listdir(fd)):  # listdir(fd) gives str
                     if name not in keep:
-                        _clear(fd, name, keep_dir=False)
+                        clear_name(fd, name, keep_dir=False)
                         self.stats.deleted += 1
                         self.report(f"delete {self._show(parts + (name,))}")
             finally:
                 os.close(fd)
 
     def _make_dir(self, parts: tuple[bytes, ...]) -> None:
-        fd = _open_parent(self.dest_fd, parts)
+        fd = open_parent(self.dest_fd, parts)
         name = parts[-1]
         try:
             try:
@@ -328,7 +225,7 @@ class RestoreSession:
             except FileNotFoundError:
                 st = None
             if st is not None and not stat.S_ISDIR(st.st_mode):
-                temp = _temp_name()  # kept until the restore succeeds
+                temp = temp_name()  # kept until the restore succeeds
                 os.rename(name, temp, src_dir_fd=fd, dst_dir_fd=fd)
                 self._aside.append((parts, temp))
             try:
@@ -343,11 +240,11 @@ class RestoreSession:
         (the folders hold only what this restore wrote)."""
         for parts, temp in reversed(self._aside):
             try:
-                fd = _open_parent(self.dest_fd, parts)
+                fd = open_parent(self.dest_fd, parts)
             except OSError:
                 continue
             try:
-                _clear(fd, parts[-1], keep_dir=False)
+                clear_name(fd, parts[-1], keep_dir=False)
                 os.rename(temp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
             except OSError as exc:
                 self.warn(f"could not put '{self._show(parts)}' back (it is kept as "
@@ -357,10 +254,10 @@ class RestoreSession:
         self._aside.clear()
 
     def _make_special(self, parts: tuple[bytes, ...], entry: Entry) -> None:
-        fd = _open_parent(self.dest_fd, parts)
+        fd = open_parent(self.dest_fd, parts)
         name = parts[-1]
         # made under a temporary name when the name is taken, then renamed over it
-        temp = _temp_name() if _exists(fd, name) else None
+        temp = temp_name() if name_taken(fd, name) else None
         made = temp or name
         try:
             if entry.kind == EntryKind.SYMLINK:
@@ -382,10 +279,10 @@ class RestoreSession:
             try:
                 self._apply_path_metadata(fd, made, entry, parts)
                 if temp is not None:
-                    _replace(fd, temp, name)
+                    move_into_place(fd, temp, name)
             except BaseException:
                 if temp is not None:
-                    _remove_quietly(fd, temp)
+                    remove_quietly(fd, temp)
                 raise
         finally:
             os.close(fd)
@@ -403,7 +300,7 @@ class RestoreSession:
         if entry.kind != EntryKind.SYMLINK:
             os.chmod(name, entry.mode, dir_fd=dir_fd)
         proc_path = f"/proc/self/fd/{dir_fd}/".encode() + name
-        _set_xattrs(lambda xname, value: os.setxattr(proc_path, xname, value, follow_symlinks=False), entry,
+        set_xattrs(lambda xname, value: os.setxattr(proc_path, xname, value, follow_symlinks=False), entry,
                     self._xattr_failed(parts))
         os.utime(name, ns=(entry.atime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
@@ -440,7 +337,7 @@ class RestoreSession:
             for job in batch:
                 parent = parents.get(job.parts[:-1])
                 if parent is None:
-                    parent = parents[job.parts[:-1]] = _open_parent(self.dest_fd, job.parts)
+                    parent = parents[job.parts[:-1]] = open_parent(self.dest_fd, job.parts)
                 written += self._write_one_small(job, raws, parent)
         finally:
             for fd in parents.values():
@@ -458,7 +355,7 @@ class RestoreSession:
                 raise CorruptedData(f"'{self._show(job.parts)}': {exc.message}") from None
             if len(data) != chunk.size or len(data) != job.entry.size:
                 raise CorruptedData(f"'{self._show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
-        fd, temp = _create_new(parent, job.parts[-1])
+        fd, temp = create_new(parent, job.parts[-1])
         try:
             try:
                 pwrite_all(fd, data, 0)
@@ -466,9 +363,9 @@ class RestoreSession:
             finally:
                 os.close(fd)
             if temp is not None:
-                _replace(parent, temp, job.parts[-1])
+                move_into_place(parent, temp, job.parts[-1])
         except BaseException:
-            _remove_quietly(parent, temp or job.parts[-1])
+            remove_quietly(parent, temp or job.parts[-1])
             raise
         return len(data)
 
@@ -478,9 +375,9 @@ class RestoreSession:
         total = sum(c.size for c in chunks)
         if total != entry.size:
             raise CorruptedData(f"'{self._show(job.parts)}': chunk sizes do not add up to the file size")
-        parent = await trio.to_thread.run_sync(_open_parent, self.dest_fd, job.parts)
+        parent = await trio.to_thread.run_sync(open_parent, self.dest_fd, job.parts)
         try:
-            fd, temp = await trio.to_thread.run_sync(_create_new, parent, job.parts[-1])
+            fd, temp = await trio.to_thread.run_sync(create_new, parent, job.parts[-1])
             try:
                 try:
                     offsets = []
@@ -500,9 +397,9 @@ class RestoreSession:
                 finally:
                     os.close(fd)
                 if temp is not None:
-                    await trio.to_thread.run_sync(_replace, parent, temp, job.parts[-1])
+                    await trio.to_thread.run_sync(move_into_place, parent, temp, job.parts[-1])
             except BaseException:
-                _remove_quietly(parent, temp or job.parts[-1])  # no half-written file is left
+                remove_quietly(parent, temp or job.parts[-1])  # no half-written file is left
                 raise
         finally:
             os.close(parent)
@@ -529,19 +426,19 @@ class RestoreSession:
     def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...], written: int | None = None) -> None:
         if written != entry.size:  # holes left for zero chunks, or a hole at the end
             os.ftruncate(fd, entry.size)
-        _apply_metadata(fd, entry, self._xattr_failed(parts))
+        apply_metadata(fd, entry, self._xattr_failed(parts))
 
     # --- after all files -------------------------------------------------------
 
     def _finish(self) -> None:
         for first, alias in self.plan.links:
-            src_fd = _open_parent(self.dest_fd, first)
-            dst_fd = _open_parent(self.dest_fd, alias)
+            src_fd = open_parent(self.dest_fd, first)
+            dst_fd = open_parent(self.dest_fd, alias)
             try:
-                temp = _temp_name() if _exists(dst_fd, alias[-1]) else None
+                temp = temp_name() if name_taken(dst_fd, alias[-1]) else None
                 os.link(first[-1], temp or alias[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
                 if temp is not None:
-                    _replace(dst_fd, temp, alias[-1])
+                    move_into_place(dst_fd, temp, alias[-1])
             finally:
                 os.close(src_fd)
                 os.close(dst_fd)
@@ -550,21 +447,21 @@ class RestoreSession:
             self._delete_extras()
         # deepest directories first, so setting a parent's times is the last touch
         for parts, entry in sorted(self.plan.dirs, key=lambda item: len(item[0]), reverse=True):
-            parent = _open_parent(self.dest_fd, parts)
+            parent = open_parent(self.dest_fd, parts)
             try:
                 fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
             finally:
                 os.close(parent)
             try:
-                _apply_metadata(fd, entry, self._xattr_failed(parts))
+                apply_metadata(fd, entry, self._xattr_failed(parts))
             finally:
                 os.close(fd)
         if self.target.kind == EntryKind.DIRECTORY and self.has_metadata:
-            _apply_metadata(self.dest_fd, self.target, self._xattr_failed(()))
+            apply_metadata(self.dest_fd, self.target, self._xattr_failed(()))
         for parts, temp in self._aside:  # the restore succeeded: what was set aside goes
-            fd = _open_parent(self.dest_fd, parts)
+            fd = open_parent(self.dest_fd, parts)
             try:
-                _remove_quietly(fd, temp)
+                remove_quietly(fd, temp)
             finally:
                 os.close(fd)
         self._aside.clear()

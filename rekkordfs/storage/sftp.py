@@ -1,19 +1,14 @@
 """Repository on an SFTP server, over asyncssh.
 
-asyncssh runs on its own asyncio loop in one dedicated thread. Each operation
-is a coroutine submitted to that loop; the trio side waits on an Event set from
-the future's done-callback, so no thread is held per request and many requests
-are in flight at once over one SSH connection.
+asyncssh runs on its own asyncio loop in one dedicated thread (asyncbridge.py),
+so many requests are in flight at once over one SSH connection.
 
 Writes never overwrite: data goes to tmp/<random> first, then gets its final
 name with hardlink@openssh.com (or a plain SFTP rename, which the protocol
 defines as failing when the target exists), so a crash never leaves a partial
 object under a real name.
 
-Host keys are verified like ssh does: `Fingerprint = SHA256:...` pins the key;
-otherwise ~/.ssh/known_hosts (and /etc/ssh/ssh_known_hosts) decide, and an
-unknown host is refused with its fingerprint (or accepted at a prompt on a
-terminal, then remembered in ~/.ssh/known_hosts).
+Host keys are verified like ssh does (sftp_hosts.py).
 """
 
 from __future__ import annotations
@@ -22,27 +17,24 @@ import asyncio
 import errno
 import getpass
 import logging
-import os
 import posixpath
 import secrets
 import socket
-import sys
-import threading
-from concurrent.futures import Future
 from typing import Any, Awaitable, Callable, Coroutine, TypeVar
 
-import outcome
 import trio
 
 from ..config import SFTPLocation, SFTPSettings
 from ..errors import ConfigError, ObjectMissing, RekkordError, StorageError, TransientStorageError
 from ..tuning import sftp_requests
+from .asyncbridge import AsyncioThread
 from .base import ObjectInfo, Storage
+from .sftp_hosts import DEFAULT_PORT, HostClient
+from .sftp_transport import DirectTCP
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 22
 # SFTP channels on the one SSH connection: OpenSSH serves each channel with one
 # sequential sftp-server, which blocks on every disk write and fsync; a few
 # channels keep the server side busy in parallel.
@@ -52,274 +44,6 @@ CIPHERS = [
     "aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com",
     "aes128-ctr", "aes192-ctr", "aes256-ctr",
 ]
-SYSTEM_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
-
-
-def user_known_hosts() -> str:
-    return os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")
-
-
-async def _captured(coro: Coroutine[Any, Any, T]) -> "outcome.Outcome[T]":
-    """The coroutine's result or error as a value: a task whose waiter went away
-    (cancelled on the trio side) then never dies with an unretrieved error."""
-    try:
-        return outcome.Value(await coro)
-    except Exception as exc:  # noqa: BLE001 - handed to the waiter as is
-        return outcome.Error(exc)
-
-
-class AsyncioThread:
-    """One asyncio event loop running in a daemon thread, callable from trio."""
-
-    def __init__(self, name: str) -> None:
-        self.loop = asyncio.new_event_loop()
-        # asyncio would print stray task errors on stderr: they belong in the log.
-        self.loop.set_exception_handler(lambda _loop, context: log.debug("asyncio: %s", context.get("message")))
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_forever()
-
-    async def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        """Run coro on the asyncio loop; wait for it without blocking trio."""
-        future: Future[outcome.Outcome[T]] = asyncio.run_coroutine_threadsafe(_captured(coro), self.loop)
-        token = trio.lowlevel.current_trio_token()
-        done = trio.Event()
-
-        def wake(_: object) -> None:
-            try:
-                token.run_sync_soon(done.set)
-            except trio.RunFinishedError:
-                pass
-
-        future.add_done_callback(wake)
-        try:
-            await done.wait()
-        except BaseException:
-            future.cancel()  # cancels the asyncio task too
-            raise
-        return future.result().unwrap()
-
-    def stop(self) -> None:
-        def shutdown() -> None:
-            for task in asyncio.all_tasks(self.loop):
-                task.cancel()
-            self.loop.stop()
-
-        if self.loop.is_running():
-            self.loop.call_soon_threadsafe(shutdown)
-            self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self.loop.close()
-
-
-class _CoalescingTransport(asyncio.Transport):
-    """Gathers what the SSH layer writes during one event-loop turn into one send().
-
-    asyncssh writes every SSH packet (32 KiB at most, plus an empty IGNORE
-    packet before each) straight to the socket; on loopback and in VMs each
-    send() costs a wakeup of the peer, which made system calls most of the
-    SFTP cost. Writes here are queued and flushed once per loop turn.
-    """
-
-    def __init__(self, real: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__()
-        self._real = real
-        self._loop = loop
-        self._pending: list[bytes] = []
-        self._size = 0
-        self._scheduled = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if not data:
-            return
-        self._pending.append(bytes(data))
-        self._size += len(data)
-        if self._size >= 1 << 20:
-            self._flush()  # bound the queue under a long burst
-        elif not self._scheduled:
-            self._scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def writelines(self, list_of_data: Any) -> None:
-        for data in list_of_data:
-            self.write(data)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        if self._pending and not self._real.is_closing():
-            self._real.write(b"".join(self._pending))
-        self._pending.clear()
-        self._size = 0
-
-    def close(self) -> None:
-        self._flush()
-        self._real.close()
-
-    def abort(self) -> None:
-        self._pending.clear()
-        self._size = 0
-        self._real.abort()
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._real.write_eof()
-
-    def can_write_eof(self) -> bool:
-        return self._real.can_write_eof()
-
-    def is_closing(self) -> bool:
-        return self._real.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._real.get_extra_info(name, default)
-
-    def get_write_buffer_size(self) -> int:
-        return self._real.get_write_buffer_size() + self._size
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        self._real.set_write_buffer_limits(high, low)
-
-    def pause_reading(self) -> None:
-        self._real.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._real.resume_reading()
-
-    def is_reading(self) -> bool:
-        return self._real.is_reading()
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._real.set_protocol(protocol)
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        return self._real.get_protocol()
-
-
-class _CoalescingProtocol(asyncio.Protocol):
-    """Hands the SSH connection a _CoalescingTransport instead of the socket's own."""
-
-    def __init__(self, session: asyncio.Protocol, loop: asyncio.AbstractEventLoop) -> None:
-        self.session = session
-        self._loop = loop
-        self.transport: _CoalescingTransport | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = _CoalescingTransport(transport, self._loop)  # type: ignore[arg-type]
-        self.session.connection_made(self.transport)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.session.connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self.session.data_received(data)
-
-    def eof_received(self) -> bool | None:
-        return self.session.eof_received()
-
-    def pause_writing(self) -> None:
-        self.session.pause_writing()
-
-    def resume_writing(self) -> None:
-        self.session.resume_writing()
-
-
-class _DirectTCP:
-    """An asyncssh `tunnel` that is a plain TCP connection with coalesced writes."""
-
-    async def create_connection(self, session_factory: Callable[[], Any], host: str, port: int) -> tuple[Any, Any]:
-        loop = asyncio.get_running_loop()
-        _, protocol = await loop.create_connection(
-            lambda: _CoalescingProtocol(session_factory(), loop), host, port)
-        return protocol.transport, protocol.session
-
-    def close(self) -> None:
-        pass
-
-    async def wait_closed(self) -> None:
-        pass
-
-
-class _Client:
-    """asyncssh client callbacks: host key policy and the password prompt."""
-
-    def __init__(self, storage: "SFTPStorage") -> None:
-        self.storage = storage
-        self.offered: str | None = None  # SHA256 fingerprint the server showed
-        self.known_keys = 0  # keys known_hosts lists for this host
-        self.prompted = False
-
-    def factory(self) -> Any:
-        import asyncssh
-
-        policy = self
-
-        class Client(asyncssh.SSHClient):
-            def validate_host_public_key(self, host: str, addr: str, port: int, key: Any) -> bool:
-                return policy.validate(host, port, key)
-
-            def password_auth_requested(self) -> str | None:
-                return policy.ask_password()
-
-        return Client()
-
-    def known_hosts(self, host: str, addr: str, port: int | None) -> tuple[list, list, list]:
-        """Keys trusted for this host; empty when a fingerprint is pinned."""
-        import asyncssh
-
-        if self.storage.settings.fingerprint:
-            return [], [], []
-        files = [f for f in (user_known_hosts(), SYSTEM_KNOWN_HOSTS) if os.path.isfile(f)]
-        if not files:
-            return [], [], []
-        try:
-            matched = asyncssh.read_known_hosts(files).match(host, addr, port)
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"cannot read known_hosts: {exc}") from None
-        self.known_keys = len(matched[0])
-        return list(matched[0]), list(matched[1]), list(matched[2])
-
-    def validate(self, host: str, port: int, key: Any) -> bool:
-        """Called when the key is not among the known_hosts keys."""
-        self.offered = key.get_fingerprint("sha256")
-        pinned = self.storage.settings.fingerprint
-        if pinned:
-            return _same_fingerprint(pinned, self.offered)
-        if self.known_keys or not sys.stdin.isatty():
-            return False
-        where = self.storage.host_port
-        print(f"The authenticity of SFTP host {where} can't be established.\n"
-              f"Its {key.get_algorithm()} key fingerprint is {self.offered}.", file=sys.stderr)
-        print("Trust it and remember it in ~/.ssh/known_hosts (yes/no)? ", end="", file=sys.stderr, flush=True)
-        answer = sys.stdin.readline().strip().lower()
-        if answer not in ("y", "yes"):
-            return False
-        _remember_host(host, port, key)
-        return True
-
-    def ask_password(self) -> str | None:
-        settings = self.storage.settings
-        if settings.password or settings.key_file or self.prompted or not sys.stdin.isatty():
-            return None  # a configured password was already tried: do not prompt
-        self.prompted = True
-        return getpass.getpass(f"SFTP password for {self.storage.login}: ")
-
-
-def _same_fingerprint(pinned: str, offered: str) -> bool:
-    return pinned.rstrip("=") == offered.rstrip("=")
-
-
-def _remember_host(host: str, port: int, key: Any) -> None:
-    path = user_known_hosts()
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    name = host if port == DEFAULT_PORT else f"[{host}]:{port}"
-    line = f"{name} {key.export_public_key('openssh').decode().strip()}\n"
-    with open(path, "a", encoding="ascii") as handle:
-        handle.write(line)
-
-
 class SFTPStorage(Storage):
     conditional_writes = True
 
@@ -455,7 +179,7 @@ class SFTPStorage(Storage):
         import asyncssh
 
         settings = self.settings
-        client = _Client(self)
+        client = HostClient(self)
         options: dict[str, Any] = {
             "port": self.port,
             "username": self.user,
@@ -468,7 +192,7 @@ class SFTPStorage(Storage):
             # fewer, larger SSH packets: per-packet work is Python here
             "max_pktsize": 128 << 10,
             "window": 8 << 20,
-            "tunnel": _DirectTCP(),
+            "tunnel": DirectTCP(),
         }
         if settings.key_file:
             options["client_keys"] = [self._load_key(settings.key_file)]
@@ -506,7 +230,7 @@ class SFTPStorage(Storage):
                 f"cannot use SSH key file '{path}': {first} (passphrase-protected keys are not supported)"
             ) from None
 
-    def _host_key_error(self, client: _Client) -> StorageError:
+    def _host_key_error(self, client: HostClient) -> StorageError:
         offered = client.offered or "unknown"
         pinned = self.settings.fingerprint
         if pinned:

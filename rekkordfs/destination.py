@@ -1,0 +1,116 @@
+"""Writing into a restore's destination without ever harming it: every path
+below DEST is opened one component at a time relative to its parent, never
+following a symlink; what replaces an existing entry is made under a
+temporary name and renamed over it once complete."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import stat
+from typing import Callable
+
+from .format import Entry
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+IS_ROOT = os.geteuid() == 0
+TEMP_PREFIX = b".rekkord-restore-"
+
+
+def open_parent(dest_fd: int, parts: tuple[bytes, ...]) -> int:
+    """A descriptor of the directory holding parts[-1], never following symlinks."""
+    fd = os.dup(dest_fd)
+    try:
+        for part in parts[:-1]:
+            child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def temp_name() -> bytes:
+    return TEMP_PREFIX + os.urandom(6).hex().encode()
+
+
+def create_new(dir_fd: int, name: bytes) -> tuple[int, bytes | None]:
+    """A new empty file for name: (fd, None) when the name was free, else
+    (fd, temporary name) to be put in place by move_into_place() once complete."""
+    try:
+        return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), None
+    except FileExistsError:
+        temp = temp_name()
+        return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
+
+
+def move_into_place(dir_fd: int, temp: bytes, name: bytes) -> None:
+    """Rename temp over name; a folder standing there goes only now."""
+    try:
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except (IsADirectoryError, OSError) as exc:
+        if exc.errno not in (errno.EISDIR, errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(name, dir_fd=dir_fd)
+        os.rename(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def remove_quietly(dir_fd: int, name: bytes) -> None:
+    try:
+        os.unlink(name, dir_fd=dir_fd)
+    except OSError:
+        pass
+
+
+def name_taken(dir_fd: int, name: bytes) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def clear_name(dir_fd: int, name: bytes, keep_dir: bool) -> None:
+    """Remove what stands at name unless it is a directory we may keep."""
+    try:
+        st = os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        if keep_dir:
+            return
+        shutil.rmtree(name, dir_fd=dir_fd)
+    else:
+        os.unlink(name, dir_fd=dir_fd)
+
+
+# Extended attributes that cannot be set for these reasons are skipped silently:
+# the destination has no xattrs at all, or a namespace we may not write (trusted.*
+# when not root). Any other failure (too large for this filesystem...) is warned
+# about, naming the file and the attribute, and the restore goes on, as rsync -X does.
+_XATTR_SILENT = (errno.ENOTSUP, errno.EPERM, errno.EACCES)
+
+XattrFailed = Callable[[bytes, OSError], None]
+
+
+def set_xattrs(set_one: Callable[[bytes, bytes], None], entry: Entry, failed: XattrFailed) -> None:
+    for name, value in entry.xattrs:
+        try:
+            set_one(name, value)
+        except OSError as exc:
+            if exc.errno not in _XATTR_SILENT:
+                failed(name, exc)
+
+
+def apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
+    """Owner, mode, xattrs and times on an open file or directory."""
+    if IS_ROOT:
+        os.chown(fd, entry.uid, entry.gid)
+    os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
+    set_xattrs(lambda name, value: os.setxattr(fd, name, value), entry, xattr_failed)
+    os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))

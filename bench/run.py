@@ -361,8 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("time: wall seconds; MB/s: logical MB (10^6 bytes) / wall; CPU: user+system seconds; "
           "RSS: peak resident set; (mount rows: CPU and RSS of the mount daemon); "
-          "repo: du -s of the repository after the row (S3: sum of object sizes); "
-          "ratio: rekkordfs time / best peer time (< 1: rekkordfs is faster)"
+          "repo: du -s of the repository after the row (S3: sum of object sizes)"
+          + ("; ratio: rekkordfs time / best peer time (< 1: rekkordfs is faster)"
+             if "rekkordfs" in tools and any(p in tools for p in PEERS) else "")
           + "".join(f"; rekkordfs/{old}: rekkordfs time / {old} time (> 1: the new one is slower)"
                     for old in revisions(tools)))
     loads = [r.load for per_tool in table.values() for r in per_tool.values() if r.load is not None]

@@ -281,7 +281,12 @@ class Rekkordfs(Tool):
                               "import rekkordfs; print(getattr(rekkordfs, '__version__', '?'))"],
                              capture_output=True, text=True, env=self.base_env())
         if self.frozen is not None:
-            return f"rekkordfs {out.stdout.strip()} ({self.frozen[1]}, frozen copy)"
+            # the last commit that changed the code, when REV is a later one (e.g. a docs commit)
+            code = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h", self.frozen[1], "--",
+                                   "rekkordfs", "cli"], capture_output=True, text=True).stdout.strip()
+            same = "" if not code or self.frozen[1].startswith(code) or code.startswith(self.frozen[1]) \
+                else f", code of {code}"
+            return f"rekkordfs {out.stdout.strip()} ({self.frozen[1]}{same}, frozen copy)"
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "rekkordfs"],

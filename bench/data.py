@@ -305,7 +305,7 @@ def generate_history(ds: DataSet, steps: int = HISTORY_STEPS, log=print) -> list
     step k (DATA/history/NN) is step k-1 with 1% of its files changed (the same mix as
     tree-changed: 2/5 a 4 KiB patch, 2/5 appended to, 1/5 rewritten), chosen and filled
     from the seed; a changed file's mtime is the original's plus k hours. Unchanged
-    files are hard links to the previous step's. Made once (about 2 s per step) and
+    files are hard links to the previous step's. Made once (about 6 s in all) and
     kept while the seed and the parameters stay; returns [(folder, bytes)] per step."""
     p = ds.params
     root = ds.root / "history"

@@ -344,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             backend.stop()
 
     if "rekkordfs" in tools and not args.rekkordfs_rev:
-        final = TOOLS["rekkordfs"](Path("/tmp")).version()
+        final = TOOLS["rekkordfs"](work / "home" / "versions").version()
         if final != meta["versions"]["rekkordfs"]:
             meta["versions_at_end"] = {"rekkordfs": final}
             log(f"warning: rekkordfs changed during the run: {meta['versions']['rekkordfs']} -> {final}")
@@ -438,7 +438,9 @@ def environment(tools: list[str], ds, args) -> dict:
     versions = {}
     for t in tools:
         try:
-            versions[t] = TOOLS[t](Path("/tmp")).version()
+            # a HOME under the work folder: the bytecode cache goes beside the others
+            # (PYTHONPYCACHEPREFIX is HOME/../../pycache), not to /pycache
+            versions[t] = TOOLS[t](args.data.resolve() / "work" / "home" / "versions").version()
         except Exception as exc:  # noqa: BLE001 - informative only
             versions[t] = f"{t} (version unknown: {exc})"
     cpu = ""

@@ -38,7 +38,7 @@ class LocalBackend(Backend):
     name = "local"
 
     def repo(self, tool: Tool, name: str) -> Repo:
-        path = self.work / "repos" / tool.name / name
+        path = self.work / "repos" / tool.slug() / name
         remove_tree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         return Repo(name, str(path), path)
@@ -90,7 +90,7 @@ class S3Backend(ServerBackend):
         if self.server is None:
             raise NotAvailable("s3 server not started")
         s3 = self.server
-        prefix = f"{tool.name}-{name}-{secrets.token_hex(4)}"
+        prefix = f"{tool.slug()}-{name}-{secrets.token_hex(4)}"
         place = S3Place(s3.endpoint, self.bucket, prefix, s3.access_key, s3.secret_key)
         repo = tool.s3_repo(name, place)
         repo.size = lambda: _s3_size(s3, self.bucket, prefix)
@@ -118,7 +118,7 @@ class SFTPBackend(ServerBackend):
         if self.server is None:
             raise NotAvailable("sftp server not started")
         ssh = self.server
-        path = ssh.new_dir(f"{tool.name}-{name}-{secrets.token_hex(4)}")
+        path = ssh.new_dir(f"{tool.slug()}-{name}-{secrets.token_hex(4)}")
         place = SFTPPlace("127.0.0.1", ssh.port, ssh.user, path, ssh.client_key, ssh.fingerprint)
         return tool.sftp_repo(name, place)
 

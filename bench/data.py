@@ -4,6 +4,9 @@
     DATA/tree-changed/         the same tree with 1% of its files changed
     DATA/big/random-1GiB.bin   1 GiB of incompressible pseudo-random bytes
     DATA/manifest.json         parameters and figures; its presence marks a complete set
+    DATA/history/01..19/       (made only for the retention rows) a history of the tree:
+                               step k is step k-1 with 1% of its files changed
+                               (step 0 is tree/); its own manifest.json
 
 Content comes from keyed BLAKE3 output streams (XOF), so every byte depends
 only on the seed and the file's index.  "Text" files are phrases drawn from a
@@ -64,6 +67,8 @@ class DataSet:
     changed_tree_bytes: int = 0
     big_bytes: int = 0
     extra: dict = field(default_factory=dict)
+    #: the retention rows' history (generate_history): each step's folder and bytes
+    history: list[tuple[Path, int]] = field(default_factory=list)
 
     @property
     def tree(self) -> Path:
@@ -287,6 +292,86 @@ def generate(root: Path, p: Params, log=print) -> DataSet:
         f"{total / MB:.1f} MB, {len(dirs)} directories; 1 GiB file; "
         f"{data['changed']['files']} files changed")
     return _load(root, p, data)
+
+
+# --- the history of the retention rows ----------------------------------------------
+
+HISTORY_VERSION = 1
+HISTORY_STEPS = 20
+
+
+def generate_history(ds: DataSet, steps: int = HISTORY_STEPS, log=print) -> list[tuple[Path, int]]:
+    """A history of STEPS versions of the tree, for the retention rows: step 0 is tree/,
+    step k (DATA/history/NN) is step k-1 with 1% of its files changed (the same mix as
+    tree-changed: 2/5 a 4 KiB patch, 2/5 appended to, 1/5 rewritten), chosen and filled
+    from the seed; a changed file's mtime is the original's plus k hours. Unchanged
+    files are hard links to the previous step's. Made once (about 6 s in all) and
+    kept while the seed and the parameters stay; returns [(folder, bytes)] per step."""
+    p = ds.params
+    root = ds.root / "history"
+    manifest = root / "manifest.json"
+    wanted = {"version": HISTORY_VERSION, "params": asdict(p), "steps": steps,
+              "tree": ds.extra.get("tree")}
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        if {k: data.get(k) for k in wanted} == wanted:
+            ds.history = [(ds.tree, ds.tree_bytes)] + [(root / f"{k:02d}", data["bytes"][k - 1])
+                                                        for k in range(1, steps)]
+            return ds.history
+    started = time.monotonic()
+    log(f"generating a history of {steps} versions of the tree in {root} ...")
+    if root.exists():
+        shutil.rmtree(root)
+    partial = ds.root / "history.partial"
+    if partial.exists():
+        shutil.rmtree(partial)
+    content = Content(p.seed)
+    dirs, files = plan_tree(p)
+    sizes = {spec.path: spec.size for spec in files}
+    kinds = {spec.path: spec.kind for spec in files}
+    mtimes = {spec.path: spec.mtime_ns for spec in files}
+    previous = ds.tree
+    totals = []
+    for k in range(1, steps):
+        rng = random.Random(f"{p.seed}-history-{k}")
+        candidates = sorted(path for path, size in sizes.items() if size > 0)
+        changed = {}
+        for n, path in enumerate(rng.sample(candidates, max(1, round(p.files * p.change_fraction)))):
+            how = rng.choice(["patch", "patch", "append", "append", "rewrite"])
+            key = f"{p.seed}:history:{k}:{n}".encode()
+            size = sizes[path]
+            if how == "patch":
+                at = rng.randrange(size)
+                old = (previous / path).read_bytes()
+                m = min(4096, size - at)
+                new = old[:at] + _binary(key, m) + old[at + m:]
+            elif how == "append":
+                new = (previous / path).read_bytes() + content.make(kinds[path], key, rng.randint(1, 16 << 10))
+            else:
+                new = content.make(kinds[path], key, max(1, int(size * rng.uniform(0.9, 1.1))))
+            changed[path] = new
+        step = partial / f"{k:02d}"
+        for d in dirs:
+            (step / d).mkdir(parents=True, exist_ok=True)
+        for spec in files:
+            target = step / spec.path
+            if spec.path in changed:
+                target.write_bytes(changed[spec.path])
+                sizes[spec.path] = len(changed[spec.path])
+                mtimes[spec.path] = spec.mtime_ns + k * 3600 * 1_000_000_000
+                os.utime(target, ns=(mtimes[spec.path], mtimes[spec.path]))
+            else:
+                os.link(previous / spec.path, target)  # nothing ever writes into the data set
+        _set_dir_times(step, dirs, p.seed)
+        totals.append(sum(sizes.values()))
+        previous = step
+    partial.rename(root)
+    data = dict(wanted)
+    data["bytes"] = totals
+    manifest.write_text(json.dumps(data, indent=2) + "\n")
+    log(f"history ready in {time.monotonic() - started:.1f} s")
+    ds.history = [(ds.tree, ds.tree_bytes)] + [(root / f"{k:02d}", totals[k - 1]) for k in range(1, steps)]
+    return ds.history
 
 
 def _load(root: Path, p: Params, data: dict) -> DataSet:

@@ -10,7 +10,10 @@ Groups:
   mount    reading through `rekkord mount`, `restic mount`, `borg mount`
   staging  rsync into MNT/staging/C + `rekkord commit` (rekkordfs only; the
            ratio compares it with the peers' plain save of the same data)
-  s3, sftp the local save/restore rows on a SeaweedFS server / an sshd
+  retention a history of 20 snapshots, then forget all but the last 5 and free
+           the space (rekkordfs forget --prune, restic forget --prune, borg
+           prune + compact)
+  s3, sftp the local save/restore (and retention) rows on a SeaweedFS server / an sshd
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class Row:
     uses: tuple[str, ...] = ()  # mounts it needs alive (released when no later row uses them)
     compare_to: str | None = None  # ratio against the peers' figures of this row instead
     backend: str = "local"
+    feature: str | None = None  # what the tool must support (Tool.supports), else n/a
+    compare_size: bool = False  # the repository size after the row is a result too
 
 
 ROWS: list[Row] = []
@@ -142,7 +147,7 @@ class Context:
 
     def restore(self, key: str, snap: Snap) -> Result:
         repo = self.repos[key]
-        dest = self.work / "restore" / f"{self.tool.name}-{key.replace(':', '-')}"
+        dest = self.work / "restore" / f"{self.tool.slug()}-{key.replace(':', '-')}"
         remove_tree(dest)
         dest.mkdir(parents=True)
         os.sync()
@@ -169,7 +174,7 @@ class Context:
         if key not in self.mounts:
             if not self.snaps.get(key):
                 raise ToolFailure(f"nothing saved in {key}")
-            mnt = self.work / "mnt" / f"{self.tool.name}-{key.replace(':', '-')}"
+            mnt = self.work / "mnt" / f"{self.tool.slug()}-{key.replace(':', '-')}"
             self.mounts[key] = self.tool.mount(self.repos[key], mnt, self.snaps[key][-1])
         return self.mounts[key]
 
@@ -335,7 +340,7 @@ def _stage(ctx: Context, origin: Path, channel: str, files: int, size: int, new_
     key = "local:staging"
     if key not in ctx.mounts:
         repo = ctx.fresh_repo(key, "local")
-        mnt = ctx.work / "mnt" / f"{ctx.tool.name}-staging"
+        mnt = ctx.work / "mnt" / f"{ctx.tool.slug()}-staging"
         ctx.mounts[key] = _mount_empty(ctx, repo, mnt)
     m = ctx.mounts[key]
     staging = m.mnt / "staging" / channel
@@ -434,7 +439,74 @@ def staging_floor(ctx: Context) -> Result:
                   extra={"daemon_cpu": after - before if None not in (before, after) else None})
 
 
-# --- S3 and SFTP: the same save/restore rows on a server ----------------------------------
+# --- retention: 20 snapshots, forget all but the last 5, free the space ------------------
+
+HISTORY_KEEP = 5
+
+
+def _history_key(backend: str) -> str:
+    return f"{backend}:history"
+
+
+def retention_history(ctx: Context, backend: str = "local") -> Result:
+    """Saves the data set's history (data.generate_history: 20 versions of the tree, 1% of
+    the files changed from one to the next) as 20 snapshots of one channel in a fresh
+    repository, each version rsynced to the one source path first. The time is the sum of
+    the 20 saves: this row exists for the next one, its time is a by-product."""
+    key = _history_key(backend)
+    ctx.fresh_repo(key, backend)
+    saves = []
+    for folder, size in ctx.ds.history:
+        ctx.set_source(folder)
+        saves.append(ctx.save(key, ctx.src, "history", folder, ctx.ds.tree_files, size))
+    return Result(seconds=sum(r.seconds for r in saves), rss=max(r.rss for r in saves),
+                  cpu=sum(r.cpu for r in saves), repo_disk=saves[-1].repo_disk,
+                  repo_apparent=saves[-1].repo_apparent,
+                  extra={"saves": len(saves), "save_seconds": [round(r.seconds, 3) for r in saves]})
+
+
+def retention_prune(ctx: Context, backend: str = "local") -> Result:
+    """Forgets all but the 5 newest of the 20 snapshots and frees what only the others
+    used, each tool its own way (Tool.forget_prune): timed as a whole; the repository's
+    size after is the other result. Afterwards (untimed) the tool must list exactly 5
+    snapshots; with --verify the oldest kept one is restored and compared."""
+    key = _history_key(backend)
+    repo = ctx.repos[key]
+    before = ctx.repo_size(repo)
+    os.sync()
+    runs = ctx.tool.forget_prune(repo, HISTORY_KEEP)
+    disk, apparent = ctx.repo_size(repo)
+    result = Result(seconds=sum(r.seconds for r in runs), rss=max(r.rss for r in runs),
+                    cpu=sum(r.cpu for r in runs), repo_disk=disk, repo_apparent=apparent,
+                    extra={"command_seconds": [round(r.seconds, 3) for r in runs],
+                           "repo_disk_before": before[0], "repo_apparent_before": before[1]})
+    left = ctx.tool.count_snapshots(repo)
+    if left != HISTORY_KEEP:
+        result.status, result.note = "FAIL", f"{left} snapshots left, expected {HISTORY_KEEP}"
+    elif ctx.verify:
+        kept = ctx.restore(key, ctx.snaps[key][-HISTORY_KEEP])
+        if not kept.ok:
+            result.status, result.note = "FAIL", f"oldest kept snapshot: {kept.note}"
+    return result
+
+
+def _register_retention(backend: str) -> None:
+    prefix = "" if backend == "local" else f"{backend}_"
+    where = "" if backend == "local" else f" [{backend}]"
+    ROWS.append(Row(prefix + "retention_history", "retention: 20 saves, 1% changed each (sum)" + where,
+                    functools.partial(retention_history, backend=backend),
+                    group="retention" if backend == "local" else backend, backend=backend, feature="retention"))
+    ROWS.append(Row(prefix + "retention_prune", "retention: forget all but 5 + prune (rekkordfs: --grace 0)" + where,
+                    functools.partial(retention_prune, backend=backend), (prefix + "retention_history",),
+                    group="retention" if backend == "local" else backend, backend=backend, feature="retention",
+                    compare_size=True))
+
+
+_register_retention("local")
+
+
+# --- S3 and SFTP: the same save/restore and retention rows on a server ------------------
 
 for _backend in ("s3", "sftp"):
     _register_save_restore(_backend)
+    _register_retention(_backend)

@@ -2,10 +2,22 @@
 
     scripts/bench [--data DIR] [--only ROW,...] [--tools rekkordfs,restic,borg]
                   [--repeat N] [--json FILE] [--backends local,s3,sftp] [--verify] [--list]
+                  [--rekkordfs-rev REV] [--compare-rev REV,...] [--columns C,...]
 
 Prints one table: for each row and tool the wall time, MB/s (logical bytes /
 wall time), peak RSS and repository size after the row, and the ratio of
 rekkordfs's time to the best peer's (below 1: rekkordfs is faster).
+
+Two revisions of rekkordfs in one run: --compare-rev OLD adds the tool
+rekkordfs@OLD (OLD's code, a frozen copy run with the same venv) beside
+rekkordfs, in the same lockstep rows, and a column rekkordfs/rekkordfs@OLD
+(new time / old time; above 1: the new one is slower). With --rekkordfs-rev
+HEAD the new side is a frozen copy of HEAD too (run both the same way and
+immune to commits during the run):
+
+    scripts/bench --rekkordfs-rev HEAD --compare-rev 4326053 --tools rekkordfs,restic,borg
+    scripts/bench --rekkordfs-rev HEAD --compare-rev 4326053 --tools rekkordfs
+                  --only save_tree,restore_tree,mount_catall --repeat 3 --columns time,cpu
 """
 
 from __future__ import annotations
@@ -20,10 +32,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .backends import Backend, make_backend
-from .data import Params, generate
+from .data import Params, generate, generate_history
 from .measure import NotAvailable, ToolFailure, loadavg, unmount
 from .rows import ROWS, Context, Result, Row, rows_by_name
-from .tools import PEERS, TOOLS, remove_tree
+from .tools import PEERS, TOOLS, add_revision, remove_tree
 
 DEFAULT_ROOT = Path("/var/tmp/rekkordfs-bench")
 
@@ -38,6 +50,7 @@ def plan(selected: list[str], tool: str) -> list[Row]:
     """The rows TOOL runs, in registry order: the selected ones, what they require, and
     for peers the rows that selected rekkordfs-only rows compare against."""
     by_name = rows_by_name()
+    kind = TOOLS[tool].kind  # every copy of rekkordfs runs the rekkordfs-only rows
     need: set[str] = set()
 
     def add(name: str) -> None:
@@ -48,11 +61,11 @@ def plan(selected: list[str], tool: str) -> list[Row]:
 
     for name in selected:
         row = by_name[name]
-        if row.tools is None or tool in row.tools:
+        if row.tools is None or kind in row.tools:
             add(name)
-        elif row.compare_to and tool in PEERS:
+        elif row.compare_to and kind in PEERS:
             add(row.compare_to)
-    return [r for r in ROWS if r.name in need and (r.tools is None or tool in r.tools)]
+    return [r for r in ROWS if r.name in need and (r.tools is None or kind in r.tools)]
 
 
 def run_pass(tools: list[str], selected: list[str], ds, work: Path, backends: dict[str, Backend],
@@ -63,10 +76,11 @@ def run_pass(tools: list[str], selected: list[str], ds, work: Path, backends: di
     orders = {t: plan(selected, t) for t in tools}
     results: dict[str, dict[str, Result]] = {t: {} for t in tools}
     for t in tools:
-        home = work / "home" / t
+        home = work / "home" / TOOLS[t].slug()
         remove_tree(home)
-        remove_tree(work / "repos" / t)
+        remove_tree(work / "repos" / TOOLS[t].slug())
         contexts[t] = Context(TOOLS[t](home), ds, work, backends, verify)
+    width = max(map(len, tools))
     try:
         for row in ROWS:
             for t in tools:
@@ -81,15 +95,15 @@ def run_pass(tools: list[str], selected: list[str], ds, work: Path, backends: di
                     extra += f"  cpu {res.cpu:.2f} s"
                 if res.load is not None:
                     extra += f"  (load {res.load:.1f})"
-                log(f"  {row.name:<20} {t:<9} {shown}{extra}")
+                log(f"  {row.name:<20} {t:<{width}} {shown}{extra}")
                 later = order[order.index(row) + 1:]
                 contexts[t].release({u for r in later for u in r.uses})
     finally:
         for t, ctx in contexts.items():
             ctx.close()
             if not keep:
-                remove_tree(work / "repos" / t)
-                remove_tree(work / "home" / t)
+                remove_tree(work / "repos" / TOOLS[t].slug())
+                remove_tree(work / "home" / TOOLS[t].slug())
         if not keep:
             remove_tree(work / "restore")
     return results
@@ -101,6 +115,8 @@ def run_row(ctx: Context, row: Row, done: dict[str, Result]) -> Result:
         first = done[missing[0]]
         status = "n/a" if first.status == "n/a" else "skipped"
         return Result(status=status, note=f"needs {missing[0]} ({first.status})")
+    if row.feature and not ctx.tool.supports(row.feature):
+        return Result(status="n/a", note=f"{ctx.tool.name} has no {row.feature} commands")
     load = loadavg()
     try:
         res = row.func(ctx)
@@ -137,6 +153,9 @@ def fmt_rate(r: float | None) -> str:
     return f"{r:.0f}" if r >= 10 else f"{r:.1f}"
 
 
+COLUMNS = ("time", "mbps", "cpu", "rss", "repo")
+
+
 def ratio_of(row: Row, table: dict[str, dict[str, Result]], tools: list[str]) -> tuple[float | None, str]:
     """rekkordfs time / best peer time, and that peer's name."""
     mine = table[row.name].get("rekkordfs")
@@ -151,11 +170,46 @@ def ratio_of(row: Row, table: dict[str, dict[str, Result]], tools: list[str]) ->
     return mine.seconds / seconds, peer
 
 
-def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[str]) -> tuple[str, list[str]]:
+def revisions(tools: list[str]) -> list[str]:
+    """The other copies of rekkordfs (--compare-rev) that "rekkordfs" is compared with."""
+    if "rekkordfs" not in tools:
+        return []
+    return [t for t in tools if t != "rekkordfs" and TOOLS[t].kind == "rekkordfs"]
+
+
+def revision_ratio(row: Row, table: dict[str, dict[str, Result]], old: str) -> float | None:
+    """rekkordfs time / rekkordfs@OLD time on the same row (above 1: the new one is slower)."""
+    new, was = table[row.name].get("rekkordfs"), table[row.name].get(old)
+    if new is None or was is None or not (new.ok and was.ok) or not (new.seconds and was.seconds):
+        return None
+    return new.seconds / was.seconds
+
+
+def size_ratios(row: Row, table: dict[str, dict[str, Result]], tools: list[str]) -> list[str]:
+    """For rows whose repository size after matters (retention): each rekkordfs copy's
+    size against each peer's, as text."""
+    out = []
+    for t in tools:
+        mine = table[row.name].get(t)
+        if TOOLS[t].kind != "rekkordfs" or mine is None or not mine.ok or not mine.repo_disk:
+            continue
+        versus = [f"{mine.repo_disk / r.repo_disk:.2f}x {p}" for p in PEERS if p in tools
+                  if (r := table[row.name].get(p)) is not None and r.ok and r.repo_disk]
+        out.append(f"{t} {fmt_mb(mine.repo_disk)}" + (f" ({', '.join(versus)})" if versus else ""))
+    return out
+
+
+def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[str],
+           columns: tuple[str, ...] = COLUMNS) -> tuple[str, list[str]]:
+    names = {"time": None, "mbps": "MB/s", "cpu": "CPU", "rss": "RSS", "repo": "repo"}
     header = ["row"]
     for t in tools:
-        header += [f"{t} time", "MB/s", "CPU", "RSS", "repo"]
-    header += ["ratio"]
+        header += [f"{t} time" if c == "time" else names[c] for c in columns]
+    with_peers = "rekkordfs" in tools and any(p in tools for p in PEERS)
+    olds = revisions(tools)
+    if with_peers:
+        header += ["ratio"]
+    header += [f"rekkordfs/{old}" for old in olds]
     lines = [header]
     notes: list[str] = []
     for row in shown:
@@ -163,19 +217,25 @@ def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[st
         for t in tools:
             res = table[row.name].get(t)
             if res is None:
-                cells += ["·", "", "", "", ""]
+                cells += ["·"] + [""] * (len(columns) - 1)
             elif res.ok:
-                cpu = f"{res.cpu:.1f} s" if res.cpu is not None else ""
-                cells += [fmt_time(res.seconds), fmt_rate(res.mbps), cpu, fmt_mb(res.rss), fmt_mb(res.repo_disk)]
+                values = {"time": fmt_time(res.seconds), "mbps": fmt_rate(res.mbps),
+                          "cpu": f"{res.cpu:.1f} s" if res.cpu is not None else "",
+                          "rss": fmt_mb(res.rss), "repo": fmt_mb(res.repo_disk)}
+                cells += [values[c] for c in columns]
             else:
                 notes.append(f"{row.name} / {t}: {res.status}: {res.note}")
-                cells += [res.status, "", "", "", ""]
-        ratio, peer = ratio_of(row, table, tools)
-        if ratio is None:
-            cells.append("")
-        else:
-            versus = f" vs {peer}" + (f" {row.compare_to}" if row.compare_to else "")
-            cells.append(f"{ratio:.2f}{versus}")
+                cells += [res.status] + [""] * (len(columns) - 1)
+        if with_peers:
+            ratio, peer = ratio_of(row, table, tools)
+            if ratio is None:
+                cells.append("")
+            else:
+                versus = f" vs {peer}" + (f" {row.compare_to}" if row.compare_to else "")
+                cells.append(f"{ratio:.2f}{versus}")
+        for old in olds:
+            ratio = revision_ratio(row, table, old)
+            cells.append("" if ratio is None else f"{ratio:.2f}")
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
@@ -184,6 +244,9 @@ def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[st
         out.append("| " + " | ".join(padded) + " |")
         if n == 0:
             out.append("|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|")
+    for row in shown:
+        if row.compare_size and (sizes := size_ratios(row, table, tools)):
+            out.append(f"repository size after {row.label}: {'; '.join(sizes)}")
     return "\n".join(out), notes
 
 
@@ -196,7 +259,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"folder for the generated data set and the work files (default {DEFAULT_ROOT})")
     p.add_argument("--seed", type=int, default=Params.seed, help="data set seed (default %(default)s)")
     p.add_argument("--only", metavar="ROW,...", help="run only these rows (and what they need); see --list")
-    p.add_argument("--tools", metavar="T,...", default="rekkordfs,restic,borg", help="default %(default)s")
+    p.add_argument("--tools", metavar="T,...", default="rekkordfs,restic,borg",
+                   help="default %(default)s; rekkordfs@REV is rekkordfs as committed at REV (see --compare-rev)")
     p.add_argument("--backends", metavar="B,...", default="local",
                    help="local, s3, sftp: which backends' rows run by default (default %(default)s)")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="run N times, report the best time of each row")
@@ -206,6 +270,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rekkordfs-rev", metavar="REV",
                    help="bench rekkordfs as committed at REV (e.g. HEAD), from a copy under DIR/work, "
                         "instead of the work tree (which others may change during a long run)")
+    p.add_argument("--compare-rev", metavar="REV,...",
+                   help="also bench rekkordfs as committed at each REV, as the tool rekkordfs@SHA beside "
+                        "rekkordfs in the same lockstep rows (own HOME, caches and repositories; a frozen "
+                        "copy under DIR/work run with the same venv, old layouts included), and add the "
+                        "column rekkordfs/rekkordfs@SHA: new time / old time per row (above 1: slower). "
+                        "E.g. --rekkordfs-rev HEAD --compare-rev 4326053")
+    p.add_argument("--columns", metavar="C,...", default=",".join(COLUMNS),
+                   help="per-tool columns of the table, among %(default)s (e.g. time,cpu with many tools)")
     p.add_argument("--keep", action="store_true", help="keep repositories and caches under DIR/work")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     return p.parse_args(argv)
@@ -219,10 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             only = f" [{', '.join(r.tools)} only]" if r.tools else ""
             print(f"{r.name:<22} {r.group:<8} {r.label}{only}{req}")
         return 0
-    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
-    for t in tools:
-        if t not in TOOLS:
-            sys.exit(f"scripts/bench: unknown tool {t!r} (choose from {', '.join(TOOLS)})")
+    columns = tuple(c.strip() for c in args.columns.split(",") if c.strip())
+    if not columns or set(columns) - set(COLUMNS):
+        sys.exit(f"scripts/bench: --columns takes some of {', '.join(COLUMNS)}")
+    root: Path = args.data.resolve()
+    work = root / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    tools = resolve_tools(args, work)
     by_name = rows_by_name()
     backends_wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
     if args.only:
@@ -233,13 +308,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         selected = [r.name for r in ROWS if r.backend in backends_wanted]
 
-    root: Path = args.data.resolve()
-    work = root / "work"
     ds = generate(root / "data", Params(seed=args.seed), log=log)
-    work.mkdir(parents=True, exist_ok=True)
+    if any(by_name[r.name].feature == "retention" for t in tools for r in plan(selected, t)):
+        generate_history(ds, log=log)
     _clear_stale_mounts(work)
-    if args.rekkordfs_rev:
-        log(f"rekkordfs from {args.rekkordfs_rev}: {TOOLS['rekkordfs'].freeze(args.rekkordfs_rev, work)}")
+    for t in tools:
+        if TOOLS[t].kind == "rekkordfs":  # no copy compiles itself during a timed row
+            TOOLS[t](work / "home" / TOOLS[t].slug()).compile()
 
     needed_backends = {by_name[r].backend for t in tools for r in map(lambda x: x.name, plan(selected, t))}
     backends: dict[str, Backend] = {}
@@ -269,13 +344,13 @@ def main(argv: list[str] | None = None) -> int:
             backend.stop()
 
     if "rekkordfs" in tools and not args.rekkordfs_rev:
-        final = TOOLS["rekkordfs"](Path("/tmp")).version()
+        final = TOOLS["rekkordfs"](work / "home" / "versions").version()
         if final != meta["versions"]["rekkordfs"]:
             meta["versions_at_end"] = {"rekkordfs": final}
             log(f"warning: rekkordfs changed during the run: {meta['versions']['rekkordfs']} -> {final}")
     shown = [r for r in ROWS if r.name in selected]
     table = {name: {t: best(rs) for t, rs in per_tool.items()} for name, per_tool in runs.items()}
-    text, notes = render(shown, table, tools)
+    text, notes = render(shown, table, tools, columns)
     print()
     print(f"rekkordfs bench: {ds.tree_files} files / {ds.tree_bytes / 1e6:.0f} MB tree, "
           f"{ds.big_bytes / 2**30:.0f} GiB random file; best of {args.repeat}; "
@@ -286,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("time: wall seconds; MB/s: logical MB (10^6 bytes) / wall; CPU: user+system seconds; "
           "RSS: peak resident set; (mount rows: CPU and RSS of the mount daemon); "
-          "repo: du -s of the repository after the row (S3: sum of object sizes); "
-          "ratio: rekkordfs time / best peer time (< 1: rekkordfs is faster)")
+          "repo: du -s of the repository after the row (S3: sum of object sizes)"
+          + ("; ratio: rekkordfs time / best peer time (< 1: rekkordfs is faster)"
+             if "rekkordfs" in tools and any(p in tools for p in PEERS) else "")
+          + "".join(f"; rekkordfs/{old}: rekkordfs time / {old} time (> 1: the new one is slower)"
+                    for old in revisions(tools)))
     loads = [r.load for per_tool in table.values() for r in per_tool.values() if r.load is not None]
     if loads and max(loads) > 1.5:
         print(f"warning: the machine was busy (1-minute load average up to {max(loads):.1f} on "
@@ -303,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                     "name": r.name, "label": r.label, "group": r.group, "backend": r.backend,
                     "compare_to": r.compare_to,
                     "ratio": ratio_of(r, table, tools)[0], "ratio_peer": ratio_of(r, table, tools)[1],
+                    "ratio_revisions": {old: revision_ratio(r, table, old) for old in revisions(tools)},
                     "results": {t: {"best": _result_json(table[r.name][t]),
                                     "runs": [_result_json(x) for x in runs[r.name][t]]}
                                 for t in tools if t in table[r.name]},
@@ -315,6 +394,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def resolve_tools(args: argparse.Namespace, work: Path) -> list[str]:
+    """The tools of the run, in table order: --tools, where rekkordfs@REV names a frozen
+    copy of REV, and the --compare-rev copies right after "rekkordfs"."""
+    def frozen(rev: str) -> str:
+        try:
+            return add_revision(rev, work)
+        except ValueError as exc:
+            sys.exit(f"scripts/bench: {exc}")
+
+    if args.rekkordfs_rev:
+        try:
+            log(f"rekkordfs from {args.rekkordfs_rev}: {TOOLS['rekkordfs'].freeze(args.rekkordfs_rev, work)}")
+        except ValueError as exc:
+            sys.exit(f"scripts/bench: --rekkordfs-rev: {exc}")
+    tools: list[str] = []
+    for t in (t.strip() for t in args.tools.split(",") if t.strip()):
+        if t.startswith("rekkordfs@"):
+            t = frozen(t.split("@", 1)[1])
+        elif t not in TOOLS:
+            sys.exit(f"scripts/bench: unknown tool {t!r} (choose from {', '.join(TOOLS)}, or rekkordfs@REV)")
+        if t not in tools:
+            tools.append(t)
+    olds = [frozen(rev.strip()) for rev in (args.compare_rev or "").split(",") if rev.strip()]
+    at = tools.index("rekkordfs") + 1 if "rekkordfs" in tools else 0
+    for old in olds:
+        if old not in tools:
+            tools.insert(at, old)
+            at += 1
+        log(f"{old}: rekkordfs as committed at {old.split('@')[1]} (frozen copy), beside rekkordfs")
+    if olds and "rekkordfs" not in tools:
+        log("warning: --compare-rev without rekkordfs in --tools: no new/old column")
+    return tools
+
+
 def _result_json(r: Result) -> dict:
     d = asdict(r)
     d["mbps"] = r.mbps
@@ -325,7 +438,9 @@ def environment(tools: list[str], ds, args) -> dict:
     versions = {}
     for t in tools:
         try:
-            versions[t] = TOOLS[t](Path("/tmp")).version()
+            # a HOME under the work folder: the bytecode cache goes beside the others
+            # (PYTHONPYCACHEPREFIX is HOME/../../pycache), not to /pycache
+            versions[t] = TOOLS[t](args.data.resolve() / "work" / "home" / "versions").version()
         except Exception as exc:  # noqa: BLE001 - informative only
             versions[t] = f"{t} (version unknown: {exc})"
     cpu = ""

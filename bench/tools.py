@@ -7,6 +7,7 @@ fresh HOME means a first save really is a first save.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -108,8 +109,16 @@ def rel(path: Path) -> str:
 
 class Tool:
     name = "?"
+    #: what the tool is, whatever the copy: rows restricted to "rekkordfs" run for
+    #: every rekkordfs copy (the work tree and each --compare-rev)
+    kind = "?"
     #: how its repositories are configured, for the report
     settings = ""
+
+    @classmethod
+    def slug(cls) -> str:
+        """The name as it goes into paths, URLs and S3 prefixes (no '@')."""
+        return cls.name.replace("@", "-at-")
 
     def __init__(self, home: Path) -> None:
         self.home = home
@@ -150,6 +159,18 @@ class Tool:
         """Mounts REPO on MNT; returns once READY's tree is reachable, with the time it took."""
         raise NotAvailable(f"{self.name} has no mount")
 
+    def supports(self, feature: str) -> bool:
+        """Whether this tool (this copy of it) can run the rows that need FEATURE ("retention")."""
+        return True
+
+    def forget_prune(self, repo: Repo, keep_last: int) -> list[Run]:
+        """Forgets all but the KEEP_LAST newest snapshots and frees what they alone used,
+        the tool's documented way; the runs of every command it takes."""
+        raise NotAvailable(f"{self.name} cannot forget snapshots")
+
+    def count_snapshots(self, repo: Repo) -> int:
+        raise NotImplementedError
+
     def mount_path(self, mount: Mount, snap: Snap) -> Path:
         """Where SNAP's saved folder is seen in the mount."""
         raise NotImplementedError
@@ -174,10 +195,13 @@ class Tool:
 
 class Rekkordfs(Tool):
     name = "rekkordfs"
+    kind = "rekkordfs"
     settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench; bytecode cached (PYTHONPYCACHEPREFIX)"
 
-    #: set by --rekkordfs-rev: a frozen copy of rekkordfs/ at that commit, run with
-    #: the project venv (so the code cannot change under a long run); None: the work tree
+    #: a frozen copy of rekkordfs/ (and cli/ where the revision has it) extracted at a
+    #: commit, run with the project venv (so the code cannot change under a long run):
+    #: (folder, short SHA); None: the work tree. Set on this class by --rekkordfs-rev,
+    #: on a subclass per revision by --compare-rev (see at()).
     frozen: tuple[Path, str] | None = None
 
     @property
@@ -188,12 +212,15 @@ class Rekkordfs(Tool):
             return [str(REPO_ROOT / ".venv" / "bin" / "python"), "-P", "-m", module]  # -P: not the cwd
         return [str(REPO_ROOT / ".venv" / "bin" / "rekkord")]
 
-    @classmethod
-    def freeze(cls, rev: str, work: Path) -> str:
-        """Extracts rekkordfs/ (and cli/, where REV still has it) at REV under WORK;
-        later commands run that copy."""
-        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", rev],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    @staticmethod
+    def extract(rev: str, work: Path) -> tuple[Path, str]:
+        """Extracts rekkordfs/ (and cli/, where REV still has it) at REV under WORK, once
+        per commit; returns (folder, short SHA)."""
+        sha = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", f"{rev}^{{commit}}"],
+                             capture_output=True, text=True)
+        if sha.returncode != 0:
+            raise ValueError(f"not a commit: {rev!r} ({sha.stderr.strip()})")
+        sha = sha.stdout.strip()
         dest = work / f"rekkordfs-{sha}"
         if not (dest / "rekkordfs" / "__init__.py").exists():
             remove_tree(dest)
@@ -204,8 +231,35 @@ class Rekkordfs(Tool):
                                       *(["cli"] if has_cli else [])],
                                      capture_output=True, check=True).stdout
             subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-        cls.frozen = (dest, sha)
-        return sha
+        return dest, sha
+
+    @classmethod
+    def freeze(cls, rev: str, work: Path) -> str:
+        """--rekkordfs-rev: the tool named "rekkordfs" runs REV's copy instead of the work tree."""
+        cls.frozen = cls.extract(rev, work)
+        return cls.frozen[1]
+
+    @classmethod
+    def at(cls, rev: str, work: Path) -> type["Rekkordfs"]:
+        """--compare-rev: another tool, "rekkordfs@SHA", running REV's copy beside "rekkordfs"
+        (its own HOME, caches, keys and repositories, like any other tool)."""
+        frozen = cls.extract(rev, work)
+        return type(f"Rekkordfs_{frozen[1]}", (Rekkordfs,), {"name": f"rekkordfs@{frozen[1]}", "frozen": frozen})
+
+    def source(self) -> Path:
+        """The folder whose rekkordfs/ (and cli/) this copy runs."""
+        return self.frozen[0] if self.frozen is not None else REPO_ROOT
+
+    def compile(self) -> None:
+        """Compiles the copy's bytecode into the bench's PYTHONPYCACHEPREFIX before any row,
+        so no copy pays for compiling itself in a timed row (the work tree usually has its
+        bytecode from earlier runs; a fresh frozen copy would not)."""
+        folders = [self.source() / "rekkordfs"]
+        if (self.source() / "cli").is_dir():
+            folders.append(self.source() / "cli")
+        subprocess.run([str(REPO_ROOT / ".venv" / "bin" / "python"), "-m", "compileall", "-q",
+                        *map(str, folders)], env=self.base_env(), check=True,
+                       stdout=subprocess.DEVNULL)
 
     def base_env(self) -> dict[str, str]:
         env = super().base_env()
@@ -227,7 +281,12 @@ class Rekkordfs(Tool):
                               "import rekkordfs; print(getattr(rekkordfs, '__version__', '?'))"],
                              capture_output=True, text=True, env=self.base_env())
         if self.frozen is not None:
-            return f"rekkordfs {out.stdout.strip()} ({self.frozen[1]}, frozen copy)"
+            # the last commit that changed the code, when REV is a later one (e.g. a docs commit)
+            code = subprocess.run(["git", "-C", str(REPO_ROOT), "log", "-1", "--format=%h", self.frozen[1], "--",
+                                   "rekkordfs", "cli"], capture_output=True, text=True).stdout.strip()
+            same = "" if not code or self.frozen[1].startswith(code) or code.startswith(self.frozen[1]) \
+                else f", code of {code}"
+            return f"rekkordfs {out.stdout.strip()} ({self.frozen[1]}{same}, frozen copy)"
         commit = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
                                 capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "rekkordfs"],
@@ -286,9 +345,34 @@ class Rekkordfs(Tool):
     def mount_path(self, mount: Mount, snap: Snap) -> Path:
         return mount.mnt / "channels" / snap.channel / "latest" / rel(snap.path)
 
+    _features: dict[tuple[str, str], bool] = {}
+
+    def supports(self, feature: str) -> bool:
+        if feature != "retention":
+            return True
+        key = (self.name, feature)
+        if key not in Rekkordfs._features:  # revisions before forget and prune (e.g. 4326053) lack them
+            r = run([*self.exe, "forget", "--help"], env=self.base_env())
+            Rekkordfs._features[key] = r.rc == 0
+        return Rekkordfs._features[key]
+
+    def forget_prune(self, repo: Repo, keep_last: int) -> list[Run]:
+        # --grace 0: the bench knows no backup is running, so prune deletes what it
+        # finds unused at once, as restic's and borg's prunes do (the default, 1d,
+        # would only condemn it, to be deleted by a prune a day later)
+        r = run(self._cmd(repo, "forget", "--keep-last", str(keep_last), "--prune", "--grace", "0"),
+                env=self.env(repo))
+        return [r.check("rekkord forget --prune")]
+
+    def count_snapshots(self, repo: Repo) -> int:
+        r = run(self._cmd(repo, "snapshots", "-f", "json"), env=self.env(repo)).check("rekkord snapshots")
+        doc = json.loads(r.stdout)
+        return len(doc["snapshots"] if isinstance(doc, dict) else doc)
+
 
 class Restic(Tool):
     name = "restic"
+    kind = "restic"
     settings = "repository version 2, compression auto (zstd), --cache-dir under the bench"
     password = "rekkordfs-bench"
 
@@ -337,9 +421,20 @@ class Restic(Tool):
     def mount_path(self, mount: Mount, snap: Snap) -> Path:
         return mount.mnt / "ids" / snap.ref / rel(snap.path)
 
+    def forget_prune(self, repo: Repo, keep_last: int) -> list[Run]:
+        # its defaults: snapshots grouped by host and paths (one group here), prune
+        # repacks until at most 5% of the repository is unused (--max-unused 5%)
+        r = run(self._cmd(repo, "forget", "--keep-last", str(keep_last), "--prune"), env=self.env(repo))
+        return [r.check("restic forget --prune")]
+
+    def count_snapshots(self, repo: Repo) -> int:
+        r = run(self._cmd(repo, "snapshots", "--json"), env=self.env(repo)).check("restic snapshots")
+        return len(json.loads(r.stdout) or [])
+
 
 class Borg(Tool):
     name = "borg"
+    kind = "borg"
     encryption = "repokey-blake2"
     settings = "borg init -e repokey-blake2, default compression (lz4), default chunker, BORG_BASE_DIR under the bench"
     password = "rekkordfs-bench"
@@ -389,9 +484,29 @@ class Borg(Tool):
     def mount_path(self, mount: Mount, snap: Snap) -> Path:
         return mount.mnt / snap.ref / rel(snap.path)
 
+    def forget_prune(self, repo: Repo, keep_last: int) -> list[Run]:
+        # borg 1.2: prune removes archives (and their chunks' references); compact
+        # frees the space, rewriting segments with more than 10% unused (its default)
+        prune = run(["borg", "prune", "--keep-last", str(keep_last), repo.url], env=self.env(repo))
+        prune.check("borg prune")
+        compact = run(["borg", "compact", repo.url], env=self.env(repo))
+        return [prune, compact.check("borg compact")]
+
+    def count_snapshots(self, repo: Repo) -> int:
+        r = run(["borg", "list", "--short", repo.url], env=self.env(repo)).check("borg list")
+        return len(r.stdout.split())
+
 
 TOOLS: dict[str, type[Tool]] = {cls.name: cls for cls in (Rekkordfs, Restic, Borg)}
 PEERS = ("restic", "borg")
+
+
+def add_revision(rev: str, work: Path) -> str:
+    """Registers the tool "rekkordfs@SHA" (rekkordfs as committed at REV, a frozen copy
+    under WORK) and returns its name: --compare-rev REV, or --tools rekkordfs@REV."""
+    cls = Rekkordfs.at(rev, work)
+    TOOLS[cls.name] = cls
+    return cls.name
 
 
 def remove_tree(path: Path) -> None:

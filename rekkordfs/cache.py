@@ -30,10 +30,11 @@ from typing import Iterable
 import platformdirs
 
 from . import crypto
-from .format import ID_SIZE, ChunkRef, Location
+from .errors import CorruptedData
+from .format import ChunkRef, Location, decode_chunks, encode_chunks
 from .keys import Keyset
 
-SCHEMA_VERSION = 5  # bump when the tables change: the cache is rebuilt, never migrated
+SCHEMA_VERSION = 6  # bump when the tables change: the cache is rebuilt, never migrated
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS blobs (
     id BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS stats (
     ino INTEGER, chunks BLOB, mac BLOB
 ) WITHOUT ROWID;
 """
-_STAT_CHUNK = struct.Struct(f"<{ID_SIZE}sI")  # chunk id, size
+_STAT_KEY = struct.Struct("<QqqQI")  # size, mtime, ctime, inode, path length: what the MAC covers first
 MAC_SIZE = 16
 
 
@@ -91,7 +92,8 @@ class LocalCache:
         self._mac_key = crypto.kdf(bytes(keys.sign_key), b"stat-cache")
         self._lock = threading.Lock()
         # packs a prune condemned: their blobs are not to be used (the repository sets it)
-        self.excluded_packs: frozenset[bytes] = frozenset()
+        self._excluded: frozenset[bytes] = frozenset()
+        self._usable: frozenset[bytes] | None = None  # trusted packs less excluded ones (lookup_stat)
         self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
@@ -100,6 +102,15 @@ class LocalCache:
                                    "DROP TABLE IF EXISTS indexes; DROP TABLE IF EXISTS pending;")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
+
+    @property
+    def excluded_packs(self) -> frozenset[bytes]:
+        return self._excluded
+
+    @excluded_packs.setter
+    def excluded_packs(self, packs: frozenset[bytes]) -> None:
+        self._excluded = packs
+        self._usable = None
 
     def close(self) -> None:
         with self._lock:
@@ -114,7 +125,7 @@ class LocalCache:
         """Where these blobs are stored (one place each, never in an excluded
         pack nor in `avoid`); unknown IDs are absent."""
         found: dict[bytes, KnownBlob] = {}
-        excluded = self.excluded_packs
+        excluded = self._excluded
         for start in range(0, len(blob_ids), 500):
             part = blob_ids[start:start + 500]
             query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
@@ -132,6 +143,7 @@ class LocalCache:
     def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
         """Record a pack index and the blobs of it this key trusts, in one transaction."""
         rows = [(i, l.pack, l.offset, l.length) for i, l in items]
+        self._usable = None
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
@@ -147,6 +159,7 @@ class LocalCache:
     def forget_indexes(self, names: Iterable[str]) -> None:
         """Indexes that are gone from the repository (a prune deleted their
         packs): their blobs are no longer known."""
+        self._usable = None
         with self._lock:
             self._db.execute("BEGIN")
             for name in names:
@@ -175,12 +188,21 @@ class LocalCache:
     # stat cache
 
     def _mac(self, path: bytes, key: StatKey, chunks: bytes) -> bytes:
-        message = struct.pack("<QqqQI", key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
-        return hmac.new(self._mac_key, message, hashlib.blake2b).digest()[:MAC_SIZE]
+        message = _STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
+        return hashlib.blake2b(message, key=self._mac_key, digest_size=MAC_SIZE).digest()
 
-    def lookup_stat(self, path: bytes, key: StatKey) -> list[ChunkRef] | None:
-        """The chunks of an unchanged file, or None when the row is missing,
-        stale, tampered with or names a blob this key does not know (any more)."""
+    def _usable_packs(self) -> frozenset[bytes]:
+        """Packs of trusted blobs, less the condemned ones (computed once until they change)."""
+        if self._usable is None:
+            with self._lock:
+                packs = {row[0] for row in self._db.execute("SELECT DISTINCT pack FROM blobs")}
+            self._usable = frozenset(packs - self._excluded)
+        return self._usable
+
+    def lookup_stat(self, path: bytes, key: StatKey) -> tuple[bytes, list[ChunkRef]] | None:
+        """The chunks of an unchanged file (encoded and decoded), or None when the row is missing,
+        stale, tampered with, or uses a pack this key does not trust (any more:
+        a prune may have condemned or deleted it)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT size, mtime_ns, ctime_ns, ino, chunks, mac FROM stats WHERE path = ?", (path,)
@@ -188,21 +210,22 @@ class LocalCache:
         if row is None or StatKey(*row[:4]) != key:
             return None
         raw, mac = row[4], row[5]
-        if not isinstance(raw, bytes) or len(raw) % _STAT_CHUNK.size or not isinstance(mac, bytes) \
-                or not hmac.compare_digest(mac, self._mac(path, key, raw)):
+        if not isinstance(raw, bytes) or not isinstance(mac, bytes) or not hmac.compare_digest(
+                mac, self._mac(path, key, raw)):
             return None
-        pairs = list(_STAT_CHUNK.iter_unpack(raw))
-        if sum(size for _, size in pairs) != key.size:
+        try:
+            chunks = decode_chunks(raw)
+        except CorruptedData:
             return None
-        known = self.lookup_blobs([blob_id for blob_id, _ in pairs]) if pairs else {}
-        if len(known) != len({blob_id for blob_id, _ in pairs}):
+        usable = self._usable_packs()
+        if sum(c.size for c in chunks) != key.size or any(c.location.pack not in usable for c in chunks):
             return None
-        return [ChunkRef(blob_id, size, known[blob_id].location) for blob_id, size in pairs]
+        return raw, chunks
 
     def store_stats(self, rows: Iterable[tuple[bytes, StatKey, list[ChunkRef]]]) -> None:
         def encoded() -> Iterable[tuple]:
             for path, key, chunks in rows:
-                raw = b"".join(_STAT_CHUNK.pack(c.id, c.size) for c in chunks)
+                raw = encode_chunks(chunks)
                 yield path, key.size, key.mtime_ns, key.ctime_ns, key.ino, raw, self._mac(path, key, raw)
 
         with self._lock:

@@ -10,6 +10,7 @@ pack key from the pack ID and their secret data key.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import threading
@@ -34,6 +35,7 @@ NONCE_SIZE: Final = 24
 TAG_SIZE: Final = 16
 PUBLIC_SIZE: Final = 32
 SIGNATURE_SIZE: Final = 64
+BIG_COPY: Final = 64 << 10  # payloads from this size are copied without holding the GIL
 
 
 def kdf(master: bytes, context: bytes, size: int = KEY_SIZE) -> bytes:
@@ -130,9 +132,13 @@ class PackSealer:
         nonce = os.urandom(NONCE_SIZE)
         out[:NONCE_SIZE] = nonce
         end = NONCE_SIZE + len(payload)
-        out[NONCE_SIZE:end] = payload
-        out[end:end + len(trailer)] = trailer
         pointer = _ffi.from_buffer(out) + NONCE_SIZE
+        if len(payload) < BIG_COPY:
+            out[NONCE_SIZE:end] = payload
+        else:  # ctypes lets go of the GIL while it copies: other threads keep working
+            ctypes.memmove(int(_ffi.cast("uintptr_t", pointer)),
+                           int(_ffi.cast("uintptr_t", _ffi.from_buffer(payload))), len(payload))
+        out[end:end + len(trailer)] = trailer
         rc = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
             pointer, _ffi.NULL, pointer, size, _ffi.NULL, 0, _ffi.NULL, nonce, self._key)
         if rc != 0:

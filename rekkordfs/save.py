@@ -255,11 +255,11 @@ class Walker:
                 return
             entry.link_id = self._next_link_id
             self._next_link_id += 1
-        cached = [] if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
+        cached = (b"", []) if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
         job = None
         if cached is not None:
-            entry.chunks_raw = encode_chunks(cached)
-            self.uses.update(chunk.location.pack for chunk in cached)
+            entry.chunks_raw = cached[0]
+            self.uses.update(chunk.location.pack for chunk in cached[1])
         else:
             job = FileJob(listing.node, entry, path, key)
             listing.jobs.append(job)

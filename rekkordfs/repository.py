@@ -38,6 +38,7 @@ from .config import Config
 from .storage import open_storage
 from .storage.base import Storage
 from .tasks import task_group
+from .testhooks import stop_point
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -567,6 +568,7 @@ class Repository:
         if not await self.storage.put(snapshot_key(tag.snapshot_id), raw):
             raise RepositoryError(f"snapshot record {tag.id_hex} exists already")
         await self.storage.flush()
+        stop_point("snapshot-tag")
         await self.storage.put(tag_key(sealed), b"")
         await self.storage.flush()
         await trio.to_thread.run_sync(self.cache.drop_pending, tag.snapshot_id)

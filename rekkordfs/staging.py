@@ -1056,7 +1056,8 @@ class StagingTree:
         return [self.data_path(ino) for ino in clean_files if capture.inodes[ino].local == DATA_FILE]
 
     def iter_local_files(self) -> Iterator[int]:
-        for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local = 1 AND kind = ?", (EntryKind.FILE,)):
+        """Files whose content is written here and not yet committed (a data file or inline)."""
+        for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local != ? AND kind = ?", (STORED, EntryKind.FILE)):
             yield ino
 
     def statvfs(self) -> os.statvfs_result:

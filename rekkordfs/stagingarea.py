@@ -428,6 +428,7 @@ class StagingArea:
         return await handle.tree.read(handle.ino, offset, size)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        stop_point("staging-write")
         tree, ino = handle.tree, handle.ino
         stream = self._streams.get((tree, ino))
         appending = (handle.sequential_end == offset and ino not in tree.frozen
@@ -529,6 +530,7 @@ class StagingArea:
             for tree, ino, _ in current:
                 tree.uploading[ino] = done
             try:
+                stop_point("write-behind")
                 await self._learn_stored()
                 pending = await self._upload_batch(current)
             except (RekkordError, OSError) as exc:

@@ -257,3 +257,33 @@ def test_a_failed_streaming_upload_is_done_again_by_write_behind(master: keymod.
         await check_clean(memory, master)
 
     trio.run(main)
+
+
+# --- a publication that fails after its record -----------------------------------------------
+
+
+def test_a_commit_that_failed_after_its_record_is_listed_by_the_next_commit(master: keymod.Keyset,
+                                                                            tmp_path: Path) -> None:
+    """Soak finding: a commit whose tag could not be written (full or read-only
+    disk) left its record unlisted for the life of the mount; the next commit of
+    the same mount now lists it, as a new process of the key would."""
+    async def main() -> None:
+        memory = await new_repository(master)
+        faulty = FaultyStorage(memory, Schedule.at("put", 1, "fail", prefix="tags/"))
+        with trio.fail_after(DEADLINE):
+            async with staging_area(faulty, master, tmp_path / "state") as area:
+                root = await area.make(STAGING_INO, b"pub", EntryKind.DIRECTORY, 0o755, 0, 0)
+                handle, _ = await area.create(root.ino, b"f", 0o644, 0, 0)
+                await area.write(handle, 0, b"first")
+                area.release(handle)
+                with pytest.raises(StorageError, match="injected failure"):
+                    await area.commit("pub")
+                assert tags(memory) == [] and len([k for k in memory.objects if k.startswith("snapshots/")]) == 1
+                handle = await area.open((await area.lookup(root.ino, b"f")).ino, os.O_WRONLY)
+                await area.write(handle, 0, b"FIRST, then second")
+                area.release(handle)
+                await area.commit("pub")
+                assert len(tags(memory)) == 2  # the failed one is listed too
+        await check_clean(memory, master)
+
+    trio.run(main)

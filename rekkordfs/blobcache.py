@@ -25,7 +25,7 @@ import lru
 import trio
 
 from .errors import RekkordError
-from .format import BlobKind, BlobRef, ChunkRef, Entry, Location, decode_directory
+from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Location, decode_directory
 from .repository import Repository
 from .tasks import task_group
 
@@ -35,6 +35,7 @@ T = TypeVar("T")
 DEFAULT_MEMORY_BYTES = 32 << 20
 DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
+SUBDIR_COUNTS = 1_000_000  # folder counts of records remembered (a few dozen bytes each)
 
 
 def _evict_oldest(items: lru.LRU):
@@ -92,11 +93,12 @@ class _DirectoryLRU:
 class DirectoryListing:
     """A decoded directory with a name index (built once, shared by readers)."""
 
-    __slots__ = ("entries", "index", "subdirs_prefetched", "files_prefetched")
+    __slots__ = ("entries", "index", "subdirs", "subdirs_prefetched", "files_prefetched")
 
     def __init__(self, entries: list[Entry]) -> None:
         self.entries = entries
         self.index = {e.name: i for i, e in enumerate(entries)}
+        self.subdirs = sum(1 for e in entries if e.kind == EntryKind.DIRECTORY)  # its link count is 2 + this
         self.subdirs_prefetched = False
         self.files_prefetched = 0  # entries below this index were read ahead
 
@@ -180,6 +182,7 @@ class BlobCache:
         self._chunks = _ByteLRU(memory_bytes)
         self._dirs = _DirectoryLRU(directory_entries)
         self._inflight: dict[tuple[BlobKind, bytes], trio.Event] = {}
+        self._subdirs: dict[bytes, int] = {}  # record ID -> folders it holds (see subdir_counts)
         self._zeros = b""
 
     async def _shared(self, key: tuple[BlobKind, bytes], cached: Callable[[], T | None],
@@ -261,6 +264,27 @@ class BlobCache:
             return listing
 
         return await self._shared((BlobKind.DIRECTORY, dir_id), lambda: self._dirs.get(dir_id), fetch)
+
+    def known_subdirs(self, record_id: bytes) -> int | None:
+        """subdir_counts() of one record, if already known (no I/O)."""
+        return self._subdirs.get(record_id)
+
+    async def subdir_counts(self, refs: list[BlobRef]) -> dict[bytes, int]:
+        """How many folders each of these directory records holds (a folder's link
+        count is 2 + that), by record ID. The records are read in one batch and
+        their counts kept beyond the listings' LRU; unreadable ones are left out
+        (listing that folder reports them)."""
+        missing = [ref for ref in refs if ref.id not in self._subdirs]
+        if missing:
+            await self.prefetch_directories(missing)
+            if len(self._subdirs) + len(missing) > SUBDIR_COUNTS:
+                self._subdirs.clear()
+            for ref in missing:
+                try:
+                    self._subdirs[ref.id] = (await self.directory(ref)).subdirs
+                except RekkordError:
+                    continue
+        return {ref.id: self._subdirs[ref.id] for ref in refs if ref.id in self._subdirs}
 
     # --- read-ahead: many blobs in one batch, off the reader's critical path -----------
 

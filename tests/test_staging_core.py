@@ -332,7 +332,7 @@ def test_rename_of_directories(tree: StagingTree) -> None:
         await expect_errno(errno.EINVAL, tree.rename, ROOT, b"other", deeper.ino, b"further")
         # nothing changed on the way
         assert await names(tree) == [b"empty", b"full", b"other", b"plain"]
-        assert tree.get(plain.ino).nlink == 1 and tree.get(other.ino).nlink == 2
+        assert tree.get(plain.ino).nlink == 1 and tree.get(other.ino).nlink == 3  # 2 + deep
 
         # a subtree moves whole
         await tree.rename(ROOT, b"other", full.ino, b"nested")
@@ -340,6 +340,8 @@ def test_rename_of_directories(tree: StagingTree) -> None:
         assert found.ino == deeper.ino
         await tree.rename(deep.ino, b"deeper", ROOT, b"up")
         assert (await tree.lookup(ROOT, b"up")).ino == deeper.ino and await names(tree, deep.ino) == []
+        # link counts: 2 + subfolders, moved with the folders
+        assert [tree.get(ino).nlink for ino in (ROOT, full.ino, other.ino, deep.ino)] == [5, 3, 3, 2]
 
     run(main)
 

@@ -104,7 +104,8 @@ def main(argv: list[str]) -> int:
                     if verifier is not None:
                         verifier.verify_all(index - 1)
                     runner, verifier = new_generation(work, fresh(), tally)
-                print(f"soak: iteration {index + 1}/{args.iterations}", flush=True)
+                print(f"soak: iteration {index + 1}/{args.iterations} ({(time.monotonic() - started) / 60:.1f} min)",
+                      flush=True)
                 errors = len(tally.differences)
                 try:
                     Iteration(index, rng, work, runner, faults, verifier, tally, shape).run()

@@ -40,6 +40,7 @@ class Tally:
     def event(self, iteration: int, phase: str, kind: str, point: str, outcome: str) -> None:
         self.events.append({"iteration": iteration, "phase": phase, "kind": kind, "point": point,
                             "outcome": outcome})
+        print(f"soak:   {phase}: {kind} at {point}: {outcome}", flush=True)
 
     def differ(self, iteration: int, text: str) -> None:
         line = f"iteration {iteration}: {text}"

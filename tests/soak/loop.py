@@ -79,12 +79,14 @@ class Iteration:
         if kind == "none":
             return Plan("none")
         if kind == "fault":
-            return Plan(self.rng.choice(self.faults.kinds), f"storage-put:{self.rng.randint(1, 8)}")
+            # a save writes a few packs and indexes, then its records; a mount fewer before its commit
+            puts = self.rng.randint(1, 8 if phase == "save" else 4)
+            return Plan(self.rng.choice(self.faults.kinds), f"storage-put:{puts}")
         if self.rng.random() < 0.25:
             return Plan("kill", "delay", self.rng.uniform(0.0, 3.0))
         point = self.rng.choice(SAVE_POINTS if phase == "save" else MOUNT_KILL_POINTS)
         if point in ("storage-put", "staging-write", "write-behind"):
-            point += f":{self.rng.randint(1, 40 if point == 'staging-write' else 8)}"
+            point += f":{self.rng.randint(1, 20 if point == 'staging-write' else 6)}"
         return Plan("kill", point)
 
     def record(self, phase: str, plan: Plan, outcome: str) -> None:

@@ -30,6 +30,7 @@ from .commit import CommitResult, Committer
 from .control import CONTROL_CHANNEL, CONTROL_COMMIT
 from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
+from .fsmeta import xattr_refusal
 from .keys import Capability
 from .packs import Sealed
 from .repository import Repository
@@ -378,6 +379,9 @@ class StagingArea:
         if local == ROOT and name == CONTROL_COMMIT:
             await self._commit_request(tree, value)
             return
+        refusal = xattr_refusal(name, value)
+        if refusal is not None:
+            raise OSError(refusal, os.strerror(refusal))
         await tree.setxattr(local, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:

@@ -226,5 +226,70 @@ def modes_and_owners(p: Probe) -> None:
         os.umask(old)
 
 
+def open_files(p: Probe) -> None:
+    """Unlinked and renamed while open; writes through a shared mapping."""
+    old = os.umask(0o022)
+    try:
+        p.at("create with 0777 under umask 022", _create, b"u", 0o777)
+        p.stat("umask applied", b"u")
+        p.at("mkdir with 0777 under umask 022", os.mkdir, b"ud", 0o777)
+        p.stat("umask applied to a folder", b"ud")
+    finally:
+        os.umask(old)
+    fd = os.open(p.path(b"f"), os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        p.do("write", os.write, fd, b"hello")
+        p.at("rename while open", os.rename, b"f", p.path(b"g"))
+        p.at("unlink while open", os.unlink, b"g")
+        p.note("link count of the open, unlinked file", os.fstat(fd).st_nlink)
+        p.do("write after unlink", os.pwrite, fd, b" world", 5)
+        p.do("read after unlink", os.pread, fd, 100, 0)
+        p.do("ftruncate after unlink", os.ftruncate, fd, 3)
+        p.note("size after ftruncate", os.fstat(fd).st_size)
+        p.note("listing", sorted(os.listdir(p.root)))
+    finally:
+        os.close(fd)
+    import mmap
+    p.at("create m", _create, b"m")
+    p.at("size m", os.truncate, b"m", 8192)
+    fd = os.open(p.path(b"m"), os.O_RDWR)
+    try:
+        with mmap.mmap(fd, 8192) as mapped:
+            mapped[100:105] = b"MMAP!"
+            mapped.flush()
+    finally:
+        os.close(fd)
+    p.note("written through a mapping", open(p.path(b"m"), "rb").read()[98:107])
+
+
+def less_common_calls(p: Probe) -> None:
+    """Calls the FUSE library in use does not pass on (see docs/mount.md)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    p.at("create f", _create, b"f")
+    fd = os.open(p.path(b"f"), os.O_RDWR)
+    try:
+        def fallocate(mode: int, offset: int, length: int) -> None:
+            if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        p.do("fallocate", fallocate, 0, 0, 1 << 20)
+        p.do("write after a hole", os.pwrite, fd, b"x", 3 << 20)
+        p.do("SEEK_DATA from 0", os.lseek, fd, 0, os.SEEK_DATA)
+        p.do("SEEK_HOLE from 0", os.lseek, fd, 0, os.SEEK_HOLE)
+    finally:
+        os.close(fd)
+    p.do("O_TMPFILE", lambda: os.close(os.open(p.root, os.O_TMPFILE | os.O_RDWR, 0o600)))
+    p.at("trusted xattr", os.setxattr, b"f", b"trusted.x", b"1")
+    p.at("security xattr", os.setxattr, b"f", b"security.x", b"1")
+    p.at("xattr of no namespace", os.setxattr, b"f", b"nonamespace", b"1")
+    p.at("unknown system xattr", os.setxattr, b"f", b"system.unknown", b"1")
+    p.at("namespace alone", os.setxattr, b"f", b"user.", b"1")
+    p.at("malformed ACL", os.setxattr, b"f", b"system.posix_acl_access", b"\x02\x00\x00\x00\x01")
+    p.at("mkdir d", os.mkdir, b"d")
+    p.stat("folder size", b"d", "size")
+    p.stat("block size", b"f", "blksize")
+
+
 CASES = [names_over_255_bytes, folder_link_counts, errors_of_names_and_types, extended_attributes, times,
-         sizes_and_holes, modes_and_owners]
+         sizes_and_holes, modes_and_owners, open_files, less_common_calls]

@@ -79,15 +79,19 @@ class Iteration:
         if kind == "none":
             return Plan("none")
         if kind == "fault":
-            # a save writes a few packs and indexes, then its records; a mount fewer before its commit
-            puts = self.rng.randint(1, 8 if phase == "save" else 4)
-            return Plan(self.rng.choice(self.faults.kinds), f"storage-put:{puts}")
-        if self.rng.random() < 0.25:
-            return Plan("kill", "delay", self.rng.uniform(0.0, 3.0))
+            return Plan(self.rng.choice(self.faults.kinds), f"storage-put:{self.nth()}")
+        if self.rng.random() < 0.2:
+            return Plan("kill", "delay", self.rng.uniform(0.0, 1.5))
         point = self.rng.choice(SAVE_POINTS if phase == "save" else MOUNT_KILL_POINTS)
         if point in ("storage-put", "staging-write", "write-behind"):
-            point += f":{self.rng.randint(1, 20 if point == 'staging-write' else 6)}"
+            point += f":{self.nth()}"
         return Plan("kill", point)
+
+    def nth(self) -> int:
+        """Which passage of a stop point: mostly one a small change reaches (a save
+        or a commit writes at least a pack of records, its index, the snapshot
+        record and its tag), sometimes a later one of a larger change."""
+        return self.rng.randint(1, 4) if self.rng.random() < 0.75 else self.rng.randint(5, 16)
 
     def record(self, phase: str, plan: Plan, outcome: str) -> None:
         self.tally.event(self.index, phase, plan.kind, plan.point, outcome)

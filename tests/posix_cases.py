@@ -5,6 +5,7 @@ The errors expected are those of Linux on ext4 and tmpfs; the test compares."""
 from __future__ import annotations
 
 import os
+import subprocess
 
 from .posix_diff import LONG, LONGEST, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, Probe, renameat2, utimensat
 
@@ -289,6 +290,12 @@ def less_common_calls(p: Probe) -> None:
     p.at("mkdir d", os.mkdir, b"d")
     p.stat("folder size", b"d", "size")
     p.stat("block size", b"f", "blksize")
+    listing = subprocess.run(["ls", "-a", p.path(b"d")], capture_output=True, check=True).stdout.split()
+    p.note("ls -a of an empty folder", listing)
+    p.do("set an old atime", utimensat, p.path(b"f"), PAST, (0, UTIME_OMIT))
+    with open(p.path(b"f"), "rb") as handle:
+        handle.read()
+    p.note("reading moves an old atime (relatime)", os.lstat(p.path(b"f")).st_atime_ns > PAST_NS)
 
 
 CASES = [names_over_255_bytes, folder_link_counts, errors_of_names_and_types, extended_attributes, times,

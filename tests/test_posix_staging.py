@@ -25,6 +25,8 @@ KNOWN: dict[str, str] = {
     "O_TMPFILE": "EOPNOTSUPP: no tmpfile operation",
     "folder size": "folders report size 0 (ext4 reports its 4096-byte blocks, tmpfs another number)",
     "block size": "st_blksize is 1 MiB so that cp and friends move large blocks",
+    "ls -a of an empty folder": "readdir does not list . and .. (POSIX allows either)",
+    "reading moves an old atime (relatime)": "staging never updates access times on read",
 }
 
 

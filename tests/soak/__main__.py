@@ -12,7 +12,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from tests.servers import BUCKET, new_location, openssh_server, seaweedfs
 
@@ -39,7 +39,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 @contextlib.contextmanager
-def backend(name: str, work: Path, disk: str) -> Iterator[tuple[Faults, callable]]:
+def backend(name: str, work: Path, disk: str) -> Iterator[tuple[Faults, Callable[[], list[str]]]]:
     """The faults of the backend, and a function making a fresh repository location
     (returns the options that name it: -R, or -C with a config file)."""
     if name == "local":

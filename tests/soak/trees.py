@@ -192,7 +192,7 @@ def _symlink_target(rng: random.Random, budget: _Budget, root: bytes, path: byte
 
 
 def _fill(root: bytes, rel: bytes, depth: int, rng: random.Random, shape: Shape, budget: _Budget) -> None:
-    folder = root + b"/" + rel if rel else root
+    """Entries of a new, empty folder at rel (and below, depth first)."""
     taken: set[bytes] = set()
     width = rng.randint(3 if depth == 0 else 0, shape.max_width)
     for _ in range(width):

@@ -34,6 +34,7 @@ from tests.fsutil import tree_digest
 from tests.mounting import is_mounted
 
 CHANNELS = ("alpha", "beta", "gamma")
+RSYNC_GRACE = 60.0  # seconds an rsync cut off by a killed mount may take to notice
 SAVE_POINTS = ("storage-put", "storage-put", "snapshot-tag")
 MOUNT_KILL_POINTS = ("staging-write", "staging-write", "write-behind", "storage-put", "commit", "commit-publish",
                      "snapshot-tag")
@@ -219,9 +220,11 @@ class Iteration:
         rsync = Background.start(["rsync", "-aHAX", "--delete", f"{self.source}/", f"{target}/"], None,
                                  self.work / "logs", "rsync")
         plan_watch = self.watch_plan(plan, delay_target, "rsync")
+        plan_watch.grace = RSYNC_GRACE if plan.kind == "kill" else None
         rsynced = watch(rsync, plan_watch)
         if plan_watch.fired and plan.kind == "kill":
-            self.record("mount", plan, f"landed during rsync (rsync exit {rsynced.returncode})")
+            ended = "killed: it hung once the mount was gone" if plan_watch.hung else f"exit {rsynced.returncode}"
+            self.record("mount", plan, f"landed during rsync (rsync {ended})")
             return self.after_daemon_killed()
         self.faults.repair()
         if rsynced.returncode != 0:

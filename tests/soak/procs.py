@@ -109,7 +109,12 @@ class Watch:
     on_stop: Callable[[int], None] | None = None  # called once when it stops itself
     kill_after: float | None = None  # or: kill `victim` this long after the start, if still running
     victim: Callable[[], int | None] = lambda: None
+    # rsync, cut off by a dead mount, sometimes waits forever on its own
+    # processes (rsync 3.x); its command is killed this long after the event
+    grace: float | None = None
     fired: str | None = None  # what happened, for the record
+    fired_at: float | None = None
+    hung: bool = False  # the operation outlived the grace and was killed
 
 
 def watch(operation: Background, plan: Watch, timeout: float = OPERATION_TIMEOUT) -> subprocess.CompletedProcess:
@@ -117,20 +122,23 @@ def watch(operation: Background, plan: Watch, timeout: float = OPERATION_TIMEOUT
     kill the victim after a delay if the operation is still running then."""
     started = time.monotonic()
     while operation.running():
-        elapsed = time.monotonic() - started
-        if elapsed > timeout:
+        now = time.monotonic()
+        if now - started > timeout:
             operation.kill()
             raise Hang(f"{operation.process.args[-3:]} did not end within {timeout:.0f} s")
         if plan.fired is None:
             pid = plan.armed()
             if pid is not None and plan.on_stop is not None and process_state(pid) == "T":
-                plan.fired = "stop point"
+                plan.fired, plan.fired_at = "stop point", now
                 plan.on_stop(pid)
-            elif plan.kill_after is not None and elapsed >= plan.kill_after:
+            elif plan.kill_after is not None and now - started >= plan.kill_after:
                 victim = plan.victim()
                 if victim is not None and operation.running():
-                    plan.fired = f"killed {plan.kill_after:.2f} s into the operation"
+                    plan.fired, plan.fired_at = f"killed {plan.kill_after:.2f} s into the operation", now
                     kill_pid(victim)
+        elif plan.grace is not None and plan.fired_at is not None and now - plan.fired_at > plan.grace:
+            plan.hung = True
+            operation.kill()
         time.sleep(0.02)
     return operation.result()
 

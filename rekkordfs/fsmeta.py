@@ -81,6 +81,16 @@ ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 
+_ACL_HEADER = struct.Struct("<I")
+_ACL_ENTRY = struct.Struct("<HHI")
+_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
+
+
+def _acl_entries(value: bytes) -> list[tuple[int, int, int]] | None:
+    if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size:
+        return None
+    return list(_ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size:]))
+
 
 def xattr_refusal(name: bytes, value: bytes) -> int | None:
     """The errno a local filesystem answers when setting this attribute, or None:
@@ -92,15 +102,6 @@ def xattr_refusal(name: bytes, value: bytes) -> int | None:
     if not name.startswith(XATTR_NAMESPACES):
         return errno.EOPNOTSUPP
     return None
-_ACL_HEADER = struct.Struct("<I")
-_ACL_ENTRY = struct.Struct("<HHI")
-_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
-
-
-def _acl_entries(value: bytes) -> list[tuple[int, int, int]] | None:
-    if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size:
-        return None
-    return list(_ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size:]))
 
 
 def mode_from_acl(mode: int, value: bytes) -> int:

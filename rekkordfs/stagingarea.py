@@ -230,8 +230,9 @@ class StagingArea:
         else:
             tree, local = self._split(parent)
             node = await tree.lookup(local, name)
-        tree.remember(node.ino)
-        return await self._attr(tree, node)
+        attr = await self._attr(tree, node)
+        tree.remember(node.ino)  # nothing may fail once the kernel is to hold it
+        return attr
 
     def remember(self, ino: int) -> None:
         if ino == STAGING_INO:
@@ -293,8 +294,9 @@ class StagingArea:
         else:
             tree, local = self._split(parent)
             node = await tree.create(local, name, kind, mode, uid, gid, rdev, target)
+        attr = await self._attr(tree, node)
         tree.remember(node.ino)
-        return await self._attr(tree, node)
+        return attr
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
         tree, local = self._split(ino)

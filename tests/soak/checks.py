@@ -5,9 +5,12 @@ soak reports them all at the end and exits non-zero."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 import shutil
+import stat
 import subprocess
 from collections import Counter
 from dataclasses import dataclass, field
@@ -75,6 +78,37 @@ def one_line_error(result: subprocess.CompletedProcess) -> str | None:
     if "Traceback" in result.stderr or len(lines) != 1 or not lines[0].startswith("rekkord: error: "):
         return f"exit {result.returncode} without one error line: {result.stderr.strip()[-2000:]!r}"
     return None
+
+
+def survivors_differ(source: Path, staged: Path) -> list[str]:
+    """After a kill of the mount mid-rsync, and a new mount: every file in
+    staging that rsync had finished (renamed into place with the source's size
+    and mtime) must hold the source's content; nothing written is lost."""
+    problems = []
+    staged_b, source_b = os.fsencode(staged), os.fsencode(source)
+    for folder, _, names in os.walk(staged_b):
+        for name in names:
+            path = folder + b"/" + name
+            rel = path[len(staged_b):]
+            try:
+                here, there = os.lstat(path), os.lstat(source_b + rel)
+            except OSError:
+                continue  # not in the source (any more): rsync --delete will see to it
+            if not (stat.S_ISREG(here.st_mode) and stat.S_ISREG(there.st_mode)):
+                continue
+            if (here.st_size, here.st_mtime_ns) != (there.st_size, there.st_mtime_ns):
+                continue  # not finished (or not started) by rsync
+            if _digest(path) != _digest(source_b + rel):
+                problems.append(rel.decode(errors="backslashreplace"))
+    return problems
+
+
+def _digest(path: bytes) -> bytes:
+    digest = hashlib.blake2b()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
 
 
 def inside(root: Path, source: str) -> Path:

@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import trees
-from .checks import Expected, Tally, Verifier, inside, one_line_error
+from .checks import Expected, Tally, Verifier, inside, one_line_error, survivors_differ
 from .faults import Faults
 from .procs import Background, Runner, Watch, daemon_pid, kill_mount, kill_pid, leftovers, mount, resume, \
     unmount, wait_stopped_or_ended, watch
-from tests.fsutil import tree_digest
+from tests.fsutil import rsync_diff, tree_digest
 from tests.mounting import is_mounted
 
 CHANNELS = ("alpha", "beta", "gamma")
@@ -259,6 +259,9 @@ class Iteration:
             return
         expected = self.expect(json.loads(result.stdout)["id"], "commit")
         self.verifier.mounted_matches(self.index, expected, self.mnt, self.source)
+        diff = rsync_diff(self.source, inside(self.staging, str(self.source)))
+        if diff:  # after a commit, staging shows the committed tree
+            self.tally.differ(self.index, f"staging after the commit differs from its source:\n{diff[:3000]}")
 
     def after_daemon_killed(self) -> None:
         """The daemon died mid-way: nothing left, then mount again and finish the job."""
@@ -269,6 +272,9 @@ class Iteration:
         if result.returncode != 0:
             self.tally.differ(self.index, f"mount after a kill failed: {result.stderr.strip()}")
             return
+        lost = survivors_differ(self.source, inside(self.staging, str(self.source)))
+        if lost:
+            self.tally.differ(self.index, f"files rsync finished before the kill changed: {lost[:10]}")
         self.stage_and_commit(Plan("none"))
 
     def no_leftovers(self) -> None:

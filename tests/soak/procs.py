@@ -72,12 +72,13 @@ class Background:
 
     @classmethod
     def start(cls, argv: list[str], env: dict[str, str] | None, logs: Path, label: str) -> "Background":
+        """In a session of its own: kill() ends what it forked too (rsync forks twice)."""
         logs.mkdir(parents=True, exist_ok=True)
         stamp = f"{label}-{time.monotonic_ns()}"
         out, err = logs / f"{stamp}.out", logs / f"{stamp}.err"
         with open(out, "wb") as stdout, open(err, "wb") as stderr:
             process = subprocess.Popen(argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, env=env,
-                                       cwd=str(ROOT))
+                                       cwd=str(ROOT), start_new_session=True)
         return cls(process, out, err)
 
     @property
@@ -96,8 +97,11 @@ class Background:
         return subprocess.CompletedProcess(self.process.args, code, stdout, stderr)
 
     def kill(self) -> None:
-        if self.running():
-            self.process.kill()
+        """SIGKILL to its session (its process group): the process and its children."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait()
 
 

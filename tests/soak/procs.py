@@ -90,11 +90,24 @@ class Background:
 
     def result(self) -> subprocess.CompletedProcess:
         code = self.process.wait()
+        self._reap_session()
         stdout = self.out.read_text(errors="replace")
         stderr = self.err.read_text(errors="replace")
         self.out.unlink(missing_ok=True)
         self.err.unlink(missing_ok=True)
         return subprocess.CompletedProcess(self.process.args, code, stdout, stderr)
+
+    def _reap_session(self, grace: float = 30.0) -> None:
+        """What the process forked may outlive it briefly (rsync's two helpers):
+        wait for them, and end them if they linger."""
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(self.process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        self.kill()
 
     def kill(self) -> None:
         """SIGKILL to its session (its process group): the process and its children."""

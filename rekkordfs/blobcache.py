@@ -24,7 +24,7 @@ from typing import Awaitable, Callable, TypeVar
 import trio
 
 from .errors import RekkordError
-from .format import BlobKind, BlobRef, ChunkRef, Entry, Location, decode_directory
+from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Location, decode_directory
 from .lru import WeightedLRU
 from .repository import Repository
 from .tasks import task_group
@@ -35,16 +35,19 @@ T = TypeVar("T")
 DEFAULT_MEMORY_BYTES = 32 << 20
 DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
+SUBDIR_COUNTS = 1_000_000  # folder counts of records remembered (a few dozen bytes each)
+SUBDIR_BATCH = 256  # records read at once to count their folders
 
 
 class DirectoryListing:
     """A decoded directory with a name index (built once, shared by readers)."""
 
-    __slots__ = ("entries", "index", "subdirs_prefetched", "files_prefetched")
+    __slots__ = ("entries", "index", "subdirs", "subdirs_prefetched", "files_prefetched")
 
     def __init__(self, entries: list[Entry]) -> None:
         self.entries = entries
         self.index = {e.name: i for i, e in enumerate(entries)}
+        self.subdirs = sum(1 for e in entries if e.kind == EntryKind.DIRECTORY)  # its link count is 2 + this
         self.subdirs_prefetched = False
         self.files_prefetched = 0  # entries below this index were read ahead
 
@@ -127,6 +130,7 @@ class BlobCache:
         self._dirs: WeightedLRU[bytes, DirectoryListing] = WeightedLRU(
             directory_entries, weigh=lambda listing: len(listing.entries) + 1, keep_heavy=True)
         self._inflight: dict[tuple[BlobKind, bytes], trio.Event] = {}
+        self._subdirs: dict[bytes, int] = {}  # record ID -> folders it holds (see subdir_counts)
         self._zeros = b""
 
     async def _shared(self, key: tuple[BlobKind, bytes], cached: Callable[[], T | None],
@@ -208,6 +212,28 @@ class BlobCache:
             return listing
 
         return await self._shared((BlobKind.DIRECTORY, dir_id), lambda: self._dirs.get(dir_id), fetch)
+
+    def known_subdirs(self, record_id: bytes) -> int | None:
+        """subdir_counts() of one record, if already known (no I/O)."""
+        return self._subdirs.get(record_id)
+
+    async def subdir_counts(self, refs: list[BlobRef]) -> dict[bytes, int]:
+        """How many folders each of these directory records holds (a folder's link
+        count is 2 + that), by record ID. The records are read in one batch and
+        their counts kept beyond the listings' LRU; unreadable ones are left out
+        (listing that folder reports them)."""
+        missing = [ref for ref in refs if ref.id not in self._subdirs]
+        if len(self._subdirs) + len(missing) > SUBDIR_COUNTS:
+            self._subdirs.clear()
+        for start in range(0, len(missing), SUBDIR_BATCH):  # bounded: a folder may hold many thousands
+            batch = missing[start:start + SUBDIR_BATCH]
+            await self.prefetch_directories(batch)
+            for ref in batch:
+                try:
+                    self._subdirs[ref.id] = (await self.directory(ref)).subdirs
+                except RekkordError:
+                    continue
+        return {ref.id: self._subdirs[ref.id] for ref in refs if ref.id in self._subdirs}
 
     # --- read-ahead: many blobs in one batch, off the reader's critical path -----------
 

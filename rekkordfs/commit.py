@@ -20,6 +20,7 @@ from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, Tag
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
+from .testhooks import stop_point
 from .tuning import BATCH_FILES, record_writers
 from .upload import TransferStats, Uploader
 
@@ -76,6 +77,7 @@ class Committer:
             snapshot.stored = self.bytes_stored + self.uploader.stats.bytes_stored
             self.uses.add(root_ref.location.pack)
             await self._check_inherited()
+            stop_point("commit-publish")
             tag = await self.repo.publish_snapshot(snapshot, self.uses)
         except BaseException:
             self.tree.release_capture(capture)

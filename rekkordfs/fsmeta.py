@@ -78,6 +78,9 @@ def read_xattrs(path: bytes) -> list[tuple[bytes, bytes]]:
 # extended attributes, so it does the same by hand.
 
 ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+
 _ACL_HEADER = struct.Struct("<I")
 _ACL_ENTRY = struct.Struct("<HHI")
 _ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_MASK, _ACL_OTHER = 0x01, 0x04, 0x10, 0x20
@@ -87,6 +90,18 @@ def _acl_entries(value: bytes) -> list[tuple[int, int, int]] | None:
     if len(value) < _ACL_HEADER.size or (len(value) - _ACL_HEADER.size) % _ACL_ENTRY.size:
         return None
     return list(_ACL_ENTRY.iter_unpack(value[_ACL_HEADER.size:]))
+
+
+def xattr_refusal(name: bytes, value: bytes) -> int | None:
+    """The errno a local filesystem answers when setting this attribute, or None:
+    names outside the namespaces Linux knows (EOPNOTSUPP), malformed ACLs (EINVAL)."""
+    if name in (ACL_ACCESS, ACL_DEFAULT):
+        return None if _acl_entries(value) is not None else errno.EINVAL
+    if name in XATTR_NAMESPACES:
+        return errno.EINVAL  # a namespace without a name
+    if not name.startswith(XATTR_NAMESPACES):
+        return errno.EOPNOTSUPP
+    return None
 
 
 def mode_from_acl(mode: int, value: bytes) -> int:

@@ -135,6 +135,7 @@ class Repository:
         self.unusable: dict[bytes, str] = {}  # snapshot ID -> why its record cannot be used
         self._condemned: dict[str, Condemned] = {}  # prune records in force, by object name
         self.session_start_ns: int | None = None  # when this process first learned what is stored
+        self._interrupted: set[bytes] = set()  # snapshots whose publication failed after their record may have landed
         self._indexes_synced_ns = 0  # monotonic time of the last sync_indexes()
 
     # --- lifecycle -----------------------------------------------------------
@@ -241,6 +242,11 @@ class Repository:
         if self.session_start_ns is None:
             self.session_start_ns = time.time_ns()
             await self.finish_pending()
+        elif self._interrupted:
+            # a publication of this process failed (a full or read-only disk, a
+            # server gone) after its record: a long-lived writer (the mount)
+            # lists it at its next write, as a new process would
+            await self.finish_pending(only=self._interrupted)
         await self.load_condemned()
         await self.sync_indexes()
 
@@ -560,24 +566,32 @@ class Repository:
         # if this process dies between the record and its tag, the next writer
         # of this key on this machine writes the tag (finish_pending)
         await trio.to_thread.run_sync(self.cache.add_pending, tag.snapshot_id, sealed)
-        if not await self.storage.put(snapshot_key(tag.snapshot_id), raw):
-            raise RepositoryError(f"snapshot record {tag.id_hex} exists already")
-        await self.storage.flush()
-        await self.storage.put(tag_key(sealed), b"")
-        await self.storage.flush()
+        try:
+            if not await self.storage.put(snapshot_key(tag.snapshot_id), raw):
+                raise RepositoryError(f"snapshot record {tag.id_hex} exists already")
+            await self.storage.flush()
+            stop_point("snapshot-tag")
+            await self.storage.put(tag_key(sealed), b"")
+            await self.storage.flush()
+        except BaseException:
+            self._interrupted.add(tag.snapshot_id)
+            raise
         await trio.to_thread.run_sync(self.cache.drop_pending, tag.snapshot_id)
         return tag
 
-    async def finish_pending(self) -> None:
+    async def finish_pending(self, only: set[bytes] | None = None) -> None:
         """Publishes an earlier process of this key left half done: a record
         written, its tag not. The record is complete (written last of all but
-        the tag), so its tag is written now."""
+        the tag), so its tag is written now. `only`: just these snapshots."""
         for snapshot_id, sealed in await trio.to_thread.run_sync(self.cache.pending):
+            if only is not None and snapshot_id not in only:
+                continue
             if await self.storage.exists(snapshot_key(snapshot_id)):
                 await self.storage.put(tag_key(sealed), b"")  # put-if-absent: a tag already there stays
                 await self.storage.flush()
                 log.warning("snapshot %s: its publication was interrupted; it is listed now", snapshot_id.hex())
             await trio.to_thread.run_sync(self.cache.drop_pending, snapshot_id)
+            self._interrupted.discard(snapshot_id)
 
     async def list_snapshots(self) -> TagListing:
         """Every snapshot whose tag verifies, each once, oldest first; the tags that

@@ -297,6 +297,12 @@ class StagingTree:
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
                     (ROOT, EntryKind.DIRECTORY, 0o755, os.getuid(), os.getgid(), now, now, now))
             self.db.execute("DELETE FROM inodes WHERE ino != ? AND ino NOT IN (SELECT ino FROM dentries)", (ROOT,))
+            if not self._meta("folder_links"):  # journals from before folders counted their subfolders
+                self.db.execute(
+                    "UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.ino = d.ino "
+                    "WHERE d.parent = inodes.ino AND c.kind = ?) WHERE kind = ? AND nlink > 0 AND dir_ref IS NULL",
+                    (EntryKind.DIRECTORY, EntryKind.DIRECTORY))
+                self._set_meta("folder_links", 1)
             self.db.execute("DELETE FROM inline WHERE ino NOT IN (SELECT ino FROM inodes WHERE local = ?)", (INLINE,))
         local = {str(r[0]) for r in self.db.execute("SELECT ino FROM inodes WHERE local = ?", (DATA_FILE,))}
         for path in self.data_dir.iterdir():  # data of deleted or committed files, copies in progress
@@ -342,6 +348,7 @@ class StagingTree:
             self._set_meta("base", snapshot_id)
             self._set_meta("max_link_id", snapshot.max_link_id if snapshot else 0)
             self._set_meta("dirty", 0)
+            self._set_meta("folder_links", 1)
             # files inside directories not expanded yet: counted in the snapshot's totals only
             self._set_meta("stored_files", snapshot.files if snapshot else 0)
             self._set_meta("stored_size", snapshot.size if snapshot else 0)
@@ -370,13 +377,28 @@ class StagingTree:
             node = self._inodes[ino] = _row(row)
         return node
 
+    async def folder_links(self, nodes: list[Inode]) -> dict[int, int]:
+        """Link counts of folders not expanded yet (the journal knows the others):
+        2 + the folders their stored record holds, read in one batch."""
+        pending = [node for node in nodes if node.is_dir and node.dir_ref is not None]
+        if not pending or self.blobs is None:
+            return {}
+        counts = await self.blobs.subdir_counts([node.dir_ref for node in pending if node.dir_ref])
+        return {node.ino: 2 + counts[node.dir_ref.id] for node in pending
+                if node.dir_ref is not None and node.dir_ref.id in counts}
+
     def size_of(self, node: Inode) -> int:
+        return self.usage_of(node)[0]
+
+    def usage_of(self, node: Inode) -> tuple[int, int | None]:
+        """Size, and 512-byte blocks used when known: a data file may have holes."""
         if node.kind == EntryKind.FILE and node.local == DATA_FILE:
             try:
-                return os.stat(self.data_path(node.ino)).st_size
+                st = os.stat(self.data_path(node.ino))
             except FileNotFoundError:
-                return 0
-        return node.size
+                return 0, 0
+            return st.st_size, st.st_blocks
+        return node.size, None
 
     async def expand(self, ino: int) -> Inode:
         """A directory with its entries in the journal (read from its record once)."""
@@ -425,7 +447,7 @@ class StagingTree:
                     existing = cursor.lastrowid
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                                 (node.ino, entry.name, existing))
-            self._update_inode(node.ino, "dir_ref = NULL")
+            self._update_inode(node.ino, "dir_ref = NULL, nlink = ?", 2 + listing.subdirs)
 
     async def own_links(self, ino: int) -> None:
         """Before an inode of a base hardlink group changes: expand every directory.
@@ -496,6 +518,8 @@ class StagingTree:
                 self.db.execute("INSERT INTO inline (ino, data) VALUES (?, ?)", (ino, b""))
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
             self._touch_dir(parent, now)
+            if kind == EntryKind.DIRECTORY:
+                self._add_links(parent, 1)
             self._changed()
         if kind == EntryKind.FILE:
             self._content_changed(ino)
@@ -503,6 +527,12 @@ class StagingTree:
 
     def _touch_dir(self, ino: int, now: int) -> None:
         self._update_inode(ino, "mtime_ns = ?, ctime_ns = ?", now, now)
+
+    def _add_links(self, folder: int, delta: int) -> None:
+        """A folder gained or lost subfolders: its link count is 2 + their number
+        (inside a transaction; folders are expanded before their entries change)."""
+        if delta:
+            self._update_inode(folder, "nlink = nlink + ?", delta)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         self._check_name(name)
@@ -559,6 +589,8 @@ class StagingTree:
         self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
         self._touch_dir(parent, now)
         node = self.get(ino)
+        if node.is_dir:
+            self._add_links(parent, -1)
         links = 0 if node.is_dir else node.nlink - 1
         if links > 0:
             self._update_inode(ino, "nlink = ?, ctime_ns = ?", links, now)
@@ -627,6 +659,9 @@ class StagingTree:
             await self.own_links(target)
         now = self.clock()
 
+        # folders moving to another parent carry one link of that parent with them
+        moving = int(moved_node.is_dir) - int(exchange and self.get(target).is_dir) if old_parent != new_parent else 0
+
         def apply() -> None:
             if exchange:
                 self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
@@ -642,6 +677,8 @@ class StagingTree:
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                                 (new_parent, new_name, moved))
                 self._update_inode(moved, "ctime_ns = ?", now)
+            self._add_links(old_parent, -moving)
+            self._add_links(new_parent, moving)
             self._touch_dir(old_parent, now)
             self._touch_dir(new_parent, now)
             self._changed()
@@ -1050,7 +1087,8 @@ class StagingTree:
         return [self.data_path(ino) for ino in clean_files if capture.inodes[ino].local == DATA_FILE]
 
     def iter_local_files(self) -> Iterator[int]:
-        for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local = 1 AND kind = ?", (EntryKind.FILE,)):
+        """Files whose content is written here and not yet committed (a data file or inline)."""
+        for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE local != ? AND kind = ?", (STORED, EntryKind.FILE)):
             yield ino
 
     def statvfs(self) -> os.statvfs_result:

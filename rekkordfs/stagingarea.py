@@ -29,10 +29,11 @@ from .commit import CommitResult, Committer
 from .control import CONTROL_CHANNEL, CONTROL_COMMIT
 from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
+from .fsmeta import xattr_refusal
 from .keys import Capability
 from .packs import Sealed
 from .repository import Repository
-from .staging import ROOT, Inode, StagingTree, remove_files
+from .staging import NAME_MAX, ROOT, Inode, StagingTree, remove_files
 from .statedir import lock_state_folder, prepare_state_folder
 from .streaming import GrowingFile, StreamAborted
 from .testhooks import stop_point
@@ -124,6 +125,7 @@ class StagingArea:
         os.close(self._lock_fd)
 
     def root_node(self) -> Node:
+        self.root_attr.nlink = 2 + len(self._known_channels())
         return Node(STAGING_INO, NodeKind.VIRTUAL_DIR, self.root_attr, permanent=True)
 
     # --- inode numbers -------------------------------------------------------------
@@ -141,12 +143,18 @@ class StagingArea:
             raise OSError(errno.ENOENT, "stale staging inode")
         return tree, ino & LOCAL_MASK
 
-    def attr(self, tree: StagingTree, node: Inode) -> Attr:
+    def attr(self, tree: StagingTree, node: Inode, links: dict[int, int] | None = None) -> Attr:
+        """links: link counts of folders not expanded yet (StagingTree.folder_links)."""
         touched = tree.touched_mtime(node.ino)
         now = tree.clock()
-        return Attr(self._global(tree, node.ino), node.full_mode, node.nlink, node.uid, node.gid,
-                    tree.size_of(node), node.atime_ns, now if touched else node.mtime_ns,
-                    now if touched else node.ctime_ns, node.rdev, timeout=STAGING_TIMEOUT)
+        size, blocks = tree.usage_of(node)
+        nlink = links.get(node.ino, node.nlink) if links else node.nlink
+        return Attr(self._global(tree, node.ino), node.full_mode, nlink, node.uid, node.gid,
+                    size, node.atime_ns, now if touched else node.mtime_ns,
+                    now if touched else node.ctime_ns, node.rdev, timeout=STAGING_TIMEOUT, allocated=blocks)
+
+    async def _attr(self, tree: StagingTree, node: Inode) -> Attr:
+        return self.attr(tree, node, await tree.folder_links([node]))
 
     # --- the channels ----------------------------------------------------------------
 
@@ -221,14 +229,17 @@ class StagingArea:
     # --- directory operations ----------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
+        if len(name) > NAME_MAX:  # what every call naming it must answer (chmod, unlink, rename...)
+            raise OSError(errno.ENAMETOOLONG, "file name too long")
         if parent == STAGING_INO:
             tree = await self._channel_tree(name)
             node = tree.get(ROOT)
         else:
             tree, local = self._split(parent)
             node = await tree.lookup(local, name)
-        tree.remember(node.ino)
-        return self.attr(tree, node)
+        attr = await self._attr(tree, node)
+        tree.remember(node.ino)  # nothing may fail once the kernel is to hold it
+        return attr
 
     def remember(self, ino: int) -> None:
         if ino == STAGING_INO:
@@ -244,9 +255,14 @@ class StagingArea:
 
     async def getattr(self, ino: int) -> Attr:
         if ino == STAGING_INO:
+            self.root_attr.nlink = 2 + len(self._known_channels())
             return self.root_attr
         tree, local = self._split(ino)
-        return self.attr(tree, tree.get(local))
+        return await self._attr(tree, tree.get(local))
+
+    def _known_channels(self) -> set[str]:
+        """Channels as last listed (no listing of the repository here)."""
+        return set(self.view.channel_names()) | self._state_names() | set(self.trees)
 
     async def children(self, ino: int) -> list[tuple[bytes, Attr]]:
         if ino == STAGING_INO:
@@ -256,10 +272,13 @@ class StagingArea:
                     tree = await self.tree(channel)
                 except OSError:
                     continue  # logged: one unreadable channel must not hide the others
-                items.append((channel.encode(), self.attr(tree, tree.get(ROOT))))
+                items.append((channel.encode(), await self._attr(tree, tree.get(ROOT))))
+            self.root_attr.nlink = 2 + len(items)
             return items
         tree, local = self._split(ino)
-        return [(name, self.attr(tree, node)) for name, node in await tree.listdir(local)]
+        entries = await tree.listdir(local)
+        links = await tree.folder_links([node for _, node in entries])
+        return [(name, self.attr(tree, node, links)) for name, node in entries]
 
     async def readlink(self, ino: int) -> bytes:
         tree, local = self._split(ino)
@@ -282,8 +301,9 @@ class StagingArea:
         else:
             tree, local = self._split(parent)
             node = await tree.create(local, name, kind, mode, uid, gid, rdev, target)
+        attr = await self._attr(tree, node)
         tree.remember(node.ino)
-        return self.attr(tree, node)
+        return attr
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
         tree, local = self._split(ino)
@@ -338,7 +358,7 @@ class StagingArea:
         if changes.get("size") is not None:
             self._abort_stream(tree, local)
         node = await tree.setattr(local, **changes)
-        return self.attr(tree, node)
+        return await self._attr(tree, node)
 
     # --- extended attributes and control requests -----------------------------------------
 
@@ -368,6 +388,9 @@ class StagingArea:
         if local == ROOT and name == CONTROL_COMMIT:
             await self._commit_request(tree, value)
             return
+        refusal = xattr_refusal(name, value)
+        if refusal is not None:
+            raise OSError(refusal, os.strerror(refusal))
         await tree.setxattr(local, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -435,6 +458,7 @@ class StagingArea:
         return await handle.tree.read(handle.ino, offset, size)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
+        stop_point("staging-write")
         tree, ino = handle.tree, handle.ino
         stream = self._streams.get((tree, ino))
         appending = (handle.sequential_end == offset and ino not in tree.frozen
@@ -536,6 +560,7 @@ class StagingArea:
             for tree, ino, _ in current:
                 tree.uploading[ino] = done
             try:
+                stop_point("write-behind")
                 await self._learn_stored()
                 pending = await self._upload_batch(current)
             except (RekkordError, OSError) as exc:

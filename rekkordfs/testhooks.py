@@ -7,9 +7,17 @@ first) it reaches POINT. The test sees the process in state 'T' in
 /proc/PID/stat, does what it needs, then sends SIGCONT or SIGKILL. Unset (as in
 normal use), a stop point costs one comparison.
 
-Points: "storage-put" and "storage-delete" (before each write or delete of a
-repository object), "publish" (a save or commit whose data is all stored,
-before its snapshot is published), "commit" (a mount starting a commit).
+Points:
+  "storage-put"     before each write to the repository storage (each attempt)
+  "storage-delete"  before each delete of a repository object
+  "publish"         a save or commit whose data is all stored, before its
+                    snapshot is published
+  "snapshot-tag"    a snapshot record is stored, its tag (the commit point) not yet
+  "commit"          a mount starting a commit
+  "commit-publish"  a commit whose data and directory records are stored,
+                    before it publishes its snapshot
+  "staging-write"   a mount receiving a write to a staged file
+  "write-behind"    a mount starting a write-behind upload batch
 """
 
 from __future__ import annotations

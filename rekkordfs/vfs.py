@@ -60,6 +60,7 @@ PREFETCH_FILE_BYTES = 4 << 20
 PREFETCH_SMALL_FILE = 1 << 20
 PREFETCH_BATCH = 16
 LATEST = b"latest"
+NAME_MAX = 255
 
 
 class NodeKind(enum.Enum):
@@ -82,9 +83,12 @@ class Attr:
     ctime_ns: int = 0
     rdev: int = 0
     timeout: float = IMMUTABLE_TIMEOUT  # how long the kernel may keep it
+    allocated: int | None = None  # 512-byte blocks in use, when known (a staged file with holes)
 
     @property
     def blocks(self) -> int:
+        if self.allocated is not None:
+            return self.allocated
         return (self.size + 511) // 512 if stat.S_ISREG(self.mode) else 0
 
 
@@ -237,6 +241,9 @@ class SnapshotView:
             self._channels = channels
             self._ids = {t.id_hex: t for t in tags}
             self._refreshed_at = now
+            if CHANNELS_INO in self.nodes and IDS_INO in self.nodes:  # 2 + the folders each holds
+                self.nodes[CHANNELS_INO].attr.nlink = 2 + len(channels)
+                self.nodes[IDS_INO].attr.nlink = 2 + len(tags)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
@@ -259,6 +266,7 @@ class SnapshotView:
     def _channel_node(self, channel: str) -> Node:
         ino = derive_ino(b"channel", channel.encode())
         attr = self._virtual_attr(ino, time_ns=self._channels[channel][-1][1].time_ns)  # its newest snapshot
+        attr.nlink = 2 + len(self._channels[channel])
         node = self.nodes.get(ino)
         if node is None:
             return Node(ino, NodeKind.VIRTUAL_DIR, attr, channel=channel)
@@ -286,15 +294,22 @@ class SnapshotView:
         until then a stand-in the kernel must not keep."""
         loaded = self._roots.get(tag.snapshot_id)
         root = loaded[1] if loaded else None
+        nlink = 2 + ((self.blobs.known_subdirs(loaded[0].id) or 0) if loaded else 0)
         if root is not None:
-            return Attr(ino, stat.S_IFDIR | root.mode, 2, root.uid, root.gid, 0, root.atime_ns, root.mtime_ns,
+            return Attr(ino, stat.S_IFDIR | root.mode, nlink, root.uid, root.gid, 0, root.atime_ns, root.mtime_ns,
                         root.ctime_ns)
         mode = stat.S_IFDIR | (0o755 if self.can_read else 0o000)
-        return Attr(ino, mode, 2, self.uid, self.gid, 0, tag.time_ns, tag.time_ns, tag.time_ns,
+        return Attr(ino, mode, nlink, self.uid, self.gid, 0, tag.time_ns, tag.time_ns, tag.time_ns,
                     timeout=IMMUTABLE_TIMEOUT if loaded is not None else MUTABLE_TIMEOUT)
 
     def _tree_attr(self, ino: int, entry: Entry) -> Attr:
-        nlink = entry.nlink if entry.link_id else (2 if entry.kind == EntryKind.DIRECTORY else 1)
+        """A folder's link count is 2 + its subfolders, once its record was read
+        (subdir_counts; listing its parent reads the records of its folders)."""
+        if entry.kind == EntryKind.DIRECTORY:
+            subdirs = self.blobs.known_subdirs(entry.dir_ref.id) if entry.dir_ref is not None else None
+            nlink = 2 + (subdirs or 0)
+        else:
+            nlink = entry.nlink if entry.link_id else 1
         size = entry.size if entry.kind in (EntryKind.FILE, EntryKind.SYMLINK) else 0
         return Attr(ino, FILE_TYPE_BITS[entry.kind] | entry.mode, max(nlink, 1), entry.uid, entry.gid, size,
                     entry.atime_ns, entry.mtime_ns, entry.ctime_ns, entry.rdev)
@@ -374,6 +389,7 @@ class SnapshotView:
             except RekkordError as exc:
                 log.error("cannot open snapshot %s: %s", snapshot_id.hex(), exc.message)
                 raise _fuse_error(errno.EIO) from None
+            await self.blobs.subdir_counts([snapshot.root_ref])  # for its link count
             loaded = self._roots[snapshot_id] = (snapshot.root_ref, snapshot.root)
             node = self.nodes.get(derive_ino(snapshot_id, b"/"))
             if node is not None:
@@ -388,6 +404,7 @@ class SnapshotView:
         if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
             listing = await self._listing(parent)
             self._prefetch_subdirs(listing)
+            await self._count_subdirs(listing.entries)
             return [(e.name, self._tree_node(parent, e, listing)) for e in listing.entries]
         await self.refresh()
         if parent.ino == ROOT_INO:
@@ -408,6 +425,8 @@ class SnapshotView:
 
     async def lookup(self, parent_ino: int, name: bytes) -> Node:
         """The child called name, remembered (its lookup count incremented)."""
+        if len(name) > NAME_MAX:
+            raise _fuse_error(errno.ENAMETOOLONG)
         parent = self.node(parent_ino)
         if not parent.is_dir:
             raise _fuse_error(errno.ENOTDIR)
@@ -416,6 +435,7 @@ class SnapshotView:
             index = listing.index.get(name)
             if index is None:
                 raise _fuse_error(errno.ENOENT)
+            await self._count_subdirs([listing.entries[index]])
             return self.remember(self._tree_node(parent, listing.entries[index], listing))
         found = await self._virtual_child(parent, name)
         if found is None:
@@ -428,6 +448,12 @@ class SnapshotView:
             await self._snapshot_root_dir(found.snapshot)  # reply with the root's real metadata
             found.attr = self._snapshot_attr(found.ino, self._ids[found.snapshot.hex()])
         return self.remember(found)
+
+    async def _count_subdirs(self, entries: list[Entry]) -> None:
+        """Read the records of these folders (one batch) for their link counts."""
+        refs = [e.dir_ref for e in entries if e.kind == EntryKind.DIRECTORY and e.dir_ref is not None]
+        if refs:
+            await self.blobs.subdir_counts(refs)
 
     def _refresh_due(self) -> bool:
         # Unknown names must not turn every failed lookup into a LIST request.
@@ -464,6 +490,11 @@ class SnapshotView:
             self._latest_node(node.channel or "")  # refresh its size
         elif node.kind == NodeKind.SNAPSHOT_ROOT and self.can_read and node.snapshot is not None:
             await self._snapshot_root_dir(node.snapshot)
+        elif node.kind == NodeKind.TREE and node.entry is not None and node.entry.kind == EntryKind.DIRECTORY:
+            await self._count_subdirs([node.entry])  # a mounted subtree's root, or a record unread so far
+            node.attr.nlink = self._tree_attr(ino, node.entry).nlink
+        elif ino == ROOT_INO:
+            node.attr.nlink = 4 + len(self.extra_root)  # channels, ids, staging
         return node.attr
 
     async def readlink(self, ino: int) -> bytes:

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import REKKORD
 from .mounting import is_mounted, mount_processes, mounted, unmount
+from .stops import wait_stopped
 from .trees import make_awkward_tree, rsync_differences
 
 libc = ctypes.CDLL(None, use_errno=True)
@@ -241,8 +243,26 @@ def _kill_mount(mnt: Path) -> None:
     assert not is_mounted(mnt)
 
 
+def _mount_stopping_at(rekkord, mnt: Path, point: str) -> int:
+    """Mount with a stop point armed in the daemon; returns the daemon's pid."""
+    rekkord.env["REKKORD_TEST_STOP"] = point
+    try:
+        rekkord("mount", str(mnt))
+    finally:
+        del rekkord.env["REKKORD_TEST_STOP"]
+    return _mount_pid(mnt)
+
+
+def _tag_count(repo: Path) -> int:
+    return count_objects(repo, "tags")
+
+
 def test_kill_mount_during_rsync_and_during_commit(state_env, tmp_path: Path) -> None:
+    """The daemon stops itself at a known point (REKKORD_TEST_STOP): in the middle
+    of an rsync (its 40th write), then of a commit (all uploaded, not published),
+    and is killed there; the test proves each operation was still under way."""
     rekkord = state_env
+    repo = Path(rekkord.repository)
     src = tmp_path / "src"
     rng = random.Random(3)
     for i in range(60):
@@ -252,29 +272,45 @@ def test_kill_mount_during_rsync_and_during_commit(state_env, tmp_path: Path) ->
     mnt.mkdir()
 
     # kill -9 in the middle of an rsync
-    rekkord("mount", str(mnt))
+    daemon = _mount_stopping_at(rekkord, mnt, "staging-write:40")
     staging = mnt / "staging" / "crash"
     staging.mkdir()
-    rsync = subprocess.Popen(["rsync", "-a", f"{src}/", f"{staging}/"], stderr=subprocess.DEVNULL)
-    time.sleep(1.0)
-    _kill_mount(mnt)
-    rsync.wait(timeout=60)
+    rsync = subprocess.Popen(["rsync", "-a", f"{src}/", f"{staging}/"], stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        wait_stopped(daemon)
+        assert rsync.poll() is None, "rsync ended before the mount died"
+        _kill_mount(mnt)
+        try:
+            assert rsync.wait(timeout=60) != 0  # it was cut off mid-transfer
+        except subprocess.TimeoutExpired:
+            pass  # rsync 3.x sometimes waits forever on its own processes once its destination is gone
+    finally:
+        if rsync.poll() is None:
+            os.killpg(rsync.pid, signal.SIGKILL)  # its session: rsync and the processes it forked
+            rsync.wait()
 
-    rekkord("mount", str(mnt))
+    daemon = _mount_stopping_at(rekkord, mnt, "commit-publish")
     try:
         # what rsync finished (renamed into place) is intact and complete
-        for path in staging.rglob("f*"):
+        finished = [path for path in staging.rglob("f*")]
+        assert len(finished) < 60
+        for path in finished:
             assert path.read_bytes() == (src / path.relative_to(staging)).read_bytes()
         subprocess.run(["rsync", "-a", "--delete", f"{src}/", f"{staging}/"], check=True)
         assert rsync_differences(src, staging) == ""
-        # kill -9 in the middle of a commit
+        # kill -9 in the middle of a commit: everything stored but the snapshot
         committing = subprocess.Popen(
-            [*__import__("tests.conftest", fromlist=["REKKORD"]).REKKORD, "commit", str(staging)],
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.3)
+            [*REKKORD, "-R", rekkord.repository, "-K", rekkord.key_file, "commit", str(staging)],
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
+                 "REKKORD_CACHE_DIR": str(rekkord.cache_dir)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_stopped(daemon)
+        assert committing.poll() is None, "the commit ended before the mount died"
+        assert _tag_count(repo) == 0  # started (the daemon stops only inside a commit), not published
         _kill_mount(mnt)
-        committing.wait(timeout=60)
+        _, err = committing.communicate(timeout=60)
+        assert committing.returncode == 1 and "went away during the commit" in err
     finally:
         if is_mounted(mnt):
             unmount(mnt)
@@ -283,6 +319,7 @@ def test_kill_mount_during_rsync_and_during_commit(state_env, tmp_path: Path) ->
         assert rsync_differences(src, staging) == ""
         snapshot = commit(rekkord, staging)["id"]
         assert rsync_differences(src, mnt / "ids" / snapshot) == ""
+    assert _tag_count(repo) == 1
     rekkord("check", "--read-data")
 
 

@@ -181,6 +181,21 @@ def test_create_write_read_truncate(tree: StagingTree, clock: Clock) -> None:
     run(main)
 
 
+def test_local_files_are_listed_wherever_their_content_is(tree: StagingTree) -> None:
+    """iter_local_files() names every file with content not committed yet:
+    in the journal (small) and in a data file (large); stored ones are not."""
+    async def main() -> None:
+        small = await put_file(tree, ROOT, b"small", b"inline")
+        large = await put_file(tree, ROOT, b"large", b"x" * (INLINE_MAX + 1))
+        await tree.create(ROOT, b"dir", DIR, 0o755, 0, 0)
+        assert tree.get(small.ino).local == INLINE and tree.get(large.ino).local == DATA_FILE
+        assert sorted(tree.iter_local_files()) == sorted([small.ino, large.ino])
+        await tree.unlink(ROOT, b"small")
+        assert list(tree.iter_local_files()) == [large.ino]
+
+    run(main)
+
+
 def test_writes_beyond_the_end_leave_zeros_and_holes(tree: StagingTree) -> None:
     async def main() -> None:
         f = await tree.create(ROOT, b"sparse", FILE, 0o644, 0, 0)
@@ -317,7 +332,7 @@ def test_rename_of_directories(tree: StagingTree) -> None:
         await expect_errno(errno.EINVAL, tree.rename, ROOT, b"other", deeper.ino, b"further")
         # nothing changed on the way
         assert await names(tree) == [b"empty", b"full", b"other", b"plain"]
-        assert tree.get(plain.ino).nlink == 1 and tree.get(other.ino).nlink == 2
+        assert tree.get(plain.ino).nlink == 1 and tree.get(other.ino).nlink == 3  # 2 + deep
 
         # a subtree moves whole
         await tree.rename(ROOT, b"other", full.ino, b"nested")
@@ -325,6 +340,8 @@ def test_rename_of_directories(tree: StagingTree) -> None:
         assert found.ino == deeper.ino
         await tree.rename(deep.ino, b"deeper", ROOT, b"up")
         assert (await tree.lookup(ROOT, b"up")).ino == deeper.ino and await names(tree, deep.ino) == []
+        # link counts: 2 + subfolders, moved with the folders
+        assert [tree.get(ino).nlink for ino in (ROOT, full.ino, other.ino, deep.ino)] == [5, 3, 3, 2]
 
     run(main)
 
@@ -708,6 +725,14 @@ def based(tmp_path_factory: pytest.TempPathFactory) -> Based:
     return Based(tmp_path_factory.mktemp("staging"))
 
 
+@pytest.fixture
+def own_based(tmp_path: Path) -> Based:
+    """A repository of this test alone: for assertions about everything the
+    repository holds (its channels), whatever other tests committed."""
+    (tmp_path / "own").mkdir()
+    return Based(tmp_path / "own")
+
+
 @asynccontextmanager
 async def seeded_tree(based: Based, folder: Path, channel: str):
     """(repo, tree): a staging tree seeded from the base snapshot, and its repository."""
@@ -1072,14 +1097,15 @@ async def build(ops, rng: random.Random) -> None:
         await ops.times(path, NS_A + i, NS_B - i * 1_000_000_007)
 
 
-def test_staging_area_commit_restores_to_the_same_tree(based: Based, tmp_path: Path) -> None:
+def test_staging_area_commit_restores_to_the_same_tree(own_based: Based, tmp_path: Path) -> None:
+    based = own_based
     reference = tmp_path / "reference"
 
     async def main() -> str:
         await build(DiskOps(reference), random.Random(5))
         async with open_area(based, tmp_path / "state") as area:
-            before = await area.channel_names()  # channels committed by other tests of this module too
-            assert "base" in before and "built" not in before
+            before = await area.channel_names()
+            assert before == ["base"]
             root = await area.make(STAGING_INO, b"built", DIR, 0o755, 0, 0)
             assert area.getxattr(root.ino, CONTROL_CHANNEL) == b"built"
             tree = area.trees["built"]
@@ -1096,8 +1122,9 @@ def test_staging_area_commit_restores_to_the_same_tree(based: Based, tmp_path: P
             attr = await area.view.getattr(snap.ino)
             assert (attr.mode, attr.uid, attr.gid) == (stat.S_IFDIR | 0o750, 1000, 1000)
             assert attr.mtime_ns == os.stat(reference).st_mtime_ns
-            assert await area.channel_names() == sorted(before + ["built"])
-            # staging now shows the committed tree, all of it clean
+            assert await area.channel_names() == ["base", "built"]
+            # staging now shows the committed tree, all of it clean: no content
+            # left local, in a data file or in the journal
             assert not tree.dirty and list(tree.iter_local_files()) == []
             assert [n for n, _ in await area.children(root.ino)] == sorted(os.listdir(os.fsencode(reference)))
             hello = await area.lookup(root.ino, b"hello.txt")

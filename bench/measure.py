@@ -32,7 +32,7 @@ class Run:
     stdout: str
     stderr: str
 
-    def check(self, what: str) -> "Run":
+    def check(self, what: str) -> Run:
         if self.rc != 0:
             tail = (self.stderr.strip() or self.stdout.strip()).splitlines()[-3:]
             raise ToolFailure(f"{what} failed (exit {self.rc}): {' | '.join(tail)}")

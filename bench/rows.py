@@ -22,14 +22,24 @@ import functools
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .backends import Backend
 from .data import DataSet
-from .measure import (NotAvailable, Run, ToolFailure, disk_usage, peak_rss, proc_cpu, reset_peak_rss, run,
-                      tree_figures, warm)
+from .measure import (
+    NotAvailable,
+    Run,
+    ToolFailure,
+    disk_usage,
+    peak_rss,
+    proc_cpu,
+    reset_peak_rss,
+    run,
+    tree_figures,
+    warm,
+)
 from .tools import Mount, Repo, Snap, Tool, remove_tree
 
 
@@ -61,7 +71,7 @@ class Result:
 class Row:
     name: str
     label: str
-    func: Callable[["Context"], Result]
+    func: Callable[[Context], Result]
     requires: tuple[str, ...] = ()
     group: str = "local"
     tools: tuple[str, ...] | None = None  # None: every tool
@@ -76,7 +86,7 @@ ROWS: list[Row] = []
 
 
 def row(name: str, label: str, **kw) -> Callable:
-    def register(func: Callable[["Context"], Result]) -> Callable:
+    def register(func: Callable[[Context], Result]) -> Callable:
         ROWS.append(Row(name, label, func, **kw))
         return func
     return register
@@ -385,7 +395,7 @@ def _mount_empty(ctx: Context, repo: Repo, mnt: Path) -> Mount:
     r = run([*tool.exe, "-R", repo.url, "-K", str(repo.key), "mount", str(mnt)], env=tool.env(repo))
     if r.rc != 0:
         unmount(mnt)
-        raise NotAvailable(f"rekkord mount failed: {(r.stderr.strip() or 'exit %d' % r.rc).splitlines()[-1]}")
+        raise NotAvailable(f"rekkord mount failed: {(r.stderr.strip() or f'exit {r.rc}').splitlines()[-1]}")
     # `rekkord mount` returns once the mount is usable: no staging/ then means no staging support
     if not wait_for(lambda: exists(mnt / "staging"), 2 if is_mount(mnt) else 60):
         unmount(mnt)

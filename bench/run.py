@@ -243,7 +243,8 @@ def render(shown: list[Row], table: dict[str, dict[str, Result]], tools: list[st
         padded = [c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
         out.append("| " + " | ".join(padded) + " |")
         if n == 0:
-            out.append("|" + "|".join(("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|")
+            rules = (("-" * (w + 1) + ":") if i else ("-" * (w + 2)) for i, w in enumerate(widths))
+            out.append("|" + "|".join(rules) + "|")
     for row in shown:
         if row.compare_size and (sizes := size_ratios(row, table, tools)):
             out.append(f"repository size after {row.label}: {'; '.join(sizes)}")

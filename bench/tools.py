@@ -14,12 +14,11 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-from .measure import (NotAvailable, Run, ToolFailure, exists, find_pids, pid_alive, run, unmount,
-                      wait_for)
+from .measure import NotAvailable, Run, ToolFailure, exists, find_pids, pid_alive, run, unmount, wait_for
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOUNT_TIMEOUT = 120.0
@@ -73,7 +72,7 @@ class Snap:
 
 @dataclass
 class Mount:
-    tool: "Tool"
+    tool: Tool
     repo: Repo
     mnt: Path
     seconds: float  # time to a usable mount
@@ -196,7 +195,8 @@ class Tool:
 class Rekkordfs(Tool):
     name = "rekkordfs"
     kind = "rekkordfs"
-    settings = "its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench; bytecode cached (PYTHONPYCACHEPREFIX)"
+    settings = ("its defaults (zstd, keyed CDC); REKKORD_CACHE_DIR under the bench; "
+                "bytecode cached (PYTHONPYCACHEPREFIX)")
 
     #: a frozen copy of rekkordfs/ (and cli/ where the revision has it) extracted at a
     #: commit, run with the project venv (so the code cannot change under a long run):
@@ -240,7 +240,7 @@ class Rekkordfs(Tool):
         return cls.frozen[1]
 
     @classmethod
-    def at(cls, rev: str, work: Path) -> type["Rekkordfs"]:
+    def at(cls, rev: str, work: Path) -> type[Rekkordfs]:
         """--compare-rev: another tool, "rekkordfs@SHA", running REV's copy beside "rekkordfs"
         (its own HOME, caches, keys and repositories, like any other tool)."""
         frozen = cls.extract(rev, work)

@@ -18,8 +18,9 @@ import functools
 import logging
 import os
 import secrets
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -250,8 +251,9 @@ class BlobCache:
         if self.disk is not None:
             await self._prefetch_each([functools.partial(self.directory, ref) for ref in refs])
             return
-        await self._prefetch_batch(BlobKind.DIRECTORY, [(ref.id, ref.location) for ref in refs], self._dirs.get,
-                                   decode_directory, lambda key, entries: self._dirs.put(key, DirectoryListing(entries)))
+        blobs = [(ref.id, ref.location) for ref in refs]
+        await self._prefetch_batch(BlobKind.DIRECTORY, blobs, self._dirs.get, decode_directory,
+                                   lambda key, entries: self._dirs.put(key, DirectoryListing(entries)))
 
     async def _prefetch_batch(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
                               cached: Callable[[bytes], object], then: Callable | None,

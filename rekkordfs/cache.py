@@ -23,9 +23,9 @@ import os
 import sqlite3
 import struct
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import platformdirs
 
@@ -142,7 +142,7 @@ class LocalCache:
 
     def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
         """Record a pack index and the blobs of it this key trusts, in one transaction."""
-        rows = [(i, l.pack, l.offset, l.length) for i, l in items]
+        rows = [(blob_id, at.pack, at.offset, at.length) for blob_id, at in items]
         self._usable = None
         with self._lock:
             self._db.execute("BEGIN")

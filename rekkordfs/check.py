@@ -17,8 +17,8 @@ from __future__ import annotations
 import math
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import trio
 
@@ -29,8 +29,8 @@ from .keys import Capability
 from .marks import CONDEMNED_PREFIX, FORGOTTEN_PREFIX, decode_condemned, decode_forgotten
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .tasks import task_group
-from .tuning import check_reads
 from .treebudget import TreeShape, shape_problem
+from .tuning import check_reads
 
 
 @dataclass(frozen=True)

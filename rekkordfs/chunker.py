@@ -7,8 +7,9 @@ content. The Cython core releases the GIL while it scans.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import pyfastcdc
 

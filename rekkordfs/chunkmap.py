@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from .format import ChunkRef
 

@@ -16,14 +16,24 @@ from dataclasses import dataclass
 import trio
 
 from .errors import RekkordError, StorageError
-from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, Tag, decode_chunks, encode_chunks, encode_directory
+from .format import (
+    BlobKind,
+    BlobRef,
+    ChunkRef,
+    Entry,
+    EntryKind,
+    Snapshot,
+    Tag,
+    decode_chunks,
+    encode_chunks,
+    encode_directory,
+)
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
 from .testhooks import stop_point
 from .tuning import BATCH_FILES, record_writers
 from .upload import TransferStats, Uploader
-
 
 
 @dataclass

@@ -13,9 +13,9 @@ import getpass
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
@@ -266,7 +266,8 @@ def _parse_ssh_url(url: str, shown: str) -> SFTPLocation:
         raise ConfigError(f"malformed repository URL '{shown}': put the password in the [SFTP] section, not the URL")
     if parts.query or parts.fragment:
         raise ConfigError(
-            f"malformed repository URL '{shown}': unexpected query or fragment (write '?' and '#' in paths as %3F and %23)"
+            f"malformed repository URL '{shown}': unexpected query or fragment "
+            "(write '?' and '#' in paths as %3F and %23)"
         )
     path = unquote(parts.path) or "/"
     if path.startswith("/~/"):

@@ -25,7 +25,8 @@ import nacl.signing
 # bytes; blob sealing is on the hot path of every save and read, so it calls
 # libsodium through pynacl's own cffi module to encrypt in place in the final
 # object (cffi releases the GIL meanwhile).
-from nacl._sodium import ffi as _ffi, lib as _lib
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 
 from .errors import CorruptedData
 from .lru import WeightedLRU

@@ -9,7 +9,7 @@ import errno
 import os
 import shutil
 import stat
-from typing import Callable
+from collections.abc import Callable
 
 from .format import Entry
 

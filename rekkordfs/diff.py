@@ -118,7 +118,7 @@ _Pair = tuple[bytes, BlobRef | None, BlobRef | None, int]
 
 
 class Differ:
-    def __init__(self, repo: "Repository", old_name: str, new_name: str) -> None:
+    def __init__(self, repo: Repository, old_name: str, new_name: str) -> None:
         self.repo = repo
         self.budgets = (TreeBudget(old_name), TreeBudget(new_name))
         self.names = (old_name, new_name)
@@ -208,7 +208,7 @@ class Differ:
         return following
 
 
-async def diff_entries(repo: "Repository", old: Entry, new: Entry, compare_top: bool,
+async def diff_entries(repo: Repository, old: Entry, new: Entry, compare_top: bool,
                        old_name: str = "old snapshot", new_name: str = "new snapshot") -> DiffResult:
     """What changed from old to new (two entries from walk_path)."""
     if old.kind == EntryKind.DIRECTORY and old.dir_ref is None or \

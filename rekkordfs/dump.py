@@ -19,8 +19,9 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO, Callable
+from typing import TYPE_CHECKING, BinaryIO
 
 import trio
 
@@ -49,7 +50,7 @@ class ChunkFeed:
     (next()), as many as a save keeps in flight. Runs in the nursery given;
     cancel it to stop early."""
 
-    def __init__(self, repo: "Repository", chunks: list[ChunkRef], label: str) -> None:
+    def __init__(self, repo: Repository, chunks: list[ChunkRef], label: str) -> None:
         self.repo = repo
         self.chunks = chunks
         self.label = label  # the path, for messages
@@ -83,7 +84,7 @@ class ChunkFeed:
         return slot.data
 
 
-async def read_chunk(repo: "Repository", chunk: ChunkRef, label: str) -> bytes | bytearray:
+async def read_chunk(repo: Repository, chunk: ChunkRef, label: str) -> bytes | bytearray:
     if repo.is_zero_chunk(chunk):
         return bytes(chunk.size)  # long zero runs: no need to fetch them
     try:
@@ -102,7 +103,7 @@ def file_chunks(entry: Entry, label: str) -> list[ChunkRef]:
     return chunks
 
 
-async def dump_file(repo: "Repository", entry: Entry, out: BinaryIO, label: str) -> int:
+async def dump_file(repo: Repository, entry: Entry, out: BinaryIO, label: str) -> int:
     """Write a file's content to out (a binary stream); the bytes written."""
     chunks = file_chunks(entry, label)
     written = 0
@@ -236,7 +237,7 @@ class _FeedReader:
 class TarDumper:
     """Writes the folder `top` of a snapshot as a tar stream to out."""
 
-    def __init__(self, repo: "Repository", out: BinaryIO, warn: Warn, name: str) -> None:
+    def __init__(self, repo: Repository, out: BinaryIO, warn: Warn, name: str) -> None:
         self.repo = repo
         self.warn = warn
         self.name = name  # "snapshot <id>", for messages

@@ -21,11 +21,12 @@ depth), counting what it expands against the limits on trees
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import RekkordError
-from .exclude import Excluder, Pattern, Scope, component_regex, components, compile_pattern
+from .exclude import Excluder, Pattern, Scope, compile_pattern, component_regex, components
 from .format import BlobRef, Entry, EntryKind, Tag
 from .treebudget import TreeBudget
 from .treeread import read_records
@@ -128,7 +129,7 @@ class SearchResult:
 
 
 class Search:
-    def __init__(self, repo: "Repository", matcher: Matcher, warn: Warn) -> None:
+    def __init__(self, repo: Repository, matcher: Matcher, warn: Warn) -> None:
         self.repo = repo
         self.matcher = matcher
         self.warn = warn
@@ -230,7 +231,7 @@ class Search:
         return found
 
 
-async def find(repo: "Repository", matcher: Matcher, tags: list[Tag], warn: Warn) -> SearchResult:
+async def find(repo: Repository, matcher: Matcher, tags: list[Tag], warn: Warn) -> SearchResult:
     """The matches in each snapshot of tags (oldest first)."""
     search = Search(repo, matcher, warn)
     for tag in tags:

@@ -12,11 +12,11 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .codec import snapshot_key
 from .errors import NotFound, UsageError
 from .format import Tag
 from .keys import Capability
 from .marks import FORGOTTEN_PREFIX, NAME_SIZE, Forgotten, encode_forgotten
-from .codec import snapshot_key
 from .repository import Repository
 from .retention import Decision, Policy, decide
 

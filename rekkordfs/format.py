@@ -10,8 +10,8 @@ import enum
 import functools
 import hashlib
 import struct
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 from .crypto import SIGNATURE_SIZE
 from .errors import CorruptedData, UsageError
@@ -63,7 +63,7 @@ class BlobRef:
         return _REF.pack(self.id, loc.pack, loc.offset, loc.length)
 
     @classmethod
-    def decode(cls, raw: bytes) -> "BlobRef":
+    def decode(cls, raw: bytes) -> BlobRef:
         blob_id, pack, offset, length = _REF.unpack(raw)
         return cls(blob_id, Location(pack, offset, length))
 
@@ -289,7 +289,7 @@ class Snapshot:
                                 xattrs=self.root.xattrs), out)
         return bytes(out)
 
-    def matches(self, tag: "Tag") -> bool:
+    def matches(self, tag: Tag) -> bool:
         return (self.channel, self.time_ns, self.size, self.stored, self.files, self.writer) == (
             tag.channel, tag.time_ns, tag.size, tag.stored, tag.files, tag.signer.key_id)
 

@@ -11,7 +11,8 @@ import errno
 import functools
 import logging
 import os
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import pyfuse3
 

@@ -47,7 +47,7 @@ class KeyType(enum.IntEnum):
         return _LABELS[self]
 
     @classmethod
-    def from_label(cls, label: str) -> "KeyType":
+    def from_label(cls, label: str) -> KeyType:
         for kind, name in _LABELS.items():
             if name.lower() == label.lower():
                 return kind
@@ -82,7 +82,8 @@ _CAPABILITIES = {
 WRITER_KINDS = frozenset({KeyType.MASTER, KeyType.READ_WRITE, KeyType.WRITE_ONLY})
 
 
-def certificate_payload(kind: KeyType, key_id: bytes, sign_public: bytes, data_public: bytes, log_public: bytes) -> bytes:
+def certificate_payload(kind: KeyType, key_id: bytes, sign_public: bytes, data_public: bytes,
+                        log_public: bytes) -> bytes:
     return CERT_CONTEXT + bytes((kind,)) + key_id + sign_public + data_public + log_public
 
 
@@ -101,7 +102,7 @@ class Signer:
         return bytes((self.kind,)) + self.key_id + self.sign_public + self.certificate
 
     @classmethod
-    def decode(cls, raw: bytes) -> "Signer":
+    def decode(cls, raw: bytes) -> Signer:
         if len(raw) != cls.SIZE or raw[0] not in KeyType._value2member_map_:
             raise ValueError("malformed signer")
         kid_end = 1 + KEY_ID_SIZE
@@ -112,7 +113,7 @@ class Signer:
         payload = certificate_payload(self.kind, self.key_id, self.sign_public, data_public, log_public)
         return crypto.verify_signature(master_public, payload, self.certificate)
 
-    def certificate_problem(self, keys: "Keyset") -> str | None:
+    def certificate_problem(self, keys: Keyset) -> str | None:
         """Why this signer may not sign for the repository of keys, or None."""
         if not self.is_certified(keys.master_public, keys.data_public, keys.log_public):
             return "is signed by a key the master key did not certify"
@@ -125,7 +126,7 @@ class Signer:
             return "has an invalid signature"
         return None
 
-    def problem(self, keys: "Keyset", message: bytes, signature: bytes) -> str | None:
+    def problem(self, keys: Keyset, message: bytes, signature: bytes) -> str | None:
         """Why a signature by this signer on message is not to be trusted, or None."""
         return self.certificate_problem(keys) or self.signature_problem(message, signature)
 

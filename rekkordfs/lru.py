@@ -3,7 +3,8 @@ total weight (bytes, entries, or a count), on lru-dict's C implementation."""
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Hashable, TypeVar
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
 
 import lru
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from . import crypto
 from .errors import CorruptedData
 from .format import ID_SIZE, PACK_ID_SIZE
-from .keys import KeyType, Keyset, Signer
+from .keys import Keyset, KeyType, Signer
 
 FORGOTTEN_PREFIX = "forgotten/"
 CONDEMNED_PREFIX = "condemned/"

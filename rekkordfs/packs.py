@@ -9,8 +9,8 @@ so nothing about its name can be known before its writer makes it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import trio
 
@@ -35,7 +35,7 @@ class PackSlot:
 
     __slots__ = ("pack", "size")
 
-    def __init__(self, pack: "_OpenPack", size: int) -> None:
+    def __init__(self, pack: _OpenPack, size: int) -> None:
         self.pack = pack
         self.size = size
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import trio
 
@@ -26,8 +26,16 @@ from .codec import pack_id_from_key, pack_key, snapshot_id_from_key, snapshot_ke
 from .errors import CorruptedData, ObjectMissing
 from .format import BlobKind, BlobRef, EntryKind, Location, Snapshot, decode_directory, decode_snapshot
 from .keys import Capability
-from .marks import (CONDEMNED_PREFIX, FORGOTTEN_PREFIX, MARK_KEPT_NS, NAME_SIZE, Condemned, Forgotten,
-                    decode_forgotten, encode_condemned)
+from .marks import (
+    CONDEMNED_PREFIX,
+    FORGOTTEN_PREFIX,
+    MARK_KEPT_NS,
+    NAME_SIZE,
+    Condemned,
+    Forgotten,
+    decode_forgotten,
+    encode_condemned,
+)
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .retention import Duration
 from .storage.base import ObjectInfo

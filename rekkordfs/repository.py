@@ -20,9 +20,10 @@ import logging
 import os
 import struct
 import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import AsyncIterator, Callable, TypeVar
+from typing import TypeVar
 
 import trio
 
@@ -30,12 +31,24 @@ from . import crypto
 from .cache import KnownBlob, LocalCache, repository_cache_dir
 from .chunker import ChunkParams
 from .codec import STORED_OVERHEAD, BlobCodec, PackIndex, index_name_from_key, pack_id_from_key, pack_key, snapshot_key
+from .config import Config
 from .errors import CorruptedData, KeyFileError, NotFound, ObjectMissing, RekkordError, RepositoryError
-from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot, decode_tag
+from .format import (
+    BlobKind,
+    BlobRef,
+    ChunkRef,
+    Entry,
+    EntryKind,
+    Location,
+    Snapshot,
+    Tag,
+    decode_directory,
+    decode_snapshot,
+    decode_tag,
+)
 from .keys import Capability, Keyset, KeyType, Signer
 from .marks import CONDEMNED_PREFIX, MARK_KEPT_NS, Condemned, decode_condemned
 from .packs import COALESCE_GAP, PackReader, PackWriter, Sealed, check_length, coalesce
-from .config import Config
 from .storage import open_storage
 from .storage.base import Storage
 from .tasks import task_group
@@ -141,7 +154,7 @@ class Repository:
     # --- lifecycle -----------------------------------------------------------
 
     @classmethod
-    async def create(cls, storage: Storage, keys: Keyset, threads: int = 2) -> "Repository":
+    async def create(cls, storage: Storage, keys: Keyset, threads: int = 2) -> Repository:
         keys.require(Capability.DERIVE)
         config = RepoConfig(crypto.random_bytes(16), keys.master_public, ChunkParams())
         body = config.signed_part()
@@ -152,7 +165,7 @@ class Repository:
         return cls(storage, keys, config, threads)
 
     @classmethod
-    async def open(cls, storage: Storage, keys: Keyset, threads: int = 2) -> "Repository":
+    async def open(cls, storage: Storage, keys: Keyset, threads: int = 2) -> Repository:
         await storage.connect()
         try:
             raw = await storage.get(CONFIG_KEY)
@@ -167,7 +180,7 @@ class Repository:
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, config: Config, keys: Keyset) -> AsyncIterator["Repository"]:
+    async def connect(cls, config: Config, keys: Keyset) -> AsyncIterator[Repository]:
         """The configured repository, opened with keys; closed on exit."""
         storage = open_storage(config)
         try:
@@ -458,7 +471,7 @@ class Repository:
             results = await self._read_each([(c.id, c.location) for c in chunks])
             for result in results:
                 if isinstance(result, RekkordError):
-                    raise result
+                    raise result from None
             return results  # type: ignore[return-value]
         raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
         for (_, start, _, members), data in zip(runs, datas):
@@ -494,7 +507,8 @@ class Repository:
         return result
 
     async def open_many(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
-                        then: Callable[[bytes | bytearray], T] | None = None) -> list[T | bytes | bytearray | Exception]:
+                        then: Callable[[bytes | bytearray], T] | None = None
+                        ) -> list[T | bytes | bytearray | Exception]:
         """_open_blob of many blobs in one worker thread (on a local disk the reads
         happen there too). Each result is the value or the error of that blob,
         so one bad blob spoils nothing else."""

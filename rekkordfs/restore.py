@@ -18,14 +18,26 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import trio
 
 from .chunkmap import pwrite_all
-from .destination import (DIR_FLAGS, IS_ROOT, XattrFailed, apply_metadata, clear_name, create_new, move_into_place,
-                          name_taken, open_parent, remove_quietly, set_xattrs, temp_name)
+from .destination import (
+    DIR_FLAGS,
+    IS_ROOT,
+    XattrFailed,
+    apply_metadata,
+    clear_name,
+    create_new,
+    move_into_place,
+    name_taken,
+    open_parent,
+    remove_quietly,
+    set_xattrs,
+    temp_name,
+)
 from .errors import CorruptedData, ObjectMissing, RestoreError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .fsmeta import FILE_TYPE_BITS
@@ -33,6 +45,7 @@ from .repository import Repository
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, restore_chunk_reads, restore_workers
+
 
 @dataclass
 class RestoreOptions:

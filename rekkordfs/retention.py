@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 from .errors import UsageError
 
@@ -38,7 +38,7 @@ class Duration:
     hours: int = 0
 
     @classmethod
-    def parse(cls, text: str) -> "Duration":
+    def parse(cls, text: str) -> Duration:
         value = text.strip().lower()
         if value == "0":
             return cls()
@@ -106,7 +106,7 @@ class Decision:
 
 
 def _utc(time_ns: int) -> datetime:
-    return datetime.fromtimestamp(time_ns / 1e9, tz=timezone.utc)
+    return datetime.fromtimestamp(time_ns / 1e9, tz=UTC)
 
 
 _PERIODS: list[tuple[str, Callable[[datetime], object]]] = [

@@ -15,22 +15,32 @@ import math
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 import trio
 
 from .cache import StatKey
 from .errors import UsageError
-from .format import BlobKind, BlobRef, ChunkRef, Entry, EntryKind, Snapshot, encode_chunks, encode_directory, validate_channel
+from .format import (
+    BlobKind,
+    BlobRef,
+    ChunkRef,
+    Entry,
+    EntryKind,
+    Snapshot,
+    encode_chunks,
+    encode_directory,
+    validate_channel,
+)
+from .fsmeta import entry_from_stat, read_xattrs
 from .keys import Capability
 from .repository import Repository
-from .fsmeta import entry_from_stat, read_xattrs
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone, ThreadFeed, task_group
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_workers
 from .upload import TransferStats, Uploader, open_regular
-
 
 
 @dataclass
@@ -55,7 +65,7 @@ class SaveResult:
 class DirNode:
     __slots__ = ("path", "entry", "parent", "children", "pending", "skipped")
 
-    def __init__(self, path: bytes, entry: Entry | None, parent: "DirNode | None") -> None:
+    def __init__(self, path: bytes, entry: Entry | None, parent: DirNode | None) -> None:
         self.path = path
         self.entry = entry  # None for the snapshot root
         self.parent = parent

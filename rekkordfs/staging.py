@@ -25,18 +25,18 @@ import sqlite3
 import stat
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import trio
 
 from .blobcache import BlobCache
 from .chunkmap import ChunkMap, pwrite_all
-from .lru import WeightedLRU
 from .format import BlobRef, ChunkRef, Entry, EntryKind, Snapshot, decode_chunks, encode_chunks
 from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 from .journalspace import disk_is_short, give_back, journal_error, open_journal
+from .lru import WeightedLRU
 
 ROOT = 1
 NAME_MAX = 255
@@ -226,7 +226,7 @@ class StagingTree:
     def _set_meta(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
-    def _transaction(self) -> "_Tx":
+    def _transaction(self) -> _Tx:
         return _Tx(self.db, self._after_commit, self._after_rollback)
 
     def _update_inode(self, ino: int, assignments: str, *values: object) -> None:
@@ -437,7 +437,8 @@ class StagingTree:
                 if existing is None:
                     cursor = self.db.execute(
                         "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, "
-                        "target, chunks, dir_ref, link_id, xattrs) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        "target, chunks, dir_ref, link_id, xattrs) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (entry.kind, entry.mode, entry.uid, entry.gid, entry.size, entry.atime_ns, entry.mtime_ns,
                          entry.ctime_ns, entry.rdev, max(entry.nlink, 1) if entry.link_id else
                          (2 if entry.kind == EntryKind.DIRECTORY else 1), entry.target,

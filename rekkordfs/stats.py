@@ -15,8 +15,9 @@ The dedup ratio is logical / distinct; the overall ratio logical / stored
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .codec import pack_id_from_key
 from .errors import RekkordError
@@ -76,7 +77,7 @@ def _reduce(entries: list[Entry]) -> tuple[list[BlobRef], list[tuple[bytes, int]
     return [e.dir_ref for e in entries if e.kind == EntryKind.DIRECTORY and e.dir_ref is not None], chunks
 
 
-async def _distinct_data(repo: "Repository", roots: list[BlobRef], stats: Stats, warn: Warn) -> None:
+async def _distinct_data(repo: Repository, roots: list[BlobRef], stats: Stats, warn: Warn) -> None:
     """Every directory record below roots, read once, level by level."""
     seen: set[bytes] = set()
     chunks: set[bytes] = set()
@@ -86,7 +87,7 @@ async def _distinct_data(repo: "Repository", roots: list[BlobRef], stats: Stats,
         fresh = [ref for ref in level if ref.id not in seen]
         seen.update(ref.id for ref in fresh)
         following: list[BlobRef] = []
-        for record_id, result in (await read_records(repo, fresh, then=_reduce)).items():
+        for _record_id, result in (await read_records(repo, fresh, then=_reduce)).items():
             if isinstance(result, RekkordError):
                 warn(f"{result.message}; what it holds is not counted")
                 stats.problems += 1
@@ -101,7 +102,7 @@ async def _distinct_data(repo: "Repository", roots: list[BlobRef], stats: Stats,
     stats.distinct_size, stats.distinct_chunks, stats.directories = size, len(chunks), len(seen)
 
 
-async def gather(repo: "Repository", warn: Warn) -> Stats:
+async def gather(repo: Repository, warn: Warn) -> Stats:
     listing = await repo.list_snapshots()
     for line in listing.rejected:
         warn(line)

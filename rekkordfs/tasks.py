@@ -8,8 +8,9 @@ most telling error of the group instead.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import trio
 

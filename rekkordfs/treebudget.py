@@ -94,7 +94,7 @@ def shape_problem(shape: TreeShape, root: bytes) -> str | None:
 
 
 
-async def refuse_hostile_tree(repo: "Repository", root: BlobRef, name: str) -> None:
+async def refuse_hostile_tree(repo: Repository, root: BlobRef, name: str) -> None:
     """Read each distinct directory record under root once (their shape only)
     and raise CorruptedData if the tree breaks the limits, before anything is
     written. Unreadable records are left for the real walk to report."""

@@ -9,7 +9,8 @@ results.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable, TypeVar
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import CorruptedData, RekkordError
 from .format import BlobKind, BlobRef, Entry, decode_directory
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 
-async def read_records(repo: "Repository", refs: Iterable[BlobRef],
+async def read_records(repo: Repository, refs: Iterable[BlobRef],
                        then: Callable[[list[Entry]], T] | None = None) -> dict[bytes, T | RekkordError]:
     """Each distinct record of refs, decoded (and given to then()), by record
     ID; a record that cannot be read or decoded maps to its error."""

@@ -16,17 +16,17 @@ turns them into replies.
 
 from __future__ import annotations
 
-import functools
 import enum
 import errno
+import functools
 import hashlib
 import logging
 import os
 import stat
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from datetime import UTC, datetime
 
 import trio
 
@@ -132,7 +132,7 @@ async def _read_ahead(fetch: Callable[[list], Awaitable[None]], items: list) -> 
 
 
 def snapshot_dir_name(time_ns: int) -> str:
-    return datetime.fromtimestamp(time_ns // 1_000_000_000, tz=timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")
+    return datetime.fromtimestamp(time_ns // 1_000_000_000, tz=UTC).strftime("%Y-%m-%d_%H-%M-%S")
 
 
 def _fuse_error(code: int) -> OSError:

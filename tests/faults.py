@@ -40,7 +40,7 @@ class Schedule:
         self.rng = random.Random(self.seed)
 
     @classmethod
-    def at(cls, operation: str, nth: int, action: str, prefix: str = "") -> "Schedule":
+    def at(cls, operation: str, nth: int, action: str, prefix: str = "") -> Schedule:
         return cls(fixed={(operation, nth): action}, prefix=prefix)
 
     def decide(self, operation: str, key: str) -> str | None:

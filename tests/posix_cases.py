@@ -7,7 +7,17 @@ from __future__ import annotations
 import os
 import subprocess
 
-from .posix_diff import LONG, LONGEST, RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, Probe, renameat2, utimensat
+from .posix_diff import (
+    LONG,
+    LONGEST,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    UTIME_NOW,
+    UTIME_OMIT,
+    Probe,
+    renameat2,
+    utimensat,
+)
 
 PAST = (1_000_000_000, 123)  # (seconds, nanoseconds)
 PAST_NS = PAST[0] * 1_000_000_000 + PAST[1]

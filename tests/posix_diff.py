@@ -14,7 +14,8 @@ import ctypes
 import errno
 import os
 import stat
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100

@@ -14,13 +14,20 @@ import signal
 import subprocess
 import termios
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
 
 from tests.conftest import REKKORD, ROOT, Rekkord
-from tests.servers import (BUCKET, OpenSSHServer, SeaweedFS, backend_runner_class, free_ports, openssh_server,
-                           seaweedfs, write_config)
+from tests.servers import (
+    BUCKET,
+    OpenSSHServer,
+    SeaweedFS,
+    backend_runner_class,
+    free_ports,
+    openssh_server,
+    seaweedfs,
+    write_config,
+)
 
 
 def make_tree(root: Path) -> Path:
@@ -312,7 +319,8 @@ def test_sftp_known_hosts(sshd_server: OpenSSHServer, tmp_path: Path) -> None:
 # --- terminals: prompts for what is missing ---------------------------------------------
 
 
-def _run_on_terminal(runner, args: list[str], answers: list[tuple[bytes, bytes]], timeout: float = 60) -> tuple[int, str]:
+def _run_on_terminal(runner, args: list[str], answers: list[tuple[bytes, bytes]],
+                     timeout: float = 60) -> tuple[int, str]:
     """Run rekkord with a pseudo-terminal as its controlling terminal; answer prompts."""
     master, slave = pty.openpty()
     env = {**os.environ, "REKKORD_CACHE_DIR": str(runner.cache_dir), "PYTHONPATH": str(ROOT), **runner.env}
@@ -365,7 +373,8 @@ def test_s3_secret_prompted_on_a_terminal(seaweedfs_server: SeaweedFS, tmp_path:
 def test_sftp_unknown_host_accepted_on_a_terminal(sshd_server: OpenSSHServer, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    runner = runner_for(tmp_path, sshd_server.url(sshd_server.new_dir()), {"SFTP": {"KeyFile": str(sshd_server.client_key)}})
+    runner = runner_for(tmp_path, sshd_server.url(sshd_server.new_dir()),
+                        {"SFTP": {"KeyFile": str(sshd_server.client_key)}})
     runner.env["HOME"] = str(home)
     code, output = _run_on_terminal(runner, ["init", "-K", str(tmp_path / "master.key")],
                                     [(b"(yes/no)?", b"yes\n")])
@@ -380,7 +389,8 @@ def test_sftp_unknown_host_accepted_on_a_terminal(sshd_server: OpenSSHServer, tm
 def test_sftp_password_prompted_on_a_terminal(sshd_server: OpenSSHServer, tmp_path: Path) -> None:
     home = tmp_path / "home"
     home.mkdir()
-    runner = runner_for(tmp_path, sshd_server.url(sshd_server.new_dir()), {"SFTP": {"Fingerprint": sshd_server.fingerprint}})
+    runner = runner_for(tmp_path, sshd_server.url(sshd_server.new_dir()),
+                        {"SFTP": {"Fingerprint": sshd_server.fingerprint}})
     runner.env["HOME"] = str(home)  # no default keys to try
     code, output = _run_on_terminal(runner, ["init", "-K", str(tmp_path / "master.key")],
                                     [(b"password", sshd_server.password.encode() + b"\n")])

@@ -16,7 +16,7 @@ from tests.fsutil import assert_one_line_error, rsync_diff, tree_digest
 def stored_objects(repo: Path) -> dict[str, int]:
     """Every object file of a local repository (but the identity and tags) -> its size."""
     return {str(p.relative_to(repo)): p.stat().st_size for p in repo.rglob("*")
-            if p.is_file() and p.name != "rekkord" and not p.relative_to(repo).parts[0] in ("tags", "tmp")}
+            if p.is_file() and p.name != "rekkord" and p.relative_to(repo).parts[0] not in ("tags", "tmp")}
 
 
 @pytest.fixture
@@ -313,7 +313,8 @@ def publish_crafted(world: dict, channel: str, entries: list) -> str:
     from rekkordfs.storage.local import LocalStorage
 
     async def main() -> str:
-        repo = await Repository.open(LocalStorage(str(world["repo"])), keys.load_keyfile(str(world["rekkord"].key_file)))
+        keyset = keys.load_keyfile(str(world["rekkord"].key_file))
+        repo = await Repository.open(LocalStorage(str(world["repo"])), keyset)
         try:
             root_id, _ = await repo.write_blob(BlobKind.DIRECTORY, encode_directory(entries))
             tag = await repo.publish_snapshot(Snapshot(channel, time.time_ns(), root_id, 0, 0, len(entries)), set())
@@ -358,7 +359,8 @@ def test_xattr_the_destination_cannot_hold(world: dict) -> None:
     assert len(warnings) == 2 and all(w.startswith("rekkord: warning: ") and "user.huge" in w for w in warnings)
     assert "a-file" in warnings[0] + warnings[1] and "b-fifo" in warnings[0] + warnings[1]
     assert os.getxattr(dest / "a-file", "user.fine") == b"ok"
-    assert (dest / "b-fifo").exists() and oct(os.stat(dest / "b-fifo", follow_symlinks=False).st_mode & 0o777) == "0o600"
+    assert (dest / "b-fifo").exists()
+    assert oct(os.stat(dest / "b-fifo", follow_symlinks=False).st_mode & 0o777) == "0o600"
 
 
 def test_os_errors_on_descriptors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,8 +6,8 @@ import base64
 import dataclasses
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import pytest
 import trio

@@ -9,7 +9,6 @@ import subprocess
 import time
 from pathlib import Path
 
-
 from tests.conftest import REKKORD, ROOT, Rekkord
 from tests.fsutil import rsync_diff
 
@@ -45,7 +44,7 @@ def count_objects(repo: Path) -> int:
     """Objects (packs, indexes, snapshot records) stored so far."""
     total = 0
     for top in ("packs", "index", "snapshots"):
-        for folder, _dirs, files in os.walk(repo / top):
+        for _folder, _dirs, files in os.walk(repo / top):
             total += len(files)
     return total
 
@@ -98,9 +97,9 @@ def test_kill_during_save(tmp_path: Path) -> None:
         if trigger == "after":
             time.sleep(amount)
         elif trigger == "objects":
-            wait_until(lambda: count_objects(repo) >= amount, process)
+            wait_until(lambda repo=repo, amount=amount: count_objects(repo) >= amount, process)
         else:
-            wait_until(lambda: count_tags(repo) >= amount, process)
+            wait_until(lambda repo=repo, amount=amount: count_tags(repo) >= amount, process)
         process.send_signal(signal.SIGKILL)
         _out, err = process.communicate(timeout=120)
         where = f"after a kill {trigger} {amount:g} {context}"

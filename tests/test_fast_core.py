@@ -8,9 +8,9 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 import trio

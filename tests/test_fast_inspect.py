@@ -103,7 +103,8 @@ def test_diff_lists_added_removed_and_type_changes_below_folders(master: keymod.
         async with opened(storage, master) as repo:
             old, _ = await top_of(repo, first, src)
             new, _ = await top_of(repo, second, src)
-            changes = {(c.path, c.status, c.kinds, c.fields) for c in (await diff_entries(repo, old, new, True)).changes}
+            result = await diff_entries(repo, old, new, True)
+            changes = {(c.path, c.status, c.kinds, c.fields) for c in result.changes}
         assert changes == {
             (b"d01", Status.CHANGED, ("type",), ()),
             (b"d01/sub", Status.REMOVED, (), ()), (b"d01/sub/one.txt", Status.REMOVED, (), ()),

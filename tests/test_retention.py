@@ -3,7 +3,7 @@ in docs/operations.md."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 
 import pytest
 
@@ -21,7 +21,7 @@ HISTORY = {
 
 
 def ns(text: str) -> int:
-    moment = datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=timezone.utc)
+    moment = datetime.strptime(text, "%Y-%m-%d %H:%M").replace(tzinfo=UTC)
     return int(moment.timestamp()) * 10**9
 
 
@@ -96,7 +96,7 @@ def test_bad_durations(text: str) -> None:
 
 
 def test_calendar_months() -> None:
-    moment = datetime(2026, 3, 31, 12, tzinfo=timezone.utc)
-    assert Duration.parse("1m").before(moment) == datetime(2026, 2, 28, 12, tzinfo=timezone.utc)
-    assert Duration.parse("1y").before(datetime(2028, 2, 29, tzinfo=timezone.utc)) == datetime(
-        2027, 2, 28, tzinfo=timezone.utc)
+    moment = datetime(2026, 3, 31, 12, tzinfo=UTC)
+    assert Duration.parse("1m").before(moment) == datetime(2026, 2, 28, 12, tzinfo=UTC)
+    assert Duration.parse("1y").before(datetime(2028, 2, 29, tzinfo=UTC)) == datetime(
+        2027, 2, 28, tzinfo=UTC)

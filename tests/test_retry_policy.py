@@ -4,8 +4,8 @@ MockClock: sleeps take no real time and elapsed time is exact."""
 from __future__ import annotations
 
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 import pytest
 import trio

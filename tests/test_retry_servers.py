@@ -13,15 +13,24 @@ import random
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from tests.conftest import REKKORD, ROOT
 from tests.fsutil import assert_one_line_error
-from tests.servers import (BUCKET, OpenSSHServer, SeaweedFS, backend_runner_class, free_ports, new_location,
-                           openssh_server, seaweedfs, write_config)
+from tests.servers import (
+    BUCKET,
+    OpenSSHServer,
+    SeaweedFS,
+    backend_runner_class,
+    free_ports,
+    new_location,
+    openssh_server,
+    seaweedfs,
+    write_config,
+)
 from tests.stops import wait_stopped
 from tests.trees import rsync_differences
 

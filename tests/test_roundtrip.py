@@ -12,7 +12,7 @@ import os
 import random
 import stat
 import subprocess
-from datetime import datetime, timezone
+from datetime import UTC, datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -361,7 +361,7 @@ def test_list_json(saved: tuple[Rekkord, Path, str], locale_env: dict[str, str])
     st = os.lstat(src / "small.txt")
     assert (small["type"], small["mode"], small["uid"], small["gid"], small["size"]) == (
         "file", f"{stat.S_IMODE(st.st_mode):04o}", st.st_uid, st.st_gid, 12)
-    assert parse_utc(small["mtime"]) == datetime.fromtimestamp(st.st_mtime_ns // 1000 / 1e6, tz=timezone.utc)
+    assert parse_utc(small["mtime"]) == datetime.fromtimestamp(st.st_mtime_ns // 1000 / 1e6, tz=UTC)
     assert entries[b"owners/big-ids"]["uid"] == 4000000000
     assert entries[b"modes/setuid"]["mode"] == "4755"
     assert entries[b"modes/locked"]["type"] == "directory" and entries[b"modes/locked"]["mode"] == "0000"
@@ -417,7 +417,7 @@ def test_snapshots_and_channels_json(local_repo: Rekkord, tmp_path: Path) -> Non
         assert set(item) >= {"id", "channel", "time", "size", "stored"}
         assert len(item["id"]) == 64 and int(item["id"], 16) >= 0
         when = parse_utc(item["time"])
-        assert abs((datetime.now(timezone.utc) - when).total_seconds()) < 3600
+        assert abs((datetime.now(UTC) - when).total_seconds()) < 3600
         assert isinstance(item["size"], int) and isinstance(item["stored"], int)
     assert [s["channel"] for s in snapshots] == ["alpha", "alpha", "beta"]
     assert [s["size"] for s in snapshots] == [105_000, 105_000, 155_000]

@@ -26,9 +26,19 @@ import trio
 
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
-from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
-from rekkordfs.staging import DATA_FILE, INLINE, INLINE_MAX, remove_files, RENAME_EXCHANGE, RENAME_NOREPLACE, ROOT, Capture, StagingTree
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
+from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
+from rekkordfs.staging import (
+    DATA_FILE,
+    INLINE,
+    INLINE_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    ROOT,
+    Capture,
+    StagingTree,
+    remove_files,
+)
 from rekkordfs.stagingarea import StagingArea
 from rekkordfs.upload import Uploader
 from rekkordfs.vfs import IDS_INO, STAGING_INO, SnapshotView

@@ -17,11 +17,11 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Awaitable, Callable, Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -34,7 +34,7 @@ from rekkordfs.storage.local import LocalStorage
 from rekkordfs.storage.retry import RetryingStorage, RetryPolicy
 from rekkordfs.storage.s3 import PROBE_KEY, S3Storage
 from rekkordfs.storage.sftp import SFTPStorage
-from tests.servers import BUCKET, BACKENDS, OpenSSHServer, SeaweedFS, write_config
+from tests.servers import BACKENDS, BUCKET, OpenSSHServer, SeaweedFS, write_config
 
 DENIED = re.compile(r"denied|not permitted", re.IGNORECASE)
 

@@ -342,7 +342,7 @@ def test_lookup_counts_drop_nodes_at_zero_but_not_permanent_ones(saved: Saved) -
             for name, _ in await view.children(wide_root):
                 await view.lookup(wide_root, name)
             assert len(view.nodes) == before + WIDE
-            for name, node in await view.children(wide_root):
+            for _name, node in await view.children(wide_root):
                 view.forget(node.ino, 1)
             assert len(view.nodes) == before
 

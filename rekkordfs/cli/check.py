@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-from rekkordfs.check import CheckReport, Checker, parse_subset
+from rekkordfs.check import Checker, CheckReport, parse_subset
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository
 

@@ -13,7 +13,8 @@ import json
 import os
 import re
 import secrets
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
 from rekkordfs.errors import RekkordError, UsageError

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from rekkordfs.find import Matcher, SearchResult, find as find_in
+from rekkordfs.find import Matcher, SearchResult
+from rekkordfs.find import find as find_in
 from rekkordfs.format import EntryKind
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository

@@ -24,7 +24,8 @@ import sys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Awaitable, Callable, TypeVar
+    from collections.abc import Awaitable, Callable
+    from typing import TypeVar
 
     T = TypeVar("T")
 

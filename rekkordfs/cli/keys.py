@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-
 from rekkordfs import keys as keymod
 from rekkordfs.errors import KeyFileError
 from rekkordfs.keys import Capability, KeyType

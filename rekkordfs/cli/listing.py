@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-
 from rekkordfs.format import BlobRef, Entry, EntryKind
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, Tag, walk_path

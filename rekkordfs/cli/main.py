@@ -20,7 +20,7 @@ from . import interrupt
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs milliseconds before main() runs
 if TYPE_CHECKING:
     import argparse
-    from typing import Callable, Sequence
+    from collections.abc import Callable, Sequence
 
     from rekkordfs.config import Config
 

@@ -6,8 +6,9 @@ import json
 import re
 import stat
 import sys
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from rekkordfs.format import EntryKind
@@ -32,7 +33,7 @@ def plural(count: int, noun: str) -> str:
 
 def iso_time(time_ns: int) -> str:
     """ISO 8601 in UTC with a Z suffix."""
-    moment = datetime.fromtimestamp(time_ns // 1_000_000_000, tz=timezone.utc)  # no rounding up
+    moment = datetime.fromtimestamp(time_ns // 1_000_000_000, tz=UTC)  # no rounding up
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{(time_ns // 1000) % 1_000_000:06d}Z"
 
 

@@ -63,6 +63,7 @@ class Common:
 
 
 NO_COMMON = Common(config=False, repository=False, key=False, threads=False)
+ALL_COMMON = Common()
 
 
 def _add_common(parser: argparse.ArgumentParser, uses: Common, top: bool,
@@ -121,7 +122,7 @@ def build_parser() -> Parser:
     _add_common(parser, Common(quiet=True, verbose=True), top=True)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, title="commands")
 
-    def command(name: str, summary: str, handler: str, example: str, uses: Common = Common(),
+    def command(name: str, summary: str, handler: str, example: str, uses: Common = ALL_COMMON,
                 key_help: str = "keyfile to use", description: str | None = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=summary, description=description or summary,
                            epilog="example:\n" + "\n".join(f"  {line}" for line in example.splitlines()))

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import AsyncIterator, Callable
 
 import trio
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession, RestoreStats

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 
 from rekkordfs.errors import UsageError
-from rekkordfs.forget import ForgetPlan, forget as forget_snapshots, plan_by_ids, plan_by_policy
+from rekkordfs.forget import ForgetPlan, plan_by_ids, plan_by_policy
+from rekkordfs.forget import forget as forget_snapshots
 from rekkordfs.keys import Capability
-from rekkordfs.prune import DEFAULT_GRACE, DEFAULT_REPACK_BELOW, PruneOptions, PruneReport, Pruner
+from rekkordfs.prune import DEFAULT_GRACE, DEFAULT_REPACK_BELOW, PruneOptions, Pruner, PruneReport
 from rekkordfs.repository import Repository
 from rekkordfs.retention import Duration, Policy
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Coroutine
 from concurrent.futures import Future
-from typing import Any, Coroutine, TypeVar
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -18,7 +19,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
-async def captured(coro: Coroutine[Any, Any, T]) -> "outcome.Outcome[T]":
+async def captured(coro: Coroutine[Any, Any, T]) -> outcome.Outcome[T]:
     """The coroutine's result or error as a value: a task whose waiter went away
     (cancelled on the trio side) then never dies with an unretrieved error."""
     try:

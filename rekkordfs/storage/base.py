@@ -16,8 +16,8 @@ contract, checked by tests/test_storage_conformance.py for every backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..tasks import task_group
 

@@ -17,7 +17,8 @@ import errno
 import os
 import secrets
 import threading
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 import trio
 

@@ -15,7 +15,8 @@ it does not, conditional_writes is False and put() looks for the object first
 from __future__ import annotations
 
 import socket
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -282,7 +283,8 @@ class S3Storage(Storage):
             raise
 
     def _where(self, key: str) -> str:
-        return f"'{self._prefix}{key}' in bucket '{self.location.bucket}'" if key else f"bucket '{self.location.bucket}'"
+        bucket = f"bucket '{self.location.bucket}'"
+        return f"'{self._prefix}{key}' in {bucket}" if key else bucket
 
     def _client_error(self, exc: Any, action: str, key: str) -> StorageError:
         code, status = _code_status(exc)
@@ -315,8 +317,14 @@ class S3Storage(Storage):
         return StorageError(message)
 
     def _transport_error(self, exc: BaseException) -> StorageError:
-        from botocore.exceptions import (ConnectionError, ConnectTimeoutError, HTTPClientError,
-                                         IncompleteReadError, ReadTimeoutError, SSLError)
+        from botocore.exceptions import (
+            ConnectionError,
+            ConnectTimeoutError,
+            HTTPClientError,
+            IncompleteReadError,
+            ReadTimeoutError,
+            SSLError,
+        )
 
         endpoint = self.location.endpoint
         if isinstance(exc, SSLError):

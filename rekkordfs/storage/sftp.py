@@ -20,7 +20,8 @@ import logging
 import posixpath
 import secrets
 import socket
-from typing import Any, Awaitable, Callable, Coroutine, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, TypeVar
 
 import trio
 

@@ -27,7 +27,7 @@ def user_known_hosts() -> str:
 class HostClient:
     """asyncssh client callbacks: host key policy and the password prompt."""
 
-    def __init__(self, storage: "SFTPStorage") -> None:
+    def __init__(self, storage: SFTPStorage) -> None:
         self.storage = storage
         self.offered: str | None = None  # SHA256 fingerprint the server showed
         self.known_keys = 0  # keys known_hosts lists for this host

@@ -4,7 +4,8 @@ coalesced, large socket buffers): asyncssh handles every packet in Python."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 class CoalescingTransport(asyncio.Transport):

@@ -11,8 +11,8 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from tests.servers import BUCKET, new_location, openssh_server, seaweedfs
 

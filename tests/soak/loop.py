@@ -25,13 +25,26 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.fsutil import rsync_diff, tree_digest
+from tests.mounting import is_mounted
+
 from . import trees
 from .checks import Expected, Tally, Verifier, inside, one_line_error, survivors_differ
 from .faults import Faults
-from .procs import Background, Runner, Watch, daemon_pid, kill_mount, kill_pid, leftovers, mount, resume, \
-    unmount, wait_stopped_or_ended, watch
-from tests.fsutil import rsync_diff, tree_digest
-from tests.mounting import is_mounted
+from .procs import (
+    Background,
+    Runner,
+    Watch,
+    daemon_pid,
+    kill_mount,
+    kill_pid,
+    leftovers,
+    mount,
+    resume,
+    unmount,
+    wait_stopped_or_ended,
+    watch,
+)
 
 CHANNELS = ("alpha", "beta", "gamma")
 RSYNC_GRACE = 60.0  # seconds an rsync cut off by a killed mount may take to notice

@@ -14,9 +14,9 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from tests.mounting import is_mounted, mount_processes
 from tests.stops import process_state
@@ -58,7 +58,7 @@ class Runner:
         except subprocess.TimeoutExpired:
             raise Hang(f"rekkord {' '.join(args)} did not end within {timeout:.0f} s") from None
 
-    def start(self, *args: str, **env: str) -> "Background":
+    def start(self, *args: str, **env: str) -> Background:
         return Background.start(self.argv(*args), self.env(**env), self.logs, f"rekkord-{args[0]}")
 
 
@@ -71,7 +71,7 @@ class Background:
     err: Path
 
     @classmethod
-    def start(cls, argv: list[str], env: dict[str, str] | None, logs: Path, label: str) -> "Background":
+    def start(cls, argv: list[str], env: dict[str, str] | None, logs: Path, label: str) -> Background:
         """In a session of its own: kill() ends what it forked too (rsync forks twice)."""
         logs.mkdir(parents=True, exist_ok=True)
         stamp = f"{label}-{time.monotonic_ns()}"

@@ -59,7 +59,8 @@ def random_name(rng: random.Random, taken: set[bytes], room: int) -> bytes:
     while True:
         pick = rng.random()
         if pick < 0.5:
-            name = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789_.-") for _ in range(rng.randint(1, 16))).encode()
+            plain = "abcdefghijklmnopqrstuvwxyz0123456789_.-"
+            name = "".join(rng.choice(plain) for _ in range(rng.randint(1, 16))).encode()
         elif pick < 0.8:
             name = bytes(rng.choice([b for b in range(1, 256) if b != 0x2F]) for _ in range(rng.randint(1, 40)))
         elif pick < 0.88:
@@ -359,6 +360,7 @@ def mutate(root: Path, rng: random.Random) -> int:
             else:
                 folder = rng.choice(dirs)
                 if len(folder) < PATH_BUDGET - 40:
-                    os.link(root_b + b"/" + victim, root_b + b"/" + folder + b"/hard-" + rng.randbytes(4).hex().encode())
+                    link = root_b + b"/" + folder + b"/hard-" + rng.randbytes(4).hex().encode()
+                    os.link(root_b + b"/" + victim, link)
     touch(root_b, rng)
     return count

@@ -22,12 +22,19 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .codec import index_name_from_key, pack_id_from_key, snapshot_id_from_key
+from .codec import (
+    INDEX_PREFIX,
+    PACKS_PREFIX,
+    SNAPSHOTS_PREFIX,
+    index_name_from_key,
+    pack_id_from_key,
+    snapshot_id_from_key,
+)
 from .errors import CorruptedData, ObjectMissing, UsageError
 from .format import BlobKind, BlobRef, ChunkRef, EntryKind, Location, Tag, decode_chunks
 from .keys import Capability
 from .marks import CONDEMNED_PREFIX, FORGOTTEN_PREFIX, decode_condemned, decode_forgotten
-from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
+from .repository import Repository
 from .tasks import task_group
 from .treebudget import TreeShape, shape_problem
 from .tuning import check_reads

@@ -46,17 +46,25 @@ _INDEX_COUNT = struct.Struct("<I")
 _INDEX_ENTRY = struct.Struct(f"<{ID_SIZE}sBII")  # blob id, kind, offset, length
 
 
+# Where each kind of object lives in the storage (docs/format.md); marks.py
+# names the prune and forget records.
+PACKS_PREFIX = "packs/"
+INDEX_PREFIX = "index/"
+SNAPSHOTS_PREFIX = "snapshots/"
+TAGS_PREFIX = "tags/"
+
+
 def pack_key(pack_id: bytes) -> str:
     hex_id = pack_id.hex()
-    return f"packs/{hex_id[:2]}/{hex_id}"
+    return f"{PACKS_PREFIX}{hex_id[:2]}/{hex_id}"
 
 
 def index_key(name: bytes) -> str:
-    return f"index/{name.hex()}"
+    return f"{INDEX_PREFIX}{name.hex()}"
 
 
 def snapshot_key(snapshot_id: bytes) -> str:
-    return f"snapshots/{snapshot_id.hex()}"
+    return f"{SNAPSHOTS_PREFIX}{snapshot_id.hex()}"
 
 
 def _id_from_key(key: str, size: int) -> bytes | None:

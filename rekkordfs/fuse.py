@@ -17,8 +17,9 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from .format import EntryKind
+from .nodes import IO_BLOCK_SIZE, Attr, FileReader
 from .stagingarea import STAGING_TIMEOUT, Handle, StagingArea
-from .vfs import IO_BLOCK_SIZE, Attr, FileReader, SnapshotView
+from .vfs import SnapshotView
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])

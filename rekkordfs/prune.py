@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .codec import pack_id_from_key, pack_key, snapshot_id_from_key, snapshot_key
+from .codec import (
+    INDEX_PREFIX,
+    PACKS_PREFIX,
+    SNAPSHOTS_PREFIX,
+    pack_id_from_key,
+    pack_key,
+    snapshot_id_from_key,
+    snapshot_key,
+)
 from .errors import CorruptedData, ObjectMissing
 from .format import BlobKind, BlobRef, EntryKind, Location, Snapshot, decode_directory, decode_snapshot
 from .keys import Capability
@@ -36,7 +44,7 @@ from .marks import (
     decode_forgotten,
     encode_condemned,
 )
-from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
+from .repository import Repository
 from .retention import Duration
 from .storage.base import ObjectInfo
 from .tuning import RECORD_BATCH

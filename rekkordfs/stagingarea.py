@@ -31,6 +31,7 @@ from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .fsmeta import xattr_refusal
 from .keys import Capability
+from .nodes import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind
 from .packs import Sealed
 from .repository import Repository
 from .staging import NAME_MAX, ROOT, Inode, StagingTree, remove_files
@@ -39,7 +40,7 @@ from .streaming import GrowingFile, StreamAborted
 from .testhooks import stop_point
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE
 from .upload import Uploader, open_regular
-from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
+from .vfs import SnapshotView
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class StagingArea:
         self._behind_send, self._behind_recv = trio.open_memory_channel[Closed](math.inf)
         self.root_attr = Attr(STAGING_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0,
                               view.started_ns, view.started_ns, view.started_ns, timeout=MUTABLE_TIMEOUT)
-        view.extra_root[b"staging"] = self.root_node
+        view.add_root_folder(b"staging", self.root_node)
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery

@@ -19,11 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .codec import pack_id_from_key
+from .codec import PACKS_PREFIX, pack_id_from_key
 from .errors import RekkordError
 from .format import BlobRef, Entry, EntryKind, Tag, decode_chunks
 from .keys import Capability
-from .repository import PACKS_PREFIX
 from .treeread import read_records
 
 if TYPE_CHECKING:

@@ -16,40 +16,42 @@ turns them into replies.
 
 from __future__ import annotations
 
-import enum
 import errno
 import functools
-import hashlib
 import logging
 import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import trio
 
 from .blobcache import BlobCache, DirectoryListing
-from .chunkmap import ChunkMap
 from .errors import RekkordError
 from .format import BlobRef, ChunkRef, Entry, EntryKind, Tag
 from .fsmeta import FILE_TYPE_BITS
 from .keys import Capability
+from .nodes import (
+    CHANNELS_INO,
+    IDS_INO,
+    IMMUTABLE_TIMEOUT,
+    IO_BLOCK_SIZE,
+    MUTABLE_TIMEOUT,
+    NAME_MAX,
+    ROOT_INO,
+    Attr,
+    FileReader,
+    Node,
+    NodeKind,
+    derive_ino,
+)
 from .repository import Repository
 from .treebudget import TreeBudget
 
 log = logging.getLogger(__name__)
 
-ROOT_INO = 1
-CHANNELS_INO = 2
-IDS_INO = 3
-STAGING_INO = 4
-FIRST_DYNAMIC_INO = 1 << 20
-IO_BLOCK_SIZE = 1 << 20
 STATFS_BLOCK = 4096  # the unit of sizes in statfs (df counts in it)
-IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
-MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest: new snapshots appear
 PREFETCH_CHUNKS = 8
 # Read-ahead across entries, for walks and `cp -r`: the records of a listed
 # directory's first subdirectories, and the content of the small files after one
@@ -60,67 +62,6 @@ PREFETCH_FILE_BYTES = 4 << 20
 PREFETCH_SMALL_FILE = 1 << 20
 PREFETCH_BATCH = 16
 LATEST = b"latest"
-NAME_MAX = 255
-
-
-class NodeKind(enum.Enum):
-    VIRTUAL_DIR = 1  # root, channels/, ids/, channels/<channel>/
-    LATEST = 2  # channels/<channel>/latest
-    SNAPSHOT_ROOT = 3
-    TREE = 4  # anything inside a snapshot
-
-
-@dataclass(slots=True)
-class Attr:
-    ino: int
-    mode: int  # with file type bits
-    nlink: int = 1
-    uid: int = 0
-    gid: int = 0
-    size: int = 0
-    atime_ns: int = 0
-    mtime_ns: int = 0
-    ctime_ns: int = 0
-    rdev: int = 0
-    timeout: float = IMMUTABLE_TIMEOUT  # how long the kernel may keep it
-    allocated: int | None = None  # 512-byte blocks in use, when known (a staged file with holes)
-
-    @property
-    def blocks(self) -> int:
-        if self.allocated is not None:
-            return self.allocated
-        return (self.size + 511) // 512 if stat.S_ISREG(self.mode) else 0
-
-
-class Node:
-    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent", "siblings")
-
-    def __init__(self, ino: int, kind: NodeKind, attr: Attr, snapshot: bytes | None = None, path: bytes = b"",
-                 entry: Entry | None = None, channel: str | None = None, permanent: bool = False,
-                 siblings: DirectoryListing | None = None) -> None:
-        self.ino = ino
-        self.kind = kind
-        self.attr = attr
-        self.snapshot = snapshot
-        self.path = path
-        self.entry = entry
-        self.siblings = siblings  # the listing this entry came from (read-ahead)
-        self.channel = channel
-        self.lookups = 0
-        self.permanent = permanent
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.attr.mode)
-
-    @property
-    def dir_ref(self) -> BlobRef | None:
-        return self.entry.dir_ref if self.entry is not None else None
-
-
-def derive_ino(*parts: bytes) -> int:
-    digest = hashlib.blake2b(b"\0".join(parts), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") >> 2) | FIRST_DYNAMIC_INO
 
 
 async def _read_ahead(fetch: Callable[[list], Awaitable[None]], items: list) -> None:
@@ -139,19 +80,6 @@ def _fuse_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
-class FileReader:
-    """An open snapshot file: its chunks, and read-ahead state."""
-
-    __slots__ = ("node", "map", "next_offset", "prefetched")
-
-    def __init__(self, node: Node) -> None:
-        assert node.entry is not None
-        self.node = node
-        self.map = ChunkMap(node.entry.chunks)
-        self.next_offset = 0
-        self.prefetched = 0  # chunks below this index were already scheduled
-
-
 class SnapshotView:
     """Every snapshot of a repository, or one snapshot subtree, as nodes."""
 
@@ -164,7 +92,7 @@ class SnapshotView:
         self.clock = clock
         self.can_read = repo.keys.can(Capability.READ)
         self.nodes: dict[int, Node] = {}
-        self.extra_root: dict[bytes, Callable[[], Node]] = {}  # e.g. staging/
+        self._extra_root: dict[bytes, Callable[[], Node]] = {}  # e.g. staging/
         self._tags: list[Tag] = []
         self._channels: dict[str, list[tuple[str, Tag]]] = {}
         self._ids: dict[str, Tag] = {}
@@ -191,6 +119,10 @@ class SnapshotView:
         node = Node(ino, NodeKind.VIRTUAL_DIR, self._virtual_attr(ino), permanent=True)
         self.nodes[ino] = node
         return node
+
+    def add_root_folder(self, name: bytes, make: Callable[[], Node]) -> None:
+        """A folder of the mount's root that another core serves (staging/)."""
+        self._extra_root[name] = make
 
     def use_subtree(self, tag: Tag, entry: Entry) -> None:
         """Make the root a snapshot directory (`rekkord mount ID[:path] MNT`)."""
@@ -409,7 +341,7 @@ class SnapshotView:
         await self.refresh()
         if parent.ino == ROOT_INO:
             items = [(b"channels", self.nodes[CHANNELS_INO]), (b"ids", self.nodes[IDS_INO])]
-            items += [(name, make()) for name, make in sorted(self.extra_root.items())]
+            items += [(name, make()) for name, make in sorted(self._extra_root.items())]
             return items
         if parent.ino == CHANNELS_INO:
             return [(c.encode(), self._channel_node(c)) for c in self.channel_names()]
@@ -466,7 +398,7 @@ class SnapshotView:
                 return self.nodes[CHANNELS_INO]
             if name == b"ids":
                 return self.nodes[IDS_INO]
-            make = self.extra_root.get(name)
+            make = self._extra_root.get(name)
             return make() if make else None
         text = os.fsdecode(name)
         if parent.ino == CHANNELS_INO:
@@ -494,7 +426,7 @@ class SnapshotView:
             await self._count_subdirs([node.entry])  # a mounted subtree's root, or a record unread so far
             node.attr.nlink = self._tree_attr(ino, node.entry).nlink
         elif ino == ROOT_INO:
-            node.attr.nlink = 4 + len(self.extra_root)  # channels, ids, staging
+            node.attr.nlink = 4 + len(self._extra_root)  # channels, ids, staging
         return node.attr
 
     async def readlink(self, ino: int) -> bytes:

@@ -17,7 +17,8 @@ from rekkordfs.codec import BlobCodec, snapshot_key
 from rekkordfs.errors import RekkordError
 from rekkordfs.format import PACK_ID_SIZE, BlobKind, Tag
 from rekkordfs.keys import KeyType, Signer
-from rekkordfs.repository import Repository, tag_key
+from rekkordfs.repository import Repository
+from rekkordfs.snapshotlog import tag_key
 from rekkordfs.storage.local import LocalStorage
 from tests.conftest import Rekkord
 from tests.fsutil import assert_one_line_error, rsync_diff, tree_digest

@@ -17,11 +17,12 @@ import trio
 
 from rekkordfs import keys as keymod
 from rekkordfs.check import Checker
+from rekkordfs.codec import PACKS_PREFIX
 from rekkordfs.errors import RekkordError, RepositoryError, StorageError
 from rekkordfs.forget import forget, plan_by_ids, plan_by_policy
 from rekkordfs.keys import KeyType
 from rekkordfs.prune import PruneOptions, Pruner
-from rekkordfs.repository import PACKS_PREFIX, Repository, walk_path
+from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession
 from rekkordfs.retention import Duration, Policy
 from rekkordfs.save import SaveSession

@@ -25,16 +25,18 @@ import trio
 from rekkordfs import keys as keymod
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.check import Checker
+from rekkordfs.codec import PACKS_PREFIX
 from rekkordfs.commit import Committer
 from rekkordfs.errors import StorageError
 from rekkordfs.format import BlobKind, Entry, EntryKind, encode_directory
-from rekkordfs.repository import PACKS_PREFIX, Repository
+from rekkordfs.nodes import IDS_INO, STAGING_INO
+from rekkordfs.repository import Repository
 from rekkordfs.staging import ROOT, StagingTree
 from rekkordfs.stagingarea import StagingArea
 from rekkordfs.storage.base import Storage
 from rekkordfs.storage.memory import MemoryStorage
 from rekkordfs.upload import Uploader
-from rekkordfs.vfs import IDS_INO, STAGING_INO, SnapshotView
+from rekkordfs.vfs import SnapshotView
 from tests.faults import FaultyStorage, Schedule
 
 pytestmark = pytest.mark.fast

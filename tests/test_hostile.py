@@ -33,7 +33,8 @@ from rekkordfs.codec import index_key, pack_key, snapshot_key
 from rekkordfs.config import load_config
 from rekkordfs.format import BlobKind, Entry, EntryKind, Location, Snapshot, Tag, encode_directory
 from rekkordfs.keys import load_keyfile
-from rekkordfs.repository import Repository, tag_key
+from rekkordfs.repository import Repository
+from rekkordfs.snapshotlog import tag_key
 from tests.fsutil import assert_one_line_error, rsync_diff
 from tests.servers import make_backend_runner
 
@@ -407,8 +408,8 @@ def test_the_mount_isolates_what_the_attacker_wrote(local_world: World) -> None:
 def test_the_mount_stops_a_tree_built_to_multiply_work(local_world: World) -> None:
     """Walking the bomb in the mount's view ends in EIO after a bounded number
     of listings (treebudget.py), not after 2^40 of them."""
+    from rekkordfs.nodes import CHANNELS_INO
     from rekkordfs.treebudget import AMPLIFICATION, FREE_ENTRIES
-    from rekkordfs.vfs import CHANNELS_INO
     from tests.core_helpers import open_view
 
     world = local_world

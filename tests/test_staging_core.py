@@ -28,6 +28,7 @@ from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
 from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
+from rekkordfs.nodes import IDS_INO, STAGING_INO
 from rekkordfs.staging import (
     DATA_FILE,
     INLINE,
@@ -41,7 +42,7 @@ from rekkordfs.staging import (
 )
 from rekkordfs.stagingarea import StagingArea
 from rekkordfs.upload import Uploader
-from rekkordfs.vfs import IDS_INO, STAGING_INO, SnapshotView
+from rekkordfs.vfs import SnapshotView
 
 from .conftest import ROOT as PROJECT_ROOT
 from .conftest import Rekkord

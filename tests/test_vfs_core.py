@@ -18,14 +18,8 @@ import trio.testing
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.codec import pack_key
 from rekkordfs.format import Location, Snapshot
-from rekkordfs.vfs import (
-    CHANNELS_INO,
-    IDS_INO,
-    ROOT_INO,
-    NodeKind,
-    SnapshotView,
-    snapshot_dir_name,
-)
+from rekkordfs.nodes import CHANNELS_INO, IDS_INO, ROOT_INO, NodeKind
+from rekkordfs.vfs import SnapshotView, snapshot_dir_name
 
 from .conftest import Rekkord
 from .core_helpers import load_by_id, open_repo, open_view, run, src_parts, view_walk

@@ -6,9 +6,9 @@ import argparse
 import os
 
 from rekkordfs.diff import Change, DiffResult, Status, diff_entries
-from rekkordfs.format import EntryKind
+from rekkordfs.format import EntryKind, Tag
 from rekkordfs.keys import Capability
-from rekkordfs.repository import Repository, Tag, walk_path
+from rekkordfs.repository import Repository, walk_path
 
 from .common import ConfigMaker, load_keys, quiet, split_spec
 from .interrupt import run_trio

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 
-from rekkordfs.format import BlobRef, Entry, EntryKind
+from rekkordfs.format import BlobRef, Entry, EntryKind, Tag
 from rekkordfs.keys import Capability
-from rekkordfs.repository import Repository, Tag, walk_path
+from rekkordfs.repository import Repository, walk_path
 from rekkordfs.treebudget import refuse_hostile_tree
 
 from .common import ConfigMaker, load_keys, split_spec, warn

@@ -1,0 +1,100 @@
+"""What the mount's cores hand the FUSE adapter: nodes and their attributes,
+the fixed inode numbers of the mount's own folders, and open snapshot files.
+Shared by the snapshot view (vfs.py) and the staging area."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import stat
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .chunkmap import ChunkMap
+from .format import BlobRef, Entry
+
+if TYPE_CHECKING:
+    from .blobcache import DirectoryListing
+
+ROOT_INO = 1
+CHANNELS_INO = 2
+IDS_INO = 3
+STAGING_INO = 4
+FIRST_DYNAMIC_INO = 1 << 20
+IO_BLOCK_SIZE = 1 << 20
+IMMUTABLE_TIMEOUT = 3600.0  # snapshot trees never change
+MUTABLE_TIMEOUT = 1.0  # channels/, ids/, latest: new snapshots appear
+NAME_MAX = 255  # longest name a folder entry may have, in bytes (as on ext4)
+
+
+class NodeKind(enum.Enum):
+    VIRTUAL_DIR = 1  # root, channels/, ids/, channels/<channel>/
+    LATEST = 2  # channels/<channel>/latest
+    SNAPSHOT_ROOT = 3
+    TREE = 4  # anything inside a snapshot
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    mode: int  # with file type bits
+    nlink: int = 1
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    atime_ns: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    rdev: int = 0
+    timeout: float = IMMUTABLE_TIMEOUT  # how long the kernel may keep it
+    allocated: int | None = None  # 512-byte blocks in use, when known (a staged file with holes)
+
+    @property
+    def blocks(self) -> int:
+        if self.allocated is not None:
+            return self.allocated
+        return (self.size + 511) // 512 if stat.S_ISREG(self.mode) else 0
+
+
+class Node:
+    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent", "siblings")
+
+    def __init__(self, ino: int, kind: NodeKind, attr: Attr, snapshot: bytes | None = None, path: bytes = b"",
+                 entry: Entry | None = None, channel: str | None = None, permanent: bool = False,
+                 siblings: DirectoryListing | None = None) -> None:
+        self.ino = ino
+        self.kind = kind
+        self.attr = attr
+        self.snapshot = snapshot
+        self.path = path
+        self.entry = entry
+        self.siblings = siblings  # the listing this entry came from (read-ahead)
+        self.channel = channel
+        self.lookups = 0
+        self.permanent = permanent
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.attr.mode)
+
+    @property
+    def dir_ref(self) -> BlobRef | None:
+        return self.entry.dir_ref if self.entry is not None else None
+
+
+def derive_ino(*parts: bytes) -> int:
+    digest = hashlib.blake2b(b"\0".join(parts), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 2) | FIRST_DYNAMIC_INO
+
+
+class FileReader:
+    """An open snapshot file: its chunks, and read-ahead state."""
+
+    __slots__ = ("node", "map", "next_offset", "prefetched")
+
+    def __init__(self, node: Node) -> None:
+        assert node.entry is not None
+        self.node = node
+        self.map = ChunkMap(node.entry.chunks)
+        self.next_offset = 0
+        self.prefetched = 0  # chunks below this index were already scheduled

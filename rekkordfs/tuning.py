@@ -18,6 +18,19 @@ STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
 
 
+# --- read-ahead of the mount --------------------------------------------------------------
+
+PREFETCH_CHUNKS = 8  # chunks of a file read in order fetched ahead of the reader
+# Read-ahead across entries, for walks and `cp -r`: the records of a listed
+# directory's first subdirectories, and the content of the small files after one
+# being opened, each fetched in batches (one worker-thread hop per batch).
+PREFETCH_SUBDIRS = 128
+PREFETCH_FILES = 64
+PREFETCH_FILE_BYTES = 4 << 20
+PREFETCH_SMALL_FILE = 1 << 20
+PREFETCH_BATCH = 16
+
+
 # --- concurrency ------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import trio
@@ -46,30 +46,14 @@ from .nodes import (
     NodeKind,
     derive_ino,
 )
+from .readahead import ReadAhead
 from .repository import Repository
 from .treebudget import TreeBudget
 
 log = logging.getLogger(__name__)
 
 STATFS_BLOCK = 4096  # the unit of sizes in statfs (df counts in it)
-PREFETCH_CHUNKS = 8
-# Read-ahead across entries, for walks and `cp -r`: the records of a listed
-# directory's first subdirectories, and the content of the small files after one
-# being opened, each fetched in batches (one worker-thread hop per batch).
-PREFETCH_SUBDIRS = 128
-PREFETCH_FILES = 64
-PREFETCH_FILE_BYTES = 4 << 20
-PREFETCH_SMALL_FILE = 1 << 20
-PREFETCH_BATCH = 16
 LATEST = b"latest"
-
-
-async def _read_ahead(fetch: Callable[[list], Awaitable[None]], items: list) -> None:
-    """Background work of the mount's nursery: a bug here must not end the mount."""
-    try:
-        await fetch(items)
-    except Exception:
-        log.exception("internal error in read-ahead")
 
 
 def snapshot_dir_name(time_ns: int) -> str:
@@ -103,7 +87,7 @@ class SnapshotView:
         self._budgets: dict[bytes, tuple[TreeBudget, set[bytes]]] = {}
         self._refresh_lock = trio.Lock()
         self._warned: set[str] = set()  # problems already logged (each refresh meets them again)
-        self._nursery: trio.Nursery | None = None
+        self.read_ahead = ReadAhead(blobs)
         self.started_ns = time.time_ns()
         self.uid, self.gid = os.getuid(), os.getgid()
         self._add_permanent(ROOT_INO)
@@ -131,7 +115,7 @@ class SnapshotView:
 
     def start(self, nursery: trio.Nursery) -> None:
         """Background work (read-ahead) runs in this nursery."""
-        self._nursery = nursery
+        self.read_ahead.nursery = nursery
 
     # --- snapshot list -----------------------------------------------------------
 
@@ -335,7 +319,7 @@ class SnapshotView:
             raise _fuse_error(errno.ENOTDIR)
         if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
             listing = await self._listing(parent)
-            self._prefetch_subdirs(listing)
+            self.read_ahead.subdirs(listing)
             await self._count_subdirs(listing.entries)
             return [(e.name, self._tree_node(parent, e, listing)) for e in listing.entries]
         await self.refresh()
@@ -474,14 +458,14 @@ class SnapshotView:
         except RekkordError as exc:
             log.error("cannot open '%s': %s", os.fsdecode(node.path), exc.message)
             raise _fuse_error(errno.EIO) from None
-        self._prefetch_files_after(node)
+        self.read_ahead.files_after(node)
         return reader
 
     async def read(self, reader: FileReader, offset: int, size: int) -> bytes:
         if offset >= reader.map.size or size <= 0:
             return b""
         if offset == reader.next_offset:
-            self._read_ahead(reader, reader.map.index_of(offset))
+            self.read_ahead.chunks_after(reader, reader.map.index_of(offset))
         data = await reader.map.read(functools.partial(self._chunk, reader), offset, size)
         reader.next_offset = offset + len(data)
         return data
@@ -497,63 +481,6 @@ class SnapshotView:
             log.error("cannot read '%s': chunk %s has the wrong size", os.fsdecode(reader.node.path), chunk.id.hex())
             raise _fuse_error(errno.EIO)
         return data
-
-    def _read_ahead(self, reader: FileReader, index: int) -> None:
-        """Sequential reader: fetch the next chunks in the background."""
-        if self._nursery is None:
-            return
-        first = max(index + 1, reader.prefetched)
-        last = min(len(reader.map.chunks), index + 1 + PREFETCH_CHUNKS)
-        for i in range(first, last):
-            self._nursery.start_soon(self._prefetch, reader.map.chunks[i])
-        reader.prefetched = max(reader.prefetched, last)
-
-    async def _prefetch(self, chunk: ChunkRef) -> None:
-        try:
-            await self.blobs.chunk(chunk)
-        except RekkordError:
-            pass  # the real read reports it
-
-    def _prefetch_subdirs(self, listing: DirectoryListing) -> None:
-        if self._nursery is None or listing.subdirs_prefetched:
-            return
-        listing.subdirs_prefetched = True
-        refs = [e.dir_ref for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_ref is not None]
-        self._start_read_ahead(self.blobs.prefetch_directories, refs[:PREFETCH_SUBDIRS])
-
-    def _start_read_ahead(self, fetch: Callable[[list], Awaitable[None]], items: list) -> None:
-        """fetch() the items in the background, PREFETCH_BATCH per call."""
-        assert self._nursery is not None
-        for start in range(0, len(items), PREFETCH_BATCH):
-            self._nursery.start_soon(_read_ahead, fetch, items[start:start + PREFETCH_BATCH])
-
-    def _prefetch_files_after(self, node: Node) -> None:
-        """Opening a file of a directory: read the small files after it ahead,
-        unless that was done already (a reader going through in order)."""
-        listing = node.siblings
-        if self._nursery is None or listing is None or node.entry is None:
-            return
-        position = listing.index.get(node.entry.name)
-        if position is None or position + PREFETCH_FILES // 2 < listing.files_prefetched:
-            return
-        start = max(position + 1, listing.files_prefetched)
-        end = min(len(listing.entries), start + PREFETCH_FILES)
-        chunks: list[ChunkRef] = []
-        total = 0
-        for index in range(start, end):
-            entry = listing.entries[index]
-            if entry.kind != EntryKind.FILE or not 0 < entry.size <= PREFETCH_SMALL_FILE:
-                continue
-            try:
-                chunks.extend(entry.chunks)
-            except RekkordError:
-                continue  # a damaged record: reading that file reports it
-            total += entry.size
-            if total >= PREFETCH_FILE_BYTES:
-                end = index + 1
-                break
-        listing.files_prefetched = end
-        self._start_read_ahead(self.blobs.prefetch_chunks, chunks)
 
     # --- filesystem ----------------------------------------------------------------
 

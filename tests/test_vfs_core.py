@@ -72,7 +72,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> Saved:
 
 def stop_read_ahead(view: SnapshotView) -> None:
     """Detach the view from a nursery that is about to close (mount.py never needs to)."""
-    view._nursery = None
+    view.read_ahead.nursery = None
 
 
 def errno_of(excinfo: pytest.ExceptionInfo) -> int:

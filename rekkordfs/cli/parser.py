@@ -10,6 +10,7 @@ before or after the command name.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import NoReturn
 
 from rekkordfs import __version__
@@ -111,6 +112,10 @@ def _prune_options(parser: argparse.ArgumentParser) -> None:
                         help="rewrite packs used for less than this share of their bytes (default 0.9)")
 
 
+# add_parser for one command, with its common options and example (see build_parser)
+Command = Callable[..., argparse.ArgumentParser]
+
+
 def build_parser() -> Parser:
     parser = Parser(
         prog="rekkord",
@@ -130,6 +135,17 @@ def build_parser() -> Parser:
         p.set_defaults(handler=handler)
         return p
 
+    _key_commands(command)
+    _save_command(command)
+    _listing_commands(command)
+    _restore_and_check_commands(command)
+    _retention_commands(command)
+    _mount_commands(command)
+    return parser
+
+
+def _key_commands(command: Command) -> None:
+    """Init, derive, identify."""
     p = command("init", "create a repository and write its master key", f"{_CLI}.keys:init",
                 "rekkord -C /etc/rekkord/rekkord.ini init --key-file /root/master.key",
                 uses=Common(quiet=True), key_help="where to write the master key (default: ./master.key)",
@@ -149,6 +165,9 @@ def build_parser() -> Parser:
                 "rekkord -K write.key identify", uses=Common(repository=False, threads=False))
     _format_option(p)
 
+
+def _save_command(command: Command) -> None:
+    """Save."""
     p = command("save", "save paths as a new snapshot of CHANNEL; prints its ID", f"{_CLI}.save:save",
                 "rekkord save laptop /home/me /etc --exclude '*.tmp' --exclude-caches\n"
                 "pg_dump mydb | rekkord save db - --stdin-filename mydb.sql",
@@ -170,6 +189,9 @@ def build_parser() -> Parser:
     _dry_run_option(p, "walk the paths and report what would be read; write nothing")
     _format_option(p)
 
+
+def _listing_commands(command: Command) -> None:
+    """Snapshots, channels, list, diff, dump, find, stats."""
     p = command("snapshots", "list snapshots, oldest first", f"{_CLI}.listing:snapshots",
                 "rekkord -K master.key snapshots -c laptop -f json")
     p.add_argument("-c", "--channel", action="append", metavar="CHANNEL", help="only this channel (repeatable)")
@@ -224,6 +246,9 @@ def build_parser() -> Parser:
                             "and per channel its snapshots, latest and logical size.")
     _format_option(p)
 
+
+def _restore_and_check_commands(command: Command) -> None:
+    """Restore, check."""
     p = command("restore", "restore a snapshot, or a path inside it, to DEST", f"{_CLI}.restore:restore",
                 "rekkord -K master.key restore laptop:/home/me /tmp/me\n"
                 "rekkord -K master.key restore -n --delete laptop:/home/me /home/me",
@@ -244,6 +269,9 @@ def build_parser() -> Parser:
                       help="the same for some packs only: N%% of them at random, or group N of M (by pack ID)")
     _format_option(p)
 
+
+def _retention_commands(command: Command) -> None:
+    """Forget, prune."""
     p = command("forget", "remove snapshots from the listings, by ID or by policy", f"{_CLI}.retention:forget",
                 "rekkord -K master.key forget --keep-daily 7 --keep-weekly 5 --keep-monthly 12 --prune\n"
                 "rekkord -K master.key forget 3f2a9c1e 77d0e2b4\n"
@@ -279,6 +307,9 @@ def build_parser() -> Parser:
     _dry_run_option(p, "show what would be deleted, repacked and condemned; change nothing")
     _format_option(p)
 
+
+def _mount_commands(command: Command) -> None:
+    """Mount, commit, completion."""
     p = command("mount", "mount the repository (or one snapshot directory) as a filesystem",
                 f"{_CLI}.mounting:mount",
                 "rekkord -K master.key mount /mnt/backup\n"
@@ -309,4 +340,3 @@ def build_parser() -> Parser:
                 "rekkord completion zsh > ~/.zfunc/_rekkord   # with ~/.zfunc in fpath",
                 uses=NO_COMMON)
     p.add_argument("shell", choices=SHELLS, metavar="SHELL", help="bash or zsh")
-    return parser

@@ -356,6 +356,34 @@ def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | Non
     return None
 
 
+def _s3_settings(parser: configparser.ConfigParser | None, env: Mapping[str, str]) -> S3Settings:
+    """[S3] of the config file, else the variables AWS tools use."""
+    return S3Settings(
+        key_id=_get(parser, "S3", "AccessKeyID") or _get(parser, "S3", "KeyID")
+        or env.get("AWS_ACCESS_KEY_ID") or env.get("S3_ACCESS_KEY_ID"),
+        secret_key=_get(parser, "S3", "SecretKey")
+        or env.get("AWS_SECRET_ACCESS_KEY")
+        or env.get("S3_SECRET_ACCESS_KEY"),
+        region=_get(parser, "S3", "Region") or env.get("AWS_REGION") or env.get("S3_REGION"),
+    )
+
+
+def _sftp_settings(parser: configparser.ConfigParser | None, env: Mapping[str, str], where: str,
+                   key_file: str | None) -> SFTPSettings:
+    """[SFTP] of the config file (key_file already made relative to it), else SSH_* variables."""
+    sftp = SFTPSettings(
+        password=_get(parser, "SFTP", "Password") or env.get("SSH_PASSWORD"),
+        key_file=key_file or env.get("SSH_KEYFILE"),
+        fingerprint=_get(parser, "SFTP", "Fingerprint") or env.get("SSH_FINGERPRINT"),
+        port=_parse_port(_get(parser, "SFTP", "Port"), where),
+    )
+    if sftp.fingerprint and not re.match(r"^SHA256:[A-Za-z0-9+/]{43}=?$", sftp.fingerprint):
+        raise ConfigError(
+            f"SFTP fingerprint '{sftp.fingerprint}' is malformed: expected SHA256:<43 base64 characters>"
+        )
+    return sftp
+
+
 def load_config(
     config_file: str | None = None,
     repository: str | None = None,
@@ -396,24 +424,8 @@ def load_config(
         raise ConfigError(f"thread count must be at least 1, not {threads}")
 
     where = f"config file '{path}'"
-    s3 = S3Settings(
-        key_id=_get(parser, "S3", "AccessKeyID") or _get(parser, "S3", "KeyID")
-        or env.get("AWS_ACCESS_KEY_ID") or env.get("S3_ACCESS_KEY_ID"),
-        secret_key=_get(parser, "S3", "SecretKey")
-        or env.get("AWS_SECRET_ACCESS_KEY")
-        or env.get("S3_SECRET_ACCESS_KEY"),
-        region=_get(parser, "S3", "Region") or env.get("AWS_REGION") or env.get("S3_REGION"),
-    )
-    sftp = SFTPSettings(
-        password=_get(parser, "SFTP", "Password") or env.get("SSH_PASSWORD"),
-        key_file=relative_to_config(_get(parser, "SFTP", "KeyFile")) or env.get("SSH_KEYFILE"),
-        fingerprint=_get(parser, "SFTP", "Fingerprint") or env.get("SSH_FINGERPRINT"),
-        port=_parse_port(_get(parser, "SFTP", "Port"), where),
-    )
-    if sftp.fingerprint and not re.match(r"^SHA256:[A-Za-z0-9+/]{43}=?$", sftp.fingerprint):
-        raise ConfigError(
-            f"SFTP fingerprint '{sftp.fingerprint}' is malformed: expected SHA256:<43 base64 characters>"
-        )
+    s3 = _s3_settings(parser, env)
+    sftp = _sftp_settings(parser, env, where, relative_to_config(_get(parser, "SFTP", "KeyFile")))
     if env.get("REKKORD_RETRY_TIME"):
         retry_time = _parse_retry_time(env["REKKORD_RETRY_TIME"], "REKKORD_RETRY_TIME")
     else:

@@ -37,6 +37,7 @@ from .format import BlobRef, ChunkRef, Entry, EntryKind, Snapshot, decode_chunks
 from .fsmeta import ACL_ACCESS, FILE_TYPE_BITS, acl_after_chmod, mode_from_acl
 from .journalspace import disk_is_short, give_back, journal_error, open_journal
 from .lru import WeightedLRU
+from .testhooks import check_inode_cache
 
 ROOT = 1
 NAME_MAX = 255
@@ -202,7 +203,7 @@ class StagingTree:
         # rows as journaled: every change of a row goes through _update_inode() or
         # _delete_inode(), which drop it here; bulk changes and rollbacks clear it all
         self._inodes: dict[int, Inode] = {}
-        self._check_cache = bool(os.environ.get("REKKORD_CHECK_INODE_CACHE"))  # tests: compare with the journal
+        self._check_cache = check_inode_cache()  # tests: compare with the journal
         try:
             self._recover()
             self._ensure_reserve(room=RESERVE_SIZE)

@@ -461,7 +461,7 @@ class StagingArea:
         stop_point("staging-write")
         tree, ino = handle.tree, handle.ino
         stream = self._streams.get((tree, ino))
-        appending = (handle.sequential_end == offset and ino not in tree.frozen
+        appending = (handle.sequential_end == offset and not tree.is_frozen(ino)
                      and (stream is None or stream is handle.stream))
         if not appending:
             self._abort_stream(tree, ino)
@@ -481,7 +481,7 @@ class StagingArea:
         assert handle.sequential_end is not None
         stream = handle.stream = GrowingFile(handle.tree.data_path(handle.ino), handle.sequential_end)
         self._streams[(handle.tree, handle.ino)] = stream
-        done = handle.tree.uploading[handle.ino] = trio.Event()  # a commit may wait for it
+        done = handle.tree.uploads.begin([handle.ino])  # a commit may wait for it
         self._background(self._upload_stream, handle.tree, handle.ino, stream, done)
 
     def _abort_stream(self, tree: StagingTree, ino: int) -> None:
@@ -494,20 +494,18 @@ class StagingArea:
         try:
             await self._learn_stored()
             chunks = await self.uploaders[tree.channel].upload_stream(stream)
-            tree.record_upload(ino, stream.version, chunks)
+            tree.uploads.record(ino, stream.version, chunks)
         except StreamAborted:
             pass  # what changed it closes it, and then write-behind takes it whole
         except (RekkordError, OSError) as exc:
             log.warning("streaming upload of staging/%s inode %d failed: %s", tree.channel, ino,
                         getattr(exc, "message", exc))
-            self._behind_send.send_nowait((tree, ino, tree.version(ino)))  # once more, whole
+            self._behind_send.send_nowait((tree, ino, tree.uploads.version(ino)))  # once more, whole
         finally:
             stream.release()
             if self._streams.get((tree, ino)) is stream:
                 del self._streams[(tree, ino)]
-            if tree.uploading.get(ino) is done:
-                del tree.uploading[ino]
-            done.set()
+            tree.uploads.finish([ino], done)
 
     async def sync(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
@@ -527,10 +525,10 @@ class StagingArea:
                         handle.tree.channel, handle.ino, exc.strerror)
         stream = handle.stream
         if stream is not None and not stream.aborted:
-            stream.version = handle.tree.version(handle.ino)  # what the streamed chunks hold
+            stream.version = handle.tree.uploads.version(handle.ino)  # what the streamed chunks hold
             stream.close()
         elif handle.wrote:  # upload it in the background, so commit has less to do
-            self._behind_send.send_nowait((handle.tree, handle.ino, handle.tree.version(handle.ino)))
+            self._behind_send.send_nowait((handle.tree, handle.ino, handle.tree.uploads.version(handle.ino)))
         handle.tree.released(handle.ino)
 
     async def _learn_stored(self, again: bool = False) -> None:
@@ -554,11 +552,12 @@ class StagingArea:
                     break
             # closed again later, or already uploaded (by a commit or an earlier pass): skip
             current = [(tree, ino, version) for tree, ino, version in pending
-                       if tree.version(ino) == version
-                       and getattr(tree.uploads.get(ino), "version", None) != version]
-            done = trio.Event()  # a commit may wait for this batch instead of uploading again
+                       if tree.uploads.version(ino) == version and tree.uploads.result(ino, version) is None]
+            by_tree: dict[StagingTree, list[int]] = {}
             for tree, ino, _ in current:
-                tree.uploading[ino] = done
+                by_tree.setdefault(tree, []).append(ino)
+            # a commit may wait for this batch instead of uploading again
+            running = {tree: tree.uploads.begin(inos) for tree, inos in by_tree.items()}
             try:
                 stop_point("write-behind")
                 await self._learn_stored()
@@ -567,10 +566,8 @@ class StagingArea:
                 log.warning("write-behind upload failed (commit will retry): %s", getattr(exc, "message", exc))
                 pending = []
             finally:
-                for tree, ino, _ in current:
-                    if tree.uploading.get(ino) is done:
-                        del tree.uploading[ino]
-                done.set()
+                for tree, inos in by_tree.items():
+                    tree.uploads.finish(inos, running[tree])
 
     async def _upload_batch(self, items: list[Closed]) -> list[Closed]:
         """Upload what fits in one batch; returns the files left for the next one."""
@@ -579,14 +576,14 @@ class StagingArea:
         small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
         for tree, ino, version, prepared in small:
             chunks = self.uploaders[tree.channel].store(prepared)
-            tree.record_upload(ino, version, chunks)
+            tree.uploads.record(ino, version, chunks)
         await self.repo.upload_ready()
         for tree, ino, version in large:
             try:
                 chunks = await self.uploaders[tree.channel].upload_path(tree.data_path(ino))
             except FileNotFoundError:
                 continue
-            tree.record_upload(ino, version, chunks)
+            tree.uploads.record(ino, version, chunks)
         return left
 
     def _prepare_small(self, items: list[Closed], inline: list[bytes | None]

@@ -6,9 +6,9 @@
 - Committer.run: staged data uploaded by write-behind into a pack whose
   upload then failed makes the commit fail ("some staged data failed to
   upload; commit again") rather than publish a snapshot referring to nothing;
-- StagingArea._upload_behind: a write-behind upload that fails is logged and
+- WriteBehind._upload_behind: a write-behind upload that fails is logged and
   left to the commit, which uploads the file itself; the mount goes on;
-- StagingArea._upload_stream: a streaming upload that fails hands the closed
+- WriteBehind._upload_stream: a streaming upload that fails hands the closed
   file to write-behind, whole.
 """
 

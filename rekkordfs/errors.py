@@ -83,10 +83,15 @@ def first_of(exc: BaseException, kind: type[E] | tuple[type[BaseException], ...]
         return exc  # type: ignore[return-value]
     if isinstance(exc, BaseExceptionGroup):
         match, _ = exc.split(kind)
-        while isinstance(match, BaseExceptionGroup):
-            match = match.exceptions[0]
-        return match  # type: ignore[return-value]
+        return None if match is None else first_leaf(match)  # type: ignore[return-value]
     return None
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception that is not a group inside exc (exc if it is none)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def find_user_error(exc: BaseException) -> RekkordError | None:

@@ -192,7 +192,7 @@ def test_create_write_read_truncate(tree: StagingTree, clock: Clock) -> None:
 
 
 def test_local_files_are_listed_wherever_their_content_is(tree: StagingTree) -> None:
-    """iter_local_files() names every file with content not committed yet:
+    """ContentStore.local_files() names every file with content not committed yet:
     in the journal (small) and in a data file (large); stored ones are not."""
     async def main() -> None:
         small = await put_file(tree, ROOT, b"small", b"inline")

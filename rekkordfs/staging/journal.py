@@ -9,6 +9,7 @@ import os
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..format import EntryKind
 from ..journalspace import disk_is_short, give_back, journal_error, open_journal
@@ -64,11 +65,11 @@ class Journal:
     def close(self) -> None:
         self.db.close()
 
-    def meta(self, key: str, default=None):
+    def meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return row[0] if row else default
 
-    def set_meta(self, key: str, value) -> None:
+    def set_meta(self, key: str, value: bytes | int | None) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     # --- inode rows -------------------------------------------------------------------

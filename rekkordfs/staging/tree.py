@@ -116,9 +116,6 @@ class StagingTree:
     def released(self, ino: int) -> None:
         self.names.released(ino)
 
-    async def expand(self, ino: int) -> Inode:
-        return await self.cow.expand(ino)
-
     async def folder_links(self, nodes: list[Inode]) -> dict[int, int]:
         return await self.cow.folder_links(nodes)
 

@@ -174,12 +174,12 @@ class Journal:
         except OSError:
             self.reserve.unlink(missing_ok=True)  # still full: try again later
 
-    def recover(self, now: Callable[[], int]) -> set[str]:
+    def recover(self, clock: Callable[[], int]) -> set[str]:
         """After a crash: drop inodes no entry refers to. Returns the inodes
         (as file names) whose content is a data file: other data files are stale."""
         with self.transaction():
             if self.db.execute("SELECT 1 FROM inodes WHERE ino = ?", (ROOT,)).fetchone() is None:
-                created = now()
+                created = clock()
                 self.db.execute(
                     "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",

@@ -120,14 +120,12 @@ class Committer:
 
         async def behind(ino: int) -> bool:
             """Write-behind may be at it: its result may do."""
-            running = self.tree.uploading.get(ino)
-            if running is None:
+            if not await self.tree.uploads.wait(ino):
                 return False
-            await running.wait()
-            done = self.tree.uploads.get(ino)
-            if done is None or done.version != capture.versions[ino]:
+            chunks = self.tree.uploads.result(ino, capture.versions[ino])
+            if chunks is None:
                 return False
-            contents[ino] = done.chunks  # durability is checked with all others
+            contents[ino] = chunks  # durability is checked with all others
             return True
 
         async def upload(ino: int) -> None:

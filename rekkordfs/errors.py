@@ -82,11 +82,16 @@ def first_of(exc: BaseException, kind: type[E] | tuple[type[BaseException], ...]
     if isinstance(exc, kind):
         return exc  # type: ignore[return-value]
     if isinstance(exc, BaseExceptionGroup):
-        found: BaseException | None = exc.split(kind)[0]
-        while isinstance(found, BaseExceptionGroup):
-            found = found.exceptions[0]
-        return found  # type: ignore[return-value]
+        match, _ = exc.split(kind)
+        return None if match is None else first_leaf(match)  # type: ignore[return-value]
     return None
+
+
+def first_leaf(exc: BaseException) -> BaseException:
+    """The first exception that is not a group inside exc (exc if it is none)."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def find_user_error(exc: BaseException) -> RekkordError | None:

@@ -4,9 +4,9 @@
                                 latest snapshot; `mkdir MNT/staging/NEW` starts
                                 a new, empty channel
 
-This module maps the mount's inode numbers onto the trees, schedules
-write-behind uploads when written files are closed, and runs commits (asked
-for by `rekkord commit` through an extended attribute, see control.py).
+This module maps the mount's inode numbers onto the trees, tells write-behind
+(writebehind.py) of writes and closes, and runs commits (asked for by
+`rekkord commit` through an extended attribute, see control.py).
 Like vfs.py it raises OSError and knows nothing of FUSE.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import math
 import os
 import shutil
 import stat
@@ -31,16 +30,14 @@ from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .fsmeta import xattr_refusal
 from .keys import Capability
-from .nodes import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind
-from .packs import Sealed
+from .nodes import MUTABLE_TIMEOUT, NAME_MAX, STAGING_INO, Attr, Node, NodeKind
 from .repository import Repository
-from .staging import NAME_MAX, ROOT, Inode, StagingTree, remove_files
+from .staging import ROOT, Inode, StagingTree, remove_files
 from .statedir import lock_state_folder, prepare_state_folder
-from .streaming import GrowingFile, StreamAborted
+from .streaming import GrowingFile
 from .testhooks import stop_point
-from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE
-from .upload import Uploader, open_regular
 from .vfs import SnapshotView
+from .writebehind import WriteBehind
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +49,6 @@ LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 # Every change to a staging tree goes through the kernel, which updates its
 # caches itself: they may keep entries and attributes for a while.
 STAGING_TIMEOUT = 30.0
-
-Closed = tuple[StagingTree, int, int]  # a closed written file: tree, inode, content version
 
 
 @dataclass
@@ -83,38 +78,20 @@ class StagingArea:
             os.close(self._lock_fd)
             raise
         self.trees: dict[str, StagingTree] = {}
-        self.uploaders: dict[str, Uploader] = {}
+        self.behind = WriteBehind(repo)
         self._slots: dict[str, int] = {}
         self._by_slot: dict[int, StagingTree] = {}
         self._next_slot = 0
         self._nursery: trio.Nursery | None = None
-        self._streams: dict[tuple[StagingTree, int], GrowingFile] = {}
-        self._learned = False  # prepare_write() done once write-behind starts
-        self._learning = trio.Lock()
         self._locks: dict[str, trio.Lock] = {}
         self._results: dict[bytes, bytes] = {}
-        # closed files waiting for write-behind (few bytes each: the queue may grow)
-        self._behind_send, self._behind_recv = trio.open_memory_channel[Closed](math.inf)
         self.root_attr = Attr(STAGING_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0,
                               view.started_ns, view.started_ns, view.started_ns, timeout=MUTABLE_TIMEOUT)
         view.add_root_folder(b"staging", self.root_node)
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
-        # On local disk one write-behind task at a time leaves the other CPUs to the
-        # FUSE requests and to the writer (rsync): faster overall. To a server, more
-        # seal while one waits for an upload.
-        for _ in range(max(1, self.repo.threads) if self.repo.storage.remote else 1):
-            nursery.start_soon(self._upload_behind)
-        nursery.start_soon(self._abort_streams_when_done)
-
-    async def _abort_streams_when_done(self) -> None:
-        """On unmount, wake the threads waiting for more data of files never closed."""
-        try:
-            await trio.sleep_forever()
-        finally:
-            for stream in list(self._streams.values()):
-                stream.abort()
+        self.behind.start(nursery)
 
     def _background(self, fn, *args) -> None:
         if self._nursery is not None:
@@ -179,7 +156,7 @@ class StagingArea:
             self._slots[channel] = slot
             self._by_slot[slot] = tree
             self.trees[channel] = tree
-            self.uploaders[channel] = Uploader(self.repo)
+            self.behind.add_channel(channel)
             if not exists:
                 try:
                     await self._follow_latest(tree, force=True)
@@ -197,7 +174,8 @@ class StagingArea:
 
     def _drop_tree(self, tree: StagingTree) -> None:
         """Forget a tree that was just created and could not be seeded."""
-        del self.trees[tree.channel], self.uploaders[tree.channel]
+        del self.trees[tree.channel]
+        self.behind.drop_channel(tree.channel)
         del self._by_slot[self._slots.pop(tree.channel)]
         tree.close()
         shutil.rmtree(tree.folder, ignore_errors=True)
@@ -341,7 +319,8 @@ class StagingArea:
         if tree.lookups.get(ROOT, 0) > 1 or tree.open_files:
             raise OSError(errno.EBUSY, "in use")
         tree.close()
-        del self.trees[tree.channel], self.uploaders[tree.channel]
+        del self.trees[tree.channel]
+        self.behind.drop_channel(tree.channel)
         del self._by_slot[self._slots.pop(tree.channel)]
         shutil.rmtree(tree.folder)
 
@@ -357,7 +336,7 @@ class StagingArea:
             raise OSError(errno.EPERM, "the staging folder itself cannot change")
         tree, local = self._split(ino)
         if changes.get("size") is not None:
-            self._abort_stream(tree, local)
+            self.behind.abort_stream(tree, local)
         node = await tree.setattr(local, **changes)
         return await self._attr(tree, node)
 
@@ -420,8 +399,8 @@ class StagingArea:
         lock = self._locks.setdefault(channel, trio.Lock())
         async with lock:
             tree = await self.tree(channel)
-            await self._learn_stored(again=True)
-            committer = Committer(self.repo, tree, self.uploaders[channel])
+            await self.behind.learn_stored(again=True)
+            committer = Committer(self.repo, tree, self.behind.uploader(channel))
             result = await committer.run()
         if committer.garbage:  # deleting thousands of files need not delay the reply
             self._background(trio.to_thread.run_sync, remove_files, committer.garbage)
@@ -438,7 +417,7 @@ class StagingArea:
             raise OSError(errno.EISDIR if node.is_dir else errno.EINVAL, "not a file")
         writing = flags & (os.O_WRONLY | os.O_RDWR)
         if writing:
-            self._abort_stream(tree, local)
+            self.behind.abort_stream(tree, local)
         if flags & os.O_TRUNC and writing:
             await tree.truncate(local, 0)
             handle = Handle(tree, local, sequential_end=0)
@@ -460,55 +439,12 @@ class StagingArea:
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         stop_point("staging-write")
-        tree, ino = handle.tree, handle.ino
-        stream = self._streams.get((tree, ino))
-        appending = (handle.sequential_end == offset and ino not in tree.frozen
-                     and (stream is None or stream is handle.stream))
-        if not appending:
-            self._abort_stream(tree, ino)
-            handle.sequential_end = None
-        written = await tree.write(ino, offset, data)
+        appending = self.behind.before_write(handle, offset)
+        written = await handle.tree.write(handle.ino, offset, data)
         handle.wrote = True
         if appending:
-            assert handle.sequential_end is not None
-            handle.sequential_end += written
-            if handle.stream is not None:
-                handle.stream.appended(handle.sequential_end)
-            elif handle.sequential_end > SMALL_FILE and self._nursery is not None:
-                self._start_stream(handle)
+            self.behind.appended(handle, written)
         return written
-
-    def _start_stream(self, handle: Handle) -> None:
-        assert handle.sequential_end is not None
-        stream = handle.stream = GrowingFile(handle.tree.data_path(handle.ino), handle.sequential_end)
-        self._streams[(handle.tree, handle.ino)] = stream
-        done = handle.tree.uploading[handle.ino] = trio.Event()  # a commit may wait for it
-        self._background(self._upload_stream, handle.tree, handle.ino, stream, done)
-
-    def _abort_stream(self, tree: StagingTree, ino: int) -> None:
-        stream = self._streams.pop((tree, ino), None)
-        if stream is not None:
-            stream.abort()
-
-    async def _upload_stream(self, tree: StagingTree, ino: int, stream: GrowingFile, done: trio.Event) -> None:
-        """A large file written front to back is uploaded as it grows (see streaming.py)."""
-        try:
-            await self._learn_stored()
-            chunks = await self.uploaders[tree.channel].upload_stream(stream)
-            tree.record_upload(ino, stream.version, chunks)
-        except StreamAborted:
-            pass  # what changed it closes it, and then write-behind takes it whole
-        except (RekkordError, OSError) as exc:
-            log.warning("streaming upload of staging/%s inode %d failed: %s", tree.channel, ino,
-                        getattr(exc, "message", exc))
-            self._behind_send.send_nowait((tree, ino, tree.version(ino)))  # once more, whole
-        finally:
-            stream.release()
-            if self._streams.get((tree, ino)) is stream:
-                del self._streams[(tree, ino)]
-            if tree.uploading.get(ino) is done:
-                del tree.uploading[ino]
-            done.set()
 
     async def sync(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
@@ -526,99 +462,8 @@ class StagingArea:
         except OSError as exc:
             log.warning("staging/%s: cannot journal the mtime of inode %d yet: %s",
                         handle.tree.channel, handle.ino, exc.strerror)
-        stream = handle.stream
-        if stream is not None and not stream.aborted:
-            stream.version = handle.tree.version(handle.ino)  # what the streamed chunks hold
-            stream.close()
-        elif handle.wrote:  # upload it in the background, so commit has less to do
-            self._behind_send.send_nowait((handle.tree, handle.ino, handle.tree.version(handle.ino)))
+        self.behind.closed(handle)  # uploaded in the background, so commit has less to do
         handle.tree.released(handle.ino)
-
-    async def _learn_stored(self, again: bool = False) -> None:
-        """Load what other writers stored (new pack indexes), so nothing is packed twice.
-        Uploads wait for a load in progress."""
-        async with self._learning:
-            if again or not self._learned:
-                await self.repo.prepare_write()
-                self._learned = True
-
-    async def _upload_behind(self) -> None:
-        """Write-behind: closed files, small ones many per thread hop like `save`."""
-        pending: list[Closed] = []
-        while True:
-            if not pending:
-                pending.append(await self._behind_recv.receive())
-            while len(pending) < BATCH_FILES:
-                try:
-                    pending.append(self._behind_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            # closed again later, or already uploaded (by a commit or an earlier pass): skip
-            current = [(tree, ino, version) for tree, ino, version in pending
-                       if tree.version(ino) == version
-                       and getattr(tree.uploads.get(ino), "version", None) != version]
-            done = trio.Event()  # a commit may wait for this batch instead of uploading again
-            for tree, ino, _ in current:
-                tree.uploading[ino] = done
-            try:
-                stop_point("write-behind")
-                await self._learn_stored()
-                pending = await self._upload_batch(current)
-            except (RekkordError, OSError) as exc:
-                log.warning("write-behind upload failed (commit will retry): %s", getattr(exc, "message", exc))
-                pending = []
-            finally:
-                for tree, ino, _ in current:
-                    if tree.uploading.get(ino) is done:
-                        del tree.uploading[ino]
-                done.set()
-
-    async def _upload_batch(self, items: list[Closed]) -> list[Closed]:
-        """Upload what fits in one batch; returns the files left for the next one."""
-        # content kept in the journal is read here: the journal stays on this thread
-        inline = [tree.inline_data(ino) for tree, ino, _ in items]
-        small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
-        for tree, ino, version, prepared in small:
-            chunks = self.uploaders[tree.channel].store(prepared)
-            tree.record_upload(ino, version, chunks)
-        await self.repo.upload_ready()
-        for tree, ino, version in large:
-            try:
-                chunks = await self.uploaders[tree.channel].upload_path(tree.data_path(ino))
-            except FileNotFoundError:
-                continue
-            tree.record_upload(ino, version, chunks)
-        return left
-
-    def _prepare_small(self, items: list[Closed], inline: list[bytes | None]
-                       ) -> tuple[list, list[Closed], list[Closed]]:
-        """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES
-        (inline[i] is the content of items[i] when the journal holds it)."""
-        small: list = []
-        large: list[Closed] = []
-        total = 0
-        try:
-            for index, ((tree, ino, version), data) in enumerate(zip(items, inline)):
-                if total >= BATCH_BYTES:
-                    return small, large, items[index:]
-                if data is None:
-                    try:
-                        with open_regular(tree.data_path(ino)) as handle:
-                            if os.fstat(handle.fileno()).st_size > SMALL_FILE:
-                                large.append((tree, ino, version))
-                                continue
-                            data = handle.read()
-                    except FileNotFoundError:
-                        continue  # deleted since it was closed
-                total += len(data)
-                uploader = self.uploaders[tree.channel]
-                uploader.stats.bytes_read += len(data)
-                small.append((tree, ino, version, uploader.prepare_many([data])[0]))
-        except BaseException:
-            for _, _, _, prepared in small:
-                self.repo.discard([data for _, _, data in prepared if isinstance(data, Sealed)])
-            raise
-        return small, large, []
 
     def statfs_all(self) -> os.statvfs_result:
         """Room left where staged data is kept."""

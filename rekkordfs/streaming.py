@@ -33,10 +33,6 @@ class GrowingFile:
 
     # writer side (the event loop)
 
-    @property
-    def end(self) -> int:
-        return self._end
-
     def appended(self, end: int) -> None:
         with self._changed:
             self._end = end

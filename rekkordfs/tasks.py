@@ -14,7 +14,7 @@ from typing import Generic, TypeVar
 
 import trio
 
-from .errors import find_user_error
+from .errors import find_user_error, first_leaf
 
 T = TypeVar("T")
 
@@ -27,10 +27,7 @@ def primary_error(exc: BaseException) -> BaseException:
         return user
     if isinstance(exc, BaseExceptionGroup):
         other, _ = exc.split(lambda e: not isinstance(e, trio.Cancelled))
-        group = other if other is not None else exc
-        while isinstance(group, BaseExceptionGroup):
-            group = group.exceptions[0]
-        return group
+        return first_leaf(other if other is not None else exc)
     return exc
 
 

@@ -1,4 +1,6 @@
-"""Stop points for tests: a process stops itself (SIGSTOP) at a named point,
+"""Hooks for tests, inert in normal use.
+
+Stop points: a process stops itself (SIGSTOP) at a named point,
 so a test acts (kills a server, kills the process) at a known moment instead
 of guessing one with a sleep.
 
@@ -18,6 +20,9 @@ Points:
                     before it publishes its snapshot
   "staging-write"   a mount receiving a write to a staged file
   "write-behind"    a mount starting a write-behind upload batch
+
+REKKORD_CHECK_INODE_CACHE=1 makes staging trees compare every cached inode row
+with the journal (see check_inode_cache()).
 """
 
 from __future__ import annotations
@@ -40,3 +45,10 @@ def stop_point(name: str) -> None:
         count = _counts[name] = _counts.get(name, 0) + 1
     if count == int(_NTH or 1):
         os.kill(os.getpid(), signal.SIGSTOP)
+
+
+def check_inode_cache() -> bool:
+    """Tests: staging trees check each cached inode row against the journal, so
+    a change that bypasses the cache fails. Read when a tree opens (the tests
+    set it before they start trees and mounts)."""
+    return bool(os.environ.get("REKKORD_CHECK_INODE_CACHE"))

@@ -6,9 +6,9 @@
 - Committer.run: staged data uploaded by write-behind into a pack whose
   upload then failed makes the commit fail ("some staged data failed to
   upload; commit again") rather than publish a snapshot referring to nothing;
-- StagingArea._upload_behind: a write-behind upload that fails is logged and
+- WriteBehind._upload_behind: a write-behind upload that fails is logged and
   left to the commit, which uploads the file itself; the mount goes on;
-- StagingArea._upload_stream: a streaming upload that fails hands the closed
+- WriteBehind._upload_stream: a streaming upload that fails hands the closed
   file to write-behind, whole.
 """
 
@@ -155,7 +155,7 @@ def test_a_commit_whose_write_behind_pack_failed_publishes_nothing(master: keymo
             # write-behind: the file's chunks go into a pack, recorded as its upload...
             uploader = Uploader(repo)
             chunks = (await uploader.upload_many([content]))[0]
-            tree.record_upload(node.ino, tree.version(node.ino), chunks)
+            tree.uploads.record(node.ino, tree.uploads.version(node.ino), chunks)
             storage.armed = True
             failures: list[BaseException] = []
 
@@ -222,9 +222,9 @@ def test_a_failed_write_behind_upload_is_left_to_the_commit(master: keymod.Keyse
                 await area.write(handle, 0, content[:1 << 20])
                 area.release(handle)
                 tree = area.trees["wb"]
-                while not faulty.taken or tree.uploading:  # write-behind met the fault and gave up
+                while not faulty.taken or tree.uploads.running():  # write-behind met the fault and gave up
                     await trio.sleep(0.01)
-                assert faulty.taken[0][2] == "fail" and tree.uploads == {}
+                assert faulty.taken[0][2] == "fail" and tree.uploads.done_count() == 0
                 result = await area.commit("wb")
                 assert await snapshot_file(area.repo, result.tag.id_hex, b"big") == content
                 assert not tree.dirty
@@ -251,7 +251,7 @@ def test_a_failed_streaming_upload_is_done_again_by_write_behind(master: keymod.
                 area.release(handle)
                 tree = area.trees["st"]
                 local = attr.ino & ((1 << 40) - 1)
-                while local not in tree.uploads:  # the stream failed; write-behind took it whole
+                while tree.uploads.result(local) is None:  # the stream failed; write-behind took it whole
                     await trio.sleep(0.01)
                 assert faulty.taken[0][2] == "fail"
                 result = await area.commit("st")

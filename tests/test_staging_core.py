@@ -126,9 +126,9 @@ def frozen_content(tree: StagingTree, ino: int, capture: Capture | None = None) 
     """What a running commit (of capture, if given) will upload for a file (None: nothing)."""
     if capture is not None and ino in capture.frozen:
         return Path(capture.frozen[ino]).read_bytes()
-    if ino in tree.frozen:
-        return Path(tree.frozen[ino]).read_bytes()
-    if ino in tree.frozen_inline:
+    if ino in tree.content.frozen:
+        return Path(tree.content.frozen[ino]).read_bytes()
+    if ino in tree.content.frozen_inline:
         return tree.captured_content(ino)
     return None
 
@@ -193,16 +193,16 @@ def test_create_write_read_truncate(tree: StagingTree, clock: Clock) -> None:
 
 
 def test_local_files_are_listed_wherever_their_content_is(tree: StagingTree) -> None:
-    """iter_local_files() names every file with content not committed yet:
+    """ContentStore.local_files() names every file with content not committed yet:
     in the journal (small) and in a data file (large); stored ones are not."""
     async def main() -> None:
         small = await put_file(tree, ROOT, b"small", b"inline")
         large = await put_file(tree, ROOT, b"large", b"x" * (INLINE_MAX + 1))
         await tree.create(ROOT, b"dir", DIR, 0o755, 0, 0)
         assert tree.get(small.ino).local == INLINE and tree.get(large.ino).local == DATA_FILE
-        assert sorted(tree.iter_local_files()) == sorted([small.ino, large.ino])
+        assert sorted(tree.content.local_files()) == sorted([small.ino, large.ino])
         await tree.unlink(ROOT, b"small")
-        assert list(tree.iter_local_files()) == [large.ino]
+        assert list(tree.content.local_files()) == [large.ino]
 
     run(main)
 
@@ -676,8 +676,8 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
         g = await put_file(tree, ROOT, b"g", b"doomed" + pad)
         h = await put_file(tree, ROOT, b"h", b"uploaded" + pad)
         fake = [ChunkRef(b"\1" * 32, 8, Location(b"\2" * 32, 0, 48))]
-        tree.record_upload(h.ino, tree.version(h.ino), fake)
-        tree.record_upload(g.ino, tree.version(g.ino) - 1, fake)  # stale: ignored
+        tree.uploads.record(h.ino, tree.uploads.version(h.ino), fake)
+        tree.uploads.record(g.ino, tree.uploads.version(g.ino) - 1, fake)  # stale: ignored
 
         capture = tree.capture(lambda chunks: chunks == fake)
         assert set(capture.frozen) | set(capture.inline) == {f.ino, g.ino} and capture.uploaded == {h.ino: fake}
@@ -690,14 +690,15 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
         assert await content(tree, f.ino) == b"CHANGEDd content" + pad
         assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
         assert frozen_content(tree, g.ino, capture) == b"doomed" + pad
-        assert capture.inodes[f.ino].mode == 0o644 and capture.versions[f.ino] != tree.version(f.ino)
+        assert capture.inodes[f.ino].mode == 0o644 and capture.versions[f.ino] != tree.uploads.version(f.ino)
         assert [name for name, _ in capture.children[ROOT]] == [b"f", b"g", b"h"]
         # writing again after the first copy-on-write changes only the live file
         await tree.write(f.ino, 0, b"AGAIN!!")
         assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
         frozen = list(capture.frozen.values())
         tree.release_capture(capture)
-        assert not any(Path(p).exists() for p in frozen) and tree.frozen == {} and tree.frozen_inline == {}
+        assert not any(Path(p).exists() for p in frozen)
+        assert tree.content.frozen == {} and tree.content.frozen_inline == {}
         assert await content(tree, f.ino) == b"AGAIN!!d content" + pad
 
     run(main)
@@ -909,7 +910,7 @@ def test_commit_captures_one_moment_while_writes_go_on(based: Based, tmp_path: P
             assert not tree.get(w.ino).local and not has_content(tree, w.ino)
             assert await content(tree, w.ino) == b"untouched-w" + pad
             assert gone(tree, z.ino)
-            assert tree.dirty and tree.frozen == {} and tree.frozen_inline == {}
+            assert tree.dirty and tree.content.frozen == {} and tree.content.frozen_inline == {}
             assert not any((tmp_path / "state" / "frozen").iterdir())
             assert await names(tree) == [b"d2", b"late", b"w", b"x"]
 
@@ -948,7 +949,7 @@ def test_committed_leaves_files_written_after_the_capture_local(based: Based, tm
             assert await content(tree, a.ino) == b"a" * size
             assert tree.get(b.ino).local and await content(tree, b.ino) == b"B" + b"b" * (size - 1)
             assert tree.base == b"\7" * 32 and tree.dirty
-            assert tree.frozen == {} and tree.frozen_inline == {}
+            assert tree.content.frozen == {} and tree.content.frozen_inline == {}
             # nothing written after the capture: the tree is clean
             capture = tree.capture(lambda chunks: False)
             contents = await upload_captured(uploader, tree, capture)
@@ -1122,7 +1123,7 @@ def test_staging_area_commit_restores_to_the_same_tree(own_based: Based, tmp_pat
             tree = area.trees["built"]
             await build(StagingOps(area, root.ino), random.Random(5))
             with trio.fail_after(60):  # write-behind uploads of the closed files
-                while len(tree.uploads) < 10:
+                while tree.uploads.done_count() < 10:
                     await trio.sleep(0.01)
             await area.setxattr(root.ino, CONTROL_COMMIT, b"token-1")
             result = json.loads(area.getxattr(root.ino, CONTROL_COMMIT + b".token-1"))
@@ -1136,7 +1137,7 @@ def test_staging_area_commit_restores_to_the_same_tree(own_based: Based, tmp_pat
             assert await area.channel_names() == ["base", "built"]
             # staging now shows the committed tree, all of it clean: no content
             # left local, in a data file or in the journal
-            assert not tree.dirty and list(tree.iter_local_files()) == []
+            assert not tree.dirty and list(tree.content.local_files()) == []
             assert [n for n, _ in await area.children(root.ino)] == sorted(os.listdir(os.fsencode(reference)))
             hello = await area.lookup(root.ino, b"hello.txt")
             handle = await area.open(hello.ino, os.O_RDONLY)

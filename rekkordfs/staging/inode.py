@@ -1,0 +1,94 @@
+"""An inode of a staging tree as the journal holds it, and where its content lives."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from ..format import BlobRef, Entry, EntryKind
+from ..fsmeta import FILE_TYPE_BITS
+
+ROOT = 1
+
+
+class Content(IntEnum):
+    """Where a file's content is (the journal's `local` column). Only STORED is
+    false: `if node.local` means "written here, not committed yet"."""
+
+    STORED = 0  # the chunks of the base snapshot or of the last commit (`chunks`)
+    DATA_FILE = 1  # data/<ino> in the state folder
+    INLINE = 2  # the journal's `inline` table (small files)
+
+
+COLUMNS = ("ino, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, chunks, local, "
+           "dir_ref, link_id, xattrs")
+_KIND_COLUMN, _LOCAL_COLUMN, _DIR_REF_COLUMN = 1, 13, 14  # positions in COLUMNS
+
+
+def error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+def encode_xattrs(items: list[tuple[bytes, bytes]]) -> bytes:
+    out = bytearray(struct.pack("<H", len(items)))
+    for name, value in items:
+        out += struct.pack("<HI", len(name), len(value)) + name + value
+    return bytes(out)
+
+
+def decode_xattrs(raw: bytes | None) -> list[tuple[bytes, bytes]]:
+    if not raw:
+        return []
+    (count,) = struct.unpack_from("<H", raw, 0)
+    pos, items = 2, []
+    for _ in range(count):
+        name_len, value_len = struct.unpack_from("<HI", raw, pos)
+        pos += 6
+        items.append((raw[pos:pos + name_len], raw[pos + name_len:pos + name_len + value_len]))
+        pos += name_len + value_len
+    return items
+
+
+@dataclass(slots=True)
+class Inode:
+    ino: int
+    kind: EntryKind
+    mode: int  # permission bits
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    nlink: int
+    target: bytes | None
+    chunks: bytes | None
+    local: Content  # where the content is; true: written here, not stored
+    dir_ref: BlobRef | None
+    link_id: int | None
+    xattrs: bytes | None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == EntryKind.DIRECTORY
+
+    @property
+    def full_mode(self) -> int:
+        return FILE_TYPE_BITS[self.kind] | self.mode
+
+    def entry(self, name: bytes) -> Entry:
+        """Its metadata as a directory entry (content fields are the caller's)."""
+        return Entry(self.kind, name, self.mode, self.uid, self.gid, self.mtime_ns, self.atime_ns, self.ctime_ns,
+                     self.size, self.nlink, 0, self.rdev, decode_xattrs(self.xattrs), target=self.target)
+
+
+def inode_from_row(row: tuple) -> Inode:
+    """An Inode from a row of `SELECT {COLUMNS} FROM inodes`."""
+    values = list(row)
+    values[_KIND_COLUMN] = EntryKind(values[_KIND_COLUMN])
+    values[_LOCAL_COLUMN] = Content(values[_LOCAL_COLUMN])
+    values[_DIR_REF_COLUMN] = BlobRef.decode(values[_DIR_REF_COLUMN]) if values[_DIR_REF_COLUMN] else None
+    return Inode(*values)

@@ -1,0 +1,240 @@
+"""The SQLite journal of a staging tree: its transactions, the inode rows (and
+their cache), the reserve that keeps deletions possible on a full disk, and
+recovery after a crash."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..format import EntryKind
+from ..journalspace import disk_is_short, give_back, journal_error, open_journal
+from ..testhooks import check_inode_cache
+from .inode import COLUMNS, ROOT, Content, Inode, error, inode_from_row
+
+INODE_CACHE = 100_000  # rows kept decoded; past it the cache starts over
+RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY AUTOINCREMENT,  -- numbers are never reused
+    kind INTEGER NOT NULL, mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    rdev INTEGER NOT NULL DEFAULT 0, nlink INTEGER NOT NULL DEFAULT 1,
+    target BLOB,            -- symlink target
+    chunks BLOB,            -- file content as stored chunks (when local = Content.STORED)
+    local INTEGER NOT NULL DEFAULT 0,   -- where file content is: a Content value (0 chunks, 1 data/<ino>, 2 inline)
+    dir_ref BLOB,           -- directory not expanded yet: its stored record (format.BlobRef)
+    link_id INTEGER,        -- hardlink group of the base snapshot
+    xattrs BLOB
+);
+CREATE TABLE IF NOT EXISTS dentries (
+    parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY (parent, name)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS dentries_by_ino ON dentries (ino);
+CREATE TABLE IF NOT EXISTS inline (ino INTEGER PRIMARY KEY, data BLOB NOT NULL);  -- small files' content
+"""
+
+Deleted = list[tuple[int, Content]]  # inodes a transaction deleted, and where their content was
+
+
+class Journal:
+    """tree.db and what is kept in memory beside it.
+
+    Every change of an inode row goes through update_inode() or delete_inode(),
+    which keep the row cache right; bulk changes call forget_rows()."""
+
+    def __init__(self, folder: Path, on_deleted: Callable[[Deleted], None]) -> None:
+        self.folder = folder
+        self.db = open_journal(folder / "tree.db", SCHEMA)
+        self.on_deleted = on_deleted  # once a transaction that deleted inodes is committed
+        self.reserve = folder / "reserve"
+        self.sequence = 0  # bumped on every change (in memory)
+        self._dirty = bool(self.meta("dirty", 0))
+        self._freed = False  # the open transaction shrank inline content: give the space back
+        self._deleted: Deleted = []  # by the open transaction
+        self._inodes: dict[int, Inode] = {}  # rows as journaled
+        self._check_cache = check_inode_cache()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else default
+
+    def set_meta(self, key: str, value: bytes | int | None) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    # --- inode rows -------------------------------------------------------------------
+
+    def get(self, ino: int) -> Inode:
+        node = self._inodes.get(ino)
+        if node is not None and self._check_cache:
+            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+            assert row is not None and inode_from_row(row) == node, f"stale cached inode {ino}: {node} != {row}"
+        if node is None:
+            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+            if row is None:
+                raise error(errno.ENOENT)
+            if len(self._inodes) > INODE_CACHE:
+                self._inodes.clear()
+            node = self._inodes[ino] = inode_from_row(row)
+        return node
+
+    def update_inode(self, ino: int, assignments: str, *values: object) -> None:
+        """UPDATE inodes SET <assignments> for one inode (inside a transaction)."""
+        self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values, ino))
+        self._inodes.pop(ino, None)
+
+    def delete_inode(self, ino: int, content: Content) -> None:
+        """Inside a transaction; on_deleted() hears of it once it is committed."""
+        self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        self._inodes.pop(ino, None)
+        self._deleted.append((ino, content))
+
+    def forget_rows(self) -> None:
+        """After a change of many rows at once."""
+        self._inodes.clear()
+
+    # --- changes and transactions ---------------------------------------------------------
+
+    @property
+    def dirty(self) -> bool:
+        """Changed since the base snapshot (a clean tree may follow newer snapshots)."""
+        return self._dirty
+
+    def changed(self) -> None:
+        """Inside a transaction: the tree differs from its base now."""
+        self.sequence += 1
+        if not self._dirty:
+            self.set_meta("dirty", 1)
+            self._dirty = True
+
+    def set_dirty(self, dirty: bool) -> None:
+        """Inside a transaction: after a seed or a commit."""
+        self.set_meta("dirty", 1 if dirty else 0)
+        self._dirty = dirty
+
+    def freed(self) -> None:
+        """The open transaction shrank the journal's content: give the space back."""
+        self._freed = True
+
+    def transaction(self) -> _Tx:
+        return _Tx(self.db, self._after_commit, self._after_rollback)
+
+    def _after_commit(self) -> None:
+        deleted, self._deleted = self._deleted, []
+        if deleted:
+            self.on_deleted(deleted)
+        if deleted or self._freed:
+            self._freed = False
+            # on a disk short of space, deleting must free space at once
+            give_back(self.db, urgent=not self.reserve.exists() or disk_is_short(self.folder))
+            self.ensure_reserve()
+
+    def _after_rollback(self) -> None:
+        """The in-memory state must not claim what was not written."""
+        self._inodes.clear()
+        self._deleted = []
+        self._freed = False
+        self._dirty = bool(self.meta("dirty", 0))
+
+    def freeing(self, apply: Callable[[], None]) -> None:
+        """Run apply() in a transaction. When the disk is full, spend the reserve
+        file so that operations which free space (unlink, rmdir, rename over)
+        can still be recorded; it is made again once there is room."""
+        try:
+            with self.transaction():
+                apply()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC or not self.reserve.exists():
+                raise
+            self.reserve.unlink()
+            with self.transaction():
+                apply()
+
+    def ensure_reserve(self, room: int = 2 * RESERVE_SIZE) -> None:
+        """Make the reserve file again, once the disk has `room` free: space a
+        user just freed on a full disk is theirs first."""
+        if self.reserve.exists():
+            return
+        try:
+            st = os.statvfs(self.folder)
+            if st.f_bavail * st.f_frsize < room:
+                return
+            with open(self.reserve, "wb") as handle:
+                handle.write(bytes(RESERVE_SIZE))
+        except OSError:
+            self.reserve.unlink(missing_ok=True)  # still full: try again later
+
+    def recover(self, clock: Callable[[], int]) -> set[str]:
+        """After a crash: drop inodes no entry refers to. Returns the inodes
+        (as file names) whose content is a data file: other data files are stale."""
+        with self.transaction():
+            if self.db.execute("SELECT 1 FROM inodes WHERE ino = ?", (ROOT,)).fetchone() is None:
+                created = clock()
+                self.db.execute(
+                    "INSERT INTO inodes (ino, kind, mode, uid, gid, atime_ns, mtime_ns, ctime_ns, nlink) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, 2)",
+                    (ROOT, EntryKind.DIRECTORY, 0o755, os.getuid(), os.getgid(), created, created, created))
+            self.db.execute("DELETE FROM inodes WHERE ino != ? AND ino NOT IN (SELECT ino FROM dentries)", (ROOT,))
+            if not self.meta("folder_links"):  # journals from before folders counted their subfolders
+                self.db.execute(
+                    "UPDATE inodes SET nlink = 2 + (SELECT count(*) FROM dentries d JOIN inodes c ON c.ino = d.ino "
+                    "WHERE d.parent = inodes.ino AND c.kind = ?) WHERE kind = ? AND nlink > 0 AND dir_ref IS NULL",
+                    (EntryKind.DIRECTORY, EntryKind.DIRECTORY))
+                self.set_meta("folder_links", 1)
+            self.db.execute("DELETE FROM inline WHERE ino NOT IN (SELECT ino FROM inodes WHERE local = ?)",
+                            (Content.INLINE,))
+        return {str(r[0]) for r in self.db.execute("SELECT ino FROM inodes WHERE local = ?", (Content.DATA_FILE,))}
+
+
+class _Tx:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are
+    no-ops). Journal failures surface as OSError: ENOSPC when the disk is full."""
+
+    def __init__(self, db: sqlite3.Connection, on_commit: Callable[[], None],
+                 on_rollback: Callable[[], None]) -> None:
+        self.db = db
+        self.on_commit = on_commit
+        self.on_rollback = on_rollback
+        self.outer = False
+
+    def __enter__(self) -> None:
+        if not self.db.in_transaction:
+            _journal(self.db.execute, "BEGIN IMMEDIATE")
+            self.outer = True
+
+    def __exit__(self, kind, value, traceback) -> None:
+        if not self.outer:
+            return
+        if kind is None:
+            try:
+                _journal(self.db.execute, "COMMIT")
+            except OSError:
+                self._rollback()
+                raise
+            self.on_commit()
+            return
+        self._rollback()
+        if isinstance(value, sqlite3.Error):
+            raise journal_error(value) from None
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
+            self.db.execute("ROLLBACK")
+        self.on_rollback()
+
+
+def _journal(execute: Callable[..., object], *args: object) -> object:
+    try:
+        return execute(*args)
+    except sqlite3.Error as exc:
+        raise journal_error(exc) from None

@@ -13,7 +13,6 @@ Like vfs.py it raises OSError and knows nothing of FUSE.
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
 import shutil
@@ -25,7 +24,7 @@ import trio
 
 from .blobcache import BlobCache
 from .commit import CommitResult, Committer
-from .control import CONTROL_CHANNEL, CONTROL_COMMIT
+from .control import CONTROL_CHANNEL, CONTROL_COMMIT, CommitReply
 from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .fsmeta import xattr_refusal
@@ -387,13 +386,12 @@ class StagingArea:
             result = await self.commit(tree.channel)
         except RekkordError as exc:
             log.error("commit of staging/%s failed: %s", tree.channel, exc.message)
-            self._results[token] = json.dumps({"error": exc.message}).encode()
+            self._results[token] = CommitReply(error=exc.message).encode()
             raise OSError(errno.EIO, exc.message) from None
-        self._results[token] = json.dumps({
-            "id": result.tag.id_hex, "channel": result.tag.channel, "time_ns": result.tag.time_ns,
-            "files": result.files, "size": result.size, "bytes_new": result.bytes_new,
-            "bytes_stored": result.bytes_stored, "duration": round(result.duration, 3),
-        }).encode()
+        self._results[token] = CommitReply(
+            id=result.tag.id_hex, channel=result.tag.channel, time_ns=result.tag.time_ns, files=result.files,
+            size=result.size, bytes_new=result.bytes_new, bytes_stored=result.bytes_stored,
+            duration=round(result.duration, 3)).encode()
 
     async def commit(self, channel: str) -> CommitResult:
         lock = self._locks.setdefault(channel, trio.Lock())

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import os
 import re
 import secrets
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
+from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT, CommitReply
 from rekkordfs.errors import RekkordError, UsageError
 
 from .output import human_size, iso_time, print_json
@@ -44,7 +43,7 @@ def commit(args: argparse.Namespace, make_config: Callable[[argparse.Namespace],
     except OSError as exc:
         failure = exc
     try:
-        result = json.loads(os.getxattr(path, CONTROL_COMMIT + b"." + token))
+        reply = CommitReply.decode(os.getxattr(path, CONTROL_COMMIT + b"." + token))
     except (OSError, ValueError) as exc:
         if any(isinstance(e, OSError) and e.errno in MOUNT_GONE for e in (failure, exc)):
             mnt = _mount_point(path)
@@ -52,22 +51,22 @@ def commit(args: argparse.Namespace, make_config: Callable[[argparse.Namespace],
                                f"commit; {_remount(mnt)}, then commit again (staged data is kept)") from None
         reason = failure.strerror if failure else "no answer from the mount"
         raise RekkordError(f"commit of staging/{channel} failed: {reason}") from None
-    if "error" in result:
-        raise RekkordError(f"commit of staging/{channel} failed: {result['error']}")
+    if reply.error is not None:
+        raise RekkordError(f"commit of staging/{channel} failed: {reply.error}")
     if args.format == "json":
         print_json({
-            "id": result["id"], "channel": result["channel"], "time": iso_time(result["time_ns"]),
-            "files": result["files"], "size": result["size"], "bytes_new": result["bytes_new"],
-            "bytes_stored": result["bytes_stored"], "duration": result["duration"],
+            "id": reply.id, "channel": reply.channel, "time": iso_time(reply.time_ns), "files": reply.files,
+            "size": reply.size, "bytes_new": reply.bytes_new, "bytes_stored": reply.bytes_stored,
+            "duration": reply.duration,
         })
     elif getattr(args, "quiet", False):
-        print(result["id"])
+        print(reply.id)
     else:
-        print(f"Files:        {result['files']} ({human_size(result['size'])})")
-        print(f"New:          {human_size(result['bytes_new'])}")
-        print(f"Stored:       {human_size(result['bytes_stored'])}")
-        print(f"Time:         {result['duration']:.2f} s")
-        print(result["id"])
+        print(f"Files:        {reply.files} ({human_size(reply.size)})")
+        print(f"New:          {human_size(reply.bytes_new)}")
+        print(f"Stored:       {human_size(reply.bytes_stored)}")
+        print(f"Time:         {reply.duration:.2f} s")
+        print(reply.id)
     return 0
 
 

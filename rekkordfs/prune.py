@@ -36,10 +36,12 @@ from .marks import (
     decode_forgotten,
     encode_condemned,
 )
+from .packs import COALESCE_GAP, Sealed, coalesce
 from .repository import INDEX_PREFIX, PACKS_PREFIX, SNAPSHOTS_PREFIX, Repository
 from .retention import Duration
 from .storage.base import ObjectInfo
-from .tuning import RECORD_BATCH
+from .tasks import task_group
+from .tuning import RECORD_BATCH, repack_packs
 
 DEFAULT_GRACE = Duration(days=1)
 DEFAULT_REPACK_BELOW = 0.9  # a pack less used than this is rewritten
@@ -297,24 +299,57 @@ class Pruner:
         failure while writing ends the prune before anything is condemned."""
         copied: dict[bytes, list[bytes]] = {}
         for pack in sparse:
-            blobs = sorted(uses[pack].items())
             self.report.packs_repacked += 1
-            self.report.bytes_copied += sum(length for _, (_, _, length) in blobs)
-            if self.options.dry_run:
-                copied[pack] = []
-                continue
-            try:
-                datas = await self.repo.storage.get_ranges(
-                    [(pack_key(pack), offset, length) for offset, (_, _, length) in blobs])
-                plain = [await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, pack, raw)
-                         for (_, (blob_id, kind, _)), raw in zip(blobs, datas)]
-            except (CorruptedData, ObjectMissing) as exc:
-                self.problem(f"pack {pack.hex()} is kept as it is: {exc.message}")
-                continue
-            for (_, (blob_id, kind, _)), data in zip(blobs, plain):
-                self.repo.store(kind, blob_id, await self.repo.run_cpu(self.repo.seal, kind, data))
-            await self.repo.upload_ready()
-            copied[pack] = [blob_id for _, (blob_id, _, _) in blobs]
+            self.report.bytes_copied += sum(length for _, _, length in uses[pack].values())
+        if self.options.dry_run:
+            return list(sparse)
+        slots = trio.Semaphore(repack_packs(self.repo.threads))
+
+        async def one(pack: bytes) -> None:
+            async with slots:
+                try:
+                    copied[pack] = await self._repack_pack(pack, uses[pack])
+                except (CorruptedData, ObjectMissing) as exc:
+                    self.problem(f"pack {pack.hex()} is kept as it is: {exc.message}")
+
+        async with task_group() as nursery:
+            for pack in sparse:
+                nursery.start_soon(one, pack)
         await self.repo.flush_packs()
         await self.repo.storage.flush()
-        return [pack for pack, blob_ids in copied.items() if all(map(self.repo.stored_now, blob_ids))]
+        return [pack for pack in sparse if pack in copied and all(map(self.repo.stored_now, copied[pack]))]
+
+    async def _repack_pack(self, pack: bytes, used: dict[int, tuple[bytes, BlobKind, int]]) -> list[bytes]:
+        """Copy the used blobs of one pack into the open packs; their IDs. The
+        used parts are read with a few ranged requests (neighbours share one),
+        and every blob is checked and sealed again, still compressed, in one
+        worker thread hop; a bad blob keeps the whole pack (CorruptedData)."""
+        blobs = sorted(used.items())
+        locations = [Location(pack, offset, length) for offset, (_, _, length) in blobs]
+        runs = coalesce(locations, COALESCE_GAP if self.repo.storage.remote else 0)
+        key = pack_key(pack)
+        datas = await self.repo.storage.get_ranges([(key, start, length) for _, start, length, _ in runs])
+
+        def reseal_all() -> list[tuple[bytes, BlobKind, Sealed]]:
+            out: list[tuple[bytes, BlobKind, Sealed]] = []
+            try:
+                for (_, start, _, members), data in zip(runs, datas):
+                    view = memoryview(data)
+                    for index in members:
+                        location = locations[index]
+                        blob_id, kind, _ = blobs[index][1]
+                        begin = location.offset - start
+                        raw = view[begin:begin + location.length]
+                        if len(raw) != location.length:  # the pack ends early
+                            raise CorruptedData(f"blob {blob_id.hex()}: pack {pack.hex()} is truncated")
+                        out.append((blob_id, kind, self.repo.reseal(kind, blob_id, location, raw)))
+            except BaseException:
+                self.repo.discard([sealed for _, _, sealed in out])
+                raise
+            return out
+
+        resealed = await self.repo.run_cpu(reseal_all)
+        for blob_id, kind, sealed in resealed:
+            self.repo.store(kind, blob_id, sealed)
+        await self.repo.upload_ready()
+        return [blob_id for blob_id, _, _ in resealed]

@@ -62,3 +62,9 @@ def s3_requests(threads: int) -> int:
 def sftp_requests(threads: int) -> int:
     """SFTP requests in flight (asyncssh pipelines them over a few channels)."""
     return max(16, threads * 8)
+
+
+def repack_packs(threads: int) -> int:
+    """Packs a prune repacks at once: while one is resealed (CPU) the next is
+    read (disk or network), and every CPU has a pack to work on."""
+    return max(2, threads)

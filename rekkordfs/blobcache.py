@@ -20,7 +20,7 @@ import os
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
@@ -257,7 +257,7 @@ class BlobCache:
 
     async def _prefetch_batch(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
                               cached: Callable[[bytes], object], then: Callable | None,
-                              keep: Callable[[bytes, object], None]) -> None:
+                              keep: Callable[[bytes, Any], None]) -> None:
         """One open_many for the blobs neither cached nor being fetched; readers
         that ask for one of them meanwhile wait for the batch (see _shared)."""
         unique = dict(blobs)  # equal records (empty folders, say) share one ID

@@ -9,9 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Protocol
 
 import pyfastcdc
+
+
+class ReadsInto(Protocol):
+    """What a chunker reads from: an open file, or a staged file still growing."""
+
+    def readinto(self, buffer: memoryview, /) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Chunker:
             return [memoryview(data)]
         return [chunk.data for chunk in self._cdc().cut_buf(data)]
 
-    def stream(self, source: BinaryIO) -> Iterator[memoryview]:
+    def stream(self, source: ReadsInto) -> Iterator[memoryview]:
         """Cut a file object, reading it in large blocks.
 
         Chunks are views into the block they were cut from; the tail of a block
@@ -64,7 +70,7 @@ class Chunker:
 READ_BLOCK = 16 << 20
 
 
-def _read_into(source: BinaryIO, view: memoryview) -> int:
+def _read_into(source: ReadsInto, view: memoryview) -> int:
     total = 0
     while total < len(view):
         got = source.readinto(view[total:])

@@ -54,7 +54,7 @@ def random_bytes(size: int) -> bytes:
     return os.urandom(size)
 
 
-def keyed_hash(key: bytes, kind: int, data: bytes | memoryview) -> bytes:
+def keyed_hash(key: bytes, kind: int, data: bytes | bytearray | memoryview) -> bytes:
     """Blob ID: keyed BLAKE3 over a type byte and the plaintext."""
     hasher = blake3.blake3(bytes((kind,)), key=key)
     hasher.update(data)

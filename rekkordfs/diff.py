@@ -23,6 +23,7 @@ and stops past the limits every other walk enforces.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -164,7 +165,7 @@ class Differ:
             return True
         return False
 
-    def _entries(self, records: dict[bytes, list[Entry] | RekkordError], ref: BlobRef | None, path: bytes,
+    def _entries(self, records: Mapping[bytes, list[Entry] | RekkordError], ref: BlobRef | None, path: bytes,
                  depth: int, side: int) -> list[Entry]:
         if ref is None:
             return []

@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import os
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -163,7 +163,8 @@ class _TarInfo(tarfile.TarInfo):
         records = b"".join(_pax_record(keyword.encode("utf-8"), value.encode("utf-8", "surrogateescape"))
                            for keyword, value in pax_headers.items())
         info = {"name": "././@PaxHeader", "type": type, "size": len(records), "magic": tarfile.POSIX_MAGIC}
-        return cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace") + cls._create_payload(records)
+        return (cls._create_header(info, tarfile.USTAR_FORMAT, "ascii", "replace")  # type: ignore[attr-defined]
+                + cls._create_payload(records))  # type: ignore[attr-defined]
 
 
 def _pax_record(keyword: bytes, value: bytes) -> bytes:
@@ -183,7 +184,7 @@ def tar_info(name: str, entry: Entry, warn: Warn) -> tarfile.TarInfo:
     info.uname = info.gname = ""  # not stored: owners are numeric
     info.mtime = max(0, entry.mtime_ns // 10**9)
     if entry.mtime_ns % 10**9 or entry.mtime_ns < 0:
-        info.pax_headers["mtime"] = _exact_time(entry.mtime_ns)
+        info.pax_headers["mtime"] = _exact_time(entry.mtime_ns)  # type: ignore[index]  # a dict at run time
     if entry.kind == EntryKind.FILE:
         info.size = entry.size
     elif entry.kind == EntryKind.SYMLINK:
@@ -195,7 +196,7 @@ def tar_info(name: str, entry: Entry, warn: Warn) -> tarfile.TarInfo:
         if keyword is None:
             warn(f"'{name}': extended attribute {xname!r} cannot be archived (its name is not UTF-8); left out")
             continue
-        info.pax_headers[keyword] = value.decode("utf-8", "surrogateescape")
+        info.pax_headers[keyword] = value.decode("utf-8", "surrogateescape")  # type: ignore[index]
     return info
 
 
@@ -243,7 +244,7 @@ class TarDumper:
         self.name = name  # "snapshot <id>", for messages
         self.tar = tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                                 errors="surrogateescape", bufsize=COPY_BLOCK)
-        self.tar.copybufsize = COPY_BLOCK
+        self.tar.copybufsize = COPY_BLOCK  # type: ignore[attr-defined]  # tarfile's own, not in its stubs
         self.stats = DumpStats()
         self._links: dict[int, str] = {}  # hardlink group -> its first member
         self._batch: list[_Member] = []
@@ -260,7 +261,7 @@ class TarDumper:
             # the archive is cut short: tarfile must not try to finish it when
             # collected (the reader may be gone, and the error says it all)
             self.tar.fileobj.closed = True  # type: ignore[attr-defined]
-            self.tar.closed = True
+            self.tar.closed = True  # type: ignore[attr-defined]
             raise
 
     async def _run(self, top: Entry, with_top: bool) -> DumpStats:
@@ -269,7 +270,7 @@ class TarDumper:
             self.nursery = nursery
             if with_top:
                 await self._add([], top)
-            stack = [([], iter(await self.repo.read_directory(top.dir_ref)))]
+            stack: list[tuple[list[bytes], Iterator[Entry]]] = [([], iter(await self.repo.read_directory(top.dir_ref)))]
             while stack:  # depth first, a folder's content right after it
                 parts, entries = stack[-1]
                 entry = next(entries, None)

@@ -82,10 +82,10 @@ def first_of(exc: BaseException, kind: type[E] | tuple[type[BaseException], ...]
     if isinstance(exc, kind):
         return exc  # type: ignore[return-value]
     if isinstance(exc, BaseExceptionGroup):
-        match, _ = exc.split(kind)
-        while isinstance(match, BaseExceptionGroup):
-            match = match.exceptions[0]
-        return match  # type: ignore[return-value]
+        found: BaseException | None = exc.split(kind)[0]
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        return found  # type: ignore[return-value]
     return None
 
 

@@ -11,7 +11,7 @@ import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
@@ -82,7 +82,7 @@ class Operations(pyfuse3.Operations):
         self.staging = staging
         self._next_handle = 1
         # open directories: (name, attributes, what to call when the kernel keeps it)
-        self._dirs: dict[int, list[tuple[bytes, Attr, Callable[[], None]]]] = {}
+        self._dirs: dict[int, list[tuple[bytes, Attr, Callable[[], object]]]] = {}
         self._files: dict[int, FileReader | Handle] = {}
 
     def _handle(self) -> int:
@@ -114,7 +114,7 @@ class Operations(pyfuse3.Operations):
         node = await self.view.lookup(parent_inode, name)
         return entry_attributes(node.attr)
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             try:
                 staging = self._staged(ino)
@@ -161,6 +161,7 @@ class Operations(pyfuse3.Operations):
     async def opendir(self, inode: int, ctx: Any) -> int:
         staging = self._staged(inode)
         if staging is not None:
+            items: list[tuple[bytes, Attr, Callable[[], object]]]
             items = [(name, attr, functools.partial(staging.remember, attr.ino))
                      for name, attr in await staging.children(inode)]
         else:

@@ -67,7 +67,9 @@ class WeightedLRU(Generic[K, V]):
     def _evict_oldest(self) -> None:
         # lru-dict 1.4's popitem() keeps a reference to what it returns (a leak
         # of every evicted value): peek at the oldest and delete it instead
-        key, value = self._items.peek_last_item()
+        oldest = self._items.peek_last_item()
+        assert oldest is not None  # only called while over weight, so not empty
+        key, value = oldest
         del self._items[key]
         self.used -= self._weigh(value)
         if self._on_evict is not None:

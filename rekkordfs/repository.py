@@ -23,7 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import TypeVar, overload
 
 import trio
 
@@ -509,6 +509,13 @@ class Repository:
                 nursery.start_soon(fetch, index, blob_id, location)
         return raws
 
+    @overload
+    async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location) -> bytes | bytearray: ...
+
+    @overload
+    async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location,
+                         then: Callable[[bytes | bytearray], T]) -> T: ...
+
     async def _open_blob(self, kind: BlobKind, blob_id: bytes, location: Location,
                          then: Callable[[bytes | bytearray], T] | None = None) -> T | bytes | bytearray:
         """Read, authenticate and decompress a blob (and give it to `then`, in the
@@ -518,9 +525,17 @@ class Repository:
             raise result
         return result
 
+    @overload
+    async def open_many(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
+                        then: None = None) -> list[bytes | bytearray | Exception]: ...
+
+    @overload
+    async def open_many(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
+                        then: Callable[[bytes | bytearray], T]) -> list[T | Exception]: ...
+
     async def open_many(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
                         then: Callable[[bytes | bytearray], T] | None = None
-                        ) -> list[T | bytes | bytearray | Exception]:
+                        ) -> list[T | bytes | bytearray | Exception] | list[T | Exception]:
         """_open_blob of many blobs in one worker thread (on a local disk the reads
         happen there too). Each result is the value or the error of that blob,
         so one bad blob spoils nothing else."""

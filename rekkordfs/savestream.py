@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import time
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import trio
 
+from .chunker import ReadsInto
 from .errors import UsageError
 from .format import BlobKind, Entry, EntryKind, Snapshot, encode_chunks, encode_directory, validate_channel
 from .keys import Capability
@@ -38,7 +39,7 @@ async def save_stream(repo: Repository, channel: str, name: str, stream: BinaryI
     time_ns = time.time_ns()
     await repo.prepare_write()
     stats = SaveStats()
-    chunks = await Uploader(repo, stats).upload_stream(stream)
+    chunks = await Uploader(repo, stats).upload_stream(cast(ReadsInto, stream))  # a buffered binary file
     uses = {chunk.location.pack for chunk in chunks}  # every pack the snapshot refers to
     size = sum(chunk.size for chunk in chunks)
     entry = Entry(kind=EntryKind.FILE, name=raw_name, mode=STREAM_MODE, uid=os.getuid(), gid=os.getgid(),

@@ -8,16 +8,16 @@ happens on the trio side so packs and the known-blob table stay consistent.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
 import trio
 
 from .cache import KnownBlob
-from .chunker import Chunker
+from .chunker import Chunker, ReadsInto
 from .format import BlobKind, ChunkRef, Location
 from .packs import Sealed
 from .repository import Repository
@@ -37,7 +37,7 @@ class TransferStats:
     bytes_stored: int = 0  # bytes written to the repository
 
 
-def open_regular(path: bytes | str) -> BinaryIO:
+def open_regular(path: bytes | str | os.PathLike[str]) -> io.FileIO:
     """Open a file for reading without following symlinks or blocking on FIFOs."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
     try:
@@ -132,7 +132,7 @@ class Uploader:
         self.stats.bytes_read += sum(len(data) for data in datas)
         return [[next(refs) for _ in chunks] for chunks in prepared]
 
-    async def upload_stream(self, handle: BinaryIO) -> list[ChunkRef]:
+    async def upload_stream(self, handle: ReadsInto) -> list[ChunkRef]:
         """Chunks of a large open file, many stored at once, in file order."""
         slots: list[ChunkRef | None] = []
         stream = self.chunker.stream(handle)
@@ -158,7 +158,7 @@ class Uploader:
         finally:
             self._inflight.release()
 
-    async def upload_path(self, path: bytes | str) -> list[ChunkRef]:
+    async def upload_path(self, path: bytes | str | os.PathLike[str]) -> list[ChunkRef]:
         """Every chunk of a local file (the staging area's data files)."""
         handle = await trio.to_thread.run_sync(open_regular, path)
         try:

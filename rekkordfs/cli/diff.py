@@ -68,10 +68,10 @@ def summarize(result: DiffResult) -> dict:
                 changed["size_after"] += change.new.size
             continue
         counts = added if change.status == Status.ADDED else removed
-        kind = change.entry.kind
-        counts["files" if kind == EntryKind.FILE else "directories" if kind == EntryKind.DIRECTORY
+        entry_kind = change.entry.kind
+        counts["files" if entry_kind == EntryKind.FILE else "directories" if entry_kind == EntryKind.DIRECTORY
                else "other"] += 1
-        if kind == EntryKind.FILE:
+        if entry_kind == EntryKind.FILE:
             counts["size"] += change.entry.size
     return {"added": added, "removed": removed, "changed": changed}
 

@@ -37,8 +37,8 @@ def find(args: argparse.Namespace, make_config: ConfigMaker) -> int:
         warn(line)
     status = 3 if rejected or result.problems else 0
     if args.format == "json":
-        times = {t.snapshot_id: iso_time(t.time_ns) for t in result.searched}
-        print_json_list({"id": m.tag.id_hex, "channel": m.tag.channel, "time": times[m.tag.snapshot_id],
+        when_taken = {t.snapshot_id: iso_time(t.time_ns) for t in result.searched}
+        print_json_list({"id": m.tag.id_hex, "channel": m.tag.channel, "time": when_taken[m.tag.snapshot_id],
                          "path": "/" + os.fsdecode(m.path), "type": m.entry.kind.name.lower(),
                          "size": m.entry.size, "mtime": iso_time(m.entry.mtime_ns)}
                         for m in result.matches)

@@ -92,7 +92,7 @@ def run_trio(async_fn: Callable[..., Awaitable[T]], *args: object) -> T:
             await nursery.start(watch, nursery.cancel_scope)
             result = await async_fn(*args)
             nursery.cancel_scope.cancel()  # stops the watcher
-        return result  # type: ignore[return-value]  # None only when interrupted, then unused
+        return result  # None only when interrupted, then unused
 
     previous = signal.getsignal(signal.SIGINT)
     exit_at_once()  # until the watcher listens (and so trio does not install its own handler)

@@ -7,6 +7,7 @@ import re
 import stat
 import sys
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -74,11 +75,11 @@ def print_json_list(items: Iterable[Any]) -> None:
     write("\n]\n")
 
 
-def print_table(rows: Iterable[Iterable[str]], right_align: set[int] = frozenset()) -> None:
-    rows = [list(r) for r in rows]
-    if not rows:
+def print_table(rows: Iterable[Iterable[str]], right_align: AbstractSet[int] = frozenset()) -> None:
+    table = [list(r) for r in rows]
+    if not table:
         return
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for row in rows:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for row in table:
         cells = [c.rjust(widths[i]) if i in right_align else c.ljust(widths[i]) for i, c in enumerate(row)]
         print("  ".join(cells).rstrip())

@@ -48,7 +48,10 @@ def forget(args: argparse.Namespace, make_config: ConfigMaker) -> int:
 
     async def run() -> tuple[ForgetPlan, PruneReport | None]:
         async with Repository.connect(config, keys) as repo:
-            plan = await (plan_by_ids(repo, args.ids) if args.ids else plan_by_policy(repo, policy, args.channel))
+            if policy is None:
+                plan = await plan_by_ids(repo, args.ids)
+            else:
+                plan = await plan_by_policy(repo, policy, args.channel)
             if not args.dry_run:
                 await forget_snapshots(repo, plan)
             report = await Pruner(repo, options, progress=warn).run() if options is not None else None

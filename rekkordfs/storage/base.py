@@ -54,7 +54,7 @@ class Storage(ABC):
         await self.connect()
 
     @abstractmethod
-    async def put(self, key: str, data: bytes) -> bool:
+    async def put(self, key: str, data: bytes | bytearray) -> bool:
         """Store data under key unless it exists; True if written."""
 
     @abstractmethod

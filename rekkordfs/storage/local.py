@@ -97,6 +97,10 @@ TRANSIENT_ERRNOS = {errno.ETIMEDOUT, errno.ESTALE, errno.ECONNRESET, errno.ECONN
                     errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET}
 
 
+# a listing's keys (spelled here: inside the class, `list` is the method)
+_Keys = list[str]
+
+
 class LocalStorage(Storage):
     conditional_writes = True
     remote = False
@@ -266,10 +270,10 @@ class LocalStorage(Storage):
     async def list(self, prefix: str) -> list[str]:
         return await self._run(self._list_sync, prefix)
 
-    def _list_sync(self, prefix: str) -> list[str]:
+    def _list_sync(self, prefix: str) -> _Keys:
         base = prefix.rstrip("/")
         start = os.path.join(self.root, base)
-        keys: list[str] = []
+        keys: _Keys = []
         try:
             stack = [(start, base)]
             while stack:

@@ -76,16 +76,16 @@ class RetryingStorage(Storage):
     def description(self) -> str:
         return self.inner.description
 
-    @property  # type: ignore[override]
-    def conditional_writes(self) -> bool:  # S3 learns it when connecting
+    @property
+    def conditional_writes(self) -> bool:  # type: ignore[override]  # S3 learns it when connecting
         return self.inner.conditional_writes
 
-    @property  # type: ignore[override]
-    def remote(self) -> bool:
+    @property
+    def remote(self) -> bool:  # type: ignore[override]
         return self.inner.remote
 
-    @property  # type: ignore[override]
-    def read_blocking(self) -> Callable[[str, int | None, int | None], bytes] | None:
+    @property
+    def read_blocking(self) -> Callable[[str, int | None, int | None], bytes] | None:  # type: ignore[override]
         # Local reads from worker threads: plain syscalls, nothing transient to retry.
         return self.inner.read_blocking
 

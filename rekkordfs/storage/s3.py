@@ -45,6 +45,10 @@ UNKNOWN_KEY_CODES = {"InvalidAccessKeyId", "InvalidClientTokenId", "Unrecognized
 DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "Forbidden", "403"}
 
 
+# one page of a listing (spelled here: inside the class, `list` is the method)
+_Page = list[tuple[str, ObjectInfo]]
+
+
 class S3Storage(Storage):
     def __init__(self, location: S3Location, settings: S3Settings, threads: int = 4) -> None:
         self.location = location
@@ -234,7 +238,7 @@ class S3Storage(Storage):
                 return found
 
     def _list_page_sync(self, full_prefix: str, token: str | None,
-                        limit: int) -> tuple[list[tuple[str, ObjectInfo]], str | None]:
+                        limit: int) -> tuple[_Page, str | None]:
         kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": full_prefix, "MaxKeys": limit}
         if token:
             kwargs["ContinuationToken"] = token

@@ -348,6 +348,8 @@ class SFTPStorage(Storage):
     async def _get(self, sftp: Any, key: str) -> bytes:
         """Two round trips: stat and open together, then all reads in parallel."""
         path = self._path(key)
+        attrs: Any
+        handle: Any
         attrs, handle = await asyncio.gather(sftp.stat(path), sftp.open(path, "rb"), return_exceptions=True)
         if isinstance(handle, BaseException):
             raise handle

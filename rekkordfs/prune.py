@@ -24,7 +24,7 @@ import trio
 
 from .codec import pack_id_from_key, pack_key, snapshot_id_from_key, snapshot_key
 from .errors import CorruptedData, ObjectMissing
-from .format import BlobKind, BlobRef, EntryKind, Location, Snapshot, Tag, decode_directory, decode_snapshot
+from .format import BlobKind, Location, Snapshot, Tag, decode_snapshot, directory_refs
 from .keys import Capability
 from .marks import (
     CONDEMNED_PREFIX,
@@ -217,35 +217,32 @@ class Pruner:
 
     async def _walk(self, roots: list[Snapshot], uses: Uses) -> None:
         """Every place each tree refers to, each distinct record read once."""
-        def use(location: Location, blob_id: bytes, kind: BlobKind) -> None:
-            uses.setdefault(location.pack, {})[location.offset] = (blob_id, kind, location.length)
-
         frontier: dict[bytes, Location] = {}
         for snapshot in roots:
-            use(snapshot.root_ref.location, snapshot.root_ref.id, BlobKind.DIRECTORY)
-            frontier[snapshot.root_ref.id] = snapshot.root_ref.location
+            ref = snapshot.root_ref
+            uses.setdefault(ref.location.pack, {})[ref.location.offset] = (ref.id, BlobKind.DIRECTORY,
+                                                                           ref.location.length)
+            frontier[ref.id] = ref.location
         seen: set[bytes] = set(frontier)
         while frontier:
             items = list(frontier.items())
             frontier = {}
             for start in range(0, len(items), RECORD_BATCH):
                 batch = items[start:start + RECORD_BATCH]
-                results = await self.repo.open_many(BlobKind.DIRECTORY, batch, then=decode_directory)
+                results = await self.repo.open_many(BlobKind.DIRECTORY, batch, then=directory_refs)
                 for (record_id, _), result in zip(batch, results):
                     if isinstance(result, Exception):
                         self.problem(f"directory {record_id.hex()} cannot be read ({result}): what only it "
                                      "uses is not protected")
                         continue
-                    for entry in result:
-                        if entry.kind == EntryKind.DIRECTORY and entry.dir_ref is not None:
-                            ref: BlobRef = entry.dir_ref
-                            use(ref.location, ref.id, BlobKind.DIRECTORY)
-                            if ref.id not in seen:
-                                seen.add(ref.id)
-                                frontier[ref.id] = ref.location
-                        elif entry.kind == EntryKind.FILE:
-                            for chunk in entry.chunks:
-                                use(chunk.location, chunk.id, BlobKind.CHUNK)
+                    dirs, chunks = result
+                    for blob_id, pack, offset, length in dirs:
+                        uses.setdefault(pack, {})[offset] = (blob_id, BlobKind.DIRECTORY, length)
+                        if blob_id not in seen:
+                            seen.add(blob_id)
+                            frontier[blob_id] = Location(pack, offset, length)
+                    for blob_id, pack, offset, length in chunks:
+                        uses.setdefault(pack, {})[offset] = (blob_id, BlobKind.CHUNK, length)
 
     async def _effective(self, uses: Uses, present: set[bytes], condemned: set[bytes]) -> set[bytes]:
         """The packs that must stay: those used, except that a use of a pack that

@@ -11,6 +11,8 @@ blob.
 from __future__ import annotations
 
 import os
+import random
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,18 @@ from rekkordfs import crypto
 from rekkordfs import keys as keymod
 from rekkordfs.codec import BLOB_VERSION, COMPRESS_NONE, COMPRESS_ZSTD, BlobCodec, pack_key
 from rekkordfs.errors import CorruptedData
-from rekkordfs.format import BlobKind, Location
+from rekkordfs.format import (
+    BlobKind,
+    BlobRef,
+    ChunkRef,
+    Entry,
+    EntryKind,
+    Location,
+    decode_directory,
+    directory_refs,
+    encode_chunks,
+    encode_directory,
+)
 from rekkordfs.prune import PruneOptions, Pruner
 from rekkordfs.repository import Repository
 from rekkordfs.retention import Duration
@@ -161,3 +174,38 @@ def test_a_pack_that_ends_early_is_kept_and_the_others_are_repacked(master: keym
             await repo.aclose()
 
     trio.run(run)
+
+
+def test_the_walk_sees_every_reference_a_full_decode_sees() -> None:
+    """directory_refs (what a prune's walk reads) against decode_directory, on a
+    record with files of several chunks, subdirectories, xattrs and the other
+    kinds; every truncation of it is refused, never read short."""
+    rng = random.Random(1)
+
+    def location() -> Location:
+        return Location(rng.randbytes(32), rng.randrange(1 << 30), rng.randrange(1, 1 << 20))
+
+    entries = []
+    for index in range(40):
+        kind = (EntryKind.FILE, EntryKind.DIRECTORY, EntryKind.SYMLINK, EntryKind.FIFO)[index % 4]
+        entry = Entry(kind, f"e{index:02d}".encode(), 0o644, 0, 0, 0, 0, 0, 0,
+                      xattrs=[(b"user.x", rng.randbytes(index))] if index % 3 == 0 else [])
+        if kind == EntryKind.FILE:
+            entry.chunks_raw = encode_chunks(ChunkRef(rng.randbytes(32), 100, location())
+                                             for _ in range(index % 5))
+        elif kind == EntryKind.DIRECTORY:
+            entry.dir_ref = BlobRef(rng.randbytes(32), location())
+        elif kind == EntryKind.SYMLINK:
+            entry.target = b"somewhere"
+        entries.append(entry)
+    raw = encode_directory(entries)
+    decoded = decode_directory(raw)
+    dirs, chunks = directory_refs(raw)
+    assert dirs == [(e.dir_ref.id, *astuple(e.dir_ref.location)) for e in decoded if e.dir_ref is not None]
+    assert chunks == [(c.id, *astuple(c.location)) for e in decoded if e.kind == EntryKind.FILE for c in e.chunks]
+    assert len(dirs) == 10 and len(chunks) == sum(i % 5 for i in range(0, 40, 4))
+    for cut in range(len(raw)):
+        with pytest.raises(CorruptedData):
+            directory_refs(raw[:cut])
+    with pytest.raises(CorruptedData):
+        directory_refs(raw + b"\0")

@@ -345,7 +345,7 @@ class Pruner:
             self.report.bytes_copied += sum(length for _, _, length in uses[pack].values())
         if self.options.dry_run:
             return list(sparse)
-        slots = trio.Semaphore(repack_packs(self.repo.threads))
+        slots = trio.Semaphore(repack_packs(self.repo.threads, self.repo.storage.remote))
 
         async def one(pack: bytes) -> None:
             async with slots:

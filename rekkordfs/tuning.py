@@ -64,7 +64,9 @@ def sftp_requests(threads: int) -> int:
     return max(16, threads * 8)
 
 
-def repack_packs(threads: int) -> int:
+def repack_packs(threads: int, remote: bool) -> int:
     """Packs a prune repacks at once: while one is resealed (CPU) the next is
-    read (disk or network), and every CPU has a pack to work on."""
-    return max(2, threads)
+    read, and every CPU has a pack to work on; on a server more, as each waits
+    for its download and for the upload of the packs it fills (each pack in
+    flight holds about twice its 8 MiB)."""
+    return max(4, threads * 2) if remote else max(2, threads)

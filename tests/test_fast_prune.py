@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import astuple
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from rekkordfs import crypto
 from rekkordfs import keys as keymod
 from rekkordfs.codec import BLOB_VERSION, COMPRESS_NONE, COMPRESS_ZSTD, BlobCodec, pack_key
 from rekkordfs.errors import CorruptedData
+from rekkordfs.forget import forget, plan_by_ids
 from rekkordfs.format import (
     BlobKind,
     BlobRef,
@@ -38,6 +40,8 @@ from rekkordfs.prune import PruneOptions, Pruner
 from rekkordfs.repository import Repository
 from rekkordfs.retention import Duration
 from rekkordfs.storage.memory import MemoryStorage
+from tests.fsutil import rsync_diff
+from tests.test_fast_core import check, history, make_tree, opened, restore
 
 pytestmark = pytest.mark.fast
 
@@ -209,3 +213,56 @@ def test_the_walk_sees_every_reference_a_full_decode_sees() -> None:
             directory_refs(raw[:cut])
     with pytest.raises(CorruptedData):
         directory_refs(raw + b"\0")
+
+
+class DeleteLog(MemoryStorage):
+    """Records the order of deletes (a kill between any two must leave a repository that restores)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deleted: list[str] = []
+
+    async def delete(self, key: str) -> None:
+        self.deleted.append(key)
+        await super().delete(key)
+
+
+def test_concurrent_deletes_keep_their_order(master: keymod.Keyset, tmp_path: Path) -> None:
+    """Deletes run many at once, but: each pack's indexes go before the pack,
+    snapshot records before the forget record naming them, and a prune record
+    only after the packs it condemned."""
+    src = make_tree(tmp_path / "src", seed=11)
+    storage = DeleteLog()
+
+    async def main() -> None:
+        await Repository.create(storage, master)
+        storage.clock = lambda: 0  # everything stored is old enough to condemn
+        snapshots = await history(storage, master, src, 4)
+        hour = Duration(hours=1)
+        async with opened(storage, master) as repo:
+            await forget(repo, await plan_by_ids(repo, snapshots[:3]))
+            first = await Pruner(repo, PruneOptions(grace=hour)).run()
+        assert first.packs_condemned > 0 and first.records_deleted == 3
+        record_deletes = [i for i, key in enumerate(storage.deleted) if key.startswith("snapshots/")]
+        forget_deletes = [i for i, key in enumerate(storage.deleted) if key.startswith("forgotten/")]
+        assert len(record_deletes) == 3 and len(forget_deletes) == 1 and max(record_deletes) < forget_deletes[0]
+        async with opened(storage, master) as repo:
+            index_packs = await trio.to_thread.run_sync(repo.cache.index_packs)
+        storage.deleted.clear()
+        async with opened(storage, master) as repo:  # three hours later: the sweep, and the record goes too
+            later = Pruner(repo, PruneOptions(grace=hour), clock=lambda: time.time_ns() + 3 * 3600 * 10**9)
+            swept = await later.run()
+        assert swept.packs_deleted == first.packs_condemned and swept.problems == []
+        order = {key: i for i, key in enumerate(storage.deleted)}
+        packs = [key for key in order if key.startswith("packs/")]
+        marks = [key for key in order if key.startswith("condemned/")]
+        assert len(packs) == swept.packs_deleted and len(marks) == 1
+        assert max(order[key] for key in packs) < order[marks[0]]
+        paired = [(name, pack_key(pack)) for name, pack in index_packs.items() if pack_key(pack) in order]
+        assert len(paired) >= len(packs)  # every deleted pack had its index
+        assert all(order[name] < order[key] for name, key in paired)
+        assert await check(storage, master) == []
+        await restore(storage, master, snapshots[-1], src, tmp_path / "out")
+        assert rsync_diff(src, tmp_path / "out") == ""
+
+    trio.run(main)

@@ -165,6 +165,20 @@ class BlobCodec:
     def unpack(self, kind: BlobKind, blob_id: bytes, pack_id: bytes,
                stored: bytes | bytearray | memoryview) -> bytes | bytearray:
         """Open a blob of a pack, check its kind and that its content hashes to blob_id."""
+        return self._open_checked(kind, blob_id, pack_id, stored)[2]
+
+    def reseal(self, sealer: crypto.PackSealer, kind: BlobKind, blob_id: bytes, pack_id: bytes,
+               stored: bytes | bytearray | memoryview) -> bytearray:
+        """A blob of pack_id sealed again for sealer's pack (a prune's repack):
+        checked like unpack(), then its payload sealed as it was, compressed or
+        not, so it is never compressed twice. The result is as long as stored."""
+        compression, payload, _ = self._open_checked(kind, blob_id, pack_id, stored)
+        return self.seal(sealer, kind, compression, payload)
+
+    def _open_checked(self, kind: BlobKind, blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview
+                      ) -> tuple[int, bytearray, bytes | bytearray]:
+        """(compression, stored payload, plaintext) of a blob whose version,
+        kind and ID are checked."""
         if self._opener is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot read snapshot contents")
         try:
@@ -193,7 +207,7 @@ class BlobCodec:
             raise CorruptedData(f"blob {blob_id.hex()} has unknown compression {compression}")
         if self.blob_id(kind, data) != blob_id:
             raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
-        return data
+        return compression, opened, data
 
     def open_alone(self, kind: BlobKind, raw: bytes) -> bytes | bytearray:
         """The content of a one-blob object whose ID nothing vouches for (a

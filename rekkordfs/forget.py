@@ -84,7 +84,6 @@ async def forget(repo: Repository, plan: ForgetPlan) -> list[Tag]:
     await repo.storage.put(name, encode_forgotten(record, repo.keys, repo.config.repo_id))
     await repo.storage.flush()  # the record first: a tag never goes without one
     keys = await repo.tag_keys()
-    for tag in removed:
-        for key in keys.get(tag.snapshot_id, []):
-            await repo.storage.delete(key)
+    # at once: a round trip each on a server, and the record already names them all
+    await repo.for_each([key for tag in removed for key in keys.get(tag.snapshot_id, [])], repo.storage.delete)
     return removed

@@ -227,6 +227,61 @@ def _iter_directory(raw: bytes) -> Iterator[Entry]:
         raise ValueError("trailing bytes")
 
 
+# (record ID, pack, offset, length) of a subdirectory; (chunk ID, pack, offset, length) of a file's chunk
+RefTuple = tuple[bytes, bytes, int, int]
+_KIND_VALUES = frozenset(int(kind) for kind in EntryKind)
+
+
+def directory_refs(raw: bytes | bytearray) -> tuple[list[RefTuple], list[RefTuple]]:
+    """What a directory record refers to, for walks that need nothing else
+    (prune, over every tree): its subdirectories' records and its files'
+    chunks, without building entries. Framing is checked as decode_directory()
+    checks it; names, modes and such are not looked at."""
+    try:
+        return _directory_refs(bytes(raw))
+    except (struct.error, ValueError) as exc:
+        raise CorruptedData(f"directory record is malformed ({exc})") from None
+
+
+def _directory_refs(raw: bytes) -> tuple[list[RefTuple], list[RefTuple]]:
+    version, count = struct.unpack_from("<BI", raw, 0)
+    if version != RECORD_VERSION:
+        raise ValueError(f"unsupported version {version}")
+    pos = 5
+    dirs: list[RefTuple] = []
+    chunks: list[RefTuple] = []
+    for _ in range(count):
+        kind, name_len = _ENTRY_HEAD.unpack_from(raw, pos)
+        if kind not in _KIND_VALUES:
+            raise ValueError(f"{kind} is not a valid EntryKind")
+        pos += _ENTRY_HEAD.size + name_len
+        nxattr = _ENTRY_STAT.unpack_from(raw, pos)[-1]
+        pos += _ENTRY_STAT.size
+        for _ in range(nxattr):
+            (xname_len,) = _XATTR_NAME.unpack_from(raw, pos)
+            pos += _XATTR_NAME.size + xname_len
+            (value_len,) = _U32.unpack_from(raw, pos)
+            pos += _U32.size + value_len
+        (payload_len,) = _U32.unpack_from(raw, pos)
+        pos += _U32.size
+        end = pos + payload_len
+        if end > len(raw):
+            raise ValueError("truncated payload")
+        if kind == EntryKind.FILE:
+            if payload_len % _CHUNK.size:
+                raise ValueError("file chunk list is malformed")
+            chunks.extend((cid, pack, offset, length)
+                          for cid, _, pack, offset, length in _CHUNK.iter_unpack(raw[pos:end]))
+        elif kind == EntryKind.DIRECTORY:
+            if payload_len != REF_SIZE:
+                raise ValueError("directory without a record")
+            dirs.append(_REF.unpack_from(raw, pos))
+        pos = end
+    if pos != len(raw):
+        raise ValueError("trailing bytes")
+    return dirs, chunks
+
+
 def _valid_name(name: bytes) -> bool:
     return bool(name) and name not in (b".", b"..") and b"/" not in name and b"\0" not in name
 

@@ -32,7 +32,7 @@ from .codec import (
     snapshot_key,
 )
 from .errors import CorruptedData, ObjectMissing
-from .format import BlobKind, BlobRef, EntryKind, Location, Snapshot, decode_directory, decode_snapshot
+from .format import BlobKind, Location, Snapshot, Tag, decode_snapshot, directory_refs
 from .keys import Capability
 from .marks import (
     CONDEMNED_PREFIX,
@@ -44,10 +44,12 @@ from .marks import (
     decode_forgotten,
     encode_condemned,
 )
+from .packs import COALESCE_GAP, Sealed, coalesce
 from .repository import Repository
 from .retention import Duration
 from .storage.base import ObjectInfo
-from .tuning import RECORD_BATCH
+from .tasks import task_group
+from .tuning import RECORD_BATCH, repack_packs
 
 DEFAULT_GRACE = Duration(days=1)
 DEFAULT_REPACK_BELOW = 0.9  # a pack less used than this is rewritten
@@ -99,18 +101,46 @@ class Pruner:
         if not self.options.dry_run:
             await self.repo.storage.delete(key)
 
+    async def _delete_all(self, keys: list[str]) -> None:
+        """_delete() of each, at once (no order among them)."""
+        await self.repo.for_each(keys, self._delete)
+
     async def run(self) -> PruneReport:
         repo, storage = self.repo, self.repo.storage
         listed_at = self.clock()
-        packs = {pack: info for key, info in (await storage.list_details(PACKS_PREFIX)).items()
-                 if (pack := pack_id_from_key(key)) is not None}
-        await repo.sync_indexes()
-        index_packs = await trio.to_thread.run_sync(repo.cache.index_packs)
-        marks = dict(zip(*await self._marks()))
-        forgotten = await self._forgotten()
-        records = {i for k in await storage.list(SNAPSHOTS_PREFIX) if (i := snapshot_id_from_key(k)) is not None}
-        listing = await repo.list_snapshots()
-        tags = {tag.snapshot_id: tag for tag in listing.tags}
+        # everything is listed and read at once (one round trip, not six, on a server); all of it
+        # after listed_at, which is what the grace is counted from
+        packs: dict[bytes, ObjectInfo] = {}
+        index_packs: dict[str, bytes] = {}
+        marks: dict[str, Condemned] = {}
+        forgotten: dict[str, Forgotten] = {}
+        records: set[bytes] = set()
+        tags: dict[bytes, Tag] = {}
+
+        async def list_packs() -> None:
+            packs.update((pack, info) for key, info in (await storage.list_details(PACKS_PREFIX)).items()
+                         if (pack := pack_id_from_key(key)) is not None)
+
+        async def indexes() -> None:
+            await repo.sync_indexes()
+            index_packs.update(await trio.to_thread.run_sync(repo.cache.index_packs))
+
+        async def load_marks() -> None:
+            marks.update(zip(*await self._marks()))
+
+        async def load_forgotten() -> None:
+            forgotten.update(await self._forgotten())
+
+        async def list_records() -> None:
+            names = await storage.list(SNAPSHOTS_PREFIX)
+            records.update(i for k in names if (i := snapshot_id_from_key(k)) is not None)
+
+        async def list_tags() -> None:
+            tags.update((tag.snapshot_id, tag) for tag in (await repo.list_snapshots()).tags)
+
+        async with task_group() as nursery:
+            for step in (list_packs, indexes, load_marks, load_forgotten, list_records, list_tags):
+                nursery.start_soon(step)
         gone = {i for record in forgotten.values() for i in record.snapshot_ids} - set(tags)
 
         uses: Uses = {}
@@ -121,19 +151,23 @@ class Pruner:
 
         await self._sweep(marks, packs, live, index_packs, listed_at)
         await self._mark(packs, uses, live, condemned_before, index_packs, listed_at)
-        for snapshot_id in gone & records:
-            await self._delete(snapshot_key(snapshot_id))
-            self.report.records_deleted += 1
-        for name, record in forgotten.items():
-            if not set(record.snapshot_ids) & (records - gone):
-                await self._delete(name)
-        await self._delete_stray_indexes(packs, index_packs, listed_at)
-        if not self.options.dry_run:
-            await trio.to_thread.run_sync(repo.remember_session)  # the packs repacking wrote
-            after = await storage.list_details(PACKS_PREFIX)
-            self.report.bytes_stored = sum(info.size for info in after.values())
-        else:
-            self.report.bytes_stored = sum(info.size for info in packs.values())
+        # the records first, then the forget records naming them (a record never outlives its forget record)
+        await self._delete_all([snapshot_key(i) for i in gone & records])
+        self.report.records_deleted += len(gone & records)
+        await self._delete_all([name for name, record in forgotten.items()
+                                if not set(record.snapshot_ids) & (records - gone)])
+
+        async def measure() -> None:
+            if not self.options.dry_run:
+                await trio.to_thread.run_sync(repo.remember_session)  # the packs repacking wrote
+                after = await storage.list_details(PACKS_PREFIX)
+                self.report.bytes_stored = sum(info.size for info in after.values())
+            else:
+                self.report.bytes_stored = sum(info.size for info in packs.values())
+
+        async with task_group() as nursery:  # every pack is deleted already: these two are independent
+            nursery.start_soon(self._delete_stray_indexes, packs, index_packs, listed_at)
+            nursery.start_soon(measure)
         return self.report
 
     async def _delete_stray_indexes(self, packs: dict[bytes, ObjectInfo], index_packs: dict[str, bytes],
@@ -142,10 +176,9 @@ class Pruner:
         sweep): a writer trusting one would refer to nothing. Only old ones: a
         writer stores its pack, then its index."""
         details = await self.repo.storage.list_details(INDEX_PREFIX)
-        for name, pack in index_packs.items():
-            info = details.get(name)
-            if info is not None and pack and pack not in packs and info.mtime_ns < listed_at - self.grace_ns:
-                await self._delete(name)
+        await self._delete_all([name for name, pack in index_packs.items()
+                                if (info := details.get(name)) is not None and pack and pack not in packs
+                                and info.mtime_ns < listed_at - self.grace_ns])
 
     # --- what is there ------------------------------------------------------------
 
@@ -156,65 +189,68 @@ class Pruner:
 
     async def _forgotten(self) -> dict[str, Forgotten]:
         found: dict[str, Forgotten] = {}
-        for name in await self.repo.storage.list(FORGOTTEN_PREFIX):
+
+        async def load(name: str) -> None:
             try:
                 found[name] = decode_forgotten(await self.repo.storage.get(name), self.repo.keys,
                                                self.repo.config.repo_id, name)
             except (CorruptedData, ObjectMissing) as exc:
                 self.problem(f"ignoring {exc.message}")
+
+        await self.repo.for_each(await self.repo.storage.list(FORGOTTEN_PREFIX), load)
         return found
 
-    async def _roots(self, kept: set[bytes], tags: dict) -> list[Snapshot]:
+    async def _roots(self, kept: set[bytes], tags: dict[bytes, Tag]) -> list[Snapshot]:
         """The records whose trees must be kept: every snapshot listed, and every
         record no forget names (a tag deleted behind the repository's back must
         not cost its data)."""
-        roots = []
-        for snapshot_id in sorted(kept):
+        found: dict[bytes, Snapshot] = {}
+
+        async def load(snapshot_id: bytes) -> None:
             try:
                 if snapshot_id in tags:
-                    roots.append(await self.repo.load_snapshot(tags[snapshot_id]))
+                    found[snapshot_id] = await self.repo.load_snapshot(tags[snapshot_id])
                 else:
                     raw = await self.repo.storage.get(snapshot_key(snapshot_id))
-                    roots.append(decode_snapshot(await self.repo.run_cpu(
-                        self.repo.codec.open_alone, BlobKind.SNAPSHOT, raw)))
+                    found[snapshot_id] = decode_snapshot(await self.repo.run_cpu(
+                        self.repo.codec.open_alone, BlobKind.SNAPSHOT, raw))
             except (CorruptedData, ObjectMissing) as exc:
                 self.problem(f"snapshot record {snapshot_id.hex()} cannot be read ({exc.message}): "
                              "what only it uses is not protected")
+
+        await self.repo.for_each(sorted(kept), load)
         for tag_id in set(tags) - kept:
             self.problem(f"snapshot {tag_id.hex()} has no record: run 'rekkord check'")
-        return roots
+        return [found[i] for i in sorted(kept) if i in found]
 
     async def _walk(self, roots: list[Snapshot], uses: Uses) -> None:
         """Every place each tree refers to, each distinct record read once."""
-        def use(location: Location, blob_id: bytes, kind: BlobKind) -> None:
-            uses.setdefault(location.pack, {})[location.offset] = (blob_id, kind, location.length)
-
         frontier: dict[bytes, Location] = {}
         for snapshot in roots:
-            use(snapshot.root_ref.location, snapshot.root_ref.id, BlobKind.DIRECTORY)
-            frontier[snapshot.root_ref.id] = snapshot.root_ref.location
+            ref = snapshot.root_ref
+            uses.setdefault(ref.location.pack, {})[ref.location.offset] = (ref.id, BlobKind.DIRECTORY,
+                                                                           ref.location.length)
+            frontier[ref.id] = ref.location
         seen: set[bytes] = set(frontier)
         while frontier:
             items = list(frontier.items())
             frontier = {}
             for start in range(0, len(items), RECORD_BATCH):
                 batch = items[start:start + RECORD_BATCH]
-                results = await self.repo.open_many(BlobKind.DIRECTORY, batch, then=decode_directory)
+                results = await self.repo.open_many(BlobKind.DIRECTORY, batch, then=directory_refs)
                 for (record_id, _), result in zip(batch, results):
                     if isinstance(result, Exception):
                         self.problem(f"directory {record_id.hex()} cannot be read ({result}): what only it "
                                      "uses is not protected")
                         continue
-                    for entry in result:
-                        if entry.kind == EntryKind.DIRECTORY and entry.dir_ref is not None:
-                            ref: BlobRef = entry.dir_ref
-                            use(ref.location, ref.id, BlobKind.DIRECTORY)
-                            if ref.id not in seen:
-                                seen.add(ref.id)
-                                frontier[ref.id] = ref.location
-                        elif entry.kind == EntryKind.FILE:
-                            for chunk in entry.chunks:
-                                use(chunk.location, chunk.id, BlobKind.CHUNK)
+                    dirs, chunks = result
+                    for blob_id, pack, offset, length in dirs:
+                        uses.setdefault(pack, {})[offset] = (blob_id, BlobKind.DIRECTORY, length)
+                        if blob_id not in seen:
+                            seen.add(blob_id)
+                            frontier[blob_id] = Location(pack, offset, length)
+                    for blob_id, pack, offset, length in chunks:
+                        uses.setdefault(pack, {})[offset] = (blob_id, BlobKind.CHUNK, length)
 
     async def _effective(self, uses: Uses, present: set[bytes], condemned: set[bytes]) -> set[bytes]:
         """The packs that must stay: those used, except that a use of a pack that
@@ -251,25 +287,34 @@ class Pruner:
 
     async def _sweep(self, marks: dict[str, Condemned], packs: dict[bytes, ObjectInfo], live: set[bytes],
                      index_packs: dict[str, bytes], now: int) -> None:
-        for name, mark in marks.items():
+        due: set[bytes] = set()
+        for mark in marks.values():
             if not mark.due(now):
                 waiting = [p for p in mark.packs if p in packs]
                 self.report.packs_waiting += len(waiting)
                 self.report.bytes_waiting += sum(packs[p].size for p in waiting)
-                continue
-            for pack in mark.packs:
-                if pack in packs and pack not in live:
-                    await self._delete_pack(pack, packs, index_packs)
-            if now >= mark.time_ns + mark.grace_ns + MARK_KEPT_NS:
-                await self._delete(name)
+            else:
+                due.update(p for p in mark.packs if p in packs and p not in live)
+        await self._delete_packs(sorted(due), packs, index_packs)
+        # a record goes only once its packs are (an interrupted sweep is finished by the next prune)
+        await self._delete_all([name for name, mark in marks.items()
+                                if now >= mark.time_ns + mark.grace_ns + MARK_KEPT_NS])
 
-    async def _delete_pack(self, pack: bytes, packs: dict[bytes, ObjectInfo], index_packs: dict[str, bytes]) -> None:
-        """Its indexes first (writers stop learning its blobs), then the pack."""
-        for name in [n for n, p in index_packs.items() if p == pack]:
-            await self._delete(name)
-        await self._delete(pack_key(pack))
-        self.report.packs_deleted += 1
-        self.report.bytes_deleted += packs.pop(pack).size
+    async def _delete_packs(self, doomed: list[bytes], packs: dict[bytes, ObjectInfo],
+                            index_packs: dict[str, bytes]) -> None:
+        """Each pack's indexes first (writers stop learning its blobs), then the
+        pack; many packs at once."""
+        indexes: dict[bytes, list[str]] = {}
+        for name, pack in index_packs.items():
+            indexes.setdefault(pack, []).append(name)
+
+        async def delete_pack(pack: bytes) -> None:
+            await self._delete_all(indexes.get(pack, []))
+            await self._delete(pack_key(pack))
+            self.report.packs_deleted += 1
+            self.report.bytes_deleted += packs.pop(pack).size
+
+        await self.repo.for_each(doomed, delete_pack)
 
     async def _mark(self, packs: dict[bytes, ObjectInfo], uses: Uses, live: set[bytes], condemned_before: set[bytes],
                     index_packs: dict[str, bytes], listed_at: int) -> None:
@@ -295,8 +340,7 @@ class Pruner:
             await self.repo.storage.put(name, encode_condemned(mark, self.repo.keys, self.repo.config.repo_id))
             await self.repo.storage.flush()
         if self.grace_ns == 0:  # nobody writes, says the user: carry it out now
-            for pack in condemn:
-                await self._delete_pack(pack, packs, index_packs)
+            await self._delete_packs(condemn, packs, index_packs)
             self.report.packs_condemned = self.report.bytes_condemned = 0
 
     async def _repack(self, sparse: list[bytes], uses: Uses) -> list[bytes]:
@@ -305,24 +349,57 @@ class Pruner:
         failure while writing ends the prune before anything is condemned."""
         copied: dict[bytes, list[bytes]] = {}
         for pack in sparse:
-            blobs = sorted(uses[pack].items())
             self.report.packs_repacked += 1
-            self.report.bytes_copied += sum(length for _, (_, _, length) in blobs)
-            if self.options.dry_run:
-                copied[pack] = []
-                continue
-            try:
-                datas = await self.repo.storage.get_ranges(
-                    [(pack_key(pack), offset, length) for offset, (_, _, length) in blobs])
-                plain = [await self.repo.run_cpu(self.repo.codec.unpack, kind, blob_id, pack, raw)
-                         for (_, (blob_id, kind, _)), raw in zip(blobs, datas)]
-            except (CorruptedData, ObjectMissing) as exc:
-                self.problem(f"pack {pack.hex()} is kept as it is: {exc.message}")
-                continue
-            for (_, (blob_id, kind, _)), data in zip(blobs, plain):
-                self.repo.store(kind, blob_id, await self.repo.run_cpu(self.repo.seal, kind, data))
-            await self.repo.upload_ready()
-            copied[pack] = [blob_id for _, (blob_id, _, _) in blobs]
+            self.report.bytes_copied += sum(length for _, _, length in uses[pack].values())
+        if self.options.dry_run:
+            return list(sparse)
+        slots = trio.Semaphore(repack_packs(self.repo.threads, self.repo.storage.remote))
+
+        async def one(pack: bytes) -> None:
+            async with slots:
+                try:
+                    copied[pack] = await self._repack_pack(pack, uses[pack])
+                except (CorruptedData, ObjectMissing) as exc:
+                    self.problem(f"pack {pack.hex()} is kept as it is: {exc.message}")
+
+        async with task_group() as nursery:
+            for pack in sparse:
+                nursery.start_soon(one, pack)
         await self.repo.flush_packs()
         await self.repo.storage.flush()
-        return [pack for pack, blob_ids in copied.items() if all(map(self.repo.stored_now, blob_ids))]
+        return [pack for pack in sparse if pack in copied and all(map(self.repo.stored_now, copied[pack]))]
+
+    async def _repack_pack(self, pack: bytes, used: dict[int, tuple[bytes, BlobKind, int]]) -> list[bytes]:
+        """Copy the used blobs of one pack into the open packs; their IDs. The
+        used parts are read with a few ranged requests (neighbours share one),
+        and every blob is checked and sealed again, still compressed, in one
+        worker thread hop; a bad blob keeps the whole pack (CorruptedData)."""
+        blobs = sorted(used.items())
+        locations = [Location(pack, offset, length) for offset, (_, _, length) in blobs]
+        runs = coalesce(locations, COALESCE_GAP if self.repo.storage.remote else 0)
+        key = pack_key(pack)
+        datas = await self.repo.storage.get_ranges([(key, start, length) for _, start, length, _ in runs])
+
+        def reseal_all() -> list[tuple[bytes, BlobKind, Sealed]]:
+            out: list[tuple[bytes, BlobKind, Sealed]] = []
+            try:
+                for (_, start, _, members), data in zip(runs, datas):
+                    view = memoryview(data)
+                    for index in members:
+                        location = locations[index]
+                        blob_id, kind, _ = blobs[index][1]
+                        begin = location.offset - start
+                        raw = view[begin:begin + location.length]
+                        if len(raw) != location.length:  # the pack ends early
+                            raise CorruptedData(f"blob {blob_id.hex()}: pack {pack.hex()} is truncated")
+                        out.append((blob_id, kind, self.repo.reseal(kind, blob_id, location, raw)))
+            except BaseException:
+                self.repo.discard([sealed for _, _, sealed in out])
+                raise
+            return out
+
+        resealed = await self.repo.run_cpu(reseal_all)
+        for blob_id, kind, sealed in resealed:
+            self.repo.store(kind, blob_id, sealed)
+        await self.repo.upload_ready()
+        return [blob_id for blob_id, _, _ in resealed]

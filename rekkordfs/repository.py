@@ -283,6 +283,18 @@ class Repository(SnapshotLog):
             self._packer.cancel(slot)
             raise
 
+    def reseal(self, kind: BlobKind, blob_id: bytes, location: Location,
+               stored: bytes | bytearray | memoryview) -> Sealed:
+        """Thread side: the stored bytes of a blob at location, checked against
+        its ID and sealed again, as compressed as they were, for the open pack
+        it goes into (a prune's repack). The result goes to store() as seal()'s."""
+        slot = self._packer.claim(kind, len(stored))  # same payload, same overhead: same size
+        try:
+            return Sealed(slot, self.codec.reseal(slot.sealer, kind, blob_id, location.pack, stored))
+        except BaseException:
+            self._packer.cancel(slot)
+            raise
+
     def discard(self, sealed: list[Sealed]) -> None:
         """Sealed blobs that will not be stored (their batch failed)."""
         for item in sealed:

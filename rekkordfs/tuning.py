@@ -75,3 +75,11 @@ def s3_requests(threads: int) -> int:
 def sftp_requests(threads: int) -> int:
     """SFTP requests in flight (asyncssh pipelines them over a few channels)."""
     return max(16, threads * 8)
+
+
+def repack_packs(threads: int, remote: bool) -> int:
+    """Packs a prune repacks at once: while one is resealed (CPU) the next is
+    read, and every CPU has a pack to work on; on a server more, as each waits
+    for its download and for the upload of the packs it fills (each pack in
+    flight holds about twice its 8 MiB)."""
+    return max(4, threads * 2) if remote else max(2, threads)

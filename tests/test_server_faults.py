@@ -1,0 +1,192 @@
+"""Server faults at random, through tests/faultproxy.py between rekkord and a
+real server: S3 (SeaweedFS) answering 500, 503 SlowDown or resetting the
+connection mid-body; sshd's connections dropped or reset mid-transfer.
+
+Sprinkled faults must be ridden out by save, restore and reads through the
+mount (the result equal to the source, byte for byte); a server that faults
+for good must end the command within the retry budget with one line, and
+leave a repository that verifies once the faults stop. Each test asserts
+that the proxy really injected faults, so none can pass vacuously.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REKKORD, ROOT
+from tests.faultproxy import HEALTHY, HTTP_KINDS, SSH_KINDS, FaultProxy, Schedule
+from tests.fsutil import assert_one_line_error
+from tests.mounting import mounted
+from tests.servers import BUCKET, BackendLocation, backend_runner_class
+from tests.stops import wait_stopped
+from tests.trees import rsync_differences
+
+SEED = int(os.environ.get("REKKORD_FAULT_SEED", "20261201"))  # replay a failure with the seed it printed
+BUDGET = "3"  # seconds of retries when the server faults for good
+
+# Sprinkled: some requests fail, never so many in a row that a retry budget is spent.
+S3_SPRINKLED = Schedule(HTTP_KINDS, every=6, probability=0.15, seed=SEED)
+# The first two connections of each phase are cut somewhere in their first MiB.
+SSH_SPRINKLED = Schedule(SSH_KINDS, every=1, limit=2, seed=SEED, cut_bytes=(48 << 10, 1 << 20))
+# For good: every request answers 503; every connection ends within its handshake.
+S3_DOWN = Schedule(("503",), every=1, seed=SEED)
+SSH_DOWN = Schedule(SSH_KINDS, every=1, seed=SEED, cut_bytes=(0, 3000))
+
+
+def make_tree(root: Path) -> Path:
+    """About 6 MiB in 30 files over 3 folders, with empty and small files."""
+    rng = random.Random(SEED)
+    for i in range(30):
+        folder = root / f"d{i % 3}"
+        folder.mkdir(parents=True, exist_ok=True)
+        size = rng.choice([0, 1, 700, 40_000, 300_000, 600_000])
+        (folder / f"f{i}").write_bytes(rng.randbytes(size))
+    return root
+
+
+@pytest.fixture(params=["s3", "sftp"])
+def faulty(request, tmp_path: Path) -> Iterator[tuple[object, FaultProxy]]:
+    """An initialized repository on the session's S3 or SFTP server, reached
+    through a FaultProxy (healthy until the test sets a schedule)."""
+    token = os.urandom(6).hex()
+    if request.param == "s3":
+        server = request.getfixturevalue("seaweedfs_server")
+        server.create_bucket(BUCKET)
+        proxy = FaultProxy(server.s3_port, "http")
+        url = f"http://127.0.0.1:{proxy.port}/{BUCKET}/repo-{token}"
+        sections = server.config_sections()
+    else:
+        server = request.getfixturevalue("sshd_server")
+        proxy = FaultProxy(server.port, "ssh")
+        url = f"sftp://{server.user}@127.0.0.1:{proxy.port}{server.new_dir(f'repo-{token}')}"
+        sections = server.config_sections()
+    location = BackendLocation(request.param, url, sections, server)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    runner = backend_runner_class()(cache_dir=cache, config_file=str(location.config_file(tmp_path / "rekkord.ini")),
+                                    location=location)
+    runner.env["REKKORD_STATE_DIR"] = str(tmp_path / "state")
+    runner.env["REKKORD_RETRY_TIME"] = "30"  # far more than sprinkled faults need, far less than a hang
+    with proxy:
+        master = tmp_path / "master.key"
+        runner("init", "-K", str(master))
+        runner.key_file = str(master)
+        yield runner, proxy
+
+
+def sprinkled(proxy: FaultProxy) -> Schedule:
+    return S3_SPRINKLED if proxy.mode == "http" else SSH_SPRINKLED
+
+
+def down(proxy: FaultProxy) -> Schedule:
+    return S3_DOWN if proxy.mode == "http" else SSH_DOWN
+
+
+def phase(proxy: FaultProxy, schedule: Schedule) -> int:
+    """Start a phase under schedule; returns the fault count so far."""
+    proxy.set_schedule(schedule)
+    proxy.cut_all()  # connections kept from before start under the new schedule too
+    return proxy.count()
+
+
+def test_sprinkled_faults_are_ridden_out_by_save_restore_and_the_mount(faulty, tmp_path: Path) -> None:
+    rekkord, proxy = faulty
+    source = make_tree(tmp_path / "src")
+    inside = str(source).lstrip("/")
+
+    before = phase(proxy, sprinkled(proxy))
+    snapshot = rekkord.save("docs", str(source))
+    assert proxy.count() > before, f"save met no fault: {proxy.summary()}"
+
+    before = phase(proxy, sprinkled(proxy))
+    rekkord("restore", snapshot, str(tmp_path / "out"))
+    assert proxy.count() > before, f"restore met no fault: {proxy.summary()}"
+    assert rsync_differences(source, tmp_path / "out" / inside) == "", proxy.summary()
+
+    phase(proxy, HEALTHY)
+    with mounted(rekkord, tmp_path / "mnt") as mnt:
+        before = phase(proxy, sprinkled(proxy))
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", f"{mnt / 'ids' / snapshot / inside}/.", str(copy)], check=True)
+        assert proxy.count() > before, f"the mount met no fault: {proxy.summary()}"
+    assert rsync_differences(source, copy) == "", proxy.summary()
+
+    phase(proxy, HEALTHY)
+    rekkord("check", "--read-data")
+    print(proxy.summary())
+
+
+def start_save(runner, source: Path, **env: str) -> subprocess.Popen:
+    """`rekkord save` in the background, stopped before its second write."""
+    argv = [*REKKORD, "-C", runner.config_file, "-K", runner.key_file, "save", "docs", str(source)]
+    full_env = {**os.environ, "REKKORD_CACHE_DIR": str(runner.cache_dir), "PYTHONPATH": str(ROOT),
+                **runner.env, "REKKORD_TEST_STOP": "storage-put:2", **env}
+    full_env.pop("REKKORD_CONFIG_FILE", None)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env)
+    wait_stopped(process.pid, process)
+    return process
+
+
+def assert_gave_up(result: subprocess.CompletedProcess | subprocess.Popen, proxy: FaultProxy) -> str:
+    line = assert_one_line_error(result, f"gave up after {BUDGET} s of retries to ")
+    if proxy.mode == "http":
+        assert "SlowDown" in line, line
+    else:
+        assert "SFTP server" in line and ("lost connection" in line or "closed the connection" in line), line
+    assert result.returncode == 1, line
+    return line
+
+
+def test_a_server_faulting_for_good_ends_the_save_with_one_line(faulty, tmp_path: Path) -> None:
+    rekkord, proxy = faulty
+    save = start_save(rekkord, make_tree(tmp_path / "src"), REKKORD_RETRY_TIME=BUDGET)
+    try:
+        phase(proxy, down(proxy))
+        os.kill(save.pid, signal.SIGCONT)
+        _, err = save.communicate(timeout=60)  # a save retrying past its budget would outlive this
+    finally:
+        if save.poll() is None:
+            save.kill()
+            save.wait()
+    assert_gave_up(subprocess.CompletedProcess(save.args, save.returncode, "", err), proxy)
+    assert proxy.count() > 0, proxy.summary()
+    # the faults stop: nothing was published, and what the save left verifies
+    phase(proxy, HEALTHY)
+    assert '"id"' not in rekkord("snapshots", "-f", "json").stdout
+    rekkord("check", "--read-data")
+
+
+def test_a_server_faulting_for_good_ends_restore_and_mount_reads_with_one_line(faulty, tmp_path: Path) -> None:
+    rekkord, proxy = faulty
+    source = make_tree(tmp_path / "src")
+    inside = str(source).lstrip("/")
+    snapshot = rekkord.save("docs", str(source))
+
+    rekkord.env["REKKORD_RETRY_TIME"] = BUDGET
+    phase(proxy, down(proxy))
+    result = rekkord("restore", snapshot, str(tmp_path / "out"), check=False, timeout=60)
+    assert_gave_up(result, proxy)
+    assert proxy.count() > 0, proxy.summary()
+
+    phase(proxy, HEALTHY)
+    with mounted(rekkord, tmp_path / "mnt") as mnt:
+        before = phase(proxy, down(proxy))
+        failed = subprocess.run(["cp", "-a", f"{mnt / 'ids' / snapshot / inside}/.", str(tmp_path / "lost")],
+                                capture_output=True, text=True, timeout=120)
+        assert failed.returncode != 0 and "Input/output error" in failed.stderr, failed.stderr
+        assert proxy.count() > before, proxy.summary()
+        log = (Path(rekkord.cache_dir) / "mount.log").read_text()
+        assert f"gave up after {BUDGET} s of retries to " in log, log[-2000:]
+        # the server is back: the same mount reads everything
+        phase(proxy, HEALTHY)
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-a", f"{mnt / 'ids' / snapshot / inside}/.", str(copy)], check=True)
+    assert rsync_differences(source, copy) == ""
+    rekkord("check", "--read-data")

@@ -50,8 +50,8 @@ class Schedule:
     """Which requests (http) or connections (ssh) get a fault, and which one."""
 
     kinds: tuple[str, ...] = ()  # faults to choose from (seeded); empty: none
-    every: int = 0  # every Nth one (N-1, 2N-1... counting from 0) gets a fault
-    probability: float = 0.0  # or each one with this probability
+    every: int = 0  # every Nth one (N-1, 2N-1... counting from 0) gets a fault, kinds in turn
+    probability: float = 0.0  # and each other one with this probability, of a kind chosen at random
     seed: int = 0
     after: int = 0  # numbers below this are never faulted
     limit: int | None = None  # at most this many faults, then healthy
@@ -62,10 +62,13 @@ class Schedule:
         if not self.kinds or index < self.after or (self.limit is not None and injected >= self.limit):
             return None
         rng = random.Random(f"{self.seed}:{index}")  # depends on seed and number only: replayable
-        chosen = (self.every and (index + 1) % self.every == 0) or rng.random() < self.probability
-        if not chosen:
-            return None
-        return rng.choice(self.kinds), rng.randint(*self.cut_bytes)
+        cut = rng.randint(*self.cut_bytes)
+        if self.every and (index + 1) % self.every == 0:
+            # the kinds in turn: every kind is met once there are enough requests
+            return self.kinds[((index + 1) // self.every - 1) % len(self.kinds)], cut
+        if rng.random() < self.probability:
+            return rng.choice(self.kinds), cut
+        return None
 
 
 HEALTHY = Schedule()

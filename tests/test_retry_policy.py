@@ -225,3 +225,38 @@ def test_retry_time_from_the_environment_and_the_config_file(tmp_path: Path) -> 
     # every backend the commands open is wrapped in the policy, with the configured budget
     storage = open_storage(load_config(repository="/srv/repo", env={"REKKORD_RETRY_TIME": "7"}))
     assert isinstance(storage, RetryingStorage) and storage.policy.budget == 7
+
+
+def test_s3_a_connection_cut_after_it_was_made_counts_as_an_answer() -> None:
+    """A reset mid-body or before the answer reached a server: retried even on
+    a command's first request. A failed connect or a non-HTTP answer did not."""
+    import http.client
+
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    from rekkordfs.config import S3Location, S3Settings
+    from rekkordfs.storage.s3 import S3Storage
+
+    s3 = S3Storage(S3Location("http://127.0.0.1:9", "b", "", None, True), S3Settings("k", "s"))
+    url = "http://127.0.0.1:9/b"
+
+    def classify(exc: Exception) -> TransientStorageError:
+        error = s3._transport_error(exc)
+        assert isinstance(error, TransientStorageError), error
+        return error
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert classify(ResponseStreamingError(error=reset)).answered
+    assert classify(ConnectionClosedError(endpoint_url=url, error=reset)).answered
+    assert classify(ReadTimeoutError(endpoint_url=url, error="read timed out")).answered
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert not classify(EndpointConnectionError(endpoint_url=url, error=refused)).answered
+    assert not classify(ConnectTimeoutError(endpoint_url=url, error="timed out")).answered
+    garbage = ConnectionClosedError(endpoint_url=url, error=http.client.BadStatusLine("SSH-2.0-OpenSSH_9.2"))
+    assert not classify(garbage).answered

@@ -32,9 +32,12 @@ SEED = int(os.environ.get("REKKORD_FAULT_SEED", "20261201"))  # replay a failure
 BUDGET = "3"  # seconds of retries when the server faults for good
 
 # Sprinkled: some requests fail, never so many in a row that a retry budget is spent.
-S3_SPRINKLED = Schedule(HTTP_KINDS, every=6, probability=0.15, seed=SEED)
+S3_SPRINKLED = Schedule(HTTP_KINDS, every=3, probability=0.15, seed=SEED)
 # The first two connections of each phase are cut somewhere in their first MiB.
 SSH_SPRINKLED = Schedule(SSH_KINDS, every=1, limit=2, seed=SEED, cut_bytes=(48 << 10, 1 << 20))
+# Reading a few files through the mount takes few requests (whole packs are
+# fetched): its first three meet a fault, one of each kind.
+S3_FIRST_THREE = Schedule(HTTP_KINDS, every=1, limit=3, seed=SEED)
 # For good: every request answers 503; every connection ends within its handshake.
 S3_DOWN = Schedule(("503",), every=1, seed=SEED)
 SSH_DOWN = Schedule(SSH_KINDS, every=1, seed=SEED, cut_bytes=(0, 3000))
@@ -81,8 +84,10 @@ def faulty(request, tmp_path: Path) -> Iterator[tuple[object, FaultProxy]]:
         yield runner, proxy
 
 
-def sprinkled(proxy: FaultProxy) -> Schedule:
-    return S3_SPRINKLED if proxy.mode == "http" else SSH_SPRINKLED
+def sprinkled(proxy: FaultProxy, mount: bool = False) -> Schedule:
+    if proxy.mode == "ssh":
+        return SSH_SPRINKLED
+    return S3_FIRST_THREE if mount else S3_SPRINKLED
 
 
 def down(proxy: FaultProxy) -> Schedule:
@@ -104,22 +109,28 @@ def test_sprinkled_faults_are_ridden_out_by_save_restore_and_the_mount(faulty, t
     before = phase(proxy, sprinkled(proxy))
     snapshot = rekkord.save("docs", str(source))
     assert proxy.count() > before, f"save met no fault: {proxy.summary()}"
+    print("save", proxy.summary())
 
     before = phase(proxy, sprinkled(proxy))
     rekkord("restore", snapshot, str(tmp_path / "out"))
     assert proxy.count() > before, f"restore met no fault: {proxy.summary()}"
+    print("restore", proxy.summary())
     assert rsync_differences(source, tmp_path / "out" / inside) == "", proxy.summary()
 
     phase(proxy, HEALTHY)
     with mounted(rekkord, tmp_path / "mnt") as mnt:
-        before = phase(proxy, sprinkled(proxy))
+        before = phase(proxy, sprinkled(proxy, mount=True))
         copy = tmp_path / "copy"
         subprocess.run(["cp", "-a", f"{mnt / 'ids' / snapshot / inside}/.", str(copy)], check=True)
         assert proxy.count() > before, f"the mount met no fault: {proxy.summary()}"
+        print("mount", proxy.summary())
     assert rsync_differences(source, copy) == "", proxy.summary()
 
     phase(proxy, HEALTHY)
     rekkord("check", "--read-data")
+    # every kind of fault was met at least once
+    kinds = ("500", "503", "reset-mid-body") if proxy.mode == "http" else SSH_KINDS
+    assert all(proxy.count(kind) for kind in kinds), proxy.summary()
     print(proxy.summary())
 
 
@@ -182,7 +193,7 @@ def test_a_server_faulting_for_good_ends_restore_and_mount_reads_with_one_line(f
                                 capture_output=True, text=True, timeout=120)
         assert failed.returncode != 0 and "Input/output error" in failed.stderr, failed.stderr
         assert proxy.count() > before, proxy.summary()
-        log = (Path(rekkord.cache_dir) / "mount.log").read_text()
+        log = "".join(p.read_text() for p in Path(rekkord.cache_dir).glob("*/mount.log"))
         assert f"gave up after {BUDGET} s of retries to " in log, log[-2000:]
         # the server is back: the same mount reads everything
         phase(proxy, HEALTHY)
@@ -190,3 +201,35 @@ def test_a_server_faulting_for_good_ends_restore_and_mount_reads_with_one_line(f
         subprocess.run(["cp", "-a", f"{mnt / 'ids' / snapshot / inside}/.", str(copy)], check=True)
     assert rsync_differences(source, copy) == ""
     rekkord("check", "--read-data")
+
+
+def test_the_first_request_of_a_command_cut_short_is_retried(faulty) -> None:
+    """The server was there (the connection was made): a connection lost on
+    the very first requests of a command is retried like any other, not taken
+    for a wrong address (regression: it failed at once)."""
+    rekkord, proxy = faulty
+    if proxy.mode == "http":
+        # the first two answers (listings) are cut mid-body
+        first = Schedule(("reset",), every=1, limit=2, seed=SEED)
+    else:
+        # the first connection is closed, the second reset, both mid-handshake
+        first = Schedule(SSH_KINDS, every=1, limit=2, seed=SEED, cut_bytes=(1500, 1500))
+    phase(proxy, first)
+    result = rekkord("snapshots", check=False, timeout=60)
+    assert proxy.count() == 2, proxy.summary()
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_s3_endpoint_that_does_not_speak_http_fails_at_once(sshd_server, tmp_path: Path) -> None:
+    """The other side of the rule above: an S3 URL at a port where another
+    service answers (here sshd) is a wrong address, not retried, whatever
+    the budget (the timeout is the proof)."""
+    config = tmp_path / "rekkord.ini"
+    BackendLocation("s3", f"http://127.0.0.1:{sshd_server.port}/{BUCKET}/repo",
+                    {"S3": {"AccessKeyID": "k", "SecretKey": "s"}}).config_file(config)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    runner = backend_runner_class()(cache_dir=cache, config_file=str(config))
+    runner.env["REKKORD_RETRY_TIME"] = "3600"
+    result = runner("init", "-K", str(tmp_path / "master.key"), check=False, timeout=60)
+    assert_one_line_error(result, f"S3 endpoint http://127.0.0.1:{sshd_server.port}")

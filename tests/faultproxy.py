@@ -56,6 +56,10 @@ class Schedule:
     after: int = 0  # numbers below this are never faulted
     limit: int | None = None  # at most this many faults, then healthy
     cut_bytes: tuple[int, int] = (64 << 10, 1 << 20)  # ssh: cut after between lo and hi bytes
+    only: str = ""  # http: only requests whose "METHOD /path" starts with this are numbered and faulted
+
+    def matches(self, what: str) -> bool:
+        return what.startswith(self.only)
 
     def decide(self, index: int, injected: int) -> tuple[str, int] | None:
         """(kind, bytes before the cut) for number index, or None: leave it alone."""
@@ -93,6 +97,7 @@ class FaultProxy:
         self.handled = 0  # requests (http) or connections (ssh) seen, in all
         self._index = 0  # numbering under the current schedule
         self._injected_now = 0  # faults under the current schedule (for its limit)
+        self._seed = schedule.seed
         self._lock = threading.Lock()
         self._live: set[socket.socket] = set()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -121,6 +126,8 @@ class FaultProxy:
         """Use schedule from now on, numbering from 0 again."""
         with self._lock:
             self.schedule = schedule
+            if schedule.kinds:
+                self._seed = schedule.seed  # the one a replay needs
             self._index = 0
             self._injected_now = 0
 
@@ -143,15 +150,17 @@ class FaultProxy:
             counts = Counter(f.kind for f in self.faults)
             unit = "requests" if self.mode == "http" else "connections"
             listed = ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) or "no faults"
-            return f"{listed} (of {self.handled} {unit}; seed {self.schedule.seed})"
+            return f"{listed} (of {self.handled} {unit}; seed {self._seed})"
 
     # --- plumbing --------------------------------------------------------------
 
-    def _decide(self) -> tuple[int, tuple[str, int] | None]:
+    def _decide(self, what: str = "") -> tuple[int, tuple[str, int] | None]:
         with self._lock:
+            self.handled += 1
+            if not self.schedule.matches(what):
+                return -1, None
             index = self._index
             self._index += 1
-            self.handled += 1
             decision = self.schedule.decide(index, self._injected_now)
             if decision is not None:
                 self._injected_now += 1
@@ -242,7 +251,7 @@ class FaultProxy:
                 request_line, headers = _parse_head(head)
                 method, target = request_line.split(" ")[:2]
                 expect = headers.get("expect", "").lower() == "100-continue"
-                index, decision = self._decide()
+                index, decision = self._decide(f"{method} {target}")
                 kind = decision[0] if decision else None
                 if kind in _ERRORS:
                     if not expect:

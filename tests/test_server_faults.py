@@ -256,3 +256,15 @@ def test_s3_writes_whose_answer_was_lost_count_as_written(request, tmp_path: Pat
         rekkord("restore", snapshot, str(tmp_path / "out"))
         assert rsync_differences(source, tmp_path / "out" / str(source).lstrip("/")) == ""
         print(proxy.summary())
+
+
+@pytest.mark.parametrize("cut", [4853, 5064, 5275])
+def test_sftp_a_connection_closed_while_its_channels_open_is_retried(request, tmp_path: Path, cut: int) -> None:
+    """Closed (FIN) after login, while the SFTP channels open: asyncssh says
+    ChannelOpenError, which was taken for a final 'SSH error' (regression).
+    The offsets are where a sweep of cuts through the handshake found it."""
+    with through_proxy(request, tmp_path, "sftp") as (rekkord, proxy):
+        phase(proxy, Schedule(("drop",), every=1, limit=1, seed=SEED, cut_bytes=(cut, cut)))
+        result = rekkord("snapshots", check=False, timeout=60)
+        assert proxy.count("drop") == 1, proxy.summary()
+        assert result.returncode == 0, result.stderr

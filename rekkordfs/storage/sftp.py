@@ -215,6 +215,14 @@ class SFTPStorage(Storage):
             raise StorageError(self._login_refused()) from None
         try:
             sessions = [await conn.start_sftp_client() for _ in range(SESSIONS)]
+        except asyncssh.ChannelOpenError as exc:
+            lost = conn.is_closed() or (exc.code == asyncssh.OPEN_CONNECT_FAILED and "closed" in exc.reason)
+            conn.close()
+            if lost:
+                # the connection went away while the channels were opening (asyncssh
+                # says ChannelOpenError 'SSH connection closed'): lost, not refused
+                raise asyncssh.ConnectionLost(exc.reason) from None
+            raise
         except BaseException:
             conn.close()
             raise

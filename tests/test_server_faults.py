@@ -25,7 +25,7 @@ import pytest
 from tests.conftest import REKKORD, ROOT
 from tests.faultproxy import HEALTHY, HTTP_KINDS, SSH_KINDS, FaultProxy, Schedule
 from tests.fsutil import assert_one_line_error
-from tests.mounting import mounted
+from tests.mounting import is_mounted, mount_processes, mounted
 from tests.servers import BUCKET, BackendLocation, backend_runner_class
 from tests.stops import wait_stopped
 from tests.trees import rsync_differences
@@ -180,7 +180,7 @@ def test_a_server_faulting_for_good_ends_the_save_with_one_line(faulty, tmp_path
     rekkord("check", "--read-data")
 
 
-def test_a_server_faulting_for_good_ends_restore_and_mount_reads_with_one_line(faulty, tmp_path: Path) -> None:
+def test_a_server_faulting_for_good_ends_restore_mount_and_reads_with_one_line(faulty, tmp_path: Path) -> None:
     rekkord, proxy = faulty
     source = make_tree(tmp_path / "src")
     inside = str(source).lstrip("/")
@@ -191,6 +191,11 @@ def test_a_server_faulting_for_good_ends_restore_and_mount_reads_with_one_line(f
     result = rekkord("restore", snapshot, str(tmp_path / "out"), check=False, timeout=60)
     assert_gave_up(result, proxy)
     assert proxy.count() > 0, proxy.summary()
+    # so does mounting: one line, nothing left mounted
+    (tmp_path / "mnt").mkdir()
+    result = rekkord("mount", str(tmp_path / "mnt"), check=False, timeout=60)
+    assert_gave_up(result, proxy)
+    assert not is_mounted(tmp_path / "mnt") and not mount_processes(tmp_path / "mnt")
 
     phase(proxy, HEALTHY)
     with mounted(rekkord, tmp_path / "mnt") as mnt:

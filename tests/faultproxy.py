@@ -95,6 +95,7 @@ class FaultProxy:
         self.schedule = schedule
         self.faults: list[Fault] = []
         self.handled = 0  # requests (http) or connections (ssh) seen, in all
+        self.requests: list[str] = []  # http: "METHOD /path?query" of every request, in order
         self._index = 0  # numbering under the current schedule
         self._injected_now = 0  # faults under the current schedule (for its limit)
         self._seed = schedule.seed
@@ -157,6 +158,8 @@ class FaultProxy:
     def _decide(self, what: str = "") -> tuple[int, tuple[str, int] | None]:
         with self._lock:
             self.handled += 1
+            if what:
+                self.requests.append(what)
             if not self.schedule.matches(what):
                 return -1, None
             index = self._index

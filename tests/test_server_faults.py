@@ -273,3 +273,17 @@ def test_sftp_a_connection_closed_while_its_channels_open_is_retried(request, tm
         result = rekkord("snapshots", check=False, timeout=60)
         assert proxy.count("drop") == 1, proxy.summary()
         assert result.returncode == 0, result.stderr
+
+
+def test_s3_a_connect_retried_resumes_after_its_first_listing(request, tmp_path: Path) -> None:
+    """connect() is a listing then the conditional-write probe (PUTs); when
+    the probe meets 503s, the retries redo the probe only (regression: each
+    retry listed again, so on a server failing some requests every attempt
+    needed all of them to pass in a row)."""
+    with through_proxy(request, tmp_path, "s3") as (rekkord, proxy):
+        phase(proxy, Schedule(("503",), every=1, limit=3, only="PUT ", seed=SEED))
+        first = len(proxy.requests)
+        rekkord("snapshots")
+        assert proxy.count("503") == 3, proxy.summary()
+        listings = [r for r in proxy.requests[first:] if r.startswith("GET ") and "max-keys=1&" in r + "&"]
+        assert len(listings) == 1, proxy.requests[first:]

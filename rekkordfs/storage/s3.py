@@ -59,6 +59,7 @@ class S3Storage(Storage):
         self._client: Any = None
         self._client_lock = trio.Lock()
         self._connected = False
+        self._listed = False  # connect()'s first request passed
         # Some hosts reject the If-None-Match header itself (501): stop sending it.
         self._send_if_none_match = True
         self.conditional_writes = True
@@ -72,10 +73,15 @@ class S3Storage(Storage):
     async def connect(self) -> None:
         if not self._connected:
             await self._make_client()
-            # The first request tells apart a bad secret, a missing bucket and a dead endpoint.
-            await self._call("list", "", self._list_page_sync, self._prefix, None, 1)
+            if not self._listed:
+                # The first request tells apart a bad secret, a missing bucket and a dead endpoint.
+                await self._call("list", "", self._list_page_sync, self._prefix, None, 1)
+                # A connect() retried after a failure resumes after the steps that passed:
+                # each attempt needing all of them to pass in a row multiplies the odds
+                # against it on a server that fails some requests.
+                self._listed = True
             await self._probe_conditional_writes()
-            self._connected = True  # (a connect() retried after a failure does it all again)
+            self._connected = True
 
     async def create(self) -> None:
         await self._make_client()

@@ -170,6 +170,20 @@ def test_a_retried_put_whose_first_attempt_landed_counts_as_written() -> None:
     on_mock_clock(body)
 
 
+def test_a_retried_put_that_found_its_object_asks_only_its_size_again() -> None:
+    """After a lost answer, the retry finds the object; when asking its size
+    fails, the next retry asks only that (not a PUT the server refuses first)."""
+    async def body() -> None:
+        storage, inner = wrapped()
+        await storage.connect()
+        inner.land_then_fail = 1
+        inner.failures = [None, None, busy(), None]  # put (lands, answer lost), put: exists, size: busy, size
+        assert await storage.put("packs/00/p", b"pack data") is True
+        assert inner.calls == ["connect", "put", "put", "get", "get"]  # object_size() reads it here
+
+    on_mock_clock(body)
+
+
 def test_a_retried_put_finding_another_object_is_not_written() -> None:
     async def body() -> None:
         storage, inner = wrapped()

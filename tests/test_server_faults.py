@@ -16,7 +16,6 @@ import os
 import random
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,12 +114,12 @@ def test_sprinkled_faults_are_ridden_out_by_save_restore_and_the_mount(faulty, t
     before = phase(proxy, sprinkled(proxy))
     snapshot = rekkord.save("docs", str(source))
     assert proxy.count() > before, f"save met no fault: {proxy.summary()}"
-    print("save", time.monotonic(), proxy.summary())
+    print("save", proxy.summary())
 
     before = phase(proxy, sprinkled(proxy))
     rekkord("restore", snapshot, str(tmp_path / "out"))
     assert proxy.count() > before, f"restore met no fault: {proxy.summary()}"
-    print("restore", time.monotonic(), proxy.summary())
+    print("restore", proxy.summary())
     assert rsync_differences(source, tmp_path / "out" / inside) == "", proxy.summary()
 
     phase(proxy, HEALTHY)
@@ -129,7 +128,7 @@ def test_sprinkled_faults_are_ridden_out_by_save_restore_and_the_mount(faulty, t
         copy = tmp_path / "copy"
         subprocess.run(["cp", "-a", f"{mnt / 'ids' / snapshot / inside}/.", str(copy)], check=True)
         assert proxy.count() > before, f"the mount met no fault: {proxy.summary()}"
-        print("mount", time.monotonic(), proxy.summary())
+        print("mount", proxy.summary())
     assert rsync_differences(source, copy) == "", proxy.summary()
 
     phase(proxy, HEALTHY)

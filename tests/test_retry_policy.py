@@ -170,6 +170,20 @@ def test_a_retried_put_whose_first_attempt_landed_counts_as_written() -> None:
     on_mock_clock(body)
 
 
+def test_a_retried_put_that_found_its_object_asks_only_its_size_again() -> None:
+    """After a lost answer, the retry finds the object; when asking its size
+    fails, the next retry asks only that (not a PUT the server refuses first)."""
+    async def body() -> None:
+        storage, inner = wrapped()
+        await storage.connect()
+        inner.land_then_fail = 1
+        inner.failures = [None, None, busy(), None]  # put (lands, answer lost), put: exists, size: busy, size
+        assert await storage.put("packs/00/p", b"pack data") is True
+        assert inner.calls == ["connect", "put", "put", "get", "get"]  # object_size() reads it here
+
+    on_mock_clock(body)
+
+
 def test_a_retried_put_finding_another_object_is_not_written() -> None:
     async def body() -> None:
         storage, inner = wrapped()
@@ -225,3 +239,38 @@ def test_retry_time_from_the_environment_and_the_config_file(tmp_path: Path) -> 
     # every backend the commands open is wrapped in the policy, with the configured budget
     storage = open_storage(load_config(repository="/srv/repo", env={"REKKORD_RETRY_TIME": "7"}))
     assert isinstance(storage, RetryingStorage) and storage.policy.budget == 7
+
+
+def test_s3_a_connection_cut_after_it_was_made_counts_as_an_answer() -> None:
+    """A reset mid-body or before the answer reached a server: retried even on
+    a command's first request. A failed connect or a non-HTTP answer did not."""
+    import http.client
+
+    from botocore.exceptions import (
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    from rekkordfs.config import S3Location, S3Settings
+    from rekkordfs.storage.s3 import S3Storage
+
+    s3 = S3Storage(S3Location("http://127.0.0.1:9", "b", "", None, True), S3Settings("k", "s"))
+    url = "http://127.0.0.1:9/b"
+
+    def classify(exc: Exception) -> TransientStorageError:
+        error = s3._transport_error(exc)
+        assert isinstance(error, TransientStorageError), error
+        return error
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    assert classify(ResponseStreamingError(error=reset)).answered
+    assert classify(ConnectionClosedError(endpoint_url=url, error=reset)).answered
+    assert classify(ReadTimeoutError(endpoint_url=url, error="read timed out")).answered
+    refused = ConnectionRefusedError(111, "Connection refused")
+    assert not classify(EndpointConnectionError(endpoint_url=url, error=refused)).answered
+    assert not classify(ConnectTimeoutError(endpoint_url=url, error="timed out")).answered
+    garbage = ConnectionClosedError(endpoint_url=url, error=http.client.BadStatusLine("SSH-2.0-OpenSSH_9.2"))
+    assert not classify(garbage).answered

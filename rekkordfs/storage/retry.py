@@ -30,7 +30,7 @@ from typing import TypeVar
 import trio
 
 from ..config import DEFAULT_RETRY_TIME
-from ..errors import StorageError, TransientStorageError
+from ..errors import ObjectMissing, StorageError, TransientStorageError
 from ..testhooks import stop_point
 from .base import ObjectInfo, Storage
 
@@ -99,15 +99,27 @@ class RetryingStorage(Storage):
 
     async def put(self, key: str, data: bytes | bytearray) -> bool:
         failed_before = False
+        found = False  # "exists" after a failed attempt: only the object's size is still in question
 
         async def attempt() -> bool:
-            nonlocal failed_before
+            nonlocal failed_before, found
             stop_point("storage-put")
             try:
-                if await self.inner.put(key, data):
-                    return True
-                # "exists": ours, if an earlier attempt landed without its answer
-                return failed_before and await self.inner.object_size(key) == len(data)
+                if not found:
+                    if await self.inner.put(key, data):
+                        return True
+                    if not failed_before:
+                        return False  # there before we tried: not ours
+                    found = True
+                # "exists": ours, if an earlier attempt landed without its answer. Asked
+                # again alone when the asking fails: a busy server gets one request per
+                # retry, not a PUT it will refuse and then the question
+                try:
+                    return await self.inner.object_size(key) == len(data)
+                except ObjectMissing:
+                    found = False  # gone since (never ours to lose): write it again
+                    raise TransientStorageError(f"'{key}' vanished while it was being written",
+                                                answered=True) from None
             except TransientStorageError:
                 failed_before = True
                 raise

@@ -59,6 +59,7 @@ class S3Storage(Storage):
         self._client: Any = None
         self._client_lock = trio.Lock()
         self._connected = False
+        self._listed = False  # connect()'s first request passed
         # Some hosts reject the If-None-Match header itself (501): stop sending it.
         self._send_if_none_match = True
         self.conditional_writes = True
@@ -72,10 +73,15 @@ class S3Storage(Storage):
     async def connect(self) -> None:
         if not self._connected:
             await self._make_client()
-            # The first request tells apart a bad secret, a missing bucket and a dead endpoint.
-            await self._call("list", "", self._list_page_sync, self._prefix, None, 1)
+            if not self._listed:
+                # The first request tells apart a bad secret, a missing bucket and a dead endpoint.
+                await self._call("list", "", self._list_page_sync, self._prefix, None, 1)
+                # A connect() retried after a failure resumes after the steps that passed:
+                # each attempt needing all of them to pass in a row multiplies the odds
+                # against it on a server that fails some requests.
+                self._listed = True
             await self._probe_conditional_writes()
-            self._connected = True  # (a connect() retried after a failure does it all again)
+            self._connected = True
 
     async def create(self) -> None:
         await self._make_client()
@@ -324,6 +330,7 @@ class S3Storage(Storage):
         from botocore.exceptions import (
             ConnectionError,
             ConnectTimeoutError,
+            EndpointConnectionError,
             HTTPClientError,
             IncompleteReadError,
             ReadTimeoutError,
@@ -333,8 +340,11 @@ class S3Storage(Storage):
         endpoint = self.location.endpoint
         if isinstance(exc, SSLError):
             return StorageError(f"TLS error with S3 endpoint {endpoint}: {_root_cause(exc)}")
-        if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError, TimeoutError, socket.timeout)):
+        if isinstance(exc, ConnectTimeoutError):
             return TransientStorageError(f"S3 endpoint {endpoint} timed out")
+        if isinstance(exc, (ReadTimeoutError, TimeoutError, socket.timeout)):
+            # connected, then no answer in time: the server is there, only slow
+            return TransientStorageError(f"S3 endpoint {endpoint} timed out", answered=True)
         cause = _root_cause(exc)
         if _is_dns_failure(exc):
             return StorageError(f"cannot resolve the host name of S3 endpoint {endpoint}")
@@ -343,7 +353,12 @@ class S3Storage(Storage):
             return StorageError(f"S3 request to {endpoint} failed: {cause}")  # not the network's doing
         if "refused" in cause.lower():
             return TransientStorageError(f"cannot connect to S3 endpoint {endpoint}: connection refused")
-        return TransientStorageError(f"lost connection to S3 endpoint {endpoint}: {cause}")
+        # A connection that was made and then closed or reset (before the answer
+        # or in the middle of its body) reached a server: retried even on a
+        # command's first request. A failed connect, or an answer that is not
+        # HTTP (a wrong port), is not: a wrong address fails at once.
+        reached = not isinstance(exc, EndpointConnectionError) and not _not_http(exc)
+        return TransientStorageError(f"lost connection to S3 endpoint {endpoint}: {cause}", answered=reached)
 
 
 def _code_status(exc: Any) -> tuple[str, int]:
@@ -381,6 +396,14 @@ def _is_dns_failure(exc: BaseException) -> bool:
         if isinstance(item, socket.gaierror) or type(item).__name__ == "NameResolutionError":
             return True
     return False
+
+
+def _not_http(exc: BaseException) -> bool:
+    """True when what answered did not speak HTTP (a status line that is not one)."""
+    import http.client
+
+    return any(isinstance(item, http.client.BadStatusLine) and not isinstance(item, http.client.RemoteDisconnected)
+               for item in _chain(exc))
 
 
 def _root_cause(exc: BaseException) -> str:

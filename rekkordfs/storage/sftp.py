@@ -63,6 +63,10 @@ class SFTPStorage(Storage):
         self._connecting: asyncio.Lock | None = None
         self._fsync = True  # until the server says it lacks fsync@openssh.com
         self._closing: set[asyncio.Future[Any]] = set()
+        # Has a TCP connection to the server ever been made in this process? Then a
+        # connection lost later (even mid-handshake: sshd's MaxStartups drops them)
+        # is the server's doing, not a wrong address: retried from the first request.
+        self._reached = False
 
     @property
     def description(self) -> str:
@@ -193,7 +197,7 @@ class SFTPStorage(Storage):
             # fewer, larger SSH packets: per-packet work is Python here
             "max_pktsize": 128 << 10,
             "window": 8 << 20,
-            "tunnel": DirectTCP(),
+            "tunnel": DirectTCP(on_connected=self._mark_reached),
         }
         if settings.key_file:
             options["client_keys"] = [self._load_key(settings.key_file)]
@@ -211,10 +215,21 @@ class SFTPStorage(Storage):
             raise StorageError(self._login_refused()) from None
         try:
             sessions = [await conn.start_sftp_client() for _ in range(SESSIONS)]
+        except asyncssh.ChannelOpenError as exc:
+            lost = conn.is_closed() or (exc.code == asyncssh.OPEN_CONNECT_FAILED and "closed" in exc.reason)
+            conn.close()
+            if lost:
+                # the connection went away while the channels were opening (asyncssh
+                # says ChannelOpenError 'SSH connection closed'): lost, not refused
+                raise asyncssh.ConnectionLost(exc.reason) from None
+            raise
         except BaseException:
             conn.close()
             raise
         self._conn, self._sessions, self._busy = conn, sessions, [0] * len(sessions)
+
+    def _mark_reached(self) -> None:
+        self._reached = True
 
     def _load_key(self, path: str) -> Any:
         import asyncssh
@@ -420,7 +435,7 @@ class SFTPStorage(Storage):
 
         where = f"'{self._path(key)}' on {self.login}"
         if _link_failure(exc):
-            return TransientStorageError(self._link_message(exc))
+            return TransientStorageError(self._link_message(exc), answered=self._reached)
         if isinstance(exc, asyncssh.SFTPNoSuchFile):
             if action in ("read", "check"):
                 return ObjectMissing(f"object '{key}' is missing from {self.description}")

@@ -120,12 +120,20 @@ class CoalescingProtocol(asyncio.Protocol):
 
 
 class DirectTCP:
-    """An asyncssh `tunnel` that is a plain TCP connection with coalesced writes."""
+    """An asyncssh `tunnel` that is a plain TCP connection with coalesced writes.
+
+    on_connected() is called once the TCP connection is made (something
+    listens there), before the SSH handshake."""
+
+    def __init__(self, on_connected: Callable[[], None] | None = None) -> None:
+        self._on_connected = on_connected
 
     async def create_connection(self, session_factory: Callable[[], Any], host: str, port: int) -> tuple[Any, Any]:
         loop = asyncio.get_running_loop()
         _, protocol = await loop.create_connection(
             lambda: CoalescingProtocol(session_factory(), loop), host, port)
+        if self._on_connected is not None:
+            self._on_connected()
         return protocol.transport, protocol.session
 
     def close(self) -> None:

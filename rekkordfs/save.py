@@ -40,7 +40,7 @@ from .repository import Repository
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone, ThreadFeed, task_group
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_workers
-from .upload import TransferStats, Uploader, open_regular
+from .upload import SmallFile, TransferStats, Uploader, open_regular
 
 
 @dataclass
@@ -109,6 +109,10 @@ def normalize_paths(paths: list[str]) -> list[bytes]:
         if not any(path == k or path.startswith(k.rstrip(b"/") + b"/") for k in kept):
             kept.append(path)
     return kept
+
+
+def _stat_key(st: os.stat_result) -> StatKey:
+    return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 class Walker:
@@ -402,32 +406,17 @@ class SaveSession:
         await self._process_large(job)
 
     async def _process_batch(self, batch: list[FileJob]) -> None:
-        """Read, chunk, hash and seal many small files in one thread hop."""
-        outcomes = await self.repo.run_cpu(self._prepare_batch, batch)
-        prepared = [chunk for outcome in outcomes if not isinstance(outcome, OSError) for chunk in outcome[1]]
-        refs = iter(self.uploader.store(prepared))
-        await self.repo.upload_ready()
-        for job, outcome in zip(batch, outcomes):
-            if isinstance(outcome, OSError):
-                await self._job_done(job, outcome)
+        """Read, chunk, hash and seal many small files in one thread hop (upload.py)."""
+        files = [SmallFile(path=job.path) for job in batch]
+        refs = await self.uploader.upload_small(files, read_limit=None)
+        for job, item, chunks in zip(batch, files, refs):
+            if chunks is None:
+                assert item.error is not None
+                await self._job_done(job, item.error)
                 continue
-            size, chunks, unchanged = outcome
-            self.stats.bytes_read += size
-            self._set_content(job, size, [next(refs) for _ in chunks], unchanged)
+            assert item.data is not None and item.stat is not None
+            self._set_content(job, len(item.data), chunks, _stat_key(item.stat) == job.key)
             await self._job_done(job, None)
-
-    def _prepare_batch(self, batch: list[FileJob]) -> list:
-        """Thread side: read the files, then chunk, hash and seal them all at once."""
-        reads: list = []
-        for job in batch:
-            try:
-                with open_regular(job.path) as handle:
-                    reads.append((handle.read(), self._unchanged(handle, job.key)))
-            except OSError as exc:
-                reads.append(exc)
-        contents = [read[0] for read in reads if not isinstance(read, OSError)]
-        prepared = iter(self.uploader.prepare_many(contents))
-        return [read if isinstance(read, OSError) else (len(read[0]), next(prepared), read[1]) for read in reads]
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)
@@ -437,8 +426,7 @@ class SaveSession:
             self._stat_rows.append((job.path, job.key, chunks))
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
-        st = os.fstat(handle.fileno())
-        return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == key
+        return _stat_key(os.fstat(handle.fileno())) == key
 
     async def _process_large(self, job: FileJob) -> None:
         handle = await trio.to_thread.run_sync(open_regular, job.path)

@@ -31,14 +31,13 @@ from .errors import RekkordError, UsageError
 from .format import EntryKind, validate_channel
 from .fsmeta import xattr_refusal
 from .keys import Capability
-from .packs import Sealed
 from .repository import Repository
 from .staging import NAME_MAX, ROOT, Inode, StagingTree, remove_files
 from .statedir import lock_state_folder, prepare_state_folder
 from .streaming import GrowingFile, StreamAborted
 from .testhooks import stop_point
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE
-from .upload import Uploader, open_regular
+from .upload import SmallFile, Uploader
 from .vfs import MUTABLE_TIMEOUT, STAGING_INO, Attr, Node, NodeKind, SnapshotView
 
 log = logging.getLogger(__name__)
@@ -577,8 +576,9 @@ class StagingArea:
         # content kept in the journal is read here: the journal stays on this thread
         inline = [tree.inline_data(ino) for tree, ino, _ in items]
         small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
-        for tree, ino, version, prepared in small:
-            chunks = self.uploaders[tree.channel].store(prepared)
+        for tree, ino, version, item in small:
+            chunks = self.uploaders[tree.channel].store_small([item])[0]
+            assert chunks is not None
             tree.record_upload(ino, version, chunks)
         await self.repo.upload_ready()
         for tree, ino, version in large:
@@ -592,32 +592,21 @@ class StagingArea:
     def _prepare_small(self, items: list[Closed], inline: list[bytes | None]
                        ) -> tuple[list, list[Closed], list[Closed]]:
         """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES
-        (inline[i] is the content of items[i] when the journal holds it)."""
-        small: list = []
-        large: list[Closed] = []
-        total = 0
-        try:
-            for index, ((tree, ino, version), data) in enumerate(zip(items, inline)):
-                if total >= BATCH_BYTES:
-                    return small, large, items[index:]
-                if data is None:
-                    try:
-                        with open_regular(tree.data_path(ino)) as handle:
-                            if os.fstat(handle.fileno()).st_size > SMALL_FILE:
-                                large.append((tree, ino, version))
-                                continue
-                            data = handle.read()
-                    except FileNotFoundError:
-                        continue  # deleted since it was closed
-                total += len(data)
-                uploader = self.uploaders[tree.channel]
-                uploader.stats.bytes_read += len(data)
-                small.append((tree, ino, version, uploader.prepare_many([data])[0]))
-        except BaseException:
-            for _, _, _, prepared in small:
-                self.repo.discard([data for _, _, data in prepared if isinstance(data, Sealed)])
-            raise
-        return small, large, []
+        (inline[i] is the content of items[i] when the journal holds it), with
+        the small-file pipeline of upload.py."""
+        if not items:
+            return [], [], []
+        files = [SmallFile(data) if data is not None else SmallFile(path=tree.data_path(ino))
+                 for (tree, ino, _), data in zip(items, inline)]
+        uploader = self.uploaders[items[0][0].channel]  # any: the stats are counted when stored
+        handled = uploader.prepare_small(files, BATCH_BYTES)
+        for item in files[:handled]:
+            if item.error is not None and not isinstance(item.error, FileNotFoundError):  # deleted: nothing to do
+                uploader.discard_small(files)
+                raise item.error
+        small = [(tree, ino, version, item) for (tree, ino, version), item in zip(items, files) if item.ready]
+        large = [(tree, ino, version) for (tree, ino, version), item in zip(items, files) if item.large]
+        return small, large, items[handled:]
 
     def statfs_all(self) -> os.statvfs_result:
         """Room left where staged data is kept."""

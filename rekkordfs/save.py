@@ -133,6 +133,7 @@ class Walker:
         self._next_link_id = 1
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
         self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
+        self._cached: dict[bytes, tuple[bytes, list[ChunkRef]] | None] = {}  # this folder's stat-cache rows
 
     @property
     def max_link_id(self) -> int:
@@ -197,6 +198,7 @@ class Walker:
             listing = Listing(node)
             subdirs: list[tuple[DirNode, bool]] = []
             items = self._list(node.path or b"/") if descend else []
+            stats: list[tuple[bytes, bytes, os.stat_result]] = []
             for name, path in items:
                 try:
                     st = os.lstat(path)
@@ -207,12 +209,20 @@ class Walker:
                     continue
                 if filtering and selection.excluded(name, path, path[len(base):], stat.S_ISDIR(st.st_mode)):
                     continue
+                stats.append((name, path, st))
+            self._prefetch_stats(stats)
+            for name, path, st in stats:
                 entry = self._add_child(listing, path, name, st)
                 if entry is not None and entry.kind == EntryKind.DIRECTORY:
                     subdirs.append((DirNode(path, entry, node), root_dev is None or st.st_dev == root_dev))
             node.pending += len(subdirs)
             self.emit(listing)
             stack.extend(reversed(subdirs))
+
+    def _prefetch_stats(self, stats: list[tuple[bytes, bytes, os.stat_result]]) -> None:
+        """The stat-cache rows of a folder's files in one query (not one per file)."""
+        files = [(path, _stat_key(st)) for _, path, st in stats if stat.S_ISREG(st.st_mode) and st.st_size]
+        self._cached = dict(zip((path for path, _ in files), self.repo.cache.lookup_stats(files)))
 
     def _list(self, folder: bytes) -> list[tuple[bytes, bytes]]:
         """(name, path) of the folder's entries, sorted; only the tag of a tagged
@@ -255,7 +265,7 @@ class Walker:
         return entry
 
     def _file_job(self, listing: Listing, path: bytes, entry: Entry, st: os.stat_result) -> None:
-        key = StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        key = _stat_key(st)
         if st.st_nlink > 1:
             known = self._links.get((st.st_dev, st.st_ino))
             if known is not None:
@@ -269,7 +279,12 @@ class Walker:
                 return
             entry.link_id = self._next_link_id
             self._next_link_id += 1
-        cached = (b"", []) if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
+        if st.st_size == 0:
+            cached: tuple[bytes, list[ChunkRef]] | None = (b"", [])
+        elif path in self._cached:
+            cached = self._cached.pop(path)
+        else:
+            cached = self.repo.cache.lookup_stat(path, key)
         job = None
         if cached is not None:
             entry.chunks_raw = cached[0]
@@ -300,7 +315,7 @@ class SaveSession:
         self.root_ref: BlobRef | None = None
         self._link_done: dict[int, trio.Event] = {}
         self._link_failed: set[int] = set()
-        self._stat_rows: list[tuple[bytes, StatKey, list[ChunkRef]]] = []
+        self._stat_rows: list[tuple[bytes, StatKey, bytes]] = []
         self.uses: set[bytes] = set()  # every pack the snapshot refers to, checked before it is published
 
     def skip(self, message: str) -> None:
@@ -351,14 +366,29 @@ class SaveSession:
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
-        """Hand jobs to workers: small files in batches, others one by one."""
+        """Hand jobs to workers: small files in batches, others one by one. A
+        batch spans folders while listings keep coming (folders of a few small
+        files would otherwise cost a thread hop each), and goes out as soon as
+        the walker has nothing more ready."""
+        batch: list[FileJob] = []
+        batch_bytes = 0
         async with listings, jobs:
-            async for listing in listings:
+            while True:
+                try:
+                    listing = listings.receive_nowait()
+                except trio.WouldBlock:
+                    if batch:
+                        await jobs.send(batch)
+                        batch, batch_bytes = [], 0
+                    try:
+                        listing = await listings.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
+                    break
                 assert listing is not None
                 if listing.node.pending == 0:
                     await self._finalize(listing.node)
-                batch: list[FileJob] = []
-                batch_bytes = 0
                 for job in listing.jobs:
                     if job.entry.link_id and job.primary:
                         self._link_done[job.entry.link_id] = trio.Event()
@@ -370,8 +400,8 @@ class SaveSession:
                             batch, batch_bytes = [], 0
                     else:
                         await jobs.send([job])
-                if batch:
-                    await jobs.send(batch)
+            if batch:
+                await jobs.send(batch)
 
     async def _worker(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         async with jobs:
@@ -423,7 +453,7 @@ class SaveSession:
         job.entry.size = size
         self.uses.update(chunk.location.pack for chunk in chunks)
         if unchanged:
-            self._stat_rows.append((job.path, job.key, chunks))
+            self._stat_rows.append((job.path, job.key, job.entry.chunks_raw))
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
         return _stat_key(os.fstat(handle.fileno())) == key

@@ -11,6 +11,7 @@ in flight, whatever the size of the data.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import stat
@@ -478,8 +479,8 @@ class SaveSession:
             if entry.kind == EntryKind.FILE:
                 self.stats.files += 1
                 self.stats.size += entry.size
-        record = await self.repo.run_cpu(encode_directory, children)
-        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        # encoded in the thread that seals it: one hop per folder
+        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, functools.partial(encode_directory, children))
         self.uses.add(ref.location.pack)
         self.stats.bytes_stored += stored
         if node.entry is None:

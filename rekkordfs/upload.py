@@ -228,7 +228,7 @@ class Uploader:
     async def upload_small(self, files: list[SmallFile], limit_bytes: int | None = None,
                            read_limit: int | None = SMALL_FILE) -> list[list[ChunkRef] | None]:
         """prepare_small() in one thread hop, then store_small()."""
-        await self.repo.run_cpu(self.prepare_small, files, limit_bytes, read_limit)
+        await self.repo.run_small(self.prepare_small, files, limit_bytes, read_limit)
         refs = self.store_small(files)
         await self.repo.upload_ready()
         return refs

@@ -143,7 +143,8 @@ class LocalCache:
 
     def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
         """Record a pack index and the blobs of it this key trusts, in one transaction."""
-        rows = [(blob_id, at.pack, at.offset, at.length) for blob_id, at in items]
+        # in key order: B-tree inserts of random IDs cost a third more CPU otherwise
+        rows = sorted((blob_id, at.pack, at.offset, at.length) for blob_id, at in items)
         self._usable = None
         with self._lock:
             self._db.execute("BEGIN")

@@ -371,6 +371,22 @@ class Repository:
             self._packer.cancel(slot)
             raise
 
+    def seal_many(self, kind: BlobKind, datas: list[memoryview]) -> list[Sealed]:
+        """seal() of many blobs (small files' chunks), compressed together."""
+        sealed: list[Sealed] = []
+        try:
+            for compression, payload in self.codec.compress_many(datas):
+                slot = self._packer.claim(kind, len(payload) + STORED_OVERHEAD)
+                try:
+                    sealed.append(Sealed(slot, self.codec.seal(slot.sealer, kind, compression, payload)))
+                except BaseException:
+                    self._packer.cancel(slot)
+                    raise
+        except BaseException:
+            self.discard(sealed)
+            raise
+        return sealed
+
     def discard(self, sealed: list[Sealed]) -> None:
         """Sealed blobs that will not be stored (their batch failed)."""
         for item in sealed:

@@ -183,23 +183,19 @@ class Uploader:
         codec = self.repo.codec
         pieces = [[(codec.blob_id(BlobKind.CHUNK, view), view) for view in views] for views in files]
         known = self.repo.known_many([blob_id for chunks in pieces for blob_id, _ in chunks])
-        seen: set[bytes] = set()
-        sealed: list[Sealed] = []
+        fresh: dict[bytes, memoryview] = {}  # the first of each chunk not stored yet, in order
+        for chunks in pieces:
+            for blob_id, view in chunks:
+                if blob_id not in known and blob_id not in fresh:
+                    fresh[blob_id] = view
+        sealed = dict(zip(fresh, self.repo.seal_many(BlobKind.CHUNK, list(fresh.values()))))
         prepared: list[list[Prepared]] = []
-        try:
-            for chunks in pieces:
-                out: list[Prepared] = []
-                for blob_id, view in chunks:
-                    if blob_id in seen or blob_id in known:
-                        out.append((blob_id, len(view), known.get(blob_id)))
-                    else:
-                        seen.add(blob_id)
-                        sealed.append(self.repo.seal(BlobKind.CHUNK, view))
-                        out.append((blob_id, len(view), sealed[-1]))
-                prepared.append(out)
-        except BaseException:
-            self.repo.discard(sealed)
-            raise
+        for chunks in pieces:
+            out: list[Prepared] = []
+            for blob_id, view in chunks:
+                # the first twin of a batch carries the sealed bytes, later ones None (as known ones their place)
+                out.append((blob_id, len(view), sealed.pop(blob_id, None) or known.get(blob_id)))
+            prepared.append(out)
         return prepared
 
     def store(self, prepared: list[Prepared]) -> list[ChunkRef]:

@@ -15,6 +15,8 @@ import functools
 import math
 import os
 import stat
+import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from .keys import Capability
 from .repository import Repository
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone, ThreadFeed, task_group
-from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_workers
+from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_lead, save_workers
 from .upload import SmallFile, TransferStats, Uploader, open_regular
 
 
@@ -112,8 +114,53 @@ def normalize_paths(paths: list[str]) -> list[bytes]:
     return kept
 
 
+_STAT_ROW = struct.Struct("<QqqQI")  # size, mtime, ctime, inode, path length
+
+
+def _unpack_stat_row(row: bytes) -> tuple[bytes, StatKey, bytes]:
+    size, mtime_ns, ctime_ns, ino, length = _STAT_ROW.unpack_from(row)
+    start = _STAT_ROW.size
+    return row[start:start + length], StatKey(size, mtime_ns, ctime_ns, ino), row[start + length:]
+
+
 def _stat_key(st: os.stat_result) -> StatKey:
     return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+class Lead:
+    """How many files the walker may have queued that are not saved yet: each
+    holds its entry, job and path, and a walker that lists a whole tree of small
+    files before the workers catch up holds them all (memory grew with the
+    tree). The walker's thread waits; close() (the pipeline stopped) wakes it
+    for good, and it ends with ReceiverGone."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._limit = limit
+        self._queued = 0
+        self._closed = False
+
+    def take(self, files: int) -> None:
+        """Walker thread: room for a listing of this many files to read."""
+        if not files:
+            return
+        with self._cond:
+            while self._queued >= self._limit and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise ReceiverGone()
+            self._queued += files
+
+    def done(self) -> None:
+        """Loop side: a queued file is finished."""
+        with self._cond:
+            self._queued -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 class Walker:
@@ -122,8 +169,10 @@ class Walker:
 
     def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
                  skip: Callable[[str], None], stats: SaveStats, uses: set[bytes],
-                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None) -> None:
+                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None,
+                 lead: Lead | None = None) -> None:
         self.paths = paths
+        self.lead = lead
         self.repo = repo
         self.uses = uses  # packs the snapshot refers to (cached files' chunks are added here)
         self.emit = emit
@@ -180,7 +229,7 @@ class Walker:
                 full.append(child)
             else:
                 partial.append((child, trie[name]))
-        self.emit(listing)
+        self._emit(listing)
         for child, sub in partial:
             self._scan_virtual(child, sub)
         for child in full:
@@ -217,8 +266,13 @@ class Walker:
                 if entry is not None and entry.kind == EntryKind.DIRECTORY:
                     subdirs.append((DirNode(path, entry, node), root_dev is None or st.st_dev == root_dev))
             node.pending += len(subdirs)
-            self.emit(listing)
+            self._emit(listing)
             stack.extend(reversed(subdirs))
+
+    def _emit(self, listing: Listing) -> None:
+        if self.lead is not None:
+            self.lead.take(len(listing.jobs))
+        self.emit(listing)
 
     def _prefetch_stats(self, stats: list[tuple[bytes, bytes, os.stat_result]]) -> None:
         """The stat-cache rows of a folder's files in one query (not one per file)."""
@@ -315,8 +369,11 @@ class SaveSession:
         self.root = DirNode(b"", None, None)
         self.root_ref: BlobRef | None = None
         self._link_done: dict[int, trio.Event] = {}
+        self.lead = Lead(save_lead(repo.threads))
         self._link_failed: set[int] = set()
-        self._stat_rows: list[tuple[bytes, StatKey, bytes]] = []
+        # stat rows to record once the snapshot is published, one bytes object each
+        # (_STAT_ROW head, path, encoded chunks): a tuple of objects was 500 bytes a file
+        self._stat_rows: list[bytes] = []
         self.uses: set[bytes] = set()  # every pack the snapshot refers to, checked before it is published
 
     def skip(self, message: str) -> None:
@@ -335,7 +392,7 @@ class SaveSession:
         token = trio.lowlevel.current_trio_token()
         walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
                         lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses, self.selection,
-                        self.report)
+                        self.report, self.lead)
 
         async def walk() -> None:
             try:
@@ -363,7 +420,7 @@ class SaveSession:
 
     def _remember(self) -> None:
         self.repo.remember_session()
-        self.repo.cache.store_stats(self._stat_rows)
+        self.repo.cache.store_stats(_unpack_stat_row(row) for row in self._stat_rows)
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
@@ -371,6 +428,13 @@ class SaveSession:
         batch spans folders while listings keep coming (folders of a few small
         files would otherwise cost a thread hop each), and goes out as soon as
         the walker has nothing more ready."""
+        try:
+            await self._dispatch_all(listings, jobs)
+        finally:
+            self.lead.close()  # the walker must not wait for workers that are gone (or done)
+
+    async def _dispatch_all(self, listings: trio.MemoryReceiveChannel[Listing | None],
+                            jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
         batch: list[FileJob] = []
         batch_bytes = 0
         async with listings, jobs:
@@ -419,6 +483,7 @@ class SaveSession:
                     await self._process_batch(batch)
 
     async def _job_done(self, job: FileJob, error: OSError | None) -> None:
+        self.lead.done()
         if error is not None:
             job.node.skipped.add(job.entry.name)
             self._link_failed.add(job.entry.link_id)
@@ -454,7 +519,9 @@ class SaveSession:
         job.entry.size = size
         self.uses.update(chunk.location.pack for chunk in chunks)
         if unchanged:
-            self._stat_rows.append((job.path, job.key, job.entry.chunks_raw))
+            key = job.key
+            self._stat_rows.append(_STAT_ROW.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(job.path))
+                                   + job.path + job.entry.chunks_raw)
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
         return _stat_key(os.fstat(handle.fileno())) == key

@@ -30,6 +30,12 @@ def small_file_threads(threads: int) -> int:
     return 1
 
 
+def save_lead(threads: int) -> int:
+    """Files a save's walker may have queued and not saved yet: about 1 KiB of
+    memory each, and far more than the workers need to stay busy."""
+    return 8192
+
+
 def save_workers(threads: int) -> int:
     """Tasks reading files: most wait on the disk, so more than the CPUs."""
     return max(8, threads * 4)

@@ -346,7 +346,7 @@ class RestoreSession:
         written = None
         if self.repo.storage.read_blocking is not None:
             try:
-                written = await self.repo.run_small(self._read_write_small, batch, wanted)
+                written = await self.repo.run_cpu(self._read_write_small, batch, wanted)
             except ObjectMissing:
                 pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
         if written is None:
@@ -354,7 +354,7 @@ class RestoreSession:
                 raws = await self.repo.read_raws(wanted)
             except (CorruptedData, ObjectMissing) as exc:
                 raise self._batch_error(batch, exc) from None
-            written = await self.repo.run_small(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
+            written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
         self.stats.bytes_written += written
         self.stats.files += len(batch)
 

@@ -22,11 +22,11 @@ RECORD_BATCH = 64  # directory records read per hop when walking whole trees (pr
 
 
 def small_file_threads(threads: int) -> int:
-    """Threads working on batches of small files at once (save, restore): their
-    work is Python and short system calls, which a second thread cannot overlap
-    (the GIL), so two only hand the GIL back and forth on every call; and two
-    threads creating files in the same folders contend in the kernel (measured on
-    2 CPUs: a quarter of the futex calls and a tenth of the openat time with one)."""
+    """Threads preparing batches of small files at once in a save: their work is
+    Python and short system calls, which a second thread cannot overlap (the
+    GIL), so two only hand the GIL back and forth on every call. (A restore
+    keeps `threads`: there one thread at a time left the disk idle while a
+    file creation waited on it, 27 s against 17 s for 100,000 files.)"""
     return 1
 
 

@@ -69,6 +69,8 @@ class DataSet:
     extra: dict = field(default_factory=dict)
     #: the retention rows' history (generate_history): each step's folder and bytes
     history: list[tuple[Path, int]] = field(default_factory=list)
+    #: the scale rows' many small files (generate_scale), when they run
+    scale: ScaleSet | None = None
 
     @property
     def tree(self) -> Path:
@@ -381,3 +383,74 @@ def _load(root: Path, p: Params, data: dict) -> DataSet:
         changed_files=data["changed"]["files"], changed_tree_bytes=data["changed"]["bytes"],
         big_bytes=data["big"]["bytes"], extra=data,
     )
+
+
+# --- the scale data set (--scale): many small files ---------------------------------
+
+SCALE_VERSION = 1
+SCALE_FILES = 100_000
+SCALE_TOP = 10  # top folders, each with SCALE_SUB subfolders: 1,000 leaf folders
+SCALE_SUB = 100
+SCALE_MAX = 2048  # file sizes are uniform in 0..SCALE_MAX bytes
+
+
+@dataclass
+class ScaleSet:
+    """FILES files of 0-2 KiB in 1,000 folders (DATA/scale-FILES/tree)."""
+
+    root: Path
+    files: int
+    bytes: int
+    dirs: int  # folders below the tree's root
+
+    @property
+    def tree(self) -> Path:
+        return self.root / "tree"
+
+
+def generate_scale(root: Path, files: int = SCALE_FILES, seed: int = 1, log=print) -> ScaleSet:
+    """FILES small files (0-2 KiB, uniform; 3/4 text, 1/4 incompressible, like the
+    tree's small files) spread evenly over 10 x 100 folders (t0/s00 ... t9/s99), all
+    from the seed; kept while its manifest matches. 100,000 files take about a minute."""
+    root = Path(root)
+    manifest = root / "manifest.json"
+    wanted = {"version": SCALE_VERSION, "seed": seed, "files": files, "max": SCALE_MAX}
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        if {k: data.get(k) for k in wanted} == wanted:
+            return ScaleSet(root, files, data["bytes"], data["dirs"])
+    started = time.monotonic()
+    log(f"generating {files} small files in {root} (seed {seed}) ...")
+    if root.exists():
+        shutil.rmtree(root)
+    partial = root / "partial"
+    partial.mkdir(parents=True)
+    content = Content(seed)
+    rng = random.Random(f"{seed}-scale")
+    folders = [f"t{t}/s{s:02d}" for t in range(SCALE_TOP) for s in range(SCALE_SUB)]
+    for folder in folders:
+        (partial / folder).mkdir(parents=True)
+    total = 0
+    epoch = 1_600_000_000
+    for index in range(files):
+        folder = folders[index % len(folders)]
+        kind = "text" if rng.random() < 0.75 else "binary"
+        size = rng.randint(0, SCALE_MAX)
+        ext = rng.choice(TEXT_EXT if kind == "text" else BINARY_EXT)
+        target = partial / folder / f"f{index:07d}{ext}"
+        data = content.make(kind, f"{seed}:scale:{index}".encode(), size)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        mtime_ns = (epoch + rng.randrange(100_000_000)) * 1_000_000_000 + rng.randrange(1_000_000_000)
+        os.utime(target, ns=(mtime_ns, mtime_ns))
+        total += size
+    _set_dir_times(partial, [""] + [f"t{t}" for t in range(SCALE_TOP)] + folders, seed)
+    os.rename(partial, root / "tree")
+    dirs = SCALE_TOP + len(folders)
+    manifest.write_text(json.dumps({**wanted, "bytes": total, "dirs": dirs}, indent=2) + "\n")
+    log(f"scale data set ready in {time.monotonic() - started:.1f} s: {files} files, {total / MB:.1f} MB, "
+        f"{dirs} folders")
+    return ScaleSet(root, files, total, dirs)

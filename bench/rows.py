@@ -515,6 +515,57 @@ def _register_retention(backend: str) -> None:
 _register_retention("local")
 
 
+# --- scale: many small files (--scale [N]; data.generate_scale) ---------------------------
+# Every tool saves the data set's folder itself (the same absolute path for all, and
+# no change row needs a copy); 100,000 files by default, --scale 10000 for growth.
+
+SCALE_KEY = "local:scale"
+
+
+def _scale(ctx: Context):
+    if ctx.ds.scale is None:
+        raise NotAvailable("no scale data set (run with --scale)")
+    return ctx.ds.scale
+
+
+@row("scale_rsync", "scale: rsync -a of the small files into a local folder (floor)", group="scale",
+     tools=("rekkordfs",), compare_to="scale_save")
+def scale_rsync(ctx: Context) -> Result:
+    """What copying the tree costs on this disk, whatever the tool: the floor the
+    staging rows of the scale tree are held against."""
+    scale = _scale(ctx)
+    dest = ctx.work / "rsync-scale"
+    remove_tree(dest)
+    warm(scale.tree)
+    os.sync()
+    r = run(["rsync", "-a", f"{scale.tree}/", f"{dest}/"]).check("rsync of the scale tree")
+    files, size = tree_figures(dest)
+    result = Result(seconds=r.seconds, bytes=scale.bytes, rss=r.rss, cpu=r.cpu)
+    if (files, size) != (scale.files, scale.bytes):
+        result.status, result.note = "FAIL", f"copied {files} files / {size} bytes"
+    remove_tree(dest)
+    os.sync()
+    return result
+
+
+@row("scale_save", "scale: first save of the small files", group="scale")
+def scale_save(ctx: Context) -> Result:
+    scale = _scale(ctx)
+    ctx.fresh_repo(SCALE_KEY, "local")
+    return ctx.save(SCALE_KEY, scale.tree, "scale", scale.tree, scale.files, scale.bytes)
+
+
+@row("scale_unchanged", "scale: re-save, small files unchanged", requires=("scale_save",), group="scale")
+def scale_unchanged(ctx: Context) -> Result:
+    scale = _scale(ctx)
+    return ctx.save(SCALE_KEY, scale.tree, "scale", scale.tree, scale.files, scale.bytes)
+
+
+@row("scale_restore", "scale: restore of the small files", requires=("scale_save",), group="scale")
+def scale_restore(ctx: Context) -> Result:
+    return ctx.restore(SCALE_KEY, ctx.snaps[SCALE_KEY][0])
+
+
 # --- S3 and SFTP: the same save/restore and retention rows on a server ------------------
 
 for _backend in ("s3", "sftp"):

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .backends import Backend, make_backend
-from .data import Params, generate, generate_history
+from .data import SCALE_FILES, Params, generate, generate_history, generate_scale
 from .measure import NotAvailable, ToolFailure, loadavg, unmount
 from .rows import ROWS, Context, Result, Row, rows_by_name
 from .tools import PEERS, TOOLS, add_revision, remove_tree
@@ -264,6 +264,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="default %(default)s; rekkordfs@REV is rekkordfs as committed at REV (see --compare-rev)")
     p.add_argument("--backends", metavar="B,...", default="local",
                    help="local, s3, sftp: which backends' rows run by default (default %(default)s)")
+    p.add_argument("--scale", type=int, nargs="?", const=SCALE_FILES, metavar="N",
+                   help=f"the scale rows: N small files of 0-2 KiB in 1,000 folders (default {SCALE_FILES}); "
+                        "alone, only those rows run (with --only, they run at N files)")
     p.add_argument("--repeat", type=int, default=1, metavar="N", help="run N times, report the best time of each row")
     p.add_argument("--json", metavar="FILE", type=Path, help="also write every figure to FILE")
     p.add_argument("--verify", action="store_true",
@@ -306,12 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [r for r in selected if r not in by_name]
         if unknown:
             sys.exit(f"scripts/bench: unknown row(s) {', '.join(unknown)} (see --list)")
-    else:
-        selected = [r.name for r in ROWS if r.backend in backends_wanted]
+    elif args.scale:
+        selected = [r.name for r in ROWS if r.group == "scale"]
+    else:  # the scale rows take minutes per tool: only when asked for
+        selected = [r.name for r in ROWS if r.backend in backends_wanted and r.group != "scale"]
 
     ds = generate(root / "data", Params(seed=args.seed), log=log)
     if any(by_name[r.name].feature == "retention" for t in tools for r in plan(selected, t)):
         generate_history(ds, log=log)
+    if any(by_name[r.name].group == "scale" for t in tools for r in plan(selected, t)):
+        ds.scale = generate_scale(root / "data" / f"scale-{args.scale or SCALE_FILES}",
+                                  args.scale or SCALE_FILES, args.seed, log=log)
     _clear_stale_mounts(work)
     for t in tools:
         if TOOLS[t].kind == "rekkordfs":  # no copy compiles itself during a timed row
@@ -354,7 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     text, notes = render(shown, table, tools, columns)
     print()
     print(f"rekkordfs bench: {ds.tree_files} files / {ds.tree_bytes / 1e6:.0f} MB tree, "
-          f"{ds.big_bytes / 2**30:.0f} GiB random file; best of {args.repeat}; "
+          f"{ds.big_bytes / 2**30:.0f} GiB random file; "
+          + (f"scale: {ds.scale.files} files / {ds.scale.bytes / 1e6:.0f} MB; " if ds.scale else "")
+          + f"best of {args.repeat}; "
           f"{os.cpu_count()} CPUs; {time.monotonic() - started:.0f} s; {'; '.join(meta['versions'].values())}")
     if "versions_at_end" in meta:
         print(f"warning: rekkordfs changed during the run (now {meta['versions_at_end']['rekkordfs']}): "

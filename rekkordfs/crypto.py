@@ -114,6 +114,24 @@ def aead_decrypt(key: bytes, nonce: bytes, associated: bytes, sealed: bytes) -> 
 # a blob (its kind, compression, or where it starts) is readable without keys.
 
 
+_NONCES_AT_ONCE: Final = 256
+_nonces = threading.local()
+
+
+def _nonce() -> bytes:
+    """A random nonce from a per-thread pool filled by os.urandom 256 at a time
+    (a getrandom call lets go of the GIL: one per blob was one more hand-off
+    per small file). The pool is refilled after a fork, never shared."""
+    pool: bytes | None = getattr(_nonces, "pool", None)
+    pos: int = getattr(_nonces, "pos", 0)
+    if pool is None or pos >= len(pool) or _nonces.pid != os.getpid():
+        pool = _nonces.pool = os.urandom(NONCE_SIZE * _NONCES_AT_ONCE)
+        _nonces.pid = os.getpid()
+        pos = 0
+    _nonces.pos = pos + NONCE_SIZE
+    return pool[pos:pos + NONCE_SIZE]
+
+
 def _pack_key(shared: bytes, pack_id: bytes, data_public: bytes) -> bytes:
     return hashlib.blake2b(shared + pack_id + data_public, digest_size=KEY_SIZE, person=b"rekkord-pack-v2").digest()
 
@@ -130,7 +148,7 @@ class PackSealer:
         """nonce | ciphertext of (payload | trailer) | tag, encrypted in place."""
         size = len(payload) + len(trailer)
         out = bytearray(NONCE_SIZE + size + TAG_SIZE)
-        nonce = os.urandom(NONCE_SIZE)
+        nonce = _nonce()
         out[:NONCE_SIZE] = nonce
         end = NONCE_SIZE + len(payload)
         pointer = _ffi.from_buffer(out) + NONCE_SIZE

@@ -54,6 +54,7 @@ from .snapshotlog import SnapshotLog
 from .storage import open_storage
 from .storage.base import Storage
 from .tasks import task_group
+from .tuning import small_file_threads
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class Repository(SnapshotLog):
         self.codec = BlobCodec(keys, config.repo_id)
         # CPU-bound work (hash, compress, seal, open) runs under this limiter.
         self.cpu = trio.CapacityLimiter(threads)
+        self._small = trio.CapacityLimiter(small_file_threads(threads))  # batches of small files
         self._known: dict[bytes, KnownBlob] = {}  # stored by this session
         self._cache: LocalCache | None = None
         self._packer = PackWriter(storage, self.codec, self._forget)
@@ -176,6 +178,11 @@ class Repository(SnapshotLog):
 
     async def run_cpu(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu)
+
+    async def run_small(self, fn: Callable[..., T], *args: object) -> T:
+        """run_cpu() of a batch of small files (see tuning.small_file_threads)."""
+        async with self._small:
+            return await self.run_cpu(fn, *args)
 
     # --- blobs we may deduplicate against ----------------------------------------
 
@@ -295,6 +302,22 @@ class Repository(SnapshotLog):
             self._packer.cancel(slot)
             raise
 
+    def seal_many(self, kind: BlobKind, datas: list[memoryview]) -> list[Sealed]:
+        """seal() of many blobs (small files' chunks), compressed together."""
+        sealed: list[Sealed] = []
+        try:
+            for compression, payload in self.codec.compress_many(datas):
+                slot = self._packer.claim(kind, len(payload) + STORED_OVERHEAD)
+                try:
+                    sealed.append(Sealed(slot, self.codec.seal(slot.sealer, kind, compression, payload)))
+                except BaseException:
+                    self._packer.cancel(slot)
+                    raise
+        except BaseException:
+            self.discard(sealed)
+            raise
+        return sealed
+
     def discard(self, sealed: list[Sealed]) -> None:
         """Sealed blobs that will not be stored (their batch failed)."""
         for item in sealed:
@@ -326,13 +349,15 @@ class Repository(SnapshotLog):
     async def flush_packs(self) -> None:
         await self._packer.flush()
 
-    async def write_blob(self, kind: BlobKind, data: bytes) -> tuple[BlobRef, int]:
-        """Hash, seal and pack a record unless known; returns its reference and the bytes stored."""
+    async def write_blob(self, kind: BlobKind, data: bytes | Callable[[], bytes]) -> tuple[BlobRef, int]:
+        """Hash, seal and pack a record unless known; returns its reference and the bytes stored.
+        data may be a function that makes the record: it runs in the same thread hop."""
 
         def prepare() -> tuple[bytes, KnownBlob | Sealed]:
-            blob_id = self.codec.blob_id(kind, data)
+            record = data() if callable(data) else data
+            blob_id = self.codec.blob_id(kind, record)
             known = self.known(blob_id)
-            return blob_id, known if known is not None else self.seal(kind, data)
+            return blob_id, known if known is not None else self.seal(kind, record)
 
         blob_id, found = await self.run_cpu(prepare)
         if isinstance(found, KnownBlob):
@@ -406,6 +431,22 @@ class Repository(SnapshotLog):
             return results  # type: ignore[return-value]
         raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
         for (_, start, _, members), data in zip(runs, datas):
+            for index in members:
+                location = chunks[index].location
+                begin = location.offset - start
+                raws[index] = (check_length(chunks[index].id, location, data[begin:begin + location.length]),
+                               location)
+        return raws
+
+    def read_raws_blocking(self, chunks: list[ChunkRef]) -> list[tuple[bytes, Location]]:
+        """Thread side, for storage that reads in the calling thread (local
+        disks): read_raws() without a hop to a storage thread. ObjectMissing when
+        a pack is gone: read_raws() then finds where its blobs went."""
+        read_blocking = self.storage.read_blocking
+        assert read_blocking is not None
+        raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
+        for pack, start, length, members in coalesce([c.location for c in chunks], 0):
+            data = read_blocking(pack_key(pack), start, length)
             for index in members:
                 location = chunks[index].location
                 begin = location.offset - start

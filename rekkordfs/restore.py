@@ -182,18 +182,21 @@ class RestoreSession:
             children = await self.repo.read_directory(entry.dir_ref)
         if self.options.delete:
             self._keep.append((parts, {c.name for c in children}))
+        subdirs = [parts + (child.name,) for child in children if child.kind == EntryKind.DIRECTORY]
+        if subdirs:  # all of a folder's subfolders in one thread hop
+            await trio.to_thread.run_sync(self._make_dirs, subdirs)
         async with task_group() as nursery:
             for child in children:
                 child_parts = parts + (child.name,)
                 self.report(f"restore {self._show(child_parts)}")
                 if child.kind == EntryKind.DIRECTORY:
-                    await trio.to_thread.run_sync(self._make_dir, child_parts)
                     self.plan.dirs.append((child_parts, child))
                     self.stats.dirs += 1
                     nursery.start_soon(self._restore_dir_contents, child_parts, child, jobs)
                 else:
                     await self._restore_entry(child_parts, child, jobs)
-            await self._send_batch(jobs)
+            # the batch is not sent at the end of each folder: it fills across
+            # folders (made before their files are queued) and the walk's end sends the rest
 
     async def _restore_entry(self, parts: tuple[bytes, ...], entry: Entry,
                              jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
@@ -228,6 +231,10 @@ class RestoreSession:
                         self.report(f"delete {self._show(parts + (name,))}")
             finally:
                 os.close(fd)
+
+    def _make_dirs(self, subdirs: list[tuple[bytes, ...]]) -> None:
+        for parts in subdirs:
+            self._make_dir(parts)
 
     def _make_dir(self, parts: tuple[bytes, ...]) -> None:
         fd = open_parent(self.dest_fd, parts)
@@ -333,15 +340,33 @@ class RestoreSession:
                     await self._restore_small(batch)
 
     async def _restore_small(self, batch: list[_FileJob]) -> None:
-        """Small files: fetch their chunks together, then write them all in one thread hop."""
+        """Small files: fetch their chunks together, then write them all in one
+        thread hop (on a local disk the reads happen in that hop too)."""
         wanted = [job.chunks[0] for job in batch if job.chunks and not self.repo.is_zero_chunk(job.chunks[0])]
-        try:
-            raws = await self.repo.read_raws(wanted)
-        except (CorruptedData, ObjectMissing) as exc:
-            raise type(exc)(f"restoring '{self._show(batch[0].parts)}' and nearby files: {exc.message}") from None
-        written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
+        written = None
+        if self.repo.storage.read_blocking is not None:
+            try:
+                written = await self.repo.run_cpu(self._read_write_small, batch, wanted)
+            except ObjectMissing:
+                pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
+        if written is None:
+            try:
+                raws = await self.repo.read_raws(wanted)
+            except (CorruptedData, ObjectMissing) as exc:
+                raise self._batch_error(batch, exc) from None
+            written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
         self.stats.bytes_written += written
         self.stats.files += len(batch)
+
+    def _batch_error(self, batch: list[_FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
+        return type(exc)(f"restoring '{self._show(batch[0].parts)}' and nearby files: {exc.message}")
+
+    def _read_write_small(self, batch: list[_FileJob], wanted: list[ChunkRef]) -> int:
+        try:
+            raws = self.repo.read_raws_blocking(wanted)  # everything is read before anything is written
+        except CorruptedData as exc:
+            raise self._batch_error(batch, exc) from None
+        return self._write_small(batch, dict(zip((c.id for c in wanted), raws)))
 
     def _write_small(self, batch: list[_FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
         written = 0

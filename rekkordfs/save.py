@@ -11,9 +11,12 @@ in flight, whatever the size of the data.
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import stat
+import struct
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,8 +42,8 @@ from .keys import Capability
 from .repository import Repository
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone, ThreadFeed, task_group
-from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_workers
-from .upload import TransferStats, Uploader, open_regular
+from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, save_lead, save_workers
+from .upload import SmallFile, TransferStats, Uploader, open_regular
 
 
 @dataclass
@@ -111,14 +114,65 @@ def normalize_paths(paths: list[str]) -> list[bytes]:
     return kept
 
 
+_STAT_ROW = struct.Struct("<QqqQI")  # size, mtime, ctime, inode, path length
+
+
+def _unpack_stat_row(row: bytes) -> tuple[bytes, StatKey, bytes]:
+    size, mtime_ns, ctime_ns, ino, length = _STAT_ROW.unpack_from(row)
+    start = _STAT_ROW.size
+    return row[start:start + length], StatKey(size, mtime_ns, ctime_ns, ino), row[start + length:]
+
+
+def _stat_key(st: os.stat_result) -> StatKey:
+    return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+class Lead:
+    """How many files the walker may have queued that are not saved yet: each
+    holds its entry, job and path, and a walker that lists a whole tree of small
+    files before the workers catch up holds them all (memory grew with the
+    tree). The walker's thread waits; close() (the pipeline stopped) wakes it
+    for good, and it ends with ReceiverGone."""
+
+    def __init__(self, limit: int) -> None:
+        self._cond = threading.Condition()
+        self._limit = limit
+        self._queued = 0
+        self._closed = False
+
+    def take(self, files: int) -> None:
+        """Walker thread: room for a listing of this many files to read."""
+        if not files:
+            return
+        with self._cond:
+            while self._queued >= self._limit and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                raise ReceiverGone()
+            self._queued += files
+
+    def done(self) -> None:
+        """Loop side: a queued file is finished."""
+        with self._cond:
+            self._queued -= 1
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
 class Walker:
     """Runs in a thread: lists directories and emits Listings in depth-first order,
     leaving out what the selection excludes."""
 
     def __init__(self, paths: list[bytes], repo: Repository, emit: Callable[[Listing], None],
                  skip: Callable[[str], None], stats: SaveStats, uses: set[bytes],
-                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None) -> None:
+                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None,
+                 lead: Lead | None = None) -> None:
         self.paths = paths
+        self.lead = lead
         self.repo = repo
         self.uses = uses  # packs the snapshot refers to (cached files' chunks are added here)
         self.emit = emit
@@ -129,6 +183,7 @@ class Walker:
         self._next_link_id = 1
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
         self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
+        self._cached: dict[bytes, tuple[bytes, list[ChunkRef]] | None] = {}  # this folder's stat-cache rows
 
     @property
     def max_link_id(self) -> int:
@@ -174,7 +229,7 @@ class Walker:
                 full.append(child)
             else:
                 partial.append((child, trie[name]))
-        self.emit(listing)
+        self._emit(listing)
         for child, sub in partial:
             self._scan_virtual(child, sub)
         for child in full:
@@ -193,6 +248,7 @@ class Walker:
             listing = Listing(node)
             subdirs: list[tuple[DirNode, bool]] = []
             items = self._list(node.path or b"/") if descend else []
+            stats: list[tuple[bytes, bytes, os.stat_result]] = []
             for name, path in items:
                 try:
                     st = os.lstat(path)
@@ -203,12 +259,25 @@ class Walker:
                     continue
                 if filtering and selection.excluded(name, path, path[len(base):], stat.S_ISDIR(st.st_mode)):
                     continue
+                stats.append((name, path, st))
+            self._prefetch_stats(stats)
+            for name, path, st in stats:
                 entry = self._add_child(listing, path, name, st)
                 if entry is not None and entry.kind == EntryKind.DIRECTORY:
                     subdirs.append((DirNode(path, entry, node), root_dev is None or st.st_dev == root_dev))
             node.pending += len(subdirs)
-            self.emit(listing)
+            self._emit(listing)
             stack.extend(reversed(subdirs))
+
+    def _emit(self, listing: Listing) -> None:
+        if self.lead is not None:
+            self.lead.take(len(listing.jobs))
+        self.emit(listing)
+
+    def _prefetch_stats(self, stats: list[tuple[bytes, bytes, os.stat_result]]) -> None:
+        """The stat-cache rows of a folder's files in one query (not one per file)."""
+        files = [(path, _stat_key(st)) for _, path, st in stats if stat.S_ISREG(st.st_mode) and st.st_size]
+        self._cached = dict(zip((path for path, _ in files), self.repo.cache.lookup_stats(files)))
 
     def _list(self, folder: bytes) -> list[tuple[bytes, bytes]]:
         """(name, path) of the folder's entries, sorted; only the tag of a tagged
@@ -251,7 +320,7 @@ class Walker:
         return entry
 
     def _file_job(self, listing: Listing, path: bytes, entry: Entry, st: os.stat_result) -> None:
-        key = StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        key = _stat_key(st)
         if st.st_nlink > 1:
             known = self._links.get((st.st_dev, st.st_ino))
             if known is not None:
@@ -265,7 +334,12 @@ class Walker:
                 return
             entry.link_id = self._next_link_id
             self._next_link_id += 1
-        cached = (b"", []) if st.st_size == 0 else self.repo.cache.lookup_stat(path, key)
+        if st.st_size == 0:
+            cached: tuple[bytes, list[ChunkRef]] | None = (b"", [])
+        elif path in self._cached:
+            cached = self._cached.pop(path)
+        else:
+            cached = self.repo.cache.lookup_stat(path, key)
         job = None
         if cached is not None:
             entry.chunks_raw = cached[0]
@@ -295,8 +369,11 @@ class SaveSession:
         self.root = DirNode(b"", None, None)
         self.root_ref: BlobRef | None = None
         self._link_done: dict[int, trio.Event] = {}
+        self.lead = Lead(save_lead(repo.threads))
         self._link_failed: set[int] = set()
-        self._stat_rows: list[tuple[bytes, StatKey, list[ChunkRef]]] = []
+        # stat rows to record once the snapshot is published, one bytes object each
+        # (_STAT_ROW head, path, encoded chunks): a tuple of objects was 500 bytes a file
+        self._stat_rows: list[bytes] = []
         self.uses: set[bytes] = set()  # every pack the snapshot refers to, checked before it is published
 
     def skip(self, message: str) -> None:
@@ -315,7 +392,7 @@ class SaveSession:
         token = trio.lowlevel.current_trio_token()
         walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
                         lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses, self.selection,
-                        self.report)
+                        self.report, self.lead)
 
         async def walk() -> None:
             try:
@@ -343,18 +420,40 @@ class SaveSession:
 
     def _remember(self) -> None:
         self.repo.remember_session()
-        self.repo.cache.store_stats(self._stat_rows)
+        self.repo.cache.store_stats(_unpack_stat_row(row) for row in self._stat_rows)
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
-        """Hand jobs to workers: small files in batches, others one by one."""
+        """Hand jobs to workers: small files in batches, others one by one. A
+        batch spans folders while listings keep coming (folders of a few small
+        files would otherwise cost a thread hop each), and goes out as soon as
+        the walker has nothing more ready."""
+        try:
+            await self._dispatch_all(listings, jobs)
+        finally:
+            self.lead.close()  # the walker must not wait for workers that are gone (or done)
+
+    async def _dispatch_all(self, listings: trio.MemoryReceiveChannel[Listing | None],
+                            jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
+        batch: list[FileJob] = []
+        batch_bytes = 0
         async with listings, jobs:
-            async for listing in listings:
+            while True:
+                try:
+                    listing = listings.receive_nowait()
+                except trio.WouldBlock:
+                    if batch:
+                        await jobs.send(batch)
+                        batch, batch_bytes = [], 0
+                    try:
+                        listing = await listings.receive()
+                    except trio.EndOfChannel:
+                        break
+                except trio.EndOfChannel:
+                    break
                 assert listing is not None
                 if listing.node.pending == 0:
                     await self._finalize(listing.node)
-                batch: list[FileJob] = []
-                batch_bytes = 0
                 for job in listing.jobs:
                     if job.entry.link_id and job.primary:
                         self._link_done[job.entry.link_id] = trio.Event()
@@ -366,8 +465,8 @@ class SaveSession:
                             batch, batch_bytes = [], 0
                     else:
                         await jobs.send([job])
-                if batch:
-                    await jobs.send(batch)
+            if batch:
+                await jobs.send(batch)
 
     async def _worker(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         async with jobs:
@@ -384,6 +483,7 @@ class SaveSession:
                     await self._process_batch(batch)
 
     async def _job_done(self, job: FileJob, error: OSError | None) -> None:
+        self.lead.done()
         if error is not None:
             job.node.skipped.add(job.entry.name)
             self._link_failed.add(job.entry.link_id)
@@ -402,43 +502,29 @@ class SaveSession:
         await self._process_large(job)
 
     async def _process_batch(self, batch: list[FileJob]) -> None:
-        """Read, chunk, hash and seal many small files in one thread hop."""
-        outcomes = await self.repo.run_cpu(self._prepare_batch, batch)
-        prepared = [chunk for outcome in outcomes if not isinstance(outcome, OSError) for chunk in outcome[1]]
-        refs = iter(self.uploader.store(prepared))
-        await self.repo.upload_ready()
-        for job, outcome in zip(batch, outcomes):
-            if isinstance(outcome, OSError):
-                await self._job_done(job, outcome)
+        """Read, chunk, hash and seal many small files in one thread hop (upload.py)."""
+        files = [SmallFile(path=job.path) for job in batch]
+        refs = await self.uploader.upload_small(files, read_limit=None)
+        for job, item, chunks in zip(batch, files, refs):
+            if chunks is None:
+                assert item.error is not None
+                await self._job_done(job, item.error)
                 continue
-            size, chunks, unchanged = outcome
-            self.stats.bytes_read += size
-            self._set_content(job, size, [next(refs) for _ in chunks], unchanged)
+            assert item.data is not None and item.stat is not None
+            self._set_content(job, len(item.data), chunks, _stat_key(item.stat) == job.key)
             await self._job_done(job, None)
-
-    def _prepare_batch(self, batch: list[FileJob]) -> list:
-        """Thread side: read the files, then chunk, hash and seal them all at once."""
-        reads: list = []
-        for job in batch:
-            try:
-                with open_regular(job.path) as handle:
-                    reads.append((handle.read(), self._unchanged(handle, job.key)))
-            except OSError as exc:
-                reads.append(exc)
-        contents = [read[0] for read in reads if not isinstance(read, OSError)]
-        prepared = iter(self.uploader.prepare_many(contents))
-        return [read if isinstance(read, OSError) else (len(read[0]), next(prepared), read[1]) for read in reads]
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)
         job.entry.size = size
         self.uses.update(chunk.location.pack for chunk in chunks)
         if unchanged:
-            self._stat_rows.append((job.path, job.key, chunks))
+            key = job.key
+            self._stat_rows.append(_STAT_ROW.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(job.path))
+                                   + job.path + job.entry.chunks_raw)
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
-        st = os.fstat(handle.fileno())
-        return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) == key
+        return _stat_key(os.fstat(handle.fileno())) == key
 
     async def _process_large(self, job: FileJob) -> None:
         handle = await trio.to_thread.run_sync(open_regular, job.path)
@@ -460,8 +546,8 @@ class SaveSession:
             if entry.kind == EntryKind.FILE:
                 self.stats.files += 1
                 self.stats.size += entry.size
-        record = await self.repo.run_cpu(encode_directory, children)
-        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        # encoded in the thread that seals it: one hop per folder
+        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, functools.partial(encode_directory, children))
         self.uses.add(ref.location.pack)
         self.stats.bytes_stored += stored
         if node.entry is None:

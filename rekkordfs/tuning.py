@@ -34,6 +34,21 @@ PREFETCH_BATCH = 16
 # --- concurrency ------------------------------------------------------------------------
 
 
+def small_file_threads(threads: int) -> int:
+    """Threads preparing batches of small files at once in a save: their work is
+    Python and short system calls, which a second thread cannot overlap (the
+    GIL), so two only hand the GIL back and forth on every call. (A restore
+    keeps `threads`: there one thread at a time left the disk idle while a
+    file creation waited on it, 27 s against 17 s for 100,000 files.)"""
+    return 1
+
+
+def save_lead(threads: int) -> int:
+    """Files a save's walker may have queued and not saved yet: about 1 KiB of
+    memory each, and far more than the workers need to stay busy."""
+    return 8192
+
+
 def save_workers(threads: int) -> int:
     """Tasks reading files: most wait on the disk, so more than the CPUs."""
     return max(8, threads * 4)

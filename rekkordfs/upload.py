@@ -51,6 +51,54 @@ def open_regular(path: bytes | str | os.PathLike[str]) -> io.FileIO:
     return os.fdopen(fd, "rb", buffering=0)
 
 
+def read_small(path: bytes | str, limit: int | None = SMALL_FILE) -> tuple[bytes | None, os.stat_result]:
+    """The content of a small regular file and its fstat, with few system calls
+    (open, fstat, one read, close: each lets go of the GIL). (None, stat) when it
+    is over `limit` bytes; it is read whatever its size when limit is None."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | _NOATIME
+    try:
+        fd = os.open(path, flags)
+    except PermissionError:
+        if not _NOATIME:
+            raise
+        fd = os.open(path, flags & ~_NOATIME)  # O_NOATIME needs ownership
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "no longer a regular file")
+        if limit is not None and st.st_size > limit:
+            return None, st
+        data = os.read(fd, st.st_size + 1)  # a short read is the end of a regular file
+        if len(data) > st.st_size:  # it grew meanwhile: read to its end
+            pieces = [data]
+            while piece := os.read(fd, 1 << 20):
+                pieces.append(piece)
+            data = b"".join(pieces)
+        return data, st
+    finally:
+        os.close(fd)
+
+
+_NOATIME = getattr(os, "O_NOATIME", 0)
+
+
+@dataclass(slots=True, eq=False)
+class SmallFile:
+    """One file of a small-file batch (Uploader.prepare_small): its content, or
+    a local path to read it from. The batch fills in the rest."""
+
+    data: bytes | None = None
+    path: bytes | str | None = None
+    stat: os.stat_result | None = None  # fstat of the file it was read from (unchanged meanwhile?)
+    error: OSError | None = None  # it could not be read: nothing prepared
+    large: bool = False  # over SMALL_FILE when opened: left for upload_path()
+    prepared: list[Prepared] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.prepared is not None
+
+
 def _take(chunks: Iterator[memoryview], limit: int) -> list[memoryview]:
     batch: list[memoryview] = []
     total = 0
@@ -71,34 +119,83 @@ class Uploader:
         # chunks of large files in flight (read, not yet stored): bounds memory
         self._inflight = trio.Semaphore(chunks_in_flight(repo.threads))
 
+    def prepare_small(self, files: list[SmallFile], limit_bytes: int | None = None,
+                      read_limit: int | None = SMALL_FILE) -> int:
+        """Thread side, the one small-file pipeline (save, write-behind, commit):
+        read the files given by path, then chunk, hash, compress and seal the
+        chunks not known yet of all of them in one go (one known-blob lookup, the
+        GIL handed over as seldom as the libraries allow). Stops before a file
+        once limit_bytes were read; returns how many files it handled. A file
+        over read_limit is marked large and left; one that cannot be read gets
+        its error. Every prepared file must go to store_small()."""
+        handled = 0
+        total = 0
+        for item in files:
+            if limit_bytes is not None and total >= limit_bytes:
+                break
+            handled += 1
+            if item.data is None:
+                assert item.path is not None
+                try:
+                    item.data, item.stat = read_small(item.path, read_limit)
+                except OSError as exc:
+                    item.error = exc
+                    continue
+                if item.data is None:
+                    item.large = True
+                    continue
+            total += len(item.data)
+        todo = [(item, item.data) for item in files[:handled] if item.data is not None and item.error is None]
+        for (item, _), prepared in zip(todo, self._seal_new([self.chunker.split(data) for _, data in todo])):
+            item.prepared = prepared
+        return handled
+
+    def store_small(self, files: list[SmallFile]) -> list[list[ChunkRef] | None]:
+        """Trio side: store what prepare_small() sealed; each file's chunks, or
+        None for one not prepared (error, large, or beyond the batch). Await
+        repo.upload_ready() afterwards."""
+        refs = iter(self.store([chunk for item in files if item.prepared is not None for chunk in item.prepared]))
+        out: list[list[ChunkRef] | None] = []
+        for item in files:
+            if item.prepared is None:
+                out.append(None)
+                continue
+            assert item.data is not None
+            self.stats.bytes_read += len(item.data)
+            out.append([next(refs) for _ in item.prepared])
+        return out
+
+    def discard_small(self, files: list[SmallFile]) -> None:
+        """Prepared files that will not be stored (their batch failed)."""
+        for item in files:
+            if item.prepared is not None:
+                self.repo.discard([data for _, _, data in item.prepared if isinstance(data, Sealed)])
+                item.prepared = None
+
     def prepare_many(self, datas: list[bytes]) -> list[list[Prepared]]:
-        """Thread side: chunk, hash, and seal the chunks not known yet of several
-        files' content, with one known-blob lookup for all. Every result must
-        go to store()."""
-        return self._seal_new([self.chunker.split(data) for data in datas])
+        """Thread side: prepare_small() of contents held in memory."""
+        files = [SmallFile(data) for data in datas]
+        self.prepare_small(files)
+        return [item.prepared or [] for item in files]
 
     def _seal_new(self, files: list[list[memoryview]]) -> list[list[Prepared]]:
         """Hash chunks already cut, and seal those not known yet."""
         codec = self.repo.codec
         pieces = [[(codec.blob_id(BlobKind.CHUNK, view), view) for view in views] for views in files]
         known = self.repo.known_many([blob_id for chunks in pieces for blob_id, _ in chunks])
-        seen: set[bytes] = set()
-        sealed: list[Sealed] = []
+        fresh: dict[bytes, memoryview] = {}  # the first of each chunk not stored yet, in order
+        for chunks in pieces:
+            for blob_id, view in chunks:
+                if blob_id not in known and blob_id not in fresh:
+                    fresh[blob_id] = view
+        sealed = dict(zip(fresh, self.repo.seal_many(BlobKind.CHUNK, list(fresh.values()))))
         prepared: list[list[Prepared]] = []
-        try:
-            for chunks in pieces:
-                out: list[Prepared] = []
-                for blob_id, view in chunks:
-                    if blob_id in seen or blob_id in known:
-                        out.append((blob_id, len(view), known.get(blob_id)))
-                    else:
-                        seen.add(blob_id)
-                        sealed.append(self.repo.seal(BlobKind.CHUNK, view))
-                        out.append((blob_id, len(view), sealed[-1]))
-                prepared.append(out)
-        except BaseException:
-            self.repo.discard(sealed)
-            raise
+        for chunks in pieces:
+            out: list[Prepared] = []
+            for blob_id, view in chunks:
+                # the first twin of a batch carries the sealed bytes, later ones None (as known ones their place)
+                out.append((blob_id, len(view), sealed.pop(blob_id, None) or known.get(blob_id)))
+            prepared.append(out)
         return prepared
 
     def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
@@ -124,13 +221,18 @@ class Uploader:
             refs.append(ChunkRef(blob_id, size, location))
         return refs
 
-    async def upload_many(self, datas: list[bytes]) -> list[list[ChunkRef]]:
-        """Every chunk of several small contents, sealed in one thread hop."""
-        prepared = await self.repo.run_cpu(self.prepare_many, datas)
-        refs = iter(self.store([chunk for chunks in prepared for chunk in chunks]))
+    async def upload_small(self, files: list[SmallFile], limit_bytes: int | None = None,
+                           read_limit: int | None = SMALL_FILE) -> list[list[ChunkRef] | None]:
+        """prepare_small() in one thread hop, then store_small()."""
+        await self.repo.run_small(self.prepare_small, files, limit_bytes, read_limit)
+        refs = self.store_small(files)
         await self.repo.upload_ready()
-        self.stats.bytes_read += sum(len(data) for data in datas)
-        return [[next(refs) for _ in chunks] for chunks in prepared]
+        return refs
+
+    async def upload_many(self, datas: list[bytes]) -> list[list[ChunkRef]]:
+        """Every chunk of several small contents held in memory, sealed in one thread hop."""
+        refs = await self.upload_small([SmallFile(data) for data in datas])
+        return [chunks if chunks is not None else [] for chunks in refs]
 
     async def upload_stream(self, handle: ReadsInto) -> list[ChunkRef]:
         """Chunks of a large open file, many stored at once, in file order."""

@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from typing import TYPE_CHECKING
 
 import trio
 
 from .errors import RekkordError
-from .packs import Sealed
 from .repository import Repository
 from .staging import StagingTree
 from .streaming import GrowingFile, StreamAborted
 from .testhooks import stop_point
 from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE
-from .upload import Uploader, open_regular
+from .upload import SmallFile, Uploader
 
 if TYPE_CHECKING:
     from .stagingarea import Handle
@@ -181,8 +179,9 @@ class WriteBehind:
         # content kept in the journal is read here: the journal stays on this thread
         inline = [tree.inline_data(ino) for tree, ino, _ in items]
         small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
-        for tree, ino, version, prepared in small:
-            chunks = self.uploaders[tree.channel].store(prepared)
+        for tree, ino, version, item in small:
+            chunks = self.uploaders[tree.channel].store_small([item])[0]
+            assert chunks is not None
             tree.uploads.record(ino, version, chunks)
         await self.repo.upload_ready()
         for tree, ino, version in large:
@@ -196,29 +195,18 @@ class WriteBehind:
     def _prepare_small(self, items: list[Closed], inline: list[bytes | None]
                        ) -> tuple[list, list[Closed], list[Closed]]:
         """Thread side: read, chunk, hash and seal small files up to BATCH_BYTES
-        (inline[i] is the content of items[i] when the journal holds it)."""
-        small: list = []
-        large: list[Closed] = []
-        total = 0
-        try:
-            for index, ((tree, ino, version), data) in enumerate(zip(items, inline)):
-                if total >= BATCH_BYTES:
-                    return small, large, items[index:]
-                if data is None:
-                    try:
-                        with open_regular(tree.data_path(ino)) as handle:
-                            if os.fstat(handle.fileno()).st_size > SMALL_FILE:
-                                large.append((tree, ino, version))
-                                continue
-                            data = handle.read()
-                    except FileNotFoundError:
-                        continue  # deleted since it was closed
-                total += len(data)
-                uploader = self.uploaders[tree.channel]
-                uploader.stats.bytes_read += len(data)
-                small.append((tree, ino, version, uploader.prepare_many([data])[0]))
-        except BaseException:
-            for _, _, _, prepared in small:
-                self.repo.discard([data for _, _, data in prepared if isinstance(data, Sealed)])
-            raise
-        return small, large, []
+        (inline[i] is the content of items[i] when the journal holds it), with
+        the small-file pipeline of upload.py."""
+        if not items:
+            return [], [], []
+        files = [SmallFile(data) if data is not None else SmallFile(path=tree.data_path(ino))
+                 for (tree, ino, _), data in zip(items, inline)]
+        uploader = self.uploaders[items[0][0].channel]  # any: the stats are counted when stored
+        handled = uploader.prepare_small(files, BATCH_BYTES)
+        for item in files[:handled]:
+            if item.error is not None and not isinstance(item.error, FileNotFoundError):  # deleted: nothing to do
+                uploader.discard_small(files)
+                raise item.error
+        small = [(tree, ino, version, item) for (tree, ino, version), item in zip(items, files) if item.ready]
+        large = [(tree, ino, version) for (tree, ino, version), item in zip(items, files) if item.large]
+        return small, large, items[handled:]

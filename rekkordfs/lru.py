@@ -64,6 +64,11 @@ class WeightedLRU(Generic[K, V]):
     def keys(self) -> list[K]:
         return list(self._items.keys())
 
+    def clear(self) -> None:
+        """Forget everything (on_evict is not called)."""
+        self._items.clear()
+        self.used = 0
+
     def _evict_oldest(self) -> None:
         # lru-dict 1.4's popitem() keeps a reference to what it returns (a leak
         # of every evicted value): peek at the oldest and delete it instead

@@ -13,10 +13,11 @@ from typing import Any
 
 from ..format import EntryKind
 from ..journalspace import disk_is_short, give_back, journal_error, open_journal
+from ..lru import WeightedLRU
 from ..testhooks import check_inode_cache
 from .inode import COLUMNS, ROOT, Content, Inode, error, inode_from_row
 
-INODE_CACHE = 100_000  # rows kept decoded; past it the cache starts over
+INODE_CACHE = 100_000  # rows kept decoded, the most recently used
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 
 SCHEMA = """
@@ -59,7 +60,7 @@ class Journal:
         self._dirty = bool(self.meta("dirty", 0))
         self._freed = False  # the open transaction shrank inline content: give the space back
         self._deleted: Deleted = []  # by the open transaction
-        self._inodes: dict[int, Inode] = {}  # rows as journaled
+        self._inodes: WeightedLRU[int, Inode] = WeightedLRU(INODE_CACHE)  # rows as journaled
         self._check_cache = check_inode_cache()
 
     def close(self) -> None:
@@ -83,20 +84,19 @@ class Journal:
             row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
             if row is None:
                 raise error(errno.ENOENT)
-            if len(self._inodes) > INODE_CACHE:
-                self._inodes.clear()
-            node = self._inodes[ino] = inode_from_row(row)
+            node = inode_from_row(row)
+            self._inodes.put(ino, node)
         return node
 
     def update_inode(self, ino: int, assignments: str, *values: object) -> None:
         """UPDATE inodes SET <assignments> for one inode (inside a transaction)."""
         self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values, ino))
-        self._inodes.pop(ino, None)
+        self._inodes.pop(ino)
 
     def delete_inode(self, ino: int, content: Content) -> None:
         """Inside a transaction; on_deleted() hears of it once it is committed."""
         self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
-        self._inodes.pop(ino, None)
+        self._inodes.pop(ino)
         self._deleted.append((ino, content))
 
     def forget_rows(self) -> None:

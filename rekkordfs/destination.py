@@ -11,7 +11,8 @@ import shutil
 import stat
 from collections.abc import Callable
 
-from .format import Entry
+from .format import Entry, EntryKind
+from .fsmeta import FILE_TYPE_BITS
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
@@ -114,3 +115,42 @@ def apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
     os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
     set_xattrs(lambda name, value: os.setxattr(fd, name, value), entry, xattr_failed)
     os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
+
+
+def make_special(dest_fd: int, parts: tuple[bytes, ...], entry: Entry, xattr_failed: XattrFailed) -> None:
+    """A symlink, FIFO or device node at parts below DEST, with its metadata;
+    made under a temporary name when the name is taken, then renamed over it."""
+    fd = open_parent(dest_fd, parts)
+    name = parts[-1]
+    temp = temp_name() if name_taken(fd, name) else None
+    made = temp or name
+    try:
+        if entry.kind == EntryKind.SYMLINK:
+            assert entry.target is not None
+            os.symlink(entry.target, made, dir_fd=fd)
+        elif entry.kind == EntryKind.FIFO:
+            os.mkfifo(made, entry.mode, dir_fd=fd)
+        else:
+            os.mknod(made, entry.mode | FILE_TYPE_BITS[entry.kind], entry.rdev, dir_fd=fd)
+        try:
+            _apply_path_metadata(fd, made, entry, xattr_failed)
+            if temp is not None:
+                move_into_place(fd, temp, name)
+        except BaseException:
+            if temp is not None:
+                remove_quietly(fd, temp)
+            raise
+    finally:
+        os.close(fd)
+
+
+def _apply_path_metadata(dir_fd: int, name: bytes, entry: Entry, xattr_failed: XattrFailed) -> None:
+    """Metadata of a symlink or special file, never following links."""
+    if IS_ROOT:
+        os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
+    if entry.kind != EntryKind.SYMLINK:
+        os.chmod(name, entry.mode, dir_fd=dir_fd)
+    proc_path = f"/proc/self/fd/{dir_fd}/".encode() + name
+    set_xattrs(lambda xname, value: os.setxattr(proc_path, xname, value, follow_symlinks=False), entry,
+               xattr_failed)
+    os.utime(name, ns=(entry.atime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)

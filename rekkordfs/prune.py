@@ -19,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import trio
 
@@ -81,6 +82,17 @@ class PruneReport:
     problems: list[str] = field(default_factory=list)
 
 
+class _Listed(NamedTuple):
+    """What a prune starts from."""
+
+    packs: dict[bytes, ObjectInfo]
+    index_packs: dict[str, bytes]  # index name -> its pack
+    marks: dict[str, Condemned]
+    forgotten: dict[str, Forgotten]
+    records: set[bytes]  # snapshot records stored
+    tags: dict[bytes, Tag]  # snapshot ID -> its verified tag
+
+
 class Pruner:
     def __init__(self, repo: Repository, options: PruneOptions,
                  progress: Callable[[str], None] | None = None, clock: Callable[[], int] = time.time_ns) -> None:
@@ -106,16 +118,39 @@ class Pruner:
         await self.repo.for_each(keys, self._delete)
 
     async def run(self) -> PruneReport:
-        repo, storage = self.repo, self.repo.storage
-        listed_at = self.clock()
-        # everything is listed and read at once (one round trip, not six, on a server); all of it
-        # after listed_at, which is what the grace is counted from
+        listed_at = self.clock()  # everything is listed after it: the grace is counted from it
+        packs, index_packs, marks, forgotten, records, tags = await self._list_everything()
+        gone = {i for record in forgotten.values() for i in record.snapshot_ids} - set(tags)
+
+        uses: Uses = {}
+        roots = await self._roots(records - gone, tags)
+        await self._walk(roots, uses)
+        condemned_before = {pack for mark in marks.values() for pack in mark.packs}
+        live = await self._effective(uses, set(packs), condemned_before)
+
+        await self._sweep(marks, packs, live, index_packs, listed_at)
+        await self._mark(packs, uses, live, condemned_before, index_packs, listed_at)
+        # the records first, then the forget records naming them (a record never outlives its forget record)
+        await self._delete_all([snapshot_key(i) for i in gone & records])
+        self.report.records_deleted += len(gone & records)
+        await self._delete_all([name for name, record in forgotten.items()
+                                if not set(record.snapshot_ids) & (records - gone)])
+
+        async with task_group() as nursery:  # every pack is deleted already: these two are independent
+            nursery.start_soon(self._delete_stray_indexes, packs, index_packs, listed_at)
+            nursery.start_soon(self._measure, packs)
+        return self.report
+
+    async def _list_everything(self) -> _Listed:
+        """What the repository holds, listed and read at once (one round trip, not six, on a server)."""
         packs: dict[bytes, ObjectInfo] = {}
         index_packs: dict[str, bytes] = {}
         marks: dict[str, Condemned] = {}
         forgotten: dict[str, Forgotten] = {}
         records: set[bytes] = set()
         tags: dict[bytes, Tag] = {}
+
+        repo, storage = self.repo, self.repo.storage
 
         async def list_packs() -> None:
             packs.update((pack, info) for key, info in (await storage.list_details(PACKS_PREFIX)).items()
@@ -141,34 +176,16 @@ class Pruner:
         async with task_group() as nursery:
             for step in (list_packs, indexes, load_marks, load_forgotten, list_records, list_tags):
                 nursery.start_soon(step)
-        gone = {i for record in forgotten.values() for i in record.snapshot_ids} - set(tags)
+        return _Listed(packs, index_packs, marks, forgotten, records, tags)
 
-        uses: Uses = {}
-        roots = await self._roots(records - gone, tags)
-        await self._walk(roots, uses)
-        condemned_before = {pack for mark in marks.values() for pack in mark.packs}
-        live = await self._effective(uses, set(packs), condemned_before)
-
-        await self._sweep(marks, packs, live, index_packs, listed_at)
-        await self._mark(packs, uses, live, condemned_before, index_packs, listed_at)
-        # the records first, then the forget records naming them (a record never outlives its forget record)
-        await self._delete_all([snapshot_key(i) for i in gone & records])
-        self.report.records_deleted += len(gone & records)
-        await self._delete_all([name for name, record in forgotten.items()
-                                if not set(record.snapshot_ids) & (records - gone)])
-
-        async def measure() -> None:
-            if not self.options.dry_run:
-                await trio.to_thread.run_sync(repo.remember_session)  # the packs repacking wrote
-                after = await storage.list_details(PACKS_PREFIX)
-                self.report.bytes_stored = sum(info.size for info in after.values())
-            else:
-                self.report.bytes_stored = sum(info.size for info in packs.values())
-
-        async with task_group() as nursery:  # every pack is deleted already: these two are independent
-            nursery.start_soon(self._delete_stray_indexes, packs, index_packs, listed_at)
-            nursery.start_soon(measure)
-        return self.report
+    async def _measure(self, packs: dict[bytes, ObjectInfo]) -> None:
+        """The bytes stored after the prune (before it, in a dry run)."""
+        if not self.options.dry_run:
+            await trio.to_thread.run_sync(self.repo.remember_session)  # the packs repacking wrote
+            after = await self.repo.storage.list_details(PACKS_PREFIX)
+            self.report.bytes_stored = sum(info.size for info in after.values())
+        else:
+            self.report.bytes_stored = sum(info.size for info in packs.values())
 
     async def _delete_stray_indexes(self, packs: dict[bytes, ObjectInfo], index_packs: dict[str, bytes],
                                     listed_at: int) -> None:

@@ -31,16 +31,15 @@ from .destination import (
     apply_metadata,
     clear_name,
     create_new,
+    make_special,
     move_into_place,
     name_taken,
     open_parent,
     remove_quietly,
-    set_xattrs,
     temp_name,
 )
 from .errors import CorruptedData, ObjectMissing, RestoreError
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
-from .fsmeta import FILE_TYPE_BITS
 from .repository import Repository
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
@@ -274,55 +273,22 @@ class RestoreSession:
         self._aside.clear()
 
     def _make_special(self, parts: tuple[bytes, ...], entry: Entry) -> None:
-        fd = open_parent(self.dest_fd, parts)
-        name = parts[-1]
-        # made under a temporary name when the name is taken, then renamed over it
-        temp = temp_name() if name_taken(fd, name) else None
-        made = temp or name
-        try:
+        if entry.kind in (EntryKind.CHAR_DEVICE, EntryKind.BLOCK_DEVICE) and not IS_ROOT:
+            self.warn(f"skipped device '{self._show(parts)}' (needs root)")
+        elif entry.kind == EntryKind.SOCKET:
+            self.warn(f"skipped socket '{self._show(parts)}'")
+        else:
+            make_special(self.dest_fd, parts, entry, self._xattr_failed(parts))
             if entry.kind == EntryKind.SYMLINK:
-                assert entry.target is not None
-                os.symlink(entry.target, made, dir_fd=fd)
                 self.stats.links += 1
-            elif entry.kind == EntryKind.FIFO:
-                os.mkfifo(made, entry.mode, dir_fd=fd)
-                self.stats.other += 1
-            elif entry.kind in (EntryKind.CHAR_DEVICE, EntryKind.BLOCK_DEVICE):
-                if not IS_ROOT:
-                    self.warn(f"skipped device '{self._show(parts)}' (needs root)")
-                    return
-                os.mknod(made, entry.mode | FILE_TYPE_BITS[entry.kind], entry.rdev, dir_fd=fd)
-                self.stats.other += 1
             else:
-                self.warn(f"skipped socket '{self._show(parts)}'")
-                return
-            try:
-                self._apply_path_metadata(fd, made, entry, parts)
-                if temp is not None:
-                    move_into_place(fd, temp, name)
-            except BaseException:
-                if temp is not None:
-                    remove_quietly(fd, temp)
-                raise
-        finally:
-            os.close(fd)
+                self.stats.other += 1
 
     def _xattr_failed(self, parts: tuple[bytes, ...]) -> XattrFailed:
         def warn(name: bytes, exc: OSError) -> None:
             self.warn(f"cannot set extended attribute '{os.fsdecode(name)}' on '{self._show(parts)}': "
                       f"{exc.strerror or exc}")
         return warn
-
-    def _apply_path_metadata(self, dir_fd: int, name: bytes, entry: Entry, parts: tuple[bytes, ...]) -> None:
-        """Metadata of a symlink or special file, never following links."""
-        if IS_ROOT:
-            os.chown(name, entry.uid, entry.gid, dir_fd=dir_fd, follow_symlinks=False)
-        if entry.kind != EntryKind.SYMLINK:
-            os.chmod(name, entry.mode, dir_fd=dir_fd)
-        proc_path = f"/proc/self/fd/{dir_fd}/".encode() + name
-        set_xattrs(lambda xname, value: os.setxattr(proc_path, xname, value, follow_symlinks=False), entry,
-                    self._xattr_failed(parts))
-        os.utime(name, ns=(entry.atime_ns, entry.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
     # --- files -----------------------------------------------------------------
 

@@ -12,8 +12,9 @@ from rekkordfs.errors import UsageError
 from rekkordfs.exclude import Excluder, compile_pattern, read_pattern_file
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository
-from rekkordfs.save import DirNode, Listing, SaveResult, SaveSession, SaveStats, Walker, normalize_paths
+from rekkordfs.save import SaveResult, SaveSession, SaveStats
 from rekkordfs.savestream import save_stream, validate_stream_name
+from rekkordfs.savewalk import DirNode, Listing, Walker, normalize_paths
 from rekkordfs.selection import Selection, split_missing
 
 from .common import ConfigMaker, load_keys, quiet, verbose, warn, write_line

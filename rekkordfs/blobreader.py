@@ -40,6 +40,18 @@ def _try(fn: Callable[..., T], *args: object) -> T | RekkordError:
         return exc
 
 
+def _cut_runs(chunks: list[ChunkRef], runs: list[tuple[bytes, int, int, list[int]]],
+              datas: list[bytes]) -> list[tuple[bytes, Location]]:
+    """Each chunk's stored bytes, cut out of the data read for its run (coalesce()), checked for length."""
+    raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
+    for (_, start, _, members), data in zip(runs, datas):
+        for index in members:
+            location = chunks[index].location
+            begin = location.offset - start
+            raws[index] = (check_length(chunks[index].id, location, data[begin:begin + location.length]), location)
+    return raws
+
+
 class BlobReader:
     if TYPE_CHECKING:  # provided by Repository
         storage: Storage
@@ -103,14 +115,7 @@ class BlobReader:
                 if isinstance(result, RekkordError):
                     raise result from None
             return results  # type: ignore[return-value]
-        raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
-        for (_, start, _, members), data in zip(runs, datas):
-            for index in members:
-                location = chunks[index].location
-                begin = location.offset - start
-                raws[index] = (check_length(chunks[index].id, location, data[begin:begin + location.length]),
-                               location)
-        return raws
+        return _cut_runs(chunks, runs, datas)
 
     def read_raws_blocking(self, chunks: list[ChunkRef]) -> list[tuple[bytes, Location]]:
         """Thread side, for storage that reads in the calling thread (local
@@ -118,15 +123,9 @@ class BlobReader:
         a pack is gone: read_raws() then finds where its blobs went."""
         read_blocking = self.storage.read_blocking
         assert read_blocking is not None
-        raws: list[tuple[bytes, Location]] = [(b"", c.location) for c in chunks]
-        for pack, start, length, members in coalesce([c.location for c in chunks], 0):
-            data = read_blocking(pack_key(pack), start, length)
-            for index in members:
-                location = chunks[index].location
-                begin = location.offset - start
-                raws[index] = (check_length(chunks[index].id, location, data[begin:begin + location.length]),
-                               location)
-        return raws
+        runs = coalesce([c.location for c in chunks], 0)
+        datas = [read_blocking(pack_key(pack), start, length) for pack, start, length, _ in runs]
+        return _cut_runs(chunks, runs, datas)
 
     async def _read_each(self, blobs: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location] | RekkordError]:
         """read_raw() of every blob, concurrently; a blob's error is its result."""

@@ -28,10 +28,7 @@ class Option:
 
     @property
     def kind(self) -> str:
-        """'choices', 'file', 'dir' or 'none': what completes its value."""
-        if self.choices:
-            return "choices"
-        return _kind(self.metavar)
+        return _kind(self.metavar, self.choices)
 
 
 @dataclass
@@ -43,9 +40,7 @@ class Positional:
 
     @property
     def kind(self) -> str:
-        if self.choices:
-            return "choices"
-        return _kind(self.metavar)
+        return _kind(self.metavar, self.choices)
 
 
 @dataclass
@@ -56,7 +51,10 @@ class Command:
     positionals: list[Positional]
 
 
-def _kind(metavar: str) -> str:
+def _kind(metavar: str, choices: list[str]) -> str:
+    """'choices', 'file', 'dir' or 'none': what completes a value."""
+    if choices:
+        return "choices"
     if metavar in _FILE_METAVARS:
         return "file"
     if metavar in _DIR_METAVARS:

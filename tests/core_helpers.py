@@ -20,6 +20,7 @@ from rekkordfs.format import EntryKind, Snapshot
 from rekkordfs.keys import load_keyfile
 from rekkordfs.repository import Repository
 from rekkordfs.staging import ROOT, Inode, StagingTree
+from rekkordfs.stagingarea import StagingArea
 from rekkordfs.storage.local import LocalStorage
 from rekkordfs.vfs import SnapshotView
 
@@ -200,3 +201,20 @@ async def build_sample(tree: StagingTree) -> dict[str, int]:
     gone = await put_file(tree, ROOT, b"gone", b"x")
     await tree.rename(ROOT, b"gone", d.ino, b"moved")
     return {"dir": d.ino, "sub": sub.ino, "file": f.ino, "moved": gone.ino}
+
+
+@asynccontextmanager
+async def area_over(repo: Repository, state: Path) -> AsyncIterator[StagingArea]:
+    """A running staging area (and its snapshot view) over an open repository."""
+    blobs = BlobCache(repo)
+    view = SnapshotView(repo, blobs)
+    await view.refresh(force=True)
+    area = StagingArea(repo, blobs, view, state)
+    try:
+        async with trio.open_nursery() as nursery:
+            area.start(nursery)
+            view.start(nursery)
+            yield area
+            nursery.cancel_scope.cancel()
+    finally:
+        area.close()

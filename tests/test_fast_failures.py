@@ -37,20 +37,12 @@ from rekkordfs.storage.base import Storage
 from rekkordfs.storage.memory import MemoryStorage
 from rekkordfs.upload import Uploader
 from rekkordfs.vfs import SnapshotView
+from tests.core_helpers import area_over
 from tests.faults import FaultyStorage, Schedule
+from tests.test_fast_core import master, private_cache  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.fast
 DEADLINE = 60  # seconds: generous, only a hang reaches it
-
-
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("REKKORD_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def master() -> keymod.Keyset:
-    return keymod.new_master()
 
 
 async def new_repository(master: keymod.Keyset) -> MemoryStorage:
@@ -189,19 +181,8 @@ def test_a_commit_whose_write_behind_pack_failed_publishes_nothing(master: keymo
 
 @asynccontextmanager
 async def staging_area(storage: Storage, keys: keymod.Keyset, state: Path) -> AsyncIterator[StagingArea]:
-    async with opened(storage, keys) as repo:
-        blobs = BlobCache(repo)
-        view = SnapshotView(repo, blobs)
-        await view.refresh(force=True)
-        area = StagingArea(repo, blobs, view, state)
-        try:
-            async with trio.open_nursery() as nursery:
-                area.start(nursery)
-                view.start(nursery)
-                yield area
-                nursery.cancel_scope.cancel()
-        finally:
-            area.close()
+    async with opened(storage, keys) as repo, area_over(repo, state) as area:
+        yield area
 
 
 def test_a_failed_write_behind_upload_is_left_to_the_commit(master: keymod.Keyset, tmp_path: Path) -> None:

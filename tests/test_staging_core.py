@@ -50,6 +50,7 @@ from .core_helpers import (
     NS_A,
     NS_B,
     Clock,
+    area_over,
     build_sample,
     content,
     diff_manifests,
@@ -967,19 +968,8 @@ def test_committed_leaves_files_written_after_the_capture_local(based: Based, tm
 
 @asynccontextmanager
 async def open_area(based: Based, state: Path, key: str | None = None) -> AsyncIterator[StagingArea]:
-    async with open_repo(based.repository, key or based.key) as repo:
-        blobs = BlobCache(repo)
-        view = SnapshotView(repo, blobs)
-        await view.refresh(force=True)
-        area = StagingArea(repo, blobs, view, state)
-        try:
-            async with trio.open_nursery() as nursery:
-                area.start(nursery)
-                view.start(nursery)
-                yield area
-                nursery.cancel_scope.cancel()
-        finally:
-            area.close()
+    async with open_repo(based.repository, key or based.key) as repo, area_over(repo, state) as area:
+        yield area
 
 
 class StagingOps:

@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -86,8 +87,15 @@ def new_generation(work: Path, options: list[str], tally: Tally) -> tuple[Runner
     return runner, Verifier(runner, work / "scratch", tally)
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
+    # `timeout` and service managers stop with SIGTERM: clean up (mounts, tmpfs, servers) and
+    # print the summary as for Ctrl-C
+    signal.signal(signal.SIGTERM, _stop)
     seed = args.seed if args.seed is not None else random.randrange(1 << 32)
     work = args.work or Path(tempfile.mkdtemp(prefix="rekkord-soak-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -132,4 +140,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the summary is printed already
+        sys.exit(130)

@@ -41,19 +41,9 @@ from rekkordfs.repository import Repository
 from rekkordfs.retention import Duration
 from rekkordfs.storage.memory import MemoryStorage
 from tests.fsutil import rsync_diff
-from tests.test_fast_core import check, history, make_tree, opened, restore
+from tests.test_fast_core import check, history, make_tree, master, opened, private_cache, restore  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.fast
-
-
-@pytest.fixture(autouse=True)
-def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("REKKORD_CACHE_DIR", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def master() -> keymod.Keyset:
-    return keymod.new_master()
 
 
 TEXT = b"the quick brown fox jumps over the lazy dog " * 200  # zstd shrinks it

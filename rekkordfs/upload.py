@@ -172,12 +172,6 @@ class Uploader:
                 self.repo.discard([data for _, _, data in item.prepared if isinstance(data, Sealed)])
                 item.prepared = None
 
-    def prepare_many(self, datas: list[bytes]) -> list[list[Prepared]]:
-        """Thread side: prepare_small() of contents held in memory."""
-        files = [SmallFile(data) for data in datas]
-        self.prepare_small(files)
-        return [item.prepared or [] for item in files]
-
     def _seal_new(self, files: list[list[memoryview]]) -> list[list[Prepared]]:
         """Hash chunks already cut, and seal those not known yet."""
         codec = self.repo.codec

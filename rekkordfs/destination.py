@@ -9,6 +9,8 @@ import errno
 import os
 import shutil
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 
 from .format import Entry, EntryKind
@@ -17,20 +19,44 @@ from .fsmeta import FILE_TYPE_BITS
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
 TEMP_PREFIX = b".rekkord-restore-"
+FOLDER_FDS = 256  # folders a restore keeps open (well under the usual limit of 1,024 descriptors)
 
 
-def open_parent(dest_fd: int, parts: tuple[bytes, ...]) -> int:
-    """A descriptor of the directory holding parts[-1], never following symlinks."""
-    fd = os.dup(dest_fd)
-    try:
-        for part in parts[:-1]:
-            child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+class FolderFds:
+    """Descriptors of DEST's folders, each opened once (one component at a time,
+    never following a symlink) and lent out as duplicates: a restore's batches of
+    small files mix folders, and walking each path again per batch cost more
+    system calls than writing the files. Bounded, least recently used out first;
+    a folder kept open stays the folder that was opened, whatever is renamed."""
+
+    def __init__(self, dest_fd: int, limit: int = FOLDER_FDS) -> None:
+        self._fds: OrderedDict[tuple[bytes, ...], int] = OrderedDict({(): os.dup(dest_fd)})
+        self._limit = limit
+        self._lock = threading.Lock()  # restore workers share it
+
+    def open_parent(self, parts: tuple[bytes, ...]) -> int:
+        """A new descriptor (the caller closes it) of the folder holding parts[-1]."""
+        return self.open_folder(parts[:-1])
+
+    def open_folder(self, folder: tuple[bytes, ...]) -> int:
+        with self._lock:
+            known = len(folder)
+            while folder[:known] not in self._fds:  # () is always there
+                known -= 1
+            fd = self._fds[folder[:known]]
+            self._fds.move_to_end(folder[:known])
+            for depth in range(known + 1, len(folder) + 1):  # each level kept: siblings share them
+                fd = self._fds[folder[:depth]] = os.open(folder[depth - 1], DIR_FLAGS, dir_fd=fd)
+            lent = os.dup(fd)
+            while len(self._fds) > self._limit:
+                os.close(self._fds.pop(next(k for k in self._fds if k)))
+            return lent
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
 
 
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -117,10 +143,10 @@ def apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
     os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
 
 
-def make_special(dest_fd: int, parts: tuple[bytes, ...], entry: Entry, xattr_failed: XattrFailed) -> None:
+def make_special(folders: FolderFds, parts: tuple[bytes, ...], entry: Entry, xattr_failed: XattrFailed) -> None:
     """A symlink, FIFO or device node at parts below DEST, with its metadata;
     made under a temporary name when the name is taken, then renamed over it."""
-    fd = open_parent(dest_fd, parts)
+    fd = folders.open_parent(parts)
     name = parts[-1]
     temp = temp_name() if name_taken(fd, name) else None
     made = temp or name

@@ -25,8 +25,8 @@ import trio
 
 from .chunkmap import pwrite_all
 from .destination import (
-    DIR_FLAGS,
     IS_ROOT,
+    FolderFds,
     XattrFailed,
     apply_metadata,
     clear_name,
@@ -34,7 +34,6 @@ from .destination import (
     make_special,
     move_into_place,
     name_taken,
-    open_parent,
     remove_quietly,
     temp_name,
 )
@@ -107,6 +106,7 @@ class RestoreSession:
         self._batch: list[_FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0
         self.dest_fd = -1
+        self.folders: FolderFds  # once dest_fd is open
         self.label = label
         self._keep: list[tuple[tuple[bytes, ...], set[bytes]]] = []  # --delete: each folder's names
         self._aside: list[tuple[tuple[bytes, ...], bytes]] = []  # files moved away for a folder
@@ -143,6 +143,7 @@ class RestoreSession:
             self.dest_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             parts = (os.fsencode(name),)
             self.report(f"restore {self.dest}")
+        self.folders = FolderFds(self.dest_fd)
         try:
             send, recv = trio.open_memory_channel[list[_FileJob]](self.workers * 2)
             async with task_group() as nursery:
@@ -160,6 +161,7 @@ class RestoreSession:
             await trio.to_thread.run_sync(self._put_back_aside)
             raise
         finally:
+            self.folders.close()
             os.close(self.dest_fd)
         self.duration = time.monotonic() - started
         return self.stats
@@ -221,7 +223,7 @@ class RestoreSession:
     def _delete_extras(self) -> None:
         """--delete, once everything is restored: what the snapshot does not hold."""
         for parts, keep in self._keep:
-            fd = open_parent(self.dest_fd, parts + (b"",))
+            fd = self.folders.open_folder(parts)
             try:
                 for name in map(os.fsencode, os.listdir(fd)):  # listdir(fd) gives str
                     if name not in keep:
@@ -236,7 +238,7 @@ class RestoreSession:
             self._make_dir(parts)
 
     def _make_dir(self, parts: tuple[bytes, ...]) -> None:
-        fd = open_parent(self.dest_fd, parts)
+        fd = self.folders.open_parent(parts)
         name = parts[-1]
         try:
             try:
@@ -259,7 +261,7 @@ class RestoreSession:
         (the folders hold only what this restore wrote)."""
         for parts, temp in reversed(self._aside):
             try:
-                fd = open_parent(self.dest_fd, parts)
+                fd = self.folders.open_parent(parts)
             except OSError:
                 continue
             try:
@@ -278,7 +280,7 @@ class RestoreSession:
         elif entry.kind == EntryKind.SOCKET:
             self.warn(f"skipped socket '{self._show(parts)}'")
         else:
-            make_special(self.dest_fd, parts, entry, self._xattr_failed(parts))
+            make_special(self.folders, parts, entry, self._xattr_failed(parts))
             if entry.kind == EntryKind.SYMLINK:
                 self.stats.links += 1
             else:
@@ -341,7 +343,7 @@ class RestoreSession:
             for job in batch:
                 parent = parents.get(job.parts[:-1])
                 if parent is None:
-                    parent = parents[job.parts[:-1]] = open_parent(self.dest_fd, job.parts)
+                    parent = parents[job.parts[:-1]] = self.folders.open_parent(job.parts)
                 written += self._write_one_small(job, raws, parent)
         finally:
             for fd in parents.values():
@@ -379,7 +381,7 @@ class RestoreSession:
         total = sum(c.size for c in chunks)
         if total != entry.size:
             raise CorruptedData(f"'{self._show(job.parts)}': chunk sizes do not add up to the file size")
-        parent = await trio.to_thread.run_sync(open_parent, self.dest_fd, job.parts)
+        parent = await trio.to_thread.run_sync(self.folders.open_parent, job.parts)
         try:
             fd, temp = await trio.to_thread.run_sync(create_new, parent, job.parts[-1])
             try:
@@ -436,8 +438,8 @@ class RestoreSession:
 
     def _finish(self) -> None:
         for first, alias in self.plan.links:
-            src_fd = open_parent(self.dest_fd, first)
-            dst_fd = open_parent(self.dest_fd, alias)
+            src_fd = self.folders.open_parent(first)
+            dst_fd = self.folders.open_parent(alias)
             try:
                 temp = temp_name() if name_taken(dst_fd, alias[-1]) else None
                 os.link(first[-1], temp or alias[-1], src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
@@ -451,11 +453,7 @@ class RestoreSession:
             self._delete_extras()
         # deepest directories first, so setting a parent's times is the last touch
         for parts, entry in sorted(self.plan.dirs, key=lambda item: len(item[0]), reverse=True):
-            parent = open_parent(self.dest_fd, parts)
-            try:
-                fd = os.open(parts[-1], DIR_FLAGS, dir_fd=parent)
-            finally:
-                os.close(parent)
+            fd = self.folders.open_folder(parts)
             try:
                 apply_metadata(fd, entry, self._xattr_failed(parts))
             finally:
@@ -463,7 +461,7 @@ class RestoreSession:
         if self.target.kind == EntryKind.DIRECTORY and self.has_metadata:
             apply_metadata(self.dest_fd, self.target, self._xattr_failed(()))
         for parts, temp in self._aside:  # the restore succeeded: what was set aside goes
-            fd = open_parent(self.dest_fd, parts)
+            fd = self.folders.open_parent(parts)
             try:
                 remove_quietly(fd, temp)
             finally:

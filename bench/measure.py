@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MB = 1_000_000
+GNU_TIME = "/usr/bin/time"  # Debian package time (scripts/bench installs it)
 
 
 class ToolFailure(Exception):
@@ -39,17 +40,23 @@ class Run:
         return self
 
 
-def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = None,
-        timeout: float = 3600, shell: bool = False) -> Run:
-    """Runs a command to completion; wall time from spawn to reap, RSS from wait4.
+def run(argv: list[str] | str, env: dict[str, str] | None = None, cwd: Path | None = None,
+        timeout: float = 3600) -> Run:
+    """Runs a command to completion; wall time from spawn to reap, CPU from wait4,
+    peak RSS from GNU time run in between.
 
-    wait4's ru_maxrss is the peak of the child and of every descendant it reaped
-    (the largest single process, not a sum), which is what /usr/bin/time %M shows.
+    wait4's ru_maxrss would include this process's own peak: a child forked
+    from the bench copies its memory map, and exec records that map's high-water
+    mark. GNU time is small, so what it forks starts from nothing; its %M is the
+    peak of the largest process of the command's tree, as wait4 gives it.
     """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+    command = ["sh", "-c", argv] if isinstance(argv, str) else list(argv)
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
+            tempfile.NamedTemporaryFile("r") as peak:
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                env=env, cwd=cwd, shell=shell, start_new_session=True)
+        proc = subprocess.Popen([GNU_TIME, "-q", "-f", "%M", "-o", peak.name, *command],
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                env=env, cwd=cwd, start_new_session=True)
         timer = threading.Timer(timeout, _kill_group, (proc.pid,))
         timer.start()
         try:
@@ -60,7 +67,8 @@ def run(argv: list[str], env: dict[str, str] | None = None, cwd: Path | None = N
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return Run(list(argv) if not shell else [argv], seconds, usage.ru_maxrss * 1024,
+        kib = peak.read().strip().splitlines()
+        return Run([argv] if isinstance(argv, str) else list(argv), seconds, int(kib[-1]) * 1024 if kib else 0,
                    usage.ru_utime + usage.ru_stime, proc.returncode,
                    out.read().decode(errors="replace"), err.read().decode(errors="replace"))
 

@@ -200,7 +200,7 @@ class Context:
         if m.pid:
             reset_peak_rss(m.pid)
         before = proc_cpu(m.pid)
-        r = run(command.format(path=_quote(path)), shell=True)
+        r = run(command.format(path=_quote(path)))
         r.check(f"{command.split()[0]} through the {self.tool.name} mount")
         after = proc_cpu(m.pid)
         result = Result(seconds=r.seconds, bytes=size, rss=peak_rss(m.pid) if m.pid else None,

@@ -42,7 +42,7 @@ from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .repository import Repository
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
-from .tuning import BATCH_BYTES, BATCH_FILES, SMALL_FILE, restore_chunk_reads, restore_workers
+from .tuning import BATCH_BYTES, BATCH_FILES, OPEN_FOLDERS, SMALL_FILE, restore_chunk_reads, restore_workers
 
 
 @dataclass
@@ -99,6 +99,9 @@ class RestoreSession:
         self.plan = _Plan()
         self._links: dict[int, tuple[bytes, ...]] = {}
         self._walk_slots = trio.Semaphore(restore_workers(repo.threads))
+        # folders whose entries are held while their files are queued: a bound on
+        # memory, which otherwise holds every folder's entries of the whole tree
+        self._open_folders = trio.Semaphore(OPEN_FOLDERS)
         # chunks fetched at once: remote backends need many requests in flight,
         # and chunks share packs (about 8 per pack), so several packs load at once
         self._chunk_slots = trio.Semaphore(restore_chunk_reads(repo.threads, repo.storage.remote))
@@ -178,6 +181,12 @@ class RestoreSession:
 
     async def _restore_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
                                     jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
+        async with task_group() as nursery:  # the subfolders, started as their entries come
+            async with self._open_folders:  # given back once its files are queued
+                await self._queue_dir_contents(parts, entry, jobs, nursery)
+
+    async def _queue_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
+                                  jobs: trio.MemorySendChannel[list[_FileJob]], nursery: trio.Nursery) -> None:
         assert entry.dir_ref is not None
         async with self._walk_slots:
             children = await self.repo.read_directory(entry.dir_ref)
@@ -186,18 +195,17 @@ class RestoreSession:
         subdirs = [parts + (child.name,) for child in children if child.kind == EntryKind.DIRECTORY]
         if subdirs:  # all of a folder's subfolders in one thread hop
             await trio.to_thread.run_sync(self._make_dirs, subdirs)
-        async with task_group() as nursery:
-            for child in children:
-                child_parts = parts + (child.name,)
-                self.report(f"restore {self._show(child_parts)}")
-                if child.kind == EntryKind.DIRECTORY:
-                    self.plan.dirs.append((child_parts, child))
-                    self.stats.dirs += 1
-                    nursery.start_soon(self._restore_dir_contents, child_parts, child, jobs)
-                else:
-                    await self._restore_entry(child_parts, child, jobs)
-            # the batch is not sent at the end of each folder: it fills across
-            # folders (made before their files are queued) and the walk's end sends the rest
+        for child in children:
+            child_parts = parts + (child.name,)
+            self.report(f"restore {self._show(child_parts)}")
+            if child.kind == EntryKind.DIRECTORY:
+                self.plan.dirs.append((child_parts, child))
+                self.stats.dirs += 1
+                nursery.start_soon(self._restore_dir_contents, child_parts, child, jobs)
+            else:
+                await self._restore_entry(child_parts, child, jobs)
+        # the batch is not sent at the end of each folder: it fills across
+        # folders (made before their files are queued) and the walk's end sends the rest
 
     async def _restore_entry(self, parts: tuple[bytes, ...], entry: Entry,
                              jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:

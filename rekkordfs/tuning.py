@@ -15,6 +15,7 @@ SMALL_FILE = 2 << 20  # files up to this size are read, or written, in one go
 BATCH_FILES = 64  # small files per hop (save, restore, write-behind, commit)...
 BATCH_BYTES = 8 << 20  # ...up to this many bytes
 STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
+OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
 
 

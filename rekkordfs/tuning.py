@@ -14,6 +14,7 @@ from __future__ import annotations
 SMALL_FILE = 2 << 20  # files up to this size are read, or written, in one go
 BATCH_FILES = 64  # small files per hop (save, restore, write-behind, commit)...
 BATCH_BYTES = 8 << 20  # ...up to this many bytes
+REMOTE_BATCH_FILES = 1024  # small files per batch of a restore from a server (fewer, larger requests)
 STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
 
@@ -74,6 +75,15 @@ def restore_chunk_reads(threads: int, remote: bool) -> int:
     return max(8, threads * (20 if remote else 3))
 
 
+RESTORE_WINDOW = 4 << 20  # stored bytes of a large file's neighbouring chunks read together from a server
+
+
+def restore_windows(threads: int) -> int:
+    """Windows of large files a restore from a server reads at once (each holds
+    up to RESTORE_WINDOW bytes twice: sealed, then opened)."""
+    return max(6, threads * 3)
+
+
 def check_reads(threads: int) -> int:
     return max(4, threads * 4)
 
@@ -84,7 +94,7 @@ def local_io(threads: int) -> int:
 
 
 def s3_requests(threads: int) -> int:
-    return max(8, threads * 4)
+    return max(24, threads * 8)
 
 
 def sftp_requests(threads: int) -> int:

@@ -30,6 +30,9 @@ PREFETCH_FILES = 64
 PREFETCH_FILE_BYTES = 4 << 20
 PREFETCH_SMALL_FILE = 1 << 20
 PREFETCH_BATCH = 16
+# The mount daemon's cycle collector: a collection every 100,000 allocations (not
+# 700), the oldest generation every 100 x 50 of those (mount.py)
+MOUNT_GC_THRESHOLDS = (100_000, 50, 100)
 
 
 # --- concurrency ------------------------------------------------------------------------

@@ -566,6 +566,31 @@ def scale_restore(ctx: Context) -> Result:
     return ctx.restore(SCALE_KEY, ctx.snaps[SCALE_KEY][0])
 
 
+@row("scale_mount_find", "scale: mount, find | wc -l over the small files", requires=("scale_save",),
+     group="scale", uses=(SCALE_KEY,))
+def scale_mount_find(ctx: Context) -> Result:
+    scale = _scale(ctx)
+    ctx.mount(SCALE_KEY)  # mounting is not part of this row
+    result = ctx.through_mount(SCALE_KEY, "find {path} | wc -l", None)
+    expected = scale.files + scale.dirs + 1  # find lists the root too
+    seen = int(result.extra["output"] or 0)
+    if seen != expected:
+        result.status, result.note = "FAIL", f"find listed {seen} entries, expected {expected}"
+    return result
+
+
+@row("scale_mount_catall", "scale: mount, cat every small file", requires=("scale_save",), group="scale",
+     uses=(SCALE_KEY,))
+def scale_mount_catall(ctx: Context) -> Result:
+    scale = _scale(ctx)
+    ctx.mount(SCALE_KEY)
+    snap = ctx.snaps[SCALE_KEY][-1]
+    result = ctx.through_mount(SCALE_KEY, "find {path} -type f -print0 | xargs -0 cat > /dev/null", scale.bytes)
+    if ctx.verify:
+        ctx.compare(snap.origin, ctx.tool.mount_path(ctx.mount(SCALE_KEY), snap), result)
+    return result
+
+
 # --- S3 and SFTP: the same save/restore and retention rows on a server ------------------
 
 for _backend in ("s3", "sftp"):

@@ -214,6 +214,12 @@ class BlobCache:
 
         return await self._shared((BlobKind.DIRECTORY, dir_id), lambda: self._dirs.get(dir_id), fetch)
 
+    def cached_chunk(self, chunk: ChunkRef) -> bytes | bytearray | None:
+        """The chunk if it is in memory (no I/O)."""
+        if self.repo.is_zero_chunk(chunk):
+            return bytes(chunk.size)
+        return self._chunks.get(chunk.id)
+
     def known_subdirs(self, record_id: bytes) -> int | None:
         """subdir_counts() of one record, if already known (no I/O)."""
         return self._subdirs.get(record_id)

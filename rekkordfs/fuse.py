@@ -86,6 +86,25 @@ class Operations(pyfuse3.Operations):
         self._dirs: dict[int, list[tuple[bytes, Attr, Callable[[], object]]]] = {}
         self._files: dict[int, FileReader | Handle] = {}
 
+    def init(self) -> None:
+        """The session is up: small files read ahead go into the kernel's page cache."""
+        self.view.read_ahead.store = self._store_in_kernel
+
+    def _store_in_kernel(self, pages: list[tuple[int, bytes]]) -> None:
+        """(worker thread) Each small file's content into the page cache of its
+        inode, which the kernel keeps across opens (keep_cache: snapshots never
+        change): its first read then needs no request. Only inodes the kernel
+        holds can take it; a failure only means the read asks us."""
+        for ino, data in pages:
+            if ino not in self.view.nodes:
+                continue
+            try:
+                pyfuse3.notify_store(ino, 0, data)
+            except OSError as exc:
+                if exc.errno == errno.ENOSYS:  # a kernel without it
+                    self.view.read_ahead.store = None
+                    return
+
     def _handle(self) -> int:
         self._next_handle += 1
         return self._next_handle

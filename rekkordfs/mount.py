@@ -7,6 +7,7 @@ one-line error. SIGINT and SIGTERM unmount; so does `fusermount3 -u`.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from .keys import Capability, Keyset
 from .repository import Repository, walk_path
 from .stagingarea import StagingArea
 from .statedir import key_state_folder
+from .tuning import MOUNT_GC_THRESHOLDS
 from .vfs import SnapshotView
 
 log = logging.getLogger(__name__)
@@ -105,6 +107,7 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
             staging = StagingArea(repo, blobs, view, state, options.mountpoint)
 
     operations = Operations(view, staging)
+    _rarer_collections()
     fuse_options = set(pyfuse3.default_options) | {"fsname=rekkord", "subtype=rekkord"}
     if staging is None:
         fuse_options.add("ro")
@@ -134,6 +137,15 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
         if staging is not None:
             staging.close()
         log.info("unmounted %s", options.mountpoint)
+
+
+def _rarer_collections() -> None:
+    """The daemon holds a node for every entry the kernel knows (100,000s after
+    a walk of a big tree) and allocates a few objects per request: at Python's
+    default rates the cycle collector took 2.9 s of a 100,000-file `find`
+    (0.6 s at these). What exists before serving is never garbage: frozen."""
+    gc.freeze()
+    gc.set_threshold(*MOUNT_GC_THRESHOLDS)
 
 
 async def _unmount_on_signal() -> None:

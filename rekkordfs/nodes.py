@@ -87,6 +87,13 @@ def derive_ino(*parts: bytes) -> int:
     return (int.from_bytes(digest, "little") >> 2) | FIRST_DYNAMIC_INO
 
 
+def tree_ino(snapshot: bytes, path: bytes, entry: Entry) -> int:
+    """The inode of the entry at path in a snapshot (hardlinks share their group's)."""
+    if entry.link_id:
+        return derive_ino(snapshot, b"link", str(entry.link_id).encode())
+    return derive_ino(snapshot, path)
+
+
 class FileReader:
     """An open snapshot file: its chunks, and read-ahead state."""
 

@@ -15,7 +15,7 @@ import trio
 from .blobcache import BlobCache, DirectoryListing
 from .errors import RekkordError
 from .format import ChunkRef, EntryKind
-from .nodes import FileReader, Node
+from .nodes import FileReader, Node, tree_ino
 from .tuning import (
     PREFETCH_BATCH,
     PREFETCH_CHUNKS,
@@ -39,6 +39,9 @@ class ReadAhead:
     def __init__(self, blobs: BlobCache) -> None:
         self.blobs = blobs
         self.nursery: trio.Nursery | None = None  # None: no read-ahead (set by SnapshotView.start)
+        # where small files read ahead go, (inode, content) each, in a worker thread:
+        # the kernel's page cache once FUSE serves (fuse.py), else nowhere
+        self.store: Callable[[list[tuple[int, bytes]]], None] | None = None
 
     def chunks_after(self, reader: FileReader, index: int) -> None:
         """Sequential reader: fetch the next chunks in the background."""
@@ -71,28 +74,49 @@ class ReadAhead:
 
     def files_after(self, node: Node) -> None:
         """Opening a file of a directory: read the small files after it ahead,
-        unless that was done already (a reader going through in order)."""
+        unless that was done already (a reader going through in order), and
+        hand their content to store() (the kernel's page cache: reading them
+        then costs no request at all)."""
         listing = node.siblings
-        if self.nursery is None or listing is None or node.entry is None:
+        if self.nursery is None or listing is None or node.entry is None or node.snapshot is None:
             return
         position = listing.index.get(node.entry.name)
         if position is None or position + PREFETCH_FILES // 2 < listing.files_prefetched:
             return
         start = max(position + 1, listing.files_prefetched)
         end = min(len(listing.entries), start + PREFETCH_FILES)
-        chunks: list[ChunkRef] = []
+        folder = node.path.rpartition(b"/")[0]
+        files: list[tuple[int, int, list[ChunkRef]]] = []  # inode, size, chunks
         total = 0
         for index in range(start, end):
             entry = listing.entries[index]
             if entry.kind != EntryKind.FILE or not 0 < entry.size <= PREFETCH_SMALL_FILE:
                 continue
             try:
-                chunks.extend(entry.chunks)
+                chunks = entry.chunks
             except RekkordError:
                 continue  # a damaged record: reading that file reports it
+            files.append((tree_ino(node.snapshot, folder + b"/" + entry.name, entry), entry.size, chunks))
             total += entry.size
             if total >= PREFETCH_FILE_BYTES:
                 end = index + 1
                 break
         listing.files_prefetched = end
-        self._start(self.blobs.prefetch_chunks, chunks)
+        self._start(self._fetch_files, files)
+
+    async def _fetch_files(self, files: list[tuple[int, int, list[ChunkRef]]]) -> None:
+        await self.blobs.prefetch_chunks([chunk for _, _, chunks in files for chunk in chunks])
+        store = self.store
+        if store is None:
+            return
+        pages: list[tuple[int, bytes]] = []
+        for ino, size, chunks in files:
+            datas = [self.blobs.cached_chunk(chunk) for chunk in chunks]
+            if all(data is not None and len(data) == chunk.size for data, chunk in zip(datas, chunks)):
+                data = b"".join(datas)  # type: ignore[arg-type]
+                if len(data) == size:
+                    pages.append((ino, data))
+        if pages:
+            # in a thread: storing waits for a page the kernel may be reading
+            # through this mount, and the event loop must stay free to answer it
+            await trio.to_thread.run_sync(store, pages)

@@ -42,7 +42,17 @@ from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
 from .repository import Repository
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
-from .tuning import BATCH_BYTES, BATCH_FILES, OPEN_FOLDERS, SMALL_FILE, restore_chunk_reads, restore_workers
+from .tuning import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    OPEN_FOLDERS,
+    REMOTE_BATCH_FILES,
+    RESTORE_WINDOW,
+    SMALL_FILE,
+    restore_chunk_reads,
+    restore_windows,
+    restore_workers,
+)
 
 
 @dataclass
@@ -78,6 +88,19 @@ class _FileJob:
         return self.entry.size > SMALL_FILE or len(self.chunks) > 1
 
 
+def _windows(chunks: list[tuple[ChunkRef, int]]) -> list[list[tuple[ChunkRef, int]]]:
+    """A large file's (chunk, offset) in runs of up to RESTORE_WINDOW stored bytes."""
+    windows: list[list[tuple[ChunkRef, int]]] = []
+    size = RESTORE_WINDOW
+    for item in chunks:
+        if size + item[0].location.length > RESTORE_WINDOW:
+            windows.append([])
+            size = 0
+        windows[-1].append(item)
+        size += item[0].location.length
+    return windows
+
+
 @dataclass
 class _Plan:
     dirs: list[tuple[tuple[bytes, ...], Entry]] = field(default_factory=list)
@@ -105,6 +128,10 @@ class RestoreSession:
         # chunks fetched at once: remote backends need many requests in flight,
         # and chunks share packs (about 8 per pack), so several packs load at once
         self._chunk_slots = trio.Semaphore(restore_chunk_reads(repo.threads, repo.storage.remote))
+        self._window_slots = trio.Semaphore(restore_windows(repo.threads))
+        # from a server, a batch's files are read with a few ranged requests: the more
+        # files per batch, the fewer requests (each costs milliseconds of CPU in boto3)
+        self._batch_files = REMOTE_BATCH_FILES if repo.storage.remote else BATCH_FILES
         self.workers = restore_workers(repo.threads)
         self._batch: list[_FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0
@@ -223,7 +250,7 @@ class RestoreSession:
                 return
             self._batch.append(job)  # small files go in batches, many per thread hop
             self._batch_bytes += entry.size
-            if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+            if len(self._batch) >= self._batch_files or self._batch_bytes >= BATCH_BYTES:
                 await self._send_batch(jobs)
         else:
             await trio.to_thread.run_sync(self._make_special, parts, entry)
@@ -402,6 +429,13 @@ class RestoreSession:
                     if len(chunks) <= 1:
                         for chunk, off in zip(chunks, offsets):
                             await self._write_chunk(fd, chunk, off, job.parts)
+                    elif self.repo.storage.remote:
+                        # runs of neighbouring chunks, each read with as few ranged requests as it
+                        # takes (a whole pack would be fetched for each chunk otherwise)
+                        async with task_group() as nursery:
+                            for window in _windows(list(zip(chunks, offsets))):
+                                await self._window_slots.acquire()
+                                nursery.start_soon(self._write_window_slot, fd, window, job.parts)
                     else:
                         async with task_group() as nursery:
                             for chunk, off in zip(chunks, offsets):
@@ -424,6 +458,31 @@ class RestoreSession:
             await self._write_chunk(fd, chunk, offset, parts)
         finally:
             self._chunk_slots.release()
+
+    async def _write_window_slot(self, fd: int, window: list[tuple[ChunkRef, int]], parts: tuple[bytes, ...]) -> None:
+        try:
+            wanted = [(chunk, offset) for chunk, offset in window if not self.repo.is_zero_chunk(chunk)]
+            try:
+                raws = await self.repo.read_raws([chunk for chunk, _ in wanted])
+            except (CorruptedData, ObjectMissing) as exc:
+                raise type(exc)(f"'{self._show(parts)}': {exc.message}") from None
+            self.stats.bytes_written += await self.repo.run_cpu(self._write_window, fd, wanted, raws, parts)
+        finally:
+            self._window_slots.release()
+
+    def _write_window(self, fd: int, wanted: list[tuple[ChunkRef, int]], raws: list[tuple[bytes, Location]],
+                      parts: tuple[bytes, ...]) -> int:
+        written = 0
+        for (chunk, offset), (raw, found_at) in zip(wanted, raws):
+            try:
+                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, found_at.pack, raw)
+            except CorruptedData as exc:
+                raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
+            if len(data) != chunk.size:
+                raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
+            pwrite_all(fd, data, offset)
+            written += len(data)
+        return written
 
     async def _write_chunk(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
         if self.repo.is_zero_chunk(chunk):

@@ -14,6 +14,7 @@ from __future__ import annotations
 SMALL_FILE = 2 << 20  # files up to this size are read, or written, in one go
 BATCH_FILES = 64  # small files per hop (save, restore, write-behind, commit)...
 BATCH_BYTES = 8 << 20  # ...up to this many bytes
+REMOTE_BATCH_FILES = 1024  # small files per batch of a restore from a server (fewer, larger requests)
 STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
@@ -30,6 +31,9 @@ PREFETCH_FILES = 64
 PREFETCH_FILE_BYTES = 4 << 20
 PREFETCH_SMALL_FILE = 1 << 20
 PREFETCH_BATCH = 16
+# The mount daemon's cycle collector: a collection every 100,000 allocations (not
+# 700), the oldest generation every 100 x 50 of those (mount.py)
+MOUNT_GC_THRESHOLDS = (100_000, 50, 100)
 
 
 # --- concurrency ------------------------------------------------------------------------
@@ -75,6 +79,15 @@ def restore_chunk_reads(threads: int, remote: bool) -> int:
     return max(8, threads * (20 if remote else 3))
 
 
+RESTORE_WINDOW = 4 << 20  # stored bytes of a large file's neighbouring chunks read together from a server
+
+
+def restore_windows(threads: int) -> int:
+    """Windows of large files a restore from a server reads at once (each holds
+    up to RESTORE_WINDOW bytes twice: sealed, then opened)."""
+    return max(6, threads * 3)
+
+
 def check_reads(threads: int) -> int:
     return max(4, threads * 4)
 
@@ -85,7 +98,7 @@ def local_io(threads: int) -> int:
 
 
 def s3_requests(threads: int) -> int:
-    return max(8, threads * 4)
+    return max(24, threads * 8)
 
 
 def sftp_requests(threads: int) -> int:

@@ -45,6 +45,7 @@ from .nodes import (
     Node,
     NodeKind,
     derive_ino,
+    tree_ino,
 )
 from .readahead import ReadAhead
 from .repository import Repository
@@ -233,10 +234,7 @@ class SnapshotView:
     def _tree_node(self, parent: Node, entry: Entry, listing: DirectoryListing) -> Node:
         assert parent.snapshot is not None
         path = parent.path + b"/" + entry.name
-        if entry.link_id:
-            ino = derive_ino(parent.snapshot, b"link", str(entry.link_id).encode())
-        else:
-            ino = derive_ino(parent.snapshot, path)
+        ino = tree_ino(parent.snapshot, path, entry)
         node = self.nodes.get(ino)
         if node is None:
             node = Node(ino, NodeKind.TREE, self._tree_attr(ino, entry), parent.snapshot, path, entry,

@@ -45,13 +45,15 @@ SSH_DOWN = Schedule(SSH_KINDS, every=1, seed=SEED, cut_bytes=(0, 3000))
 
 
 def make_tree(root: Path) -> Path:
-    """About 6 MiB in 30 files over 3 folders, with empty and small files."""
+    """About 12 MiB in 31 files over 3 folders, with empty and small files and
+    one of several chunks (a restore reads it in ranged runs of chunks)."""
     rng = random.Random(SEED)
     for i in range(30):
         folder = root / f"d{i % 3}"
         folder.mkdir(parents=True, exist_ok=True)
         size = rng.choice([0, 1, 700, 40_000, 300_000, 600_000])
         (folder / f"f{i}").write_bytes(rng.randbytes(size))
+    (root / "d0" / "big").write_bytes(rng.randbytes(6 << 20))
     return root
 
 

@@ -731,3 +731,38 @@ def test_read_ahead_fetches_following_small_files_and_subdirectories_in_batches(
                 stop_read_ahead(view)
 
     run(main)
+
+
+def test_small_files_read_ahead_are_handed_to_the_kernel_store_under_their_inodes(local_repo, tmp_path: Path) -> None:
+    """fuse.py stores them in the page cache (a first read then needs no request):
+    each with its own inode and exact content, the damaged one and empty ones not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    contents = {f"f{i:03}".encode(): rng.randbytes(rng.randrange(0, 3_000)) for i in range(40)}
+    contents[b"f005"] = b""
+    for name, data in contents.items():
+        (src / os.fsdecode(name)).write_bytes(data)
+    local_repo.save("c", str(src))
+
+    async def main() -> None:
+        async with open_view(local_repo.repository, local_repo.key_file) as view:
+            root = await view_walk(view, await snapshot_ino(view, "c"), src_parts(src))
+            corrupt(Path(local_repo.repository), (await view.lookup(root, b"f010")).entry.chunks[0].location)
+            stored: dict[int, bytes] = {}
+            view.read_ahead.store = lambda pages: stored.update(pages)
+            async with trio.open_nursery() as nursery:
+                view.start(nursery)
+                first = await view.lookup(root, b"f000")
+                view.open(first.ino)
+                inodes = {name: node.ino for name, node in await view.children(root)}
+                expected = {inodes[name]: data for name, data in contents.items()
+                            if name not in (b"f000", b"f005", b"f010")}
+                with trio.fail_after(30):  # stores run in worker threads, which trio does not wait for
+                    while len(stored) < len(expected):
+                        await trio.sleep(0.01)
+                await trio.testing.wait_all_tasks_blocked()
+                assert stored == expected
+                stop_read_ahead(view)
+
+    run(main)

@@ -106,7 +106,7 @@ class CopyOnWrite:
                     existing = cursor.lastrowid
                 db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                            (node.ino, entry.name, existing))
-            journal.update_inode(node.ino, "dir_ref = NULL, nlink = ?", 2 + listing.subdirs)
+            journal.change(node.ino, dir_ref=None, nlink=2 + listing.subdirs)
 
     async def own_links(self, ino: int) -> None:
         """Before an inode of a base hardlink group changes: expand every directory.

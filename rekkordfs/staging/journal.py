@@ -8,6 +8,7 @@ import errno
 import os
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,7 @@ Deleted = list[tuple[int, Content]]  # inodes a transaction deleted, and where t
 class Journal:
     """tree.db and what is kept in memory beside it.
 
-    Every change of an inode row goes through update_inode() or delete_inode(),
+    Every change of an inode row goes through change() or delete_inode(),
     which keep the row cache right; bulk changes call forget_rows()."""
 
     def __init__(self, folder: Path, on_deleted: Callable[[Deleted], None]) -> None:
@@ -88,10 +89,15 @@ class Journal:
             self._inodes.put(ino, node)
         return node
 
-    def update_inode(self, ino: int, assignments: str, *values: object) -> None:
-        """UPDATE inodes SET <assignments> for one inode (inside a transaction)."""
-        self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values, ino))
-        self._inodes.pop(ino)
+    def change(self, ino: int, **changes: Any) -> Inode:
+        """Change columns of one inode row (inside a transaction), named as Inode's
+        fields; the cached row is replaced by the new one rather than read again."""
+        node = replace(self.get(ino), **changes)
+        values = [value.encode() if name == "dir_ref" and value is not None else value
+                  for name, value in changes.items()]
+        self.db.execute(f"UPDATE inodes SET {' = ?, '.join(changes)} = ? WHERE ino = ?", (*values, ino))
+        self._inodes.put(ino, node)
+        return node
 
     def delete_inode(self, ino: int, content: Content) -> None:
         """Inside a transaction; on_deleted() hears of it once it is committed."""

@@ -277,7 +277,8 @@ class ContentStore:
         self._touched.discard(ino)
 
     def sync(self, ino: int | None = None) -> None:
-        """fsync(): the file's data and the journal reach the disk."""
+        """fsync(): the file's data and the journal reach the disk (after
+        Journal.flush(), on the journal's thread: this one runs in a worker)."""
         folder = self.journal.folder
         paths: list[str | Path] = [folder / "tree.db-wal", folder / "tree.db"]
         if ino is not None and self.journal.get(ino).local == Content.DATA_FILE:

@@ -45,6 +45,7 @@ class CopyOnWrite:
             # files inside directories not expanded yet: counted in the snapshot's totals only
             self.journal.set_meta("stored_files", snapshot.files if snapshot else 0)
             self.journal.set_meta("stored_size", snapshot.size if snapshot else 0)
+        self.journal.flush()
         self.journal.forget_rows()
 
     async def folder_links(self, nodes: list[Inode]) -> dict[int, int]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -20,6 +21,13 @@ from .inode import COLUMNS, ROOT, Content, Inode, error, inode_from_row
 
 INODE_CACHE = 100_000  # rows kept decoded, the most recently used
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
+# With batching on (see Journal.batching), the transactions of consecutive requests
+# are committed together: once the daemon is idle (see StagingArea), or at the
+# latest after this long or this many requests. A SQLite COMMIT costs more than
+# most requests; a kill -9 loses at most the requests of the open batch.
+BATCH_SECONDS = 0.05
+BATCH_REQUESTS = 256
+SPACE_CHECK_SECONDS = 0.01  # how often a batch looks at the disk's free space (a statvfs)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -63,9 +71,24 @@ class Journal:
         self._deleted: Deleted = []  # by the open transaction
         self._inodes: WeightedLRU[int, Inode] = WeightedLRU(INODE_CACHE)  # rows as journaled
         self._check_cache = check_inode_cache()
+        # batching: set by the owner once something calls flush() when the daemon is idle
+        self.batching = False
+        self.on_batch: Callable[[], None] = lambda: None  # a batch was left open
+        self._depth = 0  # transaction() blocks open (they nest)
+        self._batch_started = 0.0  # monotonic time of the open batch's first request
+        self._batch_requests = 0
+        self._space_checked = 0.0  # monotonic time of the last look at free space
+        self._short = False  # what it found: short of space
 
     def close(self) -> None:
-        self.db.close()
+        """Commits the open batch first; closing twice is harmless."""
+        try:
+            if self.db.in_transaction:
+                self.flush()
+        except sqlite3.ProgrammingError:
+            return  # closed already
+        finally:
+            self.db.close()
 
     def meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -133,9 +156,45 @@ class Journal:
         self._freed = True
 
     def transaction(self) -> _Tx:
-        return _Tx(self.db, self._after_commit, self._after_rollback)
+        """One request's changes: all or none of them reach the journal. They are
+        committed at once, or with batching on, with the batch they join."""
+        return _Tx(self)
+
+    def flush(self) -> None:
+        """Commit the open batch, if any (outside transaction blocks)."""
+        if self._depth == 0 and self.db.in_transaction:
+            self._commit()
+
+    def _commit(self) -> None:
+        try:
+            _journal(self.db.execute, "COMMIT")
+        except OSError:
+            if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
+                self.db.execute("ROLLBACK")
+            self._after_rollback()
+            raise
+        self._after_commit()
+
+    def _request_done(self) -> None:
+        """A request's transaction ended well: commit it, or leave the batch open."""
+        self._batch_requests += 1
+        if not self.batching:
+            self._commit()
+            return
+        now = time.monotonic()
+        if self._batch_requests == 1:
+            self._batch_started = now
+            self.on_batch()
+        if now - self._space_checked >= SPACE_CHECK_SECONDS:
+            # On a disk short of space every request is committed on its own (see
+            # freeing()); the checks' interval is far below what filling 64 MB takes.
+            self._space_checked = now
+            self._short = disk_is_short(self.folder)
+        if self._short or self._batch_requests >= BATCH_REQUESTS or now - self._batch_started >= BATCH_SECONDS:
+            self._commit()
 
     def _after_commit(self) -> None:
+        self._batch_requests = 0
         deleted, self._deleted = self._deleted, []
         if deleted:
             self.on_deleted(deleted)
@@ -147,6 +206,8 @@ class Journal:
 
     def _after_rollback(self) -> None:
         """The in-memory state must not claim what was not written."""
+        self._batch_requests = 0
+        self._space_checked = 0.0  # the next batch looks at once
         self._inodes.clear()
         self._deleted = []
         self._freed = False
@@ -204,39 +265,65 @@ class Journal:
 
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are
-    no-ops). Journal failures surface as OSError: ENOSPC when the disk is full."""
+    no-ops). Inside an open batch, a SAVEPOINT: an error undoes this request's
+    changes only. Journal failures surface as OSError: ENOSPC when the disk is full."""
 
-    def __init__(self, db: sqlite3.Connection, on_commit: Callable[[], None],
-                 on_rollback: Callable[[], None]) -> None:
-        self.db = db
-        self.on_commit = on_commit
-        self.on_rollback = on_rollback
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
         self.outer = False
+        self.joined = False  # into an open batch
+        self.deleted = 0
 
     def __enter__(self) -> None:
-        if not self.db.in_transaction:
-            _journal(self.db.execute, "BEGIN IMMEDIATE")
-            self.outer = True
+        journal = self.journal
+        journal._depth += 1
+        if journal._depth > 1:
+            return
+        self.outer = True
+        try:
+            if journal.db.in_transaction:
+                _journal(journal.db.execute, "SAVEPOINT request")
+                self.joined, self.deleted = True, len(journal._deleted)
+            else:
+                _journal(journal.db.execute, "BEGIN IMMEDIATE")
+        except BaseException:
+            journal._depth -= 1
+            raise
 
     def __exit__(self, kind, value, traceback) -> None:
+        journal = self.journal
+        journal._depth -= 1
         if not self.outer:
             return
         if kind is None:
             try:
-                _journal(self.db.execute, "COMMIT")
+                if self.joined:
+                    _journal(journal.db.execute, "RELEASE request")
+                journal._request_done()
             except OSError:
                 self._rollback()
                 raise
-            self.on_commit()
             return
         self._rollback()
         if isinstance(value, sqlite3.Error):
             raise journal_error(value) from None
 
     def _rollback(self) -> None:
-        if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
-            self.db.execute("ROLLBACK")
-        self.on_rollback()
+        journal, db = self.journal, self.journal.db
+        if self.joined and db.in_transaction:  # undo this request, keep the batch
+            try:
+                db.execute("ROLLBACK TO request")
+                db.execute("RELEASE request")
+            except sqlite3.Error:
+                pass
+            else:
+                del journal._deleted[self.deleted:]
+                journal._inodes.clear()
+                journal._dirty = bool(journal.meta("dirty", 0))
+                return
+        if db.in_transaction:  # SQLite already rolled back when it ran out of space
+            db.execute("ROLLBACK")
+        journal._after_rollback()
 
 
 def _journal(execute: Callable[..., object], *args: object) -> object:

@@ -9,7 +9,6 @@ import os
 import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ from ..format import EntryKind
 from ..journalspace import disk_is_short, give_back, journal_error, open_journal
 from ..lru import WeightedLRU
 from ..testhooks import check_inode_cache
-from .inode import COLUMNS, ROOT, Content, Inode, error, inode_from_row
+from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, error, inode_from_row
 
 INODE_CACHE = 100_000  # rows kept decoded, the most recently used
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
@@ -112,10 +111,23 @@ class Journal:
             self._inodes.put(ino, node)
         return node
 
+    def add_inode(self, kind: EntryKind, mode: int, uid: int, gid: int, time_ns: int, size: int = 0, rdev: int = 0,
+                  nlink: int = 1, target: bytes | None = None, local: Content = Content.STORED) -> Inode:
+        """A new inode row (inside a transaction), cached as written: no read back."""
+        cursor = self.db.execute(
+            "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, "
+            "local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, mode, uid, gid, size, time_ns, time_ns, time_ns, rdev, nlink, target, local))
+        assert cursor.lastrowid is not None
+        node = Inode(cursor.lastrowid, kind, mode, uid, gid, size, time_ns, time_ns, time_ns, rdev, nlink, target,
+                     None, local, None, None, None)
+        self._inodes.put(node.ino, node)
+        return node
+
     def change(self, ino: int, **changes: Any) -> Inode:
         """Change columns of one inode row (inside a transaction), named as Inode's
         fields; the cached row is replaced by the new one rather than read again."""
-        node = replace(self.get(ino), **changes)
+        node = changed_inode(self.get(ino), changes)
         values = [value.encode() if name == "dir_ref" and value is not None else value
                   for name, value in changes.items()]
         self.db.execute(f"UPDATE inodes SET {' = ?, '.join(changes)} = ? WHERE ino = ?", (*values, ino))

@@ -85,14 +85,11 @@ class Namespace:
             if kind == EntryKind.DIRECTORY:
                 mode |= stat.S_ISGID
         with self.journal.transaction():
-            cursor = self.db.execute(
-                "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, "
-                "local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, mode & 0o7777, uid, gid, len(target) if target is not None else 0, now, now, now, rdev,
-                 2 if kind == EntryKind.DIRECTORY else 1, target,
-                 Content.INLINE if kind == EntryKind.FILE else Content.STORED))
-            ino = cursor.lastrowid
-            assert ino is not None
+            node = self.journal.add_inode(
+                kind, mode & 0o7777, uid, gid, now, size=len(target) if target is not None else 0, rdev=rdev,
+                nlink=2 if kind == EntryKind.DIRECTORY else 1, target=target,
+                local=Content.INLINE if kind == EntryKind.FILE else Content.STORED)
+            ino = node.ino
             if kind == EntryKind.FILE:
                 self.db.execute("INSERT INTO inline (ino, data) VALUES (?, ?)", (ino, b""))
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
@@ -231,7 +228,8 @@ class Namespace:
             self._add_links(old_parent, -moving)
             self._add_links(new_parent, moving)
             self._touch_dir(old_parent, now)
-            self._touch_dir(new_parent, now)
+            if new_parent != old_parent:
+                self._touch_dir(new_parent, now)
             self.journal.changed()
 
         self.journal.freeing(apply)

@@ -104,7 +104,10 @@ class StagingArea:
     def _batch(self, tree: StagingTree) -> None:
         """The tree's journal commits requests in batches, flushed here."""
         tree.journal.batching = True
-        tree.journal.on_batch = self._batch_open.set
+        tree.journal.on_batch = self._batch_opened
+
+    def _batch_opened(self) -> None:
+        self._batch_open.set()  # the event of now: _flush_when_idle makes a new one each time
 
     async def _flush_when_idle(self) -> None:
         """Commit open journal batches as soon as the daemon is idle (or after

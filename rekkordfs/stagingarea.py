@@ -130,6 +130,7 @@ class StagingArea:
                 tree.journal.flush()
             except OSError as exc:
                 log.error("staging/%s: the journal lost its last requests: %s", tree.channel, exc.strerror)
+            tree.journal.tidy()
 
     def _background(self, fn, *args) -> None:
         if self._nursery is not None:

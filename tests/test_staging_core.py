@@ -28,6 +28,7 @@ from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
 from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
+from rekkordfs.journalspace import free_bytes
 from rekkordfs.nodes import IDS_INO, STAGING_INO
 from rekkordfs.staging import (
     DATA_FILE,
@@ -721,6 +722,37 @@ def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path,
             assert sorted(name for name, _ in await again.listdir(ROOT)) == [b"kept"]
         finally:
             again.close()
+
+    run(main)
+
+
+def test_with_batching_freed_journal_space_goes_back_when_idle(tmp_path: Path, monkeypatch) -> None:
+    """On a disk with room, what deletions free is given back by tidy() (the
+    idle daemon), not inside the request or commit that freed it."""
+    monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
+    folder = tmp_path / "state" / "t"
+
+    def journal_size() -> int:
+        return sum(path.stat().st_size for path in folder.glob("tree.db*"))
+
+    async def main() -> None:
+        tree = StagingTree(folder, "t", None)
+        tree.journal.batching = True
+        try:
+            for i in range(40):
+                await put_file(tree, ROOT, b"f%d" % i, os.urandom(60_000))
+            tree.journal.flush()
+            tree.journal.tidy()
+            full = journal_size()
+            for i in range(40):
+                await tree.unlink(ROOT, b"f%d" % i)
+            tree.journal.flush()
+            assert free_bytes(tree.journal.db) > (1 << 20)  # nothing given back yet
+            tree.journal.tidy()
+            assert free_bytes(tree.journal.db) < (1 << 20)
+            assert journal_size() < full - (1 << 20)
+        finally:
+            tree.close()
 
     run(main)
 

@@ -77,6 +77,7 @@ class Journal:
         self._batch_started = 0.0  # monotonic time of the open batch's first request
         self._batch_requests = 0
         self._space_checked = 0.0  # monotonic time of the last look at free space
+        self._tidy = False  # freed space to give back when idle (see tidy())
         self._short = False  # what it found: short of space
 
     def close(self) -> None:
@@ -213,8 +214,20 @@ class Journal:
         if deleted or self._freed:
             self._freed = False
             # on a disk short of space, deleting must free space at once
-            give_back(self.db, urgent=not self.reserve.exists() or disk_is_short(self.folder))
+            urgent = not self.reserve.exists() or disk_is_short(self.folder)
+            if urgent or not self.batching:
+                give_back(self.db, urgent=urgent)
+            else:  # else once the daemon is idle: a commit's reply need not wait for the vacuum
+                self._tidy = True
+                self.on_batch()
             self.ensure_reserve()
+
+    def tidy(self) -> None:
+        """When idle, outside any transaction: give back what deletions freed
+        (see journalspace.give_back), if they left that for later."""
+        if self._tidy and not self.db.in_transaction:
+            self._tidy = False
+            give_back(self.db, urgent=False)
 
     def _after_rollback(self) -> None:
         """The in-memory state must not claim what was not written."""

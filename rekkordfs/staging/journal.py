@@ -18,7 +18,7 @@ from ..lru import WeightedLRU
 from ..testhooks import check_inode_cache
 from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, error, inode_from_row
 
-INODE_CACHE = 100_000  # rows kept decoded, the most recently used
+INODE_CACHE = 20_000  # rows kept decoded, the most recently used (about 0.5 KB each: 10 MB)
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 # With batching on (see Journal.batching), the transactions of consecutive requests
 # are committed together: once the daemon is idle (see StagingArea), or at the

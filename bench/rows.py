@@ -345,12 +345,14 @@ def mount_cat_big2(ctx: Context) -> Result:
 
 # --- staging (rekkordfs only) ----------------------------------------------------------
 
-def _stage(ctx: Context, origin: Path, channel: str, files: int, size: int, new_channel: bool) -> Result:
-    """rsync ORIGIN into MNT/staging/CHANNEL, then `rekkord commit`; both timed."""
-    key = "local:staging"
+def _stage(ctx: Context, origin: Path, channel: str, files: int, size: int, new_channel: bool,
+           key: str = "local:staging") -> Result:
+    """rsync ORIGIN into MNT/staging/CHANNEL, then `rekkord commit`; both timed.
+    The daemon's peak RSS (VmHWM, reset before the rsync) is read before the
+    mount goes: it is the figure with every file staged."""
     if key not in ctx.mounts:
         repo = ctx.fresh_repo(key, "local")
-        mnt = ctx.work / "mnt" / f"{ctx.tool.slug()}-staging"
+        mnt = ctx.work / "mnt" / f"{ctx.tool.slug()}-{key.split(':')[1]}"
         ctx.mounts[key] = _mount_empty(ctx, repo, mnt)
     m = ctx.mounts[key]
     staging = m.mnt / "staging" / channel
@@ -427,6 +429,11 @@ def staging_big(ctx: Context) -> Result:
 def staging_floor(ctx: Context) -> Result:
     """What the FUSE layer alone costs `rsync -a` of the tree (bench/nullfs.py):
     no staging row can be faster than this on the same machine."""
+    return _floor(ctx, ctx.ds.tree, ctx.ds.tree_bytes)
+
+
+def _floor(ctx: Context, origin: Path, size: int) -> Result:
+    """rsync -a of ORIGIN into bench/nullfs.py, timed."""
     from .measure import is_mount, unmount, wait_for
 
     mnt = ctx.work / "mnt" / "nullfs"
@@ -437,15 +444,15 @@ def staging_floor(ctx: Context) -> Result:
     try:
         if not wait_for(lambda: is_mount(mnt), 30, proc=server):
             raise ToolFailure(f"bench/nullfs.py did not mount: {server.communicate(timeout=5)[1].decode().strip()}")
-        warm(ctx.ds.tree)
+        warm(origin)
         before = proc_cpu(server.pid)
-        r = run(["rsync", "-a", f"{ctx.ds.tree}/", f"{mnt}/tree/"]).check("rsync into nullfs")
+        r = run(["rsync", "-a", f"{origin}/", f"{mnt}/tree/"]).check("rsync into nullfs")
         after = proc_cpu(server.pid)
     finally:
         unmount(mnt)
         server.wait(timeout=30)
     cpu = r.cpu + (after - before if None not in (before, after) else 0)
-    return Result(seconds=r.seconds, bytes=ctx.ds.tree_bytes, rss=r.rss, cpu=cpu,
+    return Result(seconds=r.seconds, bytes=size, rss=r.rss, cpu=cpu,
                   extra={"daemon_cpu": after - before if None not in (before, after) else None})
 
 
@@ -589,6 +596,22 @@ def scale_mount_catall(ctx: Context) -> Result:
     if ctx.verify:
         ctx.compare(snap.origin, ctx.tool.mount_path(ctx.mount(SCALE_KEY), snap), result)
     return result
+
+
+@row("scale_staging", "scale: rsync small files into staging + commit", group="scale", tools=("rekkordfs",),
+     uses=("local:scale-staging",), compare_to="scale_save")
+def scale_staging(ctx: Context) -> Result:
+    """extra: rsync_seconds and commit_seconds (the commit's own time, against
+    scale_save), daemon_rss (the staging daemon's peak with every file staged)."""
+    scale = _scale(ctx)
+    return _stage(ctx, scale.tree, "scale", scale.files, scale.bytes, new_channel=True, key="local:scale-staging")
+
+
+@row("scale_floor", "scale: rsync small files into a pyfuse3 fs that keeps nothing", group="scale",
+     tools=("rekkordfs",), compare_to="scale_save")
+def scale_floor(ctx: Context) -> Result:
+    scale = _scale(ctx)
+    return _floor(ctx, scale.tree, scale.bytes)
 
 
 # --- S3 and SFTP: the same save/restore and retention rows on a server ------------------

@@ -93,6 +93,10 @@ def run_pass(tools: list[str], selected: list[str], ds, work: Path, backends: di
                 extra = f"  {res.mbps:.0f} MB/s" if res.mbps else ""
                 if res.cpu is not None:
                     extra += f"  cpu {res.cpu:.2f} s"
+                if res.ok and "commit_seconds" in res.extra:  # staging rows: where the time went
+                    x = res.extra
+                    extra += f"  [rsync {x['rsync_seconds']:.2f} s + commit {x['commit_seconds']:.2f} s"
+                    extra += f", daemon {x['daemon_rss'] / 1e6:.0f} MB]" if x.get("daemon_rss") else "]"
                 if res.load is not None:
                     extra += f"  (load {res.load:.1f})"
                 log(f"  {row.name:<20} {t:<{width}} {shown}{extra}")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import trio
+import trio.testing
 
 from .blobcache import BlobCache
 from .commit import CommitResult, Committer
@@ -32,6 +33,7 @@ from .keys import Capability
 from .nodes import MUTABLE_TIMEOUT, NAME_MAX, STAGING_INO, Attr, Node, NodeKind
 from .repository import Repository
 from .staging import ROOT, Inode, StagingTree, remove_files
+from .staging.journal import BATCH_SECONDS
 from .statedir import lock_state_folder, prepare_state_folder
 from .streaming import GrowingFile
 from .testhooks import stop_point
@@ -48,6 +50,9 @@ LOCAL_MASK = (1 << SLOT_SHIFT) - 1
 # Every change to a staging tree goes through the kernel, which updates its
 # caches itself: they may keep entries and attributes for a while.
 STAGING_TIMEOUT = 30.0
+# An open journal batch is committed once every task has waited this long
+# (the writer paused: nothing more is coming soon).
+IDLE_SECONDS = 0.001
 
 
 @dataclass
@@ -84,6 +89,7 @@ class StagingArea:
         self._nursery: trio.Nursery | None = None
         self._locks: dict[str, trio.Lock] = {}
         self._results: dict[bytes, bytes] = {}
+        self._batch_open = trio.Event()  # some tree's journal holds uncommitted requests
         self.root_attr = Attr(STAGING_INO, stat.S_IFDIR | 0o755, 2, os.getuid(), os.getgid(), 0,
                               view.started_ns, view.started_ns, view.started_ns, timeout=MUTABLE_TIMEOUT)
         view.add_root_folder(b"staging", self.root_node)
@@ -91,6 +97,40 @@ class StagingArea:
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         self.behind.start(nursery)
+        nursery.start_soon(self._flush_when_idle)
+        for tree in self.trees.values():
+            self._batch(tree)
+
+    def _batch(self, tree: StagingTree) -> None:
+        """The tree's journal commits requests in batches, flushed here."""
+        tree.journal.batching = True
+        tree.journal.on_batch = self._batch_opened
+
+    def _batch_opened(self) -> None:
+        self._batch_open.set()  # the event of now: _flush_when_idle makes a new one each time
+
+    async def _flush_when_idle(self) -> None:
+        """Commit open journal batches as soon as the daemon is idle (or after
+        BATCH_SECONDS): what a kill -9 can lose is the last moment's requests."""
+        try:
+            while True:
+                await self._batch_open.wait()
+                self._batch_open = trio.Event()
+                with trio.move_on_after(BATCH_SECONDS):
+                    # trio's own "every other task is blocked" wait: cheap, and
+                    # exactly "the writer paused"
+                    await trio.testing.wait_all_tasks_blocked(IDLE_SECONDS)
+                self._flush_all()
+        finally:
+            self._flush_all()
+
+    def _flush_all(self) -> None:
+        for tree in list(self.trees.values()):
+            try:
+                tree.journal.flush()
+            except OSError as exc:
+                log.error("staging/%s: the journal lost its last requests: %s", tree.channel, exc.strerror)
+            tree.journal.tidy()
 
     def _background(self, fn, *args) -> None:
         if self._nursery is not None:
@@ -156,6 +196,8 @@ class StagingArea:
             self._by_slot[slot] = tree
             self.trees[channel] = tree
             self.behind.add_channel(channel)
+            if self._nursery is not None:
+                self._batch(tree)
             if not exists:
                 try:
                     await self._follow_latest(tree, force=True)
@@ -446,10 +488,12 @@ class StagingArea:
 
     async def sync(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)
+        handle.tree.journal.flush()
         await trio.to_thread.run_sync(handle.tree.sync, handle.ino)
 
     async def sync_all(self) -> None:
         for tree in list(self.trees.values()):
+            tree.journal.flush()
             await trio.to_thread.run_sync(tree.sync)
 
     def release(self, handle: Handle) -> None:

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Closed = tuple[StagingTree, int, int]  # a closed written file: tree, inode, content version
+# A writer closes small files one at a time: gather them this long before a
+# batch goes to a worker thread (one hop per batch, not per file).
+GATHER_SECONDS = 0.02
 
 
 class WriteBehind:
@@ -150,6 +153,7 @@ class WriteBehind:
         while True:
             if not pending:
                 pending.append(await self._behind_recv.receive())
+                await trio.sleep(GATHER_SECONDS)
             while len(pending) < BATCH_FILES:
                 try:
                     pending.append(self._behind_recv.receive_nowait())
@@ -158,6 +162,9 @@ class WriteBehind:
             # closed again later, or already uploaded (by a commit or an earlier pass): skip
             current = [(tree, ino, version) for tree, ino, version in pending
                        if tree.uploads.version(ino) == version and tree.uploads.result(ino, version) is None]
+            if not current:
+                pending = []
+                continue
             by_tree: dict[StagingTree, list[int]] = {}
             for tree, ino, _ in current:
                 by_tree.setdefault(tree, []).append(ino)

@@ -323,6 +323,30 @@ def test_kill_mount_during_rsync_and_during_commit(state_env, tmp_path: Path) ->
     rekkord("check", "--read-data")
 
 
+def test_kill_after_a_pause_loses_nothing_written_before_it(state_env, tmp_path: Path) -> None:
+    """The journal commits its open batch once the mount is idle: files written
+    (without fsync) before a pause of the writer survive a kill -9, every time."""
+    rekkord = state_env
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    rekkord("mount", str(mnt))
+    staging = mnt / "staging" / "pauses"
+    try:
+        staging.mkdir()
+        for i in range(3):  # each after a pause: a batch of its own
+            (staging / f"f{i}").write_bytes(b"x" * (100 * i))
+            os.chmod(staging / f"f{i}", 0o600)
+            time.sleep(0.3)
+        _kill_mount(mnt)
+    finally:
+        if is_mounted(mnt):
+            unmount(mnt)
+    with mounted(rekkord, mnt):
+        for i in range(3):
+            assert (staging / f"f{i}").read_bytes() == b"x" * (100 * i)
+            assert (staging / f"f{i}").stat().st_mode & 0o777 == 0o600
+
+
 def test_out_of_space_gives_enospc_not_corruption(state_env, tmp_path: Path) -> None:
     rekkord = state_env
     small = tmp_path / "small-state"

@@ -28,6 +28,7 @@ from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
 from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
+from rekkordfs.journalspace import free_bytes
 from rekkordfs.nodes import IDS_INO, STAGING_INO
 from rekkordfs.staging import (
     DATA_FILE,
@@ -638,6 +639,118 @@ def test_journal_survives_a_killed_process_and_drops_orphans(tmp_path: Path) -> 
             # and the tree goes on working
             await put_file(tree, inos["sub"], b"after", b"after the crash")
             assert await content(tree, (await tree_walk(tree, [b"dir", b"sub", b"after"])).ino) == b"after the crash"
+        finally:
+            tree.close()
+
+    run(main)
+
+
+BATCH_CRASH_SCRIPT = """
+import os, pickle, sys, trio
+from pathlib import Path
+import rekkordfs.staging.journal as journal
+from rekkordfs.staging import ROOT, StagingTree
+from tests.core_helpers import build_sample, dump, put_file
+
+journal.BATCH_SECONDS = 3600  # the batch stays open however slow this machine is
+journal.disk_is_short = lambda folder: False
+
+async def main():
+    tree = StagingTree(Path(sys.argv[1]), "crash", None)
+    tree.journal.batching = True
+    inos = await build_sample(tree)
+    tree.journal.flush()
+    flushed = await dump(tree)
+    await put_file(tree, ROOT, b"late", os.urandom(300))
+    await tree.rename(ROOT, b"late", inos["dir"], b"moved-late")
+    await tree.setattr(inos["file"], mode=0o600)
+    await tree.unlink(inos["dir"], b"moved")
+    assert tree.journal.db.in_transaction, "the batch was committed"
+    assert await dump(tree) != flushed
+    Path(sys.argv[2]).write_bytes(pickle.dumps(flushed))
+    os._exit(0)  # as if killed: the open batch is lost, all of it
+
+trio.run(main)
+"""
+
+
+def test_a_killed_process_loses_the_open_batch_whole(tmp_path: Path) -> None:
+    """With batching, kill -9 loses the requests of the batch not yet committed,
+    all of them and nothing else: the journal is as it was at the last flush."""
+    folder = tmp_path / "state" / "crash"
+    out = tmp_path / "listing.pickle"
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    subprocess.run([sys.executable, "-c", BATCH_CRASH_SCRIPT, str(folder), str(out)], check=True, env=env,
+                   cwd=str(PROJECT_ROOT), timeout=120)
+    flushed = pickle.loads(out.read_bytes())
+
+    async def main() -> None:
+        tree = StagingTree(folder, "crash", None)
+        try:
+            assert await dump(tree) == flushed
+        finally:
+            tree.close()
+
+    run(main)
+
+
+def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr("rekkordfs.staging.journal.BATCH_SECONDS", 3600)
+    monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
+    folder = tmp_path / "state" / "b"
+
+    async def main() -> None:
+        tree = StagingTree(folder, "b", None)
+        tree.journal.batching = True
+        kept = await put_file(tree, ROOT, b"kept", b"in the batch")
+        mode = tree.get(ROOT).mode
+        with pytest.raises(OSError):
+            with tree.journal.transaction():
+                tree.journal.change(ROOT, mode=0o700)
+                await tree.create(ROOT, b"undone", EntryKind.FILE, 0o644, 0, 0)  # nested: same request
+                raise OSError(errno.EIO, "failed half way")
+        assert tree.journal.db.in_transaction  # the batch goes on
+        assert tree.get(ROOT).mode == mode
+        assert (await tree.lookup(ROOT, b"kept")).ino == kept.ino
+        with pytest.raises(FileNotFoundError):
+            await tree.lookup(ROOT, b"undone")
+        tree.close()  # commits the batch
+        again = StagingTree(folder, "b", None)
+        try:
+            assert await content(again, (await again.lookup(ROOT, b"kept")).ino) == b"in the batch"
+            assert again.get(ROOT).mode == mode
+            assert sorted(name for name, _ in await again.listdir(ROOT)) == [b"kept"]
+        finally:
+            again.close()
+
+    run(main)
+
+
+def test_with_batching_freed_journal_space_goes_back_when_idle(tmp_path: Path, monkeypatch) -> None:
+    """On a disk with room, what deletions free is given back by tidy() (the
+    idle daemon), not inside the request or commit that freed it."""
+    monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
+    folder = tmp_path / "state" / "t"
+
+    def journal_size() -> int:
+        return sum(path.stat().st_size for path in folder.glob("tree.db*"))
+
+    async def main() -> None:
+        tree = StagingTree(folder, "t", None)
+        tree.journal.batching = True
+        try:
+            for i in range(40):
+                await put_file(tree, ROOT, b"f%d" % i, os.urandom(60_000))
+            tree.journal.flush()
+            tree.journal.tidy()
+            full = journal_size()
+            for i in range(40):
+                await tree.unlink(ROOT, b"f%d" % i)
+            tree.journal.flush()
+            assert free_bytes(tree.journal.db) > (1 << 20)  # nothing given back yet
+            tree.journal.tidy()
+            assert free_bytes(tree.journal.db) < (1 << 20)
+            assert journal_size() < full - (1 << 20)
         finally:
             tree.close()
 

@@ -44,8 +44,10 @@ class Capturer:
         Files whose content is local and not yet uploaded are frozen: a link to
         their data file is kept for the commit, and a write that comes later goes
         to a copy (see ContentStore.unfreeze); inline content is kept in memory
-        before it changes. So the commit sees exactly this moment.
+        before it changes. So the commit sees exactly this moment, which the
+        journal holds durably (the open batch is committed first).
         """
+        self.journal.flush()
         db = self.journal.db
         inodes = {row[0]: inode_from_row(row) for row in db.execute(f"SELECT {COLUMNS} FROM inodes")}
         children: dict[int, list[tuple[bytes, int]]] = {}
@@ -100,6 +102,7 @@ class Capturer:
             self.journal.set_meta("base", snapshot_id)
             self.journal.set_meta("max_link_id", snapshot.max_link_id)
             self.journal.set_dirty(self.journal.sequence != capture.sequence)
+        self.journal.flush()  # before the caller deletes the data files it no longer needs
         for ino in clean_files:
             self.uploads.committed(ino)
         for ino in set(contents) - set(clean_files):  # still local: the next commit reuses this upload

@@ -153,7 +153,7 @@ class ContentStore:
             os.close(fd)
         os.replace(tmp, path)
         with self.journal.transaction():
-            self.journal.update_inode(ino, "local = ?, chunks = NULL, size = 0", Content.DATA_FILE)
+            self.journal.change(ino, local=Content.DATA_FILE, chunks=None, size=0)
             self.journal.changed()
         self.changed(ino)
 
@@ -167,7 +167,7 @@ class ContentStore:
             return  # another request made it local meanwhile
         with self.journal.transaction():
             self.journal.db.execute("INSERT OR REPLACE INTO inline (ino, data) VALUES (?, ?)", (node.ino, data))
-            self.journal.update_inode(node.ino, "local = ?, chunks = NULL, size = ?", Content.INLINE, len(data))
+            self.journal.change(node.ino, local=Content.INLINE, chunks=None, size=len(data))
             self.journal.changed()
         self.changed(node.ino)
 
@@ -216,7 +216,7 @@ class ContentStore:
             if len(data) < node.size:
                 self.journal.freed()
             self.journal.db.execute("UPDATE inline SET data = ? WHERE ino = ?", (data, node.ino))
-            self.journal.update_inode(node.ino, "size = ?", len(data))
+            self.journal.change(node.ino, size=len(data))
             if not self.journal.dirty:
                 self.journal.changed()
 
@@ -234,8 +234,7 @@ class ContentStore:
                 old = self.inline_data(node.ino) or b""
                 self.journal.db.execute("UPDATE inline SET data = ? WHERE ino = ?",
                                         (old[:offset] + data + old[end:], node.ino))
-            self.journal.update_inode(node.ino, "size = ?, mtime_ns = ?, ctime_ns = ?",
-                                      max(node.size, end), now, now)
+            self.journal.change(node.ino, size=max(node.size, end), mtime_ns=now, ctime_ns=now)
             if not self.journal.dirty:
                 self.journal.changed()
 
@@ -251,7 +250,7 @@ class ContentStore:
             os.close(fd)
         with self.journal.transaction():  # a crash before this leaves a data file that recover() deletes
             self.journal.db.execute("DELETE FROM inline WHERE ino = ?", (node.ino,))
-            self.journal.update_inode(node.ino, "local = ?, size = 0", Content.DATA_FILE)
+            self.journal.change(node.ino, local=Content.DATA_FILE, size=0)
 
     def delete_inline(self, ino: int) -> None:
         """Inside a transaction deleting an inline file."""
@@ -265,7 +264,7 @@ class ContentStore:
         if ino in self._touched:
             now = self.clock()
             with self.journal.transaction():
-                self.journal.update_inode(ino, "mtime_ns = ?, ctime_ns = ?", now, now)
+                self.journal.change(ino, mtime_ns=now, ctime_ns=now)
                 self.journal.changed()
             self._touched.discard(ino)
 
@@ -278,7 +277,8 @@ class ContentStore:
         self._touched.discard(ino)
 
     def sync(self, ino: int | None = None) -> None:
-        """fsync(): the file's data and the journal reach the disk."""
+        """fsync(): the file's data and the journal reach the disk (after
+        Journal.flush(), on the journal's thread: this one runs in a worker)."""
         folder = self.journal.folder
         paths: list[str | Path] = [folder / "tree.db-wal", folder / "tree.db"]
         if ino is not None and self.journal.get(ino).local == Content.DATA_FILE:

@@ -45,6 +45,7 @@ class CopyOnWrite:
             # files inside directories not expanded yet: counted in the snapshot's totals only
             self.journal.set_meta("stored_files", snapshot.files if snapshot else 0)
             self.journal.set_meta("stored_size", snapshot.size if snapshot else 0)
+        self.journal.flush()
         self.journal.forget_rows()
 
     async def folder_links(self, nodes: list[Inode]) -> dict[int, int]:
@@ -106,7 +107,7 @@ class CopyOnWrite:
                     existing = cursor.lastrowid
                 db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                            (node.ino, entry.name, existing))
-            journal.update_inode(node.ino, "dir_ref = NULL, nlink = ?", 2 + listing.subdirs)
+            journal.change(node.ino, dir_ref=None, nlink=2 + listing.subdirs)
 
     async def own_links(self, ino: int) -> None:
         """Before an inode of a base hardlink group changes: expand every directory.

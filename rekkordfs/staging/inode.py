@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import IntEnum
 
 from ..format import BlobRef, Entry, EntryKind
@@ -85,6 +86,20 @@ class Inode:
                      self.size, self.nlink, 0, self.rdev, decode_xattrs(self.xattrs), target=self.target)
 
 
+_FIELDS = COLUMNS.replace(" ", "").split(",")  # Inode's fields, in the order of COLUMNS
+_FIELD_INDEX = {name: i for i, name in enumerate(_FIELDS)}
+_all_fields = operator.attrgetter(*_FIELDS)
+
+
+def changed_inode(node: Inode, changes: dict[str, object]) -> Inode:
+    """A copy of node with changes (dataclasses.replace, at half its cost: this
+    runs for most requests)."""
+    values = list(_all_fields(node))
+    for name, value in changes.items():
+        values[_FIELD_INDEX[name]] = value
+    return Inode(*values)
+
+
 def inode_from_row(row: tuple) -> Inode:
     """An Inode from a row of `SELECT {COLUMNS} FROM inodes`."""
     values = list(row)
@@ -92,3 +107,6 @@ def inode_from_row(row: tuple) -> Inode:
     values[_LOCAL_COLUMN] = Content(values[_LOCAL_COLUMN])
     values[_DIR_REF_COLUMN] = BlobRef.decode(values[_DIR_REF_COLUMN]) if values[_DIR_REF_COLUMN] else None
     return Inode(*values)
+
+
+assert _FIELDS == [f.name for f in fields(Inode)], "COLUMNS and Inode disagree"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,17 @@ from ..format import EntryKind
 from ..journalspace import disk_is_short, give_back, journal_error, open_journal
 from ..lru import WeightedLRU
 from ..testhooks import check_inode_cache
-from .inode import COLUMNS, ROOT, Content, Inode, error, inode_from_row
+from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, error, inode_from_row
 
-INODE_CACHE = 100_000  # rows kept decoded, the most recently used
+INODE_CACHE = 20_000  # rows kept decoded, the most recently used (about 0.5 KB each: 10 MB)
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
+# With batching on (see Journal.batching), the transactions of consecutive requests
+# are committed together: once the daemon is idle (see StagingArea), or at the
+# latest after this long or this many requests. A SQLite COMMIT costs more than
+# most requests; a kill -9 loses at most the requests of the open batch.
+BATCH_SECONDS = 0.05
+BATCH_REQUESTS = 256
+SPACE_CHECK_SECONDS = 0.01  # how often a batch looks at the disk's free space (a statvfs)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -48,7 +56,7 @@ Deleted = list[tuple[int, Content]]  # inodes a transaction deleted, and where t
 class Journal:
     """tree.db and what is kept in memory beside it.
 
-    Every change of an inode row goes through update_inode() or delete_inode(),
+    Every change of an inode row goes through change() or delete_inode(),
     which keep the row cache right; bulk changes call forget_rows()."""
 
     def __init__(self, folder: Path, on_deleted: Callable[[Deleted], None]) -> None:
@@ -62,9 +70,25 @@ class Journal:
         self._deleted: Deleted = []  # by the open transaction
         self._inodes: WeightedLRU[int, Inode] = WeightedLRU(INODE_CACHE)  # rows as journaled
         self._check_cache = check_inode_cache()
+        # batching: set by the owner once something calls flush() when the daemon is idle
+        self.batching = False
+        self.on_batch: Callable[[], None] = lambda: None  # a batch was left open
+        self._depth = 0  # transaction() blocks open (they nest)
+        self._batch_started = 0.0  # monotonic time of the open batch's first request
+        self._batch_requests = 0
+        self._space_checked = 0.0  # monotonic time of the last look at free space
+        self._tidy = False  # freed space to give back when idle (see tidy())
+        self._short = False  # what it found: short of space
 
     def close(self) -> None:
-        self.db.close()
+        """Commits the open batch first; closing twice is harmless."""
+        try:
+            if self.db.in_transaction:
+                self.flush()
+        except sqlite3.ProgrammingError:
+            return  # closed already
+        finally:
+            self.db.close()
 
     def meta(self, key: str, default: Any = None) -> Any:
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
@@ -88,10 +112,28 @@ class Journal:
             self._inodes.put(ino, node)
         return node
 
-    def update_inode(self, ino: int, assignments: str, *values: object) -> None:
-        """UPDATE inodes SET <assignments> for one inode (inside a transaction)."""
-        self.db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values, ino))
-        self._inodes.pop(ino)
+    def add_inode(self, kind: EntryKind, mode: int, uid: int, gid: int, time_ns: int, size: int = 0, rdev: int = 0,
+                  nlink: int = 1, target: bytes | None = None, local: Content = Content.STORED) -> Inode:
+        """A new inode row (inside a transaction), cached as written: no read back."""
+        cursor = self.db.execute(
+            "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, "
+            "local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (kind, mode, uid, gid, size, time_ns, time_ns, time_ns, rdev, nlink, target, local))
+        assert cursor.lastrowid is not None
+        node = Inode(cursor.lastrowid, kind, mode, uid, gid, size, time_ns, time_ns, time_ns, rdev, nlink, target,
+                     None, local, None, None, None)
+        self._inodes.put(node.ino, node)
+        return node
+
+    def change(self, ino: int, **changes: Any) -> Inode:
+        """Change columns of one inode row (inside a transaction), named as Inode's
+        fields; the cached row is replaced by the new one rather than read again."""
+        node = changed_inode(self.get(ino), changes)
+        values = [value.encode() if name == "dir_ref" and value is not None else value
+                  for name, value in changes.items()]
+        self.db.execute(f"UPDATE inodes SET {' = ?, '.join(changes)} = ? WHERE ino = ?", (*values, ino))
+        self._inodes.put(ino, node)
+        return node
 
     def delete_inode(self, ino: int, content: Content) -> None:
         """Inside a transaction; on_deleted() hears of it once it is committed."""
@@ -127,20 +169,70 @@ class Journal:
         self._freed = True
 
     def transaction(self) -> _Tx:
-        return _Tx(self.db, self._after_commit, self._after_rollback)
+        """One request's changes: all or none of them reach the journal. They are
+        committed at once, or with batching on, with the batch they join."""
+        return _Tx(self)
+
+    def flush(self) -> None:
+        """Commit the open batch, if any (outside transaction blocks)."""
+        if self._depth == 0 and self.db.in_transaction:
+            self._commit()
+
+    def _commit(self) -> None:
+        try:
+            _journal(self.db.execute, "COMMIT")
+        except OSError:
+            if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
+                self.db.execute("ROLLBACK")
+            self._after_rollback()
+            raise
+        self._after_commit()
+
+    def _request_done(self) -> None:
+        """A request's transaction ended well: commit it, or leave the batch open."""
+        self._batch_requests += 1
+        if not self.batching:
+            self._commit()
+            return
+        now = time.monotonic()
+        if self._batch_requests == 1:
+            self._batch_started = now
+            self.on_batch()
+        if now - self._space_checked >= SPACE_CHECK_SECONDS:
+            # On a disk short of space every request is committed on its own (see
+            # freeing()); the checks' interval is far below what filling 64 MB takes.
+            self._space_checked = now
+            self._short = disk_is_short(self.folder)
+        if self._short or self._batch_requests >= BATCH_REQUESTS or now - self._batch_started >= BATCH_SECONDS:
+            self._commit()
 
     def _after_commit(self) -> None:
+        self._batch_requests = 0
         deleted, self._deleted = self._deleted, []
         if deleted:
             self.on_deleted(deleted)
         if deleted or self._freed:
             self._freed = False
             # on a disk short of space, deleting must free space at once
-            give_back(self.db, urgent=not self.reserve.exists() or disk_is_short(self.folder))
+            urgent = not self.reserve.exists() or disk_is_short(self.folder)
+            if urgent or not self.batching:
+                give_back(self.db, urgent=urgent)
+            else:  # else once the daemon is idle: a commit's reply need not wait for the vacuum
+                self._tidy = True
+                self.on_batch()
             self.ensure_reserve()
+
+    def tidy(self) -> None:
+        """When idle, outside any transaction: give back what deletions freed
+        (see journalspace.give_back), if they left that for later."""
+        if self._tidy and not self.db.in_transaction:
+            self._tidy = False
+            give_back(self.db, urgent=False)
 
     def _after_rollback(self) -> None:
         """The in-memory state must not claim what was not written."""
+        self._batch_requests = 0
+        self._space_checked = 0.0  # the next batch looks at once
         self._inodes.clear()
         self._deleted = []
         self._freed = False
@@ -198,39 +290,65 @@ class Journal:
 
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are
-    no-ops). Journal failures surface as OSError: ENOSPC when the disk is full."""
+    no-ops). Inside an open batch, a SAVEPOINT: an error undoes this request's
+    changes only. Journal failures surface as OSError: ENOSPC when the disk is full."""
 
-    def __init__(self, db: sqlite3.Connection, on_commit: Callable[[], None],
-                 on_rollback: Callable[[], None]) -> None:
-        self.db = db
-        self.on_commit = on_commit
-        self.on_rollback = on_rollback
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
         self.outer = False
+        self.joined = False  # into an open batch
+        self.deleted = 0
 
     def __enter__(self) -> None:
-        if not self.db.in_transaction:
-            _journal(self.db.execute, "BEGIN IMMEDIATE")
-            self.outer = True
+        journal = self.journal
+        journal._depth += 1
+        if journal._depth > 1:
+            return
+        self.outer = True
+        try:
+            if journal.db.in_transaction:
+                _journal(journal.db.execute, "SAVEPOINT request")
+                self.joined, self.deleted = True, len(journal._deleted)
+            else:
+                _journal(journal.db.execute, "BEGIN IMMEDIATE")
+        except BaseException:
+            journal._depth -= 1
+            raise
 
     def __exit__(self, kind, value, traceback) -> None:
+        journal = self.journal
+        journal._depth -= 1
         if not self.outer:
             return
         if kind is None:
             try:
-                _journal(self.db.execute, "COMMIT")
+                if self.joined:
+                    _journal(journal.db.execute, "RELEASE request")
+                journal._request_done()
             except OSError:
                 self._rollback()
                 raise
-            self.on_commit()
             return
         self._rollback()
         if isinstance(value, sqlite3.Error):
             raise journal_error(value) from None
 
     def _rollback(self) -> None:
-        if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
-            self.db.execute("ROLLBACK")
-        self.on_rollback()
+        journal, db = self.journal, self.journal.db
+        if self.joined and db.in_transaction:  # undo this request, keep the batch
+            try:
+                db.execute("ROLLBACK TO request")
+                db.execute("RELEASE request")
+            except sqlite3.Error:
+                pass
+            else:
+                del journal._deleted[self.deleted:]
+                journal._inodes.clear()
+                journal._dirty = bool(journal.meta("dirty", 0))
+                return
+        if db.in_transaction:  # SQLite already rolled back when it ran out of space
+            db.execute("ROLLBACK")
+        journal._after_rollback()
 
 
 def _journal(execute: Callable[..., object], *args: object) -> object:

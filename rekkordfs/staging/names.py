@@ -85,14 +85,11 @@ class Namespace:
             if kind == EntryKind.DIRECTORY:
                 mode |= stat.S_ISGID
         with self.journal.transaction():
-            cursor = self.db.execute(
-                "INSERT INTO inodes (kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, "
-                "local) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (kind, mode & 0o7777, uid, gid, len(target) if target is not None else 0, now, now, now, rdev,
-                 2 if kind == EntryKind.DIRECTORY else 1, target,
-                 Content.INLINE if kind == EntryKind.FILE else Content.STORED))
-            ino = cursor.lastrowid
-            assert ino is not None
+            node = self.journal.add_inode(
+                kind, mode & 0o7777, uid, gid, now, size=len(target) if target is not None else 0, rdev=rdev,
+                nlink=2 if kind == EntryKind.DIRECTORY else 1, target=target,
+                local=Content.INLINE if kind == EntryKind.FILE else Content.STORED)
+            ino = node.ino
             if kind == EntryKind.FILE:
                 self.db.execute("INSERT INTO inline (ino, data) VALUES (?, ?)", (ino, b""))
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
@@ -105,13 +102,13 @@ class Namespace:
         return self.journal.get(ino)
 
     def _touch_dir(self, ino: int, now: int) -> None:
-        self.journal.update_inode(ino, "mtime_ns = ?, ctime_ns = ?", now, now)
+        self.journal.change(ino, mtime_ns=now, ctime_ns=now)
 
     def _add_links(self, folder: int, delta: int) -> None:
         """A folder gained or lost subfolders: its link count is 2 + their number
         (inside a transaction; folders are expanded before their entries change)."""
         if delta:
-            self.journal.update_inode(folder, "nlink = nlink + ?", delta)
+            self.journal.change(folder, nlink=self.journal.get(folder).nlink + delta)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Inode:
         self._check_name(name)
@@ -125,7 +122,7 @@ class Namespace:
         now = self.clock()
         with self.journal.transaction():
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
-            self.journal.update_inode(ino, "nlink = nlink + 1, ctime_ns = ?", now)
+            self.journal.change(ino, nlink=self.journal.get(ino).nlink + 1, ctime_ns=now)
             self._touch_dir(parent, now)
             self.journal.changed()
         return self.journal.get(ino)
@@ -163,9 +160,9 @@ class Namespace:
             self._add_links(parent, -1)
         links = 0 if node.is_dir else node.nlink - 1
         if links > 0:
-            self.journal.update_inode(ino, "nlink = ?, ctime_ns = ?", links, now)
+            self.journal.change(ino, nlink=links, ctime_ns=now)
         else:
-            self.journal.update_inode(ino, "nlink = 0, ctime_ns = ?", now)
+            self.journal.change(ino, nlink=0, ctime_ns=now)
             self._maybe_delete(ino)
         if changed:
             self.journal.changed()
@@ -219,19 +216,20 @@ class Namespace:
                                 (target, old_parent, old_name))
                 self.db.execute("UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?",
                                 (moved, new_parent, new_name))
-                self.journal.update_inode(moved, "ctime_ns = ?", now)
-                self.journal.update_inode(target, "ctime_ns = ?", now)
+                self.journal.change(moved, ctime_ns=now)
+                self.journal.change(target, ctime_ns=now)
             else:
                 if target is not None:
                     self._remove_entry(new_parent, new_name, target, changed=False)
                 self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (old_parent, old_name))
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
                                 (new_parent, new_name, moved))
-                self.journal.update_inode(moved, "ctime_ns = ?", now)
+                self.journal.change(moved, ctime_ns=now)
             self._add_links(old_parent, -moving)
             self._add_links(new_parent, moving)
             self._touch_dir(old_parent, now)
-            self._touch_dir(new_parent, now)
+            if new_parent != old_parent:
+                self._touch_dir(new_parent, now)
             self.journal.changed()
 
         self.journal.freeing(apply)

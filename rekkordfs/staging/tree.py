@@ -123,34 +123,39 @@ class StagingTree:
 
     async def setattr(self, ino: int, mode: int | None = None, uid: int | None = None, gid: int | None = None,
                       size: int | None = None, atime_ns: int | None = None, mtime_ns: int | None = None) -> Inode:
+        """One transaction at most; none when nothing changes (rsync sets mode,
+        owner and times one call each, most of them to what they are already:
+        unlike a local filesystem, such a call leaves ctime as it is)."""
         await self.cow.own_links(ino)
         node = self.get(ino)
         if size is not None:
             if node.kind != EntryKind.FILE:
                 raise error(errno.EISDIR if node.is_dir else errno.EINVAL)
             await self.truncate(ino, size)
-        now = self.clock()
-        updates: dict[str, int | bytes | None] = {"ctime_ns": now}
-        if mode is not None:
-            updates["mode"] = mode & 0o7777
+            node = self.get(ino)
+        changes: dict[str, int | bytes | None] = {}
+        if mode is not None and mode & 0o7777 != node.mode:
+            changes["mode"] = mode & 0o7777
             xattrs = decode_xattrs(node.xattrs)
             if any(k == ACL_ACCESS for k, _ in xattrs):
-                updates["xattrs"] = encode_xattrs([(k, acl_after_chmod(v, mode) if k == ACL_ACCESS else v)
+                changes["xattrs"] = encode_xattrs([(k, acl_after_chmod(v, mode) if k == ACL_ACCESS else v)
                                                    for k, v in xattrs])
-        if uid is not None:
-            updates["uid"] = uid
-        if gid is not None:
-            updates["gid"] = gid
-        if atime_ns is not None:
-            updates["atime_ns"] = atime_ns
-        if mtime_ns is not None:
-            updates["mtime_ns"] = mtime_ns
+        if uid is not None and uid != node.uid:
+            changes["uid"] = uid
+        if gid is not None and gid != node.gid:
+            changes["gid"] = gid
+        if atime_ns is not None and atime_ns != node.atime_ns:
+            changes["atime_ns"] = atime_ns
+        if mtime_ns is not None and (mtime_ns != node.mtime_ns or self.content.touched_mtime(ino)):
+            changes["mtime_ns"] = mtime_ns
             self.content.mtime_set(ino)
-        assignments = ", ".join(f"{k} = ?" for k in updates)
+        if not changes and size is None:
+            return node
+        changes["ctime_ns"] = self.clock()
         with self.journal.transaction():
-            self.journal.update_inode(ino, assignments, *updates.values())
+            node = self.journal.change(ino, **changes)
             self.journal.changed()
-        return self.get(ino)
+        return node
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         for key, value in decode_xattrs(self.get(ino).xattrs):
@@ -169,8 +174,7 @@ class StagingTree:
         items.sort()
         mode = mode_from_acl(node.mode, value) if name == ACL_ACCESS else node.mode
         with self.journal.transaction():
-            self.journal.update_inode(ino, "xattrs = ?, mode = ?, ctime_ns = ?", encode_xattrs(items), mode,
-                                      self.clock())
+            self.journal.change(ino, xattrs=encode_xattrs(items), mode=mode, ctime_ns=self.clock())
             self.journal.changed()
 
     async def removexattr(self, ino: int, name: bytes) -> None:
@@ -180,8 +184,7 @@ class StagingTree:
         if len(kept) == len(items):
             raise error(errno.ENODATA)
         with self.journal.transaction():
-            self.journal.update_inode(ino, "xattrs = ?, ctime_ns = ?", encode_xattrs(kept) if kept else None,
-                                      self.clock())
+            self.journal.change(ino, xattrs=encode_xattrs(kept) if kept else None, ctime_ns=self.clock())
             self.journal.changed()
 
     # --- content (content.py) --------------------------------------------------------------

@@ -8,10 +8,11 @@
 - stat cache: for each saved path, the (size, mtime, ctime, inode) it had and
   its chunks (IDs and sizes), so an unchanged file is not read again.
 
-Both live in one SQLite database per repository and key. Entries are only
-recorded after the blobs they name are durable. A stat row is used only when
-its MAC (keyed by this keyfile) verifies, its chunk sizes add up to the file's
-size, and every chunk is a known blob: a tampered or stale cache costs a
+Both live in one SQLite database per repository and key. Known blobs are only
+recorded after the blobs are durable; stat rows may be recorded before (a save
+writes them as it goes), since a stat row is used only when its MAC (keyed by
+this keyfile) verifies, its chunk sizes add up to the file's size, and every
+chunk is in a pack of known blobs: a tampered, stale or premature row costs a
 re-read, never a snapshot that names the wrong data.
 """
 
@@ -26,6 +27,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 
@@ -69,17 +71,25 @@ def repository_cache_dir(repo_id: str, root: Path | None = None) -> Path:
     return folder
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownBlob:
     location: Location
 
 
-@dataclass(frozen=True)
-class StatKey:
+class StatKey(NamedTuple):
+    """What must not have changed for a file's stat row to apply (a tuple:
+    a save makes and compares one per file)."""
+
     size: int
     mtime_ns: int
     ctime_ns: int
     ino: int
+
+
+def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
+    """A stat row in one bytes object, as a save keeps it until stored: the
+    message its MAC covers (key, path length, path, encoded chunks)."""
+    return _STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
 
 
 class LocalCache:
@@ -189,9 +199,9 @@ class LocalCache:
 
     # stat cache
 
-    def _mac(self, path: bytes, key: StatKey, chunks: bytes) -> bytes:
-        message = _STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
-        return hashlib.blake2b(message, key=self._mac_key, digest_size=MAC_SIZE).digest()
+    def _mac(self, row: bytes) -> bytes:
+        """The MAC of a stat_row()."""
+        return hashlib.blake2b(row, key=self._mac_key, digest_size=MAC_SIZE).digest()
 
     def _usable_packs(self) -> frozenset[bytes]:
         """Packs of trusted blobs, less the condemned ones (computed once until they change)."""
@@ -223,11 +233,11 @@ class LocalCache:
         return [self._check_stat(path, key, rows.get(path)) for path, key in files]
 
     def _check_stat(self, path: bytes, key: StatKey, row: tuple | None) -> tuple[bytes, list[ChunkRef]] | None:
-        if row is None or StatKey(*row[:4]) != key:
+        if row is None or row[:4] != key:
             return None
         raw, mac = row[4], row[5]
         if not isinstance(raw, bytes) or not isinstance(mac, bytes) or not hmac.compare_digest(
-                mac, self._mac(path, key, raw)):
+                mac, self._mac(stat_row(path, key, raw))):
             return None
         try:
             chunks = decode_chunks(raw)
@@ -238,17 +248,25 @@ class LocalCache:
             return None
         return raw, chunks
 
+    def has_stats(self) -> bool:
+        """Whether any stat row is stored (a first save looks nothing up)."""
+        return not self._stats_empty()
+
     def _stats_empty(self) -> bool:
         if self._no_stats is None:
             with self._lock:
                 self._no_stats = self._db.execute("SELECT 1 FROM stats LIMIT 1").fetchone() is None
         return self._no_stats
 
-    def store_stats(self, rows: Iterable[tuple[bytes, StatKey, bytes]]) -> None:
-        """Stat rows of files just saved: (path, key, chunk list as encode_chunks() gave it)."""
+    def store_stats(self, rows: Iterable[bytes]) -> None:
+        """Stat rows of files just saved, each a stat_row() (path, key, chunk
+        list as encode_chunks() gave it), in one transaction."""
         def encoded() -> Iterable[tuple]:
-            for path, key, raw in rows:
-                yield path, key.size, key.mtime_ns, key.ctime_ns, key.ino, raw, self._mac(path, key, raw)
+            head = _STAT_KEY.size
+            for row in rows:
+                size, mtime_ns, ctime_ns, ino, length = _STAT_KEY.unpack_from(row)
+                yield (row[head:head + length], size, mtime_ns, ctime_ns, ino, row[head + length:],
+                       self._mac(row))
 
         with self._lock:
             self._db.execute("BEGIN")

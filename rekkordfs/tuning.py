@@ -17,6 +17,7 @@ BATCH_BYTES = 8 << 20  # ...up to this many bytes
 REMOTE_BATCH_FILES = 1024  # small files per batch of a restore from a server (fewer, larger requests)
 STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
+STAT_BATCH = 4096  # stat-cache rows a save stores per transaction, as it goes
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
 
 

@@ -32,6 +32,7 @@ from .format import (
     encode_directory,
     validate_channel,
 )
+from .gcquiet import quiet_gc
 from .keys import Capability
 from .repository import Repository
 from .savewalk import DirNode, FileJob, Lead, Listing, Walker, normalize_paths, stat_key
@@ -92,6 +93,10 @@ class SaveSession:
         self.warn_cb(message)
 
     async def run(self) -> SaveResult:
+        with quiet_gc():
+            return await self._run()
+
+    async def _run(self) -> SaveResult:
         started = time.monotonic()
         time_ns = time.time_ns()
         await self.repo.prepare_write()

@@ -9,7 +9,7 @@ so nothing about its name can be known before its writer makes it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -78,10 +78,12 @@ class PackWriter:
     durably.
     """
 
-    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None]) -> None:
+    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None],
+                 written: Callable[[list[tuple[bytes, Location]]], Awaitable[None]]) -> None:
         self.storage = storage
         self.codec = codec
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
+        self.written = written  # awaited with the blobs of a pack once it and its index are stored
         self.written_indexes: dict[str, bytes] = {}  # index name -> its pack: their blobs are known already
         self._lock = threading.Lock()  # claim() runs in worker threads
         # file data and records never share a pack: listing a tree reads only
@@ -167,6 +169,7 @@ class PackWriter:
                 if not await self.storage.put(name, index):
                     raise RepositoryError(f"pack index {name} exists already")
                 self.written_indexes[name] = pack.sealer.pack_id
+                await self.written([(blob_id, location) for blob_id, _, location in pack.entries])
         except BaseException:
             self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
             raise

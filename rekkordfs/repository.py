@@ -105,7 +105,7 @@ class Repository(SnapshotLog, BlobReader):
         self._known_packs: list[bytes] = []  # pack IDs by their number in a place
         self._pack_numbers: dict[bytes, int] = {}
         self._cache: LocalCache | None = None
-        self._packer = PackWriter(storage, self.codec, self._forget)
+        self._packer = PackWriter(storage, self.codec, self._forget, self._written)
         self._packs = PackReader(storage)
         self._zero_chunk_id: bytes | None = None
         self.session_start_ns: int | None = None  # when this process first learned what is stored
@@ -216,15 +216,17 @@ class Repository(SnapshotLog, BlobReader):
         for blob_id in blob_ids:
             self._known.pop(blob_id, None)
 
+    async def _written(self, items: list[tuple[bytes, Location]]) -> None:
+        """A pack and its index are stored: its blobs go into the cache now,
+        known only once remember_session() records the index."""
+        await trio.to_thread.run_sync(self.cache.add_blobs, items)
+
     def remember_session(self) -> None:
         """Once what this session stored is durable (its snapshot published):
-        record its packs and blobs in the cache (thread side)."""
-        by_pack: dict[int, list[tuple[bytes, Location]]] = {}
-        for blob_id, place in self._known.items():
-            by_pack.setdefault(place >> 64, []).append((blob_id, self._location(place)))
+        record its pack indexes in the cache, which makes their blobs known
+        (thread side)."""
         for name, pack in self._packer.written_indexes.items():
-            number = self._pack_numbers.get(pack)
-            self.cache.add_index(name, pack, by_pack.get(number, []) if number is not None else [])
+            self.cache.add_index(name, pack, [])
 
     def trusts(self, signer: Signer) -> bool:
         """Whose pack indexes this key deduplicates against: its own, and those of

@@ -94,17 +94,24 @@ class PackWriter:
 
     def claim(self, kind: BlobKind, size: int) -> PackSlot:
         """Room for a blob of `size` stored bytes (any thread)."""
-        records = kind != BlobKind.CHUNK
         with self._lock:
-            pack = self._current.get(records)
-            if pack is not None and pack.size + pack.reserved + size > PACK_TARGET and (pack.size or pack.reserved):
-                self._close(pack)
-                pack = None
-            if pack is None:
-                pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
-            pack.holds += 1
-            pack.reserved += size
-            return PackSlot(pack, size)
+            return self._claim(kind != BlobKind.CHUNK, size)
+
+    def _claim(self, records: bool, size: int) -> PackSlot:
+        pack = self._current.get(records)
+        if pack is not None and pack.size + pack.reserved + size > PACK_TARGET and (pack.size or pack.reserved):
+            self._close(pack)
+            pack = None
+        if pack is None:
+            pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
+        pack.holds += 1
+        pack.reserved += size
+        return PackSlot(pack, size)
+
+    def claim_many(self, kind: BlobKind, sizes: list[int]) -> list[PackSlot]:
+        """claim() of many blobs, taking the lock once."""
+        with self._lock:
+            return [self._claim(kind != BlobKind.CHUNK, size) for size in sizes]
 
     def add(self, sealed: Sealed, blob_id: bytes, kind: BlobKind) -> Location:
         with self._lock:

@@ -320,19 +320,16 @@ class Repository(SnapshotLog, BlobReader):
 
     def seal_many(self, kind: BlobKind, datas: list[memoryview]) -> list[Sealed]:
         """seal() of many blobs (small files' chunks), compressed together."""
-        sealed: list[Sealed] = []
+        compressed = self.codec.compress_many(datas)
+        slots = self._packer.claim_many(kind, [len(payload) + STORED_OVERHEAD for _, payload in compressed])
         try:
-            for compression, payload in self.codec.compress_many(datas):
-                slot = self._packer.claim(kind, len(payload) + STORED_OVERHEAD)
-                try:
-                    sealed.append(Sealed(slot, self.codec.seal(slot.sealer, kind, compression, payload)))
-                except BaseException:
-                    self._packer.cancel(slot)
-                    raise
+            blobs = self.codec.seal_many(kind, [(slot.sealer, compression, payload)
+                                                for slot, (compression, payload) in zip(slots, compressed)])
         except BaseException:
-            self.discard(sealed)
+            for slot in slots:
+                self._packer.cancel(slot)
             raise
-        return sealed
+        return [Sealed(slot, blob) for slot, blob in zip(slots, blobs)]
 
     def discard(self, sealed: list[Sealed]) -> None:
         """Sealed blobs that will not be stored (their batch failed)."""

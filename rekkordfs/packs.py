@@ -114,14 +114,21 @@ class PackWriter:
             return [self._claim(kind != BlobKind.CHUNK, size) for size in sizes]
 
     def add(self, sealed: Sealed, blob_id: bytes, kind: BlobKind) -> Location:
+        return self.add_many([(sealed, blob_id)], kind)[0]
+
+    def add_many(self, items: list[tuple[Sealed, bytes]], kind: BlobKind) -> list[Location]:
+        """add() of many blobs, taking the lock once."""
+        locations: list[Location] = []
         with self._lock:
-            pack = sealed.slot.pack
-            location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
-            pack.pieces.append(sealed.data)
-            pack.size += len(sealed.data)
-            pack.entries.append((blob_id, kind, location))
-            self._release(sealed.slot)
-        return location
+            for sealed, blob_id in items:
+                pack = sealed.slot.pack
+                location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
+                pack.pieces.append(sealed.data)
+                pack.size += len(sealed.data)
+                pack.entries.append((blob_id, kind, location))
+                self._release(sealed.slot)
+                locations.append(location)
+        return locations
 
     def cancel(self, slot: PackSlot) -> None:
         """The blob of slot will not be added (a twin was stored meanwhile, or sealing failed)."""

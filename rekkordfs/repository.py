@@ -342,13 +342,27 @@ class Repository(SnapshotLog, BlobReader):
         this call stored it. The caller looked it up with known_many() just
         before sealing it; one that an index loaded meanwhile reveals is stored
         once more, a harmless duplicate. Call upload_ready() after a batch."""
-        place = self._known.get(blob_id)
-        if place is not None:
-            self._packer.cancel(sealed.slot)
-            return self._location(place), False
-        location = self._packer.add(sealed, blob_id, kind)
-        self._known[blob_id] = self._place(location)
-        return location, True
+        return self.store_many(kind, [(blob_id, sealed)])[0]
+
+    def store_many(self, kind: BlobKind, items: list[tuple[bytes, Sealed]]) -> list[tuple[Location, bool]]:
+        """store() of many blobs (distinct IDs), into their packs at once."""
+        out: list[tuple[Location, bool] | None] = []
+        new: list[tuple[Sealed, bytes]] = []
+        for blob_id, sealed in items:
+            place = self._known.get(blob_id)
+            if place is not None:
+                self._packer.cancel(sealed.slot)
+                out.append((self._location(place), False))
+            else:
+                new.append((sealed, blob_id))
+                out.append(None)
+        locations = iter(self._packer.add_many(new, kind))
+        for index, found in enumerate(out):
+            if found is None:
+                location = next(locations)
+                self._known[items[index][0]] = self._place(location)
+                out[index] = (location, True)
+        return [found for found in out if found is not None]
 
     def stored_now(self, blob_id: bytes) -> bool:
         """Stored by this session, and not lost with a pack that failed to upload

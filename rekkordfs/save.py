@@ -241,7 +241,7 @@ class SaveSession:
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         job.entry.chunks_raw = encode_chunks(chunks)
         job.entry.size = size
-        self.uses.update(chunk.location.pack for chunk in chunks)
+        self.uses.update([chunk.location.pack for chunk in chunks])
         if unchanged:
             self._stat_rows.append(stat_row(job.path, job.key, job.entry.chunks_raw))
             if len(self._stat_rows) >= STAT_BATCH:

@@ -90,14 +90,24 @@ class Lead:
         self._limit = limit
         self._queued = 0
         self._closed = False
+        self._waiting = False  # the walker waits for the queue to drain to _resume
+
+    @property
+    def _resume(self) -> int:
+        # a waiting walker is woken once a quarter of its lead is free, not at
+        # every finished batch: each wake-up is a GIL hand-over
+        return self._limit - self._limit // 4
 
     def take(self, files: int) -> None:
         """Walker thread: room for a listing of this many files to read."""
         if not files:
             return
         with self._cond:
-            while self._queued >= self._limit and not self._closed:
-                self._cond.wait()
+            if self._queued >= self._limit:
+                self._waiting = True
+                while self._queued > self._resume and not self._closed:
+                    self._cond.wait()
+                self._waiting = False
             if self._closed:
                 raise ReceiverGone()
             self._queued += files
@@ -106,7 +116,8 @@ class Lead:
         """Loop side: queued files are finished (a batch's at once: one wake-up)."""
         with self._cond:
             self._queued -= files
-            self._cond.notify()
+            if self._waiting and self._queued <= self._resume:
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:

@@ -16,7 +16,7 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-YOUNG_THRESHOLD = 50_000  # allocations between young collections (Python's default: 700)
+from .tuning import SAVE_GC_YOUNG
 
 
 @contextmanager
@@ -24,7 +24,7 @@ def quiet_gc() -> Iterator[None]:
     """Within: objects alive at entry are left alone, young collections are rare."""
     before = gc.get_threshold()
     gc.freeze()
-    gc.set_threshold(YOUNG_THRESHOLD, before[1], before[2])
+    gc.set_threshold(SAVE_GC_YOUNG, before[1], before[2])
     try:
         yield
     finally:

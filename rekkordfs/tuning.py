@@ -35,6 +35,7 @@ PREFETCH_BATCH = 16
 # The mount daemon's cycle collector: a collection every 100,000 allocations (not
 # 700), the oldest generation every 100 x 50 of those (mount.py)
 MOUNT_GC_THRESHOLDS = (100_000, 50, 100)
+SAVE_GC_YOUNG = 50_000  # a save's young collections: every 50,000 allocations (gcquiet.py)
 
 
 # --- concurrency ------------------------------------------------------------------------

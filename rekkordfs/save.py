@@ -128,12 +128,15 @@ class SaveSession:
                         nursery.start_soon(self._worker, jobs_recv.clone())
                     jobs_recv.close()
                 self._stat_send.send_nowait(self._stat_rows)
+        # the last rows are stored before publishing: SQLite's writes beside the
+        # publication's fsyncs made them slower, and the window between the
+        # snapshot record and its tag (a kill there leaves a record to list) wider
 
-            assert self.root_ref is not None, "save pipeline ended before the root directory was written"
-            snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
-                                max_link_id=walker.max_link_id)
-            snapshot.stored = self.stats.bytes_stored
-            tag = await self.repo.publish_snapshot(snapshot, self.uses)
+        assert self.root_ref is not None, "save pipeline ended before the root directory was written"
+        snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
+                            max_link_id=walker.max_link_id)
+        snapshot.stored = self.stats.bytes_stored
+        tag = await self.repo.publish_snapshot(snapshot, self.uses)
         await trio.to_thread.run_sync(self.repo.remember_session)
         return SaveResult(tag.id_hex, self.channel, time_ns, self.stats, time.monotonic() - started)
 

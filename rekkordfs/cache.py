@@ -4,14 +4,17 @@
   a writer it trusts, with the pack range holding them, so a save refers to
   them instead of storing them again; and which pack indexes were already read
   (an index that disappears, because a prune deleted its pack, takes its
-  blobs with it);
+  blobs with it). A blob row counts only once its pack's index is recorded: a
+  writer adds the rows of each pack as it uploads it (add_blobs) and records
+  the indexes once they are durable (add_index);
 - stat cache: for each saved path, the (size, mtime, ctime, inode) it had and
   its chunks (IDs and sizes), so an unchanged file is not read again.
 
-Both live in one SQLite database per repository and key. Entries are only
-recorded after the blobs they name are durable. A stat row is used only when
-its MAC (keyed by this keyfile) verifies, its chunk sizes add up to the file's
-size, and every chunk is a known blob: a tampered or stale cache costs a
+Both live in one SQLite database per repository and key. Known blobs are only
+recorded after the blobs are durable; stat rows may be recorded before (a save
+writes them as it goes), since a stat row is used only when its MAC (keyed by
+this keyfile) verifies, its chunk sizes add up to the file's size, and every
+chunk is in a pack of known blobs: a tampered, stale or premature row costs a
 re-read, never a snapshot that names the wrong data.
 """
 
@@ -26,6 +29,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import platformdirs
 
@@ -69,17 +73,25 @@ def repository_cache_dir(repo_id: str, root: Path | None = None) -> Path:
     return folder
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class KnownBlob:
     location: Location
 
 
-@dataclass(frozen=True)
-class StatKey:
+class StatKey(NamedTuple):
+    """What must not have changed for a file's stat row to apply (a tuple:
+    a save makes and compares one per file)."""
+
     size: int
     mtime_ns: int
     ctime_ns: int
     ino: int
+
+
+def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
+    """A stat row in one bytes object, as a save keeps it until stored: the
+    message its MAC covers (key, path length, path, encoded chunks)."""
+    return _STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
 
 
 class LocalCache:
@@ -94,6 +106,7 @@ class LocalCache:
         # packs a prune condemned: their blobs are not to be used (the repository sets it)
         self._excluded: frozenset[bytes] = frozenset()
         self._usable: frozenset[bytes] | None = None  # trusted packs less excluded ones (lookup_stat)
+        self._indexed: frozenset[bytes] | None = None  # packs of recorded indexes: their blob rows count
         self._no_stats: bool | None = None  # the stat table is empty (a first save looks nothing up)
         self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -127,13 +140,14 @@ class LocalCache:
         pack nor in `avoid`); unknown IDs are absent."""
         found: dict[bytes, KnownBlob] = {}
         excluded = self._excluded
+        indexed = self._indexed_packs()
         for start in range(0, len(blob_ids), 500):
             part = blob_ids[start:start + 500]
             query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
             with self._lock:
                 rows = self._db.execute(query, part).fetchall()
             for blob_id, pack, offset, length in rows:
-                if pack not in excluded and pack != avoid and blob_id not in found:
+                if pack not in excluded and pack != avoid and blob_id not in found and pack in indexed:
                     found[blob_id] = KnownBlob(Location(pack, offset, length))
         return found
 
@@ -141,11 +155,30 @@ class LocalCache:
         with self._lock:
             return {row[0] for row in self._db.execute("SELECT name FROM indexes")}
 
-    def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
-        """Record a pack index and the blobs of it this key trusts, in one transaction."""
+    def _indexed_packs(self) -> frozenset[bytes]:
+        if self._indexed is None:
+            with self._lock:
+                self._indexed = frozenset(row[0] for row in self._db.execute("SELECT pack FROM indexes"))
+        return self._indexed
+
+    def add_blobs(self, items: Iterable[tuple[bytes, Location]]) -> None:
+        """Blob rows of a pack this key uploaded, not known until add_index()
+        records its index (once durable): a writer stores them while it works,
+        not all at its end (100,000 rows took 1.5 s after a save's snapshot).
+        The rows of a pack whose index is never recorded are never used."""
         # in key order: B-tree inserts of random IDs cost a third more CPU otherwise
         rows = sorted((blob_id, at.pack, at.offset, at.length) for blob_id, at in items)
+        with self._lock:
+            self._db.execute("BEGIN")
+            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
+            self._db.execute("COMMIT")
+
+    def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
+        """Record a pack index and the blobs of it this key trusts (those it
+        did not give add_blobs() already), in one transaction."""
+        rows = sorted((blob_id, at.pack, at.offset, at.length) for blob_id, at in items)
         self._usable = None
+        self._indexed = None
         with self._lock:
             self._db.execute("BEGIN")
             self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
@@ -162,6 +195,7 @@ class LocalCache:
         """Indexes that are gone from the repository (a prune deleted their
         packs): their blobs are no longer known."""
         self._usable = None
+        self._indexed = None
         with self._lock:
             self._db.execute("BEGIN")
             for name in names:
@@ -189,16 +223,16 @@ class LocalCache:
 
     # stat cache
 
-    def _mac(self, path: bytes, key: StatKey, chunks: bytes) -> bytes:
-        message = _STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
-        return hashlib.blake2b(message, key=self._mac_key, digest_size=MAC_SIZE).digest()
+    def _mac(self, row: bytes) -> bytes:
+        """The MAC of a stat_row()."""
+        return hashlib.blake2b(row, key=self._mac_key, digest_size=MAC_SIZE).digest()
 
     def _usable_packs(self) -> frozenset[bytes]:
         """Packs of trusted blobs, less the condemned ones (computed once until they change)."""
         if self._usable is None:
             with self._lock:
                 packs = {row[0] for row in self._db.execute("SELECT DISTINCT pack FROM blobs")}
-            self._usable = frozenset(packs - self._excluded)
+            self._usable = frozenset((packs & self._indexed_packs()) - self._excluded)
         return self._usable
 
     def lookup_stat(self, path: bytes, key: StatKey) -> tuple[bytes, list[ChunkRef]] | None:
@@ -223,11 +257,11 @@ class LocalCache:
         return [self._check_stat(path, key, rows.get(path)) for path, key in files]
 
     def _check_stat(self, path: bytes, key: StatKey, row: tuple | None) -> tuple[bytes, list[ChunkRef]] | None:
-        if row is None or StatKey(*row[:4]) != key:
+        if row is None or row[:4] != key:
             return None
         raw, mac = row[4], row[5]
         if not isinstance(raw, bytes) or not isinstance(mac, bytes) or not hmac.compare_digest(
-                mac, self._mac(path, key, raw)):
+                mac, self._mac(stat_row(path, key, raw))):
             return None
         try:
             chunks = decode_chunks(raw)
@@ -238,17 +272,25 @@ class LocalCache:
             return None
         return raw, chunks
 
+    def has_stats(self) -> bool:
+        """Whether any stat row is stored (a first save looks nothing up)."""
+        return not self._stats_empty()
+
     def _stats_empty(self) -> bool:
         if self._no_stats is None:
             with self._lock:
                 self._no_stats = self._db.execute("SELECT 1 FROM stats LIMIT 1").fetchone() is None
         return self._no_stats
 
-    def store_stats(self, rows: Iterable[tuple[bytes, StatKey, bytes]]) -> None:
-        """Stat rows of files just saved: (path, key, chunk list as encode_chunks() gave it)."""
+    def store_stats(self, rows: Iterable[bytes]) -> None:
+        """Stat rows of files just saved, each a stat_row() (path, key, chunk
+        list as encode_chunks() gave it), in one transaction."""
         def encoded() -> Iterable[tuple]:
-            for path, key, raw in rows:
-                yield path, key.size, key.mtime_ns, key.ctime_ns, key.ino, raw, self._mac(path, key, raw)
+            head = _STAT_KEY.size
+            for row in rows:
+                size, mtime_ns, ctime_ns, ino, length = _STAT_KEY.unpack_from(row)
+                yield (row[head:head + length], size, mtime_ns, ctime_ns, ino, row[head + length:],
+                       self._mac(row))
 
         with self._lock:
             self._db.execute("BEGIN")

@@ -159,6 +159,14 @@ class BlobCodec:
         """The stored form of a blob (compress() gave compression and payload), for sealer's pack."""
         return sealer.seal(payload, bytes((BLOB_VERSION, kind, compression)))
 
+    def seal_many(self, kind: BlobKind, items: list[tuple[crypto.PackSealer, int, bytes | bytearray | memoryview]]
+                  ) -> list[bytearray]:
+        """seal() of many blobs: (sealer, compression, payload) each."""
+        trailers = {compression: bytes((BLOB_VERSION, kind, compression)) for compression in (COMPRESS_NONE,
+                                                                                              COMPRESS_ZSTD)}
+        return crypto.seal_many([(sealer, payload) for sealer, _, payload in items],
+                                [trailers[compression] for _, compression, _ in items])
+
     def seal_alone(self, kind: BlobKind, data: bytes) -> bytes:
         """An object holding one blob (snapshot records): its pack ID, then the blob."""
         sealer = self.new_sealer()

@@ -165,6 +165,34 @@ class PackSealer:
         return out
 
 
+def seal_many(items: list[tuple[PackSealer, bytes | bytearray | memoryview]], trailers: list[bytes]) -> list[bytearray]:
+    """PackSealer.seal() of many small blobs (each for its sealer's pack) in
+    one go: one call for their nonces, the Python around each encryption cut
+    to the bone (100,000 small files are 100,000 blobs)."""
+    nonces = os.urandom(NONCE_SIZE * len(items))
+    encrypt = _lib.crypto_aead_xchacha20poly1305_ietf_encrypt
+    from_buffer, null = _ffi.from_buffer, _ffi.NULL
+    out: list[bytearray] = []
+    pos = 0
+    for (sealer, payload), trailer in zip(items, trailers):
+        if len(payload) >= BIG_COPY:
+            out.append(sealer.seal(payload, trailer))
+            continue
+        end = NONCE_SIZE + len(payload)
+        size = end - NONCE_SIZE + len(trailer)
+        nonce = nonces[pos:pos + NONCE_SIZE]
+        pos += NONCE_SIZE
+        blob = bytearray(nonce)
+        blob += payload
+        blob += trailer
+        blob += bytes(TAG_SIZE)
+        pointer = from_buffer(blob) + NONCE_SIZE
+        if encrypt(pointer, null, pointer, size, null, 0, null, nonce, sealer._key) != 0:
+            raise RuntimeError("libsodium encryption failed")
+        out.append(blob)
+    return out
+
+
 class PackOpener:
     """Opens blobs of any pack; needs the secret data key."""
 

@@ -121,8 +121,8 @@ class Entry:
 
 
 def encode_chunks(chunks: Iterable[ChunkRef]) -> bytes:
-    return b"".join(_CHUNK.pack(c.id, c.size, c.location.pack, c.location.offset, c.location.length)
-                    for c in chunks)
+    pack = _CHUNK.pack
+    return b"".join([pack(c.id, c.size, c.location.pack, c.location.offset, c.location.length) for c in chunks])
 
 
 def decode_chunks(raw: bytes) -> list[ChunkRef]:

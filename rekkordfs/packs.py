@@ -9,7 +9,7 @@ so nothing about its name can be known before its writer makes it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -78,10 +78,12 @@ class PackWriter:
     durably.
     """
 
-    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None]) -> None:
+    def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None],
+                 written: Callable[[list[tuple[bytes, Location]]], Awaitable[None]]) -> None:
         self.storage = storage
         self.codec = codec
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
+        self.written = written  # awaited with the blobs of a pack once it and its index are stored
         self.written_indexes: dict[str, bytes] = {}  # index name -> its pack: their blobs are known already
         self._lock = threading.Lock()  # claim() runs in worker threads
         # file data and records never share a pack: listing a tree reads only
@@ -92,27 +94,41 @@ class PackWriter:
 
     def claim(self, kind: BlobKind, size: int) -> PackSlot:
         """Room for a blob of `size` stored bytes (any thread)."""
-        records = kind != BlobKind.CHUNK
         with self._lock:
-            pack = self._current.get(records)
-            if pack is not None and pack.size + pack.reserved + size > PACK_TARGET and (pack.size or pack.reserved):
-                self._close(pack)
-                pack = None
-            if pack is None:
-                pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
-            pack.holds += 1
-            pack.reserved += size
-            return PackSlot(pack, size)
+            return self._claim(kind != BlobKind.CHUNK, size)
+
+    def _claim(self, records: bool, size: int) -> PackSlot:
+        pack = self._current.get(records)
+        if pack is not None and pack.size + pack.reserved + size > PACK_TARGET and (pack.size or pack.reserved):
+            self._close(pack)
+            pack = None
+        if pack is None:
+            pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
+        pack.holds += 1
+        pack.reserved += size
+        return PackSlot(pack, size)
+
+    def claim_many(self, kind: BlobKind, sizes: list[int]) -> list[PackSlot]:
+        """claim() of many blobs, taking the lock once."""
+        with self._lock:
+            return [self._claim(kind != BlobKind.CHUNK, size) for size in sizes]
 
     def add(self, sealed: Sealed, blob_id: bytes, kind: BlobKind) -> Location:
+        return self.add_many([(sealed, blob_id)], kind)[0]
+
+    def add_many(self, items: list[tuple[Sealed, bytes]], kind: BlobKind) -> list[Location]:
+        """add() of many blobs, taking the lock once."""
+        locations: list[Location] = []
         with self._lock:
-            pack = sealed.slot.pack
-            location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
-            pack.pieces.append(sealed.data)
-            pack.size += len(sealed.data)
-            pack.entries.append((blob_id, kind, location))
-            self._release(sealed.slot)
-        return location
+            for sealed, blob_id in items:
+                pack = sealed.slot.pack
+                location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
+                pack.pieces.append(sealed.data)
+                pack.size += len(sealed.data)
+                pack.entries.append((blob_id, kind, location))
+                self._release(sealed.slot)
+                locations.append(location)
+        return locations
 
     def cancel(self, slot: PackSlot) -> None:
         """The blob of slot will not be added (a twin was stored meanwhile, or sealing failed)."""
@@ -167,6 +183,7 @@ class PackWriter:
                 if not await self.storage.put(name, index):
                     raise RepositoryError(f"pack index {name} exists already")
                 self.written_indexes[name] = pack.sealer.pack_id
+                await self.written([(blob_id, location) for blob_id, _, location in pack.entries])
         except BaseException:
             self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
             raise

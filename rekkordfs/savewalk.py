@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,15 +74,6 @@ def normalize_paths(paths: list[str]) -> list[bytes]:
     return kept
 
 
-STAT_ROW = struct.Struct("<QqqQI")  # size, mtime, ctime, inode, path length
-
-
-def unpack_stat_row(row: bytes) -> tuple[bytes, StatKey, bytes]:
-    size, mtime_ns, ctime_ns, ino, length = STAT_ROW.unpack_from(row)
-    start = STAT_ROW.size
-    return row[start:start + length], StatKey(size, mtime_ns, ctime_ns, ino), row[start + length:]
-
-
 def stat_key(st: os.stat_result) -> StatKey:
     return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
@@ -100,23 +90,34 @@ class Lead:
         self._limit = limit
         self._queued = 0
         self._closed = False
+        self._waiting = False  # the walker waits for the queue to drain to _resume
+
+    @property
+    def _resume(self) -> int:
+        # a waiting walker is woken once a quarter of its lead is free, not at
+        # every finished batch: each wake-up is a GIL hand-over
+        return self._limit - self._limit // 4
 
     def take(self, files: int) -> None:
         """Walker thread: room for a listing of this many files to read."""
         if not files:
             return
         with self._cond:
-            while self._queued >= self._limit and not self._closed:
-                self._cond.wait()
+            if self._queued >= self._limit:
+                self._waiting = True
+                while self._queued > self._resume and not self._closed:
+                    self._cond.wait()
+                self._waiting = False
             if self._closed:
                 raise ReceiverGone()
             self._queued += files
 
-    def done(self) -> None:
-        """Loop side: a queued file is finished."""
+    def done(self, files: int = 1) -> None:
+        """Loop side: queued files are finished (a batch's at once: one wake-up)."""
         with self._cond:
-            self._queued -= 1
-            self._cond.notify()
+            self._queued -= files
+            if self._waiting and self._queued <= self._resume:
+                self._cond.notify()
 
     def close(self) -> None:
         with self._cond:
@@ -145,6 +146,8 @@ class Walker:
         # (dev, ino) -> (link_id, entry of the first occurrence, job or None if cached)
         self._links: dict[tuple[int, int], tuple[int, Entry, FileJob | None]] = {}
         self._cached: dict[bytes, tuple[bytes, list[ChunkRef]] | None] = {}  # this folder's stat-cache rows
+        # decided once: the save stores its own rows as it goes, and never looks those up
+        self._lookups = repo.cache.has_stats()
 
     @property
     def max_link_id(self) -> int:
@@ -237,6 +240,8 @@ class Walker:
 
     def _prefetch_stats(self, stats: list[tuple[bytes, bytes, os.stat_result]]) -> None:
         """The stat-cache rows of a folder's files in one query (not one per file)."""
+        if not self._lookups:
+            return
         files = [(path, stat_key(st)) for _, path, st in stats if stat.S_ISREG(st.st_mode) and st.st_size]
         self._cached = dict(zip((path for path, _ in files), self.repo.cache.lookup_stats(files)))
 
@@ -299,8 +304,10 @@ class Walker:
             cached: tuple[bytes, list[ChunkRef]] | None = (b"", [])
         elif path in self._cached:
             cached = self._cached.pop(path)
-        else:
+        elif self._lookups:
             cached = self.repo.cache.lookup_stat(path, key)
+        else:
+            cached = None
         job = None
         if cached is not None:
             entry.chunks_raw = cached[0]

@@ -17,6 +17,7 @@ BATCH_BYTES = 8 << 20  # ...up to this many bytes
 REMOTE_BATCH_FILES = 1024  # small files per batch of a restore from a server (fewer, larger requests)
 STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
+STAT_BATCH = 4096  # stat-cache rows a save stores per transaction, as it goes
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
 
 
@@ -34,6 +35,7 @@ PREFETCH_BATCH = 16
 # The mount daemon's cycle collector: a collection every 100,000 allocations (not
 # 700), the oldest generation every 100 x 50 of those (mount.py)
 MOUNT_GC_THRESHOLDS = (100_000, 50, 100)
+SAVE_GC_YOUNG = 50_000  # a save's young collections: every 50,000 allocations (gcquiet.py)
 
 
 # --- concurrency ------------------------------------------------------------------------

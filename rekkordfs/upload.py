@@ -195,13 +195,14 @@ class Uploader:
     def store(self, prepared: list[Prepared]) -> list[ChunkRef]:
         """Put the sealed chunks into their packs; refer to every chunk by where
         it is stored. Await repo.upload_ready() afterwards."""
+        fresh = [(blob_id, size, data) for blob_id, size, data in prepared if isinstance(data, Sealed)]
         locations: dict[bytes, Location] = {}
-        for blob_id, size, data in prepared:
-            if isinstance(data, Sealed):
-                locations[blob_id], was_new = self.repo.store(BlobKind.CHUNK, blob_id, data)
-                if was_new:
-                    self.stats.bytes_new += size
-                    self.stats.bytes_stored += len(data.data)
+        stored = self.repo.store_many(BlobKind.CHUNK, [(blob_id, sealed) for blob_id, _, sealed in fresh])
+        for (blob_id, size, sealed), (location, was_new) in zip(fresh, stored):
+            locations[blob_id] = location
+            if was_new:
+                self.stats.bytes_new += size
+                self.stats.bytes_stored += len(sealed.data)
         refs = []
         for blob_id, size, data in prepared:
             if isinstance(data, KnownBlob):

@@ -420,3 +420,28 @@ def test_an_unlisted_record_can_be_forgotten_by_its_full_id(master: keymod.Keyse
         assert not [k for k in storage.objects if k.startswith(("packs/", "snapshots/", "forgotten/"))]
 
     trio.run(main)
+
+
+def test_blobs_of_a_save_that_did_not_publish_are_not_known(master: keymod.Keyset, tmp_path: Path) -> None:
+    """A save stores its packs' blob rows in the cache as it uploads them; they
+    count only once the snapshot is published. A save that failed after some
+    packs, whose packs and indexes were then lost, leaves rows that the next
+    save must not refer to: it stores the data again."""
+    src = make_tree(tmp_path / "src", seed=12)
+
+    async def main() -> None:
+        storage = await new_repository(master)
+        faulty = FaultyStorage(storage, Schedule.at("put", 1, "fail", prefix="snapshots/"))
+        with pytest.raises(StorageError):
+            await save(faulty, master, "c", src)
+        async with opened(storage, master) as repo:
+            written = list(await storage.list(PACKS_PREFIX))
+            assert written and repo.cache.known_indexes() == set()
+            for name in written + await storage.list("index/"):
+                await storage.delete(name)  # lost: never made durable
+        snapshot = await save(storage, master, "c", src)
+        await restore(storage, master, snapshot, src, tmp_path / "out")
+        assert rsync_diff(src, tmp_path / "out") == ""
+        assert await check(storage, master) == []
+
+    trio.run(main)

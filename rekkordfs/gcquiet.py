@@ -1,4 +1,5 @@
-"""Python's cyclic garbage collector, kept out of the way of bulk work.
+"""Python's cyclic garbage collector, kept out of the way of bulk work (a
+save, a mount's serving).
 
 A save of many small files keeps hundreds of thousands of objects alive (the
 tree's entries, the session's blob table) and allocates millions more: with the
@@ -7,7 +8,9 @@ traversed the live ones again and again, 3.5 s of CPU (13%), all of it holding
 the GIL. Almost nothing in that work makes reference cycles (they are freed by
 reference counting), so the objects alive at the start are frozen out of the
 collector's sight and young collections run far less often; it still runs, so
-the few cycles trio makes are collected.
+the few cycles trio makes are collected. A mount daemon holds a node for every
+entry the kernel knows and allocates a few objects per request: at the default
+rates the collector took 2.9 s of a 100,000-file `find` (0.6 s quieted).
 """
 
 from __future__ import annotations
@@ -16,15 +19,14 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .tuning import SAVE_GC_YOUNG
-
 
 @contextmanager
-def quiet_gc() -> Iterator[None]:
-    """Within: objects alive at entry are left alone, young collections are rare."""
+def quiet_gc(thresholds: tuple[int, int, int]) -> Iterator[None]:
+    """Within: objects alive at entry are left alone, collections run at these
+    thresholds (tuning.py), young ones rarely."""
     before = gc.get_threshold()
     gc.freeze()
-    gc.set_threshold(SAVE_GC_YOUNG, before[1], before[2])
+    gc.set_threshold(*thresholds)
     try:
         yield
     finally:

@@ -7,7 +7,6 @@ one-line error. SIGINT and SIGTERM unmount; so does `fusermount3 -u`.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 import signal
@@ -25,6 +24,7 @@ from .config import Config
 from .errors import RekkordError, UsageError, find_user_error
 from .format import EntryKind
 from .fuse import Operations
+from .gcquiet import quiet_gc
 from .keys import Capability, Keyset
 from .repository import Repository, walk_path
 from .stagingarea import StagingArea
@@ -107,7 +107,6 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
             staging = StagingArea(repo, blobs, view, state, options.mountpoint)
 
     operations = Operations(view, staging)
-    _rarer_collections()
     fuse_options = set(pyfuse3.default_options) | {"fsname=rekkord", "subtype=rekkord"}
     if staging is None:
         fuse_options.add("ro")
@@ -130,22 +129,14 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
             nursery.start_soon(_unmount_on_signal)
             log.info("mounted %s on %s", repo.storage.description, options.mountpoint)
             ready(None)
-            await pyfuse3.main()
+            with quiet_gc(MOUNT_GC_THRESHOLDS):  # what exists before serving is never garbage
+                await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
         if staging is not None:
             staging.close()
         log.info("unmounted %s", options.mountpoint)
-
-
-def _rarer_collections() -> None:
-    """The daemon holds a node for every entry the kernel knows (100,000s after
-    a walk of a big tree) and allocates a few objects per request: at Python's
-    default rates the cycle collector took 2.9 s of a 100,000-file `find`
-    (0.6 s at these). What exists before serving is never garbage: frozen."""
-    gc.freeze()
-    gc.set_threshold(*MOUNT_GC_THRESHOLDS)
 
 
 async def _unmount_on_signal() -> None:

@@ -32,10 +32,11 @@ PREFETCH_FILES = 64
 PREFETCH_FILE_BYTES = 4 << 20
 PREFETCH_SMALL_FILE = 1 << 20
 PREFETCH_BATCH = 16
-# The mount daemon's cycle collector: a collection every 100,000 allocations (not
-# 700), the oldest generation every 100 x 50 of those (mount.py)
+# The cycle collector's thresholds (gcquiet.py) while a mount serves: a young
+# collection every 100,000 allocations (not 700), the oldest generation every
+# 100 x 50 of those; during a save: every 50,000, older ones at Python's rates
 MOUNT_GC_THRESHOLDS = (100_000, 50, 100)
-SAVE_GC_YOUNG = 50_000  # a save's young collections: every 50,000 allocations (gcquiet.py)
+SAVE_GC_THRESHOLDS = (50_000, 10, 10)
 
 
 # --- concurrency ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -107,11 +108,19 @@ def test_kill_during_save(tmp_path: Path) -> None:
             killed += 1
         else:  # it finished first: then it must have succeeded
             assert process.returncode == 0, f"{where}: {err.decode(errors='replace')}"
-        result = rekkord("check", "--read-data", check=False)
-        assert result.returncode == 0, f"check failed {where}:\n{result.stdout}\n{result.stderr}"
-        assert "No problems found" in result.stdout, where
+        result = rekkord("check", "--read-data", "-f", "json", check=False)
+        problems = json.loads(result.stdout)["problems"] if result.stdout.strip() else None
+        # a kill between the snapshot's record and its tag (its last two writes)
+        # leaves a record without a tag, which check must report; the next save
+        # publishes it, and then check must find nothing
+        unfinished = bool(problems) and all("has no valid tag" in line for line in problems)
+        if not unfinished:
+            assert result.returncode == 0 and problems == [], f"check failed {where}:\n{result.stdout}\n{result.stderr}"
         # the next save completes and its snapshot restores exactly
         snapshot = rekkord.save("crash", str(src))
+        if unfinished:
+            result = rekkord("check", check=False)
+            assert result.returncode == 0, f"check after the next save {where}:\n{result.stdout}\n{result.stderr}"
         dest = tmp_path / f"restored{round_no}"
         rekkord("restore", f"{snapshot}:{src}", str(dest))
         assert rsync_diff(src, dest) == "", where

@@ -385,16 +385,23 @@ class RestoreSession:
                 os.close(fd)
         return written
 
+    def _unpack_chunk(self, chunk: ChunkRef, raw: tuple[bytes, Location],
+                      parts: tuple[bytes, ...]) -> bytes | bytearray:
+        """A chunk read raw for the file at parts: authenticated, decompressed, its size checked."""
+        try:
+            data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, raw[1].pack, raw[0])
+        except CorruptedData as exc:
+            raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
+        if len(data) != chunk.size:
+            raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
+        return data
+
     def _write_one_small(self, job: _FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
         data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
         chunk = job.chunks[0] if job.chunks else None
         if chunk is not None and chunk.id in raws:
-            try:
-                raw, found_at = raws[chunk.id]
-                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, found_at.pack, raw)
-            except CorruptedData as exc:
-                raise CorruptedData(f"'{self._show(job.parts)}': {exc.message}") from None
-            if len(data) != chunk.size or len(data) != job.entry.size:
+            data = self._unpack_chunk(chunk, raws[chunk.id], job.parts)
+            if len(data) != job.entry.size:
                 raise CorruptedData(f"'{self._show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
         fd, temp = create_new(parent, job.parts[-1])
         try:
@@ -473,13 +480,8 @@ class RestoreSession:
     def _write_window(self, fd: int, wanted: list[tuple[ChunkRef, int]], raws: list[tuple[bytes, Location]],
                       parts: tuple[bytes, ...]) -> int:
         written = 0
-        for (chunk, offset), (raw, found_at) in zip(wanted, raws):
-            try:
-                data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, found_at.pack, raw)
-            except CorruptedData as exc:
-                raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
-            if len(data) != chunk.size:
-                raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
+        for (chunk, offset), raw in zip(wanted, raws):
+            data = self._unpack_chunk(chunk, raw, parts)
             pwrite_all(fd, data, offset)
             written += len(data)
         return written

@@ -8,10 +8,10 @@ Two ways to pick the moment:
   covers imports and argument parsing, which take only milliseconds;
 - by the clock: a command is started through the installed `rekkord` script
   (what a user runs) and sent SIGINT at 20 moments spread over a second,
-  counted from when the process has used 30 ms of CPU: by then CPython has
-  started (that takes about 10 ms of CPU) and rekkord is importing what it
-  needs. Counting CPU time, not wall time, keeps the moments in rekkord's
-  hands however loaded the machine is.
+  counted from when rekkord's first Ctrl-C handler is in place: the process
+  says so through a pipe (tests/ready_hook/sitecustomize.py). Counting CPU
+  time instead failed on loaded machines, where CPython's own start took
+  longer than the threshold and the signal landed before rekkord ran.
 
 Every run must end in one of these ways:
 
@@ -39,7 +39,7 @@ import pytest
 from tests.conftest import ROOT, Rekkord
 
 MOMENTS = [i / 19 for i in range(20)]  # 0 to 1 s after the process started rekkord's own work
-STARTED_CPU = 0.03  # seconds of CPU after which the process runs rekkord's code
+READY_HOOK = Path(__file__).parent / "ready_hook"
 SCRIPT = str(Path(sys.executable).parent / "rekkord")
 
 
@@ -59,12 +59,18 @@ def _big_tree(root: Path) -> Path:
 def _interrupt_at(rekkord: Rekkord, args: list[str], moment: float,
                   stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess:
     argv = [SCRIPT, "-R", str(rekkord.repository), "-K", str(rekkord.key_file), *args]
-    env = {**os.environ, "REKKORD_CACHE_DIR": str(rekkord.cache_dir), "PYTHONPATH": str(ROOT)}
+    ready_read, ready_write = os.pipe()
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(rekkord.cache_dir),
+           "PYTHONPATH": f"{READY_HOOK}:{ROOT}", "REKKORD_TEST_READY_FD": str(ready_write)}
     env.pop("REKKORD_CONFIG_FILE", None)
-    process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
-                               cwd=str(rekkord.cache_dir.parent))
     try:
-        _wait_for_cpu(process, STARTED_CPU)
+        process = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.PIPE, text=True, env=env,
+                                   cwd=str(rekkord.cache_dir.parent), pass_fds=(ready_write,))
+    finally:
+        os.close(ready_write)
+    try:
+        with os.fdopen(ready_read, "rb") as ready:
+            assert ready.read(1) == b"!", "rekkord ended before installing its Ctrl-C handler"
         time.sleep(moment)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
@@ -73,19 +79,6 @@ def _interrupt_at(rekkord: Rekkord, args: list[str], moment: float,
             process.kill()
             process.wait()
     return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-
-
-def _wait_for_cpu(process: subprocess.Popen, seconds: float) -> None:
-    """Until the process (all its threads) has run `seconds` of CPU, or ended."""
-    tick = os.sysconf("SC_CLK_TCK")
-    while process.poll() is None:
-        try:
-            fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return  # gone
-        if (int(fields[11]) + int(fields[12])) / tick >= seconds:  # utime + stime
-            return
-        time.sleep(0.001)
 
 
 def _outcome(result: subprocess.CompletedProcess, moment: float) -> str:

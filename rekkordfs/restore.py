@@ -23,36 +23,25 @@ from dataclasses import dataclass, field
 
 import trio
 
-from .chunkmap import pwrite_all
 from .destination import (
     IS_ROOT,
     FolderFds,
     XattrFailed,
     apply_metadata,
     clear_name,
-    create_new,
     make_special,
     move_into_place,
     name_taken,
     remove_quietly,
     temp_name,
 )
-from .errors import CorruptedData, ObjectMissing, RestoreError
-from .format import BlobKind, ChunkRef, Entry, EntryKind, Location
+from .errors import RestoreError
+from .format import Entry, EntryKind
 from .repository import Repository
+from .restorefiles import FileJob, FileWriter
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
-from .tuning import (
-    BATCH_BYTES,
-    BATCH_FILES,
-    OPEN_FOLDERS,
-    REMOTE_BATCH_FILES,
-    RESTORE_WINDOW,
-    SMALL_FILE,
-    restore_chunk_reads,
-    restore_windows,
-    restore_workers,
-)
+from .tuning import BATCH_BYTES, BATCH_FILES, OPEN_FOLDERS, REMOTE_BATCH_FILES, restore_workers
 
 
 @dataclass
@@ -71,34 +60,6 @@ class RestoreStats:
     bytes_written: int = 0
     deleted: int = 0
     total_bytes: int = 0
-
-
-@dataclass
-class _FileJob:
-    parts: tuple[bytes, ...]  # path below DEST, last part is the name
-    entry: Entry
-    chunks: list[ChunkRef] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.chunks = self.entry.chunks
-
-    @property
-    def large(self) -> bool:
-        """Restored on its own, chunks fetched concurrently (others go in batches)."""
-        return self.entry.size > SMALL_FILE or len(self.chunks) > 1
-
-
-def _windows(chunks: list[tuple[ChunkRef, int]]) -> list[list[tuple[ChunkRef, int]]]:
-    """A large file's (chunk, offset) in runs of up to RESTORE_WINDOW stored bytes."""
-    windows: list[list[tuple[ChunkRef, int]]] = []
-    size = RESTORE_WINDOW
-    for item in chunks:
-        if size + item[0].location.length > RESTORE_WINDOW:
-            windows.append([])
-            size = 0
-        windows[-1].append(item)
-        size += item[0].location.length
-    return windows
 
 
 @dataclass
@@ -125,15 +86,11 @@ class RestoreSession:
         # folders whose entries are held while their files are queued: a bound on
         # memory, which otherwise holds every folder's entries of the whole tree
         self._open_folders = trio.Semaphore(OPEN_FOLDERS)
-        # chunks fetched at once: remote backends need many requests in flight,
-        # and chunks share packs (about 8 per pack), so several packs load at once
-        self._chunk_slots = trio.Semaphore(restore_chunk_reads(repo.threads, repo.storage.remote))
-        self._window_slots = trio.Semaphore(restore_windows(repo.threads))
         # from a server, a batch's files are read with a few ranged requests: the more
         # files per batch, the fewer requests (each costs milliseconds of CPU in boto3)
         self._batch_files = REMOTE_BATCH_FILES if repo.storage.remote else BATCH_FILES
         self.workers = restore_workers(repo.threads)
-        self._batch: list[_FileJob] = []  # small files waiting to be sent together
+        self._batch: list[FileJob] = []  # small files waiting to be sent together
         self._batch_bytes = 0
         self.dest_fd = -1
         self.folders: FolderFds  # once dest_fd is open
@@ -174,11 +131,12 @@ class RestoreSession:
             parts = (os.fsencode(name),)
             self.report(f"restore {self.dest}")
         self.folders = FolderFds(self.dest_fd)
+        writer = FileWriter(self.repo, self.folders, self._show, self._xattr_failed)
         try:
-            send, recv = trio.open_memory_channel[list[_FileJob]](self.workers * 2)
+            send, recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
             async with task_group() as nursery:
                 for _ in range(self.workers):
-                    nursery.start_soon(self._worker, recv.clone())
+                    nursery.start_soon(self._worker, writer, recv.clone())
                 recv.close()
                 async with send:
                     if self.target.kind == EntryKind.DIRECTORY:
@@ -186,6 +144,8 @@ class RestoreSession:
                     else:
                         await self._restore_entry(parts, self.target, send)
                     await self._send_batch(send)
+            self.stats.files += writer.files
+            self.stats.bytes_written += writer.bytes_written
             await trio.to_thread.run_sync(self._finish)
         except BaseException:
             await trio.to_thread.run_sync(self._put_back_aside)
@@ -207,13 +167,13 @@ class RestoreSession:
     # --- tree walk -------------------------------------------------------------
 
     async def _restore_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
-                                    jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
+                                    jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
         async with task_group() as nursery:  # the subfolders, started as their entries come
             async with self._open_folders:  # given back once its files are queued
                 await self._queue_dir_contents(parts, entry, jobs, nursery)
 
     async def _queue_dir_contents(self, parts: tuple[bytes, ...], entry: Entry,
-                                  jobs: trio.MemorySendChannel[list[_FileJob]], nursery: trio.Nursery) -> None:
+                                  jobs: trio.MemorySendChannel[list[FileJob]], nursery: trio.Nursery) -> None:
         assert entry.dir_ref is not None
         async with self._walk_slots:
             children = await self.repo.read_directory(entry.dir_ref)
@@ -235,7 +195,7 @@ class RestoreSession:
         # folders (made before their files are queued) and the walk's end sends the rest
 
     async def _restore_entry(self, parts: tuple[bytes, ...], entry: Entry,
-                             jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
+                             jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
         if entry.kind == EntryKind.FILE:
             if entry.link_id:
                 first = self._links.get(entry.link_id)
@@ -244,7 +204,7 @@ class RestoreSession:
                     return
                 self._links[entry.link_id] = parts
             self.stats.total_bytes += entry.size
-            job = _FileJob(parts, entry)
+            job = FileJob(parts, entry)
             if job.large:
                 await jobs.send([job])
                 return
@@ -329,179 +289,15 @@ class RestoreSession:
 
     # --- files -----------------------------------------------------------------
 
-    async def _send_batch(self, jobs: trio.MemorySendChannel[list[_FileJob]]) -> None:
+    async def _send_batch(self, jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         if batch:
             await jobs.send(batch)
 
-    async def _worker(self, jobs: trio.MemoryReceiveChannel[list[_FileJob]]) -> None:
+    async def _worker(self, writer: FileWriter, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         async with jobs:
             async for batch in jobs:
-                if len(batch) == 1 and batch[0].large:
-                    await self._restore_file(batch[0])
-                else:
-                    await self._restore_small(batch)
-
-    async def _restore_small(self, batch: list[_FileJob]) -> None:
-        """Small files: fetch their chunks together, then write them all in one
-        thread hop (on a local disk the reads happen in that hop too)."""
-        wanted = [job.chunks[0] for job in batch if job.chunks and not self.repo.is_zero_chunk(job.chunks[0])]
-        written = None
-        if self.repo.storage.read_blocking is not None:
-            try:
-                written = await self.repo.run_cpu(self._read_write_small, batch, wanted)
-            except ObjectMissing:
-                pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
-        if written is None:
-            try:
-                raws = await self.repo.read_raws(wanted)
-            except (CorruptedData, ObjectMissing) as exc:
-                raise self._batch_error(batch, exc) from None
-            written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
-        self.stats.bytes_written += written
-        self.stats.files += len(batch)
-
-    def _batch_error(self, batch: list[_FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
-        return type(exc)(f"restoring '{self._show(batch[0].parts)}' and nearby files: {exc.message}")
-
-    def _read_write_small(self, batch: list[_FileJob], wanted: list[ChunkRef]) -> int:
-        try:
-            raws = self.repo.read_raws_blocking(wanted)  # everything is read before anything is written
-        except CorruptedData as exc:
-            raise self._batch_error(batch, exc) from None
-        return self._write_small(batch, dict(zip((c.id for c in wanted), raws)))
-
-    def _write_small(self, batch: list[_FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
-        written = 0
-        parents: dict[tuple[bytes, ...], int] = {}  # a batch's files mostly share a folder
-        try:
-            for job in batch:
-                parent = parents.get(job.parts[:-1])
-                if parent is None:
-                    parent = parents[job.parts[:-1]] = self.folders.open_parent(job.parts)
-                written += self._write_one_small(job, raws, parent)
-        finally:
-            for fd in parents.values():
-                os.close(fd)
-        return written
-
-    def _unpack_chunk(self, chunk: ChunkRef, raw: tuple[bytes, Location],
-                      parts: tuple[bytes, ...]) -> bytes | bytearray:
-        """A chunk read raw for the file at parts: authenticated, decompressed, its size checked."""
-        try:
-            data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, raw[1].pack, raw[0])
-        except CorruptedData as exc:
-            raise CorruptedData(f"'{self._show(parts)}': {exc.message}") from None
-        if len(data) != chunk.size:
-            raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
-        return data
-
-    def _write_one_small(self, job: _FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
-        data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
-        chunk = job.chunks[0] if job.chunks else None
-        if chunk is not None and chunk.id in raws:
-            data = self._unpack_chunk(chunk, raws[chunk.id], job.parts)
-            if len(data) != job.entry.size:
-                raise CorruptedData(f"'{self._show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
-        fd, temp = create_new(parent, job.parts[-1])
-        try:
-            try:
-                pwrite_all(fd, data, 0)
-                self._finish_file(fd, job.entry, job.parts, len(data))
-            finally:
-                os.close(fd)
-            if temp is not None:
-                move_into_place(parent, temp, job.parts[-1])
-        except BaseException:
-            remove_quietly(parent, temp or job.parts[-1])
-            raise
-        return len(data)
-
-    async def _restore_file(self, job: _FileJob) -> None:
-        entry = job.entry
-        chunks = job.chunks
-        total = sum(c.size for c in chunks)
-        if total != entry.size:
-            raise CorruptedData(f"'{self._show(job.parts)}': chunk sizes do not add up to the file size")
-        parent = await trio.to_thread.run_sync(self.folders.open_parent, job.parts)
-        try:
-            fd, temp = await trio.to_thread.run_sync(create_new, parent, job.parts[-1])
-            try:
-                try:
-                    offsets = []
-                    offset = 0
-                    for chunk in chunks:
-                        offsets.append(offset)
-                        offset += chunk.size
-                    if len(chunks) <= 1:
-                        for chunk, off in zip(chunks, offsets):
-                            await self._write_chunk(fd, chunk, off, job.parts)
-                    elif self.repo.storage.remote:
-                        # runs of neighbouring chunks, each read with as few ranged requests as it
-                        # takes (a whole pack would be fetched for each chunk otherwise)
-                        async with task_group() as nursery:
-                            for window in _windows(list(zip(chunks, offsets))):
-                                await self._window_slots.acquire()
-                                nursery.start_soon(self._write_window_slot, fd, window, job.parts)
-                    else:
-                        async with task_group() as nursery:
-                            for chunk, off in zip(chunks, offsets):
-                                await self._chunk_slots.acquire()
-                                nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
-                    await trio.to_thread.run_sync(self._finish_file, fd, entry, job.parts)
-                finally:
-                    os.close(fd)
-                if temp is not None:
-                    await trio.to_thread.run_sync(move_into_place, parent, temp, job.parts[-1])
-            except BaseException:
-                remove_quietly(parent, temp or job.parts[-1])  # no half-written file is left
-                raise
-        finally:
-            os.close(parent)
-        self.stats.files += 1
-
-    async def _write_chunk_slot(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
-        try:
-            await self._write_chunk(fd, chunk, offset, parts)
-        finally:
-            self._chunk_slots.release()
-
-    async def _write_window_slot(self, fd: int, window: list[tuple[ChunkRef, int]], parts: tuple[bytes, ...]) -> None:
-        try:
-            wanted = [(chunk, offset) for chunk, offset in window if not self.repo.is_zero_chunk(chunk)]
-            try:
-                raws = await self.repo.read_raws([chunk for chunk, _ in wanted])
-            except (CorruptedData, ObjectMissing) as exc:
-                raise type(exc)(f"'{self._show(parts)}': {exc.message}") from None
-            self.stats.bytes_written += await self.repo.run_cpu(self._write_window, fd, wanted, raws, parts)
-        finally:
-            self._window_slots.release()
-
-    def _write_window(self, fd: int, wanted: list[tuple[ChunkRef, int]], raws: list[tuple[bytes, Location]],
-                      parts: tuple[bytes, ...]) -> int:
-        written = 0
-        for (chunk, offset), raw in zip(wanted, raws):
-            data = self._unpack_chunk(chunk, raw, parts)
-            pwrite_all(fd, data, offset)
-            written += len(data)
-        return written
-
-    async def _write_chunk(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
-        if self.repo.is_zero_chunk(chunk):
-            return  # leave a hole; _finish_file sets the final size
-        try:
-            data = await self.repo.read_chunk(chunk)
-        except (CorruptedData, ObjectMissing) as exc:
-            raise type(exc)(f"'{self._show(parts)}': {exc.message}") from None
-        if len(data) != chunk.size:
-            raise CorruptedData(f"'{self._show(parts)}': chunk {chunk.id.hex()} has the wrong size")
-        await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
-        self.stats.bytes_written += len(data)
-
-    def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...], written: int | None = None) -> None:
-        if written != entry.size:  # holes left for zero chunks, or a hole at the end
-            os.ftruncate(fd, entry.size)
-        apply_metadata(fd, entry, self._xattr_failed(parts))
+                await writer.write(batch)
 
     # --- after all files -------------------------------------------------------
 

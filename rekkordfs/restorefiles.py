@@ -1,0 +1,238 @@
+"""Writing restored files' contents below DEST: restore.py walks the tree,
+makes the folders and queues the files; this module fetches their chunks and
+writes them, small files many at a time, large ones chunk by chunk.
+
+Every chunk is authenticated and its size checked before it is written; a file
+is written under a temporary name when it replaces one (destination.py) and
+removed again if writing it fails, so no half-written file is left.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from .chunkmap import pwrite_all
+from .destination import FolderFds, XattrFailed, apply_metadata, create_new, move_into_place, remove_quietly
+from .errors import CorruptedData, ObjectMissing
+from .format import BlobKind, ChunkRef, Entry, Location
+from .repository import Repository
+from .tasks import task_group
+from .tuning import RESTORE_WINDOW, SMALL_FILE, restore_chunk_reads, restore_windows
+
+
+@dataclass
+class FileJob:
+    parts: tuple[bytes, ...]  # path below DEST, last part is the name
+    entry: Entry
+    chunks: list[ChunkRef] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chunks = self.entry.chunks
+
+    @property
+    def large(self) -> bool:
+        """Restored on its own, chunks fetched concurrently (others go in batches)."""
+        return self.entry.size > SMALL_FILE or len(self.chunks) > 1
+
+
+def _windows(chunks: list[tuple[ChunkRef, int]]) -> list[list[tuple[ChunkRef, int]]]:
+    """A large file's (chunk, offset) in runs of up to RESTORE_WINDOW stored bytes."""
+    windows: list[list[tuple[ChunkRef, int]]] = []
+    size = RESTORE_WINDOW
+    for item in chunks:
+        if size + item[0].location.length > RESTORE_WINDOW:
+            windows.append([])
+            size = 0
+        windows[-1].append(item)
+        size += item[0].location.length
+    return windows
+
+
+
+class FileWriter:
+    """Writes FileJobs' contents; counts the files and bytes it wrote."""
+
+    def __init__(self, repo: Repository, folders: FolderFds, show: Callable[[tuple[bytes, ...]], str],
+                 xattr_failed: Callable[[tuple[bytes, ...]], XattrFailed]) -> None:
+        self.repo = repo
+        self.folders = folders
+        self.show = show  # a path below DEST as the user gave it, for messages
+        self.xattr_failed = xattr_failed
+        self.files = 0
+        self.bytes_written = 0
+        # chunks fetched at once: remote backends need many requests in flight,
+        # and chunks share packs (about 8 per pack), so several packs load at once
+        self._chunk_slots = trio.Semaphore(restore_chunk_reads(repo.threads, repo.storage.remote))
+        self._window_slots = trio.Semaphore(restore_windows(repo.threads))
+
+    async def write(self, batch: list[FileJob]) -> None:
+        """One large file, or a batch of small ones."""
+        if len(batch) == 1 and batch[0].large:
+            await self._restore_file(batch[0])
+        else:
+            await self._restore_small(batch)
+
+    async def _restore_small(self, batch: list[FileJob]) -> None:
+        """Small files: fetch their chunks together, then write them all in one
+        thread hop (on a local disk the reads happen in that hop too)."""
+        wanted = [job.chunks[0] for job in batch if job.chunks and not self.repo.is_zero_chunk(job.chunks[0])]
+        written = None
+        if self.repo.storage.read_blocking is not None:
+            try:
+                written = await self.repo.run_cpu(self._read_write_small, batch, wanted)
+            except ObjectMissing:
+                pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
+        if written is None:
+            try:
+                raws = await self.repo.read_raws(wanted)
+            except (CorruptedData, ObjectMissing) as exc:
+                raise self._batch_error(batch, exc) from None
+            written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
+        self.bytes_written += written
+        self.files += len(batch)
+
+    def _batch_error(self, batch: list[FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
+        return type(exc)(f"restoring '{self.show(batch[0].parts)}' and nearby files: {exc.message}")
+
+    def _read_write_small(self, batch: list[FileJob], wanted: list[ChunkRef]) -> int:
+        try:
+            raws = self.repo.read_raws_blocking(wanted)  # everything is read before anything is written
+        except CorruptedData as exc:
+            raise self._batch_error(batch, exc) from None
+        return self._write_small(batch, dict(zip((c.id for c in wanted), raws)))
+
+    def _write_small(self, batch: list[FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
+        written = 0
+        parents: dict[tuple[bytes, ...], int] = {}  # a batch's files mostly share a folder
+        try:
+            for job in batch:
+                parent = parents.get(job.parts[:-1])
+                if parent is None:
+                    parent = parents[job.parts[:-1]] = self.folders.open_parent(job.parts)
+                written += self._write_one_small(job, raws, parent)
+        finally:
+            for fd in parents.values():
+                os.close(fd)
+        return written
+
+    def _unpack_chunk(self, chunk: ChunkRef, raw: tuple[bytes, Location],
+                      parts: tuple[bytes, ...]) -> bytes | bytearray:
+        """A chunk read raw for the file at parts: authenticated, decompressed, its size checked."""
+        try:
+            data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, raw[1].pack, raw[0])
+        except CorruptedData as exc:
+            raise CorruptedData(f"'{self.show(parts)}': {exc.message}") from None
+        if len(data) != chunk.size:
+            raise CorruptedData(f"'{self.show(parts)}': chunk {chunk.id.hex()} has the wrong size")
+        return data
+
+    def _write_one_small(self, job: FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
+        data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
+        chunk = job.chunks[0] if job.chunks else None
+        if chunk is not None and chunk.id in raws:
+            data = self._unpack_chunk(chunk, raws[chunk.id], job.parts)
+            if len(data) != job.entry.size:
+                raise CorruptedData(f"'{self.show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
+        fd, temp = create_new(parent, job.parts[-1])
+        try:
+            try:
+                pwrite_all(fd, data, 0)
+                self._finish_file(fd, job.entry, job.parts, len(data))
+            finally:
+                os.close(fd)
+            if temp is not None:
+                move_into_place(parent, temp, job.parts[-1])
+        except BaseException:
+            remove_quietly(parent, temp or job.parts[-1])
+            raise
+        return len(data)
+
+    async def _restore_file(self, job: FileJob) -> None:
+        entry = job.entry
+        chunks = job.chunks
+        total = sum(c.size for c in chunks)
+        if total != entry.size:
+            raise CorruptedData(f"'{self.show(job.parts)}': chunk sizes do not add up to the file size")
+        parent = await trio.to_thread.run_sync(self.folders.open_parent, job.parts)
+        try:
+            fd, temp = await trio.to_thread.run_sync(create_new, parent, job.parts[-1])
+            try:
+                try:
+                    offsets = []
+                    offset = 0
+                    for chunk in chunks:
+                        offsets.append(offset)
+                        offset += chunk.size
+                    if len(chunks) <= 1:
+                        for chunk, off in zip(chunks, offsets):
+                            await self._write_chunk(fd, chunk, off, job.parts)
+                    elif self.repo.storage.remote:
+                        # runs of neighbouring chunks, each read with as few ranged requests as it
+                        # takes (a whole pack would be fetched for each chunk otherwise)
+                        async with task_group() as nursery:
+                            for window in _windows(list(zip(chunks, offsets))):
+                                await self._window_slots.acquire()
+                                nursery.start_soon(self._write_window_slot, fd, window, job.parts)
+                    else:
+                        async with task_group() as nursery:
+                            for chunk, off in zip(chunks, offsets):
+                                await self._chunk_slots.acquire()
+                                nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
+                    await trio.to_thread.run_sync(self._finish_file, fd, entry, job.parts)
+                finally:
+                    os.close(fd)
+                if temp is not None:
+                    await trio.to_thread.run_sync(move_into_place, parent, temp, job.parts[-1])
+            except BaseException:
+                remove_quietly(parent, temp or job.parts[-1])  # no half-written file is left
+                raise
+        finally:
+            os.close(parent)
+        self.files += 1
+
+    async def _write_chunk_slot(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
+        try:
+            await self._write_chunk(fd, chunk, offset, parts)
+        finally:
+            self._chunk_slots.release()
+
+    async def _write_window_slot(self, fd: int, window: list[tuple[ChunkRef, int]], parts: tuple[bytes, ...]) -> None:
+        try:
+            wanted = [(chunk, offset) for chunk, offset in window if not self.repo.is_zero_chunk(chunk)]
+            try:
+                raws = await self.repo.read_raws([chunk for chunk, _ in wanted])
+            except (CorruptedData, ObjectMissing) as exc:
+                raise type(exc)(f"'{self.show(parts)}': {exc.message}") from None
+            self.bytes_written += await self.repo.run_cpu(self._write_window, fd, wanted, raws, parts)
+        finally:
+            self._window_slots.release()
+
+    def _write_window(self, fd: int, wanted: list[tuple[ChunkRef, int]], raws: list[tuple[bytes, Location]],
+                      parts: tuple[bytes, ...]) -> int:
+        written = 0
+        for (chunk, offset), raw in zip(wanted, raws):
+            data = self._unpack_chunk(chunk, raw, parts)
+            pwrite_all(fd, data, offset)
+            written += len(data)
+        return written
+
+    async def _write_chunk(self, fd: int, chunk: ChunkRef, offset: int, parts: tuple[bytes, ...]) -> None:
+        if self.repo.is_zero_chunk(chunk):
+            return  # leave a hole; _finish_file sets the final size
+        try:
+            data = await self.repo.read_chunk(chunk)
+        except (CorruptedData, ObjectMissing) as exc:
+            raise type(exc)(f"'{self.show(parts)}': {exc.message}") from None
+        if len(data) != chunk.size:
+            raise CorruptedData(f"'{self.show(parts)}': chunk {chunk.id.hex()} has the wrong size")
+        await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
+        self.bytes_written += len(data)
+
+    def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...], written: int | None = None) -> None:
+        if written != entry.size:  # holes left for zero chunks, or a hole at the end
+            os.ftruncate(fd, entry.size)
+        apply_metadata(fd, entry, self.xattr_failed(parts))

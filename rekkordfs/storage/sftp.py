@@ -8,7 +8,7 @@ name with hardlink@openssh.com (or a plain SFTP rename, which the protocol
 defines as failing when the target exists), so a crash never leaves a partial
 object under a real name.
 
-Host keys are verified like ssh does (sftp_hosts.py).
+Host keys are verified like ssh does, and logins refused are explained (sftp_hosts.py).
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import trio
 
 from ..config import SFTPLocation, SFTPSettings
-from ..errors import ConfigError, ObjectMissing, RekkordError, StorageError, TransientStorageError
+from ..errors import ObjectMissing, RekkordError, StorageError, TransientStorageError
 from ..tuning import sftp_requests
 from .asyncbridge import AsyncioThread
 from .base import ObjectInfo, Storage
-from .sftp_hosts import DEFAULT_PORT, HostClient
+from .sftp_hosts import DEFAULT_PORT, HostClient, load_client_key
 from .sftp_transport import DirectTCP
 
 T = TypeVar("T")
@@ -200,7 +200,7 @@ class SFTPStorage(Storage):
             "tunnel": DirectTCP(on_connected=self._mark_reached),
         }
         if settings.key_file:
-            options["client_keys"] = [self._load_key(settings.key_file)]
+            options["client_keys"] = [load_client_key(settings.key_file)]
             options["agent_path"] = None
         elif settings.password:
             options["client_keys"] = None
@@ -210,9 +210,9 @@ class SFTPStorage(Storage):
         try:
             conn = await asyncssh.connect(self.location.host, **options)
         except asyncssh.HostKeyNotVerifiable:
-            raise self._host_key_error(client) from None
+            raise client.host_key_error() from None
         except asyncssh.PermissionDenied:
-            raise StorageError(self._login_refused()) from None
+            raise StorageError(client.login_refused()) from None
         try:
             sessions = [await conn.start_sftp_client() for _ in range(SESSIONS)]
         except asyncssh.ChannelOpenError as exc:
@@ -230,51 +230,6 @@ class SFTPStorage(Storage):
 
     def _mark_reached(self) -> None:
         self._reached = True
-
-    def _load_key(self, path: str) -> Any:
-        import asyncssh
-
-        try:
-            return asyncssh.read_private_key(path)
-        except FileNotFoundError:
-            raise ConfigError(f"SSH key file '{path}' does not exist") from None
-        except OSError as exc:
-            raise ConfigError(f"cannot read SSH key file '{path}': {exc.strerror}") from None
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(
-                f"cannot use SSH key file '{path}': {first} (passphrase-protected keys are not supported)"
-            ) from None
-
-    def _host_key_error(self, client: HostClient) -> StorageError:
-        offered = client.offered or "unknown"
-        pinned = self.settings.fingerprint
-        if pinned:
-            return StorageError(
-                f"host key of SFTP server {self.host_port} does not match the pinned fingerprint: "
-                f"expected {pinned}, got {offered}"
-            )
-        if client.known_keys:
-            return StorageError(
-                f"host key of SFTP server {self.host_port} has CHANGED (known_hosts lists another key; "
-                f"offered {offered}): refusing to connect"
-            )
-        return StorageError(
-            f"SFTP host {self.host_port} is unknown (not in known_hosts); its key fingerprint is {offered}: "
-            f"after checking it, set Fingerprint = {offered} in the [SFTP] section (or SSH_FINGERPRINT)"
-        )
-
-    def _login_refused(self) -> str:
-        settings = self.settings
-        if settings.password and settings.key_file:
-            how = "wrong password or key file"
-        elif settings.password:
-            how = "wrong password"
-        elif settings.key_file:
-            how = f"key '{settings.key_file}' not accepted"
-        else:
-            how = "no password or key file set ([SFTP] Password or KeyFile, SSH_PASSWORD or SSH_KEYFILE)"
-        return f"SFTP server {self.host_port} refused login as '{self.user}': {how}"
 
     def _drop(self, conn: Any) -> None:
         """Forget a broken connection (unless another operation replaced it already)."""

@@ -2,7 +2,8 @@
 key; otherwise ~/.ssh/known_hosts (and /etc/ssh/ssh_known_hosts) decide, and
 an unknown host is refused with its fingerprint (or accepted at a prompt on a
 terminal, then remembered in ~/.ssh/known_hosts). Also asks for a password on
-a terminal when none is configured."""
+a terminal when none is configured, loads the client's key file, and says
+plainly why a server was refused or refused us."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError
+from ..errors import ConfigError, StorageError
 
 if TYPE_CHECKING:
     from .sftp import SFTPStorage
@@ -87,6 +88,54 @@ class HostClient:
             return None  # a configured password was already tried: do not prompt
         self.prompted = True
         return getpass.getpass(f"SFTP password for {self.storage.login}: ")
+
+    def host_key_error(self) -> StorageError:
+        """Why the server's host key was refused."""
+        offered = self.offered or "unknown"
+        pinned = self.storage.settings.fingerprint
+        where = self.storage.host_port
+        if pinned:
+            return StorageError(
+                f"host key of SFTP server {where} does not match the pinned fingerprint: "
+                f"expected {pinned}, got {offered}"
+            )
+        if self.known_keys:
+            return StorageError(
+                f"host key of SFTP server {where} has CHANGED (known_hosts lists another key; "
+                f"offered {offered}): refusing to connect"
+            )
+        return StorageError(
+            f"SFTP host {where} is unknown (not in known_hosts); its key fingerprint is {offered}: "
+            f"after checking it, set Fingerprint = {offered} in the [SFTP] section (or SSH_FINGERPRINT)"
+        )
+
+    def login_refused(self) -> str:
+        settings = self.storage.settings
+        if settings.password and settings.key_file:
+            how = "wrong password or key file"
+        elif settings.password:
+            how = "wrong password"
+        elif settings.key_file:
+            how = f"key '{settings.key_file}' not accepted"
+        else:
+            how = "no password or key file set ([SFTP] Password or KeyFile, SSH_PASSWORD or SSH_KEYFILE)"
+        return f"SFTP server {self.storage.host_port} refused login as '{self.storage.user}': {how}"
+
+
+def load_client_key(path: str) -> Any:
+    import asyncssh
+
+    try:
+        return asyncssh.read_private_key(path)
+    except FileNotFoundError:
+        raise ConfigError(f"SSH key file '{path}' does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read SSH key file '{path}': {exc.strerror}") from None
+    except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(
+            f"cannot use SSH key file '{path}': {first} (passphrase-protected keys are not supported)"
+        ) from None
 
 
 def same_fingerprint(pinned: str, offered: str) -> bool:

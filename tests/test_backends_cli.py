@@ -28,6 +28,7 @@ from tests.servers import (
     seaweedfs,
     write_config,
 )
+from tests.stops import wait_stopped
 
 
 def make_tree(root: Path) -> Path:
@@ -116,11 +117,12 @@ def test_init_refuses_an_existing_repository(backend_repo, tmp_path: Path) -> No
 # --- server outage in the middle of a save ---------------------------------------------
 
 
-def _popen(runner: Rekkord, *args: str) -> subprocess.Popen:
+def _popen(runner: Rekkord, *args: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
     argv = list(REKKORD) + ["-C", runner.config_file]  # type: ignore[attr-defined]
     if runner.key_file:
         argv += ["-K", runner.key_file]
-    env = {**os.environ, "REKKORD_CACHE_DIR": str(runner.cache_dir), "PYTHONPATH": str(ROOT), **runner.env}
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(runner.cache_dir), "PYTHONPATH": str(ROOT), **runner.env,
+           **(extra_env or {})}
     env.pop("REKKORD_CONFIG_FILE", None)
     return subprocess.Popen(argv + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=str(runner.cache_dir.parent))
@@ -133,20 +135,14 @@ def _big_source(root: Path, files: int = 48, size: int = 2 << 20) -> Path:
     return root
 
 
-def _save_through_outage(runner, src: Path, count_packs: Callable[[], int], count_tags: Callable[[], int],
-                         stop: Callable[[], None]) -> str:
-    """Start a save, freeze it once packs are arriving, stop the server, let it
-    fail once a short retry budget is spent."""
-    runner.env["REKKORD_RETRY_TIME"] = "2"
-    process = _popen(runner, "save", "big", str(src))
-    del runner.env["REKKORD_RETRY_TIME"]
+def _save_through_outage(runner, src: Path, count_tags: Callable[[], int], stop: Callable[[], None]) -> str:
+    """Start a save, which stops itself at its third write (packs are arriving),
+    stop the server, let the save go on and fail once a short retry budget is
+    spent."""
+    process = _popen(runner, "save", "big", str(src),
+                     extra_env={"REKKORD_RETRY_TIME": "2", "REKKORD_TEST_STOP": "storage-put:3"})
     try:
-        deadline = time.monotonic() + 120
-        while count_packs() < 2:
-            assert process.poll() is None, process.communicate()
-            assert time.monotonic() < deadline, "save never started uploading"
-            time.sleep(0.02)
-        process.send_signal(signal.SIGSTOP)  # freeze it mid-save: the outage happens now
+        wait_stopped(process.pid, process)  # frozen mid-save: the outage happens now
         assert count_tags() == 0, "the save finished before the outage"
         stop()
         process.send_signal(signal.SIGCONT)
@@ -168,8 +164,7 @@ def test_s3_server_stopped_mid_save(tmp_path: Path) -> None:
         runner("init", "-K", str(tmp_path / "master.key"))
         runner.key_file = str(tmp_path / "master.key")
 
-        error = _save_through_outage(runner, src, lambda: server.count(BUCKET, f"{prefix}/packs/"),
-                                     lambda: server.count(BUCKET, f"{prefix}/tags/"), server.stop)
+        error = _save_through_outage(runner, src, lambda: server.count(BUCKET, f"{prefix}/tags/"), server.stop)
         # the last attempt met the closed port, or a pooled connection the server's exit cut
         assert f"S3 endpoint {server.endpoint}" in error
         assert "connection refused" in error or "lost connection" in error
@@ -193,7 +188,7 @@ def test_sftp_server_stopped_mid_save(tmp_path: Path) -> None:
         def count(folder: str) -> int:
             return sum(len(files) for _, _, files in os.walk(repo / folder))
 
-        error = _save_through_outage(runner, src, lambda: count("packs"), lambda: count("tags"), server.stop)
+        error = _save_through_outage(runner, src, lambda: count("tags"), server.stop)
         assert f"SFTP server 127.0.0.1:{server.port}" in error
         assert "connection refused" in error or "lost connection" in error
 

@@ -238,12 +238,24 @@ def directory_refs(raw: bytes | bytearray) -> tuple[list[RefTuple], list[RefTupl
     chunks, without building entries. Framing is checked as decode_directory()
     checks it; names, modes and such are not looked at."""
     try:
-        return _directory_refs(bytes(raw))
+        return _directory_refs(bytes(raw), with_chunks=True)
     except (struct.error, ValueError) as exc:
         raise CorruptedData(f"directory record is malformed ({exc})") from None
 
 
-def _directory_refs(raw: bytes) -> tuple[list[RefTuple], list[RefTuple]]:
+def directory_shape(raw: bytes | bytearray) -> tuple[int, list[RefTuple]]:
+    """A directory record's number of entries and its subdirectories' records,
+    framing checked as directory_refs() checks it: what measuring a tree's
+    shape needs (treebudget.py), at a fraction of decoding its entries."""
+    try:
+        raw = bytes(raw)
+        dirs, _ = _directory_refs(raw, with_chunks=False)
+    except (struct.error, ValueError) as exc:
+        raise CorruptedData(f"directory record is malformed ({exc})") from None
+    return struct.unpack_from("<BI", raw, 0)[1], dirs
+
+
+def _directory_refs(raw: bytes, with_chunks: bool) -> tuple[list[RefTuple], list[RefTuple]]:
     version, count = struct.unpack_from("<BI", raw, 0)
     if version != RECORD_VERSION:
         raise ValueError(f"unsupported version {version}")
@@ -270,8 +282,9 @@ def _directory_refs(raw: bytes) -> tuple[list[RefTuple], list[RefTuple]]:
         if kind == EntryKind.FILE:
             if payload_len % _CHUNK.size:
                 raise ValueError("file chunk list is malformed")
-            chunks.extend((cid, pack, offset, length)
-                          for cid, _, pack, offset, length in _CHUNK.iter_unpack(raw[pos:end]))
+            if with_chunks:
+                chunks.extend((cid, pack, offset, length)
+                              for cid, _, pack, offset, length in _CHUNK.iter_unpack(raw[pos:end]))
         elif kind == EntryKind.DIRECTORY:
             if payload_len != REF_SIZE:
                 raise ValueError("directory without a record")

@@ -78,7 +78,7 @@ class RestoreSession:
         self.dest = os.path.abspath(dest)
         self.options = options
         self.warn = warn
-        self.report = report or (lambda _line: None)
+        self._report = report  # None: nobody listens (no -v or -n)
         self.stats = RestoreStats()
         self.plan = _Plan()
         self._links: dict[int, tuple[bytes, ...]] = {}
@@ -124,12 +124,12 @@ class RestoreSession:
             if os.path.lexists(self.dest) and not (self.options.force or self.options.delete):
                 raise RestoreError(f"'{self.dest}' already exists (use --force to replace it)")
             if self.options.dry_run:
-                self.report(f"restore {self.dest}")
+                self._tell("restore", ())
                 self._count_dry(self.target)
                 return self.stats
             self.dest_fd = os.open(parent or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             parts = (os.fsencode(name),)
-            self.report(f"restore {self.dest}")
+            self._tell("restore", ())
         self.folders = FolderFds(self.dest_fd)
         writer = FileWriter(self.repo, self.folders, self._show, self._xattr_failed)
         try:
@@ -184,7 +184,7 @@ class RestoreSession:
             await trio.to_thread.run_sync(self._make_dirs, subdirs)
         for child in children:
             child_parts = parts + (child.name,)
-            self.report(f"restore {self._show(child_parts)}")
+            self._tell("restore", child_parts)
             if child.kind == EntryKind.DIRECTORY:
                 self.plan.dirs.append((child_parts, child))
                 self.stats.dirs += 1
@@ -224,7 +224,7 @@ class RestoreSession:
                     if name not in keep:
                         clear_name(fd, name, keep_dir=False)
                         self.stats.deleted += 1
-                        self.report(f"delete {self._show(parts + (name,))}")
+                        self._tell("delete", parts + (name,))
             finally:
                 os.close(fd)
 
@@ -344,11 +344,11 @@ class RestoreSession:
                 names = {c.name for c in children}
                 for name in sorted(os.listdir(here)):
                     if name not in names:
-                        self.report(f"delete {self._show(parts + (name,))}")
+                        self._tell("delete", parts + (name,))
                         self.stats.deleted += 1
         for child in children:
             child_parts = parts + (child.name,)
-            self.report(f"restore {self._show(child_parts)}")
+            self._tell("restore", child_parts)
             if child.kind == EntryKind.DIRECTORY:
                 self.stats.dirs += 1
                 await self._dry_run(child_parts, child)
@@ -365,6 +365,12 @@ class RestoreSession:
                 self._links.setdefault(entry.link_id, ())
         elif entry.kind == EntryKind.SYMLINK:
             self.stats.links += 1
+
+    def _tell(self, action: str, parts: tuple[bytes, ...]) -> None:
+        """Report "ACTION PATH" if someone listens: building the path costs as
+        much as restoring a small file's metadata, so it is not built for nobody."""
+        if self._report is not None:
+            self._report(f"{action} {self._show(parts)}")
 
     def _show(self, parts: tuple[bytes, ...]) -> str:
         if self.target.kind != EntryKind.DIRECTORY:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .errors import CorruptedData
-from .format import BlobKind, BlobRef, EntryKind, decode_directory
+from .format import BlobKind, BlobRef, Location, directory_shape
 from .tuning import RECORD_BATCH
 
 if TYPE_CHECKING:
@@ -105,20 +105,16 @@ async def refuse_hostile_tree(repo: Repository, root: BlobRef, name: str) -> Non
         frontier = {}
         for start in range(0, len(items), RECORD_BATCH):
             batch = items[start:start + RECORD_BATCH]
-            results = await repo.open_many(BlobKind.DIRECTORY, batch, then=_children)
+            results = await repo.open_many(BlobKind.DIRECTORY, batch, then=directory_shape)
             for (record_id, _), result in zip(batch, results):
                 if isinstance(result, Exception):
                     continue
                 entries, refs = result
-                shape[record_id] = (entries, [ref.id for ref in refs])
-                for ref in refs:
-                    if ref.id not in shape:
-                        frontier[ref.id] = ref.location
+                shape[record_id] = (entries, [ref[0] for ref in refs])
+                for child_id, pack, offset, length in refs:
+                    if child_id not in shape:
+                        frontier[child_id] = Location(pack, offset, length)
     problem = shape_problem(shape, root.id)
     if problem:
         raise CorruptedData(f"{name}: {problem}; refusing it")
 
-
-def _children(raw: bytes | bytearray) -> tuple[int, list[BlobRef]]:
-    entries = decode_directory(raw)
-    return len(entries), [e.dir_ref for e in entries if e.kind == EntryKind.DIRECTORY and e.dir_ref is not None]

@@ -33,6 +33,7 @@ from rekkordfs.format import (
     Location,
     decode_directory,
     directory_refs,
+    directory_shape,
     encode_chunks,
     encode_directory,
 )
@@ -171,9 +172,10 @@ def test_a_pack_that_ends_early_is_kept_and_the_others_are_repacked(master: keym
 
 
 def test_the_walk_sees_every_reference_a_full_decode_sees() -> None:
-    """directory_refs (what a prune's walk reads) against decode_directory, on a
-    record with files of several chunks, subdirectories, xattrs and the other
-    kinds; every truncation of it is refused, never read short."""
+    """directory_refs (what a prune's walk reads) and directory_shape (what the
+    hostile-tree check reads) against decode_directory, on a record with files
+    of several chunks, subdirectories, xattrs and the other kinds; every
+    truncation of it is refused, never read short."""
     rng = random.Random(1)
 
     def location() -> Location:
@@ -198,11 +200,13 @@ def test_the_walk_sees_every_reference_a_full_decode_sees() -> None:
     assert dirs == [(e.dir_ref.id, *astuple(e.dir_ref.location)) for e in decoded if e.dir_ref is not None]
     assert chunks == [(c.id, *astuple(c.location)) for e in decoded if e.kind == EntryKind.FILE for c in e.chunks]
     assert len(dirs) == 10 and len(chunks) == sum(i % 5 for i in range(0, 40, 4))
-    for cut in range(len(raw)):
+    assert directory_shape(raw) == (40, dirs)
+    for read in (directory_refs, directory_shape):
+        for cut in range(len(raw)):
+            with pytest.raises(CorruptedData):
+                read(raw[:cut])
         with pytest.raises(CorruptedData):
-            directory_refs(raw[:cut])
-    with pytest.raises(CorruptedData):
-        directory_refs(raw + b"\0")
+            read(raw + b"\0")
 
 
 class DeleteLog(MemoryStorage):

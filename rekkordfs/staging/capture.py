@@ -75,8 +75,11 @@ class Capture:
             "GROUP BY i.ino HAVING i.link_id OR count(*) > 1 ORDER BY i.ino").fetchall()
 
     def drop(self) -> None:
-        self.db.execute(f"DROP TABLE IF EXISTS temp.dentries_{self.tables}")
-        self.db.execute(f"DROP TABLE IF EXISTS temp.inodes_{self.tables}")
+        try:
+            self.db.execute(f"DROP TABLE IF EXISTS temp.dentries_{self.tables}")
+            self.db.execute(f"DROP TABLE IF EXISTS temp.inodes_{self.tables}")
+        except sqlite3.Error:
+            pass  # the journal is closed (they went with it) or failing: its next capture has new tables
 
 
 class Capturer:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..format import ChunkRef, EntryKind, Snapshot, chunks_size, decode_chunks
+from ..journalspace import journal_error
 from .content import ContentStore
 from .inode import COLUMNS, ROOT, Content, Inode, inode_from_row
 from .journal import Journal
@@ -75,11 +76,7 @@ class Capture:
             "GROUP BY i.ino HAVING i.link_id OR count(*) > 1 ORDER BY i.ino").fetchall()
 
     def drop(self) -> None:
-        try:
-            self.db.execute(f"DROP TABLE IF EXISTS temp.dentries_{self.tables}")
-            self.db.execute(f"DROP TABLE IF EXISTS temp.inodes_{self.tables}")
-        except sqlite3.Error:
-            pass  # the journal is closed (they went with it) or failing: its next capture has new tables
+        _drop(self.db, self.tables)
 
 
 class Capturer:
@@ -106,17 +103,11 @@ class Capturer:
         db = self.journal.db
         self._captures += 1
         tables = str(self._captures)
-        # outside any transaction: a later batch's rollback cannot touch them
-        db.execute(f"CREATE TEMP TABLE inodes_{tables} (ino INTEGER PRIMARY KEY, {COLUMNS.split(',', 1)[1]})")
-        db.execute(f"CREATE TEMP TABLE dentries_{tables} (parent INTEGER NOT NULL, name BLOB NOT NULL, "
-                   "ino INTEGER NOT NULL, PRIMARY KEY (parent, name)) WITHOUT ROWID")
-        # what the root reaches (unlinked inodes still open are left out)
-        db.execute(f"WITH RECURSIVE reach(ino) AS (SELECT {ROOT} UNION "
-                   "SELECT d.ino FROM dentries d JOIN reach ON d.parent = reach.ino) "
-                   f"INSERT INTO temp.inodes_{tables} SELECT {COLUMNS} FROM inodes "
-                   "WHERE ino IN (SELECT ino FROM reach)")
-        db.execute(f"INSERT INTO temp.dentries_{tables} SELECT parent, name, ino FROM dentries "
-                   f"WHERE parent IN (SELECT ino FROM temp.inodes_{tables})")
+        try:
+            _copy_tree(db, tables)
+        except sqlite3.Error as exc:  # e.g. no room for the temporary tables
+            _drop(db, tables)
+            raise journal_error(exc) from None
         frozen: dict[int, Path] = {}
         inline: list[int] = []
         uploaded: dict[int, bytes] = {}
@@ -176,3 +167,25 @@ class Capturer:
         self.release(capture)
         return [self.content.data_path(ino) for ino in clean_files if ino in capture.data_files]
 
+
+def _copy_tree(db: sqlite3.Connection, tables: str) -> None:
+    """The rows and names the root reaches (unlinked inodes still open are left
+    out), into this capture's temporary tables. Outside any transaction: a
+    later batch's rollback cannot touch them."""
+    db.execute(f"CREATE TEMP TABLE inodes_{tables} (ino INTEGER PRIMARY KEY, {COLUMNS.split(',', 1)[1]})")
+    db.execute(f"CREATE TEMP TABLE dentries_{tables} (parent INTEGER NOT NULL, name BLOB NOT NULL, "
+               "ino INTEGER NOT NULL, PRIMARY KEY (parent, name)) WITHOUT ROWID")
+    db.execute(f"WITH RECURSIVE reach(ino) AS (SELECT {ROOT} UNION "
+               "SELECT d.ino FROM dentries d JOIN reach ON d.parent = reach.ino) "
+               f"INSERT INTO temp.inodes_{tables} SELECT {COLUMNS} FROM inodes "
+               "WHERE ino IN (SELECT ino FROM reach)")
+    db.execute(f"INSERT INTO temp.dentries_{tables} SELECT parent, name, ino FROM dentries "
+               f"WHERE parent IN (SELECT ino FROM temp.inodes_{tables})")
+
+
+def _drop(db: sqlite3.Connection, tables: str) -> None:
+    try:
+        db.execute(f"DROP TABLE IF EXISTS temp.dentries_{tables}")
+        db.execute(f"DROP TABLE IF EXISTS temp.inodes_{tables}")
+    except sqlite3.Error:
+        pass  # the journal is closed (they went with it) or failing: the next capture has new tables

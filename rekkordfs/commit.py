@@ -10,7 +10,6 @@ directories keep their stored record.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import trio
@@ -53,6 +52,15 @@ def is_durable(repo: Repository, chunks: list[ChunkRef]) -> bool:
     return all(chunk.id in known and known[chunk.id].location == chunk.location for chunk in chunks)
 
 
+def all_durable(repo: Repository, contents: dict[int, bytes], batch: int = 4096) -> bool:
+    """is_durable() of every file's chunks (encoded), a batch of files at a time."""
+    raws = list(contents.values())
+    for start in range(0, len(raws), batch):
+        if not is_durable(repo, [c for raw in raws[start:start + batch] for c in decode_chunks(raw)]):
+            return False
+    return True
+
+
 class Committer:
     def __init__(self, repo: Repository, tree: StagingTree, uploader: Uploader) -> None:
         self.repo = repo
@@ -72,16 +80,16 @@ class Committer:
         capture = self.tree.capture(lambda chunks: is_durable(self.repo, chunks))
         self.files, self.size = capture.stored_files, capture.stored_size  # the directories walked add theirs
         try:
-            contents = dict(capture.uploaded)
+            contents = capture.uploaded  # and the rest as they are uploaded (one dict: 100,000 files fill it)
             await self._upload_frozen(capture, contents)
             link_ids, max_link_id = _link_ids(capture)
             root_ref = await self._directories(capture, contents, link_ids)
             # Write-behind chunks may sit in packs other tasks are uploading: wait
             # for them, and make sure none of those uploads failed.
             await self.repo.flush_packs()
-            if not is_durable(self.repo, [c for chunks in contents.values() for c in chunks]):
+            if not all_durable(self.repo, contents):
                 raise StorageError("some staged data failed to upload; commit again")
-            root = capture.inodes[ROOT].entry(b"")
+            root = capture.node(ROOT).entry(b"")
             snapshot = Snapshot(self.tree.channel, time_ns, root_ref, self.size, 0, self.files,
                                 max_link_id=max_link_id, root=root)
             snapshot.stored = self.bytes_stored + self.uploader.stats.bytes_stored
@@ -115,7 +123,7 @@ class Committer:
             raise StorageError(f"the base snapshot of staging/{self.tree.channel} was forgotten and its data "
                                f"pruned; the staged tree cannot be committed as it is ({exc.message})") from None
 
-    async def _upload_frozen(self, capture: Capture, contents: dict[int, list[ChunkRef]]) -> None:
+    async def _upload_frozen(self, capture: Capture, contents: dict[int, bytes]) -> None:
         slots = trio.Semaphore(record_writers(self.repo.threads))
 
         async def behind(ino: int) -> bool:
@@ -131,7 +139,7 @@ class Committer:
         async def upload(ino: int) -> None:
             try:
                 if not await behind(ino):
-                    contents[ino] = await self.uploader.upload_path(capture.frozen[ino])
+                    contents[ino] = encode_chunks(await self.uploader.upload_path(capture.frozen[ino]))
             finally:
                 slots.release()
 
@@ -140,7 +148,7 @@ class Committer:
                 left = [ino for ino in batch if not await behind(ino)]
                 datas = [self.tree.captured_content(ino) for ino in left]
                 for ino, chunks in zip(left, await self.uploader.upload_many(datas)):
-                    contents[ino] = chunks
+                    contents[ino] = encode_chunks(chunks)
             finally:
                 slots.release()
 
@@ -152,18 +160,14 @@ class Committer:
                 await slots.acquire()
                 nursery.start_soon(upload_inline, batch)
 
-    async def _directories(self, capture: Capture, contents: dict[int, list[ChunkRef]],
+    async def _directories(self, capture: Capture, contents: dict[int, bytes],
                            link_ids: dict[int, int]) -> BlobRef:
         """Write the records of the expanded directories, deepest level first (the
-        directories of one level concurrently); returns the root's record."""
-        levels = [[ROOT]]
-        while True:
-            below = [child for ino in levels[-1] for _, child in capture.children.get(ino, [])
-                     if capture.inodes[child].kind == EntryKind.DIRECTORY]
-            if not below:
-                break
-            levels.append(below)
-        dir_refs: dict[int, BlobRef] = {}
+        directories of one level concurrently, each read from the capture when
+        its turn comes: at most record_writers folders' entries are held at
+        once); returns the root's record."""
+        levels = capture.levels()
+        dir_refs: dict[int, BlobRef] = {}  # of the level below, until their parents are written
         slots = trio.Semaphore(record_writers(self.repo.threads))
 
         async def write(ino: int) -> None:
@@ -173,30 +177,33 @@ class Committer:
                 slots.release()
 
         for level in reversed(levels):
+            below = list(dir_refs)
             async with task_group() as nursery:
                 for ino in level:
                     await slots.acquire()
                     nursery.start_soon(write, ino)
+            for ino in below:
+                del dir_refs[ino]
         return dir_refs[ROOT]
 
-    async def _directory(self, capture: Capture, ino: int, contents: dict[int, list[ChunkRef]],
+    async def _directory(self, capture: Capture, ino: int, contents: dict[int, bytes],
                          link_ids: dict[int, int], dir_refs: dict[int, BlobRef]) -> BlobRef:
         """The record of one directory; those of its subdirectories are in dir_refs."""
-        node = capture.inodes[ino]
+        node = capture.node(ino)
         if node.dir_ref is not None:
             self.inherited.append(node.dir_ref)
             return node.dir_ref  # never expanded: the stored record is still exact
         entries: list[Entry] = []
-        for name, child in capture.children.get(ino, []):
-            child_node = capture.inodes[child]
+        for name, child_node in capture.children(ino):
+            child = child_node.ino
             entry = child_node.entry(name)
             if child_node.kind == EntryKind.DIRECTORY:
                 entry.dir_ref = dir_refs[child]
                 self.uses.add(entry.dir_ref.location.pack)
                 entry.nlink = 1
             elif child_node.kind == EntryKind.FILE:
-                chunks = contents[child] if child_node.local else decode_chunks(child_node.chunks or b"")
-                entry.chunks_raw = encode_chunks(chunks)
+                entry.chunks_raw = contents[child] if child_node.local else child_node.chunks or b""
+                chunks = decode_chunks(entry.chunks_raw)
                 entry.size = sum(c.size for c in chunks)
                 self.uses.update(c.location.pack for c in chunks)
                 entry.link_id = link_ids.get(child, 0)
@@ -238,15 +245,12 @@ def _batches(inos: list[int], size: int = BATCH_FILES) -> list[list[int]]:
 def _link_ids(capture: Capture) -> tuple[dict[int, int], int]:
     """Hardlink group IDs: those of the base snapshot are kept (untouched
     directories still use them); new groups number on from the base's highest."""
-    counts = Counter(ino for entries in capture.children.values() for _, ino in entries)
     link_ids: dict[int, int] = {}
     next_id = capture.max_link_id + 1
-    for ino, node in capture.inodes.items():
-        if node.kind != EntryKind.FILE:
-            continue
-        if node.link_id:
-            link_ids[ino] = node.link_id
-        elif counts[ino] > 1:
+    for ino, link_id, names in capture.link_counts():
+        if link_id:
+            link_ids[ino] = link_id
+        elif names > 1:
             link_ids[ino] = next_id
             next_id += 1
     return link_ids, next_id - 1

@@ -132,6 +132,13 @@ def decode_chunks(raw: bytes) -> list[ChunkRef]:
             for cid, size, pack, offset, length in _CHUNK.iter_unpack(raw)]
 
 
+def chunks_size(raw: bytes) -> int:
+    """The plaintext size of an encoded chunk list."""
+    if len(raw) % _CHUNK.size:
+        raise CorruptedData("file chunk list is malformed")
+    return sum(size for _, size, _, _, _ in _CHUNK.iter_unpack(raw))
+
+
 def _encode_entry(entry: Entry, out: bytearray) -> None:
     out += _ENTRY_HEAD.pack(entry.kind, len(entry.name))
     out += entry.name

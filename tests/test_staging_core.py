@@ -27,7 +27,7 @@ import trio
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
-from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot
+from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot, encode_chunks
 from rekkordfs.journalspace import free_bytes
 from rekkordfs.nodes import IDS_INO, STAGING_INO
 from rekkordfs.staging import (
@@ -135,11 +135,12 @@ def frozen_content(tree: StagingTree, ino: int, capture: Capture | None = None) 
     return None
 
 
-async def upload_captured(uploader: Uploader, tree: StagingTree, capture: Capture) -> dict[int, list[ChunkRef]]:
-    """What a commit uploads for the files a capture froze."""
-    contents = {ino: await uploader.upload_path(path) for ino, path in capture.frozen.items()}
+async def upload_captured(uploader: Uploader, tree: StagingTree, capture: Capture) -> dict[int, bytes]:
+    """What a commit uploads for the files a capture froze (encoded chunk lists)."""
+    contents = {ino: encode_chunks(await uploader.upload_path(path)) for ino, path in capture.frozen.items()}
     datas = [tree.captured_content(ino) for ino in capture.inline]
-    contents.update(zip(capture.inline, await uploader.upload_many(datas)))
+    uploaded = await uploader.upload_many(datas)
+    contents.update((ino, encode_chunks(chunks)) for ino, chunks in zip(capture.inline, uploaded))
     return contents
 
 
@@ -794,7 +795,8 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
         tree.uploads.record(g.ino, tree.uploads.version(g.ino) - 1, fake)  # stale: ignored
 
         capture = tree.capture(lambda chunks: chunks == fake)
-        assert set(capture.frozen) | set(capture.inline) == {f.ino, g.ino} and capture.uploaded == {h.ino: fake}
+        assert set(capture.frozen) | set(capture.inline) == {f.ino, g.ino}
+        assert capture.uploaded == {h.ino: encode_chunks(fake)}
         assert set(capture.inline if not pad else capture.frozen) == {f.ino, g.ino}
         assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
         await tree.write(f.ino, 0, b"CHANGED")
@@ -804,8 +806,8 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
         assert await content(tree, f.ino) == b"CHANGEDd content" + pad
         assert frozen_content(tree, f.ino, capture) == b"captured content" + pad
         assert frozen_content(tree, g.ino, capture) == b"doomed" + pad
-        assert capture.inodes[f.ino].mode == 0o644 and capture.versions[f.ino] != tree.uploads.version(f.ino)
-        assert [name for name, _ in capture.children[ROOT]] == [b"f", b"g", b"h"]
+        assert capture.node(f.ino).mode == 0o644 and capture.versions[f.ino] != tree.uploads.version(f.ino)
+        assert [name for name, _ in capture.children(ROOT)] == [b"f", b"g", b"h"]
         # writing again after the first copy-on-write changes only the live file
         await tree.write(f.ino, 0, b"AGAIN!!")
         assert frozen_content(tree, f.ino, capture) == b"captured content" + pad

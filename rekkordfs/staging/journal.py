@@ -182,9 +182,7 @@ class Journal:
         try:
             _journal(self.db.execute, "COMMIT")
         except OSError:
-            if self.db.in_transaction:  # SQLite already rolled back when it ran out of space
-                self.db.execute("ROLLBACK")
-            self._after_rollback()
+            self._abandon()
             raise
         self._after_commit()
 
@@ -229,8 +227,12 @@ class Journal:
             self._tidy = False
             give_back(self.db, urgent=False)
 
-    def _after_rollback(self) -> None:
-        """The in-memory state must not claim what was not written."""
+    def _abandon(self) -> None:
+        """The open transaction (the whole batch) is lost: roll it back, unless
+        SQLite already did (when it ran out of space), and forget what it did."""
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        # the in-memory state must not claim what was not written
         self._batch_requests = 0
         self._space_checked = 0.0  # the next batch looks at once
         self._inodes.clear()
@@ -346,9 +348,7 @@ class _Tx:
                 journal._inodes.clear()
                 journal._dirty = bool(journal.meta("dirty", 0))
                 return
-        if db.in_transaction:  # SQLite already rolled back when it ran out of space
-            db.execute("ROLLBACK")
-        journal._after_rollback()
+        journal._abandon()
 
 
 def _journal(execute: Callable[..., object], *args: object) -> object:

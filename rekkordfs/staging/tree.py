@@ -244,7 +244,7 @@ class StagingTree:
         self.commits.release(capture)
 
     def committed(self, capture: Capture, snapshot_id: bytes, snapshot: Snapshot,
-                  contents: dict[int, list[ChunkRef]], link_ids: dict[int, int]) -> list[str]:
+                  contents: dict[int, bytes], link_ids: dict[int, int]) -> list[str]:
         return self.commits.committed(capture, snapshot_id, snapshot, contents, link_ids)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 
 import trio
 
-from ..format import ChunkRef
+from ..format import ChunkRef, encode_chunks
 
 
 class Uploads:
@@ -17,7 +17,9 @@ class Uploads:
 
     def __init__(self) -> None:
         self._versions: dict[int, int] = {}  # in memory: versions start over with the process
-        self._done: dict[int, tuple[int, list[ChunkRef]]] = {}  # ino -> (version, chunks)
+        # ino -> (version, chunks encoded as in a directory record: a third of the
+        # memory of ChunkRef objects, for every staged file until it is committed)
+        self._done: dict[int, tuple[int, bytes]] = {}
         self._running: dict[int, trio.Event] = {}  # set when that upload ends, done or not
 
     # --- the content (the tree says when it changes) -------------------------------------
@@ -41,13 +43,15 @@ class Uploads:
 
     # --- results -----------------------------------------------------------------------------
 
-    def record(self, ino: int, version: int, chunks: list[ChunkRef]) -> None:
-        """An upload of this version finished; ignored if the content changed since."""
+    def record(self, ino: int, version: int, chunks: list[ChunkRef] | bytes) -> None:
+        """An upload of this version finished (its chunks, or their encoding);
+        ignored if the content changed since."""
         if self._versions.get(ino, 0) == version:
-            self._done[ino] = (version, chunks)
+            self._done[ino] = (version, chunks if isinstance(chunks, bytes) else encode_chunks(chunks))
 
-    def result(self, ino: int, version: int | None = None) -> list[ChunkRef] | None:
-        """The chunks of the upload of this version (default: the current one), if it is done."""
+    def result(self, ino: int, version: int | None = None) -> bytes | None:
+        """The chunks (format.encode_chunks) of the upload of this version
+        (default: the current one), if it is done."""
         done = self._done.get(ino)
         if done is None or done[0] != (self.version(ino) if version is None else version):
             return None

@@ -88,6 +88,10 @@ class StatKey(NamedTuple):
     ino: int
 
 
+def stat_key(st: os.stat_result) -> StatKey:
+    return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
     """A stat row in one bytes object, as a save keeps it until stored: the
     message its MAC covers (key, path length, path, encoded chunks)."""

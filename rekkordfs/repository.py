@@ -331,6 +331,15 @@ class Repository(SnapshotLog, BlobReader):
             raise
         return [Sealed(slot, blob) for slot, blob in zip(slots, blobs)]
 
+    def adopt(self, pack_id: bytes, blobs: list[bytes]) -> list[Sealed]:
+        """Chunks a save's worker process sealed for its own pack pack_id
+        (prepprocs.py), to store() like seal()'s; close_adopted() once the
+        worker moved on to another pack."""
+        return self._packer.adopt(pack_id, blobs)
+
+    def close_adopted(self, pack_id: bytes) -> None:
+        self._packer.close_adopted(pack_id)
+
     def discard(self, sealed: list[Sealed]) -> None:
         """Sealed blobs that will not be stored (their batch failed)."""
         for item in sealed:

@@ -77,7 +77,9 @@ class PrepPool:
         self.repo = repo
         self.processes = processes
         self.ready = False
+        self.batches = 0  # answered so far
         self._workers: list[_Worker] = []
+        self._spawned = trio.Event()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Start the workers, then deliver their answers until close(); fails
@@ -89,6 +91,7 @@ class PrepPool:
                     worker = _Worker(await self._spawn())
                     self._workers.append(worker)
                     nursery.start_soon(self._serve, worker)
+                self._spawned.set()
             for worker in self._workers:
                 await worker.process.wait()  # each ends once its stdin is closed
         finally:
@@ -126,6 +129,7 @@ class PrepPool:
                 await self._failed(worker, str(message[1]))
             _, closed, files = message
             reply = worker.waiting.popleft()
+            self.batches += 1
             reply.files = self._files(files)  # their blobs adopted in order, before the packs close
             for pack in closed:
                 self.repo.close_adopted(pack)
@@ -161,6 +165,7 @@ class PrepPool:
         """The files read, cut and sealed by a worker; the chunks already known
         to the repository are referred to, not stored again. Every prepared
         file must go to Uploader.store_small()."""
+        await self._spawned.wait()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         reply = _Reply()
         assert worker.process.stdin is not None

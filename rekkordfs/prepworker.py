@@ -25,9 +25,7 @@ the environment or a file. Its stdin closing (the save ended, or died) ends it.
 
 from __future__ import annotations
 
-import ctypes
 import marshal
-import os
 import signal
 import struct
 import sys
@@ -42,7 +40,6 @@ from .format import BlobKind
 from .localfiles import read_small
 
 HEADER = struct.Struct("<I")
-_PR_SET_PDEATHSIG = 1
 
 
 def frame(message: Any) -> bytes:  # noqa: ANN401 - what marshal takes
@@ -115,20 +112,10 @@ class Preparer:
         return "done", closed, files
 
 
-def _die_with_parent() -> None:
-    """No worker outlives its save, even one killed with SIGKILL (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # stdin's end still ends it
-
-
 def main() -> int:
-    parent = os.getppid()
-    _die_with_parent()
-    if os.getppid() != parent:
-        return 1
+    # No PR_SET_PDEATHSIG: it fires when the thread that started the worker
+    # ends (trio starts processes from its worker threads). A main process
+    # that dies closes the pipes, which ends the worker after its batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what a Ctrl-C does
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
     start = read_frame(stdin)

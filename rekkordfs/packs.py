@@ -119,18 +119,25 @@ class PackWriter:
         with self._lock:
             return [self._claim(kind != BlobKind.CHUNK, size) for size in sizes]
 
-    def adopt(self, pack_id: bytes, blobs: list[bytes]) -> list[Sealed]:
-        """Blobs a worker process sealed for its pack pack_id, each holding a
-        slot like claim()'s (store or cancel each). The pack stays open until
+    def add_adopted(self, items: list[tuple[bytes, bytes, bytes]]) -> list[Location]:
+        """Chunks a worker process sealed for packs of its own: (pack ID, blob
+        ID, sealed bytes) each, added in order. Such a pack stays open until
         close_adopted() or flush(), never closed by its size: the worker may
         still be sealing for it."""
+        locations: list[Location] = []
         with self._lock:
-            pack = self._adopted.get(pack_id)
-            if pack is None:
-                pack = self._adopted[pack_id] = _OpenPack(pack_id, None, False)
-            pack.holds += len(blobs)
-            pack.reserved += sum(len(blob) for blob in blobs)
-            return [Sealed(PackSlot(pack, len(blob)), blob) for blob in blobs]
+            pack: _OpenPack | None = None
+            for pack_id, blob_id, data in items:
+                if pack is None or pack.pack_id != pack_id:
+                    pack = self._adopted.get(pack_id)
+                    if pack is None:
+                        pack = self._adopted[pack_id] = _OpenPack(pack_id, None, False)
+                location = Location(pack_id, pack.size, len(data))
+                pack.pieces.append(data)
+                pack.size += len(data)
+                pack.entries.append((blob_id, BlobKind.CHUNK, location))
+                locations.append(location)
+        return locations
 
     def close_adopted(self, pack_id: bytes) -> None:
         """The worker seals no more for pack_id: it goes once its blobs are stored."""
@@ -165,7 +172,7 @@ class PackWriter:
         pack = slot.pack
         pack.holds -= 1
         pack.reserved -= slot.size
-        if not pack.closed and pack.size >= PACK_TARGET and pack.sealer is not None:
+        if not pack.closed and pack.size >= PACK_TARGET:
             self._close(pack)
         elif pack.closed and pack.holds == 0:
             self._ready.append(pack)

@@ -19,16 +19,29 @@ import os
 import subprocess
 import sys
 from collections import deque
+from dataclasses import dataclass
 from typing import NoReturn
 
 import trio
 
-from .cache import KnownBlob, StatKey
+from .cache import StatKey
 from .errors import RekkordError
-from .packs import PACK_TARGET, Sealed
+from .format import Location, encode_chunk
+from .packs import PACK_TARGET
 from .prepworker import HEADER, frame
 from .repository import Repository
-from .upload import Prepared, SmallFile
+from .upload import TransferStats
+
+
+@dataclass(slots=True)
+class PreparedFile:
+    """A small file a worker read and whose chunks are stored (in packs not
+    uploaded yet: repository.upload_ready())."""
+
+    key: StatKey  # of the file it read, by its fstat
+    size: int  # bytes read
+    chunks_raw: bytes  # format.encode_chunks() of its chunks
+    packs: set[bytes]  # the packs they are in
 
 
 class WorkerFailed(RekkordError):
@@ -66,15 +79,16 @@ class _Reply:
 
     def __init__(self) -> None:
         self.done = trio.Event()
-        self.files: list[SmallFile] | None = None
+        self.files: list[PreparedFile | OSError] | None = None
 
 
 class PrepPool:
     """Worker processes preparing batches of small files for one save. start()
     it in a nursery; prepare() once ready; close() when no batch is left."""
 
-    def __init__(self, repo: Repository, processes: int) -> None:
+    def __init__(self, repo: Repository, processes: int, stats: TransferStats) -> None:
         self.repo = repo
+        self.stats = stats
         self.processes = processes
         self.ready = False
         self.batches = 0  # answered so far
@@ -85,11 +99,13 @@ class PrepPool:
         """Start the workers, then deliver their answers until close(); fails
         with WorkerFailed if one dies. Cancelled, it kills them."""
         task_status.started()
+        await trio.to_thread.run_sync(self.repo.cache.knows_blobs)  # computed once, off the loop
         try:
             async with trio.open_nursery() as nursery:
                 for _ in range(self.processes):
                     worker = _Worker(await self._spawn())
                     self._workers.append(worker)
+                    await self._send(worker, self._secrets())
                     nursery.start_soon(self._serve, worker)
                 self._spawned.set()
             for worker in self._workers:
@@ -103,15 +119,22 @@ class PrepPool:
                     await worker.process.wait()
 
     async def _spawn(self) -> trio.Process:
-        keys, chunking = self.repo.keys, self.repo.config.chunking
-        process = await trio.lowlevel.open_process(
+        return await trio.lowlevel.open_process(
             [sys.executable, "-P", "-m", "rekkordfs.prepworker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, process_group=0, env=_environment())
-        assert process.stdin is not None
-        # the secrets travel through the pipe only
-        await process.stdin.send_all(frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size,
-                                            chunking.max_size, keys.data_public, PACK_TARGET)))
-        return process
+
+    def _secrets(self) -> bytes:
+        """What a worker needs to know, sent through its stdin only."""
+        keys, chunking = self.repo.keys, self.repo.config.chunking
+        return frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size, chunking.max_size,
+                      keys.data_public, PACK_TARGET))
+
+    async def _send(self, worker: _Worker, message: bytes) -> None:
+        assert worker.process.stdin is not None
+        try:
+            await worker.process.stdin.send_all(message)
+        except trio.BrokenResourceError:
+            await self._failed(worker, None)
 
     async def _serve(self, worker: _Worker) -> None:
         if await worker.receive() != ("ready",):
@@ -130,29 +153,42 @@ class PrepPool:
             _, closed, files = message
             reply = worker.waiting.popleft()
             self.batches += 1
-            reply.files = self._files(files)  # their blobs adopted in order, before the packs close
+            reply.files = await self._store(files)  # in order: a twin follows its first, a pack its blobs
             for pack in closed:
                 self.repo.close_adopted(pack)
             reply.done.set()
 
-    def _files(self, files: list[tuple]) -> list[SmallFile]:
-        blobs: dict[bytes, list[bytes]] = {}
-        for item in files:
-            if len(item) == 5:
-                for _, _, pack, blob in item[4]:
-                    if pack is not None:
-                        blobs.setdefault(pack, []).append(blob)
-        sealed = {pack: iter(self.repo.adopt(pack, datas)) for pack, datas in blobs.items()}
-        out: list[SmallFile] = []
+    async def _store(self, files: list[tuple]) -> list[PreparedFile | OSError]:
+        """Store the chunks a worker sealed (those the repository knows are
+        referred to where they are: the worker cannot know which); each
+        file's chunk list, or why it could not be read."""
+        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 5
+                  for blob_id, size, pack, blob in item[4] if blob is not None]
+        places: dict[bytes, Location] = {}
+        if self.repo.cache.knows_blobs():
+            known = await trio.to_thread.run_sync(self.repo.known_many, [item[1] for item in sealed])
+            places = {blob_id: found.location for blob_id, found in known.items()}
+        fresh = [item for item in sealed if item[1] not in places]
+        stored = self.repo.store_adopted([(pack, blob_id, blob) for pack, blob_id, blob, _ in fresh])
+        stats = self.stats
+        for (_, blob_id, blob, size), (location, was_new) in zip(fresh, stored):
+            places[blob_id] = location
+            if was_new:
+                stats.bytes_new += size
+                stats.bytes_stored += len(blob)
+        out: list[PreparedFile | OSError] = []
         for item in files:
             if len(item) == 2:
-                out.append(SmallFile(error=OSError(item[0], item[1])))
+                out.append(OSError(item[0], item[1]))
                 continue
             size, mtime, ctime, ino, chunks = item
-            prepared: list[Prepared] = [(blob_id, length, next(sealed[pack]) if pack is not None else None)
-                                        for blob_id, length, pack, _ in chunks]
-            out.append(SmallFile(key=StatKey(size, mtime, ctime, ino), size=sum(chunk[1] for chunk in chunks),
-                                 prepared=prepared))
+            locations = [places[chunk[0]] for chunk in chunks]  # a twin's first is in the same batch
+            read = sum(chunk[1] for chunk in chunks)
+            stats.bytes_read += read
+            out.append(PreparedFile(StatKey(size, mtime, ctime, ino), read,
+                                    b"".join([encode_chunk(chunk[0], chunk[1], location)
+                                              for chunk, location in zip(chunks, locations)]),
+                                    {location.pack for location in locations}))
         return out
 
     async def _failed(self, worker: _Worker, why: str | None) -> NoReturn:
@@ -161,44 +197,18 @@ class PrepPool:
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         raise WorkerFailed(f"a worker process of the save ended unexpectedly ({why})")
 
-    async def prepare(self, paths: list[bytes]) -> list[SmallFile]:
-        """The files read, cut and sealed by a worker; the chunks already known
-        to the repository are referred to, not stored again. Every prepared
-        file must go to Uploader.store_small()."""
+    async def prepare(self, paths: list[bytes]) -> list[PreparedFile | OSError]:
+        """The files read, cut, sealed by a worker and stored; await
+        repository.upload_ready() afterwards."""
         await self._spawned.wait()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         reply = _Reply()
-        assert worker.process.stdin is not None
         async with worker.lock:
             worker.waiting.append(reply)
-            await worker.process.stdin.send_all(frame(paths))
+            await self._send(worker, frame(paths))
         await reply.done.wait()
         assert reply.files is not None
-        files = reply.files
-        try:
-            await self._drop_known(files)
-        except BaseException:
-            for item in files:
-                if item.prepared is not None:
-                    self.repo.discard([data for _, _, data in item.prepared if isinstance(data, Sealed)])
-            raise
-        return files
-
-    async def _drop_known(self, files: list[SmallFile]) -> None:
-        """The worker sealed every chunk (it cannot know which are stored):
-        those the repository knows are referred to where they are."""
-        ids = [blob_id for item in files if item.prepared for blob_id, _, data in item.prepared if data is not None]
-        known = await trio.to_thread.run_sync(self.repo.known_many, ids)
-        if not known:
-            return
-        for item in files:
-            if item.prepared is None:
-                continue
-            for index, (blob_id, size, data) in enumerate(item.prepared):
-                found: KnownBlob | None = known.get(blob_id)
-                if found is not None and isinstance(data, Sealed):
-                    self.repo.discard([data])
-                    item.prepared[index] = (blob_id, size, found)
+        return reply.files
 
     async def close(self) -> None:
         """No more batches: the workers end once they answered the last."""

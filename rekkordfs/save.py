@@ -26,7 +26,6 @@ from .cache import StatKey, stat_row
 from .format import (
     BlobKind,
     BlobRef,
-    ChunkRef,
     EntryKind,
     Snapshot,
     encode_chunks,
@@ -35,7 +34,7 @@ from .format import (
 )
 from .gcquiet import quiet_gc
 from .keys import Capability
-from .prepprocs import PrepPool
+from .prepprocs import PreparedFile, PrepPool
 from .repository import Repository
 from .savewalk import DirNode, FileJob, Lead, Listing, Walker, normalize_paths, stat_key
 from .selection import Selection
@@ -220,7 +219,7 @@ class SaveSession:
         self._small_seen += files
         if self._pool is None and self.processes > 0 and self._small_seen >= tuning.SAVE_PROCESS_FILES:
             assert self._nursery is not None
-            self._pool = PrepPool(self.repo, self.processes)
+            self._pool = PrepPool(self.repo, self.processes, self.stats)
             self._nursery.start_soon(self._pool.run)
 
     async def _worker(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
@@ -261,27 +260,37 @@ class SaveSession:
         """Read, chunk, hash and seal many small files in a worker process, or
         in one thread hop (upload.py) until one is ready."""
         if self._pool is not None and self._pool.ready:
-            files = await self._pool.prepare([job.path for job in batch])
-            refs = self.uploader.store_small(files)
-            await self.repo.upload_ready()
-        else:
-            files = [SmallFile(path=job.path) for job in batch]
-            refs = await self.uploader.upload_small(files, read_limit=None)
+            await self._store_batch(batch, await self._pool.prepare([job.path for job in batch]))
+            return
+        files = [SmallFile(path=job.path) for job in batch]
+        refs = await self.uploader.upload_small(files, read_limit=None)
         self.lead.done(len(batch))
         for job, item, chunks in zip(batch, files, refs):
             if chunks is None:
                 assert item.error is not None
                 await self._job_done(job, item.error, counted=True)
                 continue
-            self._set_content(job, item.size, chunks, item.key == job.key)
+            self._set_content(job, item.size, encode_chunks(chunks), {chunk.location.pack for chunk in chunks},
+                              item.key == job.key)
             await self._job_done(job, None, counted=True)
 
-    def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
-        job.entry.chunks_raw = encode_chunks(chunks)
+    async def _store_batch(self, batch: list[FileJob], files: list[PreparedFile | OSError]) -> None:
+        """The batch's files as a worker process prepared them (prepprocs.py)."""
+        await self.repo.upload_ready()
+        self.lead.done(len(batch))
+        for job, item in zip(batch, files):
+            if isinstance(item, OSError):
+                await self._job_done(job, item, counted=True)
+                continue
+            self._set_content(job, item.size, item.chunks_raw, item.packs, item.key == job.key)
+            await self._job_done(job, None, counted=True)
+
+    def _set_content(self, job: FileJob, size: int, chunks_raw: bytes, packs: set[bytes], unchanged: bool) -> None:
+        job.entry.chunks_raw = chunks_raw
         job.entry.size = size
-        self.uses.update([chunk.location.pack for chunk in chunks])
+        self.uses.update(packs)
         if unchanged:
-            self._stat_rows.append(stat_row(job.path, job.key, job.entry.chunks_raw))
+            self._stat_rows.append(stat_row(job.path, job.key, chunks_raw))
             if len(self._stat_rows) >= STAT_BATCH:
                 self._stat_send.send_nowait(self._stat_rows)
                 self._stat_rows = []
@@ -296,7 +305,8 @@ class SaveSession:
             unchanged = await trio.to_thread.run_sync(self._unchanged, handle, job.key)
         finally:
             handle.close()
-        self._set_content(job, sum(c.size for c in chunks), chunks, unchanged)
+        self._set_content(job, sum(c.size for c in chunks), encode_chunks(chunks),
+                          {chunk.location.pack for chunk in chunks}, unchanged)
 
     async def _child_done(self, node: DirNode) -> None:
         node.pending -= 1

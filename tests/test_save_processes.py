@@ -129,17 +129,17 @@ def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeyp
                                                           eager_workers: None) -> None:
     master = keymod.new_master()
     src = small_tree(tmp_path / "src", 3000)
-    real = prepprocs.PrepPool._files
+    real = prepprocs.PrepPool._store
     killed: list[int] = []
 
-    def kill_first(pool: prepprocs.PrepPool, files: list[tuple]) -> list:
+    async def kill_first(pool: prepprocs.PrepPool, files: list[tuple]) -> list:
         if not killed:  # once its first batch is answered: mid-way through the save
             pid = pool._workers[0].process.pid
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-        return real(pool, files)
+        return await real(pool, files)
 
-    monkeypatch.setattr(prepprocs.PrepPool, "_files", kill_first)
+    monkeypatch.setattr(prepprocs.PrepPool, "_store", kill_first)
 
     async def main() -> None:
         storage = MemoryStorage()
@@ -151,7 +151,7 @@ def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeyp
         assert killed
         with pytest.raises(ProcessLookupError):  # reaped, not left a zombie
             os.kill(killed[0], 0)
-        monkeypatch.setattr(prepprocs.PrepPool, "_files", real)
+        monkeypatch.setattr(prepprocs.PrepPool, "_store", real)
         await save_into(storage, master, src, 1)  # nothing in the way of the next save
         repo = await Repository.open(storage, master)
         try:
@@ -162,12 +162,16 @@ def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeyp
     trio.run(main)
 
 
-def _children(pid: int) -> list[int]:
-    """The children of every thread of pid (trio starts processes from its threads)."""
+def _workers(pid: int) -> list[int]:
+    """The worker processes of rekkord process pid, once they run their code
+    (children of any of its threads: trio starts processes from its threads;
+    not others, such as the `ldconfig -p` ctypes may run)."""
     found = []
     try:
         for task in Path(f"/proc/{pid}/task").iterdir():
-            found += [int(c) for c in (task / "children").read_text().split()]
+            for child in (task / "children").read_text().split():
+                if b"rekkordfs.prepworker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
     except OSError:
         pass
     return found
@@ -194,7 +198,7 @@ def test_rekkord_save_whose_worker_is_killed_exits_1(local_repo: Rekkord, tmp_pa
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 120
-        while not (workers := _children(process.pid)) and process.poll() is None and time.monotonic() < deadline:
+        while not (workers := _workers(process.pid)) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.005)
         assert workers, "the save started no worker process"
         os.kill(workers[0], signal.SIGKILL)
@@ -222,7 +226,7 @@ def test_ctrl_c_during_a_save_with_workers_leaves_no_process(local_repo: Rekkord
                                    text=True, env=env)
         try:
             time.sleep(moment)
-            had_workers = bool(_children(process.pid))
+            had_workers = bool(_workers(process.pid))
             process.send_signal(signal.SIGINT)
             stdout, stderr = process.communicate(timeout=120)
         finally:

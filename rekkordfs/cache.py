@@ -88,6 +88,10 @@ class StatKey(NamedTuple):
     ino: int
 
 
+def stat_key(st: os.stat_result) -> StatKey:
+    return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
 def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
     """A stat row in one bytes object, as a save keeps it until stored: the
     message its MAC covers (key, path length, path, encoded chunks)."""
@@ -141,6 +145,8 @@ class LocalCache:
         found: dict[bytes, KnownBlob] = {}
         excluded = self._excluded
         indexed = self._indexed_packs()
+        if not indexed:
+            return found  # no blob row counts yet (a first save into a new repository)
         for start in range(0, len(blob_ids), 500):
             part = blob_ids[start:start + 500]
             query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
@@ -150,6 +156,10 @@ class LocalCache:
                 if pack not in excluded and pack != avoid and blob_id not in found and pack in indexed:
                     found[blob_id] = KnownBlob(Location(pack, offset, length))
         return found
+
+    def knows_blobs(self) -> bool:
+        """Whether lookup_blobs() can find anything at all (some pack index is recorded)."""
+        return bool(self._indexed_packs())
 
     def known_indexes(self) -> set[str]:
         with self._lock:

@@ -135,24 +135,10 @@ class BlobCodec:
 
     def compress(self, data: bytes | bytearray | memoryview) -> tuple[int, bytes | bytearray | memoryview]:
         """(compression, payload): zstd when it saves enough, else the data itself."""
-        if len(data) >= 64 and self._worth_compressing(data):
-            compressed = self._compressor().compress(data)
-            if len(compressed) <= len(data) * (1 - MIN_SAVING):
-                return COMPRESS_ZSTD, compressed
-        return COMPRESS_NONE, data
+        return compress(self._compressor(), data)
 
     def compress_many(self, datas: list[memoryview]) -> list[tuple[int, bytes | bytearray | memoryview]]:
-        """compress() of each, the small ones (always worth trying) in one call
-        to zstd: one GIL hand-off for a batch of small files, not one each."""
-        out: list[tuple[int, bytes | bytearray | memoryview] | None] = [None] * len(datas)
-        small = [index for index, data in enumerate(datas) if 64 <= len(data) <= 4 * SAMPLE_SIZE]
-        if len(small) > 1:
-            frames = self._compressor().multi_compress_to_buffer([datas[index] for index in small], threads=0)
-            for n, index in enumerate(small):
-                compressed = frames[n].tobytes()  # the same frame as compress() makes
-                out[index] = ((COMPRESS_ZSTD, compressed) if len(compressed) <= len(datas[index]) * (1 - MIN_SAVING)
-                              else (COMPRESS_NONE, datas[index]))
-        return [found if found is not None else self.compress(data) for found, data in zip(out, datas)]
+        return compress_many(self._compressor(), datas)
 
     def seal(self, sealer: crypto.PackSealer, kind: BlobKind, compression: int,
              payload: bytes | bytearray | memoryview) -> bytearray:
@@ -161,25 +147,12 @@ class BlobCodec:
 
     def seal_many(self, kind: BlobKind, items: list[tuple[crypto.PackSealer, int, bytes | bytearray | memoryview]]
                   ) -> list[bytearray]:
-        """seal() of many blobs: (sealer, compression, payload) each."""
-        trailers = {compression: bytes((BLOB_VERSION, kind, compression)) for compression in (COMPRESS_NONE,
-                                                                                              COMPRESS_ZSTD)}
-        return crypto.seal_many([(sealer, payload) for sealer, _, payload in items],
-                                [trailers[compression] for _, compression, _ in items])
+        return seal_many(kind, items)
 
     def seal_alone(self, kind: BlobKind, data: bytes) -> bytes:
         """An object holding one blob (snapshot records): its pack ID, then the blob."""
         sealer = self.new_sealer()
         return sealer.pack_id + self.seal(sealer, kind, *self.compress(data))
-
-    def _worth_compressing(self, data: bytes | bytearray | memoryview) -> bool:
-        # Compressing incompressible data (media, archives, encrypted files)
-        # costs as much as encrypting it; a sample tells which kind this is.
-        if len(data) <= 4 * SAMPLE_SIZE:
-            return True
-        middle = len(data) // 2
-        sample = memoryview(data)[middle:middle + SAMPLE_SIZE]
-        return len(self._compressor().compress(sample)) <= SAMPLE_SIZE * (1 - MIN_SAVING)
 
     # --- opening (readers) ------------------------------------------------------------
 
@@ -291,3 +264,50 @@ class BlobCodec:
             raise CorruptedData(f"pack index is malformed ({exc})") from None
         problem = signer.problem(self.keys, INDEX_CONTEXT + self.repo_id + body[:end], body[end:])
         return PackIndex(pack_id, signer, entries), problem
+
+
+# --- writing, without keys: shared by BlobCodec and the save's worker processes (prepworker.py)
+
+
+def compress(compressor: zstandard.ZstdCompressor, data: bytes | bytearray | memoryview
+             ) -> tuple[int, bytes | bytearray | memoryview]:
+    """(compression, payload): zstd when it saves enough, else the data itself."""
+    if len(data) >= 64 and _worth_compressing(compressor, data):
+        compressed = compressor.compress(data)
+        if len(compressed) <= len(data) * (1 - MIN_SAVING):
+            return COMPRESS_ZSTD, compressed
+    return COMPRESS_NONE, data
+
+
+def compress_many(compressor: zstandard.ZstdCompressor, datas: list[memoryview]
+                  ) -> list[tuple[int, bytes | bytearray | memoryview]]:
+    """compress() of each, the small ones (always worth trying) in one call
+    to zstd: one GIL hand-off for a batch of small files, not one each."""
+    out: list[tuple[int, bytes | bytearray | memoryview] | None] = [None] * len(datas)
+    small = [index for index, data in enumerate(datas) if 64 <= len(data) <= 4 * SAMPLE_SIZE]
+    if len(small) > 1:
+        frames = compressor.multi_compress_to_buffer([datas[index] for index in small], threads=0)
+        for n, index in enumerate(small):
+            compressed = frames[n].tobytes()  # the same frame as compress() makes
+            out[index] = ((COMPRESS_ZSTD, compressed) if len(compressed) <= len(datas[index]) * (1 - MIN_SAVING)
+                          else (COMPRESS_NONE, datas[index]))
+    return [found if found is not None else compress(compressor, data) for found, data in zip(out, datas)]
+
+
+def seal_many(kind: BlobKind, items: list[tuple[crypto.PackSealer, int, bytes | bytearray | memoryview]]
+              ) -> list[bytearray]:
+    """The stored form of many blobs: (sealer, compression, payload) each."""
+    trailers = {compression: bytes((BLOB_VERSION, kind, compression)) for compression in (COMPRESS_NONE,
+                                                                                          COMPRESS_ZSTD)}
+    return crypto.seal_many([(sealer, payload) for sealer, _, payload in items],
+                            [trailers[compression] for _, compression, _ in items])
+
+
+def _worth_compressing(compressor: zstandard.ZstdCompressor, data: bytes | bytearray | memoryview) -> bool:
+    # Compressing incompressible data (media, archives, encrypted files)
+    # costs as much as encrypting it; a sample tells which kind this is.
+    if len(data) <= 4 * SAMPLE_SIZE:
+        return True
+    middle = len(data) // 2
+    sample = memoryview(data)[middle:middle + SAMPLE_SIZE]
+    return len(compressor.compress(sample)) <= SAMPLE_SIZE * (1 - MIN_SAVING)

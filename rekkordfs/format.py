@@ -125,6 +125,11 @@ def encode_chunks(chunks: Iterable[ChunkRef]) -> bytes:
     return b"".join([pack(c.id, c.size, c.location.pack, c.location.offset, c.location.length) for c in chunks])
 
 
+def encode_chunk(blob_id: bytes, size: int, location: Location) -> bytes:
+    """encode_chunks() of one chunk, without a ChunkRef (saves join these)."""
+    return _CHUNK.pack(blob_id, size, location.pack, location.offset, location.length)
+
+
 def decode_chunks(raw: bytes) -> list[ChunkRef]:
     if len(raw) % _CHUNK.size:
         raise CorruptedData("file chunk list is malformed")

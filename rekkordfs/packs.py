@@ -41,6 +41,7 @@ class PackSlot:
 
     @property
     def sealer(self) -> crypto.PackSealer:
+        assert self.pack.sealer is not None, "a pack sealed by another process has no sealer here"
         return self.pack.sealer
 
 
@@ -49,14 +50,15 @@ class Sealed:
     """A blob sealed for the pack of its slot, not stored yet."""
 
     slot: PackSlot
-    data: bytearray
+    data: bytes | bytearray
 
 
 class _OpenPack:
-    __slots__ = ("sealer", "records", "pieces", "size", "reserved", "entries", "holds", "closed", "done")
+    __slots__ = ("pack_id", "sealer", "records", "pieces", "size", "reserved", "entries", "holds", "closed", "done")
 
-    def __init__(self, sealer: crypto.PackSealer, records: bool) -> None:
-        self.sealer = sealer
+    def __init__(self, pack_id: bytes, sealer: crypto.PackSealer | None, records: bool) -> None:
+        self.pack_id = pack_id
+        self.sealer = sealer  # None: an adopted pack, sealed by a worker process that holds its key
         self.records = records
         self.pieces: list[bytes | bytearray] = []  # joined once, when uploaded
         self.size = 0
@@ -91,6 +93,9 @@ class PackWriter:
         self._current: dict[bool, _OpenPack] = {}  # is a record pack -> its open pack
         self._ready: list[_OpenPack] = []  # closed, no open slot, waiting for an uploader
         self._unfinished: set[_OpenPack] = set()  # closed and not done
+        # chunk packs whose blobs a save's worker process seals with its own key
+        # (prepprocs.py): open until it says it is done with them, or flush()
+        self._adopted: dict[bytes, _OpenPack] = {}
 
     def claim(self, kind: BlobKind, size: int) -> PackSlot:
         """Room for a blob of `size` stored bytes (any thread)."""
@@ -103,7 +108,8 @@ class PackWriter:
             self._close(pack)
             pack = None
         if pack is None:
-            pack = self._current[records] = _OpenPack(self.codec.new_sealer(), records)
+            sealer = self.codec.new_sealer()
+            pack = self._current[records] = _OpenPack(sealer.pack_id, sealer, records)
         pack.holds += 1
         pack.reserved += size
         return PackSlot(pack, size)
@@ -112,6 +118,33 @@ class PackWriter:
         """claim() of many blobs, taking the lock once."""
         with self._lock:
             return [self._claim(kind != BlobKind.CHUNK, size) for size in sizes]
+
+    def add_adopted(self, items: list[tuple[bytes, bytes, bytes]]) -> list[Location]:
+        """Chunks a worker process sealed for packs of its own: (pack ID, blob
+        ID, sealed bytes) each, added in order. Such a pack stays open until
+        close_adopted() or flush(), never closed by its size: the worker may
+        still be sealing for it."""
+        locations: list[Location] = []
+        with self._lock:
+            pack: _OpenPack | None = None
+            for pack_id, blob_id, data in items:
+                if pack is None or pack.pack_id != pack_id:
+                    pack = self._adopted.get(pack_id)
+                    if pack is None:
+                        pack = self._adopted[pack_id] = _OpenPack(pack_id, None, False)
+                location = Location(pack_id, pack.size, len(data))
+                pack.pieces.append(data)
+                pack.size += len(data)
+                pack.entries.append((blob_id, BlobKind.CHUNK, location))
+                locations.append(location)
+        return locations
+
+    def close_adopted(self, pack_id: bytes) -> None:
+        """The worker seals no more for pack_id: it goes once its blobs are stored."""
+        with self._lock:
+            pack = self._adopted.pop(pack_id, None)
+            if pack is not None:
+                self._close(pack)
 
     def add(self, sealed: Sealed, blob_id: bytes, kind: BlobKind) -> Location:
         return self.add_many([(sealed, blob_id)], kind)[0]
@@ -122,7 +155,7 @@ class PackWriter:
         with self._lock:
             for sealed, blob_id in items:
                 pack = sealed.slot.pack
-                location = Location(pack.sealer.pack_id, pack.size, len(sealed.data))
+                location = Location(pack.pack_id, pack.size, len(sealed.data))
                 pack.pieces.append(sealed.data)
                 pack.size += len(sealed.data)
                 pack.entries.append((blob_id, kind, location))
@@ -163,9 +196,10 @@ class PackWriter:
 
     async def flush(self) -> None:
         with self._lock:
-            for pack in list(self._current.values()):
+            for pack in [*self._current.values(), *self._adopted.values()]:
                 if pack.entries or pack.holds:
                     self._close(pack)
+            self._adopted.clear()
             waiting = list(self._unfinished)
         await self.upload_ready()
         for pack in waiting:
@@ -176,13 +210,13 @@ class PackWriter:
             if pack.entries:
                 buffer = b"".join(pack.pieces)
                 pack.pieces = []
-                if not await self.storage.put(pack_key(pack.sealer.pack_id), buffer):
-                    raise RepositoryError(f"pack {pack.sealer.pack_id.hex()} exists already")
-                index = await trio.to_thread.run_sync(self.codec.seal_index, pack.sealer.pack_id, pack.entries)
+                if not await self.storage.put(pack_key(pack.pack_id), buffer):
+                    raise RepositoryError(f"pack {pack.pack_id.hex()} exists already")
+                index = await trio.to_thread.run_sync(self.codec.seal_index, pack.pack_id, pack.entries)
                 name = index_key(crypto.random_bytes(INDEX_NAME_SIZE))
                 if not await self.storage.put(name, index):
                     raise RepositoryError(f"pack index {name} exists already")
-                self.written_indexes[name] = pack.sealer.pack_id
+                self.written_indexes[name] = pack.pack_id
                 await self.written([(blob_id, location) for blob_id, _, location in pack.entries])
         except BaseException:
             self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now

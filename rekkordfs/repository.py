@@ -331,6 +331,33 @@ class Repository(SnapshotLog, BlobReader):
             raise
         return [Sealed(slot, blob) for slot, blob in zip(slots, blobs)]
 
+    def store_adopted(self, items: list[tuple[bytes, bytes, bytes]]) -> list[tuple[Location, bool]]:
+        """Chunks a save's worker process sealed for its own packs (prepprocs.py):
+        (pack ID, blob ID, sealed bytes) each, distinct IDs, in the order the
+        worker sealed them; like store_many(), where each is stored and whether
+        this call stored it. close_adopted() once the worker moved on to
+        another pack; upload_ready() afterwards."""
+        out: list[tuple[Location, bool] | None] = []
+        new: list[tuple[bytes, bytes, bytes]] = []
+        known = self._known
+        for item in items:
+            place = known.get(item[1])
+            if place is not None:
+                out.append((self._location(place), False))
+            else:
+                new.append(item)
+                out.append(None)
+        locations = iter(self._packer.add_adopted(new))
+        for index, found in enumerate(out):
+            if found is None:
+                location = next(locations)
+                known[items[index][1]] = self._place(location)
+                out[index] = (location, True)
+        return [found for found in out if found is not None]
+
+    def close_adopted(self, pack_id: bytes) -> None:
+        self._packer.close_adopted(pack_id)
+
     def discard(self, sealed: list[Sealed]) -> None:
         """Sealed blobs that will not be stored (their batch failed)."""
         for item in sealed:

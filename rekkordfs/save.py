@@ -21,11 +21,11 @@ from typing import BinaryIO
 
 import trio
 
+from . import tuning
 from .cache import StatKey, stat_row
 from .format import (
     BlobKind,
     BlobRef,
-    ChunkRef,
     EntryKind,
     Snapshot,
     encode_chunks,
@@ -34,6 +34,7 @@ from .format import (
 )
 from .gcquiet import quiet_gc
 from .keys import Capability
+from .prepprocs import PreparedFile, PrepPool
 from .repository import Repository
 from .savewalk import DirNode, FileJob, Lead, Listing, Walker, normalize_paths, stat_key
 from .selection import Selection
@@ -64,7 +65,8 @@ class SaveResult:
 class SaveSession:
     def __init__(self, repo: Repository, channel: str, paths: list[str],
                  warn: Callable[[str], None], workers: int | None = None,
-                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None) -> None:
+                 selection: Selection | None = None, report: Callable[[bytes], None] | None = None,
+                 processes: int | None = None) -> None:
         repo.keys.require(Capability.WRITE)
         self.repo = repo
         self.channel = validate_channel(channel)
@@ -75,6 +77,12 @@ class SaveSession:
         self.stats = SaveStats()
         self.uploader = Uploader(repo, self.stats)
         self.workers = workers or save_workers(repo.threads)
+        # worker processes for small files (prepprocs.py), started once the
+        # walk has found enough of them to be worth a process start
+        self.processes = tuning.save_processes(repo.threads) if processes is None else processes
+        self._pool: PrepPool | None = None
+        self._small_seen = 0
+        self._nursery: trio.Nursery | None = None
         self.root = DirNode(b"", None, None)
         self.root_ref: BlobRef | None = None
         self._link_done: dict[int, trio.Event] = {}
@@ -122,11 +130,10 @@ class SaveSession:
             outer.start_soon(self._store_stats)
             async with self._stat_send:
                 async with task_group() as nursery:
+                    self._nursery = nursery
                     nursery.start_soon(walk)
                     nursery.start_soon(self._dispatch, listings_recv, jobs_send)
-                    for _ in range(self.workers):
-                        nursery.start_soon(self._worker, jobs_recv.clone())
-                    jobs_recv.close()
+                    nursery.start_soon(self._work, jobs_recv)
                 self._stat_send.send_nowait(self._stat_rows)
         # the last rows are stored before publishing: SQLite's writes beside the
         # publication's fsyncs made them slower, and the window between the
@@ -168,6 +175,7 @@ class SaveSession:
                     listing = listings.receive_nowait()
                 except trio.WouldBlock:
                     if batch:
+                        self._count_small(len(batch))
                         await jobs.send(batch)
                         batch, batch_bytes = [], 0
                     try:
@@ -186,12 +194,33 @@ class SaveSession:
                         batch.append(job)
                         batch_bytes += job.key.size
                         if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                            self._count_small(len(batch))
                             await jobs.send(batch)
                             batch, batch_bytes = [], 0
                     else:
                         await jobs.send([job])
             if batch:
+                self._count_small(len(batch))
                 await jobs.send(batch)
+
+    async def _work(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
+        try:
+            async with task_group() as workers:
+                for _ in range(self.workers):
+                    workers.start_soon(self._worker, jobs.clone())
+                jobs.close()
+        finally:
+            if self._pool is not None:
+                with trio.CancelScope(shield=True):
+                    await self._pool.close()
+
+    def _count_small(self, files: int) -> None:
+        """Dispatcher: start the worker processes once there is enough small-file work."""
+        self._small_seen += files
+        if self._pool is None and self.processes > 0 and self._small_seen >= tuning.SAVE_PROCESS_FILES:
+            assert self._nursery is not None
+            self._pool = PrepPool(self.repo, self.processes, self.stats)
+            self._nursery.start_soon(self._pool.run)
 
     async def _worker(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         async with jobs:
@@ -228,7 +257,11 @@ class SaveSession:
         await self._process_large(job)
 
     async def _process_batch(self, batch: list[FileJob]) -> None:
-        """Read, chunk, hash and seal many small files in one thread hop (upload.py)."""
+        """Read, chunk, hash and seal many small files in a worker process, or
+        in one thread hop (upload.py) until one is ready."""
+        if self._pool is not None and self._pool.ready:
+            await self._store_batch(batch, await self._pool.prepare([job.path for job in batch]))
+            return
         files = [SmallFile(path=job.path) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)
         self.lead.done(len(batch))
@@ -237,16 +270,27 @@ class SaveSession:
                 assert item.error is not None
                 await self._job_done(job, item.error, counted=True)
                 continue
-            assert item.data is not None and item.stat is not None
-            self._set_content(job, len(item.data), chunks, stat_key(item.stat) == job.key)
+            self._set_content(job, item.size, encode_chunks(chunks), {chunk.location.pack for chunk in chunks},
+                              item.key == job.key)
             await self._job_done(job, None, counted=True)
 
-    def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
-        job.entry.chunks_raw = encode_chunks(chunks)
+    async def _store_batch(self, batch: list[FileJob], files: list[PreparedFile | OSError]) -> None:
+        """The batch's files as a worker process prepared them (prepprocs.py)."""
+        await self.repo.upload_ready()
+        self.lead.done(len(batch))
+        for job, item in zip(batch, files):
+            if isinstance(item, OSError):
+                await self._job_done(job, item, counted=True)
+                continue
+            self._set_content(job, item.size, item.chunks_raw, item.packs, item.key == job.key)
+            await self._job_done(job, None, counted=True)
+
+    def _set_content(self, job: FileJob, size: int, chunks_raw: bytes, packs: set[bytes], unchanged: bool) -> None:
+        job.entry.chunks_raw = chunks_raw
         job.entry.size = size
-        self.uses.update([chunk.location.pack for chunk in chunks])
+        self.uses.update(packs)
         if unchanged:
-            self._stat_rows.append(stat_row(job.path, job.key, job.entry.chunks_raw))
+            self._stat_rows.append(stat_row(job.path, job.key, chunks_raw))
             if len(self._stat_rows) >= STAT_BATCH:
                 self._stat_send.send_nowait(self._stat_rows)
                 self._stat_rows = []
@@ -261,7 +305,8 @@ class SaveSession:
             unchanged = await trio.to_thread.run_sync(self._unchanged, handle, job.key)
         finally:
             handle.close()
-        self._set_content(job, sum(c.size for c in chunks), chunks, unchanged)
+        self._set_content(job, sum(c.size for c in chunks), encode_chunks(chunks),
+                          {chunk.location.pack for chunk in chunks}, unchanged)
 
     async def _child_done(self, node: DirNode) -> None:
         node.pending -= 1

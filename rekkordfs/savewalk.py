@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .cache import StatKey
+from .cache import StatKey, stat_key
 from .errors import UsageError
 from .format import ChunkRef, Entry, EntryKind
 from .fsmeta import entry_from_stat, read_xattrs
@@ -72,10 +72,6 @@ def normalize_paths(paths: list[str]) -> list[bytes]:
         if not any(path == k or path.startswith(k.rstrip(b"/") + b"/") for k in kept):
             kept.append(path)
     return kept
-
-
-def stat_key(st: os.stat_result) -> StatKey:
-    return StatKey(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
 class Lead:

@@ -51,6 +51,17 @@ def small_file_threads(threads: int) -> int:
     return 1
 
 
+SAVE_PROCESS_FILES = 2048  # small files a save must have before it starts worker processes
+
+
+def save_processes(threads: int) -> int:
+    """Worker processes preparing a save's small files (prepprocs.py): the
+    CPUs it may use less the one of its main process, which the GIL holds."""
+    import os
+
+    return max(0, min(threads, os.cpu_count() or 1, 5) - 1)
+
+
 def save_lead(threads: int) -> int:
     """Files a save's walker may have queued and not saved yet: about 1 KiB of
     memory each, and far more than the workers need to stay busy."""

@@ -7,18 +7,16 @@ happens on the trio side so packs and the known-blob table stay consistent.
 
 from __future__ import annotations
 
-import errno
-import io
 import os
-import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
 
-from .cache import KnownBlob
+from .cache import KnownBlob, StatKey, stat_key
 from .chunker import Chunker, ReadsInto
 from .format import BlobKind, ChunkRef, Location
+from .localfiles import open_regular, read_small
 from .packs import Sealed
 from .repository import Repository
 from .tasks import task_group
@@ -37,51 +35,6 @@ class TransferStats:
     bytes_stored: int = 0  # bytes written to the repository
 
 
-def open_regular(path: bytes | str | os.PathLike[str]) -> io.FileIO:
-    """Open a file for reading without following symlinks or blocking on FIFOs."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
-    try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))  # O_NOATIME needs ownership
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, "no longer a regular file")
-    return os.fdopen(fd, "rb", buffering=0)
-
-
-def read_small(path: bytes | str, limit: int | None = SMALL_FILE) -> tuple[bytes | None, os.stat_result]:
-    """The content of a small regular file and its fstat, with few system calls
-    (open, fstat, one read, close: each lets go of the GIL). (None, stat) when it
-    is over `limit` bytes; it is read whatever its size when limit is None."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | _NOATIME
-    try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        if not _NOATIME:
-            raise
-        fd = os.open(path, flags & ~_NOATIME)  # O_NOATIME needs ownership
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "no longer a regular file")
-        if limit is not None and st.st_size > limit:
-            return None, st
-        data = os.read(fd, st.st_size + 1)  # a short read is the end of a regular file
-        if len(data) > st.st_size:  # it grew meanwhile: read to its end
-            pieces = [data]
-            while piece := os.read(fd, 1 << 20):
-                pieces.append(piece)
-            data = b"".join(pieces)
-        return data, st
-    finally:
-        os.close(fd)
-
-
-_NOATIME = getattr(os, "O_NOATIME", 0)
-
-
 @dataclass(slots=True, eq=False)
 class SmallFile:
     """One file of a small-file batch (Uploader.prepare_small): its content, or
@@ -89,7 +42,8 @@ class SmallFile:
 
     data: bytes | None = None
     path: bytes | str | None = None
-    stat: os.stat_result | None = None  # fstat of the file it was read from (unchanged meanwhile?)
+    key: StatKey | None = None  # of the file it was read from, by its fstat (unchanged meanwhile?)
+    size: int = 0  # bytes read
     error: OSError | None = None  # it could not be read: nothing prepared
     large: bool = False  # over SMALL_FILE when opened: left for upload_path()
     prepared: list[Prepared] | None = None
@@ -137,14 +91,16 @@ class Uploader:
             if item.data is None:
                 assert item.path is not None
                 try:
-                    item.data, item.stat = read_small(item.path, read_limit)
+                    item.data, st = read_small(item.path, read_limit)
                 except OSError as exc:
                     item.error = exc
                     continue
+                item.key = stat_key(st)
                 if item.data is None:
                     item.large = True
                     continue
-            total += len(item.data)
+            item.size = len(item.data)
+            total += item.size
         todo = [(item, item.data) for item in files[:handled] if item.data is not None and item.error is None]
         for (item, _), prepared in zip(todo, self._seal_new([self.chunker.split(data) for _, data in todo])):
             item.prepared = prepared
@@ -160,8 +116,7 @@ class Uploader:
             if item.prepared is None:
                 out.append(None)
                 continue
-            assert item.data is not None
-            self.stats.bytes_read += len(item.data)
+            self.stats.bytes_read += item.size
             out.append([next(refs) for _ in item.prepared])
         return out
 

@@ -1,0 +1,227 @@
+"""Batches of small files prepared in worker processes (prepworker.py), for
+a save of many of them: the CPU work of a small file (read, chunk, hash,
+compress, seal) is about as much as the main process's bookkeeping of it,
+and under the GIL both ran on one core.
+
+The main process keeps everything that is shared: which blobs are known,
+the packs (a worker seals for packs of its own, which the main process adopts:
+packs.PackWriter.adopt), the cache and the snapshot. A worker is started with
+subprocess (fork and exec at once: the main process runs threads and trio,
+which a bare fork would copy in whatever state they were), in its own process
+group (Ctrl-C is the main process's), and ends when its stdin closes or the
+main process dies. A worker that dies or fails fails the save with one line.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import subprocess
+import sys
+from collections import deque
+from dataclasses import dataclass
+from typing import NoReturn
+
+import trio
+
+from .cache import StatKey
+from .errors import RekkordError
+from .format import Location, encode_chunk
+from .packs import PACK_TARGET
+from .prepworker import HEADER, frame
+from .repository import Repository
+from .upload import TransferStats
+
+
+@dataclass(slots=True)
+class PreparedFile:
+    """A small file a worker read and whose chunks are stored (in packs not
+    uploaded yet: repository.upload_ready())."""
+
+    key: StatKey  # of the file it read, by its fstat
+    size: int  # bytes read
+    chunks_raw: bytes  # format.encode_chunks() of its chunks
+    packs: set[bytes]  # the packs they are in
+
+
+class WorkerFailed(RekkordError):
+    """A save's worker process died or failed."""
+
+
+class _Worker:
+    """One worker process and the batches sent to it, answered in order."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.lock = trio.Lock()  # one sender at a time; batches queue in send order
+        self.waiting: deque[_Reply] = deque()
+        self.buffer = bytearray()
+        self.closing = False
+
+    async def receive(self) -> object | None:
+        """The next message, or None once the worker closed its stdout."""
+        assert self.process.stdout is not None
+        while True:
+            if len(self.buffer) >= HEADER.size:
+                (size,) = HEADER.unpack_from(self.buffer)
+                if len(self.buffer) >= HEADER.size + size:
+                    body = bytes(self.buffer[HEADER.size:HEADER.size + size])
+                    del self.buffer[:HEADER.size + size]
+                    return marshal.loads(body)
+            data = await self.process.stdout.receive_some(1 << 20)
+            if not data:
+                return None
+            self.buffer += data
+
+
+class _Reply:
+    __slots__ = ("done", "files")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.files: list[PreparedFile | OSError] | None = None
+
+
+class PrepPool:
+    """Worker processes preparing batches of small files for one save. start()
+    it in a nursery; prepare() once ready; close() when no batch is left."""
+
+    def __init__(self, repo: Repository, processes: int, stats: TransferStats) -> None:
+        self.repo = repo
+        self.stats = stats
+        self.processes = processes
+        self.ready = False
+        self.batches = 0  # answered so far
+        self._workers: list[_Worker] = []
+        self._spawned = trio.Event()
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the workers, then deliver their answers until close(); fails
+        with WorkerFailed if one dies. Cancelled, it kills them."""
+        task_status.started()
+        await trio.to_thread.run_sync(self.repo.cache.knows_blobs)  # computed once, off the loop
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(self.processes):
+                    worker = _Worker(await self._spawn())
+                    self._workers.append(worker)
+                    await self._send(worker, self._secrets())
+                    nursery.start_soon(self._serve, worker)
+                self._spawned.set()
+            for worker in self._workers:
+                await worker.process.wait()  # each ends once its stdin is closed
+        finally:
+            for worker in self._workers:
+                if worker.process.returncode is None:
+                    worker.process.kill()
+            with trio.CancelScope(shield=True):
+                for worker in self._workers:
+                    await worker.process.wait()
+
+    async def _spawn(self) -> trio.Process:
+        return await trio.lowlevel.open_process(
+            [sys.executable, "-P", "-m", "rekkordfs.prepworker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, process_group=0, env=_environment())
+
+    def _secrets(self) -> bytes:
+        """What a worker needs to know, sent through its stdin only."""
+        keys, chunking = self.repo.keys, self.repo.config.chunking
+        return frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size, chunking.max_size,
+                      keys.data_public, PACK_TARGET))
+
+    async def _send(self, worker: _Worker, message: bytes) -> None:
+        assert worker.process.stdin is not None
+        try:
+            await worker.process.stdin.send_all(message)
+        except trio.BrokenResourceError:
+            await self._failed(worker, None)
+
+    async def _serve(self, worker: _Worker) -> None:
+        if await worker.receive() != ("ready",):
+            await self._failed(worker, None)
+        if not self.ready:
+            self.ready = True
+        while True:
+            message = await worker.receive()
+            if message is None:
+                if worker.closing and not worker.waiting:
+                    return
+                await self._failed(worker, None)
+            assert isinstance(message, tuple)
+            if message[0] != "done":
+                await self._failed(worker, str(message[1]))
+            _, closed, files = message
+            reply = worker.waiting.popleft()
+            self.batches += 1
+            reply.files = await self._store(files)  # in order: a twin follows its first, a pack its blobs
+            for pack in closed:
+                self.repo.close_adopted(pack)
+            reply.done.set()
+
+    async def _store(self, files: list[tuple]) -> list[PreparedFile | OSError]:
+        """Store the chunks a worker sealed (those the repository knows are
+        referred to where they are: the worker cannot know which); each
+        file's chunk list, or why it could not be read."""
+        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 5
+                  for blob_id, size, pack, blob in item[4] if blob is not None]
+        places: dict[bytes, Location] = {}
+        if self.repo.cache.knows_blobs():
+            known = await trio.to_thread.run_sync(self.repo.known_many, [item[1] for item in sealed])
+            places = {blob_id: found.location for blob_id, found in known.items()}
+        fresh = [item for item in sealed if item[1] not in places]
+        stored = self.repo.store_adopted([(pack, blob_id, blob) for pack, blob_id, blob, _ in fresh])
+        stats = self.stats
+        for (_, blob_id, blob, size), (location, was_new) in zip(fresh, stored):
+            places[blob_id] = location
+            if was_new:
+                stats.bytes_new += size
+                stats.bytes_stored += len(blob)
+        out: list[PreparedFile | OSError] = []
+        for item in files:
+            if len(item) == 2:
+                out.append(OSError(item[0], item[1]))
+                continue
+            size, mtime, ctime, ino, chunks = item
+            locations = [places[chunk[0]] for chunk in chunks]  # a twin's first is in the same batch
+            read = sum(chunk[1] for chunk in chunks)
+            stats.bytes_read += read
+            out.append(PreparedFile(StatKey(size, mtime, ctime, ino), read,
+                                    b"".join([encode_chunk(chunk[0], chunk[1], location)
+                                              for chunk, location in zip(chunks, locations)]),
+                                    {location.pack for location in locations}))
+        return out
+
+    async def _failed(self, worker: _Worker, why: str | None) -> NoReturn:
+        if why is None:
+            code = await worker.process.wait()
+            why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+        raise WorkerFailed(f"a worker process of the save ended unexpectedly ({why})")
+
+    async def prepare(self, paths: list[bytes]) -> list[PreparedFile | OSError]:
+        """The files read, cut, sealed by a worker and stored; await
+        repository.upload_ready() afterwards."""
+        await self._spawned.wait()
+        worker = min(self._workers, key=lambda w: len(w.waiting))
+        reply = _Reply()
+        async with worker.lock:
+            worker.waiting.append(reply)
+            await self._send(worker, frame(paths))
+        await reply.done.wait()
+        assert reply.files is not None
+        return reply.files
+
+    async def close(self) -> None:
+        """No more batches: the workers end once they answered the last."""
+        for worker in self._workers:
+            worker.closing = True
+            assert worker.process.stdin is not None
+            async with worker.lock:
+                await worker.process.stdin.aclose()
+
+
+def _environment() -> dict[str, str]:
+    """The worker imports this copy of rekkordfs, whatever the current folder."""
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env

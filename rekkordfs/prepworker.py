@@ -1,0 +1,145 @@
+"""A save's worker process: reads, chunks, hashes, compresses and seals
+batches of small files on another CPU (the main process, held by the GIL to
+one core, keeps the walk, the bookkeeping, the packs and the cache).
+
+Started by prepprocs.py as `python -m rekkordfs.prepworker` in its own
+process group (a Ctrl-C at the terminal is the main process's to handle),
+it talks only through its stdin and stdout, in frames: a little-endian u32
+length, then a marshal-encoded tuple (marshal: both ends are this code).
+
+    main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target)   once
+    worker -> main  ("ready",)
+    main -> worker  [path, ...]                          a batch, any number of times
+    worker -> main  ("done", closed_packs, files)        one per batch, in order
+    worker -> main  ("failed", message)                  then it exits
+
+Each file is (errno, message) when it could not be read, else (size, mtime_ns,
+ctime_ns, ino) of its fstat and its chunks (their sizes add up to what was
+read), each chunk (blob_id, size, pack_id, sealed) or, for a
+twin of an earlier chunk of the batch, (blob_id, size, None, None). The worker
+seals chunks for packs of its own (only the public data key is needed for
+that); closed_packs names those it will seal no more for. The secrets it needs
+(the blob-ID key and the chunker's seed) come through the pipe, never argv,
+the environment or a file. Its stdin closing (the save ended, or died) ends it.
+"""
+
+from __future__ import annotations
+
+import marshal
+import signal
+import struct
+import sys
+from typing import Any, BinaryIO
+
+import zstandard
+
+from . import crypto
+from .chunker import Chunker, ChunkParams
+from .codec import STORED_OVERHEAD, compress_many, seal_many
+from .format import BlobKind
+from .localfiles import read_small
+
+HEADER = struct.Struct("<I")
+
+
+def frame(message: Any) -> bytes:  # noqa: ANN401 - what marshal takes
+    body = marshal.dumps(message)
+    return HEADER.pack(len(body)) + body
+
+
+def read_frame(stream: BinaryIO) -> Any:  # noqa: ANN401 - what marshal gives
+    """The next message, or None at the end of the stream."""
+    head = stream.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(head)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return marshal.loads(body)
+
+
+class Preparer:
+    def __init__(self, id_key: bytes, chunk_seed: int, params: ChunkParams, data_public: bytes,
+                 pack_target: int) -> None:
+        self.id_key = id_key
+        self.chunker = Chunker(chunk_seed, params)
+        self.data_public = data_public
+        self.pack_target = pack_target
+        self.compressor = zstandard.ZstdCompressor(level=1)  # codec.ZSTD_LEVEL: the frames must be the same
+        self.sealer = crypto.PackSealer(data_public)
+        self.sealed = 0  # bytes sealed for the current pack
+
+    def batch(self, paths: list[bytes]) -> tuple[str, list[bytes], list[tuple]]:
+        files: list[tuple] = []
+        cut: list[tuple[int, list[memoryview]]] = []  # (file index, chunks) of the files read
+        for path in paths:
+            try:
+                data, st = read_small(path, None)
+            except OSError as exc:
+                files.append((exc.errno or 0, exc.strerror or str(exc)))
+                continue
+            assert data is not None
+            cut.append((len(files), self.chunker.split(data)))
+            files.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        # hash every chunk, then compress and seal the first of each ID
+        key, kind = self.id_key, BlobKind.CHUNK
+        ids = [[crypto.keyed_hash(key, kind, view) for view in views] for _, views in cut]
+        fresh: dict[bytes, memoryview] = {}
+        for views, blob_ids in zip((views for _, views in cut), ids):
+            for blob_id, view in zip(blob_ids, views):
+                fresh.setdefault(blob_id, view)
+        compressed = compress_many(self.compressor, list(fresh.values()))
+        closed: list[bytes] = []
+        items: list[tuple[crypto.PackSealer, int, bytes | bytearray | memoryview]] = []
+        packs: list[bytes] = []
+        for compression, payload in compressed:
+            size = len(payload) + STORED_OVERHEAD
+            if self.sealed and self.sealed + size > self.pack_target:
+                closed.append(self.sealer.pack_id)
+                self.sealer = crypto.PackSealer(self.data_public)
+                self.sealed = 0
+            self.sealed += size
+            items.append((self.sealer, compression, payload))
+            packs.append(self.sealer.pack_id)
+        sealed = dict(zip(fresh, zip(packs, (bytes(blob) for blob in seal_many(kind, items)))))
+        for (index, views), blob_ids in zip(cut, ids):
+            chunks = []
+            for blob_id, view in zip(blob_ids, views):
+                pack, blob = sealed.pop(blob_id, (None, None))
+                chunks.append((blob_id, len(view), pack, blob))
+            files[index] = (*files[index], chunks)
+        return "done", closed, files
+
+
+def main() -> int:
+    # No PR_SET_PDEATHSIG: it fires when the thread that started the worker
+    # ends (trio starts processes from its worker threads). A main process
+    # that dies closes the pipes, which ends the worker after its batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what a Ctrl-C does
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    start = read_frame(stdin)
+    if start is None:
+        return 0
+    id_key, chunk_seed, low, average, high, data_public, pack_target = start
+    preparer = Preparer(id_key, chunk_seed, ChunkParams(low, average, high), data_public, pack_target)
+    del start, id_key
+    try:
+        stdout.write(frame(("ready",)))
+        stdout.flush()
+        while (paths := read_frame(stdin)) is not None:
+            try:
+                reply: tuple = preparer.batch(paths)
+            except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the save
+                reply = ("failed", f"{type(exc).__name__}: {exc}")
+            stdout.write(frame(reply))
+            stdout.flush()
+            if reply[0] == "failed":
+                return 1
+    except BrokenPipeError:
+        return 0  # the main process is gone or stopped listening
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""A save's worker processes for small files (rekkordfs/prepprocs.py): the
+snapshot they make is the one the main process alone makes; a worker that
+dies fails the save with one line, at once; Ctrl-C leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from rekkordfs import keys as keymod
+from rekkordfs import prepprocs, tuning
+from rekkordfs.check import Checker
+from rekkordfs.format import BlobRef, Entry, EntryKind
+from rekkordfs.keys import KeyType
+from rekkordfs.prepprocs import WorkerFailed
+from rekkordfs.repository import Repository
+from rekkordfs.save import SaveSession
+from rekkordfs.storage.memory import MemoryStorage
+from tests.conftest import ROOT, Rekkord
+from tests.test_interrupt import SCRIPT, _outcome
+
+
+@pytest.fixture(autouse=True)
+def private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("REKKORD_CACHE_DIR", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def eager_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process saves use their workers from the first batch on, without
+    waiting for them to say they are ready (a loaded machine starts them
+    slower than the main process saves a few thousand files)."""
+    monkeypatch.setattr(tuning, "SAVE_PROCESS_FILES", 0)
+    real = prepprocs.PrepPool.__init__
+
+    def eager(pool: prepprocs.PrepPool, *args: object) -> None:
+        real(pool, *args)  # type: ignore[arg-type]
+        pool.ready = True
+
+    monkeypatch.setattr(prepprocs.PrepPool, "__init__", eager)
+
+
+def small_tree(root: Path, files: int, seed: int = 3) -> Path:
+    """Many small files in folders of various sizes, some of them twins (within
+    a batch and across batches), a few empty, a few large, a hardlink."""
+    rng = random.Random(seed)
+    shared = [rng.randbytes(rng.randrange(1, 3000)) for _ in range(20)]
+    folder = root
+    for index in range(files):
+        if index % 37 == 0:
+            folder = root / f"d{index:05d}"
+            folder.mkdir(parents=True)
+        kind = rng.random()
+        data = (b"" if kind < 0.02 else rng.choice(shared) if kind < 0.1
+                else rng.randbytes(4 << 20) if index in (5, 1500) else rng.randbytes(rng.randrange(1, 2048)))
+        (folder / f"f{index:05d}").write_bytes(data)
+    os.link(root / "d00000" / "f00001", root / "hard")
+    return root
+
+
+async def tree_of(repo: Repository, ref: BlobRef) -> dict[bytes, object]:
+    """Every entry below ref by path, its chunks as (ID, size) (where they are
+    stored differs between repositories), directories by their content; not
+    access times (the first save's listing moved those of the folders)."""
+    out: dict[bytes, object] = {}
+    for entry in await repo.read_directory(ref):
+        chunks = [(c.id, c.size) for c in entry.chunks] if entry.kind == EntryKind.FILE else None
+        out[entry.name] = (dataclasses.replace(entry, chunks_raw=b"", dir_ref=None, atime_ns=0), chunks)
+        if entry.kind == EntryKind.DIRECTORY:
+            assert entry.dir_ref is not None
+            for name, value in (await tree_of(repo, entry.dir_ref)).items():
+                out[entry.name + b"/" + name] = value
+    return out
+
+
+async def save_into(storage: MemoryStorage, keys: keymod.Keyset, src: Path, processes: int
+                    ) -> tuple[str, int]:
+    """A save and the number of batches its worker processes prepared."""
+    repo = await Repository.open(storage, keys)
+    try:
+        session = SaveSession(repo, "c", [str(src)], warn=lambda _m: None, processes=processes)
+        result = await session.run()
+        return result.snapshot_id, session._pool.batches if session._pool is not None else 0
+    finally:
+        await repo.aclose()
+
+
+@pytest.mark.parametrize("kind", [KeyType.MASTER, KeyType.WRITE_ONLY])
+def test_worker_processes_make_the_snapshot_the_main_process_makes(tmp_path: Path, kind: KeyType,
+                                                                   eager_workers: None) -> None:
+    master = keymod.new_master()
+    writer = master if kind == KeyType.MASTER else keymod.derive(master, kind)
+    src = small_tree(tmp_path / "src", 3000)
+
+    async def main() -> None:
+        trees = []
+        for processes in (0, 1):
+            storage = MemoryStorage()
+            await Repository.create(storage, master)
+            snapshot, batches = await save_into(storage, writer, src, processes)
+            assert (batches > 40) == (processes > 0), batches  # the worker did all of the work
+            repo = await Repository.open(storage, master)
+            try:
+                tag = await repo.resolve(snapshot)
+                tree = await tree_of(repo, (await repo.load_snapshot(tag)).root_ref)
+                inside = os.fsencode(src).lstrip(b"/") + b"/"  # the folders above it are not the test's
+                trees.append({path: value for path, value in tree.items() if path.startswith(inside)})
+                assert (await Checker(repo, read_data=True).run()).problems == []
+            finally:
+                await repo.aclose()
+        assert len(trees[0]) > 3000
+        assert trees[0] == trees[1]
+
+    trio.run(main)
+
+
+def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          eager_workers: None) -> None:
+    master = keymod.new_master()
+    src = small_tree(tmp_path / "src", 3000)
+    real = prepprocs.PrepPool._store
+    killed: list[int] = []
+
+    async def kill_first(pool: prepprocs.PrepPool, files: list[tuple]) -> list:
+        if not killed:  # once its first batch is answered: mid-way through the save
+            pid = pool._workers[0].process.pid
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return await real(pool, files)
+
+    monkeypatch.setattr(prepprocs.PrepPool, "_store", kill_first)
+
+    async def main() -> None:
+        storage = MemoryStorage()
+        await Repository.create(storage, master)
+        with trio.fail_after(120):  # never a hang
+            with pytest.raises(WorkerFailed) as failed:
+                await save_into(storage, master, src, 1)
+        assert str(failed.value) == "a worker process of the save ended unexpectedly (killed by signal 9)"
+        assert killed
+        with pytest.raises(ProcessLookupError):  # reaped, not left a zombie
+            os.kill(killed[0], 0)
+        monkeypatch.setattr(prepprocs.PrepPool, "_store", real)
+        await save_into(storage, master, src, 1)  # nothing in the way of the next save
+        repo = await Repository.open(storage, master)
+        try:
+            assert (await Checker(repo, read_data=True).run()).problems == []
+        finally:
+            await repo.aclose()
+
+    trio.run(main)
+
+
+def _workers(pid: int) -> list[int]:
+    """The worker processes of rekkord process pid, once they run their code
+    (children of any of its threads: trio starts processes from its threads;
+    not others, such as the `ldconfig -p` ctypes may run)."""
+    found = []
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                if b"rekkordfs.prepworker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                    found.append(int(child))
+    except OSError:
+        pass
+    return found
+
+
+def _marked(mark: str) -> list[int]:
+    """Processes whose environment carries mark (those a test started, however orphaned)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark.encode() in (entry / "environ").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_rekkord_save_whose_worker_is_killed_exits_1(local_repo: Rekkord, tmp_path: Path) -> None:
+    src = small_tree(tmp_path / "src", 20_000)
+    argv = [sys.executable, "-m", "rekkordfs.cli.main", "-R", str(local_repo.repository),
+            "-K", str(local_repo.key_file), "save", "c", str(src)]
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(local_repo.cache_dir), "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := _workers(process.pid)) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert workers, "the save started no worker process"
+        os.kill(workers[0], signal.SIGKILL)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 1, stderr
+    assert stderr.splitlines() == ["rekkord: error: a worker process of the save ended unexpectedly "
+                                   "(killed by signal 9)"]
+    assert "No problems found" in local_repo("check").stdout
+    local_repo.save("c", str(src))
+
+
+def test_ctrl_c_during_a_save_with_workers_leaves_no_process(local_repo: Rekkord, tmp_path: Path) -> None:
+    src = small_tree(tmp_path / "src", 8000)
+    mark = f"REKKORD_TEST_MARK={uuid.uuid4().hex}"
+    outcomes = []
+    for moment in (0.4, 0.8, 1.2, 1.6, 2.0, 3.0):
+        env = {**os.environ, "REKKORD_CACHE_DIR": str(local_repo.cache_dir), "PYTHONPATH": str(ROOT),
+               mark.split("=")[0]: mark.split("=")[1]}
+        process = subprocess.Popen([SCRIPT, "-R", str(local_repo.repository), "-K", str(local_repo.key_file),
+                                    "save", "c", str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   text=True, env=env)
+        try:
+            time.sleep(moment)
+            had_workers = bool(_workers(process.pid))
+            process.send_signal(signal.SIGINT)
+            stdout, stderr = process.communicate(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        outcome = _outcome(subprocess.CompletedProcess([], process.returncode, stdout, stderr), moment)
+        outcomes.append((outcome, had_workers))
+        deadline = time.monotonic() + 10
+        while _marked(mark) and time.monotonic() < deadline:  # the kernel may take a moment to reap
+            time.sleep(0.05)
+        assert _marked(mark) == [], f"processes left after Ctrl-C at {moment} s"
+    assert ("interrupted", True) in outcomes, outcomes  # at least one landed while a worker ran
+    assert "No problems found" in local_repo("check").stdout

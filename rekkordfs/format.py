@@ -130,18 +130,21 @@ def encode_chunk(blob_id: bytes, size: int, location: Location) -> bytes:
     return _CHUNK.pack(blob_id, size, location.pack, location.offset, location.length)
 
 
-def decode_chunks(raw: bytes) -> list[ChunkRef]:
+def _chunk_fields(raw: bytes) -> Iterator[tuple[bytes, int, bytes, int, int]]:
+    """(chunk ID, size, pack, offset, length) of each chunk of an encoded list."""
     if len(raw) % _CHUNK.size:
         raise CorruptedData("file chunk list is malformed")
+    return _CHUNK.iter_unpack(raw)
+
+
+def decode_chunks(raw: bytes) -> list[ChunkRef]:
     return [ChunkRef(cid, size, Location(pack, offset, length))
-            for cid, size, pack, offset, length in _CHUNK.iter_unpack(raw)]
+            for cid, size, pack, offset, length in _chunk_fields(raw)]
 
 
 def chunks_size(raw: bytes) -> int:
     """The plaintext size of an encoded chunk list."""
-    if len(raw) % _CHUNK.size:
-        raise CorruptedData("file chunk list is malformed")
-    return sum(size for _, size, _, _, _ in _CHUNK.iter_unpack(raw))
+    return sum(size for _, size, _, _, _ in _chunk_fields(raw))
 
 
 def _encode_entry(entry: Entry, out: bytearray) -> None:
@@ -250,9 +253,10 @@ def directory_refs(raw: bytes | bytearray) -> tuple[list[RefTuple], list[RefTupl
     chunks, without building entries. Framing is checked as decode_directory()
     checks it; names, modes and such are not looked at."""
     try:
-        return _directory_refs(bytes(raw), with_chunks=True)
+        _, dirs, chunks = _directory_refs(bytes(raw), with_chunks=True)
     except (struct.error, ValueError) as exc:
         raise CorruptedData(f"directory record is malformed ({exc})") from None
+    return dirs, chunks
 
 
 def directory_shape(raw: bytes | bytearray) -> tuple[int, list[RefTuple]]:
@@ -260,14 +264,14 @@ def directory_shape(raw: bytes | bytearray) -> tuple[int, list[RefTuple]]:
     framing checked as directory_refs() checks it: what measuring a tree's
     shape needs (treebudget.py), at a fraction of decoding its entries."""
     try:
-        raw = bytes(raw)
-        dirs, _ = _directory_refs(raw, with_chunks=False)
+        count, dirs, _ = _directory_refs(bytes(raw), with_chunks=False)
     except (struct.error, ValueError) as exc:
         raise CorruptedData(f"directory record is malformed ({exc})") from None
-    return struct.unpack_from("<BI", raw, 0)[1], dirs
+    return count, dirs
 
 
-def _directory_refs(raw: bytes, with_chunks: bool) -> tuple[list[RefTuple], list[RefTuple]]:
+def _directory_refs(raw: bytes, with_chunks: bool) -> tuple[int, list[RefTuple], list[RefTuple]]:
+    """The entry count, subdirectory refs and (if asked) chunk refs of a record."""
     version, count = struct.unpack_from("<BI", raw, 0)
     if version != RECORD_VERSION:
         raise ValueError(f"unsupported version {version}")
@@ -304,7 +308,7 @@ def _directory_refs(raw: bytes, with_chunks: bool) -> tuple[list[RefTuple], list
         pos = end
     if pos != len(raw):
         raise ValueError("trailing bytes")
-    return dirs, chunks
+    return count, dirs, chunks
 
 
 def _valid_name(name: bytes) -> bool:

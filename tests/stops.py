@@ -19,15 +19,22 @@ def process_state(pid: int) -> str | None:
     return None if state in "ZX" else state
 
 
-def wait_stopped(pid: int, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
-    """Wait until pid has stopped itself; fail if it ends or never gets there."""
+def reached_stop(pid: int, process: subprocess.Popen | None = None, timeout: float = 120) -> bool:
+    """True once pid has stopped itself; False if it ended first (a stop
+    point a short run may never reach)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = process_state(pid)
         if state == "T":
-            return
+            return True
         if state is None or (process is not None and process.poll() is not None):
-            out = process.communicate()[1] if process is not None else ""
-            raise AssertionError(f"process {pid} ended before its stop point: {out}")
-        time.sleep(0.02)
-    raise AssertionError(f"process {pid} did not reach its stop point within {timeout:.0f} s")
+            return False
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} neither reached its stop point nor ended within {timeout:.0f} s")
+
+
+def wait_stopped(pid: int, process: subprocess.Popen | None = None, timeout: float = 120) -> None:
+    """Wait until pid has stopped itself; fail if it ends or never gets there."""
+    if not reached_stop(pid, process, timeout):
+        out = process.communicate()[1] if process is not None else ""
+        raise AssertionError(f"process {pid} ended before its stop point: {out}")

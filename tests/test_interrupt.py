@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,11 +57,14 @@ def _big_tree(root: Path) -> Path:
     return root
 
 
-def _interrupt_at(rekkord: Rekkord, args: list[str], moment: float,
-                  stdout: int = subprocess.PIPE) -> subprocess.CompletedProcess:
+def _interrupt_at(rekkord: Rekkord, args: list[str], moment: float, stdout: int = subprocess.PIPE,
+                  extra_env: dict[str, str] | None = None,
+                  before_signal: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
+    """Run rekkord and send it SIGINT `moment` seconds after its Ctrl-C handler
+    is in place; before_signal(pid) runs just before the signal."""
     argv = [SCRIPT, "-R", str(rekkord.repository), "-K", str(rekkord.key_file), *args]
     ready_read, ready_write = os.pipe()
-    env = {**os.environ, "REKKORD_CACHE_DIR": str(rekkord.cache_dir),
+    env = {**os.environ, "REKKORD_CACHE_DIR": str(rekkord.cache_dir), **(extra_env or {}),
            "PYTHONPATH": f"{READY_HOOK}:{ROOT}", "REKKORD_TEST_READY_FD": str(ready_write)}
     env.pop("REKKORD_CONFIG_FILE", None)
     try:
@@ -72,6 +76,8 @@ def _interrupt_at(rekkord: Rekkord, args: list[str], moment: float,
         with os.fdopen(ready_read, "rb") as ready:
             assert ready.read(1) == b"!", "rekkord ended before installing its Ctrl-C handler"
         time.sleep(moment)
+        if before_signal is not None:
+            before_signal(process.pid)
         process.send_signal(signal.SIGINT)
         stdout, stderr = process.communicate(timeout=120)
     finally:

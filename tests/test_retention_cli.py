@@ -16,6 +16,7 @@ import pytest
 
 from tests.conftest import REKKORD, ROOT, Rekkord
 from tests.fsutil import assert_one_line_error, rsync_diff
+from tests.stops import reached_stop, wait_stopped
 from tests.trees import rsync_differences
 
 
@@ -114,19 +115,6 @@ def start(rekkord: Rekkord, *args: str, stop_at: str) -> subprocess.Popen:
                             env=cli_env(rekkord, REKKORD_TEST_STOP=stop_at))
 
 
-def wait_stopped(process: subprocess.Popen, limit: float = 120) -> bool:
-    """True once the process stopped itself at its stop point; False if it ended first."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        with open(f"/proc/{process.pid}/stat") as stat:
-            if stat.read().rsplit(")", 1)[1].split()[0] == "T":
-                return True
-        time.sleep(0.01)
-    raise AssertionError("the process neither stopped nor ended")
-
-
 def age_packs(repository: Path, seconds: float) -> None:
     """Make every pack look older than it is (as after a backup that ran for hours)."""
     then = time.time() - seconds
@@ -147,7 +135,7 @@ def test_a_save_frozen_before_publishing_while_another_process_prunes(local_repo
     src = make_tree(tmp_path / "src")
     old = local_repo.save("c", str(src))
     saving = start(local_repo, "save", "c", str(src), stop_at="publish")
-    assert wait_stopped(saving), saving.communicate()
+    wait_stopped(saving.pid, saving)
     age_packs(Path(str(local_repo.repository)), 4 * 3600)  # the save's own packs too: it "ran for hours"
     other = Rekkord(cache_dir=tmp_path / "other-machine", repository=local_repo.repository,
                     key_file=local_repo.key_file)
@@ -198,7 +186,7 @@ def test_prune_killed_at_many_points(local_repo, tmp_path: Path) -> None:
         runner.cache_dir.mkdir()
         pruning = start(runner, "prune", "--grace", "0", "--repack-below", "0.99", stop_at=f"{point}:{nth}")
         where = f"kill at {point} #{nth}"
-        if wait_stopped(pruning):
+        if reached_stop(pruning.pid, pruning):
             pruning.kill()
             killed += 1
         pruning.communicate(timeout=120)

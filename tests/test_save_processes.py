@@ -28,7 +28,7 @@ from rekkordfs.repository import Repository
 from rekkordfs.save import SaveSession
 from rekkordfs.storage.memory import MemoryStorage
 from tests.conftest import ROOT, Rekkord
-from tests.test_interrupt import SCRIPT, _outcome
+from tests.test_interrupt import _interrupt_at, _outcome
 
 
 @pytest.fixture(autouse=True)
@@ -216,25 +216,15 @@ def test_rekkord_save_whose_worker_is_killed_exits_1(local_repo: Rekkord, tmp_pa
 
 def test_ctrl_c_during_a_save_with_workers_leaves_no_process(local_repo: Rekkord, tmp_path: Path) -> None:
     src = small_tree(tmp_path / "src", 8000)
-    mark = f"REKKORD_TEST_MARK={uuid.uuid4().hex}"
+    token = uuid.uuid4().hex
+    mark = f"REKKORD_TEST_MARK={token}"
     outcomes = []
+    workers_seen: list[bool] = []  # whether a worker process ran as each signal went out
     for moment in (0.4, 0.8, 1.2, 1.6, 2.0, 3.0):
-        env = {**os.environ, "REKKORD_CACHE_DIR": str(local_repo.cache_dir), "PYTHONPATH": str(ROOT),
-               mark.split("=")[0]: mark.split("=")[1]}
-        process = subprocess.Popen([SCRIPT, "-R", str(local_repo.repository), "-K", str(local_repo.key_file),
-                                    "save", "c", str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, env=env)
-        try:
-            time.sleep(moment)
-            had_workers = bool(_workers(process.pid))
-            process.send_signal(signal.SIGINT)
-            stdout, stderr = process.communicate(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        outcome = _outcome(subprocess.CompletedProcess([], process.returncode, stdout, stderr), moment)
-        outcomes.append((outcome, had_workers))
+        result = _interrupt_at(local_repo, ["save", "c", str(src)], moment,
+                               extra_env={"REKKORD_TEST_MARK": token},
+                               before_signal=lambda pid: workers_seen.append(bool(_workers(pid))))
+        outcomes.append((_outcome(result, moment), workers_seen[-1]))
         deadline = time.monotonic() + 10
         while _marked(mark) and time.monotonic() < deadline:  # the kernel may take a moment to reap
             time.sleep(0.05)

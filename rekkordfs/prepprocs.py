@@ -127,7 +127,7 @@ class PrepPool:
         """What a worker needs to know, sent through its stdin only."""
         keys, chunking = self.repo.keys, self.repo.config.chunking
         return frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size, chunking.max_size,
-                      keys.data_public, PACK_TARGET))
+                      keys.data_public, PACK_TARGET, os.fsencode(self.repo.cache.database)))
 
     async def _send(self, worker: _Worker, message: bytes) -> None:
         assert worker.process.stdin is not None
@@ -210,8 +210,22 @@ class PrepPool:
         assert reply.files is not None
         return reply.files
 
+    async def write_rows(self, kind: str, rows: list) -> bool:
+        """Cache rows for the first worker to write ("stats": signed stat rows,
+        cacherows.insert_stats(); "blobs": (ID, pack, offset, length) each);
+        False when no worker takes them any more (the caller writes them)."""
+        if not self.ready or not self._spawned.is_set():
+            return False
+        worker = self._workers[0]
+        async with worker.lock:
+            if worker.closing:
+                return False
+            await self._send(worker, frame((kind, rows)))
+        return True
+
     async def close(self) -> None:
-        """No more batches: the workers end once they answered the last."""
+        """No more batches: the workers end once they answered the last (and
+        wrote the rows they were sent)."""
         for worker in self._workers:
             worker.closing = True
             assert worker.process.stdin is not None

@@ -150,9 +150,12 @@ class SaveSession:
     async def _store_stats(self) -> None:
         """Stores the stat rows as they come (a row is used only once the packs
         it names are known blobs, which they become when the snapshot is published)."""
+        cache = self.repo.cache
         async with self._stat_recv:
             async for rows in self._stat_recv:
-                await trio.to_thread.run_sync(self.repo.cache.store_stats, rows)
+                # a worker process writes them while there is one, off this process's core
+                if self._pool is None or not await self._pool.write_rows("stats", cache.signed_stats(rows)):
+                    await trio.to_thread.run_sync(cache.store_stats, rows)
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
@@ -211,6 +214,7 @@ class SaveSession:
                 jobs.close()
         finally:
             if self._pool is not None:
+                self.repo.row_writer = None
                 with trio.CancelScope(shield=True):
                     await self._pool.close()
 
@@ -220,6 +224,7 @@ class SaveSession:
         if self._pool is None and self.processes > 0 and self._small_seen >= tuning.SAVE_PROCESS_FILES:
             assert self._nursery is not None
             self._pool = PrepPool(self.repo, self.processes, self.stats)
+            self.repo.row_writer = self._pool.write_rows
             self._nursery.start_soon(self._pool.run)
 
     async def _worker(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:

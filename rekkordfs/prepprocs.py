@@ -42,6 +42,7 @@ class PreparedFile:
     size: int  # bytes read
     chunks_raw: bytes  # format.encode_chunks() of its chunks
     packs: set[bytes]  # the packs they are in
+    xattrs: list[tuple[bytes, bytes]]  # its extended attributes, read after its content
 
 
 class WorkerFailed(RekkordError):
@@ -162,8 +163,8 @@ class PrepPool:
         """Store the chunks a worker sealed (those the repository knows are
         referred to where they are: the worker cannot know which); each
         file's chunk list, or why it could not be read."""
-        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 5
-                  for blob_id, size, pack, blob in item[4] if blob is not None]
+        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 6
+                  for blob_id, size, pack, blob in item[5] if blob is not None]
         places: dict[bytes, Location] = {}
         if self.repo.cache.knows_blobs():
             known = await trio.to_thread.run_sync(self.repo.known_many, [item[1] for item in sealed])
@@ -181,14 +182,14 @@ class PrepPool:
             if len(item) == 2:
                 out.append(OSError(item[0], item[1]))
                 continue
-            size, mtime, ctime, ino, chunks = item
+            size, mtime, ctime, ino, xattrs, chunks = item
             locations = [places[chunk[0]] for chunk in chunks]  # a twin's first is in the same batch
             read = sum(chunk[1] for chunk in chunks)
             stats.bytes_read += read
             out.append(PreparedFile(StatKey(size, mtime, ctime, ino), read,
                                     b"".join([encode_chunk(chunk[0], chunk[1], location)
                                               for chunk, location in zip(chunks, locations)]),
-                                    {location.pack for location in locations}))
+                                    {location.pack for location in locations}, xattrs))
         return out
 
     async def _failed(self, worker: _Worker, why: str | None) -> NoReturn:

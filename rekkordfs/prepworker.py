@@ -16,7 +16,8 @@ length, then a marshal-encoded tuple (marshal: both ends are this code).
     worker -> main  ("failed", message)                  then it exits
 
 Each file is (errno, message) when it could not be read, else (size, mtime_ns,
-ctime_ns, ino) of its fstat and its chunks (their sizes add up to what was
+ctime_ns, ino) of its fstat, its extended attributes (fsmeta.read_xattrs(): the
+walker leaves them to it) and its chunks (their sizes add up to what was
 read), each chunk (blob_id, size, pack_id, sealed) or, for a
 twin of an earlier chunk of the batch, (blob_id, size, None, None). The worker
 seals chunks for packs of its own (only the public data key is needed for
@@ -44,6 +45,7 @@ from .cacherows import insert_blobs, insert_stats
 from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
+from .fsmeta import read_xattrs
 from .localfiles import read_small
 
 HEADER = struct.Struct("<I")
@@ -83,12 +85,13 @@ class Preparer:
         for path in paths:
             try:
                 data, st = read_small(path, None)
+                xattrs = read_xattrs(path)
             except OSError as exc:
                 files.append((exc.errno or 0, exc.strerror or str(exc)))
                 continue
             assert data is not None
             cut.append((len(files), self.chunker.split(data)))
-            files.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+            files.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, xattrs))
         # hash every chunk, then compress and seal the first of each ID
         key, kind = self.id_key, BlobKind.CHUNK
         ids = [[crypto.keyed_hash(key, kind, view) for view in views] for _, views in cut]

@@ -267,7 +267,7 @@ class SaveSession:
         if self._pool is not None and self._pool.ready:
             await self._store_batch(batch, await self._pool.prepare([job.path for job in batch]))
             return
-        files = [SmallFile(path=job.path) for job in batch]
+        files = [SmallFile(path=job.path, want_xattrs=True) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)
         self.lead.done(len(batch))
         for job, item, chunks in zip(batch, files, refs):
@@ -275,6 +275,7 @@ class SaveSession:
                 assert item.error is not None
                 await self._job_done(job, item.error, counted=True)
                 continue
+            job.entry.xattrs = item.xattrs or []
             self._set_content(job, item.size, encode_chunks(chunks), {chunk.location.pack for chunk in chunks},
                               item.key == job.key)
             await self._job_done(job, None, counted=True)
@@ -287,6 +288,7 @@ class SaveSession:
             if isinstance(item, OSError):
                 await self._job_done(job, item, counted=True)
                 continue
+            job.entry.xattrs = item.xattrs
             self._set_content(job, item.size, item.chunks_raw, item.packs, item.key == job.key)
             await self._job_done(job, None, counted=True)
 

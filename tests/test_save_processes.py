@@ -141,12 +141,12 @@ def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeyp
     real = prepprocs.PrepPool._store
     killed: list[int] = []
 
-    async def kill_first(pool: prepprocs.PrepPool, files: list[tuple]) -> list:
+    async def kill_first(pool: prepprocs.PrepPool, files: list[tuple], packs: set[bytes]) -> list:
         if not killed:  # once its first batch is answered: mid-way through the save
             pid = pool._workers[0].process.pid
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-        return await real(pool, files)
+        return await real(pool, files, packs)
 
     monkeypatch.setattr(prepprocs.PrepPool, "_store", kill_first)
 

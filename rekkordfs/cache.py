@@ -296,7 +296,10 @@ class LocalCache:
             self._no_stats = None
 
     def signed_stats(self, rows: Iterable[bytes]) -> list[bytes]:
-        """Stat rows followed by their MACs, as cacherows.insert_stats() takes them."""
+        """Stat rows followed by their MACs, as cacherows.insert_stats() takes
+        them (written by this cache or by a save's worker process: the table
+        is not known to be empty any more)."""
+        self._no_stats = None
         return [row + self._mac(row) for row in rows]
 
     @property

@@ -24,7 +24,6 @@ import hashlib
 import hmac
 import os
 import sqlite3
-import struct
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from typing import NamedTuple
 import platformdirs
 
 from . import crypto
+from .cacherows import MAC_SIZE, STAT_KEY, insert_blobs, insert_stats
 from .errors import CorruptedData
 from .format import ChunkRef, Location, decode_chunks
 from .keys import Keyset
@@ -52,8 +52,6 @@ CREATE TABLE IF NOT EXISTS stats (
     ino INTEGER, chunks BLOB, mac BLOB
 ) WITHOUT ROWID;
 """
-_STAT_KEY = struct.Struct("<QqqQI")  # size, mtime, ctime, inode, path length: what the MAC covers first
-MAC_SIZE = 16
 
 
 def default_cache_root() -> Path:
@@ -95,7 +93,7 @@ def stat_key(st: os.stat_result) -> StatKey:
 def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
     """A stat row in one bytes object, as a save keeps it until stored: the
     message its MAC covers (key, path length, path, encoded chunks)."""
-    return _STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
+    return STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
 
 
 class LocalCache:
@@ -112,7 +110,7 @@ class LocalCache:
         self._usable: frozenset[bytes] | None = None  # trusted packs less excluded ones (lookup_stat)
         self._indexed: frozenset[bytes] | None = None  # packs of recorded indexes: their blob rows count
         self._no_stats: bool | None = None  # the stat table is empty (a first save looks nothing up)
-        self._db = sqlite3.connect(folder / "cache.db", check_same_thread=False, isolation_level=None)
+        self._db = sqlite3.connect(self.database, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
@@ -177,11 +175,8 @@ class LocalCache:
         not all at its end (100,000 rows took 1.5 s after a save's snapshot).
         The rows of a pack whose index is never recorded are never used."""
         # in key order: B-tree inserts of random IDs cost a third more CPU otherwise
-        rows = sorted((blob_id, at.pack, at.offset, at.length) for blob_id, at in items)
         with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
-            self._db.execute("COMMIT")
+            insert_blobs(self._db, [(blob_id, at.pack, at.offset, at.length) for blob_id, at in items])
 
     def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
         """Record a pack index and the blobs of it this key trusts (those it
@@ -295,17 +290,19 @@ class LocalCache:
     def store_stats(self, rows: Iterable[bytes]) -> None:
         """Stat rows of files just saved, each a stat_row() (path, key, chunk
         list as encode_chunks() gave it), in one transaction."""
-        def encoded() -> Iterable[tuple]:
-            head = _STAT_KEY.size
-            for row in rows:
-                size, mtime_ns, ctime_ns, ino, length = _STAT_KEY.unpack_from(row)
-                yield (row[head:head + length], size, mtime_ns, ctime_ns, ino, row[head + length:],
-                       self._mac(row))
-
+        signed = self.signed_stats(rows)
         with self._lock:
-            self._db.execute("BEGIN")
-            self._db.executemany(
-                "INSERT OR REPLACE INTO stats (path, size, mtime_ns, ctime_ns, ino, chunks, mac) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)", encoded())
-            self._db.execute("COMMIT")
+            insert_stats(self._db, signed)
             self._no_stats = None
+
+    def signed_stats(self, rows: Iterable[bytes]) -> list[bytes]:
+        """Stat rows followed by their MACs, as cacherows.insert_stats() takes
+        them (written by this cache or by a save's worker process: the table
+        is not known to be empty any more)."""
+        self._no_stats = None
+        return [row + self._mac(row) for row in rows]
+
+    @property
+    def database(self) -> Path:
+        """The SQLite file (a save's worker process writes rows into it too)."""
+        return self.folder / "cache.db"

@@ -41,7 +41,7 @@ class PreparedFile:
     key: StatKey  # of the file it read, by its fstat
     size: int  # bytes read
     chunks_raw: bytes  # format.encode_chunks() of its chunks
-    packs: set[bytes]  # the packs they are in
+    xattrs: list[tuple[bytes, bytes]]  # its extended attributes, read after its content
 
 
 class WorkerFailed(RekkordError):
@@ -75,11 +75,12 @@ class _Worker:
 
 
 class _Reply:
-    __slots__ = ("done", "files")
+    __slots__ = ("done", "files", "packs")
 
     def __init__(self) -> None:
         self.done = trio.Event()
         self.files: list[PreparedFile | OSError] | None = None
+        self.packs: set[bytes] = set()  # those the batch's chunks are in
 
 
 class PrepPool:
@@ -127,7 +128,7 @@ class PrepPool:
         """What a worker needs to know, sent through its stdin only."""
         keys, chunking = self.repo.keys, self.repo.config.chunking
         return frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size, chunking.max_size,
-                      keys.data_public, PACK_TARGET))
+                      keys.data_public, PACK_TARGET, os.fsencode(self.repo.cache.database)))
 
     async def _send(self, worker: _Worker, message: bytes) -> None:
         assert worker.process.stdin is not None
@@ -153,17 +154,18 @@ class PrepPool:
             _, closed, files = message
             reply = worker.waiting.popleft()
             self.batches += 1
-            reply.files = await self._store(files)  # in order: a twin follows its first, a pack its blobs
+            reply.files = await self._store(files, reply.packs)  # in order: a twin follows its first, a pack its blobs
             for pack in closed:
                 self.repo.close_adopted(pack)
             reply.done.set()
 
-    async def _store(self, files: list[tuple]) -> list[PreparedFile | OSError]:
+    async def _store(self, files: list[tuple], packs: set[bytes]) -> list[PreparedFile | OSError]:
         """Store the chunks a worker sealed (those the repository knows are
         referred to where they are: the worker cannot know which); each
-        file's chunk list, or why it could not be read."""
-        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 5
-                  for blob_id, size, pack, blob in item[4] if blob is not None]
+        file's chunk list, or why it could not be read; the packs they are
+        in go into packs."""
+        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 6
+                  for blob_id, size, pack, blob in item[5] if blob is not None]
         places: dict[bytes, Location] = {}
         if self.repo.cache.knows_blobs():
             known = await trio.to_thread.run_sync(self.repo.known_many, [item[1] for item in sealed])
@@ -177,18 +179,29 @@ class PrepPool:
                 stats.bytes_new += size
                 stats.bytes_stored += len(blob)
         out: list[PreparedFile | OSError] = []
+        read = 0
         for item in files:
             if len(item) == 2:
                 out.append(OSError(item[0], item[1]))
                 continue
-            size, mtime, ctime, ino, chunks = item
-            locations = [places[chunk[0]] for chunk in chunks]  # a twin's first is in the same batch
-            read = sum(chunk[1] for chunk in chunks)
-            stats.bytes_read += read
-            out.append(PreparedFile(StatKey(size, mtime, ctime, ino), read,
-                                    b"".join([encode_chunk(chunk[0], chunk[1], location)
-                                              for chunk, location in zip(chunks, locations)]),
-                                    {location.pack for location in locations}))
+            size, mtime, ctime, ino, xattrs, chunks = item
+            if len(chunks) == 1:  # most small files: no list to join
+                blob_id, length, _, _ = chunks[0]
+                location = places[blob_id]
+                raw = encode_chunk(blob_id, length, location)
+                packs.add(location.pack)
+            else:  # several, or none (emptied since it was listed)
+                length = 0
+                pieces = []
+                for blob_id, chunk_size, _, _ in chunks:
+                    location = places[blob_id]  # a twin's first is in the same batch
+                    pieces.append(encode_chunk(blob_id, chunk_size, location))
+                    length += chunk_size
+                    packs.add(location.pack)
+                raw = b"".join(pieces)
+            read += length
+            out.append(PreparedFile(StatKey(size, mtime, ctime, ino), length, raw, xattrs))
+        stats.bytes_read += read
         return out
 
     async def _failed(self, worker: _Worker, why: str | None) -> NoReturn:
@@ -197,9 +210,9 @@ class PrepPool:
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         raise WorkerFailed(f"a worker process of the save ended unexpectedly ({why})")
 
-    async def prepare(self, paths: list[bytes]) -> list[PreparedFile | OSError]:
-        """The files read, cut, sealed by a worker and stored; await
-        repository.upload_ready() afterwards."""
+    async def prepare(self, paths: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
+        """The files read, cut, sealed by a worker and stored, and the packs
+        their chunks are in; await repository.upload_ready() afterwards."""
         await self._spawned.wait()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         reply = _Reply()
@@ -208,10 +221,24 @@ class PrepPool:
             await self._send(worker, frame(paths))
         await reply.done.wait()
         assert reply.files is not None
-        return reply.files
+        return reply.files, reply.packs
+
+    async def write_rows(self, kind: str, rows: list) -> bool:
+        """Cache rows for the first worker to write ("stats": signed stat rows,
+        cacherows.insert_stats(); "blobs": (ID, pack, offset, length) each);
+        False when no worker takes them any more (the caller writes them)."""
+        if not self.ready or not self._spawned.is_set():
+            return False
+        worker = self._workers[0]
+        async with worker.lock:
+            if worker.closing:
+                return False
+            await self._send(worker, frame((kind, rows)))
+        return True
 
     async def close(self) -> None:
-        """No more batches: the workers end once they answered the last."""
+        """No more batches: the workers end once they answered the last (and
+        wrote the rows they were sent)."""
         for worker in self._workers:
             worker.closing = True
             assert worker.process.stdin is not None

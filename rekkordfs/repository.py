@@ -18,7 +18,7 @@ import logging
 import os
 import struct
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import TypeVar
@@ -106,6 +106,8 @@ class Repository(SnapshotLog, BlobReader):
         self._pack_numbers: dict[bytes, int] = {}
         self._cache: LocalCache | None = None
         self._packer = PackWriter(storage, self.codec, self._forget, self._written)
+        # set by a save while a worker process writes the cache's rows (prepprocs.PrepPool.write_rows)
+        self.row_writer: Callable[[str, list], Awaitable[bool]] | None = None
         self._packs = PackReader(storage)
         self._zero_chunk_id: bytes | None = None
         self.session_start_ns: int | None = None  # when this process first learned what is stored
@@ -219,6 +221,10 @@ class Repository(SnapshotLog, BlobReader):
     async def _written(self, items: list[tuple[bytes, Location]]) -> None:
         """A pack and its index are stored: its blobs go into the cache now,
         known only once remember_session() records the index."""
+        writer = self.row_writer
+        if writer is not None and await writer("blobs", [(blob_id, at.pack, at.offset, at.length)
+                                                        for blob_id, at in items]):
+            return
         await trio.to_thread.run_sync(self.cache.add_blobs, items)
 
     def remember_session(self) -> None:

@@ -20,6 +20,7 @@ from .fsmeta import entry_from_stat, read_xattrs
 from .repository import Repository
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone
+from .tuning import SMALL_FILE
 
 if TYPE_CHECKING:
     from .save import SaveStats
@@ -144,6 +145,7 @@ class Walker:
         self._cached: dict[bytes, tuple[bytes, list[ChunkRef]] | None] = {}  # this folder's stat-cache rows
         # decided once: the save stores its own rows as it goes, and never looks those up
         self._lookups = repo.cache.has_stats()
+        self._reads_all = not self._lookups  # every file with content is read: none is reused
 
     @property
     def max_link_id(self) -> int:
@@ -264,12 +266,16 @@ class Walker:
     def _add_child(self, listing: Listing, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
         try:
             entry = entry_from_stat(name, st, path)
+            if entry is None:
+                return None
+            # the extended attributes of a file that will be read in a batch
+            # of small files are read with its content (a system call less here)
+            if not (self._reads_all and entry.kind == EntryKind.FILE and 0 < st.st_size <= SMALL_FILE
+                    and st.st_nlink == 1):
+                entry.xattrs = read_xattrs(path)
         except OSError as exc:
             self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
             return None
-        if entry is None:
-            return None
-        entry.xattrs = read_xattrs(path)
         listing.node.children.append(entry)
         if self.report is not None:
             self.report(path)

@@ -16,6 +16,7 @@ import trio
 from .cache import KnownBlob, StatKey, stat_key
 from .chunker import Chunker, ReadsInto
 from .format import BlobKind, ChunkRef, Location
+from .fsmeta import read_xattrs
 from .localfiles import open_regular, read_small
 from .packs import Sealed
 from .repository import Repository
@@ -47,6 +48,8 @@ class SmallFile:
     error: OSError | None = None  # it could not be read: nothing prepared
     large: bool = False  # over SMALL_FILE when opened: left for upload_path()
     prepared: list[Prepared] | None = None
+    want_xattrs: bool = False  # read its extended attributes too, once read (a save's walker leaves them)
+    xattrs: list[tuple[bytes, bytes]] | None = None
 
     @property
     def ready(self) -> bool:
@@ -92,6 +95,8 @@ class Uploader:
                 assert item.path is not None
                 try:
                     item.data, st = read_small(item.path, read_limit)
+                    if item.want_xattrs and item.data is not None:
+                        item.xattrs = read_xattrs(os.fsencode(item.path))
                 except OSError as exc:
                     item.error = exc
                     continue

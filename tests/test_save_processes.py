@@ -65,7 +65,10 @@ def small_tree(root: Path, files: int, seed: int = 3) -> Path:
         data = (b"" if kind < 0.02 else rng.choice(shared) if kind < 0.1
                 else rng.randbytes(4 << 20) if index in (5, 1500) else rng.randbytes(rng.randrange(1, 2048)))
         (folder / f"f{index:05d}").write_bytes(data)
+        if index % 50 == 7:  # read with the content, in the batch (savewalk.py leaves them)
+            os.setxattr(folder / f"f{index:05d}", "user.note", b"n%d" % index)
     os.link(root / "d00000" / "f00001", root / "hard")
+    os.setxattr(root / "hard", "user.linked", b"both names")
     return root
 
 
@@ -121,6 +124,12 @@ def test_worker_processes_make_the_snapshot_the_main_process_makes(tmp_path: Pat
                 await repo.aclose()
         assert len(trees[0]) > 3000
         assert trees[0] == trees[1]
+        for path, (entry, _) in trees[1].items():  # every file's extended attributes, as on disk
+            assert isinstance(entry, Entry)
+            if entry.kind == EntryKind.FILE:
+                on_disk = {os.fsencode(name): os.getxattr(b"/" + path, name) for name in os.listxattr(b"/" + path)}
+                assert dict(entry.xattrs) == on_disk, path
+        assert sum(1 for entry, _ in trees[1].values() if isinstance(entry, Entry) and entry.xattrs) >= 60
 
     trio.run(main)
 
@@ -132,12 +141,12 @@ def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeyp
     real = prepprocs.PrepPool._store
     killed: list[int] = []
 
-    async def kill_first(pool: prepprocs.PrepPool, files: list[tuple]) -> list:
+    async def kill_first(pool: prepprocs.PrepPool, files: list[tuple], packs: set[bytes]) -> list:
         if not killed:  # once its first batch is answered: mid-way through the save
             pid = pool._workers[0].process.pid
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
-        return await real(pool, files)
+        return await real(pool, files, packs)
 
     monkeypatch.setattr(prepprocs.PrepPool, "_store", kill_first)
 

@@ -38,6 +38,9 @@ DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
 SUBDIR_COUNTS = 1_000_000  # folder counts of records remembered (a few dozen bytes each)
 SUBDIR_BATCH = 256  # records read at once to count their folders
+# read-ahead batches of chunks up to this many stored bytes are decoded in the
+# event loop's thread (open_small_chunks): a few milliseconds of work at most
+INLINE_DECODE_BYTES = 256 << 10
 
 
 class DirectoryListing:
@@ -250,8 +253,14 @@ class BlobCache:
         if self.disk is not None:  # remote: each through the disk cache, concurrently
             await self._prefetch_each([functools.partial(self.chunk, c) for c in wanted.values()])
             return
-        await self._prefetch_batch(BlobKind.CHUNK, [(c.id, c.location) for c in wanted.values()],
-                                   self._chunks.get, None, self._chunks.put)
+        blobs = [(c.id, c.location) for c in wanted.values()]
+        if sum(c.location.length for c in wanted.values()) <= INLINE_DECODE_BYTES:
+            async def open_small(claimed: list[tuple[bytes, Location]]) -> list[Any]:
+                return await self.repo.open_small_chunks([wanted[blob_id] for blob_id, _ in claimed])
+
+            await self._prefetch_batch(BlobKind.CHUNK, blobs, self._chunks.get, None, self._chunks.put, open_small)
+            return
+        await self._prefetch_batch(BlobKind.CHUNK, blobs, self._chunks.get, None, self._chunks.put)
 
     async def prefetch_directories(self, refs: list[BlobRef]) -> None:
         if self.disk is not None:
@@ -263,7 +272,9 @@ class BlobCache:
 
     async def _prefetch_batch(self, kind: BlobKind, blobs: list[tuple[bytes, Location]],
                               cached: Callable[[bytes], object], then: Callable | None,
-                              keep: Callable[[bytes, Any], None]) -> None:
+                              keep: Callable[[bytes, Any], None],
+                              opener: Callable[[list[tuple[bytes, Location]]], Awaitable[list[Any]]] | None = None
+                              ) -> None:
         """One open_many for the blobs neither cached nor being fetched; readers
         that ask for one of them meanwhile wait for the batch (see _shared)."""
         unique = dict(blobs)  # equal records (empty folders, say) share one ID
@@ -274,7 +285,7 @@ class BlobCache:
         for blob_id, _ in claimed:
             self._inflight[(kind, blob_id)] = done
         try:
-            results = await self.repo.open_many(kind, claimed, then)
+            results = await (opener(claimed) if opener is not None else self.repo.open_many(kind, claimed, then))
             for (blob_id, _), result in zip(claimed, results):
                 if not isinstance(result, Exception):
                     keep(blob_id, result)

@@ -82,8 +82,9 @@ class Operations(pyfuse3.Operations):
         self.view = view
         self.staging = staging
         self._next_handle = 1
-        # open directories: (name, attributes, what to call when the kernel keeps it)
-        self._dirs: dict[int, list[tuple[bytes, Attr, Callable[[], object]]]] = {}
+        # open directories: what to call with an entry's key when the kernel keeps
+        # it, and each entry's (name, attributes, key)
+        self._dirs: dict[int, tuple[Callable[[Any], object], list[tuple[bytes, Attr, Any]]]] = {}
         self._files: dict[int, FileReader | Handle] = {}
 
     def init(self) -> None:
@@ -180,26 +181,28 @@ class Operations(pyfuse3.Operations):
     @_translate_errors
     async def opendir(self, inode: int, ctx: Any) -> int:
         staging = self._staged(inode)
+        remember: Callable[[Any], object]
+        items: list[tuple[bytes, Attr, Any]]
         if staging is not None:
-            items: list[tuple[bytes, Attr, Callable[[], object]]]
-            items = [(name, attr, functools.partial(staging.remember, attr.ino))
-                     for name, attr in await staging.children(inode)]
+            remember = staging.remember
+            items = [(name, attr, attr.ino) for name, attr in await staging.children(inode)]
         else:
             self.view.check_readable(inode)
-            items = [(name, node.attr, functools.partial(self.view.remember, node))
-                     for name, node in await self.view.children(inode)]
+            remember = self.view.remember
+            items = [(name, node.attr, node) for name, node in await self.view.children(inode)]
         handle = self._handle()
-        self._dirs[handle] = items
+        self._dirs[handle] = (remember, items)
         return handle
 
     @_translate_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
-        items = self._dirs[fh]
+        remember, items = self._dirs[fh]
+        reply = pyfuse3.readdir_reply
         for index in range(start_id, len(items)):
-            name, attr, remember = items[index]
-            if not pyfuse3.readdir_reply(token, name, entry_attributes(attr), index + 1):
+            name, attr, key = items[index]
+            if not reply(token, name, entry_attributes(attr), index + 1):
                 return
-            remember()
+            remember(key)
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)

@@ -57,7 +57,8 @@ class Attr:
 
 
 class Node:
-    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent", "siblings")
+    __slots__ = ("ino", "kind", "attr", "snapshot", "path", "entry", "channel", "lookups", "permanent", "siblings",
+                 "child_inos")
 
     def __init__(self, ino: int, kind: NodeKind, attr: Attr, snapshot: bytes | None = None, path: bytes = b"",
                  entry: Entry | None = None, channel: str | None = None, permanent: bool = False,
@@ -72,6 +73,7 @@ class Node:
         self.channel = channel
         self.lookups = 0
         self.permanent = permanent
+        self.child_inos: list[int] | None = None  # a snapshot folder's entries' inodes, once listed
 
     @property
     def is_dir(self) -> bool:

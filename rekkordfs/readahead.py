@@ -102,7 +102,8 @@ class ReadAhead:
                 end = index + 1
                 break
         listing.files_prefetched = end
-        self._start(self._fetch_files, files)
+        if files:  # one batch (at most PREFETCH_FILES, 4 MiB): two worker-thread hops in all
+            self.nursery.start_soon(_fetch_quietly, self._fetch_files, files)
 
     async def _fetch_files(self, files: list[tuple[int, int, list[ChunkRef]]]) -> None:
         await self.blobs.prefetch_chunks([chunk for _, _, chunks in files for chunk in chunks])

@@ -31,7 +31,7 @@ PREFETCH_SUBDIRS = 128
 PREFETCH_FILES = 64
 PREFETCH_FILE_BYTES = 4 << 20
 PREFETCH_SMALL_FILE = 1 << 20
-PREFETCH_BATCH = 16
+PREFETCH_BATCH = 16  # subdirectory records per hop (the small files after one: one hop for all)
 # The cycle collector's thresholds (gcquiet.py) while a mount serves: a young
 # collection every 100,000 allocations (not 700), the oldest generation every
 # 100 x 50 of those; during a save: every 50,000, older ones at Python's rates

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 STATFS_BLOCK = 4096  # the unit of sizes in statfs (df counts in it)
 LATEST = b"latest"
+_FILE, _DIRECTORY, _SYMLINK = EntryKind.FILE, EntryKind.DIRECTORY, EntryKind.SYMLINK
 
 
 def snapshot_dir_name(time_ns: int) -> str:
@@ -222,24 +223,36 @@ class SnapshotView:
     def _tree_attr(self, ino: int, entry: Entry) -> Attr:
         """A folder's link count is 2 + its subfolders, once its record was read
         (subdir_counts; listing its parent reads the records of its folders)."""
-        if entry.kind == EntryKind.DIRECTORY:
+        kind = entry.kind  # compared with module constants: EntryKind.X is a slow look-up
+        if kind == _DIRECTORY:
             subdirs = self.blobs.known_subdirs(entry.dir_ref.id) if entry.dir_ref is not None else None
             nlink = 2 + (subdirs or 0)
         else:
             nlink = entry.nlink if entry.link_id else 1
-        size = entry.size if entry.kind in (EntryKind.FILE, EntryKind.SYMLINK) else 0
-        return Attr(ino, FILE_TYPE_BITS[entry.kind] | entry.mode, max(nlink, 1), entry.uid, entry.gid, size,
+        size = entry.size if kind == _FILE or kind == _SYMLINK else 0
+        return Attr(ino, FILE_TYPE_BITS[kind] | entry.mode, max(nlink, 1), entry.uid, entry.gid, size,
                     entry.atime_ns, entry.mtime_ns, entry.ctime_ns, entry.rdev)
 
-    def _tree_node(self, parent: Node, entry: Entry, listing: DirectoryListing) -> Node:
+    def _tree_node(self, parent: Node, entry: Entry, listing: DirectoryListing, ino: int | None = None) -> Node:
         assert parent.snapshot is not None
         path = parent.path + b"/" + entry.name
-        ino = tree_ino(parent.snapshot, path, entry)
+        if ino is None:
+            ino = tree_ino(parent.snapshot, path, entry)
         node = self.nodes.get(ino)
         if node is None:
             node = Node(ino, NodeKind.TREE, self._tree_attr(ino, entry), parent.snapshot, path, entry,
                         siblings=listing)
         return node
+
+    def _child_inos(self, parent: Node, listing: DirectoryListing) -> list[int]:
+        """The inode of each entry of a snapshot folder, derived once per folder
+        node (walks list folders again: `find`, then `cat` of what it found)."""
+        inos = parent.child_inos
+        if inos is None or len(inos) != len(listing.entries):
+            snapshot, prefix = parent.snapshot, parent.path + b"/"
+            assert snapshot is not None
+            inos = parent.child_inos = [tree_ino(snapshot, prefix + e.name, e) for e in listing.entries]
+        return inos
 
     # --- lookup counting ---------------------------------------------------------
 
@@ -319,7 +332,9 @@ class SnapshotView:
             listing = await self._listing(parent)
             self.read_ahead.subdirs(listing)
             await self._count_subdirs(listing.entries)
-            return [(e.name, self._tree_node(parent, e, listing)) for e in listing.entries]
+            known = self.nodes.get
+            return [(e.name, known(ino) or self._tree_node(parent, e, listing, ino))
+                    for e, ino in zip(listing.entries, self._child_inos(parent, listing))]
         await self.refresh()
         if parent.ino == ROOT_INO:
             items = [(b"channels", self.nodes[CHANNELS_INO]), (b"ids", self.nodes[IDS_INO])]
@@ -350,7 +365,8 @@ class SnapshotView:
             if index is None:
                 raise _fuse_error(errno.ENOENT)
             await self._count_subdirs([listing.entries[index]])
-            return self.remember(self._tree_node(parent, listing.entries[index], listing))
+            ino = parent.child_inos[index] if parent.child_inos is not None else None
+            return self.remember(self._tree_node(parent, listing.entries[index], listing, ino))
         found = await self._virtual_child(parent, name)
         if found is None:
             # a snapshot written since the last listing (another machine, a commit)

@@ -238,8 +238,10 @@ def test_inode_numbers_stable_and_shared_by_hardlinks(saved: Saved) -> None:
     async def inodes(view: SnapshotView) -> dict[bytes, int]:
         root = await source_root(view, saved)
         result = {}
-        for name, _ in await view.children(root):
+        for name, node in await view.children(root):
             result[name] = (await view.lookup(root, name)).ino
+            assert node.ino == result[name]  # listed and looked up alike
+        assert [node.ino for _, node in await view.children(root)] == list(result.values())  # listed again
         deep = await view_walk(view, root, [b"a", b"b", b"c", b"d", b"e", b"hard-3"])
         result[b"a/b/c/d/e/hard-3"] = deep
         return result
@@ -267,6 +269,8 @@ def test_inode_numbers_stable_and_shared_by_hardlinks(saved: Saved) -> None:
             root = await view_walk(view, by_id.ino, src_parts(saved.src))
             assert (await view.lookup(root, b"small.txt")).ino == first[b"small.txt"]
         async with open_view(saved.repository, saved.key) as other_mount:
+            root = await source_root(other_mount, saved)  # looked up before its folder is listed
+            assert (await other_mount.lookup(root, b"small.txt")).ino == first[b"small.txt"]
             assert await inodes(other_mount) == first
 
     run(main)

@@ -1,0 +1,102 @@
+"""The stand-in for trio that pyfuse3's request loop uses (fuseloop.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pyfuse3
+import trio
+
+from rekkordfs import fuseloop
+
+
+def test_install_keeps_trio_but_the_read_lock_and_the_wait() -> None:
+    before = pyfuse3.trio  # type: ignore[attr-defined]
+    try:
+        pyfuse3.trio = trio  # type: ignore[attr-defined]
+        fuseloop.install()
+        fake = pyfuse3.trio  # type: ignore[attr-defined]
+        assert fake is not trio
+        assert fake.open_nursery is trio.open_nursery
+        assert fake.ClosedResourceError is trio.ClosedResourceError
+        assert fake.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
+        assert fake.lowlevel.notify_closing is trio.lowlevel.notify_closing
+        assert fake.Lock is fuseloop._ReadLock
+        fuseloop.install()  # twice: the same stand-in
+        assert pyfuse3.trio is fake  # type: ignore[attr-defined]
+    finally:
+        pyfuse3.trio = before  # type: ignore[attr-defined]
+
+
+def test_wait_returns_at_once_when_readable_and_yields_every_few() -> None:
+    readiness = fuseloop._Readiness()
+    read_end, write_end = os.pipe()
+    os.write(write_end, b"x")
+    passes: list[int] = []
+
+    async def count_passes() -> None:
+        while True:
+            passes.append(1)
+            await trio.lowlevel.checkpoint()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(count_passes)
+            await trio.lowlevel.checkpoint()
+            start = len(passes)
+            for _ in range(fuseloop.YIELD_EVERY):
+                await readiness.wait_readable(read_end)
+            assert len(passes) == start  # queued: no scheduler round at all
+            await readiness.wait_readable(read_end)
+            assert len(passes) > start  # then once through trio: the others ran
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_wait_parks_until_readable() -> None:
+    readiness = fuseloop._Readiness()
+    read_end, write_end = os.pipe()
+    woke: list[float] = []
+
+    async def waiter() -> None:
+        await readiness.wait_readable(read_end)
+        woke.append(trio.current_time())
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(waiter)
+            await trio.sleep(0.05)
+            assert not woke  # nothing queued: it waits in trio
+            os.write(write_end, b"x")
+        assert woke
+
+    try:
+        trio.run(main)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
+def test_read_lock_excludes_and_hands_over() -> None:
+    lock = fuseloop._ReadLock()
+    order: list[str] = []
+
+    async def holder(name: str, hold: float) -> None:
+        async with lock:
+            order.append(f"{name} in")
+            await trio.sleep(hold)
+            order.append(f"{name} out")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(holder, "a", 0.05)
+            await trio.sleep(0.01)
+            nursery.start_soon(holder, "b", 0)
+
+    trio.run(main)
+    assert order == ["a in", "a out", "b in", "b out"]

@@ -38,9 +38,9 @@ DEFAULT_DIRECTORY_ENTRIES = 500_000
 DEFAULT_DISK_BYTES = 2 << 30
 SUBDIR_COUNTS = 1_000_000  # folder counts of records remembered (a few dozen bytes each)
 SUBDIR_BATCH = 256  # records read at once to count their folders
-# read-ahead batches of chunks up to this many stored bytes are decoded in the
-# event loop's thread (open_small_chunks): a few milliseconds of work at most
-INLINE_DECODE_BYTES = 256 << 10
+# read-ahead batches of chunks up to this many stored bytes are read and decoded
+# in one worker-thread hop (open_small_chunks)
+ONE_HOP_BYTES = 256 << 10
 
 
 class DirectoryListing:
@@ -254,7 +254,7 @@ class BlobCache:
             await self._prefetch_each([functools.partial(self.chunk, c) for c in wanted.values()])
             return
         blobs = [(c.id, c.location) for c in wanted.values()]
-        if sum(c.location.length for c in wanted.values()) <= INLINE_DECODE_BYTES:
+        if sum(c.location.length for c in wanted.values()) <= ONE_HOP_BYTES:
             async def open_small(claimed: list[tuple[bytes, Location]]) -> list[Any]:
                 return await self.repo.open_small_chunks([wanted[blob_id] for blob_id, _ in claimed])
 

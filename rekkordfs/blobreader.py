@@ -209,22 +209,22 @@ class BlobReader:
 
     async def open_small_chunks(self, chunks: list[ChunkRef]) -> list[bytes | bytearray | Exception]:
         """open_many() of chunks of a few KiB each (the mount's read-ahead of small
-        files) from a local disk: read in one worker-thread hop, neighbours of a
-        pack in one read, then authenticated and decompressed here, in the event
-        loop's thread. Every C call on a blob releases the GIL, and for blobs this
-        small a worker handing it back and forth with the event loop cost more than
-        the work. Anything unusual (a moved or damaged blob) goes to open_many()."""
+        files) from a local disk in one worker-thread hop: read (neighbours of a
+        pack in one read), authenticated and decompressed together. Anything
+        unusual (a moved or damaged blob) goes to open_many()."""
         self.keys.require(Capability.READ)
         blobs = [(c.id, c.location) for c in chunks]
         if self.storage.read_blocking is None:
             return await self.open_many(BlobKind.CHUNK, blobs)
         try:
-            raws = await self.run_cpu(self.read_raws_blocking, chunks)
+            return await self.run_cpu(self._open_small_chunks_blocking, chunks)
         except RekkordError:
             return await self.open_many(BlobKind.CHUNK, blobs)
+
+    def _open_small_chunks_blocking(self, chunks: list[ChunkRef]) -> list[bytes | bytearray | Exception]:
         unpack = self.codec.unpack
         return [_try(unpack, BlobKind.CHUNK, chunk.id, location.pack, raw)
-                for chunk, (raw, location) in zip(chunks, raws)]
+                for chunk, (raw, location) in zip(chunks, self.read_raws_blocking(chunks))]
 
     async def read_chunk(self, chunk: ChunkRef) -> bytes | bytearray:
         return await self._open_blob(BlobKind.CHUNK, chunk.id, chunk.location)

@@ -1,6 +1,5 @@
-"""Read-ahead of small files: open_small_chunks() reads a batch in one worker
-hop and decodes it in the caller's thread; a damaged or missing blob is that
-blob's error alone."""
+"""Read-ahead of small files: open_small_chunks() reads and decodes a batch in
+one worker hop; a damaged or missing blob is that blob's error alone."""
 
 from __future__ import annotations
 

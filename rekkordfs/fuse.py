@@ -1,6 +1,6 @@
 """The thin pyfuse3 adapter: FUSE requests -> SnapshotView and StagingArea calls.
 
-What the filesystem contains lives in vfs.py (snapshots) and stagingarea.py
+What the filesystem contains lives in vfs.py (snapshots) and stagingarea/
 (staging/); this module only routes each request by inode number, converts
 attributes, keeps open handles and maps OSError to FUSEError.
 """

@@ -21,7 +21,7 @@ from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, error, inode_fr
 INODE_CACHE = 20_000  # rows kept decoded, the most recently used (about 0.5 KB each: 10 MB)
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 # With batching on (see Journal.batching), the transactions of consecutive requests
-# are committed together: once the daemon is idle (see StagingArea), or at the
+# are committed together: once the daemon is idle (see stagingarea/batches.py), or at the
 # latest after this long or this many requests. A SQLite COMMIT costs more than
 # most requests; a kill -9 loses at most the requests of the open batch.
 BATCH_SECONDS = 0.05

@@ -128,9 +128,12 @@ class Operations(pyfuse3.Operations):
         staging = self._staged(parent_inode)
         if staging is not None:
             try:
-                return entry_attributes(await staging.lookup(parent_inode, name))
-            except FileNotFoundError:
+                attr = await staging.find(parent_inode, name)
+            except FileNotFoundError:  # a channel that is not there
+                attr = None
+            if attr is None:
                 return _negative_entry()  # the kernel remembers the miss (rsync looks twice)
+            return entry_attributes(attr)
         node = await self.view.lookup(parent_inode, name)
         return entry_attributes(node.attr)
 

@@ -186,10 +186,14 @@ class WriteBehind:
         # content kept in the journal is read here: the journal stays on this thread
         inline = [tree.inline_data(ino) for tree, ino, _ in items]
         small, large, left = await self.repo.run_cpu(self._prepare_small, items, inline)
-        for tree, ino, version, item in small:
-            chunks = self.uploaders[tree.channel].store_small([item])[0]
-            assert chunks is not None
-            tree.uploads.record(ino, version, chunks)
+        by_channel: dict[str, list] = {}
+        for entry in small:
+            by_channel.setdefault(entry[0].channel, []).append(entry)
+        for channel, entries in by_channel.items():  # one store per channel's uploader
+            results = self.uploaders[channel].store_small([item for _, _, _, item in entries])
+            for (tree, ino, version, _), chunks in zip(entries, results):
+                assert chunks is not None
+                tree.uploads.record(ino, version, chunks)
         await self.repo.upload_ready()
         for tree, ino, version in large:
             try:

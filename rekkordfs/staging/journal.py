@@ -135,6 +135,26 @@ class Journal:
         self._inodes.put(ino, node)
         return node
 
+    def change_alone(self, ino: int, **changes: Any) -> Inode:
+        """A whole request that changes one inode row and nothing else (chmod,
+        utime, a close's mtime): change() in a transaction of its own. Inside an
+        open batch its one statement needs no SAVEPOINT: a statement that fails
+        changes nothing (and one that takes the batch with it abandons it)."""
+        if not (self._depth == 0 and self._dirty and self.batching and self.db.in_transaction):
+            with self.transaction():
+                node = self.change(ino, **changes)
+                self.changed()
+            return node
+        try:
+            node = self.change(ino, **changes)
+        except sqlite3.Error as exc:
+            if not self.db.in_transaction:  # SQLite rolled the batch back itself
+                self._abandon()
+            raise journal_error(exc) from None
+        self.sequence += 1  # changed(): the journal says dirty already
+        self._request_done()
+        return node
+
     def delete_inode(self, ino: int, content: Content) -> None:
         """Inside a transaction; on_deleted() hears of it once it is committed."""
         self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))

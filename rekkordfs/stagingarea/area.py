@@ -104,6 +104,8 @@ class StagingArea:
                     now if touched else node.ctime_ns, node.rdev, timeout=STAGING_TIMEOUT, allocated=blocks)
 
     async def _attr(self, tree: StagingTree, node: Inode) -> Attr:
+        if node.dir_ref is None:  # not a folder whose stored record counts its links
+            return self.attr(tree, node)
         return self.attr(tree, node, await tree.folder_links([node]))
 
     async def channel_names(self) -> list[str]:
@@ -112,14 +114,23 @@ class StagingArea:
     # --- directory operations ----------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
+        attr = await self.find(parent, name)
+        if attr is None:
+            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+        return attr
+
+    async def find(self, parent: int, name: bytes) -> Attr | None:
+        """lookup(), None for a missing name in a channel's tree."""
         if len(name) > NAME_MAX:  # what every call naming it must answer (chmod, unlink, rename...)
             raise OSError(errno.ENAMETOOLONG, "file name too long")
         if parent == STAGING_INO:
             tree = await self.channels.named(name)
-            node = tree.get(ROOT)
+            node: Inode | None = tree.get(ROOT)
         else:
             tree, local = self.numbers.split(parent)
-            node = await tree.lookup(local, name)
+            node = await tree.find(local, name)
+        if node is None:
+            return None
         attr = await self._attr(tree, node)
         tree.remember(node.ino)  # nothing may fail once the kernel is to hold it
         return attr

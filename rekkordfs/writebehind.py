@@ -49,6 +49,7 @@ class WriteBehind:
         # closed files waiting for write-behind (few bytes each: the queue may grow)
         self._behind_send, self._behind_recv = trio.open_memory_channel[Closed](math.inf)
         self._active = 0.0  # trio time of the last write or close
+        self._commits = 0  # running: they upload what is queued themselves
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -187,9 +188,18 @@ class WriteBehind:
                     tree.uploads.finish(inos, running[tree])
 
     async def _quiet(self) -> None:
-        """Until no file was written or closed for QUIET_SECONDS."""
-        while (left := self._active + QUIET_SECONDS - trio.current_time()) > 0:
-            await trio.sleep(left)
+        """Until no file was written or closed for QUIET_SECONDS, and no commit
+        runs (it uploads the files it captured itself: write-behind beside it
+        would have it wait for each batch)."""
+        while (left := self._active + QUIET_SECONDS - trio.current_time()) > 0 or self._commits:
+            await trio.sleep(max(left, QUIET_SECONDS))
+
+    def commit_started(self) -> None:
+        self._commits += 1
+
+    def commit_ended(self) -> None:
+        self._commits -= 1
+        self._active = trio.current_time()  # what is left waits for a pause again
 
     async def _upload_batch(self, items: list[Closed]) -> list[Closed]:
         """Upload what fits in one batch; returns the files left for the next one."""

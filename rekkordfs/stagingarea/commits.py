@@ -67,7 +67,11 @@ class Commits:
             tree = await self.channels.tree(channel)
             await self.behind.learn_stored(again=True)
             committer = Committer(self.repo, tree, self.behind.uploader(channel))
-            result = await committer.run()
+            self.behind.commit_started()
+            try:
+                result = await committer.run()
+            finally:
+                self.behind.commit_ended()
         if committer.garbage and self.nursery is not None:  # deleting thousands of files need not delay the reply
             self.nursery.start_soon(trio.to_thread.run_sync, remove_files, committer.garbage)
         log.info("committed staging/%s as snapshot %s", channel, result.tag.id_hex)

@@ -4,6 +4,7 @@ mock clock: the test decides when time passes, nothing depends on real timing.""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -29,9 +30,11 @@ async def _write(area: StagingArea, parent: int, name: bytes, content: bytes) ->
 
 
 async def _pause(area: StagingArea, channel: str, done: int) -> None:
-    """Let virtual time pass until write-behind recorded `done` uploads (or give up)."""
+    """Let virtual time pass until write-behind recorded `done` uploads (its
+    worker threads take real time: only a hang reaches the real deadline)."""
     tree = area.trees[channel]
-    for _ in range(200):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         await trio.sleep(QUIET_SECONDS)
         if tree.uploads.done_count() >= done and not tree.uploads.running():
             return

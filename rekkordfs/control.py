@@ -1,7 +1,7 @@
 """How `rekkord commit` talks to a running mount: extended attributes of
 MNT/staging/<channel>, never listed (so rsync -X skips them).
 
-Kept apart from stagingarea.py so that the command imports nothing heavy.
+Kept apart from stagingarea/ so that the command imports nothing heavy.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The thin pyfuse3 adapter: FUSE requests -> SnapshotView and StagingArea calls.
 
-What the filesystem contains lives in vfs.py (snapshots) and stagingarea.py
+What the filesystem contains lives in vfs.py (snapshots) and stagingarea/
 (staging/); this module only routes each request by inode number, converts
 attributes, keeps open handles and maps OSError to FUSEError.
 """
@@ -129,9 +129,12 @@ class Operations(pyfuse3.Operations):
         staging = self._staged(parent_inode)
         if staging is not None:
             try:
-                return entry_attributes(await staging.lookup(parent_inode, name))
-            except FileNotFoundError:
+                attr = await staging.find(parent_inode, name)
+            except FileNotFoundError:  # a channel that is not there
+                attr = None
+            if attr is None:
                 return _negative_entry()  # the kernel remembers the miss (rsync looks twice)
+            return entry_attributes(attr)
         node = await self.view.lookup(parent_inode, name)
         return entry_attributes(node.attr)
 

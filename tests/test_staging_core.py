@@ -1,4 +1,4 @@
-"""Direct tests of the staging cores (staging.py, stagingarea.py, commit.py), without a mount.
+"""Direct tests of the staging cores (staging.py, stagingarea/, commit.py), without a mount.
 
 Trees without a repository need none (blobs=None, as for a WriteOnly key);
 copy-on-write and commit tests use a repository filled by the real CLI, and

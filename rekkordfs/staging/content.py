@@ -263,9 +263,7 @@ class ContentStore:
         """close()/fsync(): the file's new mtime goes into the journal."""
         if ino in self._touched:
             now = self.clock()
-            with self.journal.transaction():
-                self.journal.change(ino, mtime_ns=now, ctime_ns=now)
-                self.journal.changed()
+            self.journal.change_alone(ino, mtime_ns=now, ctime_ns=now)
             self._touched.discard(ino)
 
     def touched_mtime(self, ino: int) -> bool:

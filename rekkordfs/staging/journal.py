@@ -21,7 +21,7 @@ from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, error, inode_fr
 INODE_CACHE = 20_000  # rows kept decoded, the most recently used (about 0.5 KB each: 10 MB)
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
 # With batching on (see Journal.batching), the transactions of consecutive requests
-# are committed together: once the daemon is idle (see StagingArea), or at the
+# are committed together: once the daemon is idle (see stagingarea/batches.py), or at the
 # latest after this long or this many requests. A SQLite COMMIT costs more than
 # most requests; a kill -9 loses at most the requests of the open batch.
 BATCH_SECONDS = 0.05
@@ -133,6 +133,26 @@ class Journal:
                   for name, value in changes.items()]
         self.db.execute(f"UPDATE inodes SET {' = ?, '.join(changes)} = ? WHERE ino = ?", (*values, ino))
         self._inodes.put(ino, node)
+        return node
+
+    def change_alone(self, ino: int, **changes: Any) -> Inode:
+        """A whole request that changes one inode row and nothing else (chmod,
+        utime, a close's mtime): change() in a transaction of its own. Inside an
+        open batch its one statement needs no SAVEPOINT: a statement that fails
+        changes nothing (and one that takes the batch with it abandons it)."""
+        if not (self._depth == 0 and self._dirty and self.batching and self.db.in_transaction):
+            with self.transaction():
+                node = self.change(ino, **changes)
+                self.changed()
+            return node
+        try:
+            node = self.change(ino, **changes)
+        except sqlite3.Error as exc:
+            if not self.db.in_transaction:  # SQLite rolled the batch back itself
+                self._abandon()
+            raise journal_error(exc) from None
+        self.sequence += 1  # changed(): the journal says dirty already
+        self._request_done()
         return node
 
     def delete_inode(self, ino: int, content: Content) -> None:

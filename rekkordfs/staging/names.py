@@ -32,11 +32,17 @@ class Namespace:
     # --- reading -----------------------------------------------------------------------
 
     async def lookup(self, parent: int, name: bytes) -> Inode:
+        node = await self.find(parent, name)
+        if node is None:
+            raise error(errno.ENOENT)
+        return node
+
+    async def find(self, parent: int, name: bytes) -> Inode | None:
+        """lookup() that answers None for a missing name (rsync asks for many:
+        no exception on that path)."""
         await self.cow.expand(parent)
         ino = self._child(parent, name)
-        if ino is None:
-            raise error(errno.ENOENT)
-        return self.journal.get(ino)
+        return None if ino is None else self.journal.get(ino)
 
     async def listdir(self, parent: int) -> list[tuple[bytes, Inode]]:
         await self.cow.expand(parent)
@@ -221,9 +227,8 @@ class Namespace:
             else:
                 if target is not None:
                     self._remove_entry(new_parent, new_name, target, changed=False)
-                self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (old_parent, old_name))
-                self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)",
-                                (new_parent, new_name, moved))
+                self.db.execute("UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+                                (new_parent, new_name, old_parent, old_name))
                 self.journal.change(moved, ctime_ns=now)
             self._add_links(old_parent, -moving)
             self._add_links(new_parent, moving)

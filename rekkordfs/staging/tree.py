@@ -84,6 +84,9 @@ class StagingTree:
     async def lookup(self, parent: int, name: bytes) -> Inode:
         return await self.names.lookup(parent, name)
 
+    async def find(self, parent: int, name: bytes) -> Inode | None:
+        return await self.names.find(parent, name)
+
     async def listdir(self, parent: int) -> list[tuple[bytes, Inode]]:
         return await self.names.listdir(parent)
 
@@ -152,10 +155,7 @@ class StagingTree:
         if not changes and size is None:
             return node
         changes["ctime_ns"] = self.clock()
-        with self.journal.transaction():
-            node = self.journal.change(ino, **changes)
-            self.journal.changed()
-        return node
+        return self.journal.change_alone(ino, **changes)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         for key, value in decode_xattrs(self.get(ino).xattrs):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pyfuse3
+import pytest
 import trio
 
 from rekkordfs import fuseloop
@@ -28,12 +30,21 @@ def test_install_keeps_trio_but_the_read_lock_and_the_wait() -> None:
         pyfuse3.trio = before  # type: ignore[attr-defined]
 
 
-def test_wait_returns_at_once_when_readable_and_yields_every_few() -> None:
+@pytest.fixture
+def pipe() -> Iterator[tuple[int, int]]:
+    """A pipe's (read end, write end): a device that is readable once written to."""
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    os.close(read_end)
+    os.close(write_end)
+
+
+def test_wait_returns_at_once_when_readable_and_yields_every_few(pipe: tuple[int, int]) -> None:
     """Inside a cancelled scope, a wait that goes through trio's scheduler raises
     Cancelled (it is a checkpoint) and one that returns at once does not: that
     tells the two apart whatever order trio runs its tasks in."""
     readiness = fuseloop._Readiness()
-    read_end, write_end = os.pipe()
+    read_end, write_end = pipe
     os.write(write_end, b"x")
 
     async def went_through_trio() -> bool:
@@ -48,16 +59,12 @@ def test_wait_returns_at_once_when_readable_and_yields_every_few() -> None:
         assert await went_through_trio()
         assert not await went_through_trio()  # and the count starts over
 
-    try:
-        trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    trio.run(main)
 
 
-def test_wait_parks_until_readable() -> None:
+def test_wait_parks_until_readable(pipe: tuple[int, int]) -> None:
     readiness = fuseloop._Readiness()
-    read_end, write_end = os.pipe()
+    read_end, write_end = pipe
     woke: list[float] = []
 
     async def waiter() -> None:
@@ -72,11 +79,7 @@ def test_wait_parks_until_readable() -> None:
             os.write(write_end, b"x")
         assert woke
 
-    try:
-        trio.run(main)
-    finally:
-        os.close(read_end)
-        os.close(write_end)
+    trio.run(main)
 
 
 def test_read_lock_excludes_and_hands_over() -> None:

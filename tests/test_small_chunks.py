@@ -3,8 +3,6 @@ one worker hop; a damaged or missing blob is that blob's error alone."""
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 
 from rekkordfs.codec import pack_key
@@ -13,15 +11,12 @@ from rekkordfs.format import EntryKind
 
 from .core_helpers import open_view, run, src_parts, view_walk
 from .test_vfs_core import corrupt, snapshot_ino
+from .trees import make_random_files
 
 
 def test_small_chunks_one_hop_and_each_error_stays_with_its_blob(local_repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    src.mkdir()
-    rng = random.Random(11)
-    contents = {f"f{i:02}".encode(): rng.randbytes(rng.randrange(1, 2_000)) for i in range(30)}
-    for name, data in contents.items():
-        (src / os.fsdecode(name)).write_bytes(data)
+    contents = make_random_files(src, 30, 2_000, seed=11, width=2)
     local_repo.save("c", str(src))
 
     async def main() -> None:

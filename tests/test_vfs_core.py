@@ -23,7 +23,7 @@ from rekkordfs.vfs import SnapshotView, snapshot_dir_name
 
 from .conftest import Rekkord
 from .core_helpers import load_by_id, open_repo, open_view, run, src_parts, view_walk
-from .trees import make_awkward_tree, make_wide_dir
+from .trees import make_awkward_tree, make_random_files, make_wide_dir
 
 WIDE = 20_000
 
@@ -667,11 +667,7 @@ def test_blob_cache_shares_one_fetch_between_concurrent_readers(saved: Saved) ->
 
 def test_read_ahead_fetches_following_small_files_and_subdirectories_in_batches(local_repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
-    src.mkdir()
-    rng = random.Random(5)
-    contents = {f"f{i:03}".encode(): rng.randbytes(rng.randrange(1, 20_000)) for i in range(100)}
-    for name, data in contents.items():
-        (src / os.fsdecode(name)).write_bytes(data)
+    contents = make_random_files(src, 100, 20_000, seed=5)
     for i in range(20):
         (src / f"d{i:02}").mkdir()
         (src / f"d{i:02}" / "inner").write_bytes(b"x" * i)

@@ -107,6 +107,17 @@ def make_wide_dir(root: Path, count: int) -> Path:
     return root
 
 
+def make_random_files(root: Path, count: int, max_size: int, seed: int, width: int = 3) -> dict[bytes, bytes]:
+    """count files of 1 to max_size random bytes in root (made here), named
+    f000... (width digits); returns name -> content."""
+    root.mkdir()
+    rng = random.Random(seed)
+    contents = {f"f{i:0{width}}".encode(): rng.randbytes(rng.randrange(1, max_size)) for i in range(count)}
+    for name, data in contents.items():
+        (root / os.fsdecode(name)).write_bytes(data)
+    return contents
+
+
 def rsync_differences(src: Path | str, dest: Path | str) -> str:
     """What `rsync -aHAXnci --delete` would change: empty when trees are equal."""
     result = subprocess.run(["rsync", "-aHAXnci", "--delete", f"{src}/", f"{dest}/"],

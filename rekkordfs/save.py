@@ -26,6 +26,7 @@ from .cache import StatKey, stat_row
 from .format import (
     BlobKind,
     BlobRef,
+    ChunkRef,
     EntryKind,
     Snapshot,
     encode_chunks,
@@ -276,43 +277,33 @@ class SaveSession:
                 await self._job_done(job, item.error, counted=True)
                 continue
             job.entry.xattrs = item.xattrs or []
-            self._set_content(job, item.size, encode_chunks(chunks), {chunk.location.pack for chunk in chunks},
-                              item.key == job.key)
+            self._set_content(job, item.size, chunks, item.key == job.key)
             await self._job_done(job, None, counted=True)
 
     async def _store_batch(self, batch: list[FileJob], files: list[PreparedFile | OSError],
                            packs: set[bytes]) -> None:
-        """The batch's files as a worker process prepared them (prepprocs.py):
-        _set_content() and _job_done() of each, written out (a few function
-        calls less per file, on the core the save's main process is held to)."""
+        """The batch's files as a worker process prepared them (prepprocs.py)."""
         await self.repo.upload_ready()
         self.lead.done(len(batch))
-        self.uses.update(packs)
+        self.uses.update(packs)  # the whole batch's, gathered by the pool
         for job, item in zip(batch, files):
             if isinstance(item, OSError):
                 await self._job_done(job, item, counted=True)
                 continue
-            entry = job.entry
-            entry.xattrs = item.xattrs
-            entry.chunks_raw = item.chunks_raw
-            entry.size = item.size
-            if item.key == job.key:
-                # self._stat_rows anew each time: it is replaced when sent, and a finalize awaits
-                self._stat_rows.append(stat_row(job.path, job.key, item.chunks_raw))
-            if entry.link_id:
-                self._link_done[entry.link_id].set()
-            node = job.node
-            node.pending -= 1
-            if node.pending == 0:
-                await self._finalize(node)
-        if len(self._stat_rows) >= STAT_BATCH:
-            self._stat_send.send_nowait(self._stat_rows)
-            self._stat_rows = []
+            job.entry.xattrs = item.xattrs
+            self._set_raw_content(job, item.size, item.chunks_raw, item.key == job.key)
+            await self._job_done(job, None, counted=True)
 
-    def _set_content(self, job: FileJob, size: int, chunks_raw: bytes, packs: set[bytes], unchanged: bool) -> None:
+    def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
+        """A file's content is stored in these chunks."""
+        self.uses.update(chunk.location.pack for chunk in chunks)
+        self._set_raw_content(job, size, encode_chunks(chunks), unchanged)
+
+    def _set_raw_content(self, job: FileJob, size: int, chunks_raw: bytes, unchanged: bool) -> None:
+        """A file's content is stored (chunks_raw: encode_chunks() of its chunks,
+        whose packs the caller added to self.uses)."""
         job.entry.chunks_raw = chunks_raw
         job.entry.size = size
-        self.uses.update(packs)
         if unchanged:
             self._stat_rows.append(stat_row(job.path, job.key, chunks_raw))
             if len(self._stat_rows) >= STAT_BATCH:
@@ -329,8 +320,7 @@ class SaveSession:
             unchanged = await trio.to_thread.run_sync(self._unchanged, handle, job.key)
         finally:
             handle.close()
-        self._set_content(job, sum(c.size for c in chunks), encode_chunks(chunks),
-                          {chunk.location.pack for chunk in chunks}, unchanged)
+        self._set_content(job, sum(c.size for c in chunks), chunks, unchanged)
 
     async def _child_done(self, node: DirNode) -> None:
         node.pending -= 1

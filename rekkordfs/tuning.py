@@ -62,6 +62,12 @@ def save_processes(threads: int) -> int:
     return max(0, min(threads, os.cpu_count() or 1, 5) - 1)
 
 
+def restore_processes(threads: int) -> int:
+    """Worker processes writing the small files of a restore from a server
+    (restoreprocs.py): like save_processes(), the CPUs less the main process's."""
+    return save_processes(threads)
+
+
 def save_lead(threads: int) -> int:
     """Files a save's walker may have queued and not saved yet: about 1 KiB of
     memory each, and far more than the workers need to stay busy."""

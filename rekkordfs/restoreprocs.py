@@ -50,7 +50,7 @@ class _Reply:
 
 class RestorePool:
     """Worker processes writing a restore's small files. run() it in a nursery
-    (with start()); write() batches; close() when no batch is left."""
+    (start_soon); write() batches; close() when no batch is left."""
 
     def __init__(self, data_secret: bytes, id_key: bytes, dest_fd: int, dest: str, processes: int,
                  warn: Callable[[str], None]) -> None:
@@ -59,6 +59,7 @@ class RestorePool:
         self.processes = processes
         self.warn = warn
         self._workers: list[_Worker] = []
+        self.batches = 0  # written by the workers so far
 
     @property
     def ready(self) -> bool:
@@ -128,7 +129,8 @@ class RestorePool:
             raw = raws.get(job.chunks[0].id) if job.chunks else None
             message.append((job.parts, entry.mode, entry.uid, entry.gid, entry.atime_ns, entry.mtime_ns, entry.size,
                             entry.xattrs, entry.chunks_raw, None if raw is None else (raw[0], raw[1].pack)))
-        worker = min((w for w in self._workers if w.ready and not w.closing), key=lambda w: len(w.waiting))
+        # any worker not closing: one not ready yet answers once it is (write() is called when ready says so)
+        worker = min((w for w in self._workers if not w.closing), key=lambda w: len(w.waiting))
         reply = _Reply()
         async with worker.lock:
             worker.waiting.append(reply)
@@ -137,6 +139,7 @@ class RestorePool:
         assert reply.result is not None
         if reply.result[0] == "done":
             _, written, warnings = reply.result
+            self.batches += 1
             for line in warnings:
                 self.warn(line)
             return int(written)

@@ -22,7 +22,7 @@ from .repository import Repository
 from .restoreprocs import RestorePool
 from .restorewrite import FileJob, SmallWriter
 from .tasks import task_group
-from .tuning import RESTORE_WINDOW, restore_chunk_reads, restore_windows
+from .tuning import RESTORE_WINDOW, WORKER_FILE, restore_chunk_reads, restore_windows
 
 
 def _windows(chunks: list[tuple[ChunkRef, int]]) -> list[list[tuple[ChunkRef, int]]]:
@@ -82,12 +82,30 @@ class FileWriter:
             except (CorruptedData, ObjectMissing) as exc:
                 raise self._batch_error(batch, exc) from None
             found = dict(zip((c.id for c in wanted), raws))
-            if self.pool is not None and self.pool.ready:
-                written = await self.pool.write(batch, found)
-            else:
-                written = await self.repo.run_cpu(self.small.write_batch, batch, found)
+            written = await self._write_small(batch, found)
         self.bytes_written += written
         self.files += len(batch)
+
+    async def _write_small(self, batch: list[FileJob], found: dict[bytes, tuple[bytes, Location]]) -> int:
+        """The tiniest files to a worker process, if one is ready (their cost is
+        per file: Python and system calls), the others in a thread meanwhile
+        (theirs is per byte, in C code that lets go of the GIL)."""
+        pool = self.pool
+        if pool is None or not pool.ready:
+            return await self.repo.run_cpu(self.small.write_batch, batch, found)
+        tiny = [job for job in batch if job.entry.size <= WORKER_FILE]
+        if len(tiny) == len(batch):
+            return await pool.write(batch, found)
+        rest = [job for job in batch if job.entry.size > WORKER_FILE]
+        written = [0]
+
+        async def in_thread() -> None:
+            written[0] = await self.repo.run_cpu(self.small.write_batch, rest, found)
+
+        async with task_group() as nursery:
+            nursery.start_soon(in_thread)
+            written.append(await pool.write(tiny, found) if tiny else 0)
+        return sum(written)
 
     def _batch_error(self, batch: list[FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
         return type(exc)(f"restoring '{self.show(batch[0].parts)}' and nearby files: {exc.message}")

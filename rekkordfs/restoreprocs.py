@@ -15,6 +15,7 @@ fails the restore with one line.
 
 from __future__ import annotations
 
+import fcntl
 import subprocess
 import sys
 from collections import deque
@@ -77,6 +78,7 @@ class RestorePool:
                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, process_group=0,
                         env=worker_environment(), pass_fds=(self.dest_fd,)))
                     self._workers.append(worker)
+                    _widen_pipe(worker.process.stdin)
                     await self._send(worker, self._secrets)
                     nursery.start_soon(self._serve, worker)
                 task_status.started()
@@ -157,3 +159,15 @@ class RestorePool:
             assert worker.process.stdin is not None
             async with worker.lock:
                 await worker.process.stdin.aclose()
+
+
+PIPE_SIZE = 1 << 20  # a batch goes through in few writes (the default pipe holds 64 KiB)
+
+
+def _widen_pipe(stream: trio.abc.SendStream | None) -> None:
+    if not isinstance(stream, trio.lowlevel.FdStream):
+        return
+    try:
+        fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:
+        pass  # above the system's limit (fs.pipe-max-size) for an unprivileged user: the default works too

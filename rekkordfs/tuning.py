@@ -51,6 +51,11 @@ def small_file_threads(threads: int) -> int:
     return 1
 
 
+# files up to this size go to a restore's worker process (restoreprocs.py): their
+# cost is per file (Python, creating the file, its metadata); a larger file's is
+# per byte, in C code a thread of the main process runs without the GIL, and
+# sending its bytes through a pipe would only add copies
+WORKER_FILE = 64 << 10
 SAVE_PROCESS_FILES = 2048  # small files a save must have before it starts worker processes
 
 

@@ -57,6 +57,8 @@ def eager_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 def saved_tree(tmp_path: Path, master: keymod.Keyset, files: int = 2000) -> tuple[ServerLike, Path, str]:
     src = small_tree(tmp_path / "src", files)
     os.setxattr(src / "d00000" / "f00002", "user.note", b"kept")
+    for index in range(6):  # small files above tuning.WORKER_FILE: written in a thread meanwhile
+        (src / "d00037" / f"mid{index}").write_bytes(os.urandom(tuning.WORKER_FILE + 1000 * index))
     storage = ServerLike()
 
     async def main() -> str:

@@ -19,6 +19,7 @@ STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
 STAT_BATCH = 4096  # stat-cache rows a save stores per transaction, as it goes
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
+RECORD_READS = 8  # such batches read at once
 
 
 # --- read-ahead of the mount --------------------------------------------------------------

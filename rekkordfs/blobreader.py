@@ -65,6 +65,8 @@ class BlobReader:
 
         async def run_cpu(self, fn: Callable[..., T], *args: object) -> T: ...
 
+        async def run_records(self, fn: Callable[..., T], *args: object) -> T: ...
+
         async def sync_indexes(self) -> None: ...
 
     async def relocate(self, blob_id: bytes, missing: Location) -> Location | None:
@@ -173,6 +175,7 @@ class BlobReader:
         happen there too). Each result is the value or the error of that blob,
         so one bad blob spoils nothing else."""
         self.keys.require(Capability.READ)
+        run = self.run_records if kind == BlobKind.DIRECTORY else self.run_cpu
 
         def finish(blob_id: bytes, location: Location, raw: bytes) -> T | bytes | bytearray:
             data = self.codec.unpack(kind, blob_id, location.pack, check_length(blob_id, location, raw))
@@ -186,7 +189,7 @@ class BlobReader:
                 return [raw if isinstance(raw, Exception) else _try(finish, blob_id, raw[1], raw[0])
                         for (blob_id, _), raw in zip(blobs, raws)]
 
-            return await self.run_cpu(finish_all)
+            return await run(finish_all)
 
         def read_and_finish(blob_id: bytes, location: Location) -> T | bytes | bytearray:
             return finish(blob_id, location, read_blocking(pack_key(location.pack), location.offset, location.length))
@@ -197,14 +200,14 @@ class BlobReader:
         def read_all_at(items: list[tuple[bytes, Location]]) -> list[T | bytes | bytearray | Exception]:
             return [_try(read_and_finish, blob_id, location) for blob_id, location in items]
 
-        results = await self.run_cpu(read_all)
+        results = await run(read_all)
         for index, result in enumerate(results):
             if isinstance(result, ObjectMissing):  # its pack was pruned: where is it now?
                 blob_id, location = blobs[index]
                 moved = await self.relocate(blob_id, location)
                 results[index] = (ObjectMissing(f"blob {blob_id.hex()} (pack {location.pack.hex()}) is missing "
                                                 "from the repository") if moved is None
-                                  else (await self.run_cpu(read_all_at, [(blob_id, moved)]))[0])
+                                  else (await run(read_all_at, [(blob_id, moved)]))[0])
         return results
 
     async def open_small_chunks(self, chunks: list[ChunkRef]) -> list[bytes | bytearray | Exception]:

@@ -171,37 +171,11 @@ class BlobCodec:
 
     def _open_checked(self, kind: BlobKind, blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview
                       ) -> tuple[int, bytearray, bytes | bytearray]:
-        """(compression, stored payload, plaintext) of a blob whose version,
-        kind and ID are checked."""
         if self._opener is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot read snapshot contents")
-        try:
-            opened = self._opener.open(pack_id, stored)
-        except CorruptedData as exc:
-            raise CorruptedData(f"blob {blob_id.hex()} {exc.message.removeprefix('blob ')}") from None
-        if len(opened) < TRAILER_SIZE:
-            raise CorruptedData(f"blob {blob_id.hex()} is truncated")
-        version, stored_kind, compression = opened[-3], opened[-2], opened[-1]
-        del opened[-TRAILER_SIZE:]  # shrinks in place, no copy
-        if version != BLOB_VERSION:
-            raise CorruptedData(f"blob {blob_id.hex()} has unsupported version {version}")
-        if stored_kind != kind:
-            raise CorruptedData(f"blob {blob_id.hex()} is not a {kind.name.lower()} blob")
-        data: bytes | bytearray
-        if compression == COMPRESS_ZSTD:
-            try:
-                if not 0 <= zstandard.frame_content_size(opened) <= MAX_BLOB_SIZE:
-                    raise CorruptedData(f"blob {blob_id.hex()} claims an invalid size")
-                data = self._decompressor().decompress(opened)
-            except zstandard.ZstdError:
-                raise CorruptedData(f"blob {blob_id.hex()} does not decompress") from None
-        elif compression == COMPRESS_NONE:
-            data = opened
-        else:
-            raise CorruptedData(f"blob {blob_id.hex()} has unknown compression {compression}")
-        if self.blob_id(kind, data) != blob_id:
-            raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
-        return compression, opened, data
+        if self.keys.id_key is None:
+            raise CapabilityError(f"a {self.keys.kind.label} key cannot compute blob IDs")
+        return open_checked(self._opener, self._decompressor(), self.keys.id_key, kind, blob_id, pack_id, stored)
 
     def open_alone(self, kind: BlobKind, raw: bytes) -> bytes | bytearray:
         """The content of a one-blob object whose ID nothing vouches for (a
@@ -267,6 +241,41 @@ class BlobCodec:
 
 
 # --- writing, without keys: shared by BlobCodec and the save's worker processes (prepworker.py)
+
+
+def open_checked(opener: crypto.PackOpener, decompressor: zstandard.ZstdDecompressor, id_key: bytes,
+                 kind: BlobKind, blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview
+                 ) -> tuple[int, bytearray, bytes | bytearray]:
+    """(compression, stored payload, plaintext) of a blob of pack_id whose
+    version, kind and ID are checked (BlobCodec's, and a restore's worker
+    process's, which holds no Keyset)."""
+    try:
+        opened = opener.open(pack_id, stored)
+    except CorruptedData as exc:
+        raise CorruptedData(f"blob {blob_id.hex()} {exc.message.removeprefix('blob ')}") from None
+    if len(opened) < TRAILER_SIZE:
+        raise CorruptedData(f"blob {blob_id.hex()} is truncated")
+    version, stored_kind, compression = opened[-3], opened[-2], opened[-1]
+    del opened[-TRAILER_SIZE:]  # shrinks in place, no copy
+    if version != BLOB_VERSION:
+        raise CorruptedData(f"blob {blob_id.hex()} has unsupported version {version}")
+    if stored_kind != kind:
+        raise CorruptedData(f"blob {blob_id.hex()} is not a {kind.name.lower()} blob")
+    data: bytes | bytearray
+    if compression == COMPRESS_ZSTD:
+        try:
+            if not 0 <= zstandard.frame_content_size(opened) <= MAX_BLOB_SIZE:
+                raise CorruptedData(f"blob {blob_id.hex()} claims an invalid size")
+            data = decompressor.decompress(opened)
+        except zstandard.ZstdError:
+            raise CorruptedData(f"blob {blob_id.hex()} does not decompress") from None
+    elif compression == COMPRESS_NONE:
+        data = opened
+    else:
+        raise CorruptedData(f"blob {blob_id.hex()} has unknown compression {compression}")
+    if crypto.keyed_hash(id_key, kind, data) != blob_id:
+        raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
+    return compression, opened, data
 
 
 def compress(compressor: zstandard.ZstdCompressor, data: bytes | bytearray | memoryview

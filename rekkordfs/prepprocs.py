@@ -14,7 +14,6 @@ main process dies. A worker that dies or fails fails the save with one line.
 
 from __future__ import annotations
 
-import marshal
 import os
 import subprocess
 import sys
@@ -27,8 +26,8 @@ import trio
 from .cache import StatKey
 from .errors import RekkordError
 from .format import Location, encode_chunk
+from .frames import frame, receive_frame
 from .packs import PACK_TARGET
-from .prepworker import HEADER, frame
 from .repository import Repository
 from .upload import TransferStats
 
@@ -61,17 +60,7 @@ class _Worker:
     async def receive(self) -> object | None:
         """The next message, or None once the worker closed its stdout."""
         assert self.process.stdout is not None
-        while True:
-            if len(self.buffer) >= HEADER.size:
-                (size,) = HEADER.unpack_from(self.buffer)
-                if len(self.buffer) >= HEADER.size + size:
-                    body = bytes(self.buffer[HEADER.size:HEADER.size + size])
-                    del self.buffer[:HEADER.size + size]
-                    return marshal.loads(body)
-            data = await self.process.stdout.receive_some(1 << 20)
-            if not data:
-                return None
-            self.buffer += data
+        return await receive_frame(self.process.stdout, self.buffer)
 
 
 class _Reply:
@@ -122,7 +111,7 @@ class PrepPool:
     async def _spawn(self) -> trio.Process:
         return await trio.lowlevel.open_process(
             [sys.executable, "-P", "-m", "rekkordfs.prepworker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, process_group=0, env=_environment())
+            stderr=subprocess.DEVNULL, process_group=0, env=worker_environment())
 
     def _secrets(self) -> bytes:
         """What a worker needs to know, sent through its stdin only."""
@@ -246,7 +235,7 @@ class PrepPool:
                 await worker.process.stdin.aclose()
 
 
-def _environment() -> dict[str, str]:
+def worker_environment() -> dict[str, str]:
     """The worker imports this copy of rekkordfs, whatever the current folder."""
     env = dict(os.environ)
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,8 +4,7 @@ one core, keeps the walk, the bookkeeping, the packs and the cache).
 
 Started by prepprocs.py as `python -m rekkordfs.prepworker` in its own
 process group (a Ctrl-C at the terminal is the main process's to handle),
-it talks only through its stdin and stdout, in frames: a little-endian u32
-length, then a marshal-encoded tuple (marshal: both ends are this code).
+it talks only through its stdin and stdout, in frames (frames.py).
 
     main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target, cache_db)   once
     worker -> main  ("ready",)
@@ -31,12 +30,9 @@ ended, or died) ends it, once what it was sent is written.
 
 from __future__ import annotations
 
-import marshal
 import signal
 import sqlite3
-import struct
 import sys
-from typing import Any, BinaryIO
 
 import zstandard
 
@@ -45,27 +41,9 @@ from .cacherows import insert_blobs, insert_stats
 from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
+from .frames import frame, read_frame
 from .fsmeta import read_xattrs
 from .localfiles import read_small
-
-HEADER = struct.Struct("<I")
-
-
-def frame(message: Any) -> bytes:  # noqa: ANN401 - what marshal takes
-    body = marshal.dumps(message)
-    return HEADER.pack(len(body)) + body
-
-
-def read_frame(stream: BinaryIO) -> Any:  # noqa: ANN401 - what marshal gives
-    """The next message, or None at the end of the stream."""
-    head = stream.read(HEADER.size)
-    if len(head) < HEADER.size:
-        return None
-    (size,) = HEADER.unpack(head)
-    body = stream.read(size)
-    if len(body) < size:
-        return None
-    return marshal.loads(body)
 
 
 class Preparer:

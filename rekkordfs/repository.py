@@ -97,6 +97,10 @@ class Repository(SnapshotLog, BlobReader):
         self.codec = BlobCodec(keys, config.repo_id)
         # CPU-bound work (hash, compress, seal, open) runs under this limiter.
         self.cpu = trio.CapacityLimiter(threads)
+        # Directory records are opened under their own limiter: a walk (restore,
+        # list) must not wait behind batches of file contents holding every CPU
+        # thread, or it stops feeding the requests that keep a server busy.
+        self._records_cpu = trio.CapacityLimiter(threads)
         self._small = trio.CapacityLimiter(small_file_threads(threads))  # batches of small files
         # Stored by this session: blob ID -> its place, packed into one int
         # (_place): a KnownBlob with its Location was 300 bytes a blob, 30 MB
@@ -176,6 +180,10 @@ class Repository(SnapshotLog, BlobReader):
 
     async def run_cpu(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.cpu)
+
+    async def run_records(self, fn: Callable[..., T], *args: object) -> T:
+        """run_cpu() of directory records (see _records_cpu)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self._records_cpu)
 
     async def run_small(self, fn: Callable[..., T], *args: object) -> T:
         """run_cpu() of a batch of small files (see tuning.small_file_threads)."""

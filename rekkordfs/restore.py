@@ -38,10 +38,12 @@ from .destination import (
 from .errors import RestoreError
 from .format import Entry, EntryKind
 from .repository import Repository
-from .restorefiles import FileJob, FileWriter
+from .restorefiles import FileWriter
+from .restoreprocs import RestorePool
+from .restorewrite import FileJob, xattr_warning
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
-from .tuning import BATCH_BYTES, BATCH_FILES, OPEN_FOLDERS, REMOTE_BATCH_FILES, restore_workers
+from .tuning import BATCH_BYTES, BATCH_FILES, OPEN_FOLDERS, REMOTE_BATCH_FILES, restore_processes, restore_workers
 
 
 @dataclass
@@ -131,19 +133,25 @@ class RestoreSession:
             parts = (os.fsencode(name),)
             self._tell("restore", ())
         self.folders = FolderFds(self.dest_fd)
-        writer = FileWriter(self.repo, self.folders, self._show, self._xattr_failed)
+        pool = self._pool()
+        writer = FileWriter(self.repo, self.folders, self._show, self._xattr_failed, pool)
         try:
             send, recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
-            async with task_group() as nursery:
-                for _ in range(self.workers):
-                    nursery.start_soon(self._worker, writer, recv.clone())
-                recv.close()
-                async with send:
-                    if self.target.kind == EntryKind.DIRECTORY:
-                        await self._restore_dir_contents(parts, self.target, send)
-                    else:
-                        await self._restore_entry(parts, self.target, send)
-                    await self._send_batch(send)
+            async with task_group() as processes:
+                if pool is not None:
+                    processes.start_soon(pool.run)
+                async with task_group() as nursery:
+                    for _ in range(self.workers):
+                        nursery.start_soon(self._worker, writer, recv.clone())
+                    recv.close()
+                    async with send:
+                        if self.target.kind == EntryKind.DIRECTORY:
+                            await self._restore_dir_contents(parts, self.target, send)
+                        else:
+                            await self._restore_entry(parts, self.target, send)
+                        await self._send_batch(send)
+                if pool is not None:
+                    await pool.close()
             self.stats.files += writer.files
             self.stats.bytes_written += writer.bytes_written
             await trio.to_thread.run_sync(self._finish)
@@ -155,6 +163,16 @@ class RestoreSession:
             os.close(self.dest_fd)
         self.duration = time.monotonic() - started
         return self.stats
+
+    def _pool(self) -> RestorePool | None:
+        """Worker processes for the small files of a tree restored from a server
+        (from a local disk, reading and writing in one thread hop is cheaper)."""
+        keys = self.repo.keys
+        processes = restore_processes(self.repo.threads)
+        if (not processes or not self.repo.storage.remote or self.target.kind != EntryKind.DIRECTORY
+                or keys.data_secret is None or keys.id_key is None):
+            return None
+        return RestorePool(keys.data_secret, keys.id_key, self.dest_fd, self.dest, processes, self.warn)
 
     async def _check_dest_dir(self) -> None:
         if not os.path.lexists(self.dest):
@@ -283,8 +301,7 @@ class RestoreSession:
 
     def _xattr_failed(self, parts: tuple[bytes, ...]) -> XattrFailed:
         def warn(name: bytes, exc: OSError) -> None:
-            self.warn(f"cannot set extended attribute '{os.fsdecode(name)}' on '{self._show(parts)}': "
-                      f"{exc.strerror or exc}")
+            self.warn(xattr_warning(name, exc, self._show(parts)))
         return warn
 
     # --- files -----------------------------------------------------------------

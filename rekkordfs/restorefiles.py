@@ -11,32 +11,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import trio
 
 from .chunkmap import pwrite_all
-from .destination import FolderFds, XattrFailed, apply_metadata, create_new, move_into_place, remove_quietly
+from .destination import FolderFds, XattrFailed, create_new, move_into_place, remove_quietly
 from .errors import CorruptedData, ObjectMissing
-from .format import BlobKind, ChunkRef, Entry, Location
+from .format import BlobKind, ChunkRef, Location
 from .repository import Repository
+from .restoreprocs import RestorePool
+from .restorewrite import FileJob, SmallWriter
 from .tasks import task_group
-from .tuning import RESTORE_WINDOW, SMALL_FILE, restore_chunk_reads, restore_windows
-
-
-@dataclass
-class FileJob:
-    parts: tuple[bytes, ...]  # path below DEST, last part is the name
-    entry: Entry
-    chunks: list[ChunkRef] = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.chunks = self.entry.chunks
-
-    @property
-    def large(self) -> bool:
-        """Restored on its own, chunks fetched concurrently (others go in batches)."""
-        return self.entry.size > SMALL_FILE or len(self.chunks) > 1
+from .tuning import RESTORE_WINDOW, WORKER_FILE, restore_chunk_reads, restore_windows
 
 
 def _windows(chunks: list[tuple[ChunkRef, int]]) -> list[list[tuple[ChunkRef, int]]]:
@@ -52,22 +38,25 @@ def _windows(chunks: list[tuple[ChunkRef, int]]) -> list[list[tuple[ChunkRef, in
     return windows
 
 
-
 class FileWriter:
     """Writes FileJobs' contents; counts the files and bytes it wrote."""
 
     def __init__(self, repo: Repository, folders: FolderFds, show: Callable[[tuple[bytes, ...]], str],
-                 xattr_failed: Callable[[tuple[bytes, ...]], XattrFailed]) -> None:
+                 xattr_failed: Callable[[tuple[bytes, ...]], XattrFailed], pool: RestorePool | None = None) -> None:
         self.repo = repo
         self.folders = folders
         self.show = show  # a path below DEST as the user gave it, for messages
-        self.xattr_failed = xattr_failed
+        self.small = SmallWriter(self._unpack, folders, show, xattr_failed)
+        self.pool = pool  # worker processes writing batches of small files, or None
         self.files = 0
         self.bytes_written = 0
         # chunks fetched at once: remote backends need many requests in flight,
         # and chunks share packs (about 8 per pack), so several packs load at once
         self._chunk_slots = trio.Semaphore(restore_chunk_reads(repo.threads, repo.storage.remote))
         self._window_slots = trio.Semaphore(restore_windows(repo.threads))
+
+    def _unpack(self, blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview) -> bytes | bytearray:
+        return self.repo.codec.unpack(BlobKind.CHUNK, blob_id, pack_id, stored)
 
     async def write(self, batch: list[FileJob]) -> None:
         """One large file, or a batch of small ones."""
@@ -78,7 +67,8 @@ class FileWriter:
 
     async def _restore_small(self, batch: list[FileJob]) -> None:
         """Small files: fetch their chunks together, then write them all in one
-        thread hop (on a local disk the reads happen in that hop too)."""
+        thread hop (on a local disk the reads happen in that hop too), or in a
+        worker process (restoreprocs.py)."""
         wanted = [job.chunks[0] for job in batch if job.chunks and not self.repo.is_zero_chunk(job.chunks[0])]
         written = None
         if self.repo.storage.read_blocking is not None:
@@ -91,9 +81,31 @@ class FileWriter:
                 raws = await self.repo.read_raws(wanted)
             except (CorruptedData, ObjectMissing) as exc:
                 raise self._batch_error(batch, exc) from None
-            written = await self.repo.run_cpu(self._write_small, batch, dict(zip((c.id for c in wanted), raws)))
+            found = dict(zip((c.id for c in wanted), raws))
+            written = await self._write_small(batch, found)
         self.bytes_written += written
         self.files += len(batch)
+
+    async def _write_small(self, batch: list[FileJob], found: dict[bytes, tuple[bytes, Location]]) -> int:
+        """The tiniest files to a worker process, if one is ready (their cost is
+        per file: Python and system calls), the others in a thread meanwhile
+        (theirs is per byte, in C code that lets go of the GIL)."""
+        pool = self.pool
+        if pool is None or not pool.ready:
+            return await self.repo.run_cpu(self.small.write_batch, batch, found)
+        tiny = [job for job in batch if job.entry.size <= WORKER_FILE]
+        if len(tiny) == len(batch):
+            return await pool.write(batch, found)
+        rest = [job for job in batch if job.entry.size > WORKER_FILE]
+        written = [0]
+
+        async def in_thread() -> None:
+            written[0] = await self.repo.run_cpu(self.small.write_batch, rest, found)
+
+        async with task_group() as nursery:
+            nursery.start_soon(in_thread)
+            written.append(await pool.write(tiny, found) if tiny else 0)
+        return sum(written)
 
     def _batch_error(self, batch: list[FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
         return type(exc)(f"restoring '{self.show(batch[0].parts)}' and nearby files: {exc.message}")
@@ -103,53 +115,7 @@ class FileWriter:
             raws = self.repo.read_raws_blocking(wanted)  # everything is read before anything is written
         except CorruptedData as exc:
             raise self._batch_error(batch, exc) from None
-        return self._write_small(batch, dict(zip((c.id for c in wanted), raws)))
-
-    def _write_small(self, batch: list[FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
-        written = 0
-        parents: dict[tuple[bytes, ...], int] = {}  # a batch's files mostly share a folder
-        try:
-            for job in batch:
-                parent = parents.get(job.parts[:-1])
-                if parent is None:
-                    parent = parents[job.parts[:-1]] = self.folders.open_parent(job.parts)
-                written += self._write_one_small(job, raws, parent)
-        finally:
-            for fd in parents.values():
-                os.close(fd)
-        return written
-
-    def _unpack_chunk(self, chunk: ChunkRef, raw: tuple[bytes, Location],
-                      parts: tuple[bytes, ...]) -> bytes | bytearray:
-        """A chunk read raw for the file at parts: authenticated, decompressed, its size checked."""
-        try:
-            data = self.repo.codec.unpack(BlobKind.CHUNK, chunk.id, raw[1].pack, raw[0])
-        except CorruptedData as exc:
-            raise CorruptedData(f"'{self.show(parts)}': {exc.message}") from None
-        if len(data) != chunk.size:
-            raise CorruptedData(f"'{self.show(parts)}': chunk {chunk.id.hex()} has the wrong size")
-        return data
-
-    def _write_one_small(self, job: FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
-        data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
-        chunk = job.chunks[0] if job.chunks else None
-        if chunk is not None and chunk.id in raws:
-            data = self._unpack_chunk(chunk, raws[chunk.id], job.parts)
-            if len(data) != job.entry.size:
-                raise CorruptedData(f"'{self.show(job.parts)}': chunk {chunk.id.hex()} has the wrong size")
-        fd, temp = create_new(parent, job.parts[-1])
-        try:
-            try:
-                pwrite_all(fd, data, 0)
-                self._finish_file(fd, job.entry, job.parts, len(data))
-            finally:
-                os.close(fd)
-            if temp is not None:
-                move_into_place(parent, temp, job.parts[-1])
-        except BaseException:
-            remove_quietly(parent, temp or job.parts[-1])
-            raise
-        return len(data)
+        return self.small.write_batch(batch, dict(zip((c.id for c in wanted), raws)))
 
     async def _restore_file(self, job: FileJob) -> None:
         entry = job.entry
@@ -182,7 +148,7 @@ class FileWriter:
                             for chunk, off in zip(chunks, offsets):
                                 await self._chunk_slots.acquire()
                                 nursery.start_soon(self._write_chunk_slot, fd, chunk, off, job.parts)
-                    await trio.to_thread.run_sync(self._finish_file, fd, entry, job.parts)
+                    await trio.to_thread.run_sync(self.small.finish_file, fd, entry, job.parts)
                 finally:
                     os.close(fd)
                 if temp is not None:
@@ -215,7 +181,7 @@ class FileWriter:
                       parts: tuple[bytes, ...]) -> int:
         written = 0
         for (chunk, offset), raw in zip(wanted, raws):
-            data = self._unpack_chunk(chunk, raw, parts)
+            data = self.small.unpack_chunk(chunk, raw, parts)
             pwrite_all(fd, data, offset)
             written += len(data)
         return written
@@ -231,8 +197,3 @@ class FileWriter:
             raise CorruptedData(f"'{self.show(parts)}': chunk {chunk.id.hex()} has the wrong size")
         await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
         self.bytes_written += len(data)
-
-    def _finish_file(self, fd: int, entry: Entry, parts: tuple[bytes, ...], written: int | None = None) -> None:
-        if written != entry.size:  # holes left for zero chunks, or a hole at the end
-            os.ftruncate(fd, entry.size)
-        apply_metadata(fd, entry, self.xattr_failed(parts))

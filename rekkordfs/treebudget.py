@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from .errors import CorruptedData
 from .format import BlobKind, BlobRef, Location, directory_shape
-from .tuning import RECORD_BATCH
+from .tuning import RECORD_BATCH, RECORD_READS
 
 if TYPE_CHECKING:
     from .repository import Repository
@@ -99,21 +99,26 @@ async def refuse_hostile_tree(repo: Repository, root: BlobRef, name: str) -> Non
     and raise CorruptedData if the tree breaks the limits, before anything is
     written. Unreadable records are left for the real walk to report."""
     shape: TreeShape = {}
+
+    async def measure(job: tuple[list[tuple[bytes, Location]], dict[bytes, Location]]) -> None:
+        batch, found = job  # records to read, and where the subfolders they name go
+        results = await repo.open_many(BlobKind.DIRECTORY, batch, then=directory_shape)
+        for (record_id, _), result in zip(batch, results):
+            if isinstance(result, Exception):
+                continue
+            entries, refs = result
+            shape[record_id] = (entries, [ref[0] for ref in refs])
+            for child_id, pack, offset, length in refs:
+                if child_id not in shape:
+                    found[child_id] = Location(pack, offset, length)
+
     frontier = {root.id: root.location}
     while frontier:
         items = list(frontier.items())
         frontier = {}
-        for start in range(0, len(items), RECORD_BATCH):
-            batch = items[start:start + RECORD_BATCH]
-            results = await repo.open_many(BlobKind.DIRECTORY, batch, then=directory_shape)
-            for (record_id, _), result in zip(batch, results):
-                if isinstance(result, Exception):
-                    continue
-                entries, refs = result
-                shape[record_id] = (entries, [ref[0] for ref in refs])
-                for child_id, pack, offset, length in refs:
-                    if child_id not in shape:
-                        frontier[child_id] = Location(pack, offset, length)
+        # a level's batches at once: from a server each waits for its packs
+        await repo.for_each([(items[start:start + RECORD_BATCH], frontier)
+                             for start in range(0, len(items), RECORD_BATCH)], measure, limit=RECORD_READS)
     problem = shape_problem(shape, root.id)
     if problem:
         raise CorruptedData(f"{name}: {problem}; refusing it")

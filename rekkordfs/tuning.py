@@ -19,6 +19,7 @@ STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
 STAT_BATCH = 4096  # stat-cache rows a save stores per transaction, as it goes
 RECORD_BATCH = 64  # directory records read per hop when walking whole trees (prune, measuring)
+RECORD_READS = 8  # such batches read at once
 
 
 # --- read-ahead of the mount --------------------------------------------------------------
@@ -51,6 +52,11 @@ def small_file_threads(threads: int) -> int:
     return 1
 
 
+# files up to this size go to a restore's worker process (restoreprocs.py): their
+# cost is per file (Python, creating the file, its metadata); a larger file's is
+# per byte, in C code a thread of the main process runs without the GIL, and
+# sending its bytes through a pipe would only add copies
+WORKER_FILE = 64 << 10
 SAVE_PROCESS_FILES = 2048  # small files a save must have before it starts worker processes
 
 
@@ -60,6 +66,12 @@ def save_processes(threads: int) -> int:
     import os
 
     return max(0, min(threads, os.cpu_count() or 1, 5) - 1)
+
+
+def restore_processes(threads: int) -> int:
+    """Worker processes writing the small files of a restore from a server
+    (restoreprocs.py): like save_processes(), the CPUs less the main process's."""
+    return save_processes(threads)
 
 
 def save_lead(threads: int) -> int:

@@ -281,7 +281,7 @@ def test_zsh_completion() -> None:
 def test_commit_starts_without_the_library() -> None:
     """`commit` only talks to a running mount: it must not pay for trio and the rest."""
     probe = ("import sys\nfrom rekkordfs.cli.main import main\ncode = main(['commit', '/nonexistent'])\n"
-             "print(code, sorted(m for m in ('trio', 'boto3', 'asyncssh', 'nacl', 'rekkordfs.format')"
+             "print(code, sorted(m for m in ('trio', 'boto3', 'botocore', 'asyncssh', 'nacl', 'rekkordfs.format')"
              " if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -1,7 +1,7 @@
-"""Repository in an S3 bucket (any S3-compatible server), over boto3.
+"""Repository in an S3 bucket (any S3-compatible server), over botocore (boto3's core).
 
-boto3 is synchronous: every call runs in a worker thread under this backend's
-own CapacityLimiter, on one shared client (boto3 clients are thread-safe) whose
+botocore is synchronous: every call runs in a worker thread under this backend's
+own CapacityLimiter, on one shared client (its clients are thread-safe) whose
 connection pool is as large as the limiter. botocore retries nothing: each
 failure is classified here as transient or not, and storage/retry.py retries
 the transient ones (its backoff sleeps on the trio loop, holding no thread).
@@ -108,7 +108,9 @@ class S3Storage(Storage):
         self._client = await trio.to_thread.run_sync(self._build_client, key_id, secret)
 
     def _build_client(self, key_id: str, secret: str) -> Any:
-        import boto3
+        # botocore's own session, not boto3's: boto3 adds resources and transfer
+        # helpers (its import is a tenth of a second of every command's start)
+        import botocore.session
         from botocore.config import Config as BotoConfig
 
         config = BotoConfig(
@@ -125,8 +127,7 @@ class S3Storage(Storage):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
-        return session.client(
+        return botocore.session.get_session().create_client(
             "s3", endpoint_url=self.location.endpoint, aws_access_key_id=key_id,
             aws_secret_access_key=secret, config=config,
         )

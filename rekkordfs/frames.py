@@ -1,0 +1,47 @@
+"""Messages between a main process and its worker processes (prepworker.py,
+restoreworker.py) over their stdin and stdout: a little-endian u32 length,
+then a marshal-encoded value (marshal: both ends are this code)."""
+
+from __future__ import annotations
+
+import marshal
+import struct
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+if TYPE_CHECKING:
+    import trio
+
+HEADER = struct.Struct("<I")
+
+
+def frame(message: Any) -> bytes:  # noqa: ANN401 - what marshal takes
+    body = marshal.dumps(message)
+    return HEADER.pack(len(body)) + body
+
+
+def read_frame(stream: BinaryIO) -> Any:  # noqa: ANN401 - what marshal gives
+    """The next message (worker side, blocking), or None at the end of the stream."""
+    head = stream.read(HEADER.size)
+    if len(head) < HEADER.size:
+        return None
+    (size,) = HEADER.unpack(head)
+    body = stream.read(size)
+    if len(body) < size:
+        return None
+    return marshal.loads(body)
+
+
+async def receive_frame(stream: trio.abc.ReceiveStream, buffer: bytearray) -> object | None:
+    """The next message from a worker's stdout (main side; buffer holds what
+    was received past the last message), or None once the worker closed it."""
+    while True:
+        if len(buffer) >= HEADER.size:
+            (size,) = HEADER.unpack_from(buffer)
+            if len(buffer) >= HEADER.size + size:
+                body = bytes(buffer[HEADER.size:HEADER.size + size])
+                del buffer[:HEADER.size + size]
+                return marshal.loads(body)
+        data = await stream.receive_some(1 << 20)
+        if not data:
+            return None
+        buffer += data

@@ -1,0 +1,108 @@
+"""A restore's worker process: opens, checks and writes batches of small
+files below DEST on another CPU (the main process, held by the GIL to one
+core, keeps the walk, the requests to the server, the folders and the large
+files).
+
+Started by restoreprocs.py as `python -m rekkordfs.restoreworker` in its own
+process group, with DEST's open descriptor (the one the main process opened:
+the worker never looks DEST up by name), it talks only through its stdin and
+stdout, in frames (frames.py):
+
+    main -> worker  (data_secret, id_key, dest_fd, dest)    once
+    worker -> main  ("ready",)
+    main -> worker  [file, ...]                              a batch, any number of times
+    worker -> main  ("done", bytes_written, warnings)        one per batch, in order
+    worker -> main  ("failed", kind, message, errno, filename)   then it exits
+
+Each file is (parts, mode, uid, gid, atime_ns, mtime_ns, size, xattrs,
+chunks_raw, found): its path below DEST, its metadata, its encoded chunk list
+and its one chunk's stored bytes with the pack they were found in (None: an
+empty or all-zero file). Everything read from the server is checked here as
+in the main process (restorewrite.py: authenticated, its ID and size
+checked, before anything is written). The secrets (the data key that opens
+blobs, the blob-ID key that checks them) come through the pipe, never argv,
+the environment or a file. Its stdin closing ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import zstandard
+
+from . import crypto
+from .codec import open_checked
+from .destination import FolderFds, XattrFailed
+from .errors import CorruptedData
+from .format import BlobKind, Entry, EntryKind, Location
+from .frames import frame, read_frame
+from .restorewrite import FileJob, SmallWriter, xattr_warning
+
+
+def decode_batch(message: list[tuple]) -> tuple[list[FileJob], dict[bytes, tuple[bytes, Location]]]:
+    jobs: list[FileJob] = []
+    raws: dict[bytes, tuple[bytes, Location]] = {}
+    for parts, mode, uid, gid, atime_ns, mtime_ns, size, xattrs, chunks_raw, found in message:
+        job = FileJob(tuple(parts), Entry(EntryKind.FILE, parts[-1], mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
+                                          mtime_ns=mtime_ns, size=size, xattrs=xattrs, chunks_raw=chunks_raw))
+        jobs.append(job)
+        if found is not None and job.chunks:
+            stored, pack = found
+            raws[job.chunks[0].id] = (stored, Location(pack, 0, len(stored)))
+    return jobs, raws
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides what a Ctrl-C does
+    stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
+    start = read_frame(stdin)
+    if start is None:
+        return 0
+    data_secret, id_key, dest_fd, dest = start
+    del start
+    opener = crypto.PackOpener(data_secret)
+    del data_secret
+    decompressor = zstandard.ZstdDecompressor()
+    folders = FolderFds(dest_fd)  # keeps a duplicate
+    os.close(dest_fd)
+    warnings: list[str] = []
+
+    def unpack(blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview) -> bytes | bytearray:
+        return open_checked(opener, decompressor, id_key, BlobKind.CHUNK, blob_id, pack_id, stored)[2]
+
+    def show(parts: tuple[bytes, ...]) -> str:
+        return os.path.join(dest, *(os.fsdecode(p) for p in parts))
+
+    def xattr_failed(parts: tuple[bytes, ...]) -> XattrFailed:
+        return lambda name, exc: warnings.append(xattr_warning(name, exc, show(parts)))
+
+    writer = SmallWriter(unpack, folders, show, xattr_failed)
+    try:
+        stdout.write(frame(("ready",)))
+        stdout.flush()
+        while (message := read_frame(stdin)) is not None:
+            reply: tuple
+            try:
+                reply = ("done", writer.write_batch(*decode_batch(message)), warnings[:])
+            except CorruptedData as exc:
+                reply = ("failed", "corrupt", exc.message, 0, None)
+            except OSError as exc:
+                reply = ("failed", "os", exc.strerror or str(exc), exc.errno or 0, exc.filename)
+            except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the restore
+                reply = ("failed", "error", f"{type(exc).__name__}: {exc}", 0, None)
+            warnings.clear()
+            stdout.write(frame(reply))
+            stdout.flush()
+            if reply[0] == "failed":
+                return 1
+    except BrokenPipeError:
+        return 0  # the main process is gone or stopped listening
+    finally:
+        folders.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

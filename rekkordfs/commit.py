@@ -21,9 +21,10 @@ from .format import (
     ChunkRef,
     Entry,
     EntryKind,
+    Location,
     Snapshot,
     Tag,
-    decode_chunks,
+    chunk_fields,
     encode_chunks,
     encode_directory,
 )
@@ -61,8 +62,12 @@ def all_durable(repo: Repository, contents: dict[int, bytes], batch: int = 4096)
     """is_durable() of every file's chunks (encoded), a batch of files at a time."""
     raws = list(contents.values())
     for start in range(0, len(raws), batch):
-        if not is_durable(repo, [c for raw in raws[start:start + batch] for c in decode_chunks(raw)]):
-            return False
+        fields = [field for raw in raws[start:start + batch] for field in chunk_fields(raw)]
+        known = repo.known_many([field[0] for field in fields])
+        for blob_id, _, pack, offset, length in fields:
+            found = known.get(blob_id)
+            if found is None or found.location != Location(pack, offset, length):
+                return False
     return True
 
 
@@ -243,9 +248,10 @@ class Committer:
                 entry.nlink = 1
             elif child_node.kind == EntryKind.FILE:
                 entry.chunks_raw = contents[child] if child_node.local else child_node.chunks or b""
-                chunks = decode_chunks(entry.chunks_raw)
-                entry.size = sum(c.size for c in chunks)
-                self.uses.update(c.location.pack for c in chunks)
+                entry.size = 0
+                for _, size, pack, _, _ in chunk_fields(entry.chunks_raw):
+                    entry.size += size
+                    self.uses.add(pack)
                 entry.link_id = link_ids.get(child, 0)
                 entry.nlink = child_node.nlink if entry.link_id else 1
                 self.files += 1

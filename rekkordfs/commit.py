@@ -21,18 +21,24 @@ from .format import (
     ChunkRef,
     Entry,
     EntryKind,
+    Location,
     Snapshot,
     Tag,
-    decode_chunks,
+    chunk_fields,
     encode_chunks,
     encode_directory,
 )
+from .prepprocs import PrepPool
 from .repository import Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
 from .testhooks import stop_point
-from .tuning import BATCH_FILES, record_writers
+from .tuning import BATCH_FILES, SAVE_PROCESS_FILES, record_writers, save_processes
 from .upload import TransferStats, Uploader
+
+# Inline files a commit must upload before it starts a worker process for
+# them (as a save does for small files)
+COMMIT_PROCESS_FILES = SAVE_PROCESS_FILES
 
 
 @dataclass
@@ -56,8 +62,12 @@ def all_durable(repo: Repository, contents: dict[int, bytes], batch: int = 4096)
     """is_durable() of every file's chunks (encoded), a batch of files at a time."""
     raws = list(contents.values())
     for start in range(0, len(raws), batch):
-        if not is_durable(repo, [c for raw in raws[start:start + batch] for c in decode_chunks(raw)]):
-            return False
+        fields = [field for raw in raws[start:start + batch] for field in chunk_fields(raw)]
+        known = repo.known_many([field[0] for field in fields])
+        for blob_id, _, pack, offset, length in fields:
+            found = known.get(blob_id)
+            if found is None or found.location != Location(pack, offset, length):
+                return False
     return True
 
 
@@ -124,6 +134,34 @@ class Committer:
                                f"pruned; the staged tree cannot be committed as it is ({exc.message})") from None
 
     async def _upload_frozen(self, capture: Capture, contents: dict[int, bytes]) -> None:
+        """Upload what the capture froze: data files one by one, inline files
+        in batches, prepared by a worker process (as a save's small files) when
+        there are many of them, else in a thread hop."""
+        processes = save_processes(self.repo.threads)
+        if processes == 0 or len(capture.inline) < COMMIT_PROCESS_FILES:
+            await self._upload(capture, contents, None)
+            return
+        pool = PrepPool(self.repo, processes, self.uploader.stats)
+        async with task_group() as nursery:
+            pool_scope = trio.CancelScope()
+
+            async def run_pool() -> None:
+                with pool_scope:
+                    await pool.run()
+
+            nursery.start_soon(run_pool)
+            self.repo.row_writer = pool.write_rows  # the worker writes the cache's blob rows
+            try:
+                await self._upload(capture, contents, pool)
+            finally:
+                self.repo.row_writer = None
+                if pool.spawned:
+                    with trio.CancelScope(shield=True):
+                        await pool.close()  # it ends once it wrote the rows it was sent
+                else:
+                    pool_scope.cancel()  # still starting (or failed): nothing of it is needed
+
+    async def _upload(self, capture: Capture, contents: dict[int, bytes], pool: PrepPool | None) -> None:
         slots = trio.Semaphore(record_writers(self.repo.threads))
 
         async def behind(ino: int) -> bool:
@@ -146,7 +184,14 @@ class Committer:
         async def upload_inline(batch: list[int]) -> None:
             try:
                 left = [ino for ino in batch if not await behind(ino)]
-                datas = [self.tree.captured_content(ino) for ino in left]
+                datas = self.tree.captured_contents(left)
+                if pool is not None and pool.ready:
+                    prepared, _ = await pool.prepare_contents(datas)
+                    await self.repo.upload_ready()
+                    for ino, item in zip(left, prepared):
+                        assert not isinstance(item, OSError)  # contents sent are never read
+                        contents[ino] = item.chunks_raw
+                    return
                 for ino, chunks in zip(left, await self.uploader.upload_many(datas)):
                     contents[ino] = encode_chunks(chunks)
             finally:
@@ -203,9 +248,10 @@ class Committer:
                 entry.nlink = 1
             elif child_node.kind == EntryKind.FILE:
                 entry.chunks_raw = contents[child] if child_node.local else child_node.chunks or b""
-                chunks = decode_chunks(entry.chunks_raw)
-                entry.size = sum(c.size for c in chunks)
-                self.uses.update(c.location.pack for c in chunks)
+                entry.size = 0
+                for _, size, pack, _, _ in chunk_fields(entry.chunks_raw):
+                    entry.size += size
+                    self.uses.add(pack)
                 entry.link_id = link_ids.get(child, 0)
                 entry.nlink = child_node.nlink if entry.link_id else 1
                 self.files += 1
@@ -213,8 +259,8 @@ class Committer:
             else:
                 entry.nlink = 1
             entries.append(entry)
-        record = await self.repo.run_cpu(encode_directory, entries)
-        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, record)
+        # encoded in the thread hop that hashes and seals it
+        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, lambda: encode_directory(entries))
         self.bytes_stored += stored
         return ref
 

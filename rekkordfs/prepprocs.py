@@ -1,5 +1,6 @@
 """Batches of small files prepared in worker processes (prepworker.py), for
-a save of many of them: the CPU work of a small file (read, chunk, hash,
+a save of many of them (or a commit of many staged files, sent as contents
+rather than paths): the CPU work of a small file (read, chunk, hash,
 compress, seal) is about as much as the main process's bookkeeping of it,
 and under the GIL both ran on one core.
 
@@ -108,6 +109,11 @@ class PrepPool:
                 for worker in self._workers:
                     await worker.process.wait()
 
+    @property
+    def spawned(self) -> bool:
+        """Every worker started: close() reaches them all."""
+        return self._spawned.is_set()
+
     async def _spawn(self) -> trio.Process:
         return await trio.lowlevel.open_process(
             [sys.executable, "-P", "-m", "rekkordfs.prepworker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -202,12 +208,20 @@ class PrepPool:
     async def prepare(self, paths: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """The files read, cut, sealed by a worker and stored, and the packs
         their chunks are in; await repository.upload_ready() afterwards."""
+        return await self._ask(frame(paths))
+
+    async def prepare_contents(self, datas: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
+        """prepare() of contents held in memory (a commit's staged files):
+        every item is a PreparedFile, its key (size, 0, 0, 0)."""
+        return await self._ask(frame(("contents", datas)))
+
+    async def _ask(self, message: bytes) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         await self._spawned.wait()
         worker = min(self._workers, key=lambda w: len(w.waiting))
         reply = _Reply()
         async with worker.lock:
             worker.waiting.append(reply)
-            await self._send(worker, frame(paths))
+            await self._send(worker, message)
         await reply.done.wait()
         assert reply.files is not None
         return reply.files, reply.packs

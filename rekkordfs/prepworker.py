@@ -9,13 +9,15 @@ it talks only through its stdin and stdout, in frames (frames.py).
     main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target, cache_db)   once
     worker -> main  ("ready",)
     main -> worker  [path, ...]                          a batch, any number of times
+    main -> worker  ("contents", [bytes, ...])           a batch of contents held by the main
+                                                         process (a commit's staged files)
     worker -> main  ("done", closed_packs, files)        one per batch, in order
     main -> worker  ("stats", [row, ...]) or ("blobs", [(id, pack, offset, length), ...])
                                                          cache rows to write, unanswered
     worker -> main  ("failed", message)                  then it exits
 
 Each file is (errno, message) when it could not be read, else (size, mtime_ns,
-ctime_ns, ino) of its fstat, its extended attributes (fsmeta.read_xattrs(): the
+ctime_ns, ino) of its fstat (a content sent: (size, 0, 0, 0)), its extended attributes (fsmeta.read_xattrs(): the
 walker leaves them to it) and its chunks (their sizes add up to what was
 read), each chunk (blob_id, size, pack_id, sealed) or, for a
 twin of an earlier chunk of the batch, (blob_id, size, None, None). The worker
@@ -70,6 +72,17 @@ class Preparer:
             assert data is not None
             cut.append((len(files), self.chunker.split(data)))
             files.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, xattrs))
+        return self._seal(files, cut)
+
+    def contents(self, datas: list[bytes]) -> tuple[str, list[bytes], list[tuple]]:
+        """A batch of contents sent whole: no file to read, no stat."""
+        files: list[tuple] = [(len(data), 0, 0, 0, []) for data in datas]
+        return self._seal(files, [(index, self.chunker.split(data)) for index, data in enumerate(datas)])
+
+    def _seal(self, files: list[tuple],
+              cut: list[tuple[int, list[memoryview]]]) -> tuple[str, list[bytes], list[tuple]]:
+        """Each file's chunks (cut: a file's index and its chunks) hashed, the
+        new ones compressed and sealed; files is the answer, completed."""
         # hash every chunk, then compress and seal the first of each ID
         key, kind = self.id_key, BlobKind.CHUNK
         ids = [[crypto.keyed_hash(key, kind, view) for view in views] for _, views in cut]
@@ -136,10 +149,12 @@ def main() -> int:
 
 
 def _handle(preparer: Preparer, db: sqlite3.Connection, message: list | tuple) -> tuple | None:
-    """A batch of paths (its answer), or cache rows to write (no answer)."""
+    """A batch of paths or contents (its answer), or cache rows to write (no answer)."""
     if isinstance(message, list):
         return preparer.batch(message)
     kind, rows = message
+    if kind == "contents":
+        return preparer.contents(rows)
     if kind == "stats":
         insert_stats(db, rows)
     elif kind == "blobs":

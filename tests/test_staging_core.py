@@ -131,14 +131,14 @@ def frozen_content(tree: StagingTree, ino: int, capture: Capture | None = None) 
     if ino in tree.content.frozen:
         return Path(tree.content.frozen[ino]).read_bytes()
     if ino in tree.content.frozen_inline:
-        return tree.captured_content(ino)
+        return tree.captured_contents([ino])[0]
     return None
 
 
 async def upload_captured(uploader: Uploader, tree: StagingTree, capture: Capture) -> dict[int, bytes]:
     """What a commit uploads for the files a capture froze (encoded chunk lists)."""
     contents = {ino: encode_chunks(await uploader.upload_path(path)) for ino, path in capture.frozen.items()}
-    datas = [tree.captured_content(ino) for ino in capture.inline]
+    datas = tree.captured_contents(capture.inline)
     uploaded = await uploader.upload_many(datas)
     contents.update((ino, encode_chunks(chunks)) for ino, chunks in zip(capture.inline, uploaded))
     return contents

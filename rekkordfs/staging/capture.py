@@ -30,7 +30,7 @@ class Capture:
     db: sqlite3.Connection
     tables: str  # suffix of this capture's temporary tables
     frozen: dict[int, Path]  # files whose content must be uploaded from these paths
-    inline: list[int]  # files whose content must be uploaded from the journal (captured_content())
+    inline: list[int]  # files whose content must be uploaded from the journal (captured_contents())
     # files whose write-behind upload matches the captured content (the commit adds the others' as it uploads them)
     uploaded: dict[int, bytes]  # encoded chunk lists (format.encode_chunks)
     versions: dict[int, int]

@@ -329,13 +329,22 @@ class ContentStore:
         if ino in self.frozen_inline and self.frozen_inline[ino] is None:
             self.frozen_inline[ino] = self.inline_data(ino)
 
-    def captured_content(self, ino: int) -> bytes:
-        """The content of an inline file as the running commit captured it."""
-        kept = self.frozen_inline[ino]
-        if kept is None:
-            kept = self.inline_data(ino)
-            assert kept is not None, "captured inline content changed without being preserved"
-        return kept
+    def captured_contents(self, inos: list[int]) -> list[bytes]:
+        """The contents of inline files as the running commit captured them,
+        those the journal still holds read with one statement."""
+        kept = [self.frozen_inline[ino] for ino in inos]
+        unchanged = [ino for ino, data in zip(inos, kept) if data is None]
+        held: dict[int, bytes] = {}
+        if unchanged:
+            held = dict(self.journal.db.execute(
+                f"SELECT ino, data FROM inline WHERE ino IN ({', '.join('?' * len(unchanged))})", unchanged))
+        out = []
+        for ino, data in zip(inos, kept):
+            if data is None:
+                data = held.get(ino)
+                assert data is not None, "captured inline content changed without being preserved"
+            out.append(data)
+        return out
 
 
 def remove_files(paths: list[str]) -> None:

@@ -137,22 +137,10 @@ class Journal:
 
     def change_alone(self, ino: int, **changes: Any) -> Inode:
         """A whole request that changes one inode row and nothing else (chmod,
-        utime, a close's mtime): change() in a transaction of its own. Inside an
-        open batch its one statement needs no SAVEPOINT: a statement that fails
-        changes nothing (and one that takes the batch with it abandons it)."""
-        if not (self._depth == 0 and self._dirty and self.batching and self.db.in_transaction):
-            with self.transaction():
-                node = self.change(ino, **changes)
-                self.changed()
-            return node
-        try:
+        utime, a close's mtime): change() in a transaction(alone=True)."""
+        with self.transaction(alone=True):
             node = self.change(ino, **changes)
-        except sqlite3.Error as exc:
-            if not self.db.in_transaction:  # SQLite rolled the batch back itself
-                self._abandon()
-            raise journal_error(exc) from None
-        self.sequence += 1  # changed(): the journal says dirty already
-        self._request_done()
+            self.changed()
         return node
 
     def delete_inode(self, ino: int, content: Content) -> None:
@@ -188,10 +176,15 @@ class Journal:
         """The open transaction shrank the journal's content: give the space back."""
         self._freed = True
 
-    def transaction(self) -> _Tx:
+    def transaction(self, alone: bool = False) -> _Tx:
         """One request's changes: all or none of them reach the journal. They are
-        committed at once, or with batching on, with the batch they join."""
-        return _Tx(self)
+        committed at once, or with batching on, with the batch they join.
+
+        alone: the block runs one SQL statement and nothing else that can fail
+        (see change_alone). Inside an open batch of a dirty journal it then
+        needs no SAVEPOINT: a statement that fails changes nothing, and one that
+        takes the batch with it abandons the batch."""
+        return _Tx(self, alone)
 
     def flush(self) -> None:
         """Commit the open batch, if any (outside transaction blocks)."""
@@ -313,12 +306,15 @@ class Journal:
 class _Tx:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on error; nestable (inner ones are
     no-ops). Inside an open batch, a SAVEPOINT: an error undoes this request's
-    changes only. Journal failures surface as OSError: ENOSPC when the disk is full."""
+    changes only (a block of one statement needs none: see transaction()).
+    Journal failures surface as OSError: ENOSPC when the disk is full."""
 
-    def __init__(self, journal: Journal) -> None:
+    def __init__(self, journal: Journal, alone: bool) -> None:
         self.journal = journal
+        self.alone = alone  # one statement (see Journal.transaction)
         self.outer = False
-        self.joined = False  # into an open batch
+        self.joined = False  # into an open batch, with a SAVEPOINT
+        self.bare = False  # into an open batch, without one (alone)
         self.deleted = 0
 
     def __enter__(self) -> None:
@@ -328,7 +324,9 @@ class _Tx:
             return
         self.outer = True
         try:
-            if journal.db.in_transaction:
+            if journal.db.in_transaction and self.alone and journal._dirty and journal.batching:
+                self.bare = True  # nothing to undo if its one statement fails
+            elif journal.db.in_transaction:
                 _journal(journal.db.execute, "SAVEPOINT request")
                 self.joined, self.deleted = True, len(journal._deleted)
             else:
@@ -357,6 +355,8 @@ class _Tx:
 
     def _rollback(self) -> None:
         journal, db = self.journal, self.journal.db
+        if self.bare and db.in_transaction:  # the failed statement changed nothing
+            return
         if self.joined and db.in_transaction:  # undo this request, keep the batch
             try:
                 db.execute("ROLLBACK TO request")

@@ -237,8 +237,8 @@ class StagingTree:
     def capture(self, is_durable: Callable[[list[ChunkRef]], bool]) -> Capture:
         return self.commits.capture(is_durable)
 
-    def captured_content(self, ino: int) -> bytes:
-        return self.content.captured_content(ino)
+    def captured_contents(self, inos: list[int]) -> list[bytes]:
+        return self.content.captured_contents(inos)
 
     def release_capture(self, capture: Capture) -> None:
         self.commits.release(capture)

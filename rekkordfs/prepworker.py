@@ -9,15 +9,16 @@ length, then a marshal-encoded tuple (marshal: both ends are this code).
 
     main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target, cache_db)   once
     worker -> main  ("ready",)
-    main -> worker  [path, ...]                          a batch, any number of times
+    main -> worker  ("batch", [path, ...], want)         a batch, any number of times (want: a
+                                                         byte a file, 1 to read its extended attributes)
     worker -> main  ("done", closed_packs, files)        one per batch, in order
     main -> worker  ("stats", [row, ...]) or ("blobs", [(id, pack, offset, length), ...])
                                                          cache rows to write, unanswered
     worker -> main  ("failed", message)                  then it exits
 
 Each file is (errno, message) when it could not be read, else (size, mtime_ns,
-ctime_ns, ino) of its fstat, its extended attributes (fsmeta.read_xattrs(): the
-walker leaves them to it) and its chunks (their sizes add up to what was
+ctime_ns, ino) of its fstat, its extended attributes (fsmeta.read_xattrs(), or
+None when not wanted: the walker read them) and its chunks (their sizes add up to what was
 read), each chunk (blob_id, size, pack_id, sealed) or, for a
 twin of an earlier chunk of the batch, (blob_id, size, None, None). The worker
 seals chunks for packs of its own (only the public data key is needed for
@@ -79,13 +80,13 @@ class Preparer:
         self.sealer = crypto.PackSealer(data_public)
         self.sealed = 0  # bytes sealed for the current pack
 
-    def batch(self, paths: list[bytes]) -> tuple[str, list[bytes], list[tuple]]:
+    def batch(self, paths: list[bytes], want: bytes) -> tuple[str, list[bytes], list[tuple]]:
         files: list[tuple] = []
         cut: list[tuple[int, list[memoryview]]] = []  # (file index, chunks) of the files read
-        for path in paths:
+        for path, wanted in zip(paths, want):
             try:
                 data, st = read_small(path, None)
-                xattrs = read_xattrs(path)
+                xattrs = read_xattrs(path) if wanted else None
             except OSError as exc:
                 files.append((exc.errno or 0, exc.strerror or str(exc)))
                 continue
@@ -157,11 +158,12 @@ def main() -> int:
     return 0
 
 
-def _handle(preparer: Preparer, db: sqlite3.Connection, message: list | tuple) -> tuple | None:
+def _handle(preparer: Preparer, db: sqlite3.Connection, message: tuple) -> tuple | None:
     """A batch of paths (its answer), or cache rows to write (no answer)."""
-    if isinstance(message, list):
-        return preparer.batch(message)
-    kind, rows = message
+    kind, *rest = message
+    if kind == "batch":
+        return preparer.batch(*rest)
+    (rows,) = rest
     if kind == "stats":
         insert_stats(db, rows)
     elif kind == "blobs":

@@ -82,6 +82,7 @@ class SaveSession:
         # walk has found enough of them to be worth a process start
         self.processes = tuning.save_processes(repo.threads) if processes is None else processes
         self._pool: PrepPool | None = None
+        self._walker: Walker | None = None
         self._small_seen = 0
         self._nursery: trio.Nursery | None = None
         self.root = DirNode(b"", None, None)
@@ -114,7 +115,7 @@ class SaveSession:
         listings_send, listings_recv = trio.open_memory_channel[Listing | None](math.inf)
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         token = trio.lowlevel.current_trio_token()
-        walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
+        self._walker = walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
                         lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses, self.selection,
                         self.report, self.lead)
 
@@ -173,6 +174,7 @@ class SaveSession:
                             jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
         batch: list[FileJob] = []
         batch_bytes = 0
+        limit = BATCH_FILES  # larger once a worker process takes the batches
         async with listings, jobs:
             while True:
                 try:
@@ -197,10 +199,12 @@ class SaveSession:
                     if job.primary and job.key.size <= SMALL_FILE:
                         batch.append(job)
                         batch_bytes += job.key.size
-                        if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                        if len(batch) >= limit or batch_bytes >= BATCH_BYTES:
                             self._count_small(len(batch))
                             await jobs.send(batch)
                             batch, batch_bytes = [], 0
+                            if self._pool is not None and self._pool.ready:
+                                limit = tuning.PROCESS_BATCH_FILES
                     else:
                         await jobs.send([job])
             if batch:
@@ -265,10 +269,14 @@ class SaveSession:
     async def _process_batch(self, batch: list[FileJob]) -> None:
         """Read, chunk, hash and seal many small files in a worker process, or
         in one thread hop (upload.py) until one is ready."""
+        assert self._walker is not None
+        leaves = self._walker.leaves_xattrs  # the walker read the others' (a re-save: all)
         if self._pool is not None and self._pool.ready:
-            await self._store_batch(batch, *await self._pool.prepare([job.path for job in batch]))
+            paths = [job.path for job in batch]
+            want = bytes(leaves(job.entry) for job in batch)
+            await self._store_batch(batch, *await self._pool.prepare(paths, want))
             return
-        files = [SmallFile(path=job.path, want_xattrs=True) for job in batch]
+        files = [SmallFile(path=job.path, want_xattrs=leaves(job.entry)) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)
         self.lead.done(len(batch))
         for job, item, chunks in zip(batch, files, refs):
@@ -276,7 +284,8 @@ class SaveSession:
                 assert item.error is not None
                 await self._job_done(job, item.error, counted=True)
                 continue
-            job.entry.xattrs = item.xattrs or []
+            if item.want_xattrs:
+                job.entry.xattrs = item.xattrs or []
             self._set_content(job, item.size, chunks, item.key == job.key)
             await self._job_done(job, None, counted=True)
 
@@ -290,7 +299,8 @@ class SaveSession:
             if isinstance(item, OSError):
                 await self._job_done(job, item, counted=True)
                 continue
-            job.entry.xattrs = item.xattrs
+            if item.xattrs is not None:
+                job.entry.xattrs = item.xattrs
             self._set_raw_content(job, item.size, item.chunks_raw, item.key == job.key)
             await self._job_done(job, None, counted=True)
 

@@ -263,15 +263,19 @@ class Walker:
         except OSError:
             return None  # reported when the folder is listed
 
+    def leaves_xattrs(self, entry: Entry) -> bool:
+        """Whether the extended attributes of entry are left to the batch of
+        small files that reads its content (a system call less here): in a
+        save that reads every file (no stat row to reuse), for a file of one link."""
+        return self._reads_all and entry.kind == EntryKind.FILE and 0 < entry.size <= SMALL_FILE \
+            and entry.nlink == 1
+
     def _add_child(self, listing: Listing, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
         try:
             entry = entry_from_stat(name, st, path)
             if entry is None:
                 return None
-            # the extended attributes of a file that will be read in a batch
-            # of small files are read with its content (a system call less here)
-            if not (self._reads_all and entry.kind == EntryKind.FILE and 0 < st.st_size <= SMALL_FILE
-                    and st.st_nlink == 1):
+            if not self.leaves_xattrs(entry):
                 entry.xattrs = read_xattrs(path)
         except OSError as exc:
             self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")

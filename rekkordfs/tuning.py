@@ -52,6 +52,9 @@ def small_file_threads(threads: int) -> int:
 
 
 SAVE_PROCESS_FILES = 2048  # small files a save must have before it starts worker processes
+# small files per batch for a save's worker process: each batch costs both
+# processes a round trip (frames, a reply, a pack hand-over), 64 files were many
+PROCESS_BATCH_FILES = 256
 
 
 def save_processes(threads: int) -> int:

@@ -51,7 +51,9 @@ def small_file_threads(threads: int) -> int:
     return 1
 
 
-SAVE_PROCESS_FILES = 2048  # small files a save must have before it starts worker processes
+# small files a save must have before it starts worker processes: one takes a
+# few tenths of a second to start, and the batches until then go the in-process way
+SAVE_PROCESS_FILES = 512
 # small files per batch for a save's worker process: each batch costs both
 # processes a round trip (frames, a reply, a pack hand-over), 64 files were many
 PROCESS_BATCH_FILES = 256

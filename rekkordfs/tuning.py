@@ -57,6 +57,7 @@ SAVE_PROCESS_FILES = 512
 # small files per batch for a save's worker process: each batch costs both
 # processes a round trip (frames, a reply, a pack hand-over), 64 files were many
 PROCESS_BATCH_FILES = 256
+RECORD_BATCH = 64  # a save's directory records written in one thread hop, at most
 
 
 def save_processes(threads: int) -> int:

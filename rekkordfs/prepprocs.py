@@ -65,9 +65,10 @@ class _Worker:
             if len(self.buffer) >= HEADER.size:
                 (size,) = HEADER.unpack_from(self.buffer)
                 if len(self.buffer) >= HEADER.size + size:
-                    body = bytes(self.buffer[HEADER.size:HEADER.size + size])
+                    with memoryview(self.buffer) as view:  # no copy of the body (the sealed chunks)
+                        message = marshal.loads(view[HEADER.size:HEADER.size + size])
                     del self.buffer[:HEADER.size + size]
-                    return marshal.loads(body)
+                    return message
             data = await self.process.stdout.receive_some(1 << 20)
             if not data:
                 return None

@@ -147,7 +147,9 @@ def main() -> int:
                 reply = ("failed", f"{type(exc).__name__}: {exc}")
             if reply is None:
                 continue
-            stdout.write(frame(reply))
+            body = marshal.dumps(reply)  # header and body written apart: no copy of the sealed chunks
+            stdout.write(HEADER.pack(len(body)))
+            stdout.write(body)
             stdout.flush()
             if reply[0] == "failed":
                 return 1

@@ -38,6 +38,8 @@ class EntryKind(enum.IntEnum):
     SOCKET = 7
 
 
+_FILE = EntryKind.FILE  # a member looked up on its class is slow in Python 3.11: per entry, once
+
 PACK_ID_SIZE = 32  # a pack's ID is the public half of its own X25519 key pair
 
 
@@ -110,7 +112,7 @@ class Entry:
         return decode_chunks(self.chunks_raw)
 
     def payload(self) -> bytes:
-        if self.kind == EntryKind.FILE:
+        if self.kind == _FILE:
             return self.chunks_raw
         if self.kind == EntryKind.DIRECTORY:
             return self.dir_ref.encode() if self.dir_ref else b""  # only a snapshot's root metadata has none

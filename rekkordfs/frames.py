@@ -19,6 +19,15 @@ def frame(message: Any) -> bytes:  # noqa: ANN401 - what marshal takes
     return HEADER.pack(len(body)) + body
 
 
+def write_frame(stream: BinaryIO, message: Any) -> None:  # noqa: ANN401 - what marshal takes
+    """frame() written and flushed, header and body apart: no copy of a large
+    body (a batch's sealed chunks)."""
+    body = marshal.dumps(message)
+    stream.write(HEADER.pack(len(body)))
+    stream.write(body)
+    stream.flush()
+
+
 def read_frame(stream: BinaryIO) -> Any:  # noqa: ANN401 - what marshal gives
     """The next message (worker side, blocking), or None at the end of the stream."""
     head = stream.read(HEADER.size)
@@ -38,9 +47,10 @@ async def receive_frame(stream: trio.abc.ReceiveStream, buffer: bytearray) -> ob
         if len(buffer) >= HEADER.size:
             (size,) = HEADER.unpack_from(buffer)
             if len(buffer) >= HEADER.size + size:
-                body = bytes(buffer[HEADER.size:HEADER.size + size])
+                with memoryview(buffer) as view:  # no copy of the body (sealed chunks, file contents)
+                    message = marshal.loads(view[HEADER.size:HEADER.size + size])
                 del buffer[:HEADER.size + size]
-                return marshal.loads(body)
+                return message
         data = await stream.receive_some(1 << 20)
         if not data:
             return None

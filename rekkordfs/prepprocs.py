@@ -41,7 +41,7 @@ class PreparedFile:
     key: StatKey  # of the file it read, by its fstat
     size: int  # bytes read
     chunks_raw: bytes  # format.encode_chunks() of its chunks
-    xattrs: list[tuple[bytes, bytes]]  # its extended attributes, read after its content
+    xattrs: list[tuple[bytes, bytes]] | None  # its extended attributes, read after its content if asked
 
 
 class WorkerFailed(RekkordError):
@@ -205,10 +205,11 @@ class PrepPool:
             why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
         raise WorkerFailed(f"a worker process of the save ended unexpectedly ({why})")
 
-    async def prepare(self, paths: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
+    async def prepare(self, paths: list[bytes], want: bytes) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """The files read, cut, sealed by a worker and stored, and the packs
-        their chunks are in; await repository.upload_ready() afterwards."""
-        return await self._ask(frame(paths))
+        their chunks are in (want: 1 for each file whose extended attributes
+        are to be read too); await repository.upload_ready() afterwards."""
+        return await self._ask(frame(("batch", paths, want)))
 
     async def prepare_contents(self, datas: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """prepare() of contents held in memory (a commit's staged files):

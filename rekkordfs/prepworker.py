@@ -8,7 +8,8 @@ it talks only through its stdin and stdout, in frames (frames.py).
 
     main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target, cache_db)   once
     worker -> main  ("ready",)
-    main -> worker  [path, ...]                          a batch, any number of times
+    main -> worker  ("batch", [path, ...], want)         a batch, any number of times (want: a
+                                                         byte a file, 1 to read its extended attributes)
     main -> worker  ("contents", [bytes, ...])           a batch of contents held by the main
                                                          process (a commit's staged files)
     worker -> main  ("done", closed_packs, files)        one per batch, in order
@@ -17,8 +18,9 @@ it talks only through its stdin and stdout, in frames (frames.py).
     worker -> main  ("failed", message)                  then it exits
 
 Each file is (errno, message) when it could not be read, else (size, mtime_ns,
-ctime_ns, ino) of its fstat (a content sent: (size, 0, 0, 0)), its extended attributes (fsmeta.read_xattrs(): the
-walker leaves them to it) and its chunks (their sizes add up to what was
+ctime_ns, ino) of its fstat (a content sent: (size, 0, 0, 0)), its extended
+attributes (fsmeta.read_xattrs(), or None when not wanted: the walker read
+them) and its chunks (their sizes add up to what was
 read), each chunk (blob_id, size, pack_id, sealed) or, for a
 twin of an earlier chunk of the batch, (blob_id, size, None, None). The worker
 seals chunks for packs of its own (only the public data key is needed for
@@ -43,7 +45,7 @@ from .cacherows import insert_blobs, insert_stats
 from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
-from .frames import frame, read_frame
+from .frames import read_frame, write_frame
 from .fsmeta import read_xattrs
 from .localfiles import read_small
 
@@ -59,13 +61,13 @@ class Preparer:
         self.sealer = crypto.PackSealer(data_public)
         self.sealed = 0  # bytes sealed for the current pack
 
-    def batch(self, paths: list[bytes]) -> tuple[str, list[bytes], list[tuple]]:
+    def batch(self, paths: list[bytes], want: bytes) -> tuple[str, list[bytes], list[tuple]]:
         files: list[tuple] = []
         cut: list[tuple[int, list[memoryview]]] = []  # (file index, chunks) of the files read
-        for path in paths:
+        for path, wanted in zip(paths, want):
             try:
                 data, st = read_small(path, None)
-                xattrs = read_xattrs(path)
+                xattrs = read_xattrs(path) if wanted else None
             except OSError as exc:
                 files.append((exc.errno or 0, exc.strerror or str(exc)))
                 continue
@@ -127,8 +129,7 @@ def main() -> int:
     del start, id_key
     db = sqlite3.connect(cache_db, isolation_level=None, timeout=60)  # waits while the main process writes
     try:
-        stdout.write(frame(("ready",)))
-        stdout.flush()
+        write_frame(stdout, ("ready",))
         while (message := read_frame(stdin)) is not None:
             reply: tuple | None
             try:
@@ -137,8 +138,7 @@ def main() -> int:
                 reply = ("failed", f"{type(exc).__name__}: {exc}")
             if reply is None:
                 continue
-            stdout.write(frame(reply))
-            stdout.flush()
+            write_frame(stdout, reply)
             if reply[0] == "failed":
                 return 1
     except BrokenPipeError:
@@ -148,11 +148,12 @@ def main() -> int:
     return 0
 
 
-def _handle(preparer: Preparer, db: sqlite3.Connection, message: list | tuple) -> tuple | None:
+def _handle(preparer: Preparer, db: sqlite3.Connection, message: tuple) -> tuple | None:
     """A batch of paths or contents (its answer), or cache rows to write (no answer)."""
-    if isinstance(message, list):
-        return preparer.batch(message)
-    kind, rows = message
+    kind, *rest = message
+    if kind == "batch":
+        return preparer.batch(*rest)
+    (rows,) = rest
     if kind == "contents":
         return preparer.contents(rows)
     if kind == "stats":

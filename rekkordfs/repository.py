@@ -420,19 +420,37 @@ class Repository(SnapshotLog, BlobReader):
     async def write_blob(self, kind: BlobKind, data: bytes | Callable[[], bytes]) -> tuple[BlobRef, int]:
         """Hash, seal and pack a record unless known; returns its reference and the bytes stored.
         data may be a function that makes the record: it runs in the same thread hop."""
+        return (await self.write_blobs(kind, [data]))[0]
 
-        def prepare() -> tuple[bytes, KnownBlob | Sealed]:
-            record = data() if callable(data) else data
-            blob_id = self.codec.blob_id(kind, record)
-            known = self.known(blob_id)
-            return blob_id, known if known is not None else self.seal(kind, record)
+    async def write_blobs(self, kind: BlobKind, datas: list[bytes | Callable[[], bytes]]
+                          ) -> list[tuple[BlobRef, int]]:
+        """write_blob() of several records in one thread hop (a hop costs the
+        loop about as much as encoding and sealing a small record)."""
 
-        blob_id, found = await self.run_cpu(prepare)
-        if isinstance(found, KnownBlob):
-            return BlobRef(blob_id, found.location), 0
-        location, was_new = self.store(kind, blob_id, found)
+        def prepare() -> list[tuple[bytes, KnownBlob | Sealed]]:
+            out: list[tuple[bytes, KnownBlob | Sealed]] = []
+            try:
+                for data in datas:
+                    record = data() if callable(data) else data
+                    blob_id = self.codec.blob_id(kind, record)
+                    known = self.known(blob_id)
+                    out.append((blob_id, known if known is not None else self.seal(kind, record)))
+            except BaseException:
+                for _, found in out:
+                    if isinstance(found, Sealed):
+                        self._packer.cancel(found.slot)
+                raise
+            return out
+
+        refs: list[tuple[BlobRef, int]] = []
+        for blob_id, found in await self.run_cpu(prepare):
+            if isinstance(found, KnownBlob):
+                refs.append((BlobRef(blob_id, found.location), 0))
+                continue
+            location, was_new = self.store(kind, blob_id, found)  # one by one: twin records may come together
+            refs.append((BlobRef(blob_id, location), len(found.data) if was_new else 0))
         await self.upload_ready()
-        return BlobRef(blob_id, location), len(found.data) if was_new else 0
+        return refs
 
     def is_zero_chunk(self, chunk: ChunkRef) -> bool:
         """A maximum-size chunk of zeros (long zero runs, sparse files): no I/O needed.

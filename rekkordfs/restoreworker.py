@@ -37,7 +37,7 @@ from .codec import open_checked
 from .destination import FolderFds, XattrFailed
 from .errors import CorruptedData
 from .format import BlobKind, Entry, EntryKind, Location
-from .frames import frame, read_frame
+from .frames import read_frame, write_frame
 from .restorewrite import FileJob, SmallWriter, xattr_warning
 
 
@@ -80,8 +80,7 @@ def main() -> int:
 
     writer = SmallWriter(unpack, folders, show, xattr_failed)
     try:
-        stdout.write(frame(("ready",)))
-        stdout.flush()
+        write_frame(stdout, ("ready",))
         while (message := read_frame(stdin)) is not None:
             reply: tuple
             try:
@@ -93,8 +92,7 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the restore
                 reply = ("failed", "error", f"{type(exc).__name__}: {exc}", 0, None)
             warnings.clear()
-            stdout.write(frame(reply))
-            stdout.flush()
+            write_frame(stdout, reply)
             if reply[0] == "failed":
                 return 1
     except BrokenPipeError:

@@ -43,6 +43,8 @@ from .tasks import ReceiverGone, ThreadFeed, task_group
 from .tuning import BATCH_BYTES, BATCH_FILES, SAVE_GC_THRESHOLDS, SMALL_FILE, STAT_BATCH, save_lead, save_workers
 from .upload import SmallFile, TransferStats, Uploader, open_regular
 
+_FILE = EntryKind.FILE  # looked up once: a member looked up on its class is slow in Python 3.11
+
 
 @dataclass
 class SaveStats(TransferStats):
@@ -82,6 +84,7 @@ class SaveSession:
         # walk has found enough of them to be worth a process start
         self.processes = tuning.save_processes(repo.threads) if processes is None else processes
         self._pool: PrepPool | None = None
+        self._walker: Walker | None = None
         self._small_seen = 0
         self._nursery: trio.Nursery | None = None
         self.root = DirNode(b"", None, None)
@@ -114,7 +117,7 @@ class SaveSession:
         listings_send, listings_recv = trio.open_memory_channel[Listing | None](math.inf)
         jobs_send, jobs_recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
         token = trio.lowlevel.current_trio_token()
-        walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
+        self._walker = walker = Walker(self.paths, self.repo, ThreadFeed(listings_send).put,
                         lambda m: token.run_sync_soon(self.skip, m), self.stats, self.uses, self.selection,
                         self.report, self.lead)
 
@@ -173,6 +176,8 @@ class SaveSession:
                             jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
         batch: list[FileJob] = []
         batch_bytes = 0
+        limit = BATCH_FILES  # larger once a worker process takes the batches
+        complete: list[DirNode] = []  # folders with nothing to read (a re-save's): records in one hop
         async with listings, jobs:
             while True:
                 try:
@@ -182,6 +187,8 @@ class SaveSession:
                         self._count_small(len(batch))
                         await jobs.send(batch)
                         batch, batch_bytes = [], 0
+                    await self._finalize(complete)
+                    complete = []
                     try:
                         listing = await listings.receive()
                     except trio.EndOfChannel:
@@ -190,22 +197,28 @@ class SaveSession:
                     break
                 assert listing is not None
                 if listing.node.pending == 0:
-                    await self._finalize(listing.node)
+                    complete.append(listing.node)
+                    if len(complete) >= tuning.RECORD_BATCH:
+                        await self._finalize(complete)
+                        complete = []
                 for job in listing.jobs:
                     if job.entry.link_id and job.primary:
                         self._link_done[job.entry.link_id] = trio.Event()
                     if job.primary and job.key.size <= SMALL_FILE:
                         batch.append(job)
                         batch_bytes += job.key.size
-                        if len(batch) >= BATCH_FILES or batch_bytes >= BATCH_BYTES:
+                        if len(batch) >= limit or batch_bytes >= BATCH_BYTES:
                             self._count_small(len(batch))
                             await jobs.send(batch)
                             batch, batch_bytes = [], 0
+                            if self._pool is not None and self._pool.ready:
+                                limit = tuning.PROCESS_BATCH_FILES
                     else:
                         await jobs.send([job])
             if batch:
                 self._count_small(len(batch))
                 await jobs.send(batch)
+            await self._finalize(complete)
 
     async def _work(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         try:
@@ -242,16 +255,22 @@ class SaveSession:
                 else:
                     await self._process_batch(batch)
 
-    async def _job_done(self, job: FileJob, error: OSError | None, counted: bool = False) -> None:
-        if not counted:
-            self.lead.done()
+    async def _job_done(self, job: FileJob, error: OSError | None) -> None:
+        self.lead.done()
+        if self._file_done(job, error):
+            await self._finalize([job.node])
+
+    def _file_done(self, job: FileJob, error: OSError | None) -> bool:
+        """A file job is finished (its lead counted by the caller); whether
+        that was the last its folder waited for."""
         if error is not None:
             job.node.skipped.add(job.entry.name)
             self._link_failed.add(job.entry.link_id)
             self.skip(f"cannot read '{os.fsdecode(job.path)}': {error.strerror or error}; skipped")
         if job.entry.link_id and job.primary:
             self._link_done[job.entry.link_id].set()
-        await self._child_done(job.node)
+        job.node.pending -= 1
+        return job.node.pending == 0
 
     async def _process_single(self, job: FileJob) -> None:
         if job.first is not None:
@@ -265,20 +284,29 @@ class SaveSession:
     async def _process_batch(self, batch: list[FileJob]) -> None:
         """Read, chunk, hash and seal many small files in a worker process, or
         in one thread hop (upload.py) until one is ready."""
+        assert self._walker is not None
+        leaves = self._walker.leaves_xattrs  # the walker read the others' (a re-save: all)
         if self._pool is not None and self._pool.ready:
-            await self._store_batch(batch, *await self._pool.prepare([job.path for job in batch]))
+            paths = [job.path for job in batch]
+            want = bytes(leaves(job.entry) for job in batch)
+            await self._store_batch(batch, *await self._pool.prepare(paths, want))
             return
-        files = [SmallFile(path=job.path, want_xattrs=True) for job in batch]
+        files = [SmallFile(path=job.path, want_xattrs=leaves(job.entry)) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)
         self.lead.done(len(batch))
+        complete: list[DirNode] = []  # folders finished by this batch: their records in one hop
         for job, item, chunks in zip(batch, files, refs):
             if chunks is None:
                 assert item.error is not None
-                await self._job_done(job, item.error, counted=True)
+                if self._file_done(job, item.error):
+                    complete.append(job.node)
                 continue
-            job.entry.xattrs = item.xattrs or []
+            if item.want_xattrs:
+                job.entry.xattrs = item.xattrs or []
             self._set_content(job, item.size, chunks, item.key == job.key)
-            await self._job_done(job, None, counted=True)
+            if self._file_done(job, None):
+                complete.append(job.node)
+        await self._finalize(complete)
 
     async def _store_batch(self, batch: list[FileJob], files: list[PreparedFile | OSError],
                            packs: set[bytes]) -> None:
@@ -286,13 +314,18 @@ class SaveSession:
         await self.repo.upload_ready()
         self.lead.done(len(batch))
         self.uses.update(packs)  # the whole batch's, gathered by the pool
+        complete: list[DirNode] = []
         for job, item in zip(batch, files):
             if isinstance(item, OSError):
-                await self._job_done(job, item, counted=True)
+                if self._file_done(job, item):
+                    complete.append(job.node)
                 continue
-            job.entry.xattrs = item.xattrs
+            if item.xattrs is not None:
+                job.entry.xattrs = item.xattrs
             self._set_raw_content(job, item.size, item.chunks_raw, item.key == job.key)
-            await self._job_done(job, None, counted=True)
+            if self._file_done(job, None):
+                complete.append(job.node)
+        await self._finalize(complete)
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         """A file's content is stored in these chunks."""
@@ -322,24 +355,30 @@ class SaveSession:
             handle.close()
         self._set_content(job, sum(c.size for c in chunks), chunks, unchanged)
 
-    async def _child_done(self, node: DirNode) -> None:
-        node.pending -= 1
-        if node.pending == 0:
-            await self._finalize(node)
-
-    async def _finalize(self, node: DirNode) -> None:
-        children = [e for e in node.children if e.name not in node.skipped]
-        for entry in children:
-            if entry.kind == EntryKind.FILE:
-                self.stats.files += 1
-                self.stats.size += entry.size
-        # encoded in the thread that seals it: one hop per folder
-        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, functools.partial(encode_directory, children))
-        self.uses.add(ref.location.pack)
-        self.stats.bytes_stored += stored
-        if node.entry is None:
-            self.root_ref = ref
-            return
-        node.entry.dir_ref = ref
-        assert node.parent is not None
-        await self._child_done(node.parent)
+    async def _finalize(self, nodes: list[DirNode]) -> None:
+        """Write the records of folders whose children are all done, in one
+        thread hop, then those of the parents that finishes, and so on up."""
+        while nodes:
+            makers: list[bytes | Callable[[], bytes]] = []
+            for node in nodes:
+                children = [e for e in node.children if e.name not in node.skipped]
+                for entry in children:
+                    if entry.kind == _FILE:
+                        self.stats.files += 1
+                        self.stats.size += entry.size
+                # encoded in the thread that seals it
+                makers.append(functools.partial(encode_directory, children))
+            written = await self.repo.write_blobs(BlobKind.DIRECTORY, makers)
+            parents: list[DirNode] = []
+            for node, (ref, stored) in zip(nodes, written):
+                self.uses.add(ref.location.pack)
+                self.stats.bytes_stored += stored
+                if node.entry is None:
+                    self.root_ref = ref
+                    continue
+                node.entry.dir_ref = ref
+                assert node.parent is not None
+                node.parent.pending -= 1
+                if node.parent.pending == 0:
+                    parents.append(node.parent)
+            nodes = parents

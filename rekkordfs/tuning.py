@@ -57,7 +57,13 @@ def small_file_threads(threads: int) -> int:
 # per byte, in C code a thread of the main process runs without the GIL, and
 # sending its bytes through a pipe would only add copies
 WORKER_FILE = 64 << 10
-SAVE_PROCESS_FILES = 2048  # small files a save must have before it starts worker processes
+# small files a save must have before it starts worker processes: one takes a
+# few tenths of a second to start, and the batches until then go the in-process way
+SAVE_PROCESS_FILES = 512
+# small files per batch for a save's worker process: each batch costs both
+# processes a round trip (frames, a reply, a pack hand-over), 64 files were many
+PROCESS_BATCH_FILES = 256
+RECORD_BATCH = 64  # a save's directory records written in one thread hop, at most
 
 
 def save_processes(threads: int) -> int:

@@ -113,7 +113,8 @@ def test_worker_processes_make_the_snapshot_the_main_process_makes(tmp_path: Pat
             storage = MemoryStorage()
             await Repository.create(storage, master)
             snapshot, batches = await save_into(storage, writer, src, processes)
-            assert (batches > 40) == (processes > 0), batches  # the worker did all of the work
+            # the worker did all of the work (batches grow once it is ready)
+            assert (batches >= 3000 // tuning.PROCESS_BATCH_FILES) == (processes > 0), batches
             repo = await Repository.open(storage, master)
             try:
                 tag = await repo.resolve(snapshot)
@@ -133,6 +134,51 @@ def test_worker_processes_make_the_snapshot_the_main_process_makes(tmp_path: Pat
         assert sum(1 for entry, _ in trees[1].values() if isinstance(entry, Entry) and entry.xattrs) >= 60
 
     trio.run(main)
+
+
+def test_a_re_save_reads_a_changed_small_files_xattrs_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The walker of a re-save reads every file's extended attributes; the
+    batch that reads a changed small file's content must not read them again
+    (nor drop them); a first save leaves them to the batch."""
+    from rekkordfs import fsmeta, savewalk, upload
+
+    master = keymod.new_master()
+    src = small_tree(tmp_path / "src", 300)
+    reads: list[bytes] = []
+
+    def counted(path: bytes) -> list[tuple[bytes, bytes]]:
+        reads.append(os.fsencode(path))
+        return fsmeta.read_xattrs(path)
+
+    monkeypatch.setattr(savewalk, "read_xattrs", counted)
+    monkeypatch.setattr(upload, "read_xattrs", counted)
+    changed = sorted((src / "d00037").iterdir())
+    storage = MemoryStorage()
+
+    async def main() -> dict[bytes, object]:
+        await Repository.create(storage, master)
+        await save_into(storage, master, src, 0)
+        first = [path for path in reads if b"/d00037/" in path]
+        assert sorted(first) == sorted(os.fsencode(path) for path in changed)  # once each, by the batch
+        reads.clear()
+        for index, path in enumerate(changed):
+            path.write_bytes(b"changed %d" % index)
+            os.setxattr(path, "user.note", b"again %d" % index)
+        snapshot, _ = await save_into(storage, master, src, 0)
+        repo = await Repository.open(storage, master)
+        try:
+            tag = await repo.resolve(snapshot)
+            return await tree_of(repo, (await repo.load_snapshot(tag)).root_ref)
+        finally:
+            await repo.aclose()
+
+    tree = trio.run(main)
+    assert sorted(reads) == sorted(set(reads))  # no file's read twice
+    for path in changed:
+        assert reads.count(os.fsencode(path)) == 1
+        entry, _ = tree[os.fsencode(path).lstrip(b"/")]
+        assert isinstance(entry, Entry)
+        assert dict(entry.xattrs) == {b"user.note": os.getxattr(path, "user.note")}
 
 
 def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

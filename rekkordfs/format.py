@@ -38,6 +38,11 @@ class EntryKind(enum.IntEnum):
     SOCKET = 7
 
 
+# value -> kind: calling EntryKind(value) costs ten times this look-up, once per entry decoded
+_KIND_BY_VALUE = {int(kind): kind for kind in EntryKind}
+# compared with these: EntryKind.X is a slow metaclass attribute look-up
+_FILE, _DIRECTORY, _SYMLINK = EntryKind.FILE, EntryKind.DIRECTORY, EntryKind.SYMLINK
+
 PACK_ID_SIZE = 32  # a pack's ID is the public half of its own X25519 key pair
 
 
@@ -191,15 +196,17 @@ def _decode_entry(raw: bytes, pos: int) -> tuple[Entry, int]:
     pos += payload_len
     if len(payload) != payload_len:
         raise ValueError("truncated payload")
-    kind = EntryKind(kind_value)
+    kind = _KIND_BY_VALUE.get(kind_value)
+    if kind is None:
+        raise ValueError(f"{kind_value} is not a valid EntryKind")
     entry = Entry(kind, name, mode & 0o7777, uid, gid, mtime, atime, ctime, size, nlink, link_id, rdev, xattrs)
-    if kind == EntryKind.FILE:
+    if kind == _FILE:
         entry.chunks_raw = payload  # checked when decoded (decode_chunks)
-    elif kind == EntryKind.DIRECTORY:
+    elif kind == _DIRECTORY:
         if payload_len not in (0, REF_SIZE):
             raise ValueError("bad directory reference")
         entry.dir_ref = BlobRef.decode(payload) if payload else None
-    elif kind == EntryKind.SYMLINK:
+    elif kind == _SYMLINK:
         if not payload or b"\0" in payload:  # symlink(2) accepts neither
             raise ValueError("bad symlink target")
         entry.target = payload
@@ -234,7 +241,7 @@ def _iter_directory(raw: bytes) -> Iterator[Entry]:
             raise ValueError("bad entry name")
         if previous is not None and entry.name <= previous:
             raise ValueError("entries not sorted or duplicated")
-        if entry.kind == EntryKind.DIRECTORY and entry.dir_ref is None:
+        if entry.kind == _DIRECTORY and entry.dir_ref is None:
             raise ValueError("directory without a record")
         previous = entry.name
         yield entry

@@ -102,6 +102,22 @@ def tree_ino(snapshot: bytes, path: bytes, entry: Entry) -> int:
     return derive_ino(snapshot, path)
 
 
+def child_inos(snapshot: bytes, folder: bytes, entries: list[Entry]) -> list[int]:
+    """tree_ino of each entry of the folder at path folder, the shared prefix
+    hashed once (a folder of many small files: one blake2b copy an entry)."""
+    prefix = hashlib.blake2b(snapshot + b"\0" + folder + b"/", digest_size=8)
+    copy, from_bytes = prefix.copy, int.from_bytes
+    inos = []
+    for entry in entries:
+        if entry.link_id:
+            inos.append(tree_ino(snapshot, b"", entry))
+            continue
+        hasher = copy()
+        hasher.update(entry.name)
+        inos.append((from_bytes(hasher.digest(), "little") >> 2) | FIRST_DYNAMIC_INO)
+    return inos
+
+
 class FileReader:
     """An open snapshot file: its chunks, and read-ahead state."""
 

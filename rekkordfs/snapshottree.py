@@ -13,7 +13,17 @@ from .blobcache import BlobCache, DirectoryListing
 from .errors import RekkordError
 from .format import BlobRef, Entry, EntryKind, Tag
 from .fsmeta import FILE_TYPE_BITS
-from .nodes import IMMUTABLE_TIMEOUT, MUTABLE_TIMEOUT, Attr, Node, NodeKind, derive_ino, fuse_error, tree_ino
+from .nodes import (
+    IMMUTABLE_TIMEOUT,
+    MUTABLE_TIMEOUT,
+    Attr,
+    Node,
+    NodeKind,
+    child_inos,
+    derive_ino,
+    fuse_error,
+    tree_ino,
+)
 from .readahead import ReadAhead
 from .snapshotlist import SnapshotList
 from .treebudget import TreeBudget
@@ -152,9 +162,8 @@ class SnapshotTrees:
         node (walks list folders again: `find`, then `cat` of what it found)."""
         inos = parent.child_inos
         if inos is None or len(inos) != len(listing.entries):
-            snapshot, prefix = parent.snapshot, parent.path + b"/"
-            assert snapshot is not None
-            inos = parent.child_inos = [tree_ino(snapshot, prefix + e.name, e) for e in listing.entries]
+            assert parent.snapshot is not None
+            inos = parent.child_inos = child_inos(parent.snapshot, parent.path, listing.entries)
         return inos
 
     async def children(self, parent: Node) -> list[tuple[bytes, Node]]:

@@ -31,6 +31,7 @@ from .treebudget import TreeBudget
 log = logging.getLogger(__name__)
 
 _FILE, _DIRECTORY, _SYMLINK = EntryKind.FILE, EntryKind.DIRECTORY, EntryKind.SYMLINK
+_TREE = NodeKind.TREE  # one look-up, not one per entry (enum members are slow attributes)
 
 
 class SnapshotTrees:
@@ -153,7 +154,7 @@ class SnapshotTrees:
             ino = tree_ino(parent.snapshot, path, entry)
         node = self.nodes.get(ino)
         if node is None:
-            node = Node(ino, NodeKind.TREE, self.tree_attr(ino, entry), parent.snapshot, path, entry,
+            node = Node(ino, _TREE, self.tree_attr(ino, entry), parent.snapshot, path, entry,
                         siblings=listing)
         return node
 

@@ -172,9 +172,15 @@ class SnapshotTrees:
         listing = await self.listing(parent)
         self.read_ahead.subdirs(listing)
         await self.count_subdirs(listing.entries)
-        known = self.nodes.get
-        return [(e.name, known(ino) or self.tree_node(parent, e, listing, ino))
-                for e, ino in zip(listing.entries, self.child_inos(parent, listing))]
+        # tree_node() inlined: this runs once per entry of every folder listed
+        known, attr_of, snapshot, prefix = self.nodes.get, self.tree_attr, parent.snapshot, parent.path + b"/"
+        items = []
+        for entry, ino in zip(listing.entries, self.child_inos(parent, listing)):
+            node = known(ino)
+            if node is None:
+                node = Node(ino, _TREE, attr_of(ino, entry), snapshot, prefix + entry.name, entry, siblings=listing)
+            items.append((entry.name, node))
+        return items
 
     async def child(self, parent: Node, name: bytes) -> Node:
         """The entry called name of a snapshot folder (not remembered)."""

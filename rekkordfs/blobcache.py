@@ -46,14 +46,22 @@ ONE_HOP_BYTES = 256 << 10
 class DirectoryListing:
     """A decoded directory with a name index (built once, shared by readers)."""
 
-    __slots__ = ("entries", "index", "subdirs", "subdirs_prefetched", "files_prefetched")
+    __slots__ = ("entries", "_index", "subdirs", "subdirs_prefetched", "files_prefetched")
 
     def __init__(self, entries: list[Entry]) -> None:
         self.entries = entries
-        self.index = {e.name: i for i, e in enumerate(entries)}
-        self.subdirs = sum(1 for e in entries if e.kind == EntryKind.DIRECTORY)  # its link count is 2 + this
+        self._index: dict[bytes, int] | None = None
+        directory = EntryKind.DIRECTORY  # one look-up, not one per entry
+        self.subdirs = sum(1 for e in entries if e.kind == directory)  # its link count is 2 + this
         self.subdirs_prefetched = False
         self.files_prefetched = 0  # entries below this index were read ahead
+
+    @property
+    def index(self) -> dict[bytes, int]:
+        """Name -> position, built on the first lookup (readdirplus needs none)."""
+        if self._index is None:
+            self._index = {e.name: i for i, e in enumerate(self.entries)}
+        return self._index
 
 
 class DiskCache:

@@ -127,7 +127,7 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
             view.start(nursery)
             if staging is not None:
                 staging.start(nursery)
-            nursery.start_soon(_unmount_on_signal)
+            await nursery.start(_unmount_on_signal)  # listening before anything is served
             log.info("mounted %s on %s", repo.storage.description, options.mountpoint)
             ready(None)
             fuseloop.install()  # fewer scheduler rounds per request
@@ -141,8 +141,12 @@ async def _serve_repository(repo: Repository, options: MountOptions, ready: Read
         log.info("unmounted %s", options.mountpoint)
 
 
-async def _unmount_on_signal() -> None:
+async def _unmount_on_signal(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Started (not start_soon): the request loop may serve many requests
+    before yielding (fuseloop.py); until this listens, SIGTERM kills the daemon
+    and leaves the mount behind, SIGINT ends it with status 130."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         async for _ in signals:
             pyfuse3.terminate()
             return

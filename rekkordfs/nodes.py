@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import os
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -84,6 +85,11 @@ class Node:
         return self.entry.dir_ref if self.entry is not None else None
 
 
+def fuse_error(code: int) -> OSError:
+    """An error the FUSE adapter replies with (its errno)."""
+    return OSError(code, os.strerror(code))
+
+
 def derive_ino(*parts: bytes) -> int:
     digest = hashlib.blake2b(b"\0".join(parts), digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 2) | FIRST_DYNAMIC_INO
@@ -94,6 +100,22 @@ def tree_ino(snapshot: bytes, path: bytes, entry: Entry) -> int:
     if entry.link_id:
         return derive_ino(snapshot, b"link", str(entry.link_id).encode())
     return derive_ino(snapshot, path)
+
+
+def child_inos(snapshot: bytes, folder: bytes, entries: list[Entry]) -> list[int]:
+    """tree_ino of each entry of the folder at path folder, the shared prefix
+    hashed once (a folder of many small files: one blake2b copy an entry)."""
+    prefix = hashlib.blake2b(snapshot + b"\0" + folder + b"/", digest_size=8)
+    copy, from_bytes = prefix.copy, int.from_bytes
+    inos = []
+    for entry in entries:
+        if entry.link_id:
+            inos.append(tree_ino(snapshot, b"", entry))
+            continue
+        hasher = copy()
+        hasher.update(entry.name)
+        inos.append((from_bytes(hasher.digest(), "little") >> 2) | FIRST_DYNAMIC_INO)
+    return inos
 
 
 class FileReader:

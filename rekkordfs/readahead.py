@@ -63,7 +63,8 @@ class ReadAhead:
         if self.nursery is None or listing.subdirs_prefetched:
             return
         listing.subdirs_prefetched = True
-        refs = [e.dir_ref for e in listing.entries if e.kind == EntryKind.DIRECTORY and e.dir_ref is not None]
+        directory = EntryKind.DIRECTORY  # one look-up, not one per entry
+        refs = [e.dir_ref for e in listing.entries if e.kind == directory and e.dir_ref is not None]
         self._start(self.blobs.prefetch_directories, refs[:PREFETCH_SUBDIRS])
 
     def _start(self, fetch: Callable[[list], Awaitable[None]], items: list) -> None:
@@ -88,9 +89,10 @@ class ReadAhead:
         folder = node.path.rpartition(b"/")[0]
         files: list[tuple[int, int, list[ChunkRef]]] = []  # inode, size, chunks
         total = 0
+        file_kind = EntryKind.FILE  # one look-up, not one per entry
         for index in range(start, end):
             entry = listing.entries[index]
-            if entry.kind != EntryKind.FILE or not 0 < entry.size <= PREFETCH_SMALL_FILE:
+            if entry.kind != file_kind or not 0 < entry.size <= PREFETCH_SMALL_FILE:
                 continue
             try:
                 chunks = entry.chunks

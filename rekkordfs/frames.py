@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import marshal
 import struct
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
@@ -55,3 +56,21 @@ async def receive_frame(stream: trio.abc.ReceiveStream, buffer: bytearray) -> ob
         if not data:
             return None
         buffer += data
+
+
+def serve_messages(stdin: BinaryIO, stdout: BinaryIO, handle: Callable[[Any], tuple | None]) -> int:
+    """A worker's loop, once it is set up: ("ready",), then each message
+    handled and its answer written (None: it has none) until stdin closes.
+    The exit status: 1 once an answer said "failed" (the worker stops there)."""
+    try:
+        write_frame(stdout, ("ready",))
+        while (message := read_frame(stdin)) is not None:
+            reply = handle(message)
+            if reply is None:
+                continue
+            write_frame(stdout, reply)
+            if reply[0] == "failed":
+                return 1
+    except BrokenPipeError:
+        pass  # the main process is gone or stopped listening
+    return 0

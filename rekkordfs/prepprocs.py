@@ -6,31 +6,26 @@ and under the GIL both ran on one core.
 
 The main process keeps everything that is shared: which blobs are known,
 the packs (a worker seals for packs of its own, which the main process adopts:
-packs.PackWriter.adopt), the cache and the snapshot. A worker is started with
-subprocess (fork and exec at once: the main process runs threads and trio,
-which a bare fork would copy in whatever state they were), in its own process
-group (Ctrl-C is the main process's), and ends when its stdin closes or the
-main process dies. A worker that dies or fails fails the save with one line.
+packs.PackWriter.adopt), the cache and the snapshot. How workers are
+started, fed and ended: workerprocs.py.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from collections import deque
 from dataclasses import dataclass
-from typing import NoReturn
 
 import trio
 
 from .cache import StatKey
-from .errors import RekkordError
 from .format import Location, encode_chunk
-from .frames import frame, receive_frame
+from .frames import frame
 from .packs import PACK_TARGET
 from .repository import Repository
 from .upload import TransferStats
+from .workerprocs import Worker, WorkerFailed, WorkerPool
+
+__all__ = ["PrepPool", "PreparedFile", "WorkerFailed"]
 
 
 @dataclass(slots=True)
@@ -44,26 +39,6 @@ class PreparedFile:
     xattrs: list[tuple[bytes, bytes]] | None  # its extended attributes, read after its content if asked
 
 
-class WorkerFailed(RekkordError):
-    """A save's worker process died or failed."""
-
-
-class _Worker:
-    """One worker process and the batches sent to it, answered in order."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.lock = trio.Lock()  # one sender at a time; batches queue in send order
-        self.waiting: deque[_Reply] = deque()
-        self.buffer = bytearray()
-        self.closing = False
-
-    async def receive(self) -> object | None:
-        """The next message, or None once the worker closed its stdout."""
-        assert self.process.stdout is not None
-        return await receive_frame(self.process.stdout, self.buffer)
-
-
 class _Reply:
     __slots__ = ("done", "files", "packs")
 
@@ -73,81 +48,39 @@ class _Reply:
         self.packs: set[bytes] = set()  # those the batch's chunks are in
 
 
-class PrepPool:
+class PrepPool(WorkerPool):
     """Worker processes preparing batches of small files for one save. start()
     it in a nursery; prepare() once ready; close() when no batch is left."""
 
+    module = "prepworker"
+    operation = "save"
+
     def __init__(self, repo: Repository, processes: int, stats: TransferStats) -> None:
+        super().__init__(processes)
         self.repo = repo
         self.stats = stats
-        self.processes = processes
-        self.ready = False
+        self.ready = False  # a worker takes batches
         self.batches = 0  # answered so far
-        self._workers: list[_Worker] = []
-        self._spawned = trio.Event()
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start the workers, then deliver their answers until close(); fails
-        with WorkerFailed if one dies. Cancelled, it kills them."""
         task_status.started()
         await trio.to_thread.run_sync(self.repo.cache.knows_blobs)  # computed once, off the loop
-        try:
-            async with trio.open_nursery() as nursery:
-                for _ in range(self.processes):
-                    worker = _Worker(await self._spawn())
-                    self._workers.append(worker)
-                    await self._send(worker, self._secrets())
-                    nursery.start_soon(self._serve, worker)
-                self._spawned.set()
-            for worker in self._workers:
-                await worker.process.wait()  # each ends once its stdin is closed
-        finally:
-            for worker in self._workers:
-                if worker.process.returncode is None:
-                    worker.process.kill()
-            with trio.CancelScope(shield=True):
-                for worker in self._workers:
-                    await worker.process.wait()
+        await super().run()
 
-    @property
-    def spawned(self) -> bool:
-        """Every worker started: close() reaches them all."""
-        return self._spawned.is_set()
-
-    async def _spawn(self) -> trio.Process:
-        return await trio.lowlevel.open_process(
-            [sys.executable, "-P", "-m", "rekkordfs.prepworker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL, process_group=0, env=worker_environment())
-
-    def _secrets(self) -> bytes:
+    def start_frame(self) -> bytes:
         """What a worker needs to know, sent through its stdin only."""
         keys, chunking = self.repo.keys, self.repo.config.chunking
         return frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size, chunking.max_size,
                       keys.data_public, PACK_TARGET, os.fsencode(self.repo.cache.database)))
 
-    async def _send(self, worker: _Worker, message: bytes) -> None:
-        assert worker.process.stdin is not None
-        try:
-            await worker.process.stdin.send_all(message)
-        except trio.BrokenResourceError:
-            await self._failed(worker, None)
-
-    async def _serve(self, worker: _Worker) -> None:
-        if await worker.receive() != ("ready",):
-            await self._failed(worker, None)
-        if not self.ready:
-            self.ready = True
-        while True:
-            message = await worker.receive()
-            if message is None:
-                if worker.closing and not worker.waiting:
-                    return
-                await self._failed(worker, None)
-            assert isinstance(message, tuple)
+    async def serve(self, worker: Worker) -> None:
+        await self.wait_ready(worker)
+        self.ready = True
+        while (message := await self.answer(worker)) is not None:
             if message[0] != "done":
-                await self._failed(worker, str(message[1]))
+                await self.failed(worker, str(message[1]))
             _, closed, files = message
-            reply = worker.waiting.popleft()
+            reply: _Reply = worker.waiting.popleft()
             self.batches += 1
             reply.files = await self._store(files, reply.packs)  # in order: a twin follows its first, a pack its blobs
             for pack in closed:
@@ -199,12 +132,6 @@ class PrepPool:
         stats.bytes_read += read
         return out
 
-    async def _failed(self, worker: _Worker, why: str | None) -> NoReturn:
-        if why is None:
-            code = await worker.process.wait()
-            why = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
-        raise WorkerFailed(f"a worker process of the save ended unexpectedly ({why})")
-
     async def prepare(self, paths: list[bytes], want: bytes) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """The files read, cut, sealed by a worker and stored, and the packs
         their chunks are in (want: 1 for each file whose extended attributes
@@ -218,11 +145,11 @@ class PrepPool:
 
     async def _ask(self, message: bytes) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         await self._spawned.wait()
-        worker = min(self._workers, key=lambda w: len(w.waiting))
+        worker = min(self.workers, key=lambda w: len(w.waiting))
         reply = _Reply()
         async with worker.lock:
             worker.waiting.append(reply)
-            await self._send(worker, message)
+            await self.send(worker, message)
         await reply.done.wait()
         assert reply.files is not None
         return reply.files, reply.packs
@@ -233,26 +160,9 @@ class PrepPool:
         False when no worker takes them any more (the caller writes them)."""
         if not self.ready or not self._spawned.is_set():
             return False
-        worker = self._workers[0]
+        worker = self.workers[0]
         async with worker.lock:
             if worker.closing:
                 return False
-            await self._send(worker, frame((kind, rows)))
+            await self.send(worker, frame((kind, rows)))
         return True
-
-    async def close(self) -> None:
-        """No more batches: the workers end once they answered the last (and
-        wrote the rows they were sent)."""
-        for worker in self._workers:
-            worker.closing = True
-            assert worker.process.stdin is not None
-            async with worker.lock:
-                await worker.process.stdin.aclose()
-
-
-def worker_environment() -> dict[str, str]:
-    """The worker imports this copy of rekkordfs, whatever the current folder."""
-    env = dict(os.environ)
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env

@@ -45,7 +45,7 @@ from .cacherows import insert_blobs, insert_stats
 from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
-from .frames import read_frame, write_frame
+from .frames import read_frame, serve_messages
 from .fsmeta import read_xattrs
 from .localfiles import read_small
 
@@ -128,24 +128,17 @@ def main() -> int:
     preparer = Preparer(id_key, chunk_seed, ChunkParams(low, average, high), data_public, pack_target)
     del start, id_key
     db = sqlite3.connect(cache_db, isolation_level=None, timeout=60)  # waits while the main process writes
+
+    def handle(message: tuple) -> tuple | None:
+        try:
+            return _handle(preparer, db, message)
+        except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the save
+            return "failed", f"{type(exc).__name__}: {exc}"
+
     try:
-        write_frame(stdout, ("ready",))
-        while (message := read_frame(stdin)) is not None:
-            reply: tuple | None
-            try:
-                reply = _handle(preparer, db, message)
-            except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the save
-                reply = ("failed", f"{type(exc).__name__}: {exc}")
-            if reply is None:
-                continue
-            write_frame(stdout, reply)
-            if reply[0] == "failed":
-                return 1
-    except BrokenPipeError:
-        return 0  # the main process is gone or stopped listening
+        return serve_messages(stdin, stdout, handle)
     finally:
         db.close()
-    return 0
 
 
 def _handle(preparer: Preparer, db: sqlite3.Connection, message: tuple) -> tuple | None:

@@ -37,7 +37,7 @@ from .codec import open_checked
 from .destination import FolderFds, XattrFailed
 from .errors import CorruptedData
 from .format import BlobKind, Entry, EntryKind, Location
-from .frames import read_frame, write_frame
+from .frames import read_frame, serve_messages
 from .restorewrite import FileJob, SmallWriter, xattr_warning
 
 
@@ -79,27 +79,23 @@ def main() -> int:
         return lambda name, exc: warnings.append(xattr_warning(name, exc, show(parts)))
 
     writer = SmallWriter(unpack, folders, show, xattr_failed)
-    try:
-        write_frame(stdout, ("ready",))
-        while (message := read_frame(stdin)) is not None:
-            reply: tuple
-            try:
-                reply = ("done", writer.write_batch(*decode_batch(message)), warnings[:])
-            except CorruptedData as exc:
-                reply = ("failed", "corrupt", exc.message, 0, None)
-            except OSError as exc:
-                reply = ("failed", "os", exc.strerror or str(exc), exc.errno or 0, exc.filename)
-            except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the restore
-                reply = ("failed", "error", f"{type(exc).__name__}: {exc}", 0, None)
+
+    def handle(message: list[tuple]) -> tuple:
+        try:
+            return "done", writer.write_batch(*decode_batch(message)), warnings[:]
+        except CorruptedData as exc:
+            return "failed", "corrupt", exc.message, 0, None
+        except OSError as exc:
+            return "failed", "os", exc.strerror or str(exc), exc.errno or 0, exc.filename
+        except Exception as exc:  # noqa: BLE001 - told to the main process, which fails the restore
+            return "failed", "error", f"{type(exc).__name__}: {exc}", 0, None
+        finally:
             warnings.clear()
-            write_frame(stdout, reply)
-            if reply[0] == "failed":
-                return 1
-    except BrokenPipeError:
-        return 0  # the main process is gone or stopped listening
+
+    try:
+        return serve_messages(stdin, stdout, handle)
     finally:
         folders.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_a_commit_of_many_small_files_uses_a_worker_process(repo_dir: Rekkord, t
     expected = staged_contents()
     changed = (b"d1", b"f007")
     processes: list[trio.Process] = []
-    spawn = prepprocs.PrepPool._spawn
+    spawn = prepprocs.PrepPool.spawn
 
     async def recording_spawn(pool: prepprocs.PrepPool) -> trio.Process:
         process = await spawn(pool)
@@ -110,7 +110,7 @@ def test_a_commit_of_many_small_files_uses_a_worker_process(repo_dir: Rekkord, t
             return result.tag.id_hex
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(prepprocs.PrepPool, "_spawn", recording_spawn)
+        patch.setattr(prepprocs.PrepPool, "spawn", recording_spawn)
         snapshot = run(main)
     assert sum(pool_batches) == FOLDERS * FILES and len(pool_batches) > FOLDERS
     assert processes and all(process.returncode is not None for process in processes)

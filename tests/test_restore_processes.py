@@ -50,7 +50,7 @@ def eager_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches go to the workers from the first on, without waiting for them
     to say they are ready (they answer once they are), and batches are small
     so that a tree of a few thousand files makes many."""
-    monkeypatch.setattr(restoreprocs.RestorePool, "ready", property(lambda pool: bool(pool._workers)))
+    monkeypatch.setattr(restoreprocs.RestorePool, "ready", property(lambda pool: bool(pool.workers)))
     monkeypatch.setattr(restoremod, "REMOTE_BATCH_FILES", 64)
 
 
@@ -157,7 +157,7 @@ def test_a_worker_that_dies_fails_the_restore_with_one_line(tmp_path: Path, monk
     async def kill_first(pool: restoreprocs.RestorePool, *args: object) -> int:
         written = await real(pool, *args)  # type: ignore[arg-type]
         if not killed:  # once its first batch is answered: mid-way through the restore
-            pid = pool._workers[0].process.pid
+            pid = pool.workers[0].process.pid
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         return written

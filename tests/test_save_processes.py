@@ -190,7 +190,7 @@ def test_a_worker_that_dies_fails_the_save_with_one_line(tmp_path: Path, monkeyp
 
     async def kill_first(pool: prepprocs.PrepPool, files: list[tuple], packs: set[bytes]) -> list:
         if not killed:  # once its first batch is answered: mid-way through the save
-            pid = pool._workers[0].process.pid
+            pid = pool.workers[0].process.pid
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
         return await real(pool, files, packs)

@@ -54,21 +54,24 @@ class CommitResult:
 
 def is_durable(repo: Repository, chunks: list[ChunkRef]) -> bool:
     """Every chunk is stored where the reference says (a failed pack is forgotten)."""
-    known = repo.known_many([chunk.id for chunk in chunks])
-    return all(chunk.id in known and known[chunk.id].location == chunk.location for chunk in chunks)
+    return _stored_where_said(repo, [(chunk.id, chunk.location) for chunk in chunks])
 
 
 def all_durable(repo: Repository, contents: dict[int, bytes], batch: int = 4096) -> bool:
-    """is_durable() of every file's chunks (encoded), a batch of files at a time."""
+    """is_durable() of every file's chunks (encoded), a batch of files at a time
+    (read as fields: no ChunkRef made per chunk)."""
     raws = list(contents.values())
     for start in range(0, len(raws), batch):
-        fields = [field for raw in raws[start:start + batch] for field in chunk_fields(raw)]
-        known = repo.known_many([field[0] for field in fields])
-        for blob_id, _, pack, offset, length in fields:
-            found = known.get(blob_id)
-            if found is None or found.location != Location(pack, offset, length):
-                return False
+        refs = [(blob_id, Location(pack, offset, length))
+                for raw in raws[start:start + batch] for blob_id, _, pack, offset, length in chunk_fields(raw)]
+        if not _stored_where_said(repo, refs):
+            return False
     return True
+
+
+def _stored_where_said(repo: Repository, refs: list[tuple[bytes, Location]]) -> bool:
+    known = repo.known_many([blob_id for blob_id, _ in refs])
+    return all((found := known.get(blob_id)) is not None and found.location == location for blob_id, location in refs)
 
 
 class Committer:

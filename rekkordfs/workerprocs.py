@@ -64,6 +64,7 @@ class WorkerPool:
         self.pass_fds = pass_fds
         self.workers: list[Worker] = []
         self._spawned = trio.Event()
+        self._closed = False  # close() was called: a worker started later is closed at once
 
     @property
     def spawned(self) -> bool:
@@ -85,9 +86,14 @@ class WorkerPool:
                 for _ in range(self.processes):
                     process = await self.spawn()
                     worker = Worker(process)
-                    self.workers.append(worker)
-                    _widen_pipe(process.stdin)
-                    await self.send(worker, self.start_frame())
+                    async with worker.lock:  # close() waits for the start frame
+                        self.workers.append(worker)
+                        _widen_pipe(process.stdin)
+                        await self.send(worker, self.start_frame())
+                        if self._closed:  # close() came while it started (a small restore): it ends too
+                            worker.closing = True
+                            assert process.stdin is not None
+                            await process.stdin.aclose()
                     nursery.start_soon(self.serve, worker)
                 self._spawned.set()
             for worker in self.workers:
@@ -136,6 +142,7 @@ class WorkerPool:
     async def close(self) -> None:
         """No more batches: the workers end once they answered the last (and
         handled what else they were sent)."""
+        self._closed = True
         for worker in self.workers:
             worker.closing = True
             assert worker.process.stdin is not None

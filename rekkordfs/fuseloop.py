@@ -77,7 +77,8 @@ class _Readiness:
             self._fd = fd
         # an error or hang-up is news too (receiving then reports it); a
         # closed descriptor is left to trio, which knows it is closing
-        return any(not events & select.POLLNVAL for _, events in self._poll.poll(0))
+        ready = self._poll.poll(0)  # one descriptor: at most one event
+        return bool(ready) and not ready[0][1] & select.POLLNVAL
 
     async def wait_readable(self, fd: Any) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()

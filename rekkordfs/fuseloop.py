@@ -10,7 +10,8 @@ pyfuse3 reaches trio only through its module attribute `pyfuse3.trio` (how
 its own asyncio mode swaps the event loop, pyfuse3/asyncio.py). `install()`
 puts a stand-in there that is trio except for two things:
 
-- the read lock is taken at once when it is free (trio.Lock yields even then);
+- the read lock is taken at once when it is free (trio.Lock yields even then),
+  and goes to whoever asks first, not to the task woken at release (_ReadLock);
 - waiting for the device returns at once when a request is already queued
   (a zero-timeout poll), except every YIELD_EVERY requests, when it waits in
   trio: then the scheduler runs everything else that is ready (worker-thread
@@ -32,20 +33,32 @@ YIELD_EVERY = 16  # requests served from a busy device between two full trio wai
 
 
 class _ReadLock:
-    """trio.Lock whose uncontended acquire does not yield (the wait after it
-    gives the scheduler its turn often enough)."""
+    """The device's read lock, without hand-over: a release wakes one waiter,
+    but whoever comes first takes the lock, and a woken waiter that finds it
+    taken waits again.
+
+    pyfuse3 runs a second reader task next to the one serving a request. With
+    trio.Lock, the release after the device became readable hands the lock to
+    that second task, so a request answered without yielding (most of them:
+    readlink, open, release, a read from memory) still costs two task switches
+    and a full trio wait in the other task before the next one is read. Here
+    the task that answered takes the lock straight back; the other only takes
+    over when a handler yields (a blob fetched in a thread).
+    """
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
+        self._held = False
+        self._waiters = trio.lowlevel.ParkingLot()
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        while self._held:
+            await self._waiters.park()
+        self._held = True
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        self._held = False
+        if self._waiters:
+            self._waiters.unpark()
 
 
 class _Readiness:
@@ -64,7 +77,8 @@ class _Readiness:
             self._fd = fd
         # an error or hang-up is news too (receiving then reports it); a
         # closed descriptor is left to trio, which knows it is closing
-        return any(not events & select.POLLNVAL for _, events in self._poll.poll(0))
+        ready = self._poll.poll(0)  # one descriptor: at most one event
+        return bool(ready) and not ready[0][1] & select.POLLNVAL
 
     async def wait_readable(self, fd: Any) -> None:
         fd = fd if isinstance(fd, int) else fd.fileno()

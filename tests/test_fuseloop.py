@@ -100,3 +100,27 @@ def test_read_lock_excludes_and_hands_over() -> None:
 
     trio.run(main)
     assert order == ["a in", "a out", "b in", "b out"]
+
+
+def test_read_lock_goes_back_to_a_task_that_did_not_yield() -> None:
+    """A request answered without yielding: its task reads the next one itself
+    (trio.Lock would have handed the lock to the waiter at release)."""
+    lock = fuseloop._ReadLock()
+    order: list[str] = []
+
+    async def waiter() -> None:
+        async with lock:
+            order.append("waiter")
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await lock.__aenter__()
+            nursery.start_soon(waiter)
+            await trio.sleep(0.01)  # the waiter is parked on the lock
+            await lock.__aexit__(None, None, None)
+            await lock.__aenter__()  # no yield since the release
+            order.append("holder again")
+            await lock.__aexit__(None, None, None)
+
+    trio.run(main)
+    assert order == ["holder again", "waiter"]

@@ -128,6 +128,7 @@ def main() -> int:
     preparer = Preparer(id_key, chunk_seed, ChunkParams(low, average, high), data_public, pack_target)
     del start, id_key
     db = sqlite3.connect(cache_db, isolation_level=None, timeout=60)  # waits while the main process writes
+    db.execute("PRAGMA synchronous=NORMAL")  # as the main process's connection: no fsync at each commit
 
     def handle(message: tuple) -> tuple | None:
         try:

@@ -93,7 +93,7 @@ def stat_key(st: os.stat_result) -> StatKey:
 def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
     """A stat row in one bytes object, as a save keeps it until stored: the
     message its MAC covers (key, path length, path, encoded chunks)."""
-    return STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
+    return STAT_KEY.pack(*key, len(path)) + path + chunks
 
 
 class LocalCache:

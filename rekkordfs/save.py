@@ -316,21 +316,35 @@ class SaveSession:
 
     async def _store_batch(self, batch: list[FileJob], files: list[PreparedFile | OSError],
                            packs: set[bytes]) -> None:
-        """The batch's files as a worker process prepared them (prepprocs.py)."""
+        """The batch's files as a worker process prepared them (prepprocs.py);
+        _set_raw_content() and _file_done() inlined: this runs once per file
+        on the loop, the save's busiest core."""
         await self.repo.upload_ready()
         self.lead.done(len(batch))
         self.uses.update(packs)  # the whole batch's, gathered by the pool
         complete: list[DirNode] = []
+        rows, link_done = self._stat_rows, self._link_done
         for job, item in zip(batch, files):
             if isinstance(item, OSError):
                 if self._file_done(job, item):
                     complete.append(job.node)
                 continue
+            entry = job.entry
             if item.xattrs is not None:
-                job.entry.xattrs = item.xattrs
-            self._set_raw_content(job, item.size, item.chunks_raw, item.key == job.key)
-            if self._file_done(job, None):
-                complete.append(job.node)
+                entry.xattrs = item.xattrs
+            entry.chunks_raw = raw = item.chunks_raw
+            entry.size = item.size
+            if item.key == job.key:  # unchanged while it was read: its stat row may be reused
+                rows.append(stat_row(job.path, job.key, raw))
+            if entry.link_id:
+                link_done[entry.link_id].set()  # a batch holds primary jobs only
+            node = job.node
+            node.pending -= 1
+            if not node.pending:
+                complete.append(node)
+        if len(rows) >= STAT_BATCH:
+            self._stat_send.send_nowait(rows)
+            self._stat_rows = []
         await self._records(complete)
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:

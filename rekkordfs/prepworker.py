@@ -53,7 +53,7 @@ from .localfiles import read_small
 class Preparer:
     def __init__(self, id_key: bytes, chunk_seed: int, params: ChunkParams, data_public: bytes,
                  pack_target: int) -> None:
-        self.id_key = id_key
+        self.chunk_id = crypto.id_hasher(id_key, BlobKind.CHUNK)
         self.chunker = Chunker(chunk_seed, params)
         self.data_public = data_public
         self.pack_target = pack_target
@@ -86,8 +86,8 @@ class Preparer:
         """Each file's chunks (cut: a file's index and its chunks) hashed, the
         new ones compressed and sealed; files is the answer, completed."""
         # hash every chunk, then compress and seal the first of each ID
-        key, kind = self.id_key, BlobKind.CHUNK
-        ids = [[crypto.keyed_hash(key, kind, view) for view in views] for _, views in cut]
+        chunk_id, kind = self.chunk_id, BlobKind.CHUNK
+        ids = [[chunk_id(view) for view in views] for _, views in cut]
         fresh: dict[bytes, memoryview] = {}
         for views, blob_ids in zip((views for _, views in cut), ids):
             for blob_id, view in zip(blob_ids, views):

@@ -105,7 +105,8 @@ class Preparer:
             self.sealed += size
             items.append((self.sealer, compression, payload))
             packs.append(self.sealer.pack_id)
-        sealed = dict(zip(fresh, zip(packs, (bytes(blob) for blob in seal_many(kind, items)))))
+        # the sealed bytearrays as they are: marshal writes them as bytes, no copy each
+        sealed = dict(zip(fresh, zip(packs, seal_many(kind, items))))
         for (index, views), blob_ids in zip(cut, ids):
             chunks = []
             for blob_id, view in zip(blob_ids, views):

@@ -96,6 +96,7 @@ class SaveSession:
         # written RECORD_BATCH at a time (a thread hop each time), the rest
         # once every file is done
         self._finished: list[DirNode] = []
+        self._finished_entries = 0  # their children, together
         # stat rows not stored yet, one stat_row() each (a tuple of objects was 500
         # bytes a file); stored STAT_BATCH at a time as the save goes: kept to the
         # end they were 20 MB at 100,000 files, and a 1.5 s wait after the snapshot
@@ -377,12 +378,16 @@ class SaveSession:
 
     async def _records(self, nodes: list[DirNode], flush: bool = False) -> None:
         """Folders whose children are all done: their records are written
-        once RECORD_BATCH of them wait (a batch of small files often finishes
-        one folder: a thread hop for its record alone cost the loop more than
-        the record), or when flush says nothing more will finish."""
+        once RECORD_BATCH of them or RECORD_ENTRIES entries wait (a batch of
+        small files often finishes one folder: a thread hop for its record
+        alone cost the loop more than the record), or when flush says
+        nothing more will finish."""
         self._finished += nodes
-        if self._finished and (flush or len(self._finished) >= tuning.RECORD_BATCH):
-            nodes, self._finished = self._finished, []
+        for node in nodes:
+            self._finished_entries += len(node.children)
+        if self._finished and (flush or len(self._finished) >= tuning.RECORD_BATCH
+                               or self._finished_entries >= tuning.RECORD_ENTRIES):
+            nodes, self._finished, self._finished_entries = self._finished, [], 0
             await self._finalize(nodes)
 
     async def _finalize(self, nodes: list[DirNode]) -> None:

@@ -93,7 +93,7 @@ def stat_key(st: os.stat_result) -> StatKey:
 def stat_row(path: bytes, key: StatKey, chunks: bytes) -> bytes:
     """A stat row in one bytes object, as a save keeps it until stored: the
     message its MAC covers (key, path length, path, encoded chunks)."""
-    return STAT_KEY.pack(key.size, key.mtime_ns, key.ctime_ns, key.ino, len(path)) + path + chunks
+    return STAT_KEY.pack(*key, len(path)) + path + chunks
 
 
 class LocalCache:
@@ -103,7 +103,9 @@ class LocalCache:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.folder = folder
         # Only this keyfile can make a stat row that verifies.
-        self._mac_key = crypto.kdf(bytes(keys.sign_key), b"stat-cache")
+        # keyed once: a copy of the keyed state costs half a keyed start per row
+        self._mac_base = hashlib.blake2b(key=crypto.kdf(bytes(keys.sign_key), b"stat-cache"),
+                                         digest_size=MAC_SIZE)
         self._lock = threading.Lock()
         # packs a prune condemned: their blobs are not to be used (the repository sets it)
         self._excluded: frozenset[bytes] = frozenset()
@@ -230,7 +232,9 @@ class LocalCache:
 
     def _mac(self, row: bytes) -> bytes:
         """The MAC of a stat_row()."""
-        return hashlib.blake2b(row, key=self._mac_key, digest_size=MAC_SIZE).digest()
+        mac = self._mac_base.copy()
+        mac.update(row)
+        return mac.digest()
 
     def _usable_packs(self) -> frozenset[bytes]:
         """Packs of trusted blobs, less the condemned ones (computed once until they change)."""
@@ -300,7 +304,13 @@ class LocalCache:
         them (written by this cache or by a save's worker process: the table
         is not known to be empty any more)."""
         self._no_stats = None
-        return [row + self._mac(row) for row in rows]
+        base = self._mac_base
+        out = []
+        for row in rows:
+            mac = base.copy()
+            mac.update(row)
+            out.append(row + mac.digest())
+        return out
 
     @property
     def database(self) -> Path:

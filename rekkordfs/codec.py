@@ -102,6 +102,8 @@ class BlobCodec:
         self.repo_id = repo_id
         self._opener = crypto.PackOpener(keys.data_secret) if keys.data_secret else None
         self._local = threading.local()
+        # set up once per kind: a save computes 100,000 IDs (crypto.id_hasher)
+        self._id_hashers = {kind: crypto.id_hasher(keys.id_key, kind) for kind in BlobKind} if keys.id_key else {}
         # Pack indexes are for writers and readers alike (every key but LogOnly);
         # their key derives from the blob-ID key that all of these hold. What
         # makes an index trustworthy is its signature, not its encryption.
@@ -124,7 +126,7 @@ class BlobCodec:
     def blob_id(self, kind: BlobKind, data: bytes | bytearray | memoryview) -> bytes:
         if self.keys.id_key is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot compute blob IDs")
-        return crypto.keyed_hash(self.keys.id_key, kind, data)
+        return self._id_hashers[kind](data)
 
     # --- sealing (writers) --------------------------------------------------------
 

@@ -88,6 +88,7 @@ _U32 = struct.Struct("<I")
 _REF = struct.Struct(f"<{ID_SIZE}s{PACK_ID_SIZE}sII")  # id, pack, offset, length
 _CHUNK = struct.Struct(f"<{ID_SIZE}sI{PACK_ID_SIZE}sII")  # id, size, pack, offset, length
 REF_SIZE = _REF.size
+CHUNK_STRUCT = _CHUNK  # what encode_chunk() packs, for loops that pack many
 
 
 @dataclass(slots=True)

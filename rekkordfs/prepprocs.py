@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .cache import StatKey
-from .format import Location, encode_chunk
+from .format import CHUNK_STRUCT as _CHUNK
+from .format import encode_chunk
 from .frames import frame
 from .packs import PACK_TARGET
 from .repository import Repository
@@ -33,7 +33,7 @@ class PreparedFile:
     """A small file a worker read and whose chunks are stored (in packs not
     uploaded yet: repository.upload_ready())."""
 
-    key: StatKey  # of the file it read, by its fstat
+    key: tuple[int, int, int, int]  # of the file it read, by its fstat (equal to a StatKey)
     size: int  # bytes read
     chunks_raw: bytes  # format.encode_chunks() of its chunks
     xattrs: list[tuple[bytes, bytes]] | None  # its extended attributes, read after its content if asked
@@ -91,44 +91,47 @@ class PrepPool(WorkerPool):
         """Store the chunks a worker sealed (those the repository knows are
         referred to where they are: the worker cannot know which); each
         file's chunk list, or why it could not be read; the packs they are
-        in go into packs."""
+        in go into packs. Runs once per file on the loop, the save's busiest
+        core: each chunk is encoded once, where it is placed."""
         sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 6
                   for blob_id, size, pack, blob in item[5] if blob is not None]
-        places: dict[bytes, Location] = {}
+        encoded: dict[bytes, bytes] = {}  # blob ID -> format.encode_chunk() of it
+        fresh = sealed
         if self.repo.cache.knows_blobs():
             known = await trio.to_thread.run_sync(self.repo.known_many, [item[1] for item in sealed])
-            places = {blob_id: found.location for blob_id, found in known.items()}
-        fresh = [item for item in sealed if item[1] not in places]
+            fresh = [item for item in sealed if item[1] not in known]
+            for _, blob_id, _, size in sealed:
+                found = known.get(blob_id)
+                if found is not None:
+                    encoded[blob_id] = encode_chunk(blob_id, size, found.location)
+                    packs.add(found.location.pack)
         stored = self.repo.store_adopted([(pack, blob_id, blob) for pack, blob_id, blob, _ in fresh])
-        stats = self.stats
+        stats, pack_chunk = self.stats, _CHUNK.pack
+        new = stored_bytes = 0
         for (_, blob_id, blob, size), (location, was_new) in zip(fresh, stored):
-            places[blob_id] = location
+            encoded[blob_id] = pack_chunk(blob_id, size, location.pack, location.offset, location.length)
             if was_new:
-                stats.bytes_new += size
-                stats.bytes_stored += len(blob)
+                new += size
+                stored_bytes += len(blob)
+        stats.bytes_new += new
+        stats.bytes_stored += stored_bytes
+        packs.update(location.pack for location, _ in stored)
         out: list[PreparedFile | OSError] = []
+        append = out.append
         read = 0
         for item in files:
             if len(item) == 2:
-                out.append(OSError(item[0], item[1]))
+                append(OSError(item[0], item[1]))
                 continue
-            size, mtime, ctime, ino, xattrs, chunks = item
+            chunks = item[5]
             if len(chunks) == 1:  # most small files: no list to join
                 blob_id, length, _, _ = chunks[0]
-                location = places[blob_id]
-                raw = encode_chunk(blob_id, length, location)
-                packs.add(location.pack)
-            else:  # several, or none (emptied since it was listed)
-                length = 0
-                pieces = []
-                for blob_id, chunk_size, _, _ in chunks:
-                    location = places[blob_id]  # a twin's first is in the same batch
-                    pieces.append(encode_chunk(blob_id, chunk_size, location))
-                    length += chunk_size
-                    packs.add(location.pack)
-                raw = b"".join(pieces)
+                raw = encoded[blob_id]
+            else:  # several, or none (emptied since it was listed); a twin's first is in the same batch
+                raw = b"".join([encoded[chunk[0]] for chunk in chunks])
+                length = sum(chunk[1] for chunk in chunks)
             read += length
-            out.append(PreparedFile(StatKey(size, mtime, ctime, ino), length, raw, xattrs))
+            append(PreparedFile(item[:4], length, raw, item[4]))
         stats.bytes_read += read
         return out
 

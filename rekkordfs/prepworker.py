@@ -53,7 +53,7 @@ from .localfiles import read_small
 class Preparer:
     def __init__(self, id_key: bytes, chunk_seed: int, params: ChunkParams, data_public: bytes,
                  pack_target: int) -> None:
-        self.id_key = id_key
+        self.chunk_id = crypto.id_hasher(id_key, BlobKind.CHUNK)
         self.chunker = Chunker(chunk_seed, params)
         self.data_public = data_public
         self.pack_target = pack_target
@@ -86,8 +86,8 @@ class Preparer:
         """Each file's chunks (cut: a file's index and its chunks) hashed, the
         new ones compressed and sealed; files is the answer, completed."""
         # hash every chunk, then compress and seal the first of each ID
-        key, kind = self.id_key, BlobKind.CHUNK
-        ids = [[crypto.keyed_hash(key, kind, view) for view in views] for _, views in cut]
+        chunk_id, kind = self.chunk_id, BlobKind.CHUNK
+        ids = [[chunk_id(view) for view in views] for _, views in cut]
         fresh: dict[bytes, memoryview] = {}
         for views, blob_ids in zip((views for _, views in cut), ids):
             for blob_id, view in zip(blob_ids, views):
@@ -105,7 +105,8 @@ class Preparer:
             self.sealed += size
             items.append((self.sealer, compression, payload))
             packs.append(self.sealer.pack_id)
-        sealed = dict(zip(fresh, zip(packs, (bytes(blob) for blob in seal_many(kind, items)))))
+        # the sealed bytearrays as they are: marshal writes them as bytes, no copy each
+        sealed = dict(zip(fresh, zip(packs, seal_many(kind, items))))
         for (index, views), blob_ids in zip(cut, ids):
             chunks = []
             for blob_id, view in zip(blob_ids, views):
@@ -128,6 +129,7 @@ def main() -> int:
     preparer = Preparer(id_key, chunk_seed, ChunkParams(low, average, high), data_public, pack_target)
     del start, id_key
     db = sqlite3.connect(cache_db, isolation_level=None, timeout=60)  # waits while the main process writes
+    db.execute("PRAGMA synchronous=NORMAL")  # as the main process's connection: no fsync at each commit
 
     def handle(message: tuple) -> tuple | None:
         try:

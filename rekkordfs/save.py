@@ -92,6 +92,11 @@ class SaveSession:
         self._link_done: dict[int, trio.Event] = {}
         self.lead = Lead(save_lead(repo.threads))
         self._link_failed: set[int] = set()
+        # folders whose children are all done, their records not written yet:
+        # written RECORD_BATCH at a time (a thread hop each time), the rest
+        # once every file is done
+        self._finished: list[DirNode] = []
+        self._finished_entries = 0  # their children, together
         # stat rows not stored yet, one stat_row() each (a tuple of objects was 500
         # bytes a file); stored STAT_BATCH at a time as the save goes: kept to the
         # end they were 20 MB at 100,000 files, and a 1.5 s wait after the snapshot
@@ -187,7 +192,7 @@ class SaveSession:
                         self._count_small(len(batch))
                         await jobs.send(batch)
                         batch, batch_bytes = [], 0
-                    await self._finalize(complete)
+                    await self._records(complete)
                     complete = []
                     try:
                         listing = await listings.receive()
@@ -199,7 +204,7 @@ class SaveSession:
                 if listing.node.pending == 0:
                     complete.append(listing.node)
                     if len(complete) >= tuning.RECORD_BATCH:
-                        await self._finalize(complete)
+                        await self._records(complete)
                         complete = []
                 for job in listing.jobs:
                     if job.entry.link_id and job.primary:
@@ -218,7 +223,7 @@ class SaveSession:
             if batch:
                 self._count_small(len(batch))
                 await jobs.send(batch)
-            await self._finalize(complete)
+            await self._records(complete)
 
     async def _work(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
         try:
@@ -226,6 +231,8 @@ class SaveSession:
                 for _ in range(self.workers):
                     workers.start_soon(self._worker, jobs.clone())
                 jobs.close()
+            # every file is done (the dispatcher closed the jobs after its last folders)
+            await self._records([], flush=True)
         finally:
             if self._pool is not None:
                 self.repo.row_writer = None
@@ -258,7 +265,7 @@ class SaveSession:
     async def _job_done(self, job: FileJob, error: OSError | None) -> None:
         self.lead.done()
         if self._file_done(job, error):
-            await self._finalize([job.node])
+            await self._records([job.node])
 
     def _file_done(self, job: FileJob, error: OSError | None) -> bool:
         """A file job is finished (its lead counted by the caller); whether
@@ -306,26 +313,40 @@ class SaveSession:
             self._set_content(job, item.size, chunks, item.key == job.key)
             if self._file_done(job, None):
                 complete.append(job.node)
-        await self._finalize(complete)
+        await self._records(complete)
 
     async def _store_batch(self, batch: list[FileJob], files: list[PreparedFile | OSError],
                            packs: set[bytes]) -> None:
-        """The batch's files as a worker process prepared them (prepprocs.py)."""
+        """The batch's files as a worker process prepared them (prepprocs.py);
+        _set_raw_content() and _file_done() inlined: this runs once per file
+        on the loop, the save's busiest core."""
         await self.repo.upload_ready()
         self.lead.done(len(batch))
         self.uses.update(packs)  # the whole batch's, gathered by the pool
         complete: list[DirNode] = []
+        rows, link_done = self._stat_rows, self._link_done
         for job, item in zip(batch, files):
             if isinstance(item, OSError):
                 if self._file_done(job, item):
                     complete.append(job.node)
                 continue
+            entry = job.entry
             if item.xattrs is not None:
-                job.entry.xattrs = item.xattrs
-            self._set_raw_content(job, item.size, item.chunks_raw, item.key == job.key)
-            if self._file_done(job, None):
-                complete.append(job.node)
-        await self._finalize(complete)
+                entry.xattrs = item.xattrs
+            entry.chunks_raw = raw = item.chunks_raw
+            entry.size = item.size
+            if item.key == job.key:  # unchanged while it was read: its stat row may be reused
+                rows.append(stat_row(job.path, job.key, raw))
+            if entry.link_id:
+                link_done[entry.link_id].set()  # a batch holds primary jobs only
+            node = job.node
+            node.pending -= 1
+            if not node.pending:
+                complete.append(node)
+        if len(rows) >= STAT_BATCH:
+            self._stat_send.send_nowait(rows)
+            self._stat_rows = []
+        await self._records(complete)
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
         """A file's content is stored in these chunks."""
@@ -354,6 +375,20 @@ class SaveSession:
         finally:
             handle.close()
         self._set_content(job, sum(c.size for c in chunks), chunks, unchanged)
+
+    async def _records(self, nodes: list[DirNode], flush: bool = False) -> None:
+        """Folders whose children are all done: their records are written
+        once RECORD_BATCH of them or RECORD_ENTRIES entries wait (a batch of
+        small files often finishes one folder: a thread hop for its record
+        alone cost the loop more than the record), or when flush says
+        nothing more will finish."""
+        self._finished += nodes
+        for node in nodes:
+            self._finished_entries += len(node.children)
+        if self._finished and (flush or len(self._finished) >= tuning.RECORD_BATCH
+                               or self._finished_entries >= tuning.RECORD_ENTRIES):
+            nodes, self._finished, self._finished_entries = self._finished, [], 0
+            await self._finalize(nodes)
 
     async def _finalize(self, nodes: list[DirNode]) -> None:
         """Write the records of folders whose children are all done, in one

@@ -42,7 +42,7 @@ class DirNode:
         self.skipped: set[bytes] = set()
 
 
-@dataclass
+@dataclass(slots=True)  # one per file to read: slots make it smaller and quicker to build
 class FileJob:
     node: DirNode
     entry: Entry

@@ -312,3 +312,31 @@ def test_type_upgrade_refused(master: keys.Keyset) -> None:
             keys.decode_keyfile(rebuild(bytes(forged_body)))
         if kind == KeyType.WRITE_ONLY:  # no secret to betray it: only the certificate does
             assert "certificate" in info.value.message
+
+
+def test_id_hasher_gives_keyed_hash_for_every_kind_and_size() -> None:
+    """The copied keyed state (a save's chunk IDs) must give the IDs keyed_hash() gives,
+    call after call (a state updated by one call would change the next one's ID)."""
+    key = os.urandom(32)
+    for kind in (1, 2, 3):
+        hash_one = crypto.id_hasher(key, kind)
+        for size in (0, 1, 1000, 1024, 1025, 70_000):
+            data = os.urandom(size)
+            assert hash_one(data) == crypto.keyed_hash(key, kind, data)
+            assert hash_one(memoryview(data)) == crypto.keyed_hash(key, kind, data)
+    assert crypto.id_hasher(key, 1)(b"x") != crypto.id_hasher(os.urandom(32), 1)(b"x")
+
+
+def test_stat_rows_macs_do_not_depend_on_the_rows_before(master: keys.Keyset, tmp_path: Path) -> None:
+    """signed_stats() copies one keyed state per row: the same row gets the same MAC
+    alone, after others, and as _mac() computes it for a lookup."""
+    from rekkordfs.cache import LocalCache, StatKey, stat_row
+
+    cache = LocalCache(tmp_path / "cache", master)
+    rows = [stat_row(b"/a/%d" % n, StatKey(n, 2, 3, 4), b"chunks") for n in range(3)]
+    together = cache.signed_stats(rows)
+    alone = [cache.signed_stats([row])[0] for row in rows]
+    assert together == alone
+    assert len({row[-16:] for row in together}) == 3
+    assert all(signed[-16:] == cache._mac(row) for row, signed in zip(rows, together))
+    cache.close()

@@ -21,7 +21,7 @@ import trio
 from rekkordfs import keys as keymod
 from rekkordfs import prepprocs, tuning
 from rekkordfs.check import Checker
-from rekkordfs.format import BlobRef, Entry, EntryKind
+from rekkordfs.format import BlobKind, BlobRef, Entry, EntryKind
 from rekkordfs.keys import KeyType
 from rekkordfs.prepprocs import WorkerFailed
 from rekkordfs.repository import Repository
@@ -296,3 +296,53 @@ def test_ctrl_c_during_a_save_with_workers_leaves_no_process(local_repo: Rekkord
         assert _marked(mark) == [], f"processes left after Ctrl-C at {moment} s"
     assert ("interrupted", True) in outcomes, outcomes  # at least one landed while a worker ran
     assert "No problems found" in local_repo("check").stdout
+
+
+def test_directory_records_are_written_many_per_hop_and_all_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 eager_workers: None) -> None:
+    """A batch of small files finishes about one folder; the records of such
+    folders wait for RECORD_BATCH of them (save.py: one thread hop per record
+    cost the loop more than the record) and the rest are written once every
+    file is done: none may be lost, nested or not."""
+    src = tmp_path / "src"
+    for top in range(6):
+        for sub in range(40):
+            folder = src / f"t{top}" / f"s{sub:02d}"
+            folder.mkdir(parents=True)
+            for index in range(3):
+                (folder / f"f{index}").write_bytes(b"%d %d %d " % (top, sub, index) * 50)
+    (src / "t0" / "empty").mkdir()
+    below = 6 + 6 * 40 + 1  # folders below src
+    hops: list[int] = []
+    real = Repository.write_blobs
+
+    async def counted(repo: Repository, kind: object, datas: list) -> list:
+        hops.append(len(datas))
+        return await real(repo, kind, datas)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Repository, "write_blobs", counted)
+    master = keymod.new_master()
+
+    async def main() -> None:
+        storage = MemoryStorage()
+        await Repository.create(storage, master)
+        snapshot, batches = await save_into(storage, master, src, 1)
+        assert batches > 0
+        assert sum(hops) > below + 1  # src and the folders above it too
+        assert len(hops) <= below // 8, hops
+        repo = await Repository.open(storage, master)
+        try:
+            tag = await repo.resolve(snapshot)
+            tree = await tree_of(repo, (await repo.load_snapshot(tag)).root_ref)
+            inside = os.fsencode(src).lstrip(b"/") + b"/"
+            mine = {path[len(inside):]: value for path, value in tree.items() if path.startswith(inside)}
+            assert sum(1 for entry, _ in mine.values() if isinstance(entry, Entry)
+                       and entry.kind == EntryKind.DIRECTORY) == below
+            assert sum(1 for entry, _ in mine.values() if isinstance(entry, Entry)
+                       and entry.kind == EntryKind.FILE) == 6 * 40 * 3
+            assert mine[b"t5/s39/f2"][1] == [(repo.codec.blob_id(BlobKind.CHUNK, b"5 39 2 " * 50), 350)]
+            assert (await Checker(repo, read_data=True).run()).problems == []
+        finally:
+            await repo.aclose()
+
+    trio.run(main)

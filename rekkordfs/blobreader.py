@@ -9,7 +9,7 @@ storage, keys, codec and cache, declared below for the type checker.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, overload
 
 import trio
@@ -29,9 +29,6 @@ if TYPE_CHECKING:
     from .storage.base import Storage
 
 T = TypeVar("T")
-
-# Storage.get_ranges, or what makes its requests elsewhere
-Fetch = Callable[[list[tuple[str, int, int]]], Awaitable[list[bytes]]]
 
 RESYNC_NS = 10 * 10**9  # a reader missing a moved blob re-reads the indexes at most this often
 
@@ -103,10 +100,9 @@ class BlobReader:
             raw = await self.storage.get_range(pack_key(location.pack), location.offset, location.length)
         return check_length(blob_id, location, raw)
 
-    async def read_raws(self, chunks: list[ChunkRef], fetch: Fetch | None = None) -> list[tuple[bytes, Location]]:
+    async def read_raws(self, chunks: list[ChunkRef]) -> list[tuple[bytes, Location]]:
         """The stored bytes of many chunks at once (a restore's small files), and
-        where each was found; fetch: what makes the requests, if not the storage
-        (a restore's fetch process, fetchprocs.py).
+        where each was found.
 
         Chunks of one pack are read with one ranged request when the gaps
         between them are small (on a remote backend, up to COALESCE_GAP bytes
@@ -114,8 +110,7 @@ class BlobReader:
         locations = [c.location for c in chunks]
         runs = coalesce(locations, COALESCE_GAP if self.storage.remote else 0)
         try:
-            datas = await (fetch or self.storage.get_ranges)(
-                [(pack_key(pack), start, length) for pack, start, length, _ in runs])
+            datas = await self.storage.get_ranges([(pack_key(pack), start, length) for pack, start, length, _ in runs])
         except ObjectMissing:  # a pack was pruned: one by one, each where it is now
             results = await self._read_each([(c.id, c.location) for c in chunks])
             for result in results:

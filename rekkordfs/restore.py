@@ -36,7 +36,6 @@ from .destination import (
     temp_name,
 )
 from .errors import RestoreError
-from .fetchprocs import FetchPool
 from .format import Entry, EntryKind
 from .repository import Repository
 from .restorefiles import FileWriter
@@ -74,9 +73,8 @@ class _Plan:
 class RestoreSession:
     def __init__(self, repo: Repository, target: Entry, dest: str, options: RestoreOptions,
                  warn: Callable[[str], None], report: Callable[[str], None] | None = None,
-                 has_metadata: bool = True, label: str = "snapshot", fetcher: FetchPool | None = None) -> None:
+                 has_metadata: bool = True, label: str = "snapshot") -> None:
         self.repo = repo
-        self.fetcher = fetcher  # a process making the requests to the server (fetchprocs.py), or None
         self.target = target
         self.has_metadata = has_metadata  # False for a snapshot root saved without any
         self.dest = os.path.abspath(dest)
@@ -136,8 +134,7 @@ class RestoreSession:
             self._tell("restore", ())
         self.folders = FolderFds(self.dest_fd)
         pool = self._pool()
-        fetcher = self.fetcher
-        writer = FileWriter(self.repo, self.folders, self._show, self._xattr_failed, pool, fetcher)
+        writer = FileWriter(self.repo, self.folders, self._show, self._xattr_failed, pool)
         try:
             send, recv = trio.open_memory_channel[list[FileJob]](self.workers * 2)
             async with task_group() as processes:

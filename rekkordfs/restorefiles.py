@@ -14,11 +14,9 @@ from collections.abc import Callable
 
 import trio
 
-from .blobreader import Fetch
 from .chunkmap import pwrite_all
 from .destination import FolderFds, XattrFailed, create_new, move_into_place, remove_quietly
 from .errors import CorruptedData, ObjectMissing
-from .fetchprocs import FetchPool
 from .format import BlobKind, ChunkRef, Location
 from .repository import Repository
 from .restoreprocs import RestorePool
@@ -44,14 +42,12 @@ class FileWriter:
     """Writes FileJobs' contents; counts the files and bytes it wrote."""
 
     def __init__(self, repo: Repository, folders: FolderFds, show: Callable[[tuple[bytes, ...]], str],
-                 xattr_failed: Callable[[tuple[bytes, ...]], XattrFailed], pool: RestorePool | None = None,
-                 fetcher: FetchPool | None = None) -> None:
+                 xattr_failed: Callable[[tuple[bytes, ...]], XattrFailed], pool: RestorePool | None = None) -> None:
         self.repo = repo
         self.folders = folders
         self.show = show  # a path below DEST as the user gave it, for messages
         self.small = SmallWriter(self._unpack, folders, show, xattr_failed)
         self.pool = pool  # worker processes writing batches of small files, or None
-        self.fetcher = fetcher  # a process making the requests to the server, or None
         self.files = 0
         self.bytes_written = 0
         # chunks fetched at once: remote backends need many requests in flight,
@@ -82,18 +78,13 @@ class FileWriter:
                 pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
         if written is None:
             try:
-                raws = await self.repo.read_raws(wanted, self._fetch())
+                raws = await self.repo.read_raws(wanted)
             except (CorruptedData, ObjectMissing) as exc:
                 raise self._batch_error(batch, exc) from None
             found = dict(zip((c.id for c in wanted), raws))
             written = await self._write_small(batch, found)
         self.bytes_written += written
         self.files += len(batch)
-
-    def _fetch(self) -> Fetch | None:
-        """The fetch process's get_ranges once it is connected; until then the storage's."""
-        fetcher = self.fetcher
-        return fetcher.get_ranges if fetcher is not None and fetcher.ready else None
 
     async def _write_small(self, batch: list[FileJob], found: dict[bytes, tuple[bytes, Location]]) -> int:
         """The tiniest files to a worker process, if one is ready (their cost is
@@ -179,7 +170,7 @@ class FileWriter:
         try:
             wanted = [(chunk, offset) for chunk, offset in window if not self.repo.is_zero_chunk(chunk)]
             try:
-                raws = await self.repo.read_raws([chunk for chunk, _ in wanted], self._fetch())
+                raws = await self.repo.read_raws([chunk for chunk, _ in wanted])
             except (CorruptedData, ObjectMissing) as exc:
                 raise type(exc)(f"'{self.show(parts)}': {exc.message}") from None
             self.bytes_written += await self.repo.run_cpu(self._write_window, fd, wanted, raws, parts)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rekkordfs.fetchprocs import fetch_process
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession, RestoreStats
@@ -53,12 +52,12 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     silent = quiet(args)
 
     async def run() -> RestoreSession:
-        async with fetch_process(config) as fetcher, Repository.connect(config, keys) as repo:
+        async with Repository.connect(config, keys) as repo:
             tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag)
             target, has_metadata = await walk_path(repo, snapshot, path)
             session = RestoreSession(repo, target, args.dest, options, warn, _path_reporter(args), has_metadata,
-                                     label=f"snapshot {tag.id_hex}", fetcher=fetcher)
+                                     label=f"snapshot {tag.id_hex}")
             stats = session.stats
 
             def poll() -> tuple[float, float, str]:

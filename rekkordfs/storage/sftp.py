@@ -446,7 +446,8 @@ def _link_failure(exc: BaseException) -> bool:
 def _read_piece(sftp: Any) -> int:
     """The largest read the server answers whole (OpenSSH: 255 KiB, announced
     with limits@openssh.com); 64 KiB for servers that do not say."""
-    return int(getattr(sftp.limits, "max_read_len", 0) or 0) or 64 << 10
+    limits = getattr(sftp, "limits", None)  # asyncssh learned the extension in 2.x
+    return int(getattr(limits, "max_read_len", 0) or 0) or 64 << 10
 
 
 async def _read_span(handle: Any, offset: int, length: int, piece: int) -> bytes:

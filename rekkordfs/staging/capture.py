@@ -4,7 +4,7 @@ included), released when the commit ends, made the new base when it succeeds."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,17 +143,10 @@ class Capturer:
         (off the event loop; a crash before that leaves them to recovery)."""
         clean_files = {ino for ino in contents
                        if self.uploads.version(ino) == capture.versions.get(ino) and not self.open_files.get(ino)}
-        db = self.journal.db
         with self.journal.transaction():
             # others were written again since, or may still be: they stay local
-            db.executemany(
-                "UPDATE inodes SET local = ?, chunks = ?, size = ? WHERE ino = ? AND local != ?",
-                ((Content.STORED, contents[ino], chunks_size(contents[ino]), ino, Content.STORED)
-                 for ino in clean_files))
-            db.executemany("DELETE FROM inline WHERE ino = ?", ((ino,) for ino in clean_files))
+            _store(self.journal.db, capture.tables, ((ino, contents[ino]) for ino in clean_files), link_ids)
             self.journal.freed()
-            db.executemany("UPDATE inodes SET link_id = ? WHERE ino = ?",
-                           ((link_id, ino) for ino, link_id in link_ids.items()))
             self.journal.forget_rows()
             self.journal.set_meta("base", snapshot_id)
             self.journal.set_meta("max_link_id", snapshot.max_link_id)
@@ -166,6 +159,27 @@ class Capturer:
                 self.uploads.record(ino, capture.versions[ino], chunks)
         self.release(capture)
         return [self.content.data_path(ino) for ino in clean_files if ino in capture.data_files]
+
+
+def _store(db: sqlite3.Connection, tables: str, stored: Iterable[tuple[int, bytes]],
+           link_ids: dict[int, int]) -> None:
+    """Inside the commit's transaction: files' contents are the chunks stored
+    (their inline rows go), and the hardlink groups get their IDs. Set-based:
+    the rows are listed in a temporary table, then each table is changed by one
+    statement (per-row UPDATE and DELETE cost seconds at 100,000 files)."""
+    db.execute(f"CREATE TEMP TABLE stored_{tables} (ino INTEGER PRIMARY KEY, chunks BLOB, size INTEGER)")
+    db.execute(f"CREATE TEMP TABLE links_{tables} (ino INTEGER PRIMARY KEY, link_id INTEGER)")
+    try:
+        db.executemany(f"INSERT INTO temp.stored_{tables} VALUES (?, ?, ?)",
+                       ((ino, chunks, chunks_size(chunks)) for ino, chunks in sorted(stored)))
+        db.executemany(f"INSERT INTO temp.links_{tables} VALUES (?, ?)", sorted(link_ids.items()))
+        db.execute(f"UPDATE inodes SET local = {int(Content.STORED)}, chunks = s.chunks, size = s.size "
+                   f"FROM temp.stored_{tables} s WHERE inodes.ino = s.ino AND inodes.local != {int(Content.STORED)}")
+        db.execute(f"DELETE FROM inline WHERE ino IN (SELECT ino FROM temp.stored_{tables})")
+        db.execute(f"UPDATE inodes SET link_id = l.link_id FROM temp.links_{tables} l WHERE inodes.ino = l.ino")
+    finally:
+        db.execute(f"DROP TABLE temp.stored_{tables}")
+        db.execute(f"DROP TABLE temp.links_{tables}")
 
 
 def _copy_tree(db: sqlite3.Connection, tables: str) -> None:

@@ -35,7 +35,7 @@ async def simulate(files: int, folder: Path, statements: Counter[str] | None = N
         counts["all"] += 1
         counts["commit"] += sql.startswith("COMMIT")
         if statements is not None:
-            statements[re.sub(r"x'[0-9a-f]*'|\d+", "?", sql[:120])] += 1
+            statements[re.sub(r"x'[0-9a-f]*'|\d+", "?", sql)[:120]] += 1
 
     try:
         dirs = [(await tree.create(ROOT, b"d%d" % d, EntryKind.DIRECTORY, 0o755, 0, 0)).ino

@@ -80,7 +80,7 @@ def test_a_commit_holds_the_entries_of_a_few_folders_at_a_time(repo_dir: Rekkord
             changed = (await tree.lookup((await tree.lookup(ROOT, b"d07")).ino, b"f3")).ino
             await tree.make_local(changed)  # as opening it for writing does
             await tree.write(changed, 0, b"F")
-            capture = tree.capture(lambda chunks: False)
+            capture = tree.capture(lambda done: set())
             try:
                 sizes = per_inode_state(capture)
                 assert sizes and max(sizes.values()) <= 1, sizes

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..format import ChunkRef, EntryKind, Snapshot, chunks_size, decode_chunks
+from ..format import EntryKind, Snapshot, chunks_size
 from ..journalspace import journal_error
 from .content import ContentStore
 from .inode import COLUMNS, ROOT, Content, Inode, inode_from_row
@@ -88,8 +88,10 @@ class Capturer:
         self.open_files = open_files  # the kernel's, kept up to date by names.Namespace
         self._captures = 0  # names this tree's captures' tables
 
-    def capture(self, is_durable: Callable[[list[ChunkRef]], bool]) -> Capture:
-        """The whole tree as it is now, for a commit; must not await.
+    def capture(self, durable: Callable[[dict[int, bytes]], set[int]]) -> Capture:
+        """The whole tree as it is now, for a commit; must not await. durable:
+        of write-behind's uploads (ino -> encoded chunks), those whose chunks
+        are all stored (see commit.durable_files); the others are uploaded again.
 
         Its rows are copied into temporary tables (SQLite copies 100,000 rows
         in a fraction of what building them in Python takes, and they stay on
@@ -113,14 +115,20 @@ class Capturer:
         uploaded: dict[int, bytes] = {}
         versions: dict[int, int] = {}
         data_files: set[int] = set()
-        for ino, local in db.execute(f"SELECT ino, local FROM temp.inodes_{tables} WHERE kind = ? AND local != ?",
-                                     (EntryKind.FILE, Content.STORED)).fetchall():
+        local_files = db.execute(f"SELECT ino, local FROM temp.inodes_{tables} WHERE kind = ? AND local != ?",
+                                 (EntryKind.FILE, Content.STORED)).fetchall()
+        done: dict[int, bytes] = {}  # write-behind uploads of the captured versions
+        for ino, _ in local_files:
+            versions[ino] = self.uploads.version(ino)
+            result = self.uploads.result(ino, versions[ino])
+            if result is not None:
+                done[ino] = result
+        kept = durable(done)
+        for ino, local in local_files:
             if local == Content.DATA_FILE:
                 data_files.add(ino)
-            versions[ino] = self.uploads.version(ino)
-            done = self.uploads.result(ino, versions[ino])
-            if done is not None and is_durable(decode_chunks(done)):
-                uploaded[ino] = done
+            if ino in kept:
+                uploaded[ino] = done[ino]
             elif local == Content.INLINE:
                 inline.append(ino)
                 self.content.freeze_inline(ino)

@@ -5,6 +5,7 @@ last name is gone alive until it is forgotten and closed."""
 from __future__ import annotations
 
 import errno
+import sqlite3
 import stat
 from collections.abc import Callable
 
@@ -83,8 +84,6 @@ class Namespace:
                      rdev: int = 0, target: bytes | None = None) -> Inode:
         self._check_name(name)
         parent_node = await self.cow.expand(parent)
-        if self._child(parent, name) is not None:
-            raise error(errno.EEXIST)
         now = self.clock()
         if parent_node.mode & stat.S_ISGID:  # BSD group semantics of set-group-ID directories
             gid = parent_node.gid
@@ -98,7 +97,10 @@ class Namespace:
             ino = node.ino
             if kind == EntryKind.FILE:
                 self.db.execute("INSERT INTO inline (ino, data) VALUES (?, ?)", (ino, b""))
-            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            try:  # the name's primary key says whether it exists: no look-up first (one per file rsync writes)
+                self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            except sqlite3.IntegrityError:
+                raise error(errno.EEXIST) from None  # the transaction undoes the new inode
             self._touch_dir(parent, now)
             if kind == EntryKind.DIRECTORY:
                 self._add_links(parent, 1)

@@ -727,6 +727,36 @@ def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path,
     run(main)
 
 
+def test_a_create_over_an_existing_name_in_a_batch_leaves_no_trace(tmp_path: Path, monkeypatch) -> None:
+    """create() learns of an existing name from the journal's key (no look-up
+    first): EEXIST, its new inode undone, the batch and the existing file kept."""
+    monkeypatch.setattr("rekkordfs.staging.journal.BATCH_SECONDS", 3600)
+    monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
+    folder = tmp_path / "state" / "x"
+
+    async def main() -> None:
+        tree = StagingTree(folder, "x", None)
+        tree.journal.batching = True
+        f = await put_file(tree, ROOT, b"f", b"first")
+        rows = tree.journal.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+        for kind in (EntryKind.FILE, EntryKind.DIRECTORY):
+            await expect_errno(errno.EEXIST, tree.create, ROOT, b"f", kind, 0o755, 0, 0)
+        assert tree.journal.db.in_transaction  # the batch goes on
+        assert tree.journal.db.execute("SELECT count(*) FROM inodes").fetchone()[0] == rows
+        assert tree.get(ROOT).nlink == 2  # no subfolder counted
+        g = await tree.create(ROOT, b"g", EntryKind.FILE, 0o644, 0, 0)  # the next request is served
+        tree.close()  # commits the batch
+        again = StagingTree(folder, "x", None)
+        try:
+            assert (await again.lookup(ROOT, b"f")).ino == f.ino
+            assert await content(again, f.ino) == b"first"
+            assert (await again.lookup(ROOT, b"g")).ino == g.ino
+        finally:
+            again.close()
+
+    run(main)
+
+
 def test_with_batching_freed_journal_space_goes_back_when_idle(tmp_path: Path, monkeypatch) -> None:
     """On a disk with room, what deletions free is given back by tidy() (the
     idle daemon), not inside the request or commit that freed it."""

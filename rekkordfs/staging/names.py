@@ -56,6 +56,13 @@ class Namespace:
         row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
         return row[0] if row else None
 
+    def _two_children(self, first: tuple[int, bytes], second: tuple[int, bytes]) -> tuple[int | None, int | None]:
+        """_child() of two names in one statement (a rename looks up both)."""
+        found = {(parent, name): ino for parent, name, ino in self.db.execute(
+            "SELECT parent, name, ino FROM dentries WHERE parent = ? AND name = ? OR parent = ? AND name = ?",
+            (*first, *second))}
+        return found.get(first), found.get(second)
+
     def _has_children(self, ino: int) -> bool:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone() is not None
 
@@ -192,10 +199,9 @@ class Namespace:
         self._check_name(new_name)
         await self.cow.expand(old_parent)
         await self.cow.expand(new_parent)
-        moved = self._child(old_parent, old_name)
+        moved, target = self._two_children((old_parent, old_name), (new_parent, new_name))
         if moved is None:
             raise error(errno.ENOENT)
-        target = self._child(new_parent, new_name)
         if flags & RENAME_NOREPLACE and target is not None:
             raise error(errno.EEXIST)
         exchange = bool(flags & RENAME_EXCHANGE)

@@ -186,8 +186,8 @@ def _store(db: sqlite3.Connection, tables: str, stored: Iterable[tuple[int, byte
         db.execute(f"DELETE FROM inline WHERE ino IN (SELECT ino FROM temp.stored_{tables})")
         db.execute(f"UPDATE inodes SET link_id = l.link_id FROM temp.links_{tables} l WHERE inodes.ino = l.ino")
     finally:
-        db.execute(f"DROP TABLE temp.stored_{tables}")
-        db.execute(f"DROP TABLE temp.links_{tables}")
+        db.execute(f"DROP TABLE IF EXISTS temp.stored_{tables}")  # (gone already if the error rolled back)
+        db.execute(f"DROP TABLE IF EXISTS temp.links_{tables}")
 
 
 def _copy_tree(db: sqlite3.Connection, tables: str) -> None:

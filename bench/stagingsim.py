@@ -1,7 +1,8 @@
 """rsync's requests for each file, straight on a StagingTree (no FUSE, no mount):
 the staging code's own CPU a file, its SQL statements and COMMITs.
 
-    python -m bench.stagingsim [FILES]     (3000 by default)
+    python -m bench.stagingsim [FILES] [--statements]   (3000 by default;
+        --statements: how many of each SQL statement a file, numbers masked)
     PYTHONPATH=OTHER python bench/stagingsim.py    (the staging code of another checkout)
 
 Per file: two lookups of missing names (the file, rsync's temporary name),
@@ -12,9 +13,11 @@ rename onto the real name, three getattr. Batching is on as in a mount.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import trio
@@ -23,7 +26,7 @@ from rekkordfs.format import EntryKind
 from rekkordfs.staging import ROOT, StagingTree
 
 
-async def simulate(files: int, folder: Path) -> str:
+async def simulate(files: int, folder: Path, statements: Counter[str] | None = None) -> str:
     tree = StagingTree(folder, "sim", None)
     tree.journal.batching = True
     counts = {"all": 0, "commit": 0}
@@ -31,6 +34,8 @@ async def simulate(files: int, folder: Path) -> str:
     def trace(sql: str) -> None:
         counts["all"] += 1
         counts["commit"] += sql.startswith("COMMIT")
+        if statements is not None:
+            statements[re.sub(r"x'[0-9a-f]*'|\d+", "?", sql)[:120]] += 1
 
     try:
         dirs = [(await tree.create(ROOT, b"d%d" % d, EntryKind.DIRECTORY, 0o755, 0, 0)).ino
@@ -65,9 +70,13 @@ async def simulate(files: int, folder: Path) -> str:
 
 
 def main() -> None:
-    files = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
+    args = [arg for arg in sys.argv[1:] if arg != "--statements"]
+    files = int(args[0]) if args else 3000
+    statements: Counter[str] | None = Counter() if "--statements" in sys.argv else None
     with tempfile.TemporaryDirectory() as folder:
-        print(trio.run(simulate, files, Path(folder) / "sim"))
+        print(trio.run(simulate, files, Path(folder) / "sim", statements))
+    for sql, count in (statements or Counter()).most_common():
+        print(f"{count / files:6.2f}  {sql}")
 
 
 if __name__ == "__main__":

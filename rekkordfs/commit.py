@@ -9,7 +9,9 @@ directories keep their stored record.
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -18,7 +20,6 @@ from .errors import RekkordError, StorageError
 from .format import (
     BlobKind,
     BlobRef,
-    ChunkRef,
     Entry,
     EntryKind,
     Location,
@@ -29,7 +30,7 @@ from .format import (
     encode_directory,
 )
 from .prepprocs import PrepPool
-from .repository import Repository
+from .repository import KnownBlob, Repository
 from .staging import ROOT, Capture, StagingTree
 from .tasks import task_group
 from .testhooks import stop_point
@@ -39,6 +40,10 @@ from .upload import TransferStats, Uploader
 # Inline files a commit must upload before it starts a worker process for
 # them (as a save does for small files)
 COMMIT_PROCESS_FILES = SAVE_PROCESS_FILES
+# Directory records encoded and sealed per thread hop (a commit of 100,000
+# small files writes 1,000 of them)
+DIRS_PER_HOP = 16
+HOP_ENTRIES = 4096  # or fewer, once their entries reach this many
 
 
 @dataclass
@@ -52,25 +57,28 @@ class CommitResult:
     duration: float
 
 
-def is_durable(repo: Repository, chunks: list[ChunkRef]) -> bool:
-    """Every chunk is stored where the reference says (a failed pack is forgotten)."""
-    return _stored_where_said(repo, [(chunk.id, chunk.location) for chunk in chunks])
+def durable_files(repo: Repository, contents: dict[int, bytes], batch: int = 4096) -> set[int]:
+    """The files (of ino -> encoded chunk list) whose every chunk is stored
+    where the reference says (a failed pack is forgotten): one known_many()
+    a batch of files (a capture checks 100,000 write-behind uploads; one
+    look-up each cost 0.25 ms a file)."""
+    durable: set[int] = set()
+    items = list(contents.items())
+    for start in range(0, len(items), batch):
+        part = [(ino, [(blob_id, Location(pack, offset, length))
+                       for blob_id, _, pack, offset, length in chunk_fields(raw)])
+                for ino, raw in items[start:start + batch]]
+        known = repo.known_many([blob_id for _, refs in part for blob_id, _ in refs])
+        durable.update(ino for ino, refs in part if _stored_where_said(known, refs))
+    return durable
 
 
-def all_durable(repo: Repository, contents: dict[int, bytes], batch: int = 4096) -> bool:
-    """is_durable() of every file's chunks (encoded), a batch of files at a time
-    (read as fields: no ChunkRef made per chunk)."""
-    raws = list(contents.values())
-    for start in range(0, len(raws), batch):
-        refs = [(blob_id, Location(pack, offset, length))
-                for raw in raws[start:start + batch] for blob_id, _, pack, offset, length in chunk_fields(raw)]
-        if not _stored_where_said(repo, refs):
-            return False
-    return True
+def all_durable(repo: Repository, contents: dict[int, bytes]) -> bool:
+    """Every file's upload is durable (checked once more before publishing)."""
+    return len(durable_files(repo, contents)) == len(contents)
 
 
-def _stored_where_said(repo: Repository, refs: list[tuple[bytes, Location]]) -> bool:
-    known = repo.known_many([blob_id for blob_id, _ in refs])
+def _stored_where_said(known: dict[bytes, KnownBlob], refs: list[tuple[bytes, Location]]) -> bool:
     return all((found := known.get(blob_id)) is not None and found.location == location for blob_id, location in refs)
 
 
@@ -90,7 +98,7 @@ class Committer:
         """Commit; the uploader's statistics (write-behind included) are this commit's."""
         started = time.monotonic()
         time_ns = time.time_ns()
-        capture = self.tree.capture(lambda chunks: is_durable(self.repo, chunks))
+        capture = self.tree.capture(lambda done: durable_files(self.repo, done))
         self.files, self.size = capture.stored_files, capture.stored_size  # the directories walked add theirs
         try:
             contents = capture.uploaded  # and the rest as they are uploaded (one dict: 100,000 files fill it)
@@ -211,36 +219,67 @@ class Committer:
     async def _directories(self, capture: Capture, contents: dict[int, bytes],
                            link_ids: dict[int, int]) -> BlobRef:
         """Write the records of the expanded directories, deepest level first (the
-        directories of one level concurrently, each read from the capture when
-        its turn comes: at most record_writers folders' entries are held at
-        once); returns the root's record."""
+        directories of one level in groups of DIRS_PER_HOP, several groups at
+        once, each read from the capture when its turn comes: at most
+        record_writers groups' entries are held at once); returns the root's record."""
         levels = capture.levels()
         dir_refs: dict[int, BlobRef] = {}  # of the level below, until their parents are written
         slots = trio.Semaphore(record_writers(self.repo.threads))
 
-        async def write(ino: int) -> None:
+        async def write(group: list[int]) -> None:
             try:
-                dir_refs[ino] = await self._directory(capture, ino, contents, link_ids, dir_refs)
+                refs = await self._write_group(capture, group, contents, link_ids, dir_refs)
+                dir_refs.update(zip(group, refs))
             finally:
                 slots.release()
 
         for level in reversed(levels):
             below = list(dir_refs)
             async with task_group() as nursery:
-                for ino in level:
+                for group in _batches(level, DIRS_PER_HOP):
                     await slots.acquire()
-                    nursery.start_soon(write, ino)
+                    nursery.start_soon(write, group)
             for ino in below:
                 del dir_refs[ino]
         return dir_refs[ROOT]
 
-    async def _directory(self, capture: Capture, ino: int, contents: dict[int, bytes],
-                         link_ids: dict[int, int], dir_refs: dict[int, BlobRef]) -> BlobRef:
-        """The record of one directory; those of its subdirectories are in dir_refs."""
-        node = capture.node(ino)
-        if node.dir_ref is not None:
-            self.inherited.append(node.dir_ref)
-            return node.dir_ref  # never expanded: the stored record is still exact
+    async def _write_group(self, capture: Capture, group: list[int], contents: dict[int, bytes],
+                           link_ids: dict[int, int], dir_refs: dict[int, BlobRef]) -> list[BlobRef]:
+        """The records of some directories of one level, written in one thread hop
+        (a hop each cost a 1,000-folder commit more than encoding them), or
+        more when they hold many entries; those of their subdirectories are in
+        dir_refs."""
+        refs: dict[int, BlobRef] = {}
+        makers: list[tuple[int, Callable[[], bytes]]] = []
+        held = 0  # entries in makers
+
+        async def write() -> None:
+            written = await self.repo.write_blobs(BlobKind.DIRECTORY, [maker for _, maker in makers])
+            for (ino, _), (ref, stored) in zip(makers, written):
+                self.bytes_stored += stored
+                refs[ino] = ref
+            makers.clear()
+
+        for ino in group:
+            node = capture.node(ino)
+            if node.dir_ref is not None:
+                self.inherited.append(node.dir_ref)
+                refs[ino] = node.dir_ref  # never expanded: the stored record is still exact
+                continue
+            entries = self._entries(capture, ino, contents, link_ids, dir_refs)
+            # encoded in the thread hop that hashes and seals it
+            makers.append((ino, functools.partial(encode_directory, entries)))
+            held += len(entries)
+            if held >= HOP_ENTRIES:  # large folders: no more entries held than before
+                await write()
+                held = 0
+        if makers:
+            await write()
+        return [refs[ino] for ino in group]
+
+    def _entries(self, capture: Capture, ino: int, contents: dict[int, bytes],
+                 link_ids: dict[int, int], dir_refs: dict[int, BlobRef]) -> list[Entry]:
+        """The entries of one expanded directory's record."""
         entries: list[Entry] = []
         for name, child_node in capture.children(ino):
             child = child_node.ino
@@ -262,10 +301,7 @@ class Committer:
             else:
                 entry.nlink = 1
             entries.append(entry)
-        # encoded in the thread hop that hashes and seals it
-        ref, stored = await self.repo.write_blob(BlobKind.DIRECTORY, lambda: encode_directory(entries))
-        self.bytes_stored += stored
-        return ref
+        return entries
 
 
 async def _packs_below(repo: Repository, tops: list[BlobRef]) -> set[bytes]:

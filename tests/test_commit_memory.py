@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rekkordfs import commit
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.errors import StorageError
@@ -21,7 +22,8 @@ from rekkordfs.upload import Uploader
 from .conftest import Rekkord
 from .core_helpers import content, open_repo, open_view, put_file, run
 
-FOLDERS = 3 * 12  # more than record_writers() on any machine these tests run on
+DIRS_PER_HOP = 2  # folders a commit writes per thread hop here (commit.DIRS_PER_HOP)
+FOLDERS = 3 * 12 * DIRS_PER_HOP  # more than record_writers() hops' worth on any machine these tests run on
 FILES = 5  # in each
 
 
@@ -42,8 +44,8 @@ def per_inode_state(capture: Capture) -> dict[str, int]:
 def test_a_commit_holds_the_entries_of_a_few_folders_at_a_time(repo_dir: Rekkord, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     held = {"most": 0, "folders": 0}
-    loaded: set[int] = set()  # folders whose entries a running _directory() holds
-    children, directory = Capture.children, Committer._directory
+    loaded: set[int] = set()  # folders whose entries a running _write_group() holds
+    children, write_group = Capture.children, Committer._write_group
 
     def counting_children(self: Capture, ino: int):
         loaded.add(ino)
@@ -51,14 +53,15 @@ def test_a_commit_holds_the_entries_of_a_few_folders_at_a_time(repo_dir: Rekkord
         held["most"] = max(held["most"], len(loaded))
         return children(self, ino)
 
-    async def counting_directory(self: Committer, capture: Capture, ino: int, *args):
+    async def counting_write_group(self: Committer, capture: Capture, group: list[int], *args):
         try:
-            return await directory(self, capture, ino, *args)
+            return await write_group(self, capture, group, *args)
         finally:
-            loaded.discard(ino)  # its entries go with it
+            loaded.difference_update(group)  # their entries go with it
 
     monkeypatch.setattr(Capture, "children", counting_children)
-    monkeypatch.setattr(Committer, "_directory", counting_directory)
+    monkeypatch.setattr(Committer, "_write_group", counting_write_group)
+    monkeypatch.setattr(commit, "DIRS_PER_HOP", DIRS_PER_HOP)
 
     async def main() -> None:
         async with open_repo(repo_dir.repository, repo_dir.key_file) as repo:
@@ -72,7 +75,7 @@ def test_a_commit_holds_the_entries_of_a_few_folders_at_a_time(repo_dir: Rekkord
                     expected[(b"d%02d" % d, b"f%d" % f)] = data
             first = await Committer(repo, tree, Uploader(repo)).run()
             assert held["folders"] == FOLDERS + 1  # each folder read once, the root included
-            assert 1 <= held["most"] <= record_writers(repo.threads) < FOLDERS
+            assert 1 <= held["most"] <= record_writers(repo.threads) * DIRS_PER_HOP < FOLDERS
             assert first.files == FOLDERS * FILES
 
             # Nothing per inode of the tree is held in memory, only per written file:
@@ -80,7 +83,7 @@ def test_a_commit_holds_the_entries_of_a_few_folders_at_a_time(repo_dir: Rekkord
             changed = (await tree.lookup((await tree.lookup(ROOT, b"d07")).ino, b"f3")).ino
             await tree.make_local(changed)  # as opening it for writing does
             await tree.write(changed, 0, b"F")
-            capture = tree.capture(lambda chunks: False)
+            capture = tree.capture(lambda done: set())
             try:
                 sizes = per_inode_state(capture)
                 assert sizes and max(sizes.values()) <= 1, sizes
@@ -108,14 +111,14 @@ def test_a_commit_that_fails_halfway_leaves_staging_as_it_was(repo_dir: Rekkord,
     """Some folders' records are written, then the commit fails: staging keeps
     every staged file as it was, the capture's tables are gone, and the next
     commit stores the whole tree."""
-    directory = Committer._directory
+    entries = Committer._entries
     calls = {"n": 0}
 
-    async def failing_directory(self: Committer, capture: Capture, ino: int, *args):
+    def failing_entries(self: Committer, capture: Capture, ino: int, *args):
         calls["n"] += 1
         if calls["n"] == 4:
             raise StorageError("the storage went away")
-        return await directory(self, capture, ino, *args)
+        return entries(self, capture, ino, *args)
 
     async def main() -> None:
         async with open_repo(repo_dir.repository, repo_dir.key_file) as repo:
@@ -124,7 +127,7 @@ def test_a_commit_that_fails_halfway_leaves_staging_as_it_was(repo_dir: Rekkord,
             for d in range(8):
                 folder = await tree.create(ROOT, b"d%d" % d, EntryKind.DIRECTORY, 0o755, 0, 0)
                 files[d] = (await put_file(tree, folder.ino, b"f", b"staged %d" % d)).ino
-            monkeypatch.setattr(Committer, "_directory", failing_directory)
+            monkeypatch.setattr(Committer, "_entries", failing_entries)
             with pytest.raises(StorageError):
                 await Committer(repo, tree, Uploader(repo)).run()
             assert calls["n"] >= 4  # it did fail halfway
@@ -133,7 +136,7 @@ def test_a_commit_that_fails_halfway_leaves_staging_as_it_was(repo_dir: Rekkord,
             assert tree.dirty and tree.base is None
             for d, ino in files.items():
                 assert tree.get(ino).local and await content(tree, ino) == b"staged %d" % d
-            monkeypatch.setattr(Committer, "_directory", directory)
+            monkeypatch.setattr(Committer, "_entries", entries)
             result = await Committer(repo, tree, Uploader(repo)).run()
             assert result.files == 8 and not tree.dirty
             tree.close()

@@ -26,9 +26,9 @@ from rekkordfs import keys as keymod
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.check import Checker
 from rekkordfs.codec import PACKS_PREFIX
-from rekkordfs.commit import Committer
+from rekkordfs.commit import Committer, durable_files
 from rekkordfs.errors import StorageError
-from rekkordfs.format import BlobKind, Entry, EntryKind, encode_directory
+from rekkordfs.format import BlobKind, ChunkRef, Entry, EntryKind, Location, encode_chunks, encode_directory
 from rekkordfs.nodes import IDS_INO, STAGING_INO
 from rekkordfs.repository import Repository
 from rekkordfs.staging import ROOT, StagingTree
@@ -172,6 +172,27 @@ def test_a_commit_whose_write_behind_pack_failed_publishes_nothing(master: keymo
             assert await snapshot_file(repo, result.tag.id_hex, b"f") == content
             tree.close()
         await check_clean(storage, master)
+
+    trio.run(main)
+
+
+def test_durable_files_keeps_only_uploads_stored_where_they_say(master: keymod.Keyset) -> None:
+    """A commit's capture checks write-behind's uploads in batches: a file counts
+    only when every chunk is known at exactly the place its list says."""
+    async def main() -> None:
+        async with opened(await new_repository(master), master) as repo:
+            uploader = Uploader(repo)
+            parts = [os.urandom(3000) for _ in range(3)]
+            stored = [(await uploader.upload_many([part]))[0] for part in parts]
+            await repo.flush_packs()
+            good, two = stored[0], stored[1] + stored[2]
+            moved = [ChunkRef(c.id, c.size, Location(c.location.pack, c.location.offset + 1, c.location.length))
+                     for c in stored[1]]
+            unknown = [ChunkRef(b"\7" * 32, 10, stored[2][0].location)]
+            contents = {1: encode_chunks(good), 2: encode_chunks(two), 3: encode_chunks(moved),
+                        4: encode_chunks(stored[0] + unknown), 5: b""}
+            assert durable_files(repo, contents) == {1, 2, 5}
+            assert durable_files(repo, contents, batch=2) == {1, 2, 5}  # across batches alike
 
     trio.run(main)
 

@@ -27,7 +27,7 @@ import trio
 from rekkordfs.blobcache import BlobCache
 from rekkordfs.commit import Committer
 from rekkordfs.control import CONTROL_CHANNEL, CONTROL_COMMIT
-from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot, encode_chunks
+from rekkordfs.format import BlobKind, ChunkRef, EntryKind, Location, Snapshot, decode_chunks, encode_chunks
 from rekkordfs.journalspace import free_bytes
 from rekkordfs.nodes import IDS_INO, STAGING_INO
 from rekkordfs.staging import (
@@ -609,7 +609,7 @@ async def main():
         await tree.unlink(ROOT, name)
         orphans.append(orphan.ino)
     big = await put_file(tree, ROOT, b"big", os.urandom(3 << 20))
-    tree.capture(lambda chunks: False)  # a commit that never finishes: frozen copies stay behind
+    tree.capture(lambda done: set())  # a commit that never finishes: frozen copies stay behind
     await tree.write(big.ino, 10 << 20, b"end")  # written, never flushed
     listing = await dump(tree)
     Path(sys.argv[2]).write_bytes(pickle.dumps((listing, orphans, inos)))
@@ -727,6 +727,36 @@ def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path,
     run(main)
 
 
+def test_a_create_over_an_existing_name_in_a_batch_leaves_no_trace(tmp_path: Path, monkeypatch) -> None:
+    """create() learns of an existing name from the journal's key (no look-up
+    first): EEXIST, its new inode undone, the batch and the existing file kept."""
+    monkeypatch.setattr("rekkordfs.staging.journal.BATCH_SECONDS", 3600)
+    monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
+    folder = tmp_path / "state" / "x"
+
+    async def main() -> None:
+        tree = StagingTree(folder, "x", None)
+        tree.journal.batching = True
+        f = await put_file(tree, ROOT, b"f", b"first")
+        rows = tree.journal.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
+        for kind in (EntryKind.FILE, EntryKind.DIRECTORY):
+            await expect_errno(errno.EEXIST, tree.create, ROOT, b"f", kind, 0o755, 0, 0)
+        assert tree.journal.db.in_transaction  # the batch goes on
+        assert tree.journal.db.execute("SELECT count(*) FROM inodes").fetchone()[0] == rows
+        assert tree.get(ROOT).nlink == 2  # no subfolder counted
+        g = await tree.create(ROOT, b"g", EntryKind.FILE, 0o644, 0, 0)  # the next request is served
+        tree.close()  # commits the batch
+        again = StagingTree(folder, "x", None)
+        try:
+            assert (await again.lookup(ROOT, b"f")).ino == f.ino
+            assert await content(again, f.ino) == b"first"
+            assert (await again.lookup(ROOT, b"g")).ino == g.ino
+        finally:
+            again.close()
+
+    run(main)
+
+
 def test_with_batching_freed_journal_space_goes_back_when_idle(tmp_path: Path, monkeypatch) -> None:
     """On a disk with room, what deletions free is given back by tidy() (the
     idle daemon), not inside the request or commit that freed it."""
@@ -794,7 +824,7 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
         tree.uploads.record(h.ino, tree.uploads.version(h.ino), fake)
         tree.uploads.record(g.ino, tree.uploads.version(g.ino) - 1, fake)  # stale: ignored
 
-        capture = tree.capture(lambda chunks: chunks == fake)
+        capture = tree.capture(lambda done: {ino for ino, raw in done.items() if decode_chunks(raw) == fake})
         assert set(capture.frozen) | set(capture.inline) == {f.ino, g.ino}
         assert capture.uploaded == {h.ino: encode_chunks(fake)}
         assert set(capture.inline if not pad else capture.frozen) == {f.ino, g.ino}
@@ -1053,7 +1083,7 @@ def test_committed_leaves_files_written_after_the_capture_local(based: Based, tm
             tree = StagingTree(tmp_path / "state", "clean", BlobCache(repo))
             a = await put_file(tree, ROOT, b"a", b"a" * size)
             b = await put_file(tree, ROOT, b"b", b"b" * size)
-            capture = tree.capture(lambda chunks: False)
+            capture = tree.capture(lambda done: set())
             uploader = Uploader(repo)
             contents = await upload_captured(uploader, tree, capture)
             await repo.flush_packs()  # as publish_snapshot does before anything refers to them
@@ -1067,7 +1097,7 @@ def test_committed_leaves_files_written_after_the_capture_local(based: Based, tm
             assert tree.base == b"\7" * 32 and tree.dirty
             assert tree.content.frozen == {} and tree.content.frozen_inline == {}
             # nothing written after the capture: the tree is clean
-            capture = tree.capture(lambda chunks: False)
+            capture = tree.capture(lambda done: set())
             contents = await upload_captured(uploader, tree, capture)
             await repo.flush_packs()  # as publish_snapshot does before anything refers to them
             remove_files(tree.committed(capture, b"\10" * 32, snapshot, contents, {}))

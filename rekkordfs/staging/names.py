@@ -5,6 +5,7 @@ last name is gone alive until it is forgotten and closed."""
 from __future__ import annotations
 
 import errno
+import sqlite3
 import stat
 from collections.abc import Callable
 
@@ -55,6 +56,13 @@ class Namespace:
         row = self.db.execute("SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)).fetchone()
         return row[0] if row else None
 
+    def _two_children(self, first: tuple[int, bytes], second: tuple[int, bytes]) -> tuple[int | None, int | None]:
+        """_child() of two names in one statement (a rename looks up both)."""
+        found = {(parent, name): ino for parent, name, ino in self.db.execute(
+            "SELECT parent, name, ino FROM dentries WHERE parent = ? AND name = ? OR parent = ? AND name = ?",
+            (*first, *second))}
+        return found.get(first), found.get(second)
+
     def _has_children(self, ino: int) -> bool:
         return self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone() is not None
 
@@ -83,8 +91,6 @@ class Namespace:
                      rdev: int = 0, target: bytes | None = None) -> Inode:
         self._check_name(name)
         parent_node = await self.cow.expand(parent)
-        if self._child(parent, name) is not None:
-            raise error(errno.EEXIST)
         now = self.clock()
         if parent_node.mode & stat.S_ISGID:  # BSD group semantics of set-group-ID directories
             gid = parent_node.gid
@@ -98,7 +104,10 @@ class Namespace:
             ino = node.ino
             if kind == EntryKind.FILE:
                 self.db.execute("INSERT INTO inline (ino, data) VALUES (?, ?)", (ino, b""))
-            self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            try:  # the name's primary key says whether it exists: no look-up first (one per file rsync writes)
+                self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
+            except sqlite3.IntegrityError:
+                raise error(errno.EEXIST) from None  # the transaction undoes the new inode
             self._touch_dir(parent, now)
             if kind == EntryKind.DIRECTORY:
                 self._add_links(parent, 1)
@@ -190,10 +199,9 @@ class Namespace:
         self._check_name(new_name)
         await self.cow.expand(old_parent)
         await self.cow.expand(new_parent)
-        moved = self._child(old_parent, old_name)
+        moved, target = self._two_children((old_parent, old_name), (new_parent, new_name))
         if moved is None:
             raise error(errno.ENOENT)
-        target = self._child(new_parent, new_name)
         if flags & RENAME_NOREPLACE and target is not None:
             raise error(errno.EEXIST)
         exchange = bool(flags & RENAME_EXCHANGE)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..blobcache import BlobCache
-from ..format import ChunkRef, EntryKind, Snapshot
+from ..format import EntryKind, Snapshot
 from ..fsmeta import ACL_ACCESS, acl_after_chmod, mode_from_acl
 from .capture import Capture, Capturer
 from .content import ContentStore
@@ -234,8 +234,8 @@ class StagingTree:
 
     # --- commits (capture.py) ---------------------------------------------------------------
 
-    def capture(self, is_durable: Callable[[list[ChunkRef]], bool]) -> Capture:
-        return self.commits.capture(is_durable)
+    def capture(self, durable: Callable[[dict[int, bytes]], set[int]]) -> Capture:
+        return self.commits.capture(durable)
 
     def captured_contents(self, inos: list[int]) -> list[bytes]:
         return self.content.captured_contents(inos)

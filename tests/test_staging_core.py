@@ -695,14 +695,24 @@ def test_a_killed_process_loses_the_open_batch_whole(tmp_path: Path) -> None:
     run(main)
 
 
-def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def one_open_batch(monkeypatch) -> None:
+    """A batch of requests stays open however slow this machine is, on a disk with room."""
     monkeypatch.setattr("rekkordfs.staging.journal.BATCH_SECONDS", 3600)
     monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
+
+
+def batching_tree(folder: Path) -> StagingTree:
+    tree = StagingTree(folder, folder.name, None)
+    tree.journal.batching = True
+    return tree
+
+
+def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path, one_open_batch: None) -> None:
     folder = tmp_path / "state" / "b"
 
     async def main() -> None:
-        tree = StagingTree(folder, "b", None)
-        tree.journal.batching = True
+        tree = batching_tree(folder)
         kept = await put_file(tree, ROOT, b"kept", b"in the batch")
         mode = tree.get(ROOT).mode
         with pytest.raises(OSError):
@@ -727,16 +737,13 @@ def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path,
     run(main)
 
 
-def test_a_create_over_an_existing_name_in_a_batch_leaves_no_trace(tmp_path: Path, monkeypatch) -> None:
+def test_a_create_over_an_existing_name_in_a_batch_leaves_no_trace(tmp_path: Path, one_open_batch: None) -> None:
     """create() learns of an existing name from the journal's key (no look-up
     first): EEXIST, its new inode undone, the batch and the existing file kept."""
-    monkeypatch.setattr("rekkordfs.staging.journal.BATCH_SECONDS", 3600)
-    monkeypatch.setattr("rekkordfs.staging.journal.disk_is_short", lambda folder: False)
     folder = tmp_path / "state" / "x"
 
     async def main() -> None:
-        tree = StagingTree(folder, "x", None)
-        tree.journal.batching = True
+        tree = batching_tree(folder)
         f = await put_file(tree, ROOT, b"f", b"first")
         rows = tree.journal.db.execute("SELECT count(*) FROM inodes").fetchone()[0]
         for kind in (EntryKind.FILE, EntryKind.DIRECTORY):

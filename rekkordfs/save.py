@@ -343,9 +343,7 @@ class SaveSession:
             node.pending -= 1
             if not node.pending:
                 complete.append(node)
-        if len(rows) >= STAT_BATCH:
-            self._stat_send.send_nowait(rows)
-            self._stat_rows = []
+        self._send_full_stat_rows()
         await self._records(complete)
 
     def _set_content(self, job: FileJob, size: int, chunks: list[ChunkRef], unchanged: bool) -> None:
@@ -360,9 +358,13 @@ class SaveSession:
         job.entry.size = size
         if unchanged:
             self._stat_rows.append(stat_row(job.path, job.key, chunks_raw))
-            if len(self._stat_rows) >= STAT_BATCH:
-                self._stat_send.send_nowait(self._stat_rows)
-                self._stat_rows = []
+            self._send_full_stat_rows()
+
+    def _send_full_stat_rows(self) -> None:
+        """The waiting stat rows go to be stored once STAT_BATCH of them wait."""
+        if len(self._stat_rows) >= STAT_BATCH:
+            self._stat_send.send_nowait(self._stat_rows)
+            self._stat_rows = []
 
     def _unchanged(self, handle: BinaryIO, key: StatKey) -> bool:
         return stat_key(os.fstat(handle.fileno())) == key

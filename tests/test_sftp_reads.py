@@ -1,4 +1,4 @@
-"""SFTP reads of a range (rekkordfs/storage/sftp.py _read_span): split at the
+"""SFTP reads of a range (rekkordfs/storage/sftp_reads.py read_span): split at the
 server's read limit, all in flight at once, put back in order; a server that
 answers short is asked again for the rest; the end of the file ends the data.
 The handle is a stand-in with a server's answers; the real server's path is
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from rekkordfs.storage.sftp import _read_span
+from rekkordfs.storage.sftp_reads import read_span
 
 
 class Handle:
@@ -31,9 +31,9 @@ def test_pieces_short_answers_and_the_end_of_the_file() -> None:
     for piece, most in ((4096, 4096), (4096, 1000), (65536, 65536), (1 << 20, 30_000)):
         for offset, length in ((0, 100_000), (1, 99_999), (5000, 12_345), (90_000, 50_000), (0, 0), (100_000, 10)):
             handle = Handle(data, most)
-            got = asyncio.run(_read_span(handle, offset, length, piece))
+            got = asyncio.run(read_span(handle, offset, length, piece))
             assert got == data[offset:offset + length], (piece, most, offset, length)
             assert all(size <= piece for _, size in handle.reads)
     one = Handle(data, 65536)
-    assert asyncio.run(_read_span(one, 10, 5000, 65536)) == data[10:5010]
+    assert asyncio.run(read_span(one, 10, 5000, 65536)) == data[10:5010]
     assert one.reads == [(10, 5000)]  # one request, its answer returned as is

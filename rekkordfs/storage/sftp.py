@@ -31,6 +31,7 @@ from ..tuning import sftp_requests
 from .asyncbridge import AsyncioThread
 from .base import ObjectInfo, Storage
 from .sftp_hosts import DEFAULT_PORT, HostClient, load_client_key
+from .sftp_reads import read_piece, read_span
 from .sftp_transport import DirectTCP
 
 T = TypeVar("T")
@@ -327,14 +328,14 @@ class SFTPStorage(Storage):
         try:
             if isinstance(attrs, BaseException):
                 raise attrs
-            return await _read_span(handle, 0, attrs.size, _read_piece(sftp))
+            return await read_span(handle, 0, attrs.size, read_piece(sftp))
         finally:
             self._background(handle.close())  # nothing waits for the close
 
     async def _get_range(self, sftp: Any, key: str, offset: int, length: int) -> bytes:
         handle = await sftp.open(self._path(key), "rb", block_size=0)
         try:
-            return await _read_span(handle, offset, length, _read_piece(sftp))
+            return await read_span(handle, offset, length, read_piece(sftp))
         finally:
             self._background(handle.close())
 
@@ -441,49 +442,6 @@ def _link_failure(exc: BaseException) -> bool:
     if type(exc) is asyncssh.DisconnectError:  # the server closing (shutdown, too many connections)
         return True
     return isinstance(exc, OSError) and not isinstance(exc, socket.gaierror) and exc.errno in _NETWORK_ERRNOS
-
-
-def _read_piece(sftp: Any) -> int:
-    """The largest read the server answers whole (OpenSSH: 255 KiB, announced
-    with limits@openssh.com); 64 KiB for servers that do not say."""
-    limits = getattr(sftp, "limits", None)  # asyncssh learned the extension in 2.x
-    return int(getattr(limits, "max_read_len", 0) or 0) or 64 << 10
-
-
-async def _read_span(handle: Any, offset: int, length: int, piece: int) -> bytes:
-    """length bytes from offset (fewer at the end of the file): reads of up to
-    `piece` bytes, all in flight at once, on a handle opened with block_size=0
-    (asyncssh then sends each read as one request). asyncssh's own splitting
-    copied every byte twice more, in Python's thread, to put the answers together."""
-    if length <= 0:
-        return b""
-    starts = range(offset, offset + length, piece)
-    parts = await asyncio.gather(*(_read_fully(handle, start, min(piece, offset + length - start))
-                                   for start in starts))
-    if len(parts) == 1:
-        return parts[0]
-    for index, part in enumerate(parts):
-        if len(part) < piece:  # the end of the file: nothing after it counts
-            del parts[index + 1:]
-            break
-    return b"".join(parts)
-
-
-async def _read_fully(handle: Any, offset: int, size: int) -> bytes:
-    """size bytes from offset, in more requests if the server answers short;
-    fewer only at the end of the file."""
-    data = await handle.read(size, offset)
-    if len(data) >= size or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size:
-        more = await handle.read(size - got, offset + got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 def _one_line(text: str | None) -> str:

@@ -3,9 +3,16 @@ and an exit code; the CLI prints the message and exits, never a traceback."""
 
 from __future__ import annotations
 
+import os
 from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
+
+
+def errno_error(code: int) -> OSError:
+    """An OSError of this errno with its usual text: what the FUSE adapters
+    reply with (the mount's nodes and the staging tree alike)."""
+    return OSError(code, os.strerror(code))
 
 
 class RekkordError(Exception):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import enum
 import hashlib
-import os
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -83,11 +82,6 @@ class Node:
     @property
     def dir_ref(self) -> BlobRef | None:
         return self.entry.dir_ref if self.entry is not None else None
-
-
-def fuse_error(code: int) -> OSError:
-    """An error the FUSE adapter replies with (its errno)."""
-    return OSError(code, os.strerror(code))
 
 
 def derive_ino(*parts: bytes) -> int:

@@ -10,7 +10,7 @@ import os
 import stat
 
 from .blobcache import BlobCache, DirectoryListing
-from .errors import RekkordError
+from .errors import RekkordError, errno_error
 from .format import BlobRef, Entry, EntryKind, Tag
 from .fsmeta import FILE_TYPE_BITS
 from .nodes import (
@@ -21,7 +21,6 @@ from .nodes import (
     NodeKind,
     child_inos,
     derive_ino,
-    fuse_error,
     tree_ino,
 )
 from .readahead import ReadAhead
@@ -78,12 +77,12 @@ class SnapshotTrees:
         if loaded is None:
             tag = self.snapshots.ids.get(snapshot_id.hex())
             if tag is None:
-                raise fuse_error(errno.ENOENT)  # forgotten since it was listed
+                raise errno_error(errno.ENOENT)  # forgotten since it was listed
             try:
                 snapshot = await self.repo.load_snapshot(tag)
             except RekkordError as exc:
                 log.error("cannot open snapshot %s: %s", snapshot_id.hex(), exc.message)
-                raise fuse_error(errno.EIO) from None
+                raise errno_error(errno.EIO) from None
             await self.blobs.subdir_counts([snapshot.root_ref])  # for its link count
             loaded = self._roots[snapshot_id] = (snapshot.root_ref, snapshot.root)
             node = self.nodes.get(derive_ino(snapshot_id, b"/"))
@@ -101,7 +100,7 @@ class SnapshotTrees:
 
     async def listing(self, node: Node) -> DirectoryListing:
         if not self.can_read:
-            raise fuse_error(errno.EACCES)
+            raise errno_error(errno.EACCES)
         ref = node.dir_ref
         if node.kind == NodeKind.SNAPSHOT_ROOT:
             assert node.snapshot is not None
@@ -113,7 +112,7 @@ class SnapshotTrees:
         except RekkordError as exc:
             log.error("cannot list '%s' in snapshot %s: %s", os.fsdecode(node.path or b"/"),
                       (node.snapshot or b"").hex(), exc.message)
-            raise fuse_error(errno.EIO) from None
+            raise errno_error(errno.EIO) from None
         return listing
 
     def _account(self, node: Node, ref: BlobRef, listing: DirectoryListing) -> None:
@@ -187,7 +186,7 @@ class SnapshotTrees:
         listing = await self.listing(parent)
         index = listing.index.get(name)
         if index is None:
-            raise fuse_error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         await self.count_subdirs([listing.entries[index]])
         ino = parent.child_inos[index] if parent.child_inos is not None else None
         return self.tree_node(parent, listing.entries[index], listing, ino)

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import trio
 
 from .blobcache import BlobCache
-from .errors import RekkordError
+from .errors import RekkordError, errno_error
 from .format import ChunkRef, Entry, EntryKind, Tag
 from .nodes import (
     CHANNELS_INO,
@@ -42,7 +42,6 @@ from .nodes import (
     FileReader,
     Node,
     NodeKind,
-    fuse_error,
 )
 from .repository import Repository
 from .snapshotlist import SnapshotList, snapshot_dir_name
@@ -122,7 +121,7 @@ class SnapshotView:
     def node(self, ino: int) -> Node:
         node = self.nodes.get(ino)
         if node is None:
-            raise fuse_error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         return node
 
     # --- directory operations ----------------------------------------------------
@@ -131,7 +130,7 @@ class SnapshotView:
         """Every entry of a directory, in a stable order, as (name, node)."""
         parent = self.node(parent_ino)
         if not parent.is_dir:
-            raise fuse_error(errno.ENOTDIR)
+            raise errno_error(errno.ENOTDIR)
         if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
             return await self.trees.children(parent)
         await self.refresh()
@@ -140,10 +139,10 @@ class SnapshotView:
     async def lookup(self, parent_ino: int, name: bytes) -> Node:
         """The child called name, remembered (its lookup count incremented)."""
         if len(name) > NAME_MAX:
-            raise fuse_error(errno.ENAMETOOLONG)
+            raise errno_error(errno.ENAMETOOLONG)
         parent = self.node(parent_ino)
         if not parent.is_dir:
-            raise fuse_error(errno.ENOTDIR)
+            raise errno_error(errno.ENOTDIR)
         if parent.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE):
             return self.remember(await self.trees.child(parent, name))
         await self.refresh()
@@ -153,7 +152,7 @@ class SnapshotView:
             await self.refresh(force=self.snapshots.refresh_due())
             found = self.virtual.child(parent, name)
         if found is None:
-            raise fuse_error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         if found.kind == NodeKind.SNAPSHOT_ROOT:
             await self.trees.load_root(found)  # reply with the root's real metadata
         return self.remember(found)
@@ -176,16 +175,16 @@ class SnapshotView:
             await self.refresh()
             return (self.latest(node.channel or "") or "").encode()
         if node.entry is None or node.entry.kind != EntryKind.SYMLINK:
-            raise fuse_error(errno.EINVAL)
+            raise errno_error(errno.EINVAL)
         if not self.can_read:
-            raise fuse_error(errno.EACCES)
+            raise errno_error(errno.EACCES)
         return node.entry.target or b""
 
     def check_readable(self, ino: int) -> Node:
         """For opendir: a LogOnly key sees snapshot names but nothing inside."""
         node = self.node(ino)
         if node.kind in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE) and not self.can_read:
-            raise fuse_error(errno.EACCES)
+            raise errno_error(errno.EACCES)
         return node
 
     # --- extended attributes -------------------------------------------------------
@@ -200,21 +199,21 @@ class SnapshotView:
             for xname, value in node.entry.xattrs:
                 if xname == name:
                     return value
-        raise fuse_error(errno.ENODATA)
+        raise errno_error(errno.ENODATA)
 
     # --- files ---------------------------------------------------------------------
 
     def open(self, ino: int) -> FileReader:
         node = self.node(ino)
         if node.entry is None or node.entry.kind != EntryKind.FILE:
-            raise fuse_error(errno.EISDIR if node.is_dir else errno.EINVAL)
+            raise errno_error(errno.EISDIR if node.is_dir else errno.EINVAL)
         if not self.can_read:
-            raise fuse_error(errno.EACCES)
+            raise errno_error(errno.EACCES)
         try:
             reader = FileReader(node)
         except RekkordError as exc:
             log.error("cannot open '%s': %s", os.fsdecode(node.path), exc.message)
-            raise fuse_error(errno.EIO) from None
+            raise errno_error(errno.EIO) from None
         self.read_ahead.files_after(node)
         return reader
 
@@ -233,10 +232,10 @@ class SnapshotView:
         except RekkordError as exc:
             log.error("cannot read '%s' in snapshot %s: %s", os.fsdecode(reader.node.path),
                       (reader.node.snapshot or b"").hex(), exc.message)
-            raise fuse_error(errno.EIO) from None
+            raise errno_error(errno.EIO) from None
         if len(data) != chunk.size:
             log.error("cannot read '%s': chunk %s has the wrong size", os.fsdecode(reader.node.path), chunk.id.hex())
-            raise fuse_error(errno.EIO)
+            raise errno_error(errno.EIO)
         return data
 
     # --- filesystem ----------------------------------------------------------------

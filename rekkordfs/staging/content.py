@@ -15,9 +15,10 @@ import trio
 
 from ..blobcache import BlobCache
 from ..chunkmap import ChunkMap, pwrite_all
+from ..errors import errno_error
 from ..format import EntryKind, decode_chunks
 from ..lru import WeightedLRU
-from .inode import Content, Inode, error
+from .inode import Content, Inode
 from .journal import Deleted, Journal
 from .uploads import Uploads
 
@@ -142,7 +143,7 @@ class ContentStore:
         try:
             if keep_content and node.chunks:
                 if self.blobs is None:
-                    raise error(errno.EACCES)
+                    raise errno_error(errno.EACCES)
                 offset = 0
                 for chunk in decode_chunks(node.chunks):
                     data = await self.blobs.chunk(chunk)
@@ -161,7 +162,7 @@ class ContentStore:
         data = b""
         if keep_content and node.chunks:
             if self.blobs is None:
-                raise error(errno.EACCES)
+                raise errno_error(errno.EACCES)
             data = await self._chunk_map(node).read(self.blobs.chunk, 0, node.size, node.size)
         if self.journal.get(node.ino).local:
             return  # another request made it local meanwhile

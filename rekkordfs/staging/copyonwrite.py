@@ -10,8 +10,9 @@ import os
 import trio
 
 from ..blobcache import BlobCache
+from ..errors import errno_error
 from ..format import EntryKind, Snapshot
-from .inode import ROOT, Inode, encode_xattrs, error
+from .inode import ROOT, Inode, encode_xattrs
 from .journal import Journal
 
 
@@ -62,7 +63,7 @@ class CopyOnWrite:
         """A directory with its entries in the journal (read from its record once)."""
         node = self.journal.get(ino)
         if not node.is_dir:
-            raise error(errno.ENOTDIR)
+            raise errno_error(errno.ENOTDIR)
         while node.dir_ref is not None:
             pending = self._expanding.get(ino)
             if pending is not None:
@@ -80,7 +81,7 @@ class CopyOnWrite:
 
     async def _expand_record(self, node: Inode) -> None:
         if self.blobs is None:
-            raise error(errno.EACCES)
+            raise errno_error(errno.EACCES)
         assert node.dir_ref is not None
         listing = await self.blobs.directory(node.dir_ref)
         files = [entry for entry in listing.entries if entry.kind == EntryKind.FILE]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import os
 import struct
 from dataclasses import dataclass, fields
 from enum import IntEnum
@@ -26,10 +25,6 @@ class Content(IntEnum):
 COLUMNS = ("ino, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, rdev, nlink, target, chunks, local, "
            "dir_ref, link_id, xattrs")
 _KIND_COLUMN, _LOCAL_COLUMN, _DIR_REF_COLUMN = 1, 13, 14  # positions in COLUMNS
-
-
-def error(code: int) -> OSError:
-    return OSError(code, os.strerror(code))
 
 
 def encode_xattrs(items: list[tuple[bytes, bytes]]) -> bytes:

@@ -12,11 +12,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..errors import errno_error
 from ..format import EntryKind
 from ..journalspace import disk_is_short, give_back, journal_error, open_journal
 from ..lru import WeightedLRU
 from ..testhooks import check_inode_cache
-from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, error, inode_from_row
+from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, inode_from_row
 
 INODE_CACHE = 20_000  # rows kept decoded, the most recently used (about 0.5 KB each: 10 MB)
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
@@ -107,7 +108,7 @@ class Journal:
         if node is None:
             row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
             if row is None:
-                raise error(errno.ENOENT)
+                raise errno_error(errno.ENOENT)
             node = inode_from_row(row)
             self._inodes.put(ino, node)
         return node

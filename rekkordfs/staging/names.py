@@ -9,11 +9,12 @@ import sqlite3
 import stat
 from collections.abc import Callable
 
+from ..errors import errno_error
 from ..format import EntryKind
 from ..nodes import NAME_MAX
 from .content import ContentStore
 from .copyonwrite import CopyOnWrite
-from .inode import COLUMNS, ROOT, Content, Inode, error, inode_from_row
+from .inode import COLUMNS, ROOT, Content, Inode, inode_from_row
 from .journal import Journal
 
 RENAME_NOREPLACE = 1
@@ -35,7 +36,7 @@ class Namespace:
     async def lookup(self, parent: int, name: bytes) -> Inode:
         node = await self.find(parent, name)
         if node is None:
-            raise error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         return node
 
     async def find(self, parent: int, name: bytes) -> Inode | None:
@@ -83,9 +84,9 @@ class Namespace:
     @staticmethod
     def _check_name(name: bytes) -> None:
         if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
-            raise error(errno.EINVAL)
+            raise errno_error(errno.EINVAL)
         if len(name) > NAME_MAX:
-            raise error(errno.ENAMETOOLONG)
+            raise errno_error(errno.ENAMETOOLONG)
 
     async def create(self, parent: int, name: bytes, kind: EntryKind, mode: int, uid: int, gid: int,
                      rdev: int = 0, target: bytes | None = None) -> Inode:
@@ -107,7 +108,7 @@ class Namespace:
             try:  # the name's primary key says whether it exists: no look-up first (one per file rsync writes)
                 self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
             except sqlite3.IntegrityError:
-                raise error(errno.EEXIST) from None  # the transaction undoes the new inode
+                raise errno_error(errno.EEXIST) from None  # the transaction undoes the new inode
             self._touch_dir(parent, now)
             if kind == EntryKind.DIRECTORY:
                 self._add_links(parent, 1)
@@ -129,11 +130,11 @@ class Namespace:
         self._check_name(name)
         node = self.journal.get(ino)
         if node.is_dir:
-            raise error(errno.EPERM)
+            raise errno_error(errno.EPERM)
         await self.cow.own_links(ino)
         await self.cow.expand(parent)
         if self._child(parent, name) is not None:
-            raise error(errno.EEXIST)
+            raise errno_error(errno.EEXIST)
         now = self.clock()
         with self.journal.transaction():
             self.db.execute("INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino))
@@ -146,9 +147,9 @@ class Namespace:
         await self.cow.expand(parent)
         ino = self._child(parent, name)
         if ino is None:
-            raise error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         if self.journal.get(ino).is_dir:
-            raise error(errno.EISDIR)
+            raise errno_error(errno.EISDIR)
         await self.cow.own_links(ino)
         self.journal.freeing(lambda: self._remove_entry(parent, name, ino, changed=True))
 
@@ -156,12 +157,12 @@ class Namespace:
         await self.cow.expand(parent)
         ino = self._child(parent, name)
         if ino is None:
-            raise error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         if not self.journal.get(ino).is_dir:
-            raise error(errno.ENOTDIR)
+            raise errno_error(errno.ENOTDIR)
         await self.cow.expand(ino)
         if self._has_children(ino):
-            raise error(errno.ENOTEMPTY)
+            raise errno_error(errno.ENOTEMPTY)
         self.journal.freeing(lambda: self._remove_entry(parent, name, ino, changed=True))
 
     def _remove_entry(self, parent: int, name: bytes, ino: int, changed: bool) -> None:
@@ -201,21 +202,21 @@ class Namespace:
         await self.cow.expand(new_parent)
         moved, target = self._two_children((old_parent, old_name), (new_parent, new_name))
         if moved is None:
-            raise error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         if flags & RENAME_NOREPLACE and target is not None:
-            raise error(errno.EEXIST)
+            raise errno_error(errno.EEXIST)
         exchange = bool(flags & RENAME_EXCHANGE)
         if exchange and target is None:
-            raise error(errno.ENOENT)
+            raise errno_error(errno.ENOENT)
         if moved == target:
             return  # two links of one inode: POSIX says do nothing
         moved_is_dir = self.journal.get(moved).is_dir
         if moved_is_dir and self._is_ancestor(moved, new_parent):
-            raise error(errno.EINVAL)
+            raise errno_error(errno.EINVAL)
         if exchange:
             assert target is not None
             if self.journal.get(target).is_dir and self._is_ancestor(target, old_parent):
-                raise error(errno.EINVAL)
+                raise errno_error(errno.EINVAL)
         elif target is not None:
             await self._check_replaceable(moved_is_dir, target)
         now = self.clock()
@@ -252,13 +253,13 @@ class Namespace:
         hardlink group owned before one of its names goes."""
         target_node = self.journal.get(target)
         if moved_is_dir and not target_node.is_dir:
-            raise error(errno.ENOTDIR)
+            raise errno_error(errno.ENOTDIR)
         if not moved_is_dir and target_node.is_dir:
-            raise error(errno.EISDIR)
+            raise errno_error(errno.EISDIR)
         if target_node.is_dir:
             await self.cow.expand(target)
             if self._has_children(target):
-                raise error(errno.ENOTEMPTY)
+                raise errno_error(errno.ENOTEMPTY)
         await self.cow.own_links(target)
 
     # --- kernel references ------------------------------------------------------------------

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..blobcache import BlobCache
+from ..errors import errno_error
 from ..format import EntryKind, Snapshot
 from ..fsmeta import ACL_ACCESS, acl_after_chmod, mode_from_acl
 from .capture import Capture, Capturer
 from .content import ContentStore
 from .copyonwrite import CopyOnWrite
-from .inode import Inode, decode_xattrs, encode_xattrs, error
+from .inode import Inode, decode_xattrs, encode_xattrs
 from .journal import RESERVE_SIZE, Deleted, Journal
 from .names import Namespace
 from .uploads import Uploads
@@ -133,7 +134,7 @@ class StagingTree:
         node = self.get(ino)
         if size is not None:
             if node.kind != EntryKind.FILE:
-                raise error(errno.EISDIR if node.is_dir else errno.EINVAL)
+                raise errno_error(errno.EISDIR if node.is_dir else errno.EINVAL)
             await self.truncate(ino, size)
             node = self.get(ino)
         changes: dict[str, int | bytes | None] = {}
@@ -161,7 +162,7 @@ class StagingTree:
         for key, value in decode_xattrs(self.get(ino).xattrs):
             if key == name:
                 return value
-        raise error(errno.ENODATA)
+        raise errno_error(errno.ENODATA)
 
     def listxattr(self, ino: int) -> list[bytes]:
         return [name for name, _ in decode_xattrs(self.get(ino).xattrs)]
@@ -182,7 +183,7 @@ class StagingTree:
         items = decode_xattrs(self.get(ino).xattrs)
         kept = [(k, v) for k, v in items if k != name]
         if len(kept) == len(items):
-            raise error(errno.ENODATA)
+            raise errno_error(errno.ENODATA)
         with self.journal.transaction():
             self.journal.change(ino, xattrs=encode_xattrs(kept) if kept else None, ctime_ns=self.clock())
             self.journal.changed()
@@ -211,7 +212,7 @@ class StagingTree:
     async def make_local(self, ino: int, keep_content: bool = True) -> None:
         """Give a stored file a local copy before it is modified (copy-up)."""
         if self.get(ino).kind != EntryKind.FILE:
-            raise error(errno.EINVAL)
+            raise errno_error(errno.EINVAL)
         await self.cow.own_links(ino)
         await self.content.copy_up(ino, keep_content)
 

@@ -16,6 +16,7 @@ import trio
 from ..blobcache import BlobCache
 from ..commit import CommitResult
 from ..control import CONTROL_CHANNEL, CONTROL_COMMIT
+from ..errors import errno_error
 from ..format import EntryKind
 from ..fsmeta import xattr_refusal
 from ..keys import Capability
@@ -116,7 +117,7 @@ class StagingArea:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         attr = await self.find(parent, name)
         if attr is None:
-            raise OSError(errno.ENOENT, os.strerror(errno.ENOENT))
+            raise errno_error(errno.ENOENT)
         return attr
 
     async def find(self, parent: int, name: bytes) -> Attr | None:
@@ -259,7 +260,7 @@ class StagingArea:
             return
         refusal = xattr_refusal(name, value)
         if refusal is not None:
-            raise OSError(refusal, os.strerror(refusal))
+            raise errno_error(refusal)
         await tree.setxattr(local, name, value)
 
     async def removexattr(self, ino: int, name: bytes) -> None:

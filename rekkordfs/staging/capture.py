@@ -151,6 +151,7 @@ class Capturer:
         (off the event loop; a crash before that leaves them to recovery)."""
         clean_files = {ino for ino in contents
                        if self.uploads.version(ino) == capture.versions.get(ino) and not self.open_files.get(ino)}
+        self.journal.write_rows()  # before the bulk change: none may overwrite it
         with self.journal.transaction():
             # others were written again since, or may still be: they stay local
             _store(self.journal.db, capture.tables, ((ino, contents[ino]) for ino in clean_files), link_ids)

@@ -81,6 +81,7 @@ class ContentStore:
 
     def local_files(self) -> Iterator[int]:
         """Files whose content is written here and not yet committed (a data file or inline)."""
+        self.journal.write_rows()
         for (ino,) in self.journal.db.execute("SELECT ino FROM inodes WHERE local != ? AND kind = ?",
                                               (Content.STORED, EntryKind.FILE)):
             yield ino
@@ -223,11 +224,12 @@ class ContentStore:
 
     def _write_inline(self, node: Inode, offset: int, data: bytes) -> None:
         """One transaction, new mtime included (a data file's write has none: its
-        mtime is journaled at close, see flush())."""
+        mtime is journaled at close, see flush()); one statement, the row's
+        change after it (see Journal.transaction)."""
         self._preserve_inline(node.ino)
         end = offset + len(data)
         now = self.clock()
-        with self.journal.transaction():
+        with self.journal.transaction(alone=True):
             if offset >= node.size:  # appending (after a hole, if any): SQLite joins the bytes
                 self.journal.db.execute("UPDATE inline SET data = CAST(data || ? AS BLOB) WHERE ino = ?",
                                         (bytes(offset - node.size) + data, node.ino))

@@ -26,6 +26,7 @@ class CopyOnWrite:
         """The journal's part of a reset to a snapshot (or to an empty tree)."""
         root = snapshot.root if snapshot is not None else None
         db = self.journal.db
+        self.journal.write_rows()
         with self.journal.transaction():
             db.execute("DELETE FROM dentries")
             db.execute("DELETE FROM inodes")
@@ -86,6 +87,7 @@ class CopyOnWrite:
         listing = await self.blobs.directory(node.dir_ref)
         files = [entry for entry in listing.entries if entry.kind == EntryKind.FILE]
         journal, db = self.journal, self.journal.db
+        journal.write_rows()  # (link_id is looked up by SQL)
         with journal.transaction():
             journal.set_meta("stored_files", int(journal.meta("stored_files", 0)) - len(files))
             journal.set_meta("stored_size", int(journal.meta("stored_size", 0)) - sum(entry.size for entry in files))
@@ -120,6 +122,7 @@ class CopyOnWrite:
         if node.kind != EntryKind.FILE or not node.link_id:
             return
         while True:
+            self.journal.write_rows()
             pending = [row[0] for row in self.journal.db.execute("SELECT ino FROM inodes WHERE dir_ref IS NOT NULL")]
             if not pending:
                 return

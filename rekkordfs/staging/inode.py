@@ -95,6 +95,14 @@ def changed_inode(node: Inode, changes: dict[str, object]) -> Inode:
     return Inode(*values)
 
 
+def row_values(node: Inode) -> tuple:
+    """Its columns after ino, then ino: the parameters of journal's row UPDATE."""
+    values = _all_fields(node)
+    dir_ref = values[_DIR_REF_COLUMN]
+    return (*values[1:_DIR_REF_COLUMN], dir_ref.encode() if dir_ref is not None else None,
+            *values[_DIR_REF_COLUMN + 1:], values[0])
+
+
 def inode_from_row(row: tuple) -> Inode:
     """An Inode from a row of `SELECT {COLUMNS} FROM inodes`."""
     values = list(row)

@@ -1,6 +1,11 @@
 """The SQLite journal of a staging tree: its transactions, the inode rows (and
 their cache), the reserve that keeps deletions possible on a full disk, and
-recovery after a crash."""
+recovery after a crash.
+
+A change of an inode row (change()) is kept in memory, with the other rows the
+open batch changed, and written with them just before the batch's COMMIT (one
+executemany, not one UPDATE a request: most requests only change rows). The
+batch is all or nothing either way: what a kill -9 loses is the same."""
 
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from ..format import EntryKind
 from ..journalspace import disk_is_short, give_back, journal_error, open_journal
 from ..lru import WeightedLRU
 from ..testhooks import check_inode_cache
-from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, inode_from_row
+from .inode import COLUMNS, ROOT, Content, Inode, changed_inode, inode_from_row, row_values
 
 INODE_CACHE = 20_000  # rows kept decoded, the most recently used (about 0.5 KB each: 10 MB)
 RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still be journaled
@@ -28,6 +33,7 @@ RESERVE_SIZE = 512 << 10  # freed when the disk is full, so deletions can still 
 BATCH_SECONDS = 0.05
 BATCH_REQUESTS = 256
 SPACE_CHECK_SECONDS = 0.01  # how often a batch looks at the disk's free space (a statvfs)
+_WRITE_ROW = ("UPDATE inodes SET " + " = ?, ".join(c.strip() for c in COLUMNS.split(",")[1:]) + " = ? WHERE ino = ?")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB);
@@ -58,7 +64,9 @@ class Journal:
     """tree.db and what is kept in memory beside it.
 
     Every change of an inode row goes through change() or delete_inode(),
-    which keep the row cache right; bulk changes call forget_rows()."""
+    which keep the row cache right; SQL that reads or changes rows of `inodes`
+    other than by get() calls write_rows() first, and bulk changes call
+    forget_rows() after."""
 
     def __init__(self, folder: Path, on_deleted: Callable[[Deleted], None]) -> None:
         self.folder = folder
@@ -70,6 +78,11 @@ class Journal:
         self._freed = False  # the open transaction shrank inline content: give the space back
         self._deleted: Deleted = []  # by the open transaction
         self._inodes: WeightedLRU[int, Inode] = WeightedLRU(INODE_CACHE)  # rows as journaled
+        # rows the open transaction changed, not written yet (see write_rows)
+        self._changed_rows: dict[int, Inode] = {}
+        # inside a request's SAVEPOINT: each row's entry in _changed_rows before
+        # the request first touched it (None: none), restored if it is undone
+        self._undo: dict[int, Inode | None] | None = None
         self._check_cache = check_inode_cache()
         # batching: set by the owner once something calls flush() when the daemon is idle
         self.batching = False
@@ -103,13 +116,19 @@ class Journal:
     def get(self, ino: int) -> Inode:
         node = self._inodes.get(ino)
         if node is not None and self._check_cache:
-            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
-            assert row is not None and inode_from_row(row) == node, f"stale cached inode {ino}: {node} != {row}"
+            journaled = self._changed_rows.get(ino)
+            if journaled is None:
+                row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+                assert row is not None, f"cached inode {ino} is not in the journal"
+                journaled = inode_from_row(row)
+            assert journaled == node, f"stale cached inode {ino}: {node} != {journaled}"
         if node is None:
-            row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
-            if row is None:
-                raise errno_error(errno.ENOENT)
-            node = inode_from_row(row)
+            node = self._changed_rows.get(ino)  # the cache may have dropped a changed row
+            if node is None:
+                row = self.db.execute(f"SELECT {COLUMNS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+                if row is None:
+                    raise errno_error(errno.ENOENT)
+                node = inode_from_row(row)
             self._inodes.put(ino, node)
         return node
 
@@ -127,14 +146,31 @@ class Journal:
         return node
 
     def change(self, ino: int, **changes: Any) -> Inode:
-        """Change columns of one inode row (inside a transaction), named as Inode's
-        fields; the cached row is replaced by the new one rather than read again."""
+        """Change fields of one inode row (inside a transaction): in memory, written
+        by write_rows() with the transaction's other changed rows. No SQL: it
+        cannot fail."""
         node = changed_inode(self.get(ino), changes)
-        values = [value.encode() if name == "dir_ref" and value is not None else value
-                  for name, value in changes.items()]
-        self.db.execute(f"UPDATE inodes SET {' = ?, '.join(changes)} = ? WHERE ino = ?", (*values, ino))
+        if self._undo is not None and ino not in self._undo:
+            self._undo[ino] = self._changed_rows.get(ino)
+        self._changed_rows[ino] = node
         self._inodes.put(ino, node)
         return node
+
+    def write_rows(self) -> None:
+        """Write the changed rows into the open transaction: before its COMMIT,
+        and before SQL that reads or changes `inodes` other than by get()."""
+        if not self._changed_rows:
+            return
+        rows, self._changed_rows = self._changed_rows, {}
+        if self._undo is not None:  # undoing this request puts them back
+            for ino, node in rows.items():
+                self._undo.setdefault(ino, node)
+        try:
+            _journal(self.db.executemany, _WRITE_ROW, [row_values(node) for node in rows.values()])
+        except OSError:
+            if self._depth == 0:  # no request to undo it: the batch is lost
+                self._abandon()
+            raise
 
     def change_alone(self, ino: int, **changes: Any) -> Inode:
         """A whole request that changes one inode row and nothing else (chmod,
@@ -147,11 +183,15 @@ class Journal:
     def delete_inode(self, ino: int, content: Content) -> None:
         """Inside a transaction; on_deleted() hears of it once it is committed."""
         self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        if self._undo is not None and ino not in self._undo:
+            self._undo[ino] = self._changed_rows.get(ino)
+        self._changed_rows.pop(ino, None)
         self._inodes.pop(ino)
         self._deleted.append((ino, content))
 
     def forget_rows(self) -> None:
-        """After a change of many rows at once."""
+        """After a change of many rows at once (write_rows() came before it)."""
+        assert not self._changed_rows, "rows changed in memory would overwrite the bulk change"
         self._inodes.clear()
 
     # --- changes and transactions ---------------------------------------------------------
@@ -182,9 +222,10 @@ class Journal:
         committed at once, or with batching on, with the batch they join.
 
         alone: the block runs one SQL statement and nothing else that can fail
-        (see change_alone). Inside an open batch of a dirty journal it then
-        needs no SAVEPOINT: a statement that fails changes nothing, and one that
-        takes the batch with it abandons the batch."""
+        (see change_alone), and changes inode rows (change(), in memory) only
+        after it. Inside an open batch of a dirty journal it then needs no
+        SAVEPOINT: a statement that fails changes nothing, and one that takes
+        the batch with it abandons the batch."""
         return _Tx(self, alone)
 
     def flush(self) -> None:
@@ -194,6 +235,7 @@ class Journal:
 
     def _commit(self) -> None:
         try:
+            self.write_rows()
             _journal(self.db.execute, "COMMIT")
         except OSError:
             self._abandon()
@@ -250,22 +292,25 @@ class Journal:
         self._batch_requests = 0
         self._space_checked = 0.0  # the next batch looks at once
         self._inodes.clear()
+        self._changed_rows = {}
+        self._undo = None
         self._deleted = []
         self._freed = False
         self._dirty = bool(self.meta("dirty", 0))
 
-    def freeing(self, apply: Callable[[], None]) -> None:
-        """Run apply() in a transaction. When the disk is full, spend the reserve
-        file so that operations which free space (unlink, rmdir, rename over)
-        can still be recorded; it is made again once there is room."""
+    def freeing(self, apply: Callable[[], None], alone: bool = False) -> None:
+        """Run apply() in a transaction (alone: see transaction()). When the disk
+        is full, spend the reserve file so that operations which free space
+        (unlink, rmdir, rename over) can still be recorded; it is made again
+        once there is room."""
         try:
-            with self.transaction():
+            with self.transaction(alone):
                 apply()
         except OSError as exc:
             if exc.errno != errno.ENOSPC or not self.reserve.exists():
                 raise
             self.reserve.unlink()
-            with self.transaction():
+            with self.transaction(alone):
                 apply()
 
     def ensure_reserve(self, room: int = 2 * RESERVE_SIZE) -> None:
@@ -285,6 +330,7 @@ class Journal:
     def recover(self, clock: Callable[[], int]) -> set[str]:
         """After a crash: drop inodes no entry refers to. Returns the inodes
         (as file names) whose content is a data file: other data files are stale."""
+        self.write_rows()
         with self.transaction():
             if self.db.execute("SELECT 1 FROM inodes WHERE ino = ?", (ROOT,)).fetchone() is None:
                 created = clock()
@@ -330,6 +376,7 @@ class _Tx:
             elif journal.db.in_transaction:
                 _journal(journal.db.execute, "SAVEPOINT request")
                 self.joined, self.deleted = True, len(journal._deleted)
+                journal._undo = {}
             else:
                 _journal(journal.db.execute, "BEGIN IMMEDIATE")
         except BaseException:
@@ -341,20 +388,21 @@ class _Tx:
         journal._depth -= 1
         if not self.outer:
             return
+        undo, journal._undo = journal._undo, None
         if kind is None:
             try:
                 if self.joined:
                     _journal(journal.db.execute, "RELEASE request")
                 journal._request_done()
             except OSError:
-                self._rollback()
+                self._rollback(undo)
                 raise
             return
-        self._rollback()
+        self._rollback(undo)
         if isinstance(value, sqlite3.Error):
             raise journal_error(value) from None
 
-    def _rollback(self) -> None:
+    def _rollback(self, undo: dict[int, Inode | None] | None) -> None:
         journal, db = self.journal, self.journal.db
         if self.bare and db.in_transaction:  # the failed statement changed nothing
             return
@@ -366,6 +414,11 @@ class _Tx:
                 pass
             else:
                 del journal._deleted[self.deleted:]
+                for ino, node in (undo or {}).items():  # the rows as they were before the request
+                    if node is None:
+                        journal._changed_rows.pop(ino, None)
+                    else:
+                        journal._changed_rows[ino] = node
                 journal._inodes.clear()
                 journal._dirty = bool(journal.meta("dirty", 0))
                 return

@@ -48,6 +48,7 @@ class Namespace:
 
     async def listdir(self, parent: int) -> list[tuple[bytes, Inode]]:
         await self.cow.expand(parent)
+        self.journal.write_rows()
         rows = self.db.execute(
             f"SELECT d.name, {', '.join('i.' + c.strip() for c in COLUMNS.split(','))} FROM dentries d "
             "JOIN inodes i ON i.ino = d.ino WHERE d.parent = ? ORDER BY d.name", (parent,)).fetchall()
@@ -187,10 +188,13 @@ class Namespace:
         """Delete an unlinked inode once neither the kernel nor an open file holds it."""
         if self.lookups.get(ino) or self.open_files.get(ino):
             return
-        row = self.db.execute("SELECT nlink, local FROM inodes WHERE ino = ?", (ino,)).fetchone()
-        if row is None or row[0] > 0 or ino == ROOT:
+        try:
+            node = self.journal.get(ino)
+        except OSError:
+            return  # deleted already
+        if node.nlink > 0 or ino == ROOT:
             return
-        content = Content(row[1])
+        content = node.local
         if content == Content.INLINE:
             self.content.delete_inline(ino)
         self.journal.delete_inode(ino, content)  # its data file goes once the transaction is committed
@@ -246,7 +250,8 @@ class Namespace:
                 self._touch_dir(new_parent, now)
             self.journal.changed()
 
-        self.journal.freeing(apply)
+        # a plain move is one statement (rows change in memory): no SAVEPOINT needed
+        self.journal.freeing(apply, alone=target is None and not exchange)
 
     async def _check_replaceable(self, moved_is_dir: bool, target: int) -> None:
         """rename() over an existing entry: same kind, an empty folder, and a

@@ -737,6 +737,45 @@ def test_a_failed_request_in_a_batch_undoes_only_its_own_changes(tmp_path: Path,
     run(main)
 
 
+def test_a_failed_request_keeps_the_row_changes_of_the_batch_before_it(tmp_path: Path,
+                                                                        one_open_batch: None) -> None:
+    """Inode rows change in memory until the batch commits: undoing a request
+    restores the rows as the batch's earlier requests left them, also when the
+    failed request had them written into the journal (write_rows) half way."""
+    folder = tmp_path / "state" / "rows"
+
+    async def main() -> None:
+        tree = batching_tree(folder)
+        f = await put_file(tree, ROOT, b"f", b"x" * 100)
+        tree.journal.flush()
+        await tree.setattr(f.ino, mode=0o600, mtime_ns=123_000)  # held in memory, no SQL
+        await tree.write(f.ino, 100, b"more")
+        before = tree.get(f.ino)
+        assert (before.mode, before.size) == (0o600, 104)
+        stored = tree.journal.db.execute("SELECT mode, size FROM inodes WHERE ino = ?", (f.ino,)).fetchone()
+        assert stored == (0o644, 100)  # not written yet
+        with pytest.raises(OSError):
+            with tree.journal.transaction():
+                tree.journal.change(f.ino, mode=0o711, size=1)
+                tree.journal.write_rows()  # the rows reach SQL inside this request's SAVEPOINT
+                raise OSError(errno.EIO, "failed half way")
+        assert tree.journal.db.in_transaction  # the batch goes on
+        assert tree.get(f.ino) == before
+        assert list(tree.content.local_files()) == [f.ino]  # (writes the rows again)
+        assert tree.journal.db.execute("SELECT mode, size FROM inodes WHERE ino = ?",
+                                       (f.ino,)).fetchone() == (0o600, 104)
+        tree.close()  # commits the batch
+        again = StagingTree(folder, "rows", None)
+        try:
+            node = again.get(f.ino)
+            assert (node.mode, node.size, node.mtime_ns) == (0o600, 104, before.mtime_ns)
+            assert await content(again, f.ino) == b"x" * 100 + b"more"
+        finally:
+            again.close()
+
+    run(main)
+
+
 def test_a_create_over_an_existing_name_in_a_batch_leaves_no_trace(tmp_path: Path, one_open_batch: None) -> None:
     """create() learns of an existing name from the journal's key (no look-up
     first): EEXIST, its new inode undone, the batch and the existing file kept."""

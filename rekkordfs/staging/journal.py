@@ -149,6 +149,7 @@ class Journal:
         """Change fields of one inode row (inside a transaction): in memory, written
         by write_rows() with the transaction's other changed rows. No SQL: it
         cannot fail."""
+        assert self._depth, "an inode row changed outside a transaction"
         node = changed_inode(self.get(ino), changes)
         if self._undo is not None and ino not in self._undo:
             self._undo[ino] = self._changed_rows.get(ino)

@@ -300,13 +300,15 @@ class SaveSession:
 
     async def _process_batch(self, batch: list[FileJob]) -> None:
         """Read, chunk, hash and seal many small files in a worker process, or
-        in one thread hop (upload.py) until one is ready."""
+        in one thread hop (upload.py) until one is ready (or started, once
+        there are many: see tuning.SAVE_WAIT_FILES)."""
         assert self._walker is not None
         leaves = self._walker.leaves_xattrs  # the walker read the others' (a re-save: all)
-        if self._pool is not None and self._pool.ready:
+        pool = self._pool
+        if pool is not None and (pool.ready or self._small_seen >= tuning.SAVE_WAIT_FILES):
             paths = [job.path for job in batch]
             want = bytes(leaves(job.entry) for job in batch)
-            await self._store_batch(batch, *await self._pool.prepare(paths, want))
+            await self._store_batch(batch, *await pool.prepare(paths, want))
             return
         files = [SmallFile(path=job.path, want_xattrs=leaves(job.entry)) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)

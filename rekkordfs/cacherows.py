@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import sqlite3
 import struct
+from array import array
 from collections.abc import Callable
+
+from .format import ID_SIZE
 
 STAT_KEY = struct.Struct("<QqqQI")  # size, mtime, ctime, inode, path length: what a stat row's MAC covers first
 MAC_SIZE = 16
@@ -36,6 +39,21 @@ def insert_stats(db: sqlite3.Connection, rows: list[bytes]) -> None:
 def insert_blobs(db: sqlite3.Connection, rows: list[tuple[bytes, bytes, int, int]]) -> None:
     """Blob rows (ID, pack, offset, length) in one transaction."""
     _transaction(db, lambda: add_blob_rows(db, rows))
+
+
+def pack_rows(blob_ids: list[bytes], places: list[int]) -> tuple[bytes, bytes]:
+    """The blob rows of one pack as a worker process is sent them: the IDs
+    joined, and each blob's offset << 32 | length (a list of 4-tuples cost
+    the main process a tuple a row and marshal's work on each)."""
+    return b"".join(blob_ids), array("Q", places).tobytes()
+
+
+def insert_pack_rows(db: sqlite3.Connection, pack: bytes, blob_ids: bytes, places: bytes) -> None:
+    """insert_blobs() of a pack's rows as pack_rows() gave them."""
+    numbers = array("Q")
+    numbers.frombytes(places)
+    insert_blobs(db, [(blob_ids[at:at + ID_SIZE], pack, place >> 32, place & 0xFFFFFFFF)
+                      for at, place in zip(range(0, len(blob_ids), ID_SIZE), numbers)])
 
 
 def add_blob_rows(db: sqlite3.Connection, rows: list[tuple[bytes, bytes, int, int]]) -> None:

@@ -28,6 +28,7 @@ import trio
 from . import crypto
 from .blobreader import BlobReader
 from .cache import KnownBlob, LocalCache, repository_cache_dir
+from .cacherows import pack_rows
 from .chunker import ChunkParams
 from .codec import (
     INDEX_PREFIX,
@@ -226,14 +227,14 @@ class Repository(SnapshotLog, BlobReader):
         for blob_id in blob_ids:
             self._known.pop(blob_id, None)
 
-    async def _written(self, items: list[tuple[bytes, Location]]) -> None:
+    async def _written(self, pack: bytes, entries: list[tuple[bytes, BlobKind, Location]]) -> None:
         """A pack and its index are stored: its blobs go into the cache now,
         known only once remember_session() records the index."""
         writer = self.row_writer
-        if writer is not None and await writer("blobs", [(blob_id, at.pack, at.offset, at.length)
-                                                        for blob_id, at in items]):
+        if writer is not None and await writer("pack", [pack, *pack_rows(
+                [blob_id for blob_id, _, _ in entries], [at.offset << 32 | at.length for _, _, at in entries])]):
             return
-        await trio.to_thread.run_sync(self.cache.add_blobs, items)
+        await trio.to_thread.run_sync(self.cache.add_blobs, [(blob_id, at) for blob_id, _, at in entries])
 
     def remember_session(self) -> None:
         """Once what this session stored is durable (its snapshot published):

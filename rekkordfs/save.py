@@ -152,9 +152,10 @@ class SaveSession:
             snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
                                 max_link_id=walker.max_link_id)
             snapshot.stored = self.stats.bytes_stored
+            # every stat row sent to the worker, or written here (not beside the publication's fsyncs)
+            await self._stats_sent.wait()
             try:
                 tag = await self.repo.publish_snapshot(snapshot, self.uses)
-                await self._stats_sent.wait()
             finally:
                 await self._close_pool()
         # once the worker ended: its writes and this one's would wait for each other

@@ -33,24 +33,23 @@ from typing import NamedTuple
 import platformdirs
 
 from . import crypto
-from .cacherows import MAC_SIZE, STAT_KEY, insert_blobs, insert_stats
+from .cacherows import MAC_SIZE, STAT_KEY, add_blob_rows, insert_blobs, insert_stats
 from .errors import CorruptedData
 from .format import ChunkRef, Location, decode_chunks
 from .keys import Keyset
 
-SCHEMA_VERSION = 6  # bump when the tables change: the cache is rebuilt, never migrated
+SCHEMA_VERSION = 7  # bump when the tables change: the cache is rebuilt, never migrated
+# Rows keyed by what is looked up and no more indexes than that: a save
+# writes a blob row and a stat row for every small file (cacherows.py).
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS packs (number INTEGER PRIMARY KEY, id BLOB NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS blobs (
-    id BLOB NOT NULL, pack BLOB NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+    id BLOB NOT NULL, pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
     PRIMARY KEY (id, pack)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS blobs_by_pack ON blobs (pack);
 CREATE TABLE IF NOT EXISTS indexes (name TEXT PRIMARY KEY, pack BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS pending (snapshot BLOB PRIMARY KEY, sealed_tag BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS stats (
-    path BLOB PRIMARY KEY, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER,
-    ino INTEGER, chunks BLOB, mac BLOB
-) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS stats (path BLOB PRIMARY KEY, row BLOB NOT NULL) WITHOUT ROWID;
 """
 
 
@@ -117,7 +116,8 @@ class LocalCache:
         self._db.execute("PRAGMA synchronous=NORMAL")
         if self._db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
             self._db.executescript("DROP TABLE IF EXISTS blobs; DROP TABLE IF EXISTS stats; "
-                                   "DROP TABLE IF EXISTS indexes; DROP TABLE IF EXISTS pending;")
+                                   "DROP TABLE IF EXISTS packs; DROP TABLE IF EXISTS indexes; "
+                                   "DROP TABLE IF EXISTS pending;")
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         self._db.executescript(SCHEMA)
 
@@ -149,7 +149,8 @@ class LocalCache:
             return found  # no blob row counts yet (a first save into a new repository)
         for start in range(0, len(blob_ids), 500):
             part = blob_ids[start:start + 500]
-            query = f"SELECT id, pack, offset, length FROM blobs WHERE id IN ({','.join('?' * len(part))})"
+            query = ("SELECT blobs.id, packs.id, offset, length FROM blobs JOIN packs ON packs.number = blobs.pack "
+                     f"WHERE blobs.id IN ({','.join('?' * len(part))})")
             with self._lock:
                 rows = self._db.execute(query, part).fetchall()
             for blob_id, pack, offset, length in rows:
@@ -183,12 +184,12 @@ class LocalCache:
     def add_index(self, name: str, pack: bytes, items: Iterable[tuple[bytes, Location]]) -> None:
         """Record a pack index and the blobs of it this key trusts (those it
         did not give add_blobs() already), in one transaction."""
-        rows = sorted((blob_id, at.pack, at.offset, at.length) for blob_id, at in items)
+        rows = [(blob_id, at.pack, at.offset, at.length) for blob_id, at in items]
         self._usable = None
         self._indexed = None
         with self._lock:
             self._db.execute("BEGIN")
-            self._db.executemany("INSERT OR IGNORE INTO blobs (id, pack, offset, length) VALUES (?, ?, ?, ?)", rows)
+            add_blob_rows(self._db, rows)
             self._db.execute("INSERT OR IGNORE INTO indexes (name, pack) VALUES (?, ?)", (name, pack))
             self._db.execute("COMMIT")
 
@@ -205,11 +206,18 @@ class LocalCache:
         self._indexed = None
         with self._lock:
             self._db.execute("BEGIN")
+            numbers = []
             for name in names:
-                row = self._db.execute("SELECT pack FROM indexes WHERE name = ?", (name,)).fetchone()
+                row = self._db.execute("SELECT packs.number FROM indexes JOIN packs ON packs.id = indexes.pack "
+                                       "WHERE indexes.name = ?", (name,)).fetchone()
                 if row is not None:
-                    self._db.execute("DELETE FROM blobs WHERE pack = ?", (row[0],))
+                    numbers.append(row[0])
                 self._db.execute("DELETE FROM indexes WHERE name = ?", (name,))
+            for start in range(0, len(numbers), 500):  # one pass over the blob rows (none is indexed by pack)
+                part = numbers[start:start + 500]
+                marks = ",".join("?" * len(part))
+                self._db.execute(f"DELETE FROM blobs WHERE pack IN ({marks})", part)
+                self._db.execute(f"DELETE FROM packs WHERE number IN ({marks})", part)
             self._db.execute("COMMIT")
 
     # snapshots being published: a tag not written yet (a crash between the
@@ -240,7 +248,7 @@ class LocalCache:
         """Packs of trusted blobs, less the condemned ones (computed once until they change)."""
         if self._usable is None:
             with self._lock:
-                packs = {row[0] for row in self._db.execute("SELECT DISTINCT pack FROM blobs")}
+                packs = {row[0] for row in self._db.execute("SELECT id FROM packs")}  # those with blob rows
             self._usable = frozenset((packs & self._indexed_packs()) - self._excluded)
         return self._usable
 
@@ -256,21 +264,21 @@ class LocalCache:
         workers hand it back and forth); none at all while the table is empty."""
         if not files or self._stats_empty():
             return [None] * len(files)
-        rows: dict[bytes, tuple] = {}
+        rows: dict[bytes, bytes] = {}
         for start in range(0, len(files), 500):
             part = [path for path, _ in files[start:start + 500]]
-            query = ("SELECT path, size, mtime_ns, ctime_ns, ino, chunks, mac FROM stats "
-                     f"WHERE path IN ({','.join('?' * len(part))})")
+            query = f"SELECT path, row FROM stats WHERE path IN ({','.join('?' * len(part))})"
             with self._lock:
-                rows.update((row[0], row[1:]) for row in self._db.execute(query, part))
+                rows.update(self._db.execute(query, part))
         return [self._check_stat(path, key, rows.get(path)) for path, key in files]
 
-    def _check_stat(self, path: bytes, key: StatKey, row: tuple | None) -> tuple[bytes, list[ChunkRef]] | None:
-        if row is None or row[:4] != key:
+    def _check_stat(self, path: bytes, key: StatKey, row: object) -> tuple[bytes, list[ChunkRef]] | None:
+        """A stored row (cacherows.insert_stats(): the signed row less its path) if it verifies."""
+        head = STAT_KEY.pack(*key, len(path))
+        if not isinstance(row, bytes) or len(row) < len(head) + MAC_SIZE or not row.startswith(head):
             return None
-        raw, mac = row[4], row[5]
-        if not isinstance(raw, bytes) or not isinstance(mac, bytes) or not hmac.compare_digest(
-                mac, self._mac(stat_row(path, key, raw))):
+        raw, mac = row[len(head):-MAC_SIZE], row[-MAC_SIZE:]
+        if not hmac.compare_digest(mac, self._mac(head + path + raw)):
             return None
         try:
             chunks = decode_chunks(raw)

@@ -81,11 +81,11 @@ class PackWriter:
     """
 
     def __init__(self, storage: Storage, codec: BlobCodec, forget: Callable[[list[bytes]], None],
-                 written: Callable[[list[tuple[bytes, Location]]], Awaitable[None]]) -> None:
+                 written: Callable[[bytes, list[tuple[bytes, BlobKind, Location]]], Awaitable[None]]) -> None:
         self.storage = storage
         self.codec = codec
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
-        self.written = written  # awaited with the blobs of a pack once it and its index are stored
+        self.written = written  # awaited with a pack and its entries once it and its index are stored
         self.written_indexes: dict[str, bytes] = {}  # index name -> its pack: their blobs are known already
         self._lock = threading.Lock()  # claim() runs in worker threads
         # file data and records never share a pack: listing a tree reads only
@@ -217,7 +217,7 @@ class PackWriter:
                 if not await self.storage.put(name, index):
                     raise RepositoryError(f"pack index {name} exists already")
                 self.written_indexes[name] = pack.pack_id
-                await self.written([(blob_id, location) for blob_id, _, location in pack.entries])
+                await self.written(pack.pack_id, pack.entries)
         except BaseException:
             self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
             raise

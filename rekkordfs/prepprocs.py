@@ -159,7 +159,7 @@ class PrepPool(WorkerPool):
 
     async def write_rows(self, kind: str, rows: list) -> bool:
         """Cache rows for the first worker to write ("stats": signed stat rows,
-        cacherows.insert_stats(); "blobs": (ID, pack, offset, length) each);
+        cacherows.insert_stats(); "pack": [pack, *cacherows.pack_rows()]);
         False when no worker takes them any more (the caller writes them)."""
         if not self.ready or not self._spawned.is_set():
             return False

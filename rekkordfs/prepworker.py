@@ -13,8 +13,9 @@ it talks only through its stdin and stdout, in frames (frames.py).
     main -> worker  ("contents", [bytes, ...])           a batch of contents held by the main
                                                          process (a commit's staged files)
     worker -> main  ("done", closed_packs, files)        one per batch, in order
-    main -> worker  ("stats", [row, ...]) or ("blobs", [(id, pack, offset, length), ...])
-                                                         cache rows to write, unanswered
+    main -> worker  ("stats", [row, ...]) or ("pack", [pack, ids, places])
+                                                         cache rows to write, unanswered (a pack's
+                                                         blob rows: cacherows.pack_rows())
     worker -> main  ("failed", message)                  then it exits
 
 Each file is (errno, message) when it could not be read, else (size, mtime_ns,
@@ -41,7 +42,7 @@ import sys
 import zstandard
 
 from . import crypto
-from .cacherows import insert_blobs, insert_stats
+from .cacherows import insert_pack_rows, insert_stats
 from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
@@ -153,8 +154,8 @@ def _handle(preparer: Preparer, db: sqlite3.Connection, message: tuple) -> tuple
         return preparer.contents(rows)
     if kind == "stats":
         insert_stats(db, rows)
-    elif kind == "blobs":
-        insert_blobs(db, rows)
+    elif kind == "pack":
+        insert_pack_rows(db, *rows)
     else:
         raise ValueError(f"unknown message {kind!r}")
     return None

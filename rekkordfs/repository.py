@@ -28,6 +28,7 @@ import trio
 from . import crypto
 from .blobreader import BlobReader
 from .cache import KnownBlob, LocalCache, repository_cache_dir
+from .cacherows import pack_rows
 from .chunker import ChunkParams
 from .codec import (
     INDEX_PREFIX,
@@ -226,14 +227,14 @@ class Repository(SnapshotLog, BlobReader):
         for blob_id in blob_ids:
             self._known.pop(blob_id, None)
 
-    async def _written(self, items: list[tuple[bytes, Location]]) -> None:
+    async def _written(self, pack: bytes, entries: list[tuple[bytes, BlobKind, Location]]) -> None:
         """A pack and its index are stored: its blobs go into the cache now,
         known only once remember_session() records the index."""
         writer = self.row_writer
-        if writer is not None and await writer("blobs", [(blob_id, at.pack, at.offset, at.length)
-                                                        for blob_id, at in items]):
+        if writer is not None and await writer("pack", [pack, *pack_rows(
+                [blob_id for blob_id, _, _ in entries], [at.offset << 32 | at.length for _, _, at in entries])]):
             return
-        await trio.to_thread.run_sync(self.cache.add_blobs, items)
+        await trio.to_thread.run_sync(self.cache.add_blobs, [(blob_id, at) for blob_id, _, at in entries])
 
     def remember_session(self) -> None:
         """Once what this session stored is durable (its snapshot published):
@@ -351,23 +352,18 @@ class Repository(SnapshotLog, BlobReader):
         worker sealed them; like store_many(), where each is stored and whether
         this call stored it. close_adopted() once the worker moved on to
         another pack; upload_ready() afterwards."""
-        out: list[tuple[Location, bool] | None] = []
-        new: list[tuple[bytes, bytes, bytes]] = []
         known = self._known
-        for item in items:
-            place = known.get(item[1])
-            if place is not None:
-                out.append((self._location(place), False))
-            else:
-                new.append(item)
-                out.append(None)
-        locations = iter(self._packer.add_adopted(new))
-        for index, found in enumerate(out):
-            if found is None:
-                location = next(locations)
-                known[items[index][1]] = self._place(location)
-                out[index] = (location, True)
-        return [found for found in out if found is not None]
+        new = [item for item in items if item[1] not in known]  # all of them, mostly
+        locations = self._packer.add_adopted(new)
+        place = self._place
+        for item, location in zip(new, locations):
+            known[item[1]] = place(location)
+        if len(new) == len(items):
+            return [(location, True) for location in locations]
+        fresh = {item[1] for item in new}
+        stored = iter(locations)
+        return [(next(stored), True) if item[1] in fresh else (self._location(known[item[1]]), False)
+                for item in items]
 
     def close_adopted(self, pack_id: bytes) -> None:
         self._packer.close_adopted(pack_id)

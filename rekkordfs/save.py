@@ -102,6 +102,7 @@ class SaveSession:
         # end they were 20 MB at 100,000 files, and a 1.5 s wait after the snapshot
         self._stat_rows: list[bytes] = []
         self._stat_send, self._stat_recv = trio.open_memory_channel[list[bytes]](math.inf)
+        self._stats_sent = trio.Event()  # every stat row written or sent to a worker process
         self.uses: set[bytes] = set()  # every pack the snapshot refers to, checked before it is published
 
     def skip(self, message: str) -> None:
@@ -136,23 +137,28 @@ class SaveSession:
                 listings_send.close()
 
         async with task_group() as outer:
+            self._nursery = outer  # the worker processes outlive the files: they write the last cache rows
             outer.start_soon(self._store_stats)
             async with self._stat_send:
                 async with task_group() as nursery:
-                    self._nursery = nursery
                     nursery.start_soon(walk)
                     nursery.start_soon(self._dispatch, listings_recv, jobs_send)
                     nursery.start_soon(self._work, jobs_recv)
                 self._stat_send.send_nowait(self._stat_rows)
-        # the last rows are stored before publishing: SQLite's writes beside the
-        # publication's fsyncs made them slower, and the window between the
-        # snapshot record and its tag (a kill there leaves a record to list) wider
-
-        assert self.root_ref is not None, "save pipeline ended before the root directory was written"
-        snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
-                            max_link_id=walker.max_link_id)
-        snapshot.stored = self.stats.bytes_stored
-        tag = await self.repo.publish_snapshot(snapshot, self.uses)
+            # the worker process writes the last stat rows, and the blob rows of
+            # the packs written last, while this one publishes: they were a
+            # quarter of a second and more at the end of a save of 100,000 files
+            assert self.root_ref is not None, "save pipeline ended before the root directory was written"
+            snapshot = Snapshot(self.channel, time_ns, self.root_ref, self.stats.size, 0, self.stats.files,
+                                max_link_id=walker.max_link_id)
+            snapshot.stored = self.stats.bytes_stored
+            # every stat row sent to the worker, or written here (not beside the publication's fsyncs)
+            await self._stats_sent.wait()
+            try:
+                tag = await self.repo.publish_snapshot(snapshot, self.uses)
+            finally:
+                await self._close_pool()
+        # once the worker ended: its writes and this one's would wait for each other
         await trio.to_thread.run_sync(self.repo.remember_session)
         return SaveResult(tag.id_hex, self.channel, time_ns, self.stats, time.monotonic() - started)
 
@@ -165,6 +171,7 @@ class SaveSession:
                 # a worker process writes them while there is one, off this process's core
                 if self._pool is None or not await self._pool.write_rows("stats", cache.signed_stats(rows)):
                     await trio.to_thread.run_sync(cache.store_stats, rows)
+        self._stats_sent.set()
 
     async def _dispatch(self, listings: trio.MemoryReceiveChannel[Listing | None],
                         jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
@@ -226,18 +233,22 @@ class SaveSession:
             await self._records(complete)
 
     async def _work(self, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:
-        try:
-            async with task_group() as workers:
-                for _ in range(self.workers):
-                    workers.start_soon(self._worker, jobs.clone())
-                jobs.close()
-            # every file is done (the dispatcher closed the jobs after its last folders)
-            await self._records([], flush=True)
-        finally:
-            if self._pool is not None:
-                self.repo.row_writer = None
-                with trio.CancelScope(shield=True):
-                    await self._pool.close()
+        """Every job done (the worker processes stay: _run() closes them, or
+        the save's nursery kills them if it fails)."""
+        async with task_group() as workers:
+            for _ in range(self.workers):
+                workers.start_soon(self._worker, jobs.clone())
+            jobs.close()
+        # every file is done (the dispatcher closed the jobs after its last folders)
+        await self._records([], flush=True)
+
+    async def _close_pool(self) -> None:
+        """No more batches nor cache rows for the worker processes: they end once
+        they wrote what they were sent (the save's nursery waits for that)."""
+        if self._pool is not None:
+            self.repo.row_writer = None
+            with trio.CancelScope(shield=True):
+                await self._pool.close()
 
     def _count_small(self, files: int) -> None:
         """Dispatcher: start the worker processes once there is enough small-file work."""
@@ -290,13 +301,15 @@ class SaveSession:
 
     async def _process_batch(self, batch: list[FileJob]) -> None:
         """Read, chunk, hash and seal many small files in a worker process, or
-        in one thread hop (upload.py) until one is ready."""
+        in one thread hop (upload.py) until one is ready (or started, once
+        there are many: see tuning.SAVE_WAIT_FILES)."""
         assert self._walker is not None
         leaves = self._walker.leaves_xattrs  # the walker read the others' (a re-save: all)
-        if self._pool is not None and self._pool.ready:
+        pool = self._pool
+        if pool is not None and (pool.ready or self._small_seen >= tuning.SAVE_WAIT_FILES):
             paths = [job.path for job in batch]
             want = bytes(leaves(job.entry) for job in batch)
-            await self._store_batch(batch, *await self._pool.prepare(paths, want))
+            await self._store_batch(batch, *await pool.prepare(paths, want))
             return
         files = [SmallFile(path=job.path, want_xattrs=leaves(job.entry)) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)

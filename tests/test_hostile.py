@@ -28,6 +28,7 @@ import pytest
 import trio
 
 from rekkordfs import crypto
+from rekkordfs.cacherows import MAC_SIZE, STAT_KEY
 from rekkordfs.chunker import Chunker
 from rekkordfs.codec import index_key, pack_key, snapshot_key
 from rekkordfs.config import load_config
@@ -317,11 +318,15 @@ def test_tampered_stat_cache_is_not_trusted(local_world: World) -> None:
     databases = list((world.tmp / "cache-master").rglob("cache.db"))
     assert len(databases) == 1
     db = sqlite3.connect(databases[0])
-    rows = dict(db.execute("SELECT path, chunks FROM stats").fetchall())
+    rows = dict(db.execute("SELECT path, row FROM stats").fetchall())
     a, b = os.fsencode(world.src / "a"), os.fsencode(world.src / "b")
     assert a in rows and b in rows, sorted(rows)
-    db.execute("UPDATE stats SET chunks = ? WHERE path = ?", (rows[b], a))
-    db.execute("UPDATE stats SET chunks = ? WHERE path = ?", (rows[a], b))
+    # each row keeps its file's key (size, times, inode) and MAC, with the other's chunks
+    head = STAT_KEY.size
+    assert len(rows[a]) == len(rows[b]) and rows[a][head:-MAC_SIZE] != rows[b][head:-MAC_SIZE]
+    for this, other in ((a, b), (b, a)):
+        swapped = rows[this][:head] + rows[other][head:-MAC_SIZE] + rows[this][-MAC_SIZE:]
+        db.execute("UPDATE stats SET row = ? WHERE path = ?", (swapped, this))
     db.commit()
     db.close()
     second = world.save("laptop", key="master")

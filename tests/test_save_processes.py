@@ -346,3 +346,39 @@ def test_directory_records_are_written_many_per_hop_and_all_land(tmp_path: Path,
             await repo.aclose()
 
     trio.run(main)
+
+
+def test_the_worker_writes_every_cache_row_and_a_re_save_reads_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                       eager_workers: None) -> None:
+    """With a worker process, the save's cache rows are all its to write, the
+    last ones (stat rows, the packs flushed at publication) included: the
+    main process writes none; a re-save then finds every file in the cache."""
+    from rekkordfs.cache import LocalCache
+
+    master = keymod.new_master()
+    src = small_tree(tmp_path / "src", 1200)
+    written_here: list[str] = []
+    for name in ("add_blobs", "store_stats"):
+        real = getattr(LocalCache, name)
+
+        def spy(cache: LocalCache, rows: object, _real: object = real, _name: str = name) -> None:
+            written_here.append(_name)
+            _real(cache, rows)  # type: ignore[operator]
+
+        monkeypatch.setattr(LocalCache, name, spy)
+
+    async def main() -> None:
+        storage = MemoryStorage()
+        await Repository.create(storage, master)
+        _, batches = await save_into(storage, master, src, 1)
+        assert batches > 0
+        assert written_here == []
+        repo = await Repository.open(storage, master)
+        try:
+            session = SaveSession(repo, "c", [str(src)], warn=lambda _m: None, processes=0)
+            result = await session.run()
+            assert result.stats.bytes_read == 0 and result.stats.files > 1200
+        finally:
+            await repo.aclose()
+
+    trio.run(main)

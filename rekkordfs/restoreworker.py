@@ -65,12 +65,13 @@ def main() -> int:
     opener = crypto.PackOpener(data_secret)
     del data_secret
     decompressor = zstandard.ZstdDecompressor()
+    chunk_id = crypto.id_hasher(id_key, BlobKind.CHUNK)
     folders = FolderFds(dest_fd)  # keeps a duplicate
     os.close(dest_fd)
     warnings: list[str] = []
 
     def unpack(blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview) -> bytes | bytearray:
-        return open_checked(opener, decompressor, id_key, BlobKind.CHUNK, blob_id, pack_id, stored)[2]
+        return open_checked(opener, decompressor, chunk_id, BlobKind.CHUNK, blob_id, pack_id, stored)[2]
 
     def show(parts: tuple[bytes, ...]) -> str:
         return os.path.join(dest, *(os.fsdecode(p) for p in parts))

@@ -305,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     root: Path = args.data.resolve()
     work = root / "work"
     work.mkdir(parents=True, exist_ok=True)
+    remove_tree(work / "restored")  # an interrupted run's restored trees (rows.set_aside)
     tools = resolve_tools(args, work)
     by_name = rows_by_name()
     backends_wanted = [b.strip() for b in args.backends.split(",") if b.strip()]
@@ -355,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for backend in backends.values():
             backend.stop()
+        remove_tree(work / "restored")  # the restored trees, kept until no row follows
 
     if "rekkordfs" in tools and not args.rekkordfs_rev:
         final = TOOLS["rekkordfs"](work / "home" / "versions").version()

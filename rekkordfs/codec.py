@@ -177,7 +177,7 @@ class BlobCodec:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot read snapshot contents")
         if self.keys.id_key is None:
             raise CapabilityError(f"a {self.keys.kind.label} key cannot compute blob IDs")
-        return open_checked(self._opener, self._decompressor(), self.keys.id_key, kind, blob_id, pack_id, stored)
+        return open_checked(self._opener, self._decompressor(), self._id_hashers[kind], kind, blob_id, pack_id, stored)
 
     def open_alone(self, kind: BlobKind, raw: bytes) -> bytes | bytearray:
         """The content of a one-blob object whose ID nothing vouches for (a
@@ -245,12 +245,13 @@ class BlobCodec:
 # --- writing, without keys: shared by BlobCodec and the save's worker processes (prepworker.py)
 
 
-def open_checked(opener: crypto.PackOpener, decompressor: zstandard.ZstdDecompressor, id_key: bytes,
+def open_checked(opener: crypto.PackOpener, decompressor: zstandard.ZstdDecompressor, id_of: crypto.IdHasher,
                  kind: BlobKind, blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview
                  ) -> tuple[int, bytearray, bytes | bytearray]:
     """(compression, stored payload, plaintext) of a blob of pack_id whose
     version, kind and ID are checked (BlobCodec's, and a restore's worker
-    process's, which holds no Keyset)."""
+    process's, which holds no Keyset). id_of: crypto.id_hasher() of the
+    blob-ID key for this kind (a keyed state copied, not set up per blob)."""
     try:
         opened = opener.open(pack_id, stored)
     except CorruptedData as exc:
@@ -275,7 +276,7 @@ def open_checked(opener: crypto.PackOpener, decompressor: zstandard.ZstdDecompre
         data = opened
     else:
         raise CorruptedData(f"blob {blob_id.hex()} has unknown compression {compression}")
-    if crypto.keyed_hash(id_key, kind, data) != blob_id:
+    if id_of(data) != blob_id:
         raise CorruptedData(f"blob {blob_id.hex()} does not match its ID")
     return compression, opened, data
 

@@ -56,6 +56,11 @@ class Location:
     length: int
 
 
+# a blob's stored bytes, or a view of them inside a larger read (no copy), and
+# where they were found
+Raw = tuple[bytes | memoryview, Location]
+
+
 @dataclass(frozen=True, slots=True)
 class BlobRef:
     """A stored record (directory): its ID and where it lives. Nothing is found

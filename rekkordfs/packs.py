@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import trio
 
@@ -20,6 +21,8 @@ from .errors import CorruptedData, RepositoryError
 from .format import BlobKind, Location
 from .lru import WeightedLRU
 from .storage.base import Storage
+
+B = TypeVar("B", bytes, memoryview)
 
 PACK_TARGET = 8 << 20  # a pack is written once it holds this much
 PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
@@ -244,7 +247,7 @@ def coalesce(locations: list[Location], gap: int) -> list[tuple[bytes, int, int,
     return runs
 
 
-def check_length(blob_id: bytes, location: Location, raw: bytes) -> bytes:
+def check_length(blob_id: bytes, location: Location, raw: B) -> B:
     if len(raw) != location.length:
         raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
     return raw

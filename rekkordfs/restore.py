@@ -37,13 +37,22 @@ from .destination import (
 )
 from .errors import RestoreError
 from .format import Entry, EntryKind
+from .gcquiet import quiet_gc
 from .repository import Repository
 from .restorefiles import FileWriter
 from .restoreprocs import RestorePool
 from .restorewrite import FileJob, xattr_warning
 from .tasks import task_group
 from .treebudget import refuse_hostile_tree
-from .tuning import BATCH_BYTES, BATCH_FILES, OPEN_FOLDERS, REMOTE_BATCH_FILES, restore_processes, restore_workers
+from .tuning import (
+    BATCH_BYTES,
+    BATCH_FILES,
+    BULK_GC_THRESHOLDS,
+    OPEN_FOLDERS,
+    REMOTE_BATCH_FILES,
+    restore_processes,
+    restore_workers,
+)
 
 
 @dataclass
@@ -103,6 +112,10 @@ class RestoreSession:
     # --- entry point -----------------------------------------------------------
 
     async def run(self) -> RestoreStats:
+        with quiet_gc(BULK_GC_THRESHOLDS):  # the connected client and the tree's objects are not garbage
+            return await self._run()
+
+    async def _run(self) -> RestoreStats:
         started = time.monotonic()
         if self.target.kind == EntryKind.DIRECTORY:
             assert self.target.dir_ref is not None

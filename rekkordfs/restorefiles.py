@@ -17,7 +17,7 @@ import trio
 from .chunkmap import pwrite_all
 from .destination import FolderFds, XattrFailed, create_new, move_into_place, remove_quietly
 from .errors import CorruptedData, ObjectMissing
-from .format import BlobKind, ChunkRef, Location
+from .format import BlobKind, ChunkRef, Raw
 from .repository import Repository
 from .restoreprocs import RestorePool
 from .restorewrite import FileJob, SmallWriter
@@ -86,7 +86,7 @@ class FileWriter:
         self.bytes_written += written
         self.files += len(batch)
 
-    async def _write_small(self, batch: list[FileJob], found: dict[bytes, tuple[bytes, Location]]) -> int:
+    async def _write_small(self, batch: list[FileJob], found: dict[bytes, Raw]) -> int:
         """The tiniest files to a worker process, if one is ready (their cost is
         per file: Python and system calls), the others in a thread meanwhile
         (theirs is per byte, in C code that lets go of the GIL)."""
@@ -177,7 +177,7 @@ class FileWriter:
         finally:
             self._window_slots.release()
 
-    def _write_window(self, fd: int, wanted: list[tuple[ChunkRef, int]], raws: list[tuple[bytes, Location]],
+    def _write_window(self, fd: int, wanted: list[tuple[ChunkRef, int]], raws: list[Raw],
                       parts: tuple[bytes, ...]) -> int:
         written = 0
         for (chunk, offset), raw in zip(wanted, raws):

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import trio
 
 from .errors import CorruptedData
-from .format import Location
+from .format import Raw
 from .frames import frame
 from .restorewrite import FileJob
 from .workerprocs import Worker, WorkerFailed, WorkerPool
@@ -63,7 +63,7 @@ class RestorePool(WorkerPool):
             if message[0] != "done":
                 return  # the worker exits; its writer raises the error
 
-    async def write(self, batch: list[FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
+    async def write(self, batch: list[FileJob], raws: dict[bytes, Raw]) -> int:
         """Write the batch's files (raws: their chunks' stored bytes by ID, as
         SmallWriter.write_batch takes them) in a worker; the bytes written."""
         message = []

@@ -36,14 +36,14 @@ from . import crypto
 from .codec import open_checked
 from .destination import FolderFds, XattrFailed
 from .errors import CorruptedData
-from .format import BlobKind, Entry, EntryKind, Location
+from .format import BlobKind, Entry, EntryKind, Location, Raw
 from .frames import read_frame, serve_messages
 from .restorewrite import FileJob, SmallWriter, xattr_warning
 
 
-def decode_batch(message: list[tuple]) -> tuple[list[FileJob], dict[bytes, tuple[bytes, Location]]]:
+def decode_batch(message: list[tuple]) -> tuple[list[FileJob], dict[bytes, Raw]]:
     jobs: list[FileJob] = []
-    raws: dict[bytes, tuple[bytes, Location]] = {}
+    raws: dict[bytes, Raw] = {}
     for parts, mode, uid, gid, atime_ns, mtime_ns, size, xattrs, chunks_raw, found in message:
         job = FileJob(tuple(parts), Entry(EntryKind.FILE, parts[-1], mode=mode, uid=uid, gid=gid, atime_ns=atime_ns,
                                           mtime_ns=mtime_ns, size=size, xattrs=xattrs, chunks_raw=chunks_raw))
@@ -65,12 +65,13 @@ def main() -> int:
     opener = crypto.PackOpener(data_secret)
     del data_secret
     decompressor = zstandard.ZstdDecompressor()
+    chunk_id = crypto.id_hasher(id_key, BlobKind.CHUNK)
     folders = FolderFds(dest_fd)  # keeps a duplicate
     os.close(dest_fd)
     warnings: list[str] = []
 
     def unpack(blob_id: bytes, pack_id: bytes, stored: bytes | bytearray | memoryview) -> bytes | bytearray:
-        return open_checked(opener, decompressor, id_key, BlobKind.CHUNK, blob_id, pack_id, stored)[2]
+        return open_checked(opener, decompressor, chunk_id, BlobKind.CHUNK, blob_id, pack_id, stored)[2]
 
     def show(parts: tuple[bytes, ...]) -> str:
         return os.path.join(dest, *(os.fsdecode(p) for p in parts))

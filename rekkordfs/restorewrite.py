@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .chunkmap import pwrite_all
 from .destination import FolderFds, XattrFailed, apply_metadata, create_new, move_into_place, remove_quietly
 from .errors import CorruptedData
-from .format import ChunkRef, Entry, Location
+from .format import ChunkRef, Entry, Raw
 from .tuning import SMALL_FILE
 
 # (blob ID, pack ID, stored bytes) -> the chunk's plaintext, checked against its ID
@@ -43,7 +43,7 @@ class SmallWriter:
         self.show = show  # a path below DEST as the user gave it, for messages
         self.xattr_failed = xattr_failed
 
-    def unpack_chunk(self, chunk: ChunkRef, raw: tuple[bytes, Location],
+    def unpack_chunk(self, chunk: ChunkRef, raw: Raw,
                      parts: tuple[bytes, ...]) -> bytes | bytearray:
         """A chunk read raw for the file at parts: authenticated, decompressed, its size checked."""
         try:
@@ -54,7 +54,7 @@ class SmallWriter:
             raise CorruptedData(f"'{self.show(parts)}': chunk {chunk.id.hex()} has the wrong size")
         return data
 
-    def write_batch(self, batch: list[FileJob], raws: dict[bytes, tuple[bytes, Location]]) -> int:
+    def write_batch(self, batch: list[FileJob], raws: dict[bytes, Raw]) -> int:
         """Every file of the batch (raws: the stored bytes of their chunks by
         ID; a file whose chunk is absent is empty or all zeros); bytes written."""
         written = 0
@@ -70,7 +70,7 @@ class SmallWriter:
                 os.close(fd)
         return written
 
-    def _write_one(self, job: FileJob, raws: dict[bytes, tuple[bytes, Location]], parent: int) -> int:
+    def _write_one(self, job: FileJob, raws: dict[bytes, Raw], parent: int) -> int:
         data: bytes | bytearray = b""  # stays empty for an empty file or one all-zero chunk
         chunk = job.chunks[0] if job.chunks else None
         if chunk is not None and chunk.id in raws:

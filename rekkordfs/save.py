@@ -40,7 +40,7 @@ from .repository import Repository
 from .savewalk import DirNode, FileJob, Lead, Listing, Walker, normalize_paths, stat_key
 from .selection import Selection
 from .tasks import ReceiverGone, ThreadFeed, task_group
-from .tuning import BATCH_BYTES, BATCH_FILES, SAVE_GC_THRESHOLDS, SMALL_FILE, STAT_BATCH, save_lead, save_workers
+from .tuning import BATCH_BYTES, BATCH_FILES, BULK_GC_THRESHOLDS, SMALL_FILE, STAT_BATCH, save_lead, save_workers
 from .upload import SmallFile, TransferStats, Uploader, open_regular
 
 _FILE = EntryKind.FILE  # looked up once: a member looked up on its class is slow in Python 3.11
@@ -111,7 +111,7 @@ class SaveSession:
         self.warn_cb(message)
 
     async def run(self) -> SaveResult:
-        with quiet_gc(SAVE_GC_THRESHOLDS):
+        with quiet_gc(BULK_GC_THRESHOLDS):
             return await self._run()
 
     async def _run(self) -> SaveResult:

@@ -35,9 +35,12 @@ PREFETCH_SMALL_FILE = 1 << 20
 PREFETCH_BATCH = 16  # subdirectory records per hop (the small files after one: one hop for all)
 # The cycle collector's thresholds (gcquiet.py) while a mount serves: a young
 # collection every 100,000 allocations (not 700), the oldest generation every
-# 100 x 50 of those; during a save: every 50,000, older ones at Python's rates
+# 100 x 50 of those; during a save or a restore: every 50,000, older ones at
+# Python's rates (a restore from a server collected 13-22% of its main
+# thread's time away, traversing the S3 client's service model or asyncssh's
+# objects again and again)
 MOUNT_GC_THRESHOLDS = (100_000, 50, 100)
-SAVE_GC_THRESHOLDS = (50_000, 10, 10)
+BULK_GC_THRESHOLDS = (50_000, 10, 10)
 
 
 # --- concurrency ------------------------------------------------------------------------

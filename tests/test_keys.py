@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from rekkordfs import crypto, keys
-from rekkordfs.errors import CapabilityError, KeyFileError
+from rekkordfs.codec import BlobCodec
+from rekkordfs.errors import CapabilityError, CorruptedData, KeyFileError
+from rekkordfs.format import BlobKind
 from rekkordfs.keys import Capability, KeyType
 
 DERIVED = [KeyType.READ_WRITE, KeyType.WRITE_ONLY, KeyType.LOG_ONLY]
@@ -325,6 +327,26 @@ def test_id_hasher_gives_keyed_hash_for_every_kind_and_size() -> None:
             assert hash_one(data) == crypto.keyed_hash(key, kind, data)
             assert hash_one(memoryview(data)) == crypto.keyed_hash(key, kind, data)
     assert crypto.id_hasher(key, 1)(b"x") != crypto.id_hasher(os.urandom(32), 1)(b"x")
+
+
+def test_blobs_are_checked_against_their_ids_on_read(master: keys.Keyset) -> None:
+    """The read path's ID check (copied keyed states, one per kind): every blob
+    opens to its content, call after call, and a blob given another blob's ID,
+    or read as another kind, is refused."""
+    codec = BlobCodec(master, b"repo")
+    sealer = codec.new_sealer()
+    blobs = []
+    for size in (0, 1, 1000, 70_000):
+        data = os.urandom(size // 2) * 2  # compressible or not
+        blob_id = codec.blob_id(BlobKind.CHUNK, data)
+        blobs.append((blob_id, data, codec.seal(sealer, BlobKind.CHUNK, *codec.compress(data))))
+    for _ in range(2):
+        for blob_id, data, stored in blobs:
+            assert codec.unpack(BlobKind.CHUNK, blob_id, sealer.pack_id, stored) == data
+    with pytest.raises(CorruptedData, match="does not match its ID"):
+        codec.unpack(BlobKind.CHUNK, blobs[1][0], sealer.pack_id, blobs[2][2])
+    with pytest.raises(CorruptedData, match="not a directory blob"):
+        codec.unpack(BlobKind.DIRECTORY, blobs[2][0], sealer.pack_id, blobs[2][2])
 
 
 def test_stat_rows_macs_do_not_depend_on_the_rows_before(master: keys.Keyset, tmp_path: Path) -> None:

@@ -165,6 +165,25 @@ def test_roundtrip_sizes_and_long_names(backend: Backend) -> None:
     run(body)
 
 
+def test_put_pieces(backend: Backend) -> None:
+    """A pack's blobs stored as one object: more pieces than one writev() takes
+    (local), empty ones, a large one; put-if-absent as put()."""
+    pieces: list[bytes | bytearray] = [os.urandom(i % 700) for i in range(2500)]
+    pieces += [b"", bytearray(os.urandom(5 << 20)), b"end"]
+
+    async def body() -> None:
+        storage = RetryingStorage(await fresh(backend), RetryPolicy(budget=5))
+        try:
+            assert await storage.put_pieces("packs/00/p", pieces)
+            assert await storage.get("packs/00/p") == b"".join(pieces)
+            assert not await storage.put_pieces("packs/00/p", [b"other"])
+            assert await storage.get("packs/00/p") == b"".join(pieces)
+        finally:
+            await storage.aclose()
+
+    run(body)
+
+
 def test_get_range(backend: Backend) -> None:
     data = os.urandom(3 << 20)
 

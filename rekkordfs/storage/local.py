@@ -77,13 +77,14 @@ def _write_all(fd: int, data: Data) -> None:
             view = view[os.write(fd, view):]
         return
     views = [memoryview(piece) for piece in data if piece]
-    while views:
-        written = os.writev(fd, views[:IOV_MAX])
-        while views and written >= len(views[0]):
-            written -= len(views[0])
-            views.pop(0)
+    first = 0  # views before it are written (a pack of small blobs has thousands)
+    while first < len(views):
+        written = os.writev(fd, views[first:first + IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
         if written:
-            views[0] = views[0][written:]
+            views[first] = views[first][written:]
 
 
 class _LinkUnsupported(Exception):

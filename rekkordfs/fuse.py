@@ -264,8 +264,9 @@ class Operations(pyfuse3.Operations):
         staging = self._staged(inode)
         handle = self._handle()
         if staging is not None:
-            self._files[handle] = await staging.open(inode, flags)
-            return pyfuse3.FileInfo(fh=handle)
+            staged = await staging.open(inode, flags, ctx.uid, ctx.gid)
+            self._files[handle] = staged
+            return pyfuse3.FileInfo(fh=handle, direct_io=staged.direct)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
             raise _read_only()
         self._files[handle] = self.view.open(inode)
@@ -275,10 +276,10 @@ class Operations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         staging = self._writable(parent_inode)
-        staged, attr = await staging.create(parent_inode, name, mode, ctx.uid, ctx.gid)
+        staged, attr = await staging.create(parent_inode, name, mode, ctx.uid, ctx.gid, flags)
         handle = self._handle()
         self._files[handle] = staged
-        return pyfuse3.FileInfo(fh=handle), entry_attributes(attr)
+        return pyfuse3.FileInfo(fh=handle, direct_io=staged.direct), entry_attributes(attr)
 
     @_translate_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:

@@ -211,9 +211,8 @@ class PackWriter:
     async def _upload(self, pack: _OpenPack) -> None:
         try:
             if pack.entries:
-                buffer = b"".join(pack.pieces)
-                pack.pieces = []
-                if not await self.storage.put(pack_key(pack.pack_id), buffer):
+                pieces, pack.pieces = pack.pieces, []
+                if not await self.storage.put_pieces(pack_key(pack.pack_id), pieces):
                     raise RepositoryError(f"pack {pack.pack_id.hex()} exists already")
                 index = await trio.to_thread.run_sync(self.codec.seal_index, pack.pack_id, pack.entries)
                 name = index_key(crypto.random_bytes(INDEX_NAME_SIZE))

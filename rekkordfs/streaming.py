@@ -27,6 +27,10 @@ class GrowingFile:
         self._changed = threading.Condition()
         self._end = written  # bytes appended so far
         self._position = 0
+        # where the waiting reader's buffer would be full: a write wakes it only
+        # once that much is there (one wake-up per chunker block, not per write;
+        # each wake-up takes the GIL from the thread serving the FUSE requests)
+        self._wanted = 0
         self._closed = False
         self._aborted = False
         self.version = -1  # the file's content version when it was closed
@@ -36,7 +40,8 @@ class GrowingFile:
     def appended(self, end: int) -> None:
         with self._changed:
             self._end = end
-            self._changed.notify_all()
+            if end >= self._wanted:
+                self._changed.notify_all()
 
     def close(self) -> None:
         with self._changed:
@@ -55,8 +60,10 @@ class GrowingFile:
     # reader side (a worker thread)
 
     def readinto(self, view: memoryview) -> int:
+        """Fills view, unless the file is closed first (then what is left)."""
         with self._changed:
-            while self._position >= self._end and not self._closed and not self._aborted:
+            self._wanted = self._position + len(view)
+            while self._end < self._wanted and not self._closed and not self._aborted:
                 self._changed.wait()
             if self._aborted:
                 raise StreamAborted()

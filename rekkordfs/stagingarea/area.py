@@ -31,6 +31,7 @@ from ..writebehind import WriteBehind
 from .batches import BatchFlusher
 from .channels import Channels
 from .commits import Commits
+from .direct import CAPABILITY, direct_io, drop_on_write
 from .inodes import InodeNumbers
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,11 @@ class Handle:
     # reached (None once one lands elsewhere); past SMALL_FILE they stream out
     sequential_end: int | None = None
     stream: GrowingFile | None = None
+    # past the kernel's page cache (direct.py); its writes drop set-id bits
+    # and capabilities as the kernel would for the opener
+    direct: bool = False
+    uid: int = 0
+    gid: int = 0
 
 
 class StagingArea:
@@ -272,7 +278,7 @@ class StagingArea:
 
     # --- files ---------------------------------------------------------------------------
 
-    async def open(self, ino: int, flags: int) -> Handle:
+    async def open(self, ino: int, flags: int, uid: int = 0, gid: int = 0) -> Handle:
         tree, local = self.numbers.split(ino)
         node = tree.get(local)
         if node.kind != EntryKind.FILE:
@@ -287,26 +293,38 @@ class StagingArea:
             if writing:
                 await tree.make_local(local)
             handle = Handle(tree, local)
+        handle.direct, handle.uid, handle.gid = direct_io(flags, created=False), uid, gid
         tree.opened(local)
         return handle
 
-    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> tuple[Handle, Attr]:
+    async def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int,
+                     flags: int = os.O_RDWR) -> tuple[Handle, Attr]:
         attr = await self.make(parent, name, EntryKind.FILE, mode, uid, gid)
         tree, local = self.numbers.split(attr.ino)
         tree.opened(local)
-        return Handle(tree, local, sequential_end=0), attr
+        return Handle(tree, local, sequential_end=0, direct=direct_io(flags, created=True), uid=uid, gid=gid), attr
 
     async def read(self, handle: Handle, offset: int, size: int) -> bytes:
         return await handle.tree.read(handle.ino, offset, size)
 
     async def write(self, handle: Handle, offset: int, data: bytes) -> int:
         stop_point("staging-write")
+        if handle.direct:
+            await self._drop_on_write(handle)
         appending = self.behind.before_write(handle, offset)
         written = await handle.tree.write(handle.ino, offset, data)
         handle.wrote = True
         if appending:
             self.behind.appended(handle, written)
         return written
+
+    async def _drop_on_write(self, handle: Handle) -> None:
+        """What the kernel drops before a write through its page cache (direct.py)."""
+        mode, capability = drop_on_write(handle.tree.get(handle.ino), handle.uid, handle.gid)
+        if mode is not None:
+            await handle.tree.setattr(handle.ino, mode=mode)
+        if capability:
+            await handle.tree.removexattr(handle.ino, CAPABILITY)
 
     async def sync(self, handle: Handle) -> None:
         handle.tree.flush(handle.ino)

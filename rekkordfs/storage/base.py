@@ -57,6 +57,12 @@ class Storage(ABC):
     async def put(self, key: str, data: bytes | bytearray) -> bool:
         """Store data under key unless it exists; True if written."""
 
+    async def put_pieces(self, key: str, pieces: list[bytes | bytearray]) -> bool:
+        """put() of the pieces one after another (a pack's blobs). A backend that
+        writes a file writes them as they are, in a worker thread: joining them
+        first would copy every byte once more on the event loop's thread."""
+        return await self.put(key, b"".join(pieces))
+
     @abstractmethod
     async def get(self, key: str) -> bytes:
         """Return the object's bytes or raise ObjectMissing."""

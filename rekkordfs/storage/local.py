@@ -62,10 +62,29 @@ def _start_writeback(fd: int) -> None:
     _libc.sync_file_range(fd, ctypes.c_int64(0), ctypes.c_int64(0), SYNC_FILE_RANGE_WRITE)
 
 
-def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+Data = bytes | bytearray | memoryview | list[bytes | bytearray]  # a list: its pieces one after another
+IOV_MAX = 1024  # buffers one writev() takes (Linux)
+
+
+def _size(data: Data) -> int:
+    return sum(len(piece) for piece in data) if isinstance(data, list) else len(data)
+
+
+def _write_all(fd: int, data: Data) -> None:
+    if not isinstance(data, list):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return
+    views = [memoryview(piece) for piece in data if piece]
+    first = 0  # views before it are written (a pack of small blobs has thousands)
+    while first < len(views):
+        written = os.writev(fd, views[first:first + IOV_MAX])
+        while first < len(views) and written >= len(views[first]):
+            written -= len(views[first])
+            first += 1
+        if written:
+            views[first] = views[first][written:]
 
 
 class _LinkUnsupported(Exception):
@@ -152,7 +171,10 @@ class LocalStorage(Storage):
     async def put(self, key: str, data: bytes | bytearray) -> bool:
         return await self._run(self.put_sync, key, data)
 
-    def put_sync(self, key: str, data: bytes | bytearray | memoryview) -> bool:
+    async def put_pieces(self, key: str, pieces: list[bytes | bytearray]) -> bool:
+        return await self._run(self.put_sync, key, pieces)
+
+    def put_sync(self, key: str, data: Data) -> bool:
         final = os.path.join(self.root, key)
         try:
             self._link_new(final, data)
@@ -164,7 +186,7 @@ class LocalStorage(Storage):
         except OSError as exc:
             raise self._error(exc, "write", key) from None
 
-    def _link_new(self, final: str, data: bytes | bytearray | memoryview) -> None:
+    def _link_new(self, final: str, data: Data) -> None:
         """Write data to an unnamed file, then give it its name unless taken."""
         if self._use_tmpfile:
             try:
@@ -176,7 +198,7 @@ class LocalStorage(Storage):
             else:
                 try:
                     _write_all(fd, data)
-                    if len(data) >= EARLY_WRITEBACK:
+                    if _size(data) >= EARLY_WRITEBACK:
                         _start_writeback(fd)
                     _retry_in_new_folder(final, lambda: _link_fd(fd, final))
                     return

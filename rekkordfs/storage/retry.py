@@ -98,6 +98,12 @@ class RetryingStorage(Storage):
         await self._retry("create", "", self.inner.create)
 
     async def put(self, key: str, data: bytes | bytearray) -> bool:
+        return await self._put(key, len(data), lambda: self.inner.put(key, data))
+
+    async def put_pieces(self, key: str, pieces: list[bytes | bytearray]) -> bool:
+        return await self._put(key, sum(len(piece) for piece in pieces), lambda: self.inner.put_pieces(key, pieces))
+
+    async def _put(self, key: str, size: int, put: Callable[[], Awaitable[bool]]) -> bool:
         failed_before = False
         found = False  # "exists" after a failed attempt: only the object's size is still in question
 
@@ -106,7 +112,7 @@ class RetryingStorage(Storage):
             stop_point("storage-put")
             try:
                 if not found:
-                    if await self.inner.put(key, data):
+                    if await put():
                         return True
                     if not failed_before:
                         return False  # there before we tried: not ours
@@ -115,7 +121,7 @@ class RetryingStorage(Storage):
                 # again alone when the asking fails: a busy server gets one request per
                 # retry, not a PUT it will refuse and then the question
                 try:
-                    return await self.inner.object_size(key) == len(data)
+                    return await self.inner.object_size(key) == size
                 except ObjectMissing:
                     found = False  # gone since (never ours to lose): write it again
                     raise TransientStorageError(f"'{key}' vanished while it was being written",

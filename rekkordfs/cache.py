@@ -278,7 +278,7 @@ class LocalCache:
         if not isinstance(row, bytes) or len(row) < len(head) + MAC_SIZE or not row.startswith(head):
             return None
         raw, mac = row[len(head):-MAC_SIZE], row[-MAC_SIZE:]
-        if not hmac.compare_digest(mac, self._mac(head + path + raw)):
+        if not hmac.compare_digest(mac, self._mac(stat_row(path, key, raw))):
             return None
         try:
             chunks = decode_chunks(raw)

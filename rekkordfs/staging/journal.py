@@ -151,11 +151,16 @@ class Journal:
         cannot fail."""
         assert self._depth, "an inode row changed outside a transaction"
         node = changed_inode(self.get(ino), changes)
-        if self._undo is not None and ino not in self._undo:
-            self._undo[ino] = self._changed_rows.get(ino)
+        self._keep_undo(ino)
         self._changed_rows[ino] = node
         self._inodes.put(ino, node)
         return node
+
+    def _keep_undo(self, ino: int) -> None:
+        """Inside a request's SAVEPOINT: the row's held change as it was before
+        the request first touched it (None: none), for _Tx._rollback()."""
+        if self._undo is not None and ino not in self._undo:
+            self._undo[ino] = self._changed_rows.get(ino)
 
     def write_rows(self) -> None:
         """Write the changed rows into the open transaction: before its COMMIT,
@@ -184,8 +189,7 @@ class Journal:
     def delete_inode(self, ino: int, content: Content) -> None:
         """Inside a transaction; on_deleted() hears of it once it is committed."""
         self.db.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
-        if self._undo is not None and ino not in self._undo:
-            self._undo[ino] = self._changed_rows.get(ino)
+        self._keep_undo(ino)
         self._changed_rows.pop(ino, None)
         self._inodes.pop(ino)
         self._deleted.append((ino, content))

@@ -30,13 +30,7 @@ def read_small(path: bytes | str, limit: int | None = SMALL_FILE) -> tuple[bytes
     """The content of a small regular file and its fstat, with few system calls
     (open, fstat, one read, close: each lets go of the GIL). (None, stat) when it
     is over `limit` bytes; it is read whatever its size when limit is None."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | _NOATIME
-    try:
-        fd = os.open(path, flags)
-    except PermissionError:
-        if not _NOATIME:
-            raise
-        fd = os.open(path, flags & ~_NOATIME)  # O_NOATIME needs ownership
+    fd = _open_read(path)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -54,4 +48,41 @@ def read_small(path: bytes | str, limit: int | None = SMALL_FILE) -> tuple[bytes
         os.close(fd)
 
 
+def read_expected(path: bytes, size: int) -> bytes:
+    """The content of a small file whose lstat (the save's walker) said it is
+    a regular file of `size` bytes: open, one read, close, and no fstat
+    unless the read says otherwise (a fstat per file was a tenth of a save
+    worker's system calls). A file that became something else meanwhile is
+    refused as read_small() refuses it: it gives more or fewer bytes than
+    expected (a FIFO none, a device more), which is checked then. One that
+    was replaced by a regular file of the same size is read as it is now:
+    its content is never older than the walker's lstat, so a stat row made
+    from that lstat is at worst one the next save does not trust."""
+    fd = _open_read(path)
+    try:
+        data = os.read(fd, size + 1)  # a short read is the end of a regular file
+        if len(data) == size:
+            return data
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "no longer a regular file")
+        if len(data) > size:  # it grew meanwhile: read to its end
+            pieces = [data]
+            while piece := os.read(fd, 1 << 20):
+                pieces.append(piece)
+            data = b"".join(pieces)
+        return data
+    finally:
+        os.close(fd)
+
+
+def _open_read(path: bytes | str) -> int:
+    try:
+        return os.open(path, _READ_FLAGS)
+    except PermissionError:
+        if not _NOATIME:
+            raise
+        return os.open(path, _READ_FLAGS & ~_NOATIME)  # O_NOATIME needs ownership
+
+
 _NOATIME = getattr(os, "O_NOATIME", 0)
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | _NOATIME

@@ -33,8 +33,7 @@ class PreparedFile:
     """A small file a worker read and whose chunks are stored (in packs not
     uploaded yet: repository.upload_ready())."""
 
-    key: tuple[int, int, int, int]  # of the file it read, by its fstat (equal to a StatKey)
-    size: int  # bytes read
+    size: int  # bytes read (a file of the size its lstat gave is taken as unchanged)
     chunks_raw: bytes  # format.encode_chunks() of its chunks
     xattrs: list[tuple[bytes, bytes]] | None  # its extended attributes, read after its content if asked
 
@@ -93,8 +92,8 @@ class PrepPool(WorkerPool):
         file's chunk list, or why it could not be read; the packs they are
         in go into packs. Runs once per file on the loop, the save's busiest
         core: each chunk is encoded once, where it is placed."""
-        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 6
-                  for blob_id, size, pack, blob in item[5] if blob is not None]
+        sealed = [(pack, blob_id, blob, size) for item in files if len(item) == 3
+                  for blob_id, size, pack, blob in item[2] if blob is not None]
         encoded: dict[bytes, bytes] = {}  # blob ID -> format.encode_chunk() of it
         fresh = sealed
         if self.repo.cache.knows_blobs():
@@ -123,7 +122,7 @@ class PrepPool(WorkerPool):
             if len(item) == 2:
                 append(OSError(item[0], item[1]))
                 continue
-            chunks = item[5]
+            chunks = item[2]
             if len(chunks) == 1:  # most small files: no list to join
                 blob_id, length, _, _ = chunks[0]
                 raw = encoded[blob_id]
@@ -131,19 +130,22 @@ class PrepPool(WorkerPool):
                 raw = b"".join([encoded[chunk[0]] for chunk in chunks])
                 length = sum(chunk[1] for chunk in chunks)
             read += length
-            append(PreparedFile(item[:4], length, raw, item[4]))
+            append(PreparedFile(length, raw, item[1]))
         stats.bytes_read += read
         return out
 
-    async def prepare(self, paths: list[bytes], want: bytes) -> tuple[list[PreparedFile | OSError], set[bytes]]:
+    async def prepare(self, paths: list[bytes], want: bytes,
+                      sizes: list[int]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """The files read, cut, sealed by a worker and stored, and the packs
         their chunks are in (want: 1 for each file whose extended attributes
-        are to be read too); await repository.upload_ready() afterwards."""
-        return await self._ask(frame(("batch", paths, want)))
+        are to be read too; sizes: each file's by its lstat, which stands for
+        a fstat: localfiles.read_expected()); await repository.upload_ready()
+        afterwards."""
+        return await self._ask(frame(("batch", paths, want, sizes)))
 
     async def prepare_contents(self, datas: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """prepare() of contents held in memory (a commit's staged files):
-        every item is a PreparedFile, its key (size, 0, 0, 0)."""
+        every item is a PreparedFile."""
         return await self._ask(frame(("contents", datas)))
 
     async def _ask(self, message: bytes) -> tuple[list[PreparedFile | OSError], set[bytes]]:

@@ -8,8 +8,9 @@ it talks only through its stdin and stdout, in frames (frames.py).
 
     main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target, cache_db)   once
     worker -> main  ("ready",)
-    main -> worker  ("batch", [path, ...], want)         a batch, any number of times (want: a
-                                                         byte a file, 1 to read its extended attributes)
+    main -> worker  ("batch", [path, ...], want, sizes)  a batch, any number of times (want: a
+                                                         byte a file, 1 to read its extended attributes;
+                                                         sizes: each file's, by the walker's lstat)
     main -> worker  ("contents", [bytes, ...])           a batch of contents held by the main
                                                          process (a commit's staged files)
     worker -> main  ("done", closed_packs, files)        one per batch, in order
@@ -18,11 +19,11 @@ it talks only through its stdin and stdout, in frames (frames.py).
                                                          blob rows: cacherows.pack_rows())
     worker -> main  ("failed", message)                  then it exits
 
-Each file is (errno, message) when it could not be read, else (size, mtime_ns,
-ctime_ns, ino) of its fstat (a content sent: (size, 0, 0, 0)), its extended
-attributes (fsmeta.read_xattrs(), or None when not wanted: the walker read
-them) and its chunks (their sizes add up to what was
-read), each chunk (blob_id, size, pack_id, sealed) or, for a
+Each file is (errno, message) when it could not be read, else (size, xattrs,
+chunks): the bytes read (localfiles.read_expected(): no fstat, the walker's
+lstat stands for it), its extended attributes (fsmeta.read_xattrs(), or
+None when not wanted: the walker read them; a content sent: []) and its
+chunks (their sizes add up to what was read), each chunk (blob_id, size, pack_id, sealed) or, for a
 twin of an earlier chunk of the batch, (blob_id, size, None, None). The worker
 seals chunks for packs of its own (only the public data key is needed for
 that); closed_packs names those it will seal no more for. The secrets it needs
@@ -48,7 +49,7 @@ from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
 from .frames import read_frame, serve_messages
 from .fsmeta import read_xattrs
-from .localfiles import read_small
+from .localfiles import read_expected
 
 
 class Preparer:
@@ -62,24 +63,24 @@ class Preparer:
         self.sealer = crypto.PackSealer(data_public)
         self.sealed = 0  # bytes sealed for the current pack
 
-    def batch(self, paths: list[bytes], want: bytes) -> tuple[str, list[bytes], list[tuple]]:
+    def batch(self, paths: list[bytes], want: bytes, sizes: list[int]) -> tuple[str, list[bytes], list[tuple]]:
         files: list[tuple] = []
         cut: list[tuple[int, list[memoryview]]] = []  # (file index, chunks) of the files read
-        for path, wanted in zip(paths, want):
+        split, append = self.chunker.split, files.append
+        for path, wanted, size in zip(paths, want, sizes):
             try:
-                data, st = read_small(path, None)
+                data = read_expected(path, size)
                 xattrs = read_xattrs(path) if wanted else None
             except OSError as exc:
-                files.append((exc.errno or 0, exc.strerror or str(exc)))
+                append((exc.errno or 0, exc.strerror or str(exc)))
                 continue
-            assert data is not None
-            cut.append((len(files), self.chunker.split(data)))
-            files.append((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, xattrs))
+            cut.append((len(files), split(data)))
+            append((len(data), xattrs))
         return self._seal(files, cut)
 
     def contents(self, datas: list[bytes]) -> tuple[str, list[bytes], list[tuple]]:
-        """A batch of contents sent whole: no file to read, no stat."""
-        files: list[tuple] = [(len(data), 0, 0, 0, []) for data in datas]
+        """A batch of contents sent whole: no file to read."""
+        files: list[tuple] = [(len(data), []) for data in datas]
         return self._seal(files, [(index, self.chunker.split(data)) for index, data in enumerate(datas)])
 
     def _seal(self, files: list[tuple],

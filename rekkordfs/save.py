@@ -309,7 +309,8 @@ class SaveSession:
         if pool is not None and (pool.ready or self._small_seen >= tuning.SAVE_WAIT_FILES):
             paths = [job.path for job in batch]
             want = bytes(leaves(job.entry) for job in batch)
-            await self._store_batch(batch, *await pool.prepare(paths, want))
+            sizes = [job.key.size for job in batch]
+            await self._store_batch(batch, *await pool.prepare(paths, want, sizes))
             return
         files = [SmallFile(path=job.path, want_xattrs=leaves(job.entry)) for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)
@@ -348,7 +349,9 @@ class SaveSession:
                 entry.xattrs = item.xattrs
             entry.chunks_raw = raw = item.chunks_raw
             entry.size = item.size
-            if item.key == job.key:  # unchanged while it was read: its stat row may be reused
+            # the size its lstat gave: the content read is no older than that
+            # lstat, so a stat row of it is safe to reuse (localfiles.read_expected())
+            if item.size == job.key.size:
                 rows.append(stat_row(job.path, job.key, raw))
             if entry.link_id:
                 link_done[entry.link_id].set()  # a batch holds primary jobs only

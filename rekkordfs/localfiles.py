@@ -9,6 +9,7 @@ import io
 import os
 import stat
 
+from .fsmeta import read_xattrs
 from .tuning import SMALL_FILE
 
 
@@ -48,29 +49,29 @@ def read_small(path: bytes | str, limit: int | None = SMALL_FILE) -> tuple[bytes
         os.close(fd)
 
 
-def read_expected(path: bytes, size: int) -> bytes:
+def read_expected(path: bytes, size: int, xattrs: int) -> tuple[bytes, list[tuple[bytes, bytes]] | None]:
     """The content of a small file whose lstat (the save's walker) said it is
-    a regular file of `size` bytes: open, one read, close, and no fstat
-    unless the read says otherwise (a fstat per file was a tenth of a save
-    worker's system calls). A file that became something else meanwhile is
-    refused as read_small() refuses it: it gives more or fewer bytes than
-    expected (a FIFO none, a device more), which is checked then. One that
-    was replaced by a regular file of the same size is read as it is now:
+    a regular file of `size` bytes, and its extended attributes if xattrs is
+    not 0 (read after the content, through the open file): open, one read,
+    flistxattr, close. No fstat unless the read says otherwise (a fstat per
+    file was a tenth of a save worker's system calls): a file that became
+    something else meanwhile is refused as read_small() refuses it, as it
+    gives more or fewer bytes than expected (a FIFO none, a device more).
+    One replaced by a regular file of the same size is read as it is now:
     its content is never older than the walker's lstat, so a stat row made
     from that lstat is at worst one the next save does not trust."""
     fd = _open_read(path)
     try:
         data = os.read(fd, size + 1)  # a short read is the end of a regular file
-        if len(data) == size:
-            return data
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "no longer a regular file")
-        if len(data) > size:  # it grew meanwhile: read to its end
-            pieces = [data]
-            while piece := os.read(fd, 1 << 20):
-                pieces.append(piece)
-            data = b"".join(pieces)
-        return data
+        if len(data) != size:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "no longer a regular file")
+            if len(data) > size:  # it grew meanwhile: read to its end
+                pieces = [data]
+                while piece := os.read(fd, 1 << 20):
+                    pieces.append(piece)
+                data = b"".join(pieces)
+        return data, read_xattrs(fd) if xattrs else None
     finally:
         os.close(fd)
 

@@ -48,7 +48,6 @@ from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
 from .frames import read_frame, serve_messages
-from .fsmeta import read_xattrs
 from .localfiles import read_expected
 
 
@@ -69,8 +68,7 @@ class Preparer:
         split, append = self.chunker.split, files.append
         for path, wanted, size in zip(paths, want, sizes):
             try:
-                data = read_expected(path, size)
-                xattrs = read_xattrs(path) if wanted else None
+                data, xattrs = read_expected(path, size, wanted)
             except OSError as exc:
                 append((exc.errno or 0, exc.strerror or str(exc)))
                 continue

@@ -896,6 +896,30 @@ def test_capture_freezes_content_that_later_writes_do_not_change(tree: StagingTr
     run(main)
 
 
+def test_a_file_written_while_open_keeps_its_captured_content(tree: StagingTree) -> None:
+    """A data file written in many writes keeps one descriptor open between
+    them; a capture while it is open freezes what it held, and the writes
+    after it (through a new descriptor) change only the live file."""
+    async def main() -> None:
+        first = b"a" * (INLINE_MAX + 1)
+        node = await tree.create(ROOT, b"big", EntryKind.FILE, 0o644, 0, 0)
+        await tree.write(node.ino, 0, first)
+        await tree.write(node.ino, len(first), b"b" * 1000)  # no close in between: the same descriptor
+        capture = tree.capture(lambda done: set())
+        assert frozen_content(tree, node.ino, capture) == first + b"b" * 1000
+        await tree.write(node.ino, 0, b"CHANGED")
+        await tree.write(node.ino, len(first) + 1000, b"c" * 10)
+        assert frozen_content(tree, node.ino, capture) == first + b"b" * 1000
+        tree.flush(node.ino)
+        assert await content(tree, node.ino) == b"CHANGED" + first[7:] + b"b" * 1000 + b"c" * 10
+        tree.release_capture(capture)
+        await tree.write(node.ino, 0, b"again")  # a new descriptor after the close, the same file
+        tree.flush(node.ino)
+        assert await content(tree, node.ino) == b"againED" + first[7:] + b"b" * 1000 + b"c" * 10
+
+    run(main)
+
+
 # --- with a repository ----------------------------------------------------------------------------
 
 

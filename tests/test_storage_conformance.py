@@ -408,19 +408,37 @@ def test_flush_then_visible_from_a_new_connection(backend: Backend) -> None:
     run(body)
 
 
-def test_local_flush_syncs_what_was_written_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """fsync() of each object written since the last flush and of its folder; a
-    staged file elsewhere on the same disk is not synced with them."""
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch, below: Path) -> list[str]:
+    """The paths below `below` fsynced from now on, by flush() or in the
+    background, in order (earlier tests' storages may still sync theirs)."""
     import rekkordfs.storage.local as local
+    import rekkordfs.storage.localsync as localsync
 
     synced: list[str] = []
-    real = local._fsync_path
+    real = localsync.fsync_path
 
     def record(path: str) -> None:
         real(path)
-        synced.append(path)
+        if path.startswith(f"{below}/"):
+            synced.append(path)
 
-    monkeypatch.setattr(local, "_fsync_path", record)
+    monkeypatch.setattr(local, "fsync_path", record)
+    monkeypatch.setattr(localsync, "fsync_path", record)
+    return synced
+
+
+def _wait_idle(storage: LocalStorage) -> None:
+    deadline = time.monotonic() + 30
+    while not storage._unsynced.idle():
+        assert time.monotonic() < deadline, "the background fsyncs never ended"
+        time.sleep(0.01)
+
+
+def test_local_flush_syncs_what_was_written_and_nothing_else(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each object written since the last flush and its folder are fsynced
+    (by flush(), or in the background before it), each object before its
+    folder; a staged file elsewhere on the same disk is not synced with them."""
+    synced = _record_fsyncs(monkeypatch, tmp_path)
 
     async def body() -> None:
         storage = LocalStorage(str(tmp_path / "repo"))
@@ -431,15 +449,41 @@ def test_local_flush_syncs_what_was_written_and_nothing_else(tmp_path: Path, mon
         assert not await storage.put(keys[0], b"again")  # taken: nothing new to sync
         (tmp_path / "other-file").write_bytes(b"not the repository's")
         await storage.flush()
+        _wait_idle(storage)
         root = str(tmp_path / "repo")
         objects = {os.path.join(root, key) for key in keys}
         # folders are made on demand: each one up to the root holds a new name
         folders = {os.path.join(root, folder) for folder in ("index", "packs/1f", "packs")} | {root}
-        assert set(synced) == objects | folders and len(synced) == len(objects | folders)
-        assert synced.index(os.path.join(root, "packs/1f/pack")) < synced.index(os.path.join(root, "packs/1f"))
+        assert set(synced) == objects | folders
+        pack = os.path.join(root, "packs/1f/pack")
+        last = len(synced) - 1 - synced[::-1].index(os.path.join(root, "packs/1f"))
+        assert synced.index(pack) < last
         synced.clear()
         await storage.flush()
         assert synced == []
+        await storage.aclose()
+
+    run(body)
+
+
+def test_local_objects_are_synced_in_the_background(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Objects and their folders are fsynced as they are written: a flush after
+    the background caught up syncs only the folders above them."""
+    synced = _record_fsyncs(monkeypatch, tmp_path)
+
+    async def body() -> None:
+        storage = LocalStorage(str(tmp_path / "repo"))
+        await storage.create()
+        root = str(tmp_path / "repo")
+        keys = ["packs/1f/pack", "index/first", "index/second"]
+        for key in keys:
+            assert await storage.put(key, os.urandom(2 << 20 if key.startswith("packs") else 100))
+        _wait_idle(storage)
+        assert {os.path.join(root, key) for key in keys} | {os.path.join(root, "packs/1f"),
+                                                              os.path.join(root, "index")} == set(synced)
+        synced.clear()
+        await storage.flush()
+        assert sorted(synced) == sorted([root, os.path.join(root, "packs")])
         await storage.aclose()
 
     run(body)

@@ -44,6 +44,12 @@ class ContentStore:
         # still holds it unchanged, else the content it had (see _preserve_inline)
         self.frozen_inline: dict[int, bytes | None] = {}
         self._touched: set[int] = set()  # files written since their last flush
+        # data files open for writing, from a file's first write to its next
+        # close or fsync (flush()): a large file arrives in thousands of writes,
+        # and an open() and close() each cost the request thread as much as the
+        # write (two more hand-overs of the GIL). Dropped wherever the data
+        # file's name may come to name another file (unfreeze, spill, reset).
+        self._write_fds: dict[int, int] = {}
         self._chunk_maps: WeightedLRU[int, ChunkMap] = WeightedLRU(CHUNK_MAPS)  # decoded, for reads
 
     # --- the state folder ---------------------------------------------------------------
@@ -59,6 +65,7 @@ class ContentStore:
 
     def reset(self) -> None:
         """The tree was seeded anew (the journal holds no written file)."""
+        self.close_files()
         self._chunk_maps = WeightedLRU(CHUNK_MAPS)
         for path in self.data_dir.iterdir():
             path.unlink()
@@ -66,6 +73,7 @@ class ContentStore:
     def deleted(self, deleted: Deleted) -> None:
         """Inodes whose deletion was just committed."""
         for ino, content in deleted:
+            self._close_write_fd(ino)
             if content == Content.DATA_FILE:
                 _unlink(self.data_path(ino))
             self.uploads.deleted(ino)
@@ -138,6 +146,7 @@ class ContentStore:
         if not keep_content or not node.chunks or node.size <= INLINE_MAX:
             await self._copy_up_inline(node, keep_content)
             return
+        self._close_write_fd(ino)
         path = self.data_path(ino)
         tmp = self.data_dir / f"{ino}.copy"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -198,14 +207,17 @@ class ContentStore:
             self._spill(node)
         elif ino in self.frozen:
             await self.unfreeze(ino)
-        fd = os.open(self.data_path(ino), os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            if len(data) <= INLINE_WRITE:
-                pwrite_all(fd, data, offset)  # into the page cache: cheaper than a thread hop
-            else:
+        if len(data) <= INLINE_WRITE:
+            fd = self._write_fds.get(ino)
+            if fd is None:
+                fd = self._write_fds[ino] = os.open(self.data_path(ino), os.O_WRONLY | os.O_CLOEXEC)
+            pwrite_all(fd, data, offset)  # into the page cache: cheaper than a thread hop
+        else:  # its own descriptor: a close of the shared one may come while the thread writes
+            fd = os.open(self.data_path(ino), os.O_WRONLY | os.O_CLOEXEC)
+            try:
                 await trio.to_thread.run_sync(pwrite_all, fd, data, offset)
-        finally:
-            os.close(fd)
+            finally:
+                os.close(fd)
         self.changed(ino)
         self._touched.add(ino)
         if not self.journal.dirty:
@@ -245,6 +257,7 @@ class ContentStore:
         """Inline content about to grow past INLINE_MAX moves to a data file.
         No await: no other request may change it meanwhile."""
         self._preserve_inline(node.ino)
+        self._close_write_fd(node.ino)
         data = self.inline_data(node.ino) or b""
         fd = os.open(self.data_path(node.ino), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
@@ -264,10 +277,21 @@ class ContentStore:
 
     def flush(self, ino: int) -> None:
         """close()/fsync(): the file's new mtime goes into the journal."""
+        self._close_write_fd(ino)
         if ino in self._touched:
             now = self.clock()
             self.journal.change_alone(ino, mtime_ns=now, ctime_ns=now)
             self._touched.discard(ino)
+
+    def _close_write_fd(self, ino: int) -> None:
+        fd = self._write_fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_files(self) -> None:
+        """The tree closes (or is reset): no data file stays open."""
+        for ino in list(self._write_fds):
+            self._close_write_fd(ino)
 
     def touched_mtime(self, ino: int) -> bool:
         """Written since its last flush: its mtime is now, not the journal's."""
@@ -321,6 +345,7 @@ class ContentStore:
         """A running commit holds this file's content: write from now on to a copy."""
         if ino not in self.frozen:
             return
+        self._close_write_fd(ino)  # the name goes to the copy
         path = self.data_path(ino)
         tmp = self.data_dir / f"{ino}.copy"
         await trio.to_thread.run_sync(shutil.copyfile, path, tmp)

@@ -59,6 +59,7 @@ class StagingTree:
         self.content.deleted(deleted)
 
     def close(self) -> None:
+        self.content.close_files()
         self.journal.close()
 
     @property

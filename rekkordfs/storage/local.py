@@ -7,7 +7,8 @@ and a crash never leaves a half-written object under a real name.
 flush() makes what was written since the last flush durable: each object and
 its folder is fsync()ed, so other files on the same disk (the mount's staged
 data, other programs' writes) are not written out with it. Large objects start
-their write-back as soon as they are written.
+their write-back as soon as they are written, and every object is fsynced in
+the background as it comes (localsync.py): a flush waits for the last few.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import ctypes
 import errno
 import os
 import secrets
-import threading
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -26,6 +26,7 @@ from ..errors import ObjectMissing, StorageError, TransientStorageError
 from ..tasks import task_group
 from ..tuning import local_io
 from .base import ObjectInfo, Storage
+from .localsync import Unsynced, fsync_path
 
 T = TypeVar("T")
 
@@ -47,14 +48,6 @@ def _syncfs(path: str) -> None:
 SYNC_FILE_RANGE_WRITE = 2
 EARLY_WRITEBACK = 1 << 20  # objects from this size (packs) start their write-back at once
 SYNCFS_ABOVE = 4096  # flushing more objects than this: one syncfs() costs less
-
-
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _start_writeback(fd: int) -> None:
@@ -131,8 +124,7 @@ class LocalStorage(Storage):
         # O_TMPFILE + linkat(AT_EMPTY_PATH): no temporary name to create and unlink (and
         # nothing to clean up after a crash); plain temp files where unsupported.
         self._use_tmpfile = hasattr(os, "O_TMPFILE")
-        self._unsynced: set[str] = set()  # objects written since the last flush() (by worker threads)
-        self._unsynced_lock = threading.Lock()
+        self._unsynced = Unsynced(self.root)  # written since the last flush() (by worker threads)
 
     @property
     def description(self) -> str:
@@ -178,8 +170,7 @@ class LocalStorage(Storage):
         final = os.path.join(self.root, key)
         try:
             self._link_new(final, data)
-            with self._unsynced_lock:
-                self._unsynced.add(final)
+            self._unsynced.written(final)
             return True
         except FileExistsError:
             return False
@@ -346,23 +337,15 @@ class LocalStorage(Storage):
                 pass  # not empty, or gone: either is fine
 
     async def flush(self) -> None:
-        with self._unsynced_lock:
-            written, self._unsynced = self._unsynced, set()
+        written, folders = self._unsynced.take()
         try:
             if len(written) > SYNCFS_ABOVE:
                 await self._run(_syncfs, self.root)
                 return
-            folders: set[str] = set()
-            for path in written:  # each folder up to the root may have been made on demand
-                folder = os.path.dirname(path)
-                while folder not in folders and len(folder) >= len(self.root):
-                    folders.add(folder)
-                    folder = os.path.dirname(folder)
             for paths in (written, folders):  # the objects, then their names
                 async with task_group() as nursery:
                     for path in paths:
-                        nursery.start_soon(self._run, _fsync_path, path)
+                        nursery.start_soon(self._run, fsync_path, path)
         except OSError as exc:
-            with self._unsynced_lock:
-                self._unsynced |= written
+            self._unsynced.give(written, folders)
             raise self._error(exc, "sync", "") from None

@@ -8,31 +8,40 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from .chunkmap import pwrite_all
 from .destination import FolderFds, Made, NewFiles, XattrFailed, apply_metadata, move_into_place, remove_quietly
 from .errors import CorruptedData
-from .format import ChunkRef, Entry, Raw
+from .format import CHUNK_STRUCT, ChunkRef, Entry, Raw
 from .tuning import SMALL_FILE
 
 # (blob ID, pack ID, stored bytes) -> the chunk's plaintext, checked against its ID
 Unpack = Callable[[bytes, bytes, bytes | bytearray | memoryview], bytes | bytearray]
 
 
-@dataclass
 class FileJob:
-    parts: tuple[bytes, ...]  # path below DEST, last part is the name
-    entry: Entry
-    chunks: list[ChunkRef] = field(init=False)
+    """A file to restore: its path below DEST (the last part is its name) and
+    entry. Its chunk list is decoded when first used, in the thread that
+    writes it: the walk's thread, which makes the jobs, is the one the GIL
+    lets run least."""
 
-    def __post_init__(self) -> None:
-        self.chunks = self.entry.chunks
+    __slots__ = ("parts", "entry", "_chunks")
+
+    def __init__(self, parts: tuple[bytes, ...], entry: Entry) -> None:
+        self.parts = parts
+        self.entry = entry
+        self._chunks: list[ChunkRef] | None = None
+
+    @property
+    def chunks(self) -> list[ChunkRef]:
+        if self._chunks is None:
+            self._chunks = self.entry.chunks
+        return self._chunks
 
     @property
     def large(self) -> bool:
         """Restored on its own, chunks fetched concurrently (others go in batches)."""
-        return self.entry.size > SMALL_FILE or len(self.chunks) > 1
+        return self.entry.size > SMALL_FILE or len(self.entry.chunks_raw) > CHUNK_STRUCT.size
 
 
 class SmallWriter:

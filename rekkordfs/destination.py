@@ -14,7 +14,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from .format import Entry, EntryKind
-from .fsmeta import FILE_TYPE_BITS
+from .fsmeta import ACL_DEFAULT, FILE_TYPE_BITS
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 IS_ROOT = os.geteuid() == 0
@@ -66,14 +66,72 @@ def temp_name() -> bytes:
     return TEMP_PREFIX + os.urandom(6).hex().encode()
 
 
-def create_new(dir_fd: int, name: bytes) -> tuple[int, bytes | None]:
+def create_new(dir_fd: int, name: bytes, mode: int = 0o600) -> tuple[int, bytes | None]:
     """A new empty file for name: (fd, None) when the name was free, else
-    (fd, temporary name) to be put in place by move_into_place() once complete."""
+    (fd, temporary name) to be put in place by move_into_place() once complete.
+    mode: permission bits to create it with (the umask applies)."""
     try:
-        return os.open(name, _CREATE, 0o600, dir_fd=dir_fd), None
+        return os.open(name, _CREATE, mode, dir_fd=dir_fd), None
     except FileExistsError:
         temp = temp_name()
-        return os.open(temp, _CREATE, 0o600, dir_fd=dir_fd), temp
+        return os.open(temp, _CREATE, mode, dir_fd=dir_fd), temp
+
+
+def read_umask() -> int | None:
+    """The process's umask, read without setting it (os.umask() sets it for
+    every thread at once); None when the kernel does not tell."""
+    try:
+        with open("/proc/self/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# (owner, group, permission bits or -1 for unknown) a file has since its creation
+Made = tuple[int, int, int]
+
+
+class NewFiles:
+    """What a file created below DEST has before its metadata is applied, so
+    apply_metadata() skips the chown and chmod that would change nothing
+    (they were a third of a small file's system calls). A file is created
+    with its final permission bits when the umask keeps them all; set-id and
+    sticky bits only ever come from the chmod after the chown."""
+
+    def __init__(self) -> None:
+        self.umask = read_umask()
+        self.uid = os.geteuid()
+        self.gid = os.getegid()
+
+    def folder(self, dir_fd: int) -> tuple[int, int | None]:
+        """(the group a file created in the folder gets, the umask that applies
+        there, or None when unknown: a default ACL masks the mode instead)."""
+        st = os.fstat(dir_fd)
+        gid = st.st_gid if st.st_mode & stat.S_ISGID else self.gid
+        if self.umask is None:
+            return gid, None
+        try:
+            os.getxattr(dir_fd, ACL_DEFAULT)
+            return gid, None
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+                return gid, self.umask
+            raise
+
+    def create(self, dir_fd: int, name: bytes, entry: Entry, folder: tuple[int, int | None]
+               ) -> tuple[int, bytes | None, Made]:
+        """create_new() for entry in a folder (folder(): what it gives new
+        files); also what the file has of entry's metadata."""
+        gid, umask = folder
+        bits = entry.mode & 0o777
+        if umask is None or bits & umask or bits != entry.mode:
+            bits = -1  # created 0600 (less the umask): chmod sets the mode
+        fd, temp = create_new(dir_fd, name, 0o600 if bits < 0 else bits)
+        return fd, temp, (self.uid, gid, bits)
+
 
 
 def move_into_place(dir_fd: int, temp: bytes, name: bytes) -> None:
@@ -134,11 +192,13 @@ def set_xattrs(set_one: Callable[[bytes, bytes], None], entry: Entry, failed: Xa
                 failed(name, exc)
 
 
-def apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed) -> None:
-    """Owner, mode, xattrs and times on an open file or directory."""
-    if IS_ROOT:
+def apply_metadata(fd: int, entry: Entry, xattr_failed: XattrFailed, made: Made | None = None) -> None:
+    """Owner, mode, xattrs and times on an open file or directory (made: what
+    NewFiles.create() says the file has already)."""
+    if IS_ROOT and (made is None or made[0] != entry.uid or made[1] != entry.gid):
         os.chown(fd, entry.uid, entry.gid)
-    os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
+    if made is None or made[2] != entry.mode:
+        os.chmod(fd, entry.mode)  # after chown, which clears set-id bits
     set_xattrs(lambda name, value: os.setxattr(fd, name, value), entry, xattr_failed)
     os.utime(fd, ns=(entry.atime_ns, entry.mtime_ns))
 

@@ -69,14 +69,14 @@ class FileWriter:
         """Small files: fetch their chunks together, then write them all in one
         thread hop (on a local disk the reads happen in that hop too), or in a
         worker process (restoreprocs.py)."""
-        wanted = [job.chunks[0] for job in batch if job.chunks and not self.repo.is_zero_chunk(job.chunks[0])]
         written = None
         if self.repo.storage.read_blocking is not None:
             try:
-                written = await self.repo.run_cpu(self._read_write_small, batch, wanted)
+                written = await self.repo.run_cpu(self._read_write_small, batch)
             except ObjectMissing:
                 pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
         if written is None:
+            wanted = self._wanted(batch)
             try:
                 raws = await self.repo.read_raws(wanted)
             except (CorruptedData, ObjectMissing) as exc:
@@ -110,7 +110,13 @@ class FileWriter:
     def _batch_error(self, batch: list[FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
         return type(exc)(f"restoring '{self.show(batch[0].parts)}' and nearby files: {exc.message}")
 
-    def _read_write_small(self, batch: list[FileJob], wanted: list[ChunkRef]) -> int:
+    def _wanted(self, batch: list[FileJob]) -> list[ChunkRef]:
+        """The chunks a batch of small files needs read (none for an empty or all-zero file)."""
+        is_zero = self.repo.is_zero_chunk
+        return [chunks[0] for chunks in (job.chunks for job in batch) if chunks and not is_zero(chunks[0])]
+
+    def _read_write_small(self, batch: list[FileJob]) -> int:
+        wanted = self._wanted(batch)
         try:
             raws = self.repo.read_raws_blocking(wanted)  # everything is read before anything is written
         except CorruptedData as exc:

@@ -180,7 +180,9 @@ def test_no_worker_without_a_second_cpu_or_from_a_local_disk() -> None:
 
 
 def _is_worker(pid: int) -> bool:
+    """A restore worker this test started (other sessions on the machine run their own)."""
     try:
-        return b"rekkordfs.restoreworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
+        ppid = int(Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[1])
+        return ppid == os.getpid() and b"rekkordfs.restoreworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, IndexError, ValueError):
         return False

@@ -180,7 +180,11 @@ def test_no_worker_without_a_second_cpu_or_from_a_local_disk() -> None:
 
 
 def _is_worker(pid: int) -> bool:
+    """A restore worker started by this test process (other restores may run on the machine)."""
     try:
-        return b"rekkordfs.restoreworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        if b"rekkordfs.restoreworker" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+    return any(line.split() == ["PPid:", str(os.getpid())] for line in status.splitlines())

@@ -39,6 +39,7 @@ from .errors import RestoreError
 from .format import Entry, EntryKind
 from .gcquiet import quiet_gc
 from .repository import Repository
+from .restorebatches import Batcher
 from .restorefiles import FileWriter
 from .restoreprocs import RestorePool
 from .restorewrite import FileJob, xattr_warning
@@ -50,6 +51,7 @@ from .tuning import (
     BULK_GC_THRESHOLDS,
     OPEN_FOLDERS,
     REMOTE_BATCH_FILES,
+    REMOTE_HOLD,
     restore_processes,
     restore_workers,
 )
@@ -99,10 +101,11 @@ class RestoreSession:
         self._open_folders = trio.Semaphore(OPEN_FOLDERS)
         # from a server, a batch's files are read with a few ranged requests: the more
         # files per batch, the fewer requests (each costs milliseconds of CPU in boto3)
-        self._batch_files = REMOTE_BATCH_FILES if repo.storage.remote else BATCH_FILES
+        remote = repo.storage.remote
         self.workers = restore_workers(repo.threads)
-        self._batch: list[FileJob] = []  # small files waiting to be sent together
-        self._batch_bytes = 0
+        # small files waiting to be sent together (from a server: grouped by pack)
+        self._batcher = Batcher(REMOTE_BATCH_FILES if remote else BATCH_FILES, BATCH_BYTES, by_pack=remote,
+                                hold_files=REMOTE_BATCH_FILES * REMOTE_HOLD, hold_bytes=BATCH_BYTES * REMOTE_HOLD)
         self.dest_fd = -1
         self.folders: FolderFds  # once dest_fd is open
         self.label = label
@@ -162,7 +165,7 @@ class RestoreSession:
                             await self._restore_dir_contents(parts, self.target, send)
                         else:
                             await self._restore_entry(parts, self.target, send)
-                        await self._send_batch(send)
+                        await self._send_rest(send)
                 if pool is not None:
                     await pool.close()
             self.stats.files += writer.files
@@ -239,10 +242,8 @@ class RestoreSession:
             if job.large:
                 await jobs.send([job])
                 return
-            self._batch.append(job)  # small files go in batches, many per thread hop
-            self._batch_bytes += entry.size
-            if len(self._batch) >= self._batch_files or self._batch_bytes >= BATCH_BYTES:
-                await self._send_batch(jobs)
+            for batch in self._batcher.add(job):  # small files go in batches, many per thread hop
+                await jobs.send(batch)
         else:
             await trio.to_thread.run_sync(self._make_special, parts, entry)
 
@@ -319,9 +320,8 @@ class RestoreSession:
 
     # --- files -----------------------------------------------------------------
 
-    async def _send_batch(self, jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        if batch:
+    async def _send_rest(self, jobs: trio.MemorySendChannel[list[FileJob]]) -> None:
+        for batch in self._batcher.flush():
             await jobs.send(batch)
 
     async def _worker(self, writer: FileWriter, jobs: trio.MemoryReceiveChannel[list[FileJob]]) -> None:

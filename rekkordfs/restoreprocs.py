@@ -23,6 +23,8 @@ from .frames import frame
 from .restorewrite import FileJob
 from .workerprocs import Worker, WorkerFailed, WorkerPool
 
+QUEUED = 2  # batches a worker holds (the one it writes, the next), so it never waits for the main process
+
 
 class _Reply:
     __slots__ = ("done", "result")
@@ -48,8 +50,11 @@ class RestorePool(WorkerPool):
 
     @property
     def ready(self) -> bool:
-        """A worker can take a batch now."""
-        return any(w.ready and not w.closing for w in self.workers)
+        """A worker can take a batch now: it is started and has at most one
+        other batch to write before it (with more, the batch waits for the worker
+        while the main process, idle once the last requests are answered, could
+        write it: the end of a restore waited for one worker's queue)."""
+        return any(w.ready and not w.closing and len(w.waiting) < QUEUED for w in self.workers)
 
     def start_frame(self) -> bytes:
         return self._secrets

@@ -15,6 +15,7 @@ SMALL_FILE = 2 << 20  # files up to this size are read, or written, in one go
 BATCH_FILES = 64  # small files per hop (save, restore, write-behind, commit)...
 BATCH_BYTES = 8 << 20  # ...up to this many bytes
 REMOTE_BATCH_FILES = 1024  # small files per batch of a restore from a server (fewer, larger requests)
+REMOTE_HOLD = 16  # batches' worth of small files a restore from a server may hold back, grouping them by pack
 STREAM_BATCH = 8 << 20  # bytes of a large file's chunks handed over per hop
 OPEN_FOLDERS = 32  # folders a restore holds the entries of while it queues their files
 STAT_BATCH = 4096  # stat-cache rows a save stores per transaction, as it goes

@@ -43,9 +43,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             return handler(args, make_config) or 0
         finally:
             interrupt.exit_at_once()
+            _skip_last_collection()
     except BaseException as exc:  # noqa: BLE001 - translate everything the user can cause
         interrupt.exit_at_once()
         return _report(exc)
+
+
+def _skip_last_collection() -> None:
+    """The command is done and the process ends: the collection the interpreter
+    runs while it shuts down would walk every object still alive (botocore's
+    service model, a restore's tree) to free memory that the exit frees anyway,
+    0.1-0.3 s after a restore from S3. Frozen objects are left out of it (their
+    files and sockets are still closed as their references go)."""
+    import gc
+
+    gc.freeze()
 
 
 def make_config(args: argparse.Namespace) -> Config:

@@ -119,7 +119,7 @@ class NewFiles:
         except OSError as exc:
             if exc.errno in (errno.ENODATA, errno.ENOTSUP):
                 return gid, self.umask
-            raise
+            return gid, None  # cannot tell (EACCES, EIO...): chmod sets the mode, as before
 
     def create(self, dir_fd: int, name: bytes, entry: Entry, folder: tuple[int, int | None]
                ) -> tuple[int, bytes | None, Made]:

@@ -110,3 +110,25 @@ def test_a_default_acl_does_not_change_the_modes(saved: tuple[Rekkord, Path], tm
     probe.unlink()
     rekkord("restore", f"modes:{src}", str(dest))
     assert _modes(dest) == _modes(src)
+
+
+def test_a_folder_whose_acl_cannot_be_read_leaves_the_mode_to_chmod(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination that answers getxattr with an error other than "no such
+    attribute" or "not supported" (EACCES from a security module, EIO) does
+    not fail the restore: the umask is taken as unknown, so chmod sets the mode."""
+    import errno
+
+    from rekkordfs import destination
+
+    def refuse(*_args: object, **_kwargs: object) -> bytes:
+        raise OSError(errno.EACCES, "refused")
+
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        new_files = destination.NewFiles()
+        assert new_files.folder(fd)[1] is not None  # a plain folder: the umask is known
+        monkeypatch.setattr(destination.os, "getxattr", refuse)
+        assert new_files.folder(fd) == (os.getegid(), None)
+    finally:
+        os.close(fd)

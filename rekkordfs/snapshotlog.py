@@ -167,12 +167,15 @@ class SnapshotLog:
         # of this key on this machine writes the tag (finish_pending)
         await trio.to_thread.run_sync(self.cache.add_pending, tag.snapshot_id, sealed)
         try:
-            if not await self.storage.put(snapshot_key(tag.snapshot_id), raw):
-                raise RepositoryError(f"snapshot record {tag.id_hex} exists already")
-            await self.storage.flush()
-            stop_point("snapshot-tag")
-            await self.storage.put(tag_key(sealed), b"")
-            await self.storage.flush()
+            # a Ctrl-C (a cancellation) waits for the tag: a record without one
+            # would stay unlisted until the next save here; a second Ctrl-C still ends at once
+            with trio.CancelScope(shield=True):
+                if not await self.storage.put(snapshot_key(tag.snapshot_id), raw):
+                    raise RepositoryError(f"snapshot record {tag.id_hex} exists already")
+                await self.storage.flush()
+                stop_point("snapshot-tag")
+                await self.storage.put(tag_key(sealed), b"")
+                await self.storage.flush()
         except BaseException:
             self._interrupted.add(tag.snapshot_id)
             raise

@@ -325,7 +325,7 @@ class Walker:
         stats = self.stats
         stats.scanned_files += 1
         stats.scanned_bytes += entry.size
-        listing.jobs.append(FileJob(node, entry, path, StatKey(entry.size, entry.mtime_ns, entry.ctime_ns, st.st_ino)))
+        listing.jobs.append(FileJob(node, entry, path, stat_key(st)))
         node.pending += 1
 
     def _file_job(self, listing: Listing, path: bytes, entry: Entry, st: os.stat_result) -> None:

@@ -263,15 +263,13 @@ class Walker:
         looked at through it) and (name, path) of its entries, sorted; only
         the tag of a tagged cache folder when caches are excluded; (-1, [])
         when it cannot be listed."""
+        fd = -1
         try:
             fd = os.open(folder, _FOLDER_FLAGS)
-        except OSError as exc:
-            self.skip(f"cannot list '{os.fsdecode(folder)}': {exc.strerror}; its content is missing")
-            return -1, []
-        try:
             names = sorted(os.listdir(folder))  # bytes names (through fd they would be str)
         except OSError as exc:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self.skip(f"cannot list '{os.fsdecode(folder)}': {exc.strerror}; its content is missing")
             return -1, []
         if self.selection.exclude_caches and CACHEDIR_TAG in names and is_cache_dir(folder):

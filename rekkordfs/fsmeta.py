@@ -26,8 +26,9 @@ FILE_TYPE_BITS = {kind: bits for bits, kind in _KINDS.items()}
 _FILE, _SYMLINK = EntryKind.FILE, EntryKind.SYMLINK
 
 
-def entry_from_stat(name: bytes, st: os.stat_result, path: bytes) -> Entry | None:
-    """An entry with the metadata of st; None for file types we do not store."""
+def entry_from_stat(name: bytes, st: os.stat_result, folder: int) -> Entry | None:
+    """An entry with the metadata of st, that of name in the open folder;
+    None for file types we do not store."""
     kind = _KINDS.get(stat.S_IFMT(st.st_mode))
     if kind is None:
         return None
@@ -36,7 +37,7 @@ def entry_from_stat(name: bytes, st: os.stat_result, path: bytes) -> Entry | Non
     entry = Entry(kind, name, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns, st.st_atime_ns,
                   st.st_ctime_ns, st.st_size if is_file else 0, st.st_nlink if is_file else 1)
     if kind == _SYMLINK:
-        entry.target = os.readlink(path)
+        entry.target = os.readlink(name, dir_fd=folder)
         entry.size = len(entry.target)
     elif kind in (EntryKind.CHAR_DEVICE, EntryKind.BLOCK_DEVICE):
         entry.rdev = st.st_rdev

@@ -20,6 +20,7 @@ import trio
 from .format import CHUNK_STRUCT as _CHUNK
 from .format import encode_chunk
 from .frames import frame
+from .localfiles import FolderRef
 from .packs import PACK_TARGET
 from .repository import Repository
 from .upload import TransferStats
@@ -134,14 +135,15 @@ class PrepPool(WorkerPool):
         stats.bytes_read += read
         return out
 
-    async def prepare(self, paths: list[bytes], want: bytes,
+    async def prepare(self, folders: list[tuple[FolderRef, int]], names: list[bytes], want: bytes,
                       sizes: list[int]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """The files read, cut, sealed by a worker and stored, and the packs
-        their chunks are in (want: 1 for each file whose extended attributes
-        are to be read too; sizes: each file's by its lstat, which stands for
-        a fstat: localfiles.read_expected()); await repository.upload_ready()
-        afterwards."""
-        return await self._ask(frame(("batch", paths, want, sizes)))
+        their chunks are in (names: the files', folder by folder: folders
+        gives each folder and how many of them it holds, localfiles.FolderOpener;
+        want: 1 for each file whose extended attributes are to be read too;
+        sizes: each file's by its lstat, which stands for a fstat:
+        localfiles.read_expected()); await repository.upload_ready() afterwards."""
+        return await self._ask(frame(("batch", folders, names, want, sizes)))
 
     async def prepare_contents(self, datas: list[bytes]) -> tuple[list[PreparedFile | OSError], set[bytes]]:
         """prepare() of contents held in memory (a commit's staged files):

@@ -8,9 +8,12 @@ it talks only through its stdin and stdout, in frames (frames.py).
 
     main -> worker  (id_key, chunk_seed, min, avg, max, data_public, pack_target, cache_db)   once
     worker -> main  ("ready",)
-    main -> worker  ("batch", [path, ...], want, sizes)  a batch, any number of times (want: a
-                                                         byte a file, 1 to read its extended attributes;
-                                                         sizes: each file's, by the walker's lstat)
+    main -> worker  ("batch", folders, [name, ...], want, sizes)
+                                                         a batch, any number of times: its files by name,
+                                                         folder by folder (folders: [(path, dev, ino),
+                                                         count], localfiles.FolderOpener); want: a byte a
+                                                         file, 1 to read its extended attributes; sizes:
+                                                         each file's, by the walker's lstat
     main -> worker  ("contents", [bytes, ...])           a batch of contents held by the main
                                                          process (a commit's staged files)
     worker -> main  ("done", closed_packs, files)        one per batch, in order
@@ -36,6 +39,7 @@ ended, or died) ends it, once what it was sent is written.
 
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import sys
@@ -48,7 +52,7 @@ from .chunker import Chunker, ChunkParams
 from .codec import STORED_OVERHEAD, compress_many, seal_many
 from .format import BlobKind
 from .frames import read_frame, serve_messages
-from .localfiles import read_expected
+from .localfiles import FolderOpener, FolderRef, read_expected
 
 
 class Preparer:
@@ -62,18 +66,28 @@ class Preparer:
         self.sealer = crypto.PackSealer(data_public)
         self.sealed = 0  # bytes sealed for the current pack
 
-    def batch(self, paths: list[bytes], want: bytes, sizes: list[int]) -> tuple[str, list[bytes], list[tuple]]:
+    def batch(self, folders: list[tuple[FolderRef, int]], names: list[bytes], want: bytes,
+              sizes: list[int]) -> tuple[str, list[bytes], list[tuple]]:
         files: list[tuple] = []
         cut: list[tuple[int, list[memoryview]]] = []  # (file index, chunks) of the files read
         split, append = self.chunker.split, files.append
-        for path, wanted, size in zip(paths, want, sizes):
-            try:
-                data, xattrs = read_expected(path, size, wanted)
-            except OSError as exc:
-                append((exc.errno or 0, exc.strerror or str(exc)))
-                continue
-            cut.append((len(files), split(data)))
-            append((len(data), xattrs))
+        places = [folder for folder, count in folders for _ in range(count)]
+        opener = FolderOpener()
+        try:
+            for folder, name, wanted, size in zip(places, names, want, sizes):
+                try:
+                    fd = opener.open(folder, name)
+                    try:
+                        data, xattrs = read_expected(fd, size, wanted)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    append((exc.errno or 0, exc.strerror or str(exc)))
+                    continue
+                cut.append((len(files), split(data)))
+                append((len(data), xattrs))
+        finally:
+            opener.close()
         return self._seal(files, cut)
 
     def contents(self, datas: list[bytes]) -> tuple[str, list[bytes], list[tuple]]:

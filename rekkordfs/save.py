@@ -17,6 +17,8 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
 from typing import BinaryIO
 
 import trio
@@ -35,13 +37,14 @@ from .format import (
 )
 from .gcquiet import quiet_gc
 from .keys import Capability
+from .localfiles import open_in_folder
 from .prepprocs import PreparedFile, PrepPool
 from .repository import Repository
 from .savewalk import DirNode, FileJob, Lead, Listing, Walker, normalize_paths, stat_key
 from .selection import Selection
 from .tasks import ReceiverGone, ThreadFeed, task_group
 from .tuning import BATCH_BYTES, BATCH_FILES, BULK_GC_THRESHOLDS, SMALL_FILE, STAT_BATCH, save_lead, save_workers
-from .upload import SmallFile, TransferStats, Uploader, open_regular
+from .upload import SmallFile, TransferStats, Uploader
 
 _FILE = EntryKind.FILE  # looked up once: a member looked up on its class is slow in Python 3.11
 
@@ -307,12 +310,14 @@ class SaveSession:
         leaves = self._walker.leaves_xattrs  # the walker read the others' (a re-save: all)
         pool = self._pool
         if pool is not None and (pool.ready or self._small_seen >= tuning.SAVE_WAIT_FILES):
-            paths = [job.path for job in batch]
+            folders = [(node.folder, len(list(jobs))) for node, jobs in groupby(batch, attrgetter("node"))]
+            names = [job.entry.name for job in batch]
             want = bytes(leaves(job.entry) for job in batch)
             sizes = [job.key.size for job in batch]
-            await self._store_batch(batch, *await pool.prepare(paths, want, sizes))
+            await self._store_batch(batch, *await pool.prepare(folders, names, want, sizes))
             return
-        files = [SmallFile(path=job.path, want_xattrs=leaves(job.entry)) for job in batch]
+        files = [SmallFile(path=job.entry.name, folder=job.node.folder, want_xattrs=leaves(job.entry))
+                 for job in batch]
         refs = await self.uploader.upload_small(files, read_limit=None)
         self.lead.done(len(batch))
         complete: list[DirNode] = []  # folders finished by this batch: their records in one hop
@@ -386,7 +391,7 @@ class SaveSession:
         return stat_key(os.fstat(handle.fileno())) == key
 
     async def _process_large(self, job: FileJob) -> None:
-        handle = await trio.to_thread.run_sync(open_regular, job.path)
+        handle = await trio.to_thread.run_sync(open_in_folder, job.node.folder, job.entry.name)
         try:
             chunks = await self.uploader.upload_stream(handle)
             unchanged = await trio.to_thread.run_sync(self._unchanged, handle, job.key)

@@ -17,6 +17,7 @@ from .cache import StatKey, stat_key
 from .errors import UsageError
 from .format import ChunkRef, Entry, EntryKind
 from .fsmeta import entry_from_stat, read_xattrs
+from .localfiles import FolderRef, open_folder
 from .repository import Repository
 from .selection import CACHEDIR_TAG, Selection, is_cache_dir
 from .tasks import ReceiverGone
@@ -28,19 +29,27 @@ if TYPE_CHECKING:
 # EntryKind members as module names: a member looked up on its class costs a
 # few tenths of a microsecond in Python 3.11, and these run per file
 _FILE, _DIRECTORY = EntryKind.FILE, EntryKind.DIRECTORY
-_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_PROC_FD = os.path.isdir(b"/proc/self/fd")  # names in an open folder, for the calls without dir_fd
 
 
 class DirNode:
-    __slots__ = ("path", "entry", "parent", "children", "pending", "skipped")
+    __slots__ = ("path", "entry", "parent", "children", "pending", "skipped", "ident")
 
-    def __init__(self, path: bytes, entry: Entry | None, parent: DirNode | None) -> None:
+    def __init__(self, path: bytes, entry: Entry | None, parent: DirNode | None,
+                 ident: tuple[int, int] = (-1, -1)) -> None:
         self.path = path
         self.entry = entry  # None for the snapshot root
         self.parent = parent
         self.children: list[Entry] = []
         self.pending = 0  # file jobs and subdirectories not finished yet
         self.skipped: set[bytes] = set()
+        # (st_dev, st_ino) of the folder by its parent's listing (the root's:
+        # Walker.run()): it is listed and its files read only if it is still that one
+        self.ident = ident
+
+    @property
+    def folder(self) -> FolderRef:
+        return (self.path, *self.ident)
 
 
 @dataclass(slots=True)  # one per file to read: slots make it smaller and quicker to build
@@ -157,6 +166,8 @@ class Walker:
         return self._next_link_id - 1
 
     def run(self, root: DirNode) -> None:
+        st = os.stat(b"/")
+        root.ident = (st.st_dev, st.st_ino)
         if b"/" in self.paths:
             self._scan_tree(root)
             return
@@ -176,26 +187,34 @@ class Walker:
         listing = Listing(node)
         full: list[DirNode] = []
         partial: list[tuple[DirNode, dict]] = []
-        for name in sorted(trie):
-            path = (node.path or b"") + b"/" + name
-            try:
-                st = os.lstat(path)
-            except OSError as exc:
-                self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
-                continue
-            # a saved path itself may be excluded (by name or absolute path);
-            # the folders leading to it never are
-            if trie[name] is None and self.selection.excluded(name, path, b"", stat.S_ISDIR(st.st_mode)):
-                continue
-            entry = self._add_child(listing, path, name, st)
-            if entry is None or entry.kind != EntryKind.DIRECTORY:
-                continue
-            child = DirNode(path, entry, node)
-            node.pending += 1
-            if trie[name] is None:
-                full.append(child)
-            else:
-                partial.append((child, trie[name]))
+        folder = self._open(node)
+        try:
+            for name in sorted(trie) if folder >= 0 else ():
+                path = node.path + b"/" + name
+                leading = trie[name] is not None
+                try:
+                    # the folders leading to a saved path are followed (/home may be a
+                    # symlink to /data/home); a saved path itself is not
+                    st = os.stat(name, dir_fd=folder, follow_symlinks=leading)
+                except OSError as exc:
+                    self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
+                    continue
+                # a saved path itself may be excluded (by name or absolute path);
+                # the folders leading to it never are
+                if not leading and self.selection.excluded(name, path, b"", stat.S_ISDIR(st.st_mode)):
+                    continue
+                entry = self._add_child(listing, folder, path, name, st)
+                if entry is None or entry.kind != EntryKind.DIRECTORY:
+                    continue
+                child = DirNode(path, entry, node, (st.st_dev, st.st_ino))
+                node.pending += 1
+                if leading:
+                    partial.append((child, trie[name]))
+                else:
+                    full.append(child)
+        finally:
+            if folder >= 0:
+                os.close(folder)
         self._emit(listing)
         for child, sub in partial:
             self._scan_virtual(child, sub)
@@ -207,14 +226,14 @@ class Walker:
         selection = self.selection
         filtering = selection.filters_entries
         base = top.path + b"/" if top.path else b"/"  # what relative patterns are relative to
-        root_dev = self._device(top.path or b"/") if selection.one_file_system else None
+        root_dev = top.ident[0] if selection.one_file_system else None
         # (folder, whether to list it): a folder on another filesystem is kept, empty
         stack: list[tuple[DirNode, bool]] = [(top, True)]
         while stack:
             node, descend = stack.pop()
             listing = Listing(node)
             subdirs: list[tuple[DirNode, bool]] = []
-            folder, items = self._list(node.path or b"/") if descend else (-1, [])
+            folder, items = self._list(node) if descend else (-1, [])
             stats: list[tuple[bytes, bytes, os.stat_result]] = []
             try:
                 for name, path in items:
@@ -229,19 +248,20 @@ class Walker:
                     if filtering and selection.excluded(name, path, path[len(base):], stat.S_ISDIR(st.st_mode)):
                         continue
                     stats.append((name, path, st))
+                self._prefetch_stats(stats)
+                small = self._small_file if self._reads_all and self.report is None else None
+                for name, path, st in stats:
+                    if small is not None and st.st_nlink == 1 and 0 < st.st_size <= SMALL_FILE \
+                            and stat.S_ISREG(st.st_mode):
+                        small(listing, path, name, st)  # most files of a first save
+                        continue
+                    entry = self._add_child(listing, folder, path, name, st)
+                    if entry is not None and entry.kind == _DIRECTORY:
+                        subdirs.append((DirNode(path, entry, node, (st.st_dev, st.st_ino)),
+                                        root_dev is None or st.st_dev == root_dev))
             finally:
                 if folder >= 0:
                     os.close(folder)
-            self._prefetch_stats(stats)
-            small = self._small_file if self._reads_all and self.report is None else None
-            for name, path, st in stats:
-                if small is not None and st.st_nlink == 1 and 0 < st.st_size <= SMALL_FILE \
-                        and stat.S_ISREG(st.st_mode):
-                    small(listing, path, name, st)  # most files of a first save
-                    continue
-                entry = self._add_child(listing, path, name, st)
-                if entry is not None and entry.kind == _DIRECTORY:
-                    subdirs.append((DirNode(path, entry, node), root_dev is None or st.st_dev == root_dev))
             node.pending += len(subdirs)
             self._emit(listing)
             stack.extend(reversed(subdirs))
@@ -258,30 +278,34 @@ class Walker:
         files = [(path, stat_key(st)) for _, path, st in stats if stat.S_ISREG(st.st_mode) and st.st_size]
         self._cached = dict(zip((path for path, _ in files), self.repo.cache.lookup_stats(files)))
 
-    def _list(self, folder: bytes) -> tuple[int, list[tuple[bytes, bytes]]]:
-        """The folder opened (a descriptor the caller closes, its entries are
-        looked at through it) and (name, path) of its entries, sorted; only
-        the tag of a tagged cache folder when caches are excluded; (-1, [])
-        when it cannot be listed."""
-        fd = -1
+    def _open(self, node: DirNode) -> int:
+        """node's folder opened (localfiles.open_folder(): the very folder
+        its parent's listing saw; its entries are looked at through it, never
+        by a path that a folder swapped for a symlink would lead elsewhere), or
+        -1, reported, when it cannot be."""
         try:
-            fd = os.open(folder, _FOLDER_FLAGS)
-            names = sorted(os.listdir(folder))  # bytes names (through fd they would be str)
+            return open_folder(*node.folder)
         except OSError as exc:
-            if fd >= 0:
-                os.close(fd)
-            self.skip(f"cannot list '{os.fsdecode(folder)}': {exc.strerror}; its content is missing")
-            return -1, []
-        if self.selection.exclude_caches and CACHEDIR_TAG in names and is_cache_dir(folder):
-            names = [CACHEDIR_TAG]
-        prefix = folder.rstrip(b"/") + b"/"
-        return fd, [(name, prefix + name) for name in names]
+            self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
+            return -1
 
-    def _device(self, path: bytes) -> int | None:
+    def _list(self, node: DirNode) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """node's folder opened (_open(): a descriptor the caller closes) and
+        (name, path) of its entries, sorted; only the tag of a tagged cache
+        folder when caches are excluded; (-1, []) when it cannot be listed."""
+        fd = self._open(node)
+        if fd < 0:
+            return -1, []
         try:
-            return os.lstat(path).st_dev
-        except OSError:
-            return None  # reported when the folder is listed
+            names = sorted(map(os.fsencode, os.listdir(fd)))
+        except OSError as exc:
+            os.close(fd)
+            self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
+            return -1, []
+        if self.selection.exclude_caches and CACHEDIR_TAG in names and is_cache_dir(fd):
+            names = [CACHEDIR_TAG]
+        prefix = node.path + b"/"
+        return fd, [(name, prefix + name) for name in names]
 
     def leaves_xattrs(self, entry: Entry) -> bool:
         """Whether the extended attributes of entry are left to the batch of
@@ -290,13 +314,17 @@ class Walker:
         return self._reads_all and entry.kind == _FILE and 0 < entry.size <= SMALL_FILE \
             and entry.nlink == 1
 
-    def _add_child(self, listing: Listing, path: bytes, name: bytes, st: os.stat_result) -> Entry | None:
+    def _add_child(self, listing: Listing, folder: int, path: bytes, name: bytes,
+                   st: os.stat_result) -> Entry | None:
+        """The entry of name in the open folder (path: its path), with st its stat."""
         try:
-            entry = entry_from_stat(name, st, path)
+            entry = entry_from_stat(name, st, folder)
             if entry is None:
                 return None
             if not self.leaves_xattrs(entry):
-                entry.xattrs = read_xattrs(path)
+                # through the open folder: by path, a folder swapped for a symlink
+                # could lend another file's attributes (a file capability, say)
+                entry.xattrs = read_xattrs(b"/proc/self/fd/%d/%s" % (folder, name) if _PROC_FD else path)
         except OSError as exc:
             self.skip(f"cannot read '{os.fsdecode(path)}': {exc.strerror}")
             return None

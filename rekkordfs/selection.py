@@ -34,12 +34,12 @@ class Selection:
         return bool(self.excluder) and self.excluder.excluded(name, path, relative, is_dir)
 
 
-def is_cache_dir(path: bytes) -> bool:
-    """Whether the folder holds a CACHEDIR.TAG (a regular file, not followed if a
-    symlink) starting with the signature."""
+def is_cache_dir(folder: int) -> bool:
+    """Whether the open folder holds a CACHEDIR.TAG (a regular file, not
+    followed if a symlink) starting with the signature."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        fd = os.open(os.path.join(path, CACHEDIR_TAG), flags)
+        fd = os.open(CACHEDIR_TAG, flags, dir_fd=folder)
     except OSError:
         return False
     try:

@@ -17,7 +17,7 @@ from .cache import KnownBlob, StatKey, stat_key
 from .chunker import Chunker, ReadsInto
 from .format import BlobKind, ChunkRef, Location
 from .fsmeta import read_xattrs
-from .localfiles import open_regular, read_small
+from .localfiles import FolderOpener, FolderRef, open_file, read_small, regular_handle
 from .packs import Sealed
 from .repository import Repository
 from .tasks import task_group
@@ -39,10 +39,12 @@ class TransferStats:
 @dataclass(slots=True, eq=False)
 class SmallFile:
     """One file of a small-file batch (Uploader.prepare_small): its content, or
-    a local path to read it from. The batch fills in the rest."""
+    a local path to read it from (a name in folder, when given: a save's
+    files, localfiles.FolderOpener). The batch fills in the rest."""
 
     data: bytes | None = None
     path: bytes | str | None = None
+    folder: FolderRef | None = None
     key: StatKey | None = None  # of the file it was read from, by its fstat (unchanged meanwhile?)
     size: int = 0  # bytes read
     error: OSError | None = None  # it could not be read: nothing prepared
@@ -87,29 +89,43 @@ class Uploader:
         its error. Every prepared file must go to store_small()."""
         handled = 0
         total = 0
-        for item in files:
-            if limit_bytes is not None and total >= limit_bytes:
-                break
-            handled += 1
-            if item.data is None:
-                assert item.path is not None
-                try:
-                    item.data, st = read_small(item.path, read_limit)
-                    if item.want_xattrs and item.data is not None:
-                        item.xattrs = read_xattrs(os.fsencode(item.path))
-                except OSError as exc:
-                    item.error = exc
+        opener = FolderOpener()
+        try:
+            for item in files:
+                if limit_bytes is not None and total >= limit_bytes:
+                    break
+                handled += 1
+                if item.data is None and not self._read_small(item, opener, read_limit):
                     continue
-                item.key = stat_key(st)
-                if item.data is None:
-                    item.large = True
-                    continue
-            item.size = len(item.data)
-            total += item.size
+                assert item.data is not None
+                item.size = len(item.data)
+                total += item.size
+        finally:
+            opener.close()
         todo = [(item, item.data) for item in files[:handled] if item.data is not None and item.error is None]
         for (item, _), prepared in zip(todo, self._seal_new([self.chunker.split(data) for _, data in todo])):
             item.prepared = prepared
         return handled
+
+    @staticmethod
+    def _read_small(item: SmallFile, opener: FolderOpener, read_limit: int | None) -> bool:
+        """prepare_small(): read a file given by path; whether it was (not
+        large, no error)."""
+        assert item.path is not None
+        try:
+            fd = opener.open(item.folder, os.fsencode(item.path)) if item.folder else open_file(item.path)
+            try:
+                item.data, st = read_small(fd, read_limit)
+                if item.want_xattrs and item.data is not None:
+                    item.xattrs = read_xattrs(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            item.error = exc
+            return False
+        item.key = stat_key(st)
+        item.large = item.data is None
+        return not item.large
 
     def store_small(self, files: list[SmallFile]) -> list[list[ChunkRef] | None]:
         """Trio side: store what prepare_small() sealed; each file's chunks, or
@@ -217,7 +233,7 @@ class Uploader:
 
     async def upload_path(self, path: bytes | str | os.PathLike[str]) -> list[ChunkRef]:
         """Every chunk of a local file (the staging area's data files)."""
-        handle = await trio.to_thread.run_sync(open_regular, path)
+        handle = await trio.to_thread.run_sync(lambda: regular_handle(open_file(path)))
         try:
             size = os.fstat(handle.fileno()).st_size
             if size > SMALL_FILE:

@@ -77,6 +77,19 @@ def test_excluded_saved_path_and_several_paths(local_repo: Rekkord, tree: Path) 
     }
 
 
+def test_a_saved_path_through_a_symlinked_folder_is_saved_as_named(local_repo: Rekkord, tmp_path: Path) -> None:
+    """`save /home/me/docs` where /home is a symlink to /data/home: the
+    folders leading to a saved path are followed (and stored as folders);
+    the saved path itself, when a symlink, is stored as one."""
+    files(tmp_path / "data" / "home", "docs/a.txt", "docs/sub/b.txt")
+    (tmp_path / "home").symlink_to(tmp_path / "data" / "home")
+    (tmp_path / "data" / "link").symlink_to("home/docs")
+    snapshot = local_repo.save("x", str(tmp_path / "home" / "docs"), str(tmp_path / "data" / "link"))
+    assert listed(local_repo, snapshot, tmp_path) == {
+        "home/", "home/docs/", "home/docs/a.txt", "home/docs/sub/", "home/docs/sub/b.txt", "data/", "data/link",
+    }
+
+
 def test_exclude_caches(local_repo: Rekkord, tmp_path: Path) -> None:
     src = files(tmp_path / "src", "keep.txt", "cache/a", "cache/sub/b", "fake/x", "wrong/y", "deep/er/cache/z")
     (src / "cache" / "CACHEDIR.TAG").write_bytes(CACHEDIR_TAG)

@@ -146,8 +146,13 @@ def test_a_re_save_reads_a_changed_small_files_xattrs_once(tmp_path: Path, monke
     src = small_tree(tmp_path / "src", 300)
     reads: list[bytes] = []
 
-    def counted(path: bytes) -> list[tuple[bytes, bytes]]:
-        reads.append(os.fsencode(path))
+    def counted(path: bytes | int) -> list[tuple[bytes, bytes]]:
+        # the walker reads through its open folder (/proc/self/fd/N/name), a batch through the open file
+        where = os.readlink(f"/proc/self/fd/{path}") if isinstance(path, int) else os.fsdecode(path)
+        if where.startswith("/proc/self/fd/"):
+            folder, name = where[len("/proc/self/fd/"):].split("/", 1)
+            where = os.path.join(os.readlink(f"/proc/self/fd/{folder}"), name)
+        reads.append(os.fsencode(where))
         return fsmeta.read_xattrs(path)
 
     monkeypatch.setattr(savewalk, "read_xattrs", counted)

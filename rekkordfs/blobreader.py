@@ -18,7 +18,8 @@ from .codec import pack_key
 from .errors import CorruptedData, ObjectMissing, RekkordError
 from .format import BlobKind, BlobRef, ChunkRef, Entry, Location, Raw, decode_directory
 from .keys import Capability
-from .packs import COALESCE_GAP, check_length, coalesce
+from .packs import COALESCE_GAP
+from .rawruns import check_length, coalesce, cut_runs
 from .tasks import task_group
 
 if TYPE_CHECKING:
@@ -38,20 +39,6 @@ def _try(fn: Callable[..., T], *args: object) -> T | RekkordError:
         return fn(*args)
     except RekkordError as exc:
         return exc
-
-
-def _cut_runs(chunks: list[ChunkRef], runs: list[tuple[bytes, int, int, list[int]]],
-              datas: list[bytes]) -> list[Raw]:
-    """Each chunk's stored bytes, cut out of the data read for its run (coalesce()), checked for length:
-    views of that data, not copies (a restore's 250 MB were copied once more, holding the GIL)."""
-    raws: list[Raw] = [(b"", c.location) for c in chunks]
-    for (_, start, _, members), whole in zip(runs, datas):
-        data = memoryview(whole)
-        for index in members:
-            location = chunks[index].location
-            begin = location.offset - start
-            raws[index] = (check_length(chunks[index].id, location, data[begin:begin + location.length]), location)
-    return raws
 
 
 class BlobReader:
@@ -119,7 +106,7 @@ class BlobReader:
                 if isinstance(result, RekkordError):
                     raise result from None
             return results  # type: ignore[return-value]
-        return _cut_runs(chunks, runs, datas)
+        return cut_runs(chunks, runs, datas)
 
     def read_raws_blocking(self, chunks: list[ChunkRef]) -> list[Raw]:
         """Thread side, for storage that reads in the calling thread (local
@@ -129,7 +116,7 @@ class BlobReader:
         assert read_blocking is not None
         runs = coalesce([c.location for c in chunks], 0)
         datas = [read_blocking(pack_key(pack), start, length) for pack, start, length, _ in runs]
-        return _cut_runs(chunks, runs, datas)
+        return cut_runs(chunks, runs, datas)
 
     async def _read_each(self, blobs: list[tuple[bytes, Location]]) -> list[tuple[bytes, Location] | RekkordError]:
         """read_raw() of every blob, concurrently; a blob's error is its result."""

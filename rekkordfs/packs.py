@@ -11,18 +11,15 @@ from __future__ import annotations
 import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import trio
 
 from . import crypto
 from .codec import INDEX_NAME_SIZE, BlobCodec, index_key, pack_key
-from .errors import CorruptedData, RepositoryError
+from .errors import RepositoryError
 from .format import BlobKind, Location
 from .lru import WeightedLRU
 from .storage.base import Storage
-
-B = TypeVar("B", bytes, memoryview)
 
 PACK_TARGET = 8 << 20  # a pack is written once it holds this much
 PACK_CACHE = 48 << 20  # whole packs kept in memory when reading a remote repository
@@ -227,29 +224,6 @@ class PackWriter:
             with self._lock:
                 self._unfinished.discard(pack)
             pack.done.set()
-
-
-def coalesce(locations: list[Location], gap: int) -> list[tuple[bytes, int, int, list[int]]]:
-    """Ranges to read for these locations: (pack, start, length, indexes of the
-    locations inside), neighbours of a pack at most `gap` apart sharing one."""
-    order = sorted(range(len(locations)), key=lambda i: (locations[i].pack, locations[i].offset))
-    runs: list[tuple[bytes, int, int, list[int]]] = []
-    for index in order:
-        location = locations[index]
-        end = location.offset + location.length
-        if runs and runs[-1][0] == location.pack and location.offset - (runs[-1][1] + runs[-1][2]) <= gap:
-            pack, start, length, members = runs[-1]
-            members.append(index)
-            runs[-1] = (pack, start, max(length, end - start), members)
-        else:
-            runs.append((location.pack, location.offset, location.length, [index]))
-    return runs
-
-
-def check_length(blob_id: bytes, location: Location, raw: B) -> B:
-    if len(raw) != location.length:
-        raise CorruptedData(f"blob {blob_id.hex()}: pack {location.pack.hex()} is truncated")
-    return raw
 
 
 class _PackLoad:

@@ -74,7 +74,8 @@ class PrepPool(WorkerPool):
                       keys.data_public, PACK_TARGET, os.fsencode(self.repo.cache.database)))
 
     async def serve(self, worker: Worker) -> None:
-        await self.wait_ready(worker)
+        if not await self.wait_ready(worker):
+            return
         self.ready = True
         while (message := await self.answer(worker)) is not None:
             if message[0] != "done":

@@ -45,7 +45,8 @@ from .marks import (
     decode_forgotten,
     encode_condemned,
 )
-from .packs import COALESCE_GAP, Sealed, coalesce
+from .packs import COALESCE_GAP, Sealed
+from .rawruns import coalesce
 from .repository import Repository
 from .retention import Duration
 from .storage.base import ObjectInfo

@@ -181,14 +181,16 @@ class RestoreSession:
         return self.stats
 
     def _pool(self) -> RestorePool | None:
-        """Worker processes for the small files of a tree restored from a server
-        (from a local disk, reading and writing in one thread hop is cheaper)."""
+        """Worker processes for the small files of a tree (from a local disk
+        they read the packs themselves)."""
         keys = self.repo.keys
         processes = restore_processes(self.repo.threads)
-        if (not processes or not self.repo.storage.remote or self.target.kind != EntryKind.DIRECTORY
+        storage = self.repo.storage
+        if (not processes or not (storage.remote or storage.local_root) or self.target.kind != EntryKind.DIRECTORY
                 or keys.data_secret is None or keys.id_key is None):
             return None
-        return RestorePool(keys.data_secret, keys.id_key, self.dest_fd, self.dest, processes, self.warn)
+        return RestorePool(keys.data_secret, keys.id_key, self.dest_fd, self.dest, processes, self.warn,
+                           None if storage.remote else storage.local_root)
 
     async def _check_dest_dir(self) -> None:
         if not os.path.lexists(self.dest):

@@ -68,13 +68,16 @@ class FileWriter:
     async def _restore_small(self, batch: list[FileJob]) -> None:
         """Small files: fetch their chunks together, then write them all in one
         thread hop (on a local disk the reads happen in that hop too), or in a
-        worker process (restoreprocs.py)."""
+        worker process (restoreprocs.py; from a local disk it reads them too)."""
         written = None
         if self.repo.storage.read_blocking is not None:
-            try:
-                written = await self.repo.run_cpu(self._read_write_small, batch)
-            except ObjectMissing:
-                pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
+            if self.pool is not None and self.pool.ready:
+                written = await self.pool.write(batch, None)  # None: it could not read them, nothing written
+            if written is None:
+                try:
+                    written = await self.repo.run_cpu(self._read_write_small, batch)
+                except ObjectMissing:
+                    pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
         if written is None:
             wanted = self._wanted(batch)
             try:
@@ -95,7 +98,7 @@ class FileWriter:
             return await self.repo.run_cpu(self.small.write_batch, batch, found)
         tiny = [job for job in batch if job.entry.size <= WORKER_FILE]
         if len(tiny) == len(batch):
-            return await pool.write(batch, found)
+            return await self._in_worker(pool, batch, found)
         rest = [job for job in batch if job.entry.size > WORKER_FILE]
         written = [0]
 
@@ -104,8 +107,14 @@ class FileWriter:
 
         async with task_group() as nursery:
             nursery.start_soon(in_thread)
-            written.append(await pool.write(tiny, found) if tiny else 0)
+            written.append(await self._in_worker(pool, tiny, found) if tiny else 0)
         return sum(written)
+
+    @staticmethod
+    async def _in_worker(pool: RestorePool, batch: list[FileJob], found: dict[bytes, Raw]) -> int:
+        written = await pool.write(batch, found)
+        assert written is not None  # given their bytes, it reads nothing
+        return written
 
     def _batch_error(self, batch: list[FileJob], exc: CorruptedData | ObjectMissing) -> Exception:
         return type(exc)(f"restoring '{self.show(batch[0].parts)}' and nearby files: {exc.message}")

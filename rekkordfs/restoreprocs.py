@@ -1,11 +1,13 @@
 """Batches of small files written by worker processes (restoreworker.py) in a
-restore from a server: opening, checking and writing a small file costs about
-as much CPU as fetching it and walking the tree, and under the GIL both ran
-on one core, beside the threads of boto3 or asyncssh.
+restore: opening, checking and writing a small file costs about as much CPU
+as fetching it and walking the tree, and under the GIL both ran on one core,
+beside the threads of boto3 or asyncssh.
 
-The main process fetches each batch's stored bytes and hands them over with
-the files' paths and metadata; a worker writes them below DEST through the
-descriptor the main process opened, and answers with the bytes written. A
+From a server, the main process fetches each batch's stored bytes and hands
+them over with the files' paths and metadata; from a local disk it sends
+only those, and the worker reads the packs itself. A worker writes the files
+below DEST through the descriptor the main process opened, and answers with
+the bytes written. A
 batch goes to a worker only once that worker said it is ready (until then
 the main process writes it: a small restore never waits for a process to
 start). How workers are started, fed and ended: workerprocs.py.
@@ -40,11 +42,13 @@ class RestorePool(WorkerPool):
 
     module = "restoreworker"
     operation = "restore"
+    kill_unready = True
 
     def __init__(self, data_secret: bytes, id_key: bytes, dest_fd: int, dest: str, processes: int,
-                 warn: Callable[[str], None]) -> None:
+                 warn: Callable[[str], None], repository: str | None = None) -> None:
+        """repository: the local repository's folder, whose packs the workers read themselves."""
         super().__init__(processes, pass_fds=(dest_fd,))
-        self._secrets = frame((data_secret, id_key, dest_fd, dest))
+        self._secrets = frame((data_secret, id_key, dest_fd, dest, repository))
         self.warn = warn
         self.batches = 0  # written by the workers so far
 
@@ -60,23 +64,29 @@ class RestorePool(WorkerPool):
         return self._secrets
 
     async def serve(self, worker: Worker) -> None:
-        await self.wait_ready(worker)
+        if not await self.wait_ready(worker):
+            return
         while (message := await self.answer(worker)) is not None:
             reply: _Reply = worker.waiting.popleft()
             reply.result = message
             reply.done.set()
-            if message[0] != "done":
+            if message[0] not in ("done", "unread"):
                 return  # the worker exits; its writer raises the error
 
-    async def write(self, batch: list[FileJob], raws: dict[bytes, Raw]) -> int:
-        """Write the batch's files (raws: their chunks' stored bytes by ID, as
-        SmallWriter.write_batch takes them) in a worker; the bytes written."""
+    async def write(self, batch: list[FileJob], raws: dict[bytes, Raw] | None) -> int | None:
+        """Write the batch's files in a worker (raws: their chunks' stored
+        bytes by ID, as SmallWriter.write_batch takes them; None: the worker
+        reads them from the local repository); the bytes written, or None if
+        it could not read them (nothing was written)."""
         message = []
         for job in batch:
             entry = job.entry
-            raw = raws.get(job.chunks[0].id) if job.chunks else None
+            found: tuple | bool | None = True
+            if raws is not None:
+                raw = raws.get(job.chunks[0].id) if job.chunks else None
+                found = None if raw is None else (raw[0], raw[1].pack)
             message.append((job.parts, entry.mode, entry.uid, entry.gid, entry.atime_ns, entry.mtime_ns, entry.size,
-                            entry.xattrs, entry.chunks_raw, None if raw is None else (raw[0], raw[1].pack)))
+                            entry.xattrs, entry.chunks_raw, found))
         # any worker not closing: one not ready yet answers once it is (write() is called when ready says so)
         worker = min((w for w in self.workers if not w.closing), key=lambda w: len(w.waiting))
         reply = _Reply()
@@ -85,6 +95,8 @@ class RestorePool(WorkerPool):
             await self.send(worker, frame(message))
         await reply.done.wait()
         assert reply.result is not None
+        if reply.result[0] == "unread":
+            return None
         if reply.result[0] == "done":
             _, written, warnings = reply.result
             self.batches += 1

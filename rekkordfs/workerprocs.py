@@ -58,6 +58,7 @@ class WorkerPool:
 
     module = ""  # rekkordfs.MODULE is what the workers run
     operation = ""  # for messages: "a worker process of the save ..."
+    kill_unready = False  # close() kills a worker still starting that was sent nothing (only batches, answered)
 
     def __init__(self, processes: int, pass_fds: tuple[int, ...] = ()) -> None:
         self.processes = processes
@@ -118,10 +119,15 @@ class WorkerPool:
         except trio.BrokenResourceError:
             await self.failed(worker)
 
-    async def wait_ready(self, worker: Worker) -> None:
-        if await worker.receive() != ("ready",):
+    async def wait_ready(self, worker: Worker) -> bool:
+        """Whether the worker started; False when close() ended it first."""
+        message = await worker.receive()
+        if message is None and worker.closing and not worker.waiting:
+            return False
+        if message != ("ready",):
             await self.failed(worker)
         worker.ready = True
+        return True
 
     async def answer(self, worker: Worker) -> tuple | None:
         """The worker's next answer; None once it ended after close()."""
@@ -141,12 +147,16 @@ class WorkerPool:
 
     async def close(self) -> None:
         """No more batches: the workers end once they answered the last (and
-        handled what else they were sent)."""
+        handled what else they were sent). With kill_unready, one still
+        starting with no batch sent is killed: waiting for Python to start
+        for nothing made small restores slower."""
         self._closed = True
         for worker in self.workers:
             worker.closing = True
             assert worker.process.stdin is not None
             async with worker.lock:
+                if self.kill_unready and not worker.ready and not worker.waiting:
+                    worker.process.kill()
                 await worker.process.stdin.aclose()
 
 

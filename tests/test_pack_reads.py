@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from rekkordfs.format import Location
-from rekkordfs.packs import coalesce as _coalesce
+from rekkordfs.rawruns import coalesce as _coalesce
 
 A, B = b"a" * 16, b"b" * 16
 

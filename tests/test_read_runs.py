@@ -10,10 +10,9 @@ import os
 
 import pytest
 
-from rekkordfs.blobreader import _cut_runs
 from rekkordfs.errors import CorruptedData
 from rekkordfs.format import ChunkRef, Location
-from rekkordfs.packs import coalesce
+from rekkordfs.rawruns import coalesce, cut_runs
 
 PACK_A, PACK_B = b"a" * 32, b"b" * 32
 PACKS = {PACK_A: os.urandom(10_000), PACK_B: os.urandom(10_000)}
@@ -30,7 +29,7 @@ def test_each_chunk_is_cut_out_of_its_run() -> None:
     runs = coalesce([c.location for c in chunks], 8192)
     assert [run[0] for run in runs] == [PACK_A, PACK_B]  # one request per pack
     datas = [PACKS[pack][start:start + length] for pack, start, length, _ in runs]
-    raws = _cut_runs(chunks, runs, datas)
+    raws = cut_runs(chunks, runs, datas)
     for (pack, offset, length), chunk, (raw, location) in zip(SPANS, chunks, raws):
         assert location == chunk.location
         assert bytes(raw) == PACKS[pack][offset:offset + length]
@@ -44,4 +43,4 @@ def test_a_short_answer_is_refused() -> None:
     datas = [PACKS[pack][start:start + length] for pack, start, length, _ in runs]
     datas[1] = datas[1][:-1]  # the server answered one byte short: the last chunk of pack B is cut
     with pytest.raises(CorruptedData, match="truncated"):
-        _cut_runs(chunks, runs, datas)
+        cut_runs(chunks, runs, datas)

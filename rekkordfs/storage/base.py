@@ -40,6 +40,10 @@ class Storage(ABC):
     #: read_blocking(key, offset=None, length=None), to be called from a worker
     #: thread (the caller saves a thread hop); None for the others.
     read_blocking: Callable[[str, int | None, int | None], bytes] | None = None
+    #: The folder of a repository on a local disk, whose objects other
+    #: processes of ours may read themselves (a restore's workers); None for
+    #: the others.
+    local_root: str | None = None
 
     @property
     @abstractmethod

@@ -118,7 +118,7 @@ class LocalStorage(Storage):
     remote = False
 
     def __init__(self, root: str, threads: int = 4) -> None:
-        self.root = os.path.abspath(root)
+        self.root = self.local_root = os.path.abspath(root)
         self._tmp = os.path.join(self.root, "tmp")
         self._limiter = trio.CapacityLimiter(local_io(threads))
         # O_TMPFILE + linkat(AT_EMPTY_PATH): no temporary name to create and unlink (and

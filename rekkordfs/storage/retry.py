@@ -89,6 +89,10 @@ class RetryingStorage(Storage):
         # Local reads from worker threads: plain syscalls, nothing transient to retry.
         return self.inner.read_blocking
 
+    @property
+    def local_root(self) -> str | None:  # type: ignore[override]
+        return self.inner.local_root
+
     # --- operations --------------------------------------------------------------
 
     async def connect(self) -> None:

@@ -1,11 +1,12 @@
 """A restore's worker processes for small files (rekkordfs/restoreprocs.py,
-restoreworker.py), used when the repository is on a server: the tree they
-write is the one the main process alone writes, to the nanosecond and the
-extended attribute; a blob altered in storage is refused before its file
-exists; a worker that dies fails the restore with one line, at once.
+restoreworker.py): the tree they write is the one the main process alone
+writes, to the nanosecond and the extended attribute; a blob altered in
+storage is refused before its file exists; a worker that dies fails the
+restore with one line, at once.
 
 The server here is a MemoryStorage that says it is remote and offers no
-blocking reads (so the restore takes the path it takes on S3 and SFTP);
+blocking reads (so the restore takes the path it takes on S3 and SFTP), or
+a repository in a local folder, whose packs the workers read themselves;
 the worker processes, the files and the checks are real.
 """
 
@@ -28,6 +29,8 @@ from rekkordfs.prepprocs import WorkerFailed
 from rekkordfs.repository import Repository, walk_path
 from rekkordfs.restore import RestoreOptions, RestoreSession
 from rekkordfs.save import SaveSession
+from rekkordfs.storage.base import Storage
+from rekkordfs.storage.local import LocalStorage
 from rekkordfs.storage.memory import MemoryStorage
 from tests.fsutil import rsync_diff
 from tests.test_save_processes import small_tree
@@ -54,12 +57,14 @@ def eager_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(restoremod, "REMOTE_BATCH_FILES", 64)
 
 
-def saved_tree(tmp_path: Path, master: keymod.Keyset, files: int = 2000) -> tuple[ServerLike, Path, str]:
+def saved_tree(tmp_path: Path, master: keymod.Keyset, files: int = 2000,
+               storage: Storage | None = None) -> tuple[Storage, Path, str]:
+    """A tree of small files saved into storage (by default a ServerLike)."""
     src = small_tree(tmp_path / "src", files)
     os.setxattr(src / "d00000" / "f00002", "user.note", b"kept")
     for index in range(6):  # small files above tuning.WORKER_FILE: written in a thread meanwhile
         (src / "d00037" / f"mid{index}").write_bytes(os.urandom(tuning.WORKER_FILE + 1000 * index))
-    storage = ServerLike()
+    storage = storage or ServerLike()
 
     async def main() -> str:
         await Repository.create(storage, master)
@@ -73,7 +78,7 @@ def saved_tree(tmp_path: Path, master: keymod.Keyset, files: int = 2000) -> tupl
     return storage, src, trio.run(main)
 
 
-async def restore_into(storage: ServerLike, keys: keymod.Keyset, snapshot: str, src: Path, dest: Path,
+async def restore_into(storage: Storage, keys: keymod.Keyset, snapshot: str, src: Path, dest: Path,
                        processes: int) -> int:
     """Restore src's folder of the snapshot into dest; the batches the workers wrote."""
     repo = await Repository.open(storage, keys)
@@ -174,7 +179,65 @@ def test_a_worker_that_dies_fails_the_restore_with_one_line(tmp_path: Path, monk
     assert rsync_diff(src, tmp_path / "again") == ""
 
 
-def test_no_worker_without_a_second_cpu_or_from_a_local_disk() -> None:
+def test_from_a_local_disk_the_workers_read_the_packs_themselves(tmp_path: Path, eager_workers: None) -> None:
+    master = keymod.new_master()
+    storage, src, snapshot = saved_tree(tmp_path, master, storage=LocalStorage(str(tmp_path / "repo")))
+    alone, helped = tmp_path / "alone", tmp_path / "helped"
+
+    async def main() -> None:
+        assert await restore_into(storage, master, snapshot, src, alone, 0) == 0
+        assert await restore_into(storage, master, snapshot, src, helped, 1) > 20
+        assert not [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if _is_worker(p)]
+
+    trio.run(main)
+    assert rsync_diff(src, helped) == ""
+    assert rsync_diff(alone, helped) == ""
+    assert os.getxattr(helped / "d00000" / "f00002", "user.note") == b"kept"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "altered"])
+def test_a_local_pack_the_worker_cannot_use_fails_as_without_it(tmp_path: Path, eager_workers: None,
+                                                               damage: str) -> None:
+    """A truncated pack (the worker cannot read it: the main process restores
+    the batch its usual way) or an altered blob (the worker refuses it): a
+    one-line error as without workers, and no file for it."""
+    master = keymod.new_master()
+    storage, src, snapshot = saved_tree(tmp_path, master, files=300, storage=LocalStorage(str(tmp_path / "repo")))
+    victim = src / "d00037" / "f00040"
+
+    async def find_chunk() -> tuple[str, int, int]:
+        repo = await Repository.open(storage, master)
+        try:
+            snap = await repo.load_snapshot(await repo.resolve(snapshot))
+            entry, _ = await walk_path(repo, snap, str(victim))
+            location = entry.chunks[0].location
+            return pack_key(location.pack), location.offset, location.length
+        finally:
+            await repo.aclose()
+
+    key, offset, length = trio.run(find_chunk)
+    pack = tmp_path / "repo" / key
+    data = bytearray(pack.read_bytes())
+    if damage == "truncated":
+        del data[offset + length // 2:]
+    else:
+        data[offset + length // 2] ^= 1
+    pack.chmod(0o644)
+    pack.write_bytes(bytes(data))
+    errors = []
+    for processes in (0, 1):
+        dest = tmp_path / f"dest{processes}"
+        with pytest.raises(CorruptedData) as refused:
+            trio.run(restore_into, storage, master, snapshot, src, dest, processes)
+        errors.append(str(refused.value))
+        assert not (dest / victim.relative_to(src)).exists()
+    word = "truncated" if damage == "truncated" else "failed authentication"
+    for error in errors:  # the same kind of line (which file meets the damage first may differ)
+        assert word in error and "\n" not in error, error
+        assert error.startswith(("'", "restoring '")), error
+
+
+def test_no_worker_without_a_second_cpu() -> None:
     assert tuning.restore_processes(1) == 0
     assert tuning.restore_processes(2) == (1 if (os.cpu_count() or 1) >= 2 else 0)
 

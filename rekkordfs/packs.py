@@ -87,6 +87,7 @@ class PackWriter:
         self.forget = forget  # called with the blob IDs of a pack that failed to upload
         self.written = written  # awaited with a pack and its entries once it and its index are stored
         self.written_indexes: dict[str, bytes] = {}  # index name -> its pack: their blobs are known already
+        self.failed: set[bytes] = set()  # packs whose upload failed (their blobs forgotten)
         self._lock = threading.Lock()  # claim() runs in worker threads
         # file data and records never share a pack: listing a tree reads only
         # small packs of records, never megabytes of file data
@@ -218,6 +219,7 @@ class PackWriter:
                 self.written_indexes[name] = pack.pack_id
                 await self.written(pack.pack_id, pack.entries)
         except BaseException:
+            self.failed.add(pack.pack_id)
             self.forget([blob_id for blob_id, _, _ in pack.entries])  # nothing may refer to them now
             raise
         finally:

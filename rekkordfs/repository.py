@@ -401,6 +401,11 @@ class Repository(SnapshotLog, BlobReader):
                 out[index] = (location, True)
         return [found for found in out if found is not None]
 
+    def lost_packs(self, packs: set[bytes]) -> set[bytes]:
+        """Those of packs whose upload failed in this session (after
+        flush_packs(), the others it uploaded are stored)."""
+        return packs & self._packer.failed
+
     def stored_now(self, blob_id: bytes) -> bool:
         """Stored by this session, and not lost with a pack that failed to upload
         (after flush_packs(): durably)."""

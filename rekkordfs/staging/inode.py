@@ -103,11 +103,16 @@ def row_values(node: Inode) -> tuple:
             *values[_DIR_REF_COLUMN + 1:], values[0])
 
 
+# enum members by value: a dict lookup costs a tenth of calling the enum (a commit converts 100,000 rows)
+_KINDS = {kind.value: kind for kind in EntryKind}
+_CONTENTS = {content.value: content for content in Content}
+
+
 def inode_from_row(row: tuple) -> Inode:
     """An Inode from a row of `SELECT {COLUMNS} FROM inodes`."""
     values = list(row)
-    values[_KIND_COLUMN] = EntryKind(values[_KIND_COLUMN])
-    values[_LOCAL_COLUMN] = Content(values[_LOCAL_COLUMN])
+    values[_KIND_COLUMN] = _KINDS[values[_KIND_COLUMN]]
+    values[_LOCAL_COLUMN] = _CONTENTS[values[_LOCAL_COLUMN]]
     values[_DIR_REF_COLUMN] = BlobRef.decode(values[_DIR_REF_COLUMN]) if values[_DIR_REF_COLUMN] else None
     return Inode(*values)
 

@@ -1,10 +1,11 @@
-"""Repository in an S3 bucket (any S3-compatible server), over botocore (boto3's core).
+"""Repository in an S3 bucket (any S3-compatible server).
 
-botocore is synchronous: every call runs in a worker thread under this backend's
-own CapacityLimiter, on one shared client (its clients are thread-safe) whose
-connection pool is as large as the limiter. botocore retries nothing: each
-failure is classified here as transient or not, and storage/retry.py retries
-the transient ones (its backoff sleeps on the trio loop, holding no thread).
+Requests are signed and sent by s3http.py (http.client, one connection per
+worker thread); every call runs in a worker thread under this backend's own
+CapacityLimiter. Nothing is retried there: each failure (raised as botocore's
+exceptions) is classified here as transient or not, and storage/retry.py
+retries the transient ones (its backoff sleeps on the trio loop, holding no
+thread).
 
 Writes never overwrite: put() sends `If-None-Match: *`. Whether the host
 honours it is probed at connect/create (see _probe_conditional_writes); where
@@ -108,29 +109,10 @@ class S3Storage(Storage):
         self._client = await trio.to_thread.run_sync(self._build_client, key_id, secret)
 
     def _build_client(self, key_id: str, secret: str) -> Any:
-        # botocore's own session, not boto3's: boto3 adds resources and transfer
-        # helpers (its import is a tenth of a second of every command's start)
-        import botocore.session
-        from botocore.config import Config as BotoConfig
+        from .s3http import S3Client
 
-        config = BotoConfig(
-            region_name=self.region,
-            signature_version="s3v4",
-            s3={"addressing_style": "path" if self.location.path_style else "virtual"},
-            max_pool_connections=self._limiter.total_tokens,
-            retries={"total_max_attempts": 1},  # ours, see _call
-            connect_timeout=5,
-            read_timeout=60,
-            tcp_keepalive=True,
-            # Blobs authenticate themselves; extra checksums cost CPU and trip
-            # up S3-compatible servers that do not know them.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
-        )
-        return botocore.session.get_session().create_client(
-            "s3", endpoint_url=self.location.endpoint, aws_access_key_id=key_id,
-            aws_secret_access_key=secret, config=config,
-        )
+        return S3Client(self.location.endpoint, self.location.bucket, self.region, key_id, secret,
+                        path_style=self.location.path_style)
 
     async def _probe_conditional_writes(self) -> None:
         """Put the probe object twice with If-None-Match: a host that honours it
@@ -167,11 +149,8 @@ class S3Storage(Storage):
     def _put_sync(self, full_key: str, data: bytes | bytearray) -> bool:
         from botocore.exceptions import ClientError
 
-        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Key": full_key, "Body": bytes(data)}
-        if self._send_if_none_match:
-            kwargs["IfNoneMatch"] = "*"
         try:
-            self._client.put_object(**kwargs)
+            self._client.put_object(full_key, data, if_none_match=self._send_if_none_match)
         except ClientError as exc:
             code, status = _code_status(exc)
             if code == "PreconditionFailed" or status == 412:
@@ -179,8 +158,7 @@ class S3Storage(Storage):
             if status == 501 and self._send_if_none_match:
                 self._send_if_none_match = False
                 self.conditional_writes = False
-                kwargs.pop("IfNoneMatch")
-                self._client.put_object(**kwargs)
+                self._client.put_object(full_key, data, if_none_match=False)
                 return True
             raise
         return True
@@ -189,9 +167,8 @@ class S3Storage(Storage):
         return await self._call("read", key, self._get_sync, self._prefix + key)
 
     def _get_sync(self, full_key: str) -> bytes:
-        response = self._client.get_object(Bucket=self.location.bucket, Key=full_key)
-        with response["Body"] as body:
-            return body.read()
+        data: bytes = self._client.get_object(full_key)
+        return data
 
     async def get_range(self, key: str, offset: int, length: int) -> bytes:
         if length <= 0:
@@ -203,13 +180,12 @@ class S3Storage(Storage):
 
         byte_range = f"bytes={offset}-{offset + length - 1}"
         try:
-            response = self._client.get_object(Bucket=self.location.bucket, Key=full_key, Range=byte_range)
+            data: bytes = self._client.get_object(full_key, byte_range)
         except ClientError as exc:
             if _code_status(exc)[0] == "InvalidRange":
                 return b""  # 416: the range starts at or past the end, like reading past EOF
             raise
-        with response["Body"] as body:
-            return body.read()
+        return data
 
     async def exists(self, key: str) -> bool:
         return await self._call("check", key, self._exists_sync, self._prefix + key)
@@ -218,7 +194,7 @@ class S3Storage(Storage):
         from botocore.exceptions import ClientError
 
         try:
-            self._client.head_object(Bucket=self.location.bucket, Key=full_key)
+            self._client.head_object(full_key)
         except ClientError as exc:
             if _code_status(exc)[1] == 404:
                 return False
@@ -229,7 +205,7 @@ class S3Storage(Storage):
         return await self._call("check", key, self._size_sync, self._prefix + key)
 
     def _size_sync(self, full_key: str) -> int:
-        return int(self._client.head_object(Bucket=self.location.bucket, Key=full_key)["ContentLength"])
+        return int(self._client.head_object(full_key))
 
     async def list(self, prefix: str) -> list[str]:
         return list(await self.list_details(prefix))
@@ -246,14 +222,8 @@ class S3Storage(Storage):
 
     def _list_page_sync(self, full_prefix: str, token: str | None,
                         limit: int) -> tuple[_Page, str | None]:
-        kwargs: dict[str, Any] = {"Bucket": self.location.bucket, "Prefix": full_prefix, "MaxKeys": limit}
-        if token:
-            kwargs["ContinuationToken"] = token
-        response = self._client.list_objects_v2(**kwargs)
-        items = [(item["Key"], ObjectInfo(int(item["Size"]), int(item["LastModified"].timestamp() * 1e9)))
-                 for item in response.get("Contents", ())]
-        more = response.get("IsTruncated") and response.get("NextContinuationToken")
-        return items, more or None
+        listed, more = self._client.list_objects(full_prefix, token, limit)
+        return [(item.key, ObjectInfo(item.size, item.mtime_ns)) for item in listed], more
 
     async def delete(self, key: str) -> None:
         await self._call("delete", key, self._delete_sync, self._prefix + key)
@@ -262,7 +232,7 @@ class S3Storage(Storage):
         from botocore.exceptions import ClientError
 
         try:
-            self._client.delete_object(Bucket=self.location.bucket, Key=full_key)
+            self._client.delete_object(full_key)
         except ClientError as exc:
             if _code_status(exc)[0] != "NoSuchKey":
                 raise
@@ -288,10 +258,6 @@ class S3Storage(Storage):
             raise self._client_error(exc, action, key) from None
         except (BotoCoreError, OSError) as exc:
             raise self._transport_error(exc) from None
-        except Exception as exc:  # urllib3 errors while streaming a body
-            if type(exc).__module__.startswith("urllib3"):
-                raise self._transport_error(exc) from None
-            raise
 
     def _where(self, key: str) -> str:
         bucket = f"bucket '{self.location.bucket}'"
@@ -334,6 +300,7 @@ class S3Storage(Storage):
             EndpointConnectionError,
             HTTPClientError,
             IncompleteReadError,
+            ProxyConnectionError,
             ReadTimeoutError,
             SSLError,
         )
@@ -347,10 +314,14 @@ class S3Storage(Storage):
             # connected, then no answer in time: the server is there, only slow
             return TransientStorageError(f"S3 endpoint {endpoint} timed out", answered=True)
         cause = _root_cause(exc)
+        if isinstance(exc, ProxyConnectionError):
+            # not answered: a wrong proxy fails at once, a proxy gone mid-run is waited for
+            return TransientStorageError(f"cannot connect to proxy {exc.kwargs['proxy_url']} "
+                                         f"for S3 endpoint {endpoint}: {_proxy_cause(exc)}")
         if _is_dns_failure(exc):
             return StorageError(f"cannot resolve the host name of S3 endpoint {endpoint}")
         link = (ConnectionError, HTTPClientError, IncompleteReadError, OSError)
-        if not isinstance(exc, link) and not type(exc).__module__.startswith("urllib3"):
+        if not isinstance(exc, link):
             return StorageError(f"S3 request to {endpoint} failed: {cause}")  # not the network's doing
         if "refused" in cause.lower():
             return TransientStorageError(f"cannot connect to S3 endpoint {endpoint}: connection refused")
@@ -405,6 +376,17 @@ def _not_http(exc: BaseException) -> bool:
 
     return any(isinstance(item, http.client.BadStatusLine) and not isinstance(item, http.client.RemoteDisconnected)
                for item in _chain(exc))
+
+
+def _proxy_cause(exc: BaseException) -> str:
+    """What went wrong reaching the proxy: the socket's error, or the proxy's
+    answer to CONNECT ("Tunnel connection failed: 407 Proxy Authentication Required")."""
+    if _is_dns_failure(exc):
+        return "cannot resolve its host name"
+    wrapped = getattr(exc, "kwargs", {}).get("error")
+    if isinstance(wrapped, OSError) and wrapped.strerror:
+        return _one_line(wrapped.strerror)
+    return _one_line(str(wrapped)) if wrapped is not None else _root_cause(exc)
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -16,9 +16,11 @@ import hashlib
 import http.client
 import os
 import select
+import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,7 +86,8 @@ class S3Client:
         self._proxy: Proxy | None = proxy_for("https" if self._tls else "http", self._host, self._port, environ)
         self._ssl = ssl.create_default_context(cafile=environ.get("AWS_CA_BUNDLE") or None) if self._tls else None
         self._local = threading.local()
-        self._open: set[http.client.HTTPConnection] = set()
+        # weak: a worker thread that ends takes its connection with it
+        self._open: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
         self._lock = threading.Lock()
 
     # --- operations ---------------------------------------------------------------
@@ -115,7 +118,7 @@ class S3Client:
 
     def close(self) -> None:
         with self._lock:
-            connections, self._open = self._open, set()
+            connections, self._open = list(self._open), weakref.WeakSet()
         for connection in connections:
             connection.close()
 
@@ -186,6 +189,8 @@ class S3Client:
             connection.close()
             raise self._transport_error(exc, connecting=True) from exc
         connection.sock.settimeout(self._read_timeout)
+        # a body sent after its headers must not wait for the headers' ACK (Nagle)
+        connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._local.connection = connection
         with self._lock:
             self._open.add(connection)

@@ -100,7 +100,7 @@ class RestoreSession:
         # memory, which otherwise holds every folder's entries of the whole tree
         self._open_folders = trio.Semaphore(OPEN_FOLDERS)
         # from a server, a batch's files are read with a few ranged requests: the more
-        # files per batch, the fewer requests (each costs milliseconds of CPU in boto3)
+        # files per batch, the fewer requests (each costs CPU: signing, parsing, a thread hop)
         remote = repo.storage.remote
         self.workers = restore_workers(repo.threads)
         # small files waiting to be sent together (from a server: grouped by pack)

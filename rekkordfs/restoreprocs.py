@@ -1,7 +1,7 @@
 """Batches of small files written by worker processes (restoreworker.py) in a
 restore: opening, checking and writing a small file costs about as much CPU
 as fetching it and walking the tree, and under the GIL both ran on one core,
-beside the threads of boto3 or asyncssh.
+beside the S3 request threads or asyncssh.
 
 From a server, the main process fetches each batch's stored bytes and hands
 them over with the files' paths and metadata; from a local disk it sends

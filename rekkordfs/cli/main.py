@@ -51,8 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _skip_last_collection() -> None:
     """The command is done and the process ends: the collection the interpreter
-    runs while it shuts down would walk every object still alive (botocore's
-    service model, a restore's tree) to free memory that the exit frees anyway,
+    runs while it shuts down would walk every object still alive (a restore's
+    tree, the caches) to free memory that the exit frees anyway,
     0.1-0.3 s after a restore from S3. Frozen objects are left out of it (their
     files and sockets are still closed as their references go)."""
     import gc

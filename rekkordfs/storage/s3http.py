@@ -151,7 +151,7 @@ class S3Client:
                 self._discard(connection)
         except BaseException as exc:
             self._discard(connection)
-            raise self._transport_error(exc, connecting=False) from exc
+            raise self._botocore_error(exc, connecting=False) from exc
         answer_headers = {name.lower(): value for name, value in response.getheaders()}
         if response.status >= 300:
             raise _client_error(operation, response.status, answer_headers, data)
@@ -187,7 +187,7 @@ class S3Client:
             connection.connect()
         except BaseException as exc:
             connection.close()
-            raise self._transport_error(exc, connecting=True) from exc
+            raise self._botocore_error(exc, connecting=True) from exc
         connection.sock.settimeout(self._read_timeout)
         # a body sent after its headers must not wait for the headers' ACK (Nagle)
         connection.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -218,7 +218,7 @@ class S3Client:
         with self._lock:
             self._open.discard(connection)
 
-    def _transport_error(self, exc: BaseException, connecting: bool) -> BaseException:
+    def _botocore_error(self, exc: BaseException, connecting: bool) -> BaseException:
         """The botocore exception for a socket, TLS or HTTP failure (exc itself when
         it is none of those, like KeyboardInterrupt)."""
         url = self.endpoint

@@ -137,3 +137,14 @@ def test_proxy_variables() -> None:
     for bad in ("https://secure:443", "http://host:notaport", "http://"):
         with pytest.raises(ConfigError, match="https_proxy"):
             parse_proxy_url(bad, "https_proxy")
+
+
+def test_unreadable_ca_bundle_is_one_line(tmp_path: Path) -> None:
+    from rekkordfs.storage.s3http import S3Client
+
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate\n")
+    for bundle, reason in ((tmp_path / "missing.pem", "No such file"), (junk, "no certificate")):
+        with pytest.raises(ConfigError, match=f"AWS_CA_BUNDLE: cannot load certificates from '{bundle}': .*{reason}"):
+            S3Client("https://127.0.0.1:9", "bucket", "us-east-1", "id", "secret", path_style=True,
+                     environ={"AWS_CA_BUNDLE": str(bundle)})

@@ -40,6 +40,7 @@ from botocore.exceptions import (
     SSLError,
 )
 
+from ..errors import ConfigError
 from . import sigv4
 from .proxyenv import Proxy, proxy_for
 
@@ -84,7 +85,7 @@ class S3Client:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._proxy: Proxy | None = proxy_for("https" if self._tls else "http", self._host, self._port, environ)
-        self._ssl = ssl.create_default_context(cafile=environ.get("AWS_CA_BUNDLE") or None) if self._tls else None
+        self._ssl = _tls_context(environ.get("AWS_CA_BUNDLE") or None) if self._tls else None
         self._local = threading.local()
         # weak: a worker thread that ends takes its connection with it
         self._open: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
@@ -235,6 +236,15 @@ class S3Client:
         if isinstance(exc, http.client.IncompleteRead):
             return ResponseStreamingError(error=exc)
         return ConnectionClosedError(endpoint_url=url, error=exc)
+
+
+def _tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """The system's trust store, or only the certificates of AWS_CA_BUNDLE."""
+    try:
+        return ssl.create_default_context(cafile=ca_bundle)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"AWS_CA_BUNDLE: cannot load certificates from '{ca_bundle}': {reason}") from None
 
 
 def _dropped(sock: Any) -> bool:

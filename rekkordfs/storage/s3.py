@@ -119,7 +119,7 @@ class S3Storage(Storage):
         refuses one of the two (the first, when an earlier probe left it)."""
         try:
             for _ in range(2):
-                if not await self._put_once(PROBE_KEY, b""):
+                if not await self._put_once(PROBE_KEY, [b""]):
                     self.conditional_writes = True
                     return
         except StorageError as exc:
@@ -137,20 +137,24 @@ class S3Storage(Storage):
     # --- operations ------------------------------------------------------------
 
     async def put(self, key: str, data: bytes | bytearray) -> bool:
+        return await self.put_pieces(key, [data])
+
+    async def put_pieces(self, key: str, pieces: list[bytes | bytearray]) -> bool:
+        # the pieces go out one after another, never joined into one more copy
         if not self.conditional_writes and await self.exists(key):
             # Without server-side refusal, at least never replace an object we can
             # see (the repository's names are random: only a race could still).
             return False
-        return await self._put_once(key, data)
+        return await self._put_once(key, pieces)
 
-    async def _put_once(self, key: str, data: bytes | bytearray) -> bool:
-        return await self._call("write", key, self._put_sync, self._prefix + key, data)
+    async def _put_once(self, key: str, pieces: list[bytes | bytearray]) -> bool:
+        return await self._call("write", key, self._put_sync, self._prefix + key, pieces)
 
-    def _put_sync(self, full_key: str, data: bytes | bytearray) -> bool:
+    def _put_sync(self, full_key: str, pieces: list[bytes | bytearray]) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            self._client.put_object(full_key, data, if_none_match=self._send_if_none_match)
+            self._client.put_object(full_key, pieces, if_none_match=self._send_if_none_match)
         except ClientError as exc:
             code, status = _code_status(exc)
             if code == "PreconditionFailed" or status == 412:
@@ -158,7 +162,7 @@ class S3Storage(Storage):
             if status == 501 and self._send_if_none_match:
                 self._send_if_none_match = False
                 self.conditional_writes = False
-                self._client.put_object(full_key, data, if_none_match=False)
+                self._client.put_object(full_key, pieces, if_none_match=False)
                 return True
             raise
         return True

@@ -21,7 +21,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -93,9 +93,10 @@ class S3Client:
 
     # --- operations ---------------------------------------------------------------
 
-    def put_object(self, key: str, body: bytes | bytearray, if_none_match: bool) -> None:
+    def put_object(self, key: str, pieces: Sequence[bytes | bytearray], if_none_match: bool) -> None:
+        """Store the pieces, one after another, as the object (sent as they are, never joined)."""
         headers = {"If-None-Match": "*"} if if_none_match else {}
-        self._request("PutObject", "PUT", key, headers=headers, body=body)
+        self._request("PutObject", "PUT", key, headers=headers, pieces=pieces)
 
     def get_object(self, key: str, byte_range: str | None = None) -> bytes:
         headers = {"Range": byte_range} if byte_range else {}
@@ -127,20 +128,26 @@ class S3Client:
 
     def _request(self, operation: str, method: str, key: str, *, query: Sequence[tuple[str, str]] = (),
                  headers: Mapping[str, str] | None = None,
-                 body: bytes | bytearray = b"") -> tuple[dict[str, str], bytes]:
+                 pieces: Sequence[bytes | bytearray] = ()) -> tuple[dict[str, str], bytes]:
         """Send one signed request; the answer's headers (lower-case names) and body,
         or the botocore exception for what went wrong."""
         path = self._path + "/" + sigv4.uri_encode(key, keep_slash=True) if key else self._path or "/"
         canonical_query = sigv4.canonical_query(query)
         target = f"{path}?{canonical_query}" if canonical_query else path
-        signed = self._sign(method, path, canonical_query, dict(headers or {}), body)
+        signed = self._sign(method, path, canonical_query, dict(headers or {}), pieces)
+        body: bytes | bytearray | Iterator[bytes | bytearray] | None = None
+        if len(pieces) == 1:
+            body = pieces[0]
+        elif pieces:  # sent one by one: Content-Length keeps http.client from chunking them
+            signed["Content-Length"] = str(sum(len(piece) for piece in pieces))
+            body = iter(pieces)
         if self._proxy is not None and not self._tls:
             target = f"http://{self._host_header}{target}"  # a plain proxy forwards full URLs
             if self._proxy.authorization:
                 signed["Proxy-Authorization"] = self._proxy.authorization
         connection = self._connection()
         try:
-            connection.request(method, target, body=body if body else None, headers=signed)
+            connection.request(method, target, body=body, headers=signed)
             response = connection.getresponse()
             if response.status >= 300:
                 data = response.read(MAX_ERROR_BODY)
@@ -159,7 +166,7 @@ class S3Client:
         return answer_headers, data
 
     def _sign(self, method: str, path: str, query: str, headers: dict[str, str],
-              body: bytes | bytearray) -> dict[str, str]:
+              pieces: Sequence[bytes | bytearray]) -> dict[str, str]:
         now = time.gmtime()
         timestamp = time.strftime("%Y%m%dT%H%M%SZ", now)
         if self._day_key[0] != timestamp[:8]:
@@ -167,7 +174,10 @@ class S3Client:
         if self._tls:
             payload = sigv4.UNSIGNED_PAYLOAD  # TLS protects the body, as with botocore
         else:
-            payload = hashlib.sha256(body).hexdigest() if body else sigv4.EMPTY_SHA256
+            digest = hashlib.sha256()
+            for piece in pieces:
+                digest.update(piece)
+            payload = digest.hexdigest()
         headers.update({"Host": self._host_header, "x-amz-date": timestamp, "x-amz-content-sha256": payload})
         headers["Authorization"] = sigv4.authorization(
             method=method, path=path, query=query, headers=headers, payload_hash=payload,

@@ -67,7 +67,7 @@ class PrepPool(WorkerPool):
         await trio.to_thread.run_sync(self.repo.cache.knows_blobs)  # computed once, off the loop
         await super().run()
 
-    def start_frame(self) -> bytes:
+    def start_frame(self, worker: Worker) -> bytes:
         """What a worker needs to know, sent through its stdin only."""
         keys, chunking = self.repo.keys, self.repo.config.chunking
         return frame((keys.id_key, keys.chunk_seed, chunking.min_size, chunking.avg_size, chunking.max_size,

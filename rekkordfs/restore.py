@@ -19,6 +19,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
 import trio
@@ -55,6 +56,7 @@ from .tuning import (
     restore_processes,
     restore_workers,
 )
+from .workerprocs import WorkersAhead, workers_ahead
 
 
 @dataclass
@@ -62,6 +64,13 @@ class RestoreOptions:
     force: bool = False
     delete: bool = False
     dry_run: bool = False
+
+
+def restore_workers_ahead(threads: int, options: RestoreOptions) -> AbstractAsyncContextManager[WorkersAhead | None]:
+    """The restore's worker processes, started now: before connecting to the
+    repository (starting Python takes about as long); those the restore does
+    not use are killed on exit."""
+    return workers_ahead(RestorePool.module, 0 if options.dry_run else restore_processes(threads), handover=True)
 
 
 @dataclass
@@ -84,8 +93,10 @@ class _Plan:
 class RestoreSession:
     def __init__(self, repo: Repository, target: Entry, dest: str, options: RestoreOptions,
                  warn: Callable[[str], None], report: Callable[[str], None] | None = None,
-                 has_metadata: bool = True, label: str = "snapshot") -> None:
+                 has_metadata: bool = True, label: str = "snapshot", ahead: WorkersAhead | None = None) -> None:
+        """ahead: restore workers started before the repository was connected (restore_workers_ahead())."""
         self.repo = repo
+        self.ahead = ahead
         self.target = target
         self.has_metadata = has_metadata  # False for a snapshot root saved without any
         self.dest = os.path.abspath(dest)
@@ -190,7 +201,7 @@ class RestoreSession:
                 or keys.data_secret is None or keys.id_key is None):
             return None
         return RestorePool(keys.data_secret, keys.id_key, self.dest_fd, self.dest, processes, self.warn,
-                           None if storage.remote else storage.local_root)
+                           None if storage.remote else storage.local_root, self.ahead)
 
     async def _check_dest_dir(self) -> None:
         if not os.path.lexists(self.dest):

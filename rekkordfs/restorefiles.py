@@ -75,7 +75,7 @@ class FileWriter:
                 written = await self.pool.write(batch, None)  # None: it could not read them, nothing written
             if written is None:
                 try:
-                    written = await self.repo.run_cpu(self._read_write_small, batch)
+                    written = await self._run_small(self._read_write_small, batch)
                 except ObjectMissing:
                     pass  # a pack was pruned (nothing written yet): read_raws() finds where its blobs are now
         if written is None:
@@ -88,6 +88,15 @@ class FileWriter:
             written = await self._write_small(batch, found)
         self.bytes_written += written
         self.files += len(batch)
+
+    async def _run_small(self, fn: Callable[..., int], *args: object) -> int:
+        """A batch of small files written in a thread. Beside a worker process,
+        in one thread at a time: more only hand the GIL back and forth on each
+        file's system calls while the worker does the rest; without one, in
+        `threads` (one left the disk idle while a file creation waited on it)."""
+        if self.pool is not None:
+            return await self.repo.run_small(fn, *args)
+        return await self.repo.run_cpu(fn, *args)
 
     async def _write_small(self, batch: list[FileJob], found: dict[bytes, Raw]) -> int:
         """The tiniest files to a worker process, if one is ready (their cost is

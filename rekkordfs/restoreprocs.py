@@ -7,10 +7,12 @@ From a server, the main process fetches each batch's stored bytes and hands
 them over with the files' paths and metadata; from a local disk it sends
 only those, and the worker reads the packs itself. A worker writes the files
 below DEST through the descriptor the main process opened, and answers with
-the bytes written. A
-batch goes to a worker only once that worker said it is ready (until then
-the main process writes it: a small restore never waits for a process to
-start). How workers are started, fed and ended: workerprocs.py.
+the bytes written. DEST's descriptor reaches each worker through a socket
+pair (fdhandover.py): the workers may be started before the restore connects
+to the repository (workerprocs.workers_ahead()). A batch goes to a worker
+only once that worker said it is ready (until then the main process writes
+it: a small restore never waits for a process to start). How workers are
+started, fed and ended: workerprocs.py.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from .errors import CorruptedData
 from .format import Raw
 from .frames import frame
 from .restorewrite import FileJob
-from .workerprocs import Worker, WorkerFailed, WorkerPool
+from .workerprocs import Worker, WorkerFailed, WorkerPool, WorkersAhead
 
 QUEUED = 2  # batches a worker holds (the one it writes, the next), so it never waits for the main process
 
@@ -45,10 +47,13 @@ class RestorePool(WorkerPool):
     kill_unready = True
 
     def __init__(self, data_secret: bytes, id_key: bytes, dest_fd: int, dest: str, processes: int,
-                 warn: Callable[[str], None], repository: str | None = None) -> None:
-        """repository: the local repository's folder, whose packs the workers read themselves."""
-        super().__init__(processes, pass_fds=(dest_fd,))
-        self._secrets = frame((data_secret, id_key, dest_fd, dest, repository))
+                 warn: Callable[[str], None], repository: str | None = None,
+                 ahead: WorkersAhead | None = None) -> None:
+        """repository: the local repository's folder, whose packs the workers
+        read themselves; ahead: workers started before DEST was opened (it is
+        handed to every worker through its socket pair)."""
+        super().__init__(processes, handover_fds=(dest_fd,), ahead=ahead)
+        self._start = (data_secret, id_key, dest, repository)
         self.warn = warn
         self.batches = 0  # written by the workers so far
 
@@ -60,8 +65,9 @@ class RestorePool(WorkerPool):
         write it: the end of a restore waited for one worker's queue)."""
         return any(w.ready and not w.closing and len(w.waiting) < QUEUED for w in self.workers)
 
-    def start_frame(self) -> bytes:
-        return self._secrets
+    def start_frame(self, worker: Worker) -> bytes:
+        data_secret, id_key, dest, repository = self._start
+        return frame((data_secret, id_key, worker.handover_fileno, dest, repository))
 
     async def serve(self, worker: Worker) -> None:
         if not await self.wait_ready(worker):

@@ -6,11 +6,13 @@ from the packs itself (rawruns.read_local): the main process then only
 walks the tree and sends paths and metadata.
 
 Started by restoreprocs.py as `python -m rekkordfs.restoreworker` in its own
-process group, with DEST's open descriptor (the one the main process opened:
-the worker never looks DEST up by name), it talks only through its stdin and
-stdout, in frames (frames.py):
+process group, with one end of a socket pair through which it receives DEST's
+open descriptor (the one the main process opened: the worker never looks DEST
+up by name), it talks only through its stdin and stdout, in frames (frames.py):
 
-    main -> worker  (data_secret, id_key, dest_fd, dest, repository)   once (repository: the
+    main -> worker  (data_secret, id_key, handover, dest, repository)  once (handover: the number
+                                                             of its socket end, which then brings
+                                                             DEST's descriptor; repository: the
                                                              local repository's folder, or None)
     worker -> main  ("ready",)
     main -> worker  [file, ...]                              a batch, any number of times
@@ -44,6 +46,7 @@ from . import crypto
 from .codec import open_checked
 from .destination import FolderFds, XattrFailed
 from .errors import CorruptedData, RekkordError
+from .fdhandover import receive_fds
 from .format import BlobKind, ChunkRef, Entry, EntryKind, Location, Raw
 from .frames import read_frame, serve_messages
 from .rawruns import read_local
@@ -76,8 +79,12 @@ def main() -> int:
     start = read_frame(stdin)
     if start is None:
         return 0
-    data_secret, id_key, dest_fd, dest, repository = start
+    data_secret, id_key, handover, dest, repository = start
     del start
+    try:
+        [dest_fd] = receive_fds(handover, 1)
+    except OSError:
+        return 0  # the main process ended first (a restore that failed or was interrupted)
     opener = crypto.PackOpener(data_secret)
     del data_secret
     decompressor = zstandard.ZstdDecompressor()

@@ -20,6 +20,7 @@ from rekkordfs.format import EntryKind
 from rekkordfs.nodes import IDS_INO
 from rekkordfs.staging import INLINE_MAX, ROOT, StagingTree
 from rekkordfs.upload import Uploader
+from rekkordfs.workerprocs import Worker
 
 from .conftest import Rekkord
 from .core_helpers import open_repo, open_view, put_file, run
@@ -83,10 +84,10 @@ def test_a_commit_of_many_small_files_uses_a_worker_process(repo_dir: Rekkord, t
     processes: list[trio.Process] = []
     spawn = prepprocs.PrepPool.spawn
 
-    async def recording_spawn(pool: prepprocs.PrepPool) -> trio.Process:
-        process = await spawn(pool)
-        processes.append(process)
-        return process
+    async def recording_spawn(pool: prepprocs.PrepPool) -> Worker:
+        worker = await spawn(pool)
+        processes.append(worker.process)
+        return worker
 
     async def main() -> str:
         async with open_repo(repo_dir.repository, repo_dir.key_file) as repo:

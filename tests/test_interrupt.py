@@ -138,8 +138,45 @@ def test_ctrl_c_during_restore(big_repo: tuple[Rekkord, Path], tmp_path: Path) -
     def fresh_destination() -> None:
         subprocess.run(["rm", "-rf", str(dest)], check=True)
 
-    _interrupt_everywhere(rekkord, ["restore", f"{snapshot}:{src}", str(dest)], after_each=fresh_destination)
+    workers: list[list[int]] = []  # the restore workers running at each signal
+
+    def note_workers(pid: int) -> None:
+        workers.append(_restore_workers_of(pid))
+
+    outcomes = []
+    for moment in MOMENTS:
+        result = _interrupt_at(rekkord, ["restore", f"{snapshot}:{src}", str(dest)], moment,
+                               before_signal=note_workers)
+        outcomes.append(_outcome(result, moment))
+        left = [pid for pid in workers[-1] if _running(pid)]
+        assert not left, f"SIGINT at {moment:.3f} s left restore workers {left} running"
+        fresh_destination()
+    assert outcomes.count("interrupted") >= len(MOMENTS) // 3, outcomes
+    if (os.cpu_count() or 1) >= 2:  # the restore has workers (started before it connects): a signal met them
+        assert any(workers), workers  # (on a loaded machine, as few as 3 of 20 did)
     assert "No problems found" in rekkord("check").stdout
+
+
+def _restore_workers_of(parent: int) -> list[int]:
+    found = []
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            is_worker = b"rekkordfs.restoreworker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if is_worker and any(line.split() == ["PPid:", str(parent)] for line in status.splitlines()):
+            found.append(pid)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan's end may be reaped late)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return not any(line.split()[:2] == ["State:", "Z"] for line in status.splitlines())
 
 
 def test_ctrl_c_during_dump(big_repo: tuple[Rekkord, Path]) -> None:

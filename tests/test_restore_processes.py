@@ -21,13 +21,14 @@ import trio
 
 from rekkordfs import keys as keymod
 from rekkordfs import restore as restoremod
-from rekkordfs import restoreprocs, tuning
+from rekkordfs import restoreprocs, tuning, workerprocs
 from rekkordfs.codec import pack_key
 from rekkordfs.errors import CorruptedData
 from rekkordfs.format import EntryKind
+from rekkordfs.frames import frame
 from rekkordfs.prepprocs import WorkerFailed
 from rekkordfs.repository import Repository, walk_path
-from rekkordfs.restore import RestoreOptions, RestoreSession
+from rekkordfs.restore import RestoreOptions, RestoreSession, restore_workers_ahead
 from rekkordfs.save import SaveSession
 from rekkordfs.storage.base import Storage
 from rekkordfs.storage.local import LocalStorage
@@ -79,15 +80,17 @@ def saved_tree(tmp_path: Path, master: keymod.Keyset, files: int = 2000,
 
 
 async def restore_into(storage: Storage, keys: keymod.Keyset, snapshot: str, src: Path, dest: Path,
-                       processes: int) -> int:
-    """Restore src's folder of the snapshot into dest; the batches the workers wrote."""
+                       processes: int, ahead: workerprocs.WorkersAhead | None = None,
+                       pids: list[int] | None = None) -> int:
+    """Restore src's folder of the snapshot into dest; the batches the workers
+    wrote (pids: gets the workers' process IDs)."""
     repo = await Repository.open(storage, keys)
     try:
         snap = await repo.load_snapshot(await repo.resolve(snapshot))
         target, has_metadata = await walk_path(repo, snap, str(src))
         assert target.kind == EntryKind.DIRECTORY
         session = RestoreSession(repo, target, str(dest), RestoreOptions(), lambda _m: None,
-                                 has_metadata=has_metadata)
+                                 has_metadata=has_metadata, ahead=ahead)
         pools: list[restoreprocs.RestorePool] = []
         real = session._pool
 
@@ -99,6 +102,8 @@ async def restore_into(storage: Storage, keys: keymod.Keyset, snapshot: str, src
         session._pool = pool  # type: ignore[method-assign]
         with trio.fail_after(120):  # never a hang
             await session.run()
+        if pids is not None:
+            pids.extend(worker.process.pid for pool in pools for worker in pool.workers)
         return pools[0].batches if pools else 0
     finally:
         await repo.aclose()
@@ -237,9 +242,80 @@ def test_a_local_pack_the_worker_cannot_use_fails_as_without_it(tmp_path: Path, 
         assert error.startswith(("'", "restoring '")), error
 
 
+def test_workers_started_ahead_get_dest_later_and_write_the_tree(tmp_path: Path, eager_workers: None) -> None:
+    """The workers start before the repository is opened and DEST exists;
+    DEST's descriptor reaches them through their socket pair, and they (not
+    workers started later) write the small files."""
+    master = keymod.new_master()
+    storage, src, snapshot = saved_tree(tmp_path, master, storage=LocalStorage(str(tmp_path / "repo")))
+    dest = tmp_path / "dest"
+
+    async def main() -> None:
+        async with restore_workers_ahead(2, RestoreOptions()) as ahead:
+            assert ahead is not None
+            early = await _our_workers(ahead.processes)
+            assert not dest.exists()
+            used: list[int] = []
+            assert await restore_into(storage, master, snapshot, src, dest, ahead.processes, ahead, used) > 20
+            assert sorted(used) == sorted(early)
+        assert not _our_workers_now()
+
+    trio.run(main)
+    assert rsync_diff(src, dest) == ""
+    assert os.getxattr(dest / "d00000" / "f00002", "user.note") == b"kept"
+
+
+def test_workers_started_ahead_and_not_used_are_ended(tmp_path: Path) -> None:
+    """A restore that fails before it needs them (no such snapshot, say)
+    leaves no worker behind; a dry run starts none."""
+
+    async def main() -> None:
+        with pytest.raises(LookupError):
+            async with restore_workers_ahead(2, RestoreOptions()) as ahead:
+                assert ahead is not None
+                await _our_workers(ahead.processes)
+                raise LookupError("no such snapshot")
+        assert not _our_workers_now()
+        async with restore_workers_ahead(2, RestoreOptions(dry_run=True)) as none:
+            assert none is None
+
+    trio.run(main)
+
+
+def test_a_worker_whose_handover_closes_unused_ends_without_writing(tmp_path: Path) -> None:
+    """The main process ended (or failed) between the start frame and DEST's
+    descriptor: the worker ends quietly, with nothing written or said."""
+
+    async def main() -> None:
+        worker = await workerprocs.spawn_worker("restoreworker", handover=True)
+        assert worker.handover is not None and worker.handover_fileno >= 0
+        assert worker.process.stdin is not None and worker.process.stdout is not None
+        await worker.process.stdin.send_all(frame((bytes(32), bytes(32), worker.handover_fileno,
+                                                   str(tmp_path / "dest"), None)))
+        worker.handover.close()
+        with trio.fail_after(60):
+            assert await worker.process.wait() == 0
+        assert await worker.process.stdout.receive_some() == b""
+
+    trio.run(main)
+    assert not (tmp_path / "dest").exists()
+
+
 def test_no_worker_without_a_second_cpu() -> None:
     assert tuning.restore_processes(1) == 0
     assert tuning.restore_processes(2) == (1 if (os.cpu_count() or 1) >= 2 else 0)
+
+
+async def _our_workers(count: int) -> list[int]:
+    """The IDs of this process's count restore workers, once they are all started."""
+    with trio.fail_after(60):
+        while len(found := _our_workers_now()) < count:
+            await trio.sleep(0.01)
+    return found
+
+
+def _our_workers_now() -> list[int]:
+    return [p for p in map(int, filter(str.isdigit, os.listdir("/proc"))) if _is_worker(p)]
 
 
 def _is_worker(pid: int) -> bool:

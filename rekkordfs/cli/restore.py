@@ -7,7 +7,7 @@ import sys
 
 from rekkordfs.keys import Capability
 from rekkordfs.repository import Repository, walk_path
-from rekkordfs.restore import RestoreOptions, RestoreSession, RestoreStats
+from rekkordfs.restore import RestoreOptions, RestoreSession, RestoreStats, restore_workers_ahead
 
 from .common import ConfigMaker, load_keys, quiet, split_spec, verbose, warn, write_line
 from .interrupt import run_trio
@@ -52,12 +52,12 @@ def restore(args: argparse.Namespace, make_config: ConfigMaker) -> int:
     silent = quiet(args)
 
     async def run() -> RestoreSession:
-        async with Repository.connect(config, keys) as repo:
+        async with restore_workers_ahead(config.threads, options) as ahead, Repository.connect(config, keys) as repo:
             tag = await repo.resolve(name)
             snapshot = await repo.load_snapshot(tag)
             target, has_metadata = await walk_path(repo, snapshot, path)
             session = RestoreSession(repo, target, args.dest, options, warn, _path_reporter(args), has_metadata,
-                                     label=f"snapshot {tag.id_hex}")
+                                     label=f"snapshot {tag.id_hex}", ahead=ahead)
             stats = session.stats
 
             def poll() -> tuple[float, float, str]:

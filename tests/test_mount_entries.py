@@ -48,8 +48,23 @@ def test_child_inos_are_tree_inos(folder: bytes) -> None:
 
 def test_decoded_records_round_trip() -> None:
     entries = _entries()
+    entries[0].xattrs = [(b"user.a", b"1"), (b"user.empty", b"")]
+    entries[0].chunks_raw = bytes(range(72))
     assert decode_directory(encode_directory(entries)) == entries
     assert decode_directory(encode_directory([])) == []
+
+
+def test_every_cut_or_extended_record_is_refused() -> None:
+    """The decoder checks bounds by offsets (no slice measured): a record cut
+    anywhere, or with bytes after its last entry, is still refused as corrupt."""
+    entries = _entries()
+    entries[0].xattrs = [(b"user.a", b"1")]
+    raw = encode_directory(entries)
+    for cut in range(len(raw)):
+        with pytest.raises(CorruptedData):
+            decode_directory(raw[:cut])
+    with pytest.raises(CorruptedData, match="trailing bytes"):
+        decode_directory(raw + b"\0")
 
 
 def _record(names: list[bytes], kind: int = int(EntryKind.FILE)) -> bytes:

@@ -97,7 +97,7 @@ class Operations(pyfuse3.Operations):
         change): its first read then needs no request. Only inodes the kernel
         holds can take it; a failure only means the read asks us."""
         for ino, data in pages:
-            if ino not in self.view.nodes:
+            if not self.view.holds(ino):
                 continue
             try:
                 pyfuse3.notify_store(ino, 0, data)
@@ -191,8 +191,7 @@ class Operations(pyfuse3.Operations):
             items = [(name, attr, attr.ino) for name, attr in await staging.children(inode)]
         else:
             self.view.check_readable(inode)
-            remember = self.view.remember
-            items = [(name, node.attr, node) for name, node in await self.view.children(inode)]
+            remember, items = await self.view.entries(inode)
         handle = self._handle()
         self._dirs[handle] = (remember, items)
         return handle

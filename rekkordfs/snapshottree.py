@@ -181,6 +181,17 @@ class SnapshotTrees:
             items.append((entry.name, node))
         return items
 
+    async def entry_attrs(self, parent: Node) -> tuple[DirectoryListing, list[int], list[Attr]]:
+        """A snapshot folder's listing, its entries' inode numbers and
+        attributes, without building their nodes (readdirplus: the view
+        builds one only when the kernel asks for it)."""
+        listing = await self.listing(parent)
+        self.read_ahead.subdirs(listing)
+        await self.count_subdirs(listing.entries)
+        inos = self.child_inos(parent, listing)
+        attr_of = self.tree_attr
+        return listing, inos, [attr_of(ino, entry) for entry, ino in zip(listing.entries, inos)]
+
     async def child(self, parent: Node, name: bytes) -> Node:
         """The entry called name of a snapshot folder (not remembered)."""
         listing = await self.listing(parent)

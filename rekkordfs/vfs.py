@@ -9,9 +9,10 @@ Layout (the mount contract, docs/mount.md):
 Inode numbers are derived from what a node is (snapshot ID and path, or
 hardlink group), so they are stable for the life of the mount (and across
 mounts) without keeping a table of everything ever visited: the table holds only
-nodes the kernel currently knows (lookup count > 0). Hardlinks of one snapshot
-share an inode. Errors are raised as OSError with an errno; the FUSE adapter
-turns them into replies.
+nodes the kernel currently knows (lookup count > 0). An entry the kernel knows
+only from a listing is kept as its place in that listing (nodes.Listed) until
+the kernel asks for it. Hardlinks of one snapshot share an inode. Errors are
+raised as OSError with an errno; the FUSE adapter turns them into replies.
 
 This module keeps that table and routes each request; the parts are
 snapshotlist.py (which snapshots exist), virtualdirs.py (the folders above
@@ -26,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -40,6 +42,7 @@ from .nodes import (
     ROOT_INO,
     Attr,
     FileReader,
+    Listed,
     Node,
     NodeKind,
 )
@@ -47,6 +50,9 @@ from .repository import Repository
 from .snapshotlist import SnapshotList, snapshot_dir_name
 from .snapshottree import SnapshotTrees
 from .virtualdirs import VirtualDirs
+
+if TYPE_CHECKING:
+    from .blobcache import DirectoryListing
 
 __all__ = ["SnapshotView", "snapshot_dir_name"]
 
@@ -63,6 +69,7 @@ class SnapshotView:
         self.repo = repo
         self.blobs = blobs
         self.nodes: dict[int, Node] = {}  # what the kernel holds (shared with the parts)
+        self.listed: dict[int, Listed] = {}  # what it holds from listings only, never in nodes as well
         self.snapshots = SnapshotList(repo, refresh_interval, channels, clock)
         self.can_read = self.snapshots.can_read
         self.trees = SnapshotTrees(self.snapshots, blobs, self.nodes)
@@ -80,6 +87,7 @@ class SnapshotView:
         """Make the root a snapshot directory (`rekkord mount ID[:path] MNT`)."""
         attr = self.trees.tree_attr(ROOT_INO, entry)
         self.nodes.clear()
+        self.listed.clear()
         self.nodes[ROOT_INO] = Node(ROOT_INO, NodeKind.TREE, attr, tag.snapshot_id, b"", entry, permanent=True)
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -106,20 +114,49 @@ class SnapshotView:
 
     def remember(self, node: Node) -> Node:
         """The kernel now holds one more reference to node."""
-        known = self.nodes.setdefault(node.ino, node)
+        known = self.nodes.get(node.ino) or self._build_listed(node.ino)
+        if known is None:
+            known = self.nodes[node.ino] = node
         known.lookups += 1
         return known
 
+    def _remember_listed(self, parent: Node, listing: DirectoryListing, inos: list[int], index: int) -> None:
+        """The kernel now holds one more reference to entry index of a listing."""
+        ino = inos[index]
+        known: Node | Listed | None = self.nodes.get(ino) or self.listed.get(ino)
+        if known is None:
+            self.listed[ino] = Listed(parent, listing, index)
+        else:
+            known.lookups += 1
+
+    def _build_listed(self, ino: int) -> Node | None:
+        """The node of an entry held from a listing, now that it is asked for."""
+        listed = self.listed.pop(ino, None)
+        if listed is None:
+            return None
+        entry = listed.listing.entries[listed.index]
+        node = self.trees.tree_node(listed.parent, entry, listed.listing, ino)
+        node.lookups += listed.lookups
+        self.nodes[ino] = node
+        return node
+
     def forget(self, ino: int, count: int) -> None:
-        node = self.nodes.get(ino)
-        if node is None:
-            return
-        node.lookups -= count
-        if node.lookups <= 0 and not node.permanent:
-            del self.nodes[ino]
+        held: Node | Listed | None = self.nodes.get(ino)
+        table: dict[int, Node] | dict[int, Listed] = self.nodes
+        if held is None:
+            held, table = self.listed.get(ino), self.listed
+            if held is None:
+                return
+        held.lookups -= count
+        if held.lookups <= 0 and not (isinstance(held, Node) and held.permanent):
+            del table[ino]
+
+    def holds(self, ino: int) -> bool:
+        """Whether the kernel holds this inode (from a lookup or a listing)."""
+        return ino in self.nodes or ino in self.listed
 
     def node(self, ino: int) -> Node:
-        node = self.nodes.get(ino)
+        node = self.nodes.get(ino) or self._build_listed(ino)
         if node is None:
             raise errno_error(errno.ENOENT)
         return node
@@ -135,6 +172,18 @@ class SnapshotView:
             return await self.trees.children(parent)
         await self.refresh()
         return self.virtual.children(parent)
+
+    async def entries(self, parent_ino: int) -> tuple[Callable[[Any], object], list[tuple[bytes, Attr, Any]]]:
+        """What readdirplus hands the kernel: each entry's (name, attributes,
+        key), and what to call with its key once the kernel keeps the entry.
+        Inside a snapshot the key is the entry's place in its listing and no
+        node is built (nodes.Listed)."""
+        parent = self.node(parent_ino)
+        if parent.kind not in (NodeKind.SNAPSHOT_ROOT, NodeKind.TREE) or not parent.is_dir:
+            return self.remember, [(name, node.attr, node) for name, node in await self.children(parent_ino)]
+        listing, inos, attrs = await self.trees.entry_attrs(parent)
+        remember = functools.partial(self._remember_listed, parent, listing, inos)
+        return remember, [(entry.name, attr, index) for index, (entry, attr) in enumerate(zip(listing.entries, attrs))]
 
     async def lookup(self, parent_ino: int, name: bytes) -> Node:
         """The child called name, remembered (its lookup count incremented)."""

@@ -355,6 +355,58 @@ def test_lookup_counts_drop_nodes_at_zero_but_not_permanent_ones(saved: Saved) -
     run(main)
 
 
+def test_listed_entries_are_held_without_nodes_until_asked_for(saved: Saved) -> None:
+    """readdirplus (view.entries + its remember) counts the kernel's references
+    to a snapshot folder's entries without building nodes; the first request
+    by inode builds the node lookup would give, with the count it had."""
+    async def main() -> None:
+        async with open_view(saved.repository, saved.key) as view:
+            root = await source_root(view, saved)
+            by_lookup = {name: node for name, node in await view.children(root)}
+            nodes_before = set(view.nodes)
+            remember, items = await view.entries(root)
+            assert [name for name, _, _ in items] == list(by_lookup)
+            for name, attr, key in items:
+                assert attr == by_lookup[name].attr, name
+                remember(key)
+            assert set(view.nodes) == nodes_before  # nothing built
+            hard = by_lookup[b"hard-1"].ino
+            assert by_lookup[b"hard-2"].ino == hard
+            assert all(view.holds(node.ino) for node in by_lookup.values())
+            assert view.listed[hard].lookups == 2  # both names of the hardlink group
+
+            # asked for by inode: built, with the listing's count; attributes as a lookup's
+            small = by_lookup[b"small.txt"]
+            built = view.node(small.ino)
+            assert built.ino not in view.listed and view.nodes[small.ino] is built
+            assert (built.lookups, built.attr, built.path, built.entry) == (1, small.attr, small.path, small.entry)
+            assert await view.getattr(small.ino) == small.attr
+
+            # a lookup of a listed entry adds to its count (the third name of the group is elsewhere)
+            deep = await view_walk(view, root, [b"a", b"b", b"c", b"d", b"e", b"hard-3"])
+            assert deep == hard and view.nodes[hard].lookups == 3 and hard not in view.listed
+
+            # listed again: counts add up; forgets take them away, past zero too
+            remember, items = await view.entries(root)
+            for _, _, key in items:
+                remember(key)
+            link = by_lookup[b"link-relative"].ino
+            assert view.listed[link].lookups == 2
+            view.forget(link, 1)
+            assert view.holds(link)
+            view.forget(link, 5)
+            assert not view.holds(link)
+            with pytest.raises(OSError) as info:
+                view.node(link)
+            assert errno_of(info) == errno.ENOENT
+            for node in by_lookup.values():
+                view.forget(node.ino, 10)
+            assert not any(view.holds(node.ino) for node in by_lookup.values())
+            assert not view.listed
+
+    run(main)
+
+
 def test_readdir_of_20000_entries_returns_every_name_in_order(saved: Saved) -> None:
     async def main() -> None:
         async with open_view(saved.repository, saved.key) as view:

@@ -23,7 +23,10 @@ def test_commitsim_commits_the_files_it_staged() -> None:
 
 def test_listsim_walks_every_entry_of_the_snapshot(tmp_path: Path) -> None:
     profile = tmp_path / "walk.prof"
-    out = _simulate("bench.listsim", "300", "--repeat", "2", "--profile", str(profile))
-    # 300 files in 3 folders, and those folders
-    assert [line.split(",")[0] for line in out.splitlines()] == ["walk 1: 303 entries", "walk 2: 303 entries"]
+    out = _simulate("bench.listsim", "300", "--repeat", "2", "--read", "--profile", str(profile))
+    # 300 files in 3 folders, and those folders; then the files read, the same bytes each time
+    lines = [line.split(",")[0] for line in out.splitlines()]
+    assert lines[0::2] == ["walk 1: 303 entries listed", "walk 2: 303 entries listed"]
+    assert [line.split(": ")[1] for line in lines[1::2]] == [lines[1].split(": ")[1]] * 2
+    assert lines[1].startswith("walk 1: 300 files read (") and not lines[1].endswith("(0 bytes)")
     assert profile.stat().st_size > 0

@@ -141,15 +141,17 @@ class SnapshotView:
         return node
 
     def forget(self, ino: int, count: int) -> None:
-        held: Node | Listed | None = self.nodes.get(ino)
-        table: dict[int, Node] | dict[int, Listed] = self.nodes
-        if held is None:
-            held, table = self.listed.get(ino), self.listed
-            if held is None:
-                return
-        held.lookups -= count
-        if held.lookups <= 0 and not (isinstance(held, Node) and held.permanent):
-            del table[ino]
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.lookups -= count
+            if node.lookups <= 0 and not node.permanent:
+                del self.nodes[ino]
+            return
+        listed = self.listed.get(ino)
+        if listed is not None:
+            listed.lookups -= count
+            if listed.lookups <= 0:
+                del self.listed[ino]
 
     def holds(self, ino: int) -> bool:
         """Whether the kernel holds this inode (from a lookup or a listing)."""

@@ -168,16 +168,13 @@ class SnapshotTrees:
 
     async def children(self, parent: Node) -> list[tuple[bytes, Node]]:
         """Every entry of a snapshot folder, as (name, node)."""
-        listing = await self.listing(parent)
-        self.read_ahead.subdirs(listing)
-        await self.count_subdirs(listing.entries)
-        # tree_node() inlined: this runs once per entry of every folder listed
-        known, attr_of, snapshot, prefix = self.nodes.get, self.tree_attr, parent.snapshot, parent.path + b"/"
+        listing, inos, attrs = await self.entry_attrs(parent)
+        known, snapshot, prefix = self.nodes.get, parent.snapshot, parent.path + b"/"
         items = []
-        for entry, ino in zip(listing.entries, self.child_inos(parent, listing)):
+        for entry, ino, attr in zip(listing.entries, inos, attrs):
             node = known(ino)
             if node is None:
-                node = Node(ino, _TREE, attr_of(ino, entry), snapshot, prefix + entry.name, entry, siblings=listing)
+                node = Node(ino, _TREE, attr, snapshot, prefix + entry.name, entry, siblings=listing)
             items.append((entry.name, node))
         return items
 

@@ -56,25 +56,33 @@ def cut_runs(chunks: list[ChunkRef], runs: list[Run], datas: list[bytes]) -> lis
 
 def read_local(root: str, chunks: list[ChunkRef]) -> list[Raw]:
     """The chunks' stored bytes from the packs of the local repository at
-    root, each pack opened once. ObjectMissing for a pack that is not there
+    root (pread_ranges()). ObjectMissing for a pack that is not there
     (pruned since the snapshot's tree was read: the caller finds where its
     blobs went); OSError as the disk gives it."""
     runs = coalesce([c.location for c in chunks], 0)
-    datas: list[bytes] = []
-    fd, open_pack = -1, b""
-    try:
-        for pack, start, length, _ in runs:
-            if pack != open_pack:
-                if fd >= 0:
-                    os.close(fd)
-                    fd = -1
-                try:
-                    fd = os.open(os.path.join(root, pack_key(pack)), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise ObjectMissing(f"pack {pack.hex()} is missing") from None
-                open_pack = pack
-            datas.append(os.pread(fd, length, start))
-    finally:
-        if fd >= 0:
-            os.close(fd)
+    datas = pread_ranges(root, [(pack_key(pack), start, length) for pack, start, length, _ in runs])
     return cut_runs(chunks, runs, datas)
+
+
+def pread_ranges(root: str, ranges: list[tuple[str, int, int]]) -> list[bytes]:
+    """The bytes of each (key, offset, length) of the objects in the folder
+    root, each object opened once. ObjectMissing for one that is not there;
+    any other OSError as the disk gives it, with the key as its filename."""
+    fds: dict[str, int] = {}
+    try:
+        results = []
+        for key, offset, length in ranges:
+            try:
+                fd = fds.get(key)
+                if fd is None:
+                    fd = fds[key] = os.open(os.path.join(root, key), os.O_RDONLY | os.O_CLOEXEC)
+                results.append(os.pread(fd, length, offset))
+            except FileNotFoundError:
+                raise ObjectMissing(f"object '{key}' is missing from '{root}'") from None
+            except OSError as exc:
+                exc.filename = key
+                raise
+        return results
+    finally:
+        for fd in fds.values():
+            os.close(fd)

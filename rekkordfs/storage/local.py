@@ -23,6 +23,7 @@ from typing import TypeVar
 import trio
 
 from ..errors import ObjectMissing, StorageError, TransientStorageError
+from ..rawruns import pread_ranges
 from ..tasks import task_group
 from ..tuning import local_io
 from .base import ObjectInfo, Storage
@@ -233,21 +234,10 @@ class LocalStorage(Storage):
 
     def _get_ranges_sync(self, ranges: list[tuple[str, int, int]]) -> list[bytes]:
         """Many ranges, mostly of a few packs: each file is opened once."""
-        fds: dict[str, int] = {}
         try:
-            results = []
-            for key, offset, length in ranges:
-                fd = fds.get(key)
-                if fd is None:
-                    fd = fds[key] = self._open_object(key)
-                try:
-                    results.append(os.pread(fd, length, offset))
-                except OSError as exc:
-                    raise self._error(exc, "read", key) from None
-            return results
-        finally:
-            for fd in fds.values():
-                os.close(fd)
+            return pread_ranges(self.root, ranges)
+        except OSError as exc:
+            raise self._error(exc, "read", exc.filename) from None
 
     def _open_object(self, key: str) -> int:
         try:

@@ -120,15 +120,7 @@ class WorkerPool:
             for worker in self.workers:
                 await worker.process.wait()  # each ends once its stdin is closed
         finally:
-            every = self.workers + [worker for worker in started if worker not in self.workers]
-            for worker in every:
-                if worker.handover is not None:
-                    worker.handover.close()
-                if worker.process.returncode is None:
-                    worker.process.kill()
-            with trio.CancelScope(shield=True):
-                for worker in every:
-                    await worker.process.wait()
+            await end_workers(self.workers + [worker for worker in started if worker not in self.workers])
 
     async def spawn(self) -> Worker:
         return await spawn_worker(self.module, handover=bool(self.handover_fds))
@@ -211,6 +203,19 @@ async def spawn_worker(module: str, handover: bool) -> Worker:
     return Worker(process, ours, fileno)
 
 
+async def end_workers(workers: list[Worker]) -> None:
+    """Kill those of these workers still running (their handover sockets
+    closed) and wait for each, even when cancelled."""
+    for worker in workers:
+        if worker.handover is not None:
+            worker.handover.close()
+        if worker.process.returncode is None:
+            worker.process.kill()
+    with trio.CancelScope(shield=True):
+        for worker in workers:
+            await worker.process.wait()
+
+
 class WorkersAhead:
     """Worker processes started before the pool that uses them exists (see
     workers_ahead()). The pool take()s them; the rest are killed at the end."""
@@ -238,13 +243,7 @@ class WorkersAhead:
     async def end(self) -> None:
         """Kill those nobody took (they wait for a start frame that will not come)."""
         left, self._started = self._started, []
-        for worker in left:
-            if worker.handover is not None:
-                worker.handover.close()
-            worker.process.kill()
-        with trio.CancelScope(shield=True):
-            for worker in left:
-                await worker.process.wait()
+        await end_workers(left)
 
 
 @asynccontextmanager

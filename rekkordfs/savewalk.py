@@ -286,8 +286,11 @@ class Walker:
         try:
             return open_folder(*node.folder)
         except OSError as exc:
-            self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
+            self._cannot_list(node, exc)
             return -1
+
+    def _cannot_list(self, node: DirNode, exc: OSError) -> None:
+        self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
 
     def _list(self, node: DirNode) -> tuple[int, list[tuple[bytes, bytes]]]:
         """node's folder opened (_open(): a descriptor the caller closes) and
@@ -300,7 +303,7 @@ class Walker:
             names = sorted(map(os.fsencode, os.listdir(fd)))
         except OSError as exc:
             os.close(fd)
-            self.skip(f"cannot list '{os.fsdecode(node.path or b'/')}': {exc.strerror}; its content is missing")
+            self._cannot_list(node, exc)
             return -1, []
         if self.selection.exclude_caches and CACHEDIR_TAG in names and is_cache_dir(fd):
             names = [CACHEDIR_TAG]
